@@ -1,0 +1,484 @@
+//! DMA memory: a pool of 2 MiB hugepages, each mapped once into the IOMMU at an IOVA chosen
+//! by [`IovaAllocator`], carved into 4 KiB-aligned buffers.
+//!
+//! The device may read and write this memory at any time, so the CPU never holds a Rust
+//! reference into it: [`DmaBuffer`] gives access only through `vm_memory`'s volatile types
+//! and copying helpers. Mapping happens when the pool grows (start-up, or a rare refill), never
+//! per I/O. Everything is unmapped and freed when the last buffer and the pool are gone.
+
+use std::alloc::Layout;
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vm_memory::{VolatileMemory, VolatileSlice};
+
+use crate::hw::{Hardware, HwError};
+use crate::iova::IovaAllocator;
+use crate::spec::PAGE_SIZE;
+use crate::types::{Iova, Segment};
+
+/// The size of one hugepage, and of each chunk the pool maps.
+pub const CHUNK_SIZE: usize = 2 << 20;
+const PAGES_PER_CHUNK: usize = CHUNK_SIZE / PAGE_SIZE;
+
+/// Where the pool's memory comes from.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub enum Backing {
+    /// 2 MiB hugepages (reserve them with `rnvme setup --hugepages N` or
+    /// `/proc/sys/vm/nr_hugepages`).
+    #[default]
+    Hugepages,
+    /// Ordinary 4 KiB pages, pinned by VFIO when mapped: an explicit opt-in for machines
+    /// without hugepages. Each 2 MiB chunk is still mapped once, at contiguous IOVAs.
+    SmallPages,
+}
+
+/// Why DMA memory could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum DmaError {
+    /// Not enough free hugepages.
+    #[error(
+        "not enough hugepages: {needed} more 2 MiB hugepage(s) needed, {free} free; reserve \
+         them with `rnvme setup --hugepages {suggest}` (or `echo {suggest} > \
+         /proc/sys/vm/nr_hugepages`), or opt in to ordinary pages with --no-hugepages"
+    )]
+    NoHugepages { needed: usize, free: u64, suggest: u64 },
+    /// The kernel has no hugetlb support at all.
+    #[error("this kernel offers no hugepages (no Hugepagesize in /proc/meminfo); opt in to ordinary pages with --no-hugepages")]
+    HugepagesUnsupported,
+    /// Ordinary memory ran out.
+    #[error("out of memory allocating {0} bytes of DMA memory")]
+    OutOfMemory(usize),
+    /// The IOVA space is exhausted.
+    #[error("no room left in the IOMMU address space for {0} more bytes")]
+    IovaExhausted(usize),
+    /// The IOMMU refused the mapping.
+    #[error(transparent)]
+    Map(#[from] HwError),
+    /// A zero-sized or absurd request.
+    #[error("invalid DMA allocation of {0} bytes")]
+    InvalidSize(usize),
+}
+
+/// Counters describing the pool.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Bytes currently mapped for DMA (chunks and dedicated regions).
+    pub mapped_bytes: u64,
+    /// 4 KiB pages handed out from chunks.
+    pub pages_in_use: u64,
+    /// Number of 2 MiB chunks.
+    pub chunks: u64,
+    /// Number of DMA map calls made so far.
+    pub map_calls: u64,
+}
+
+/// A pool of DMA memory for one device. Cheap to clone; buffers keep it alive.
+#[derive(Clone)]
+pub struct DmaPool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    hw: Arc<dyn Hardware>,
+    backing: Backing,
+    state: Mutex<PoolState>,
+}
+
+struct PoolState {
+    iova: IovaAllocator,
+    chunks: Vec<Chunk>,
+    stats: PoolStats,
+}
+
+/// One mapped 2 MiB chunk and which of its pages are free.
+struct Chunk {
+    mem: Region,
+    iova: Iova,
+    /// Bit set = page free.
+    free: [u64; PAGES_PER_CHUNK / 64],
+    free_count: usize,
+}
+
+/// Memory obtained from the kernel (hugepages) or the allocator (small pages).
+struct Region {
+    ptr: NonNull<u8>,
+    len: usize,
+    backing: Backing,
+}
+
+// SAFETY: a Region is plain ownership of a block of memory that no Rust reference points
+// into; moving the owner to another thread moves nothing but the address.
+unsafe impl Send for Region {}
+
+impl Region {
+    fn alloc(len: usize, backing: Backing) -> Result<Region, DmaError> {
+        let layout = Layout::from_size_align(len, CHUNK_SIZE).map_err(|_| DmaError::InvalidSize(len))?;
+        let ptr = match backing {
+            Backing::Hugepages => {
+                let (total, free) = hugepage_counts().ok_or(DmaError::HugepagesUnsupported)?;
+                // SAFETY: the layout has a non-zero size (len > 0 is checked by callers).
+                let p = unsafe { hugepage_rs::alloc(layout) };
+                if p.is_null() {
+                    let needed = len / CHUNK_SIZE;
+                    return Err(DmaError::NoHugepages {
+                        needed,
+                        free,
+                        suggest: total + needed as u64 - free.min(needed as u64) + 64,
+                    });
+                }
+                p
+            }
+            // SAFETY: the layout has a non-zero size.
+            Backing::SmallPages => unsafe { std::alloc::alloc_zeroed(layout) },
+        };
+        let ptr = NonNull::new(ptr).ok_or(DmaError::OutOfMemory(len))?;
+        Ok(Region { ptr, len, backing })
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align(self.len, CHUNK_SIZE).expect("layout was valid at allocation");
+        match self.backing {
+            // SAFETY: the pointer came from hugepage_rs::alloc with this layout, and the
+            // mapping was undone before the region is dropped.
+            Backing::Hugepages => unsafe { hugepage_rs::dealloc(self.ptr.as_ptr(), layout) },
+            // SAFETY: the pointer came from alloc_zeroed with this layout.
+            Backing::SmallPages => unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) },
+        }
+    }
+}
+
+/// (HugePages_Total, HugePages_Free) of the default hugepage size, or None without hugetlb.
+fn hugepage_counts() -> Option<(u64, u64)> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+    };
+    field("Hugepagesize:")?;
+    Some((field("HugePages_Total:")?, field("HugePages_Free:")?))
+}
+
+impl DmaPool {
+    /// A pool that maps memory for `hw`, `initial_chunks` chunks of 2 MiB mapped up front.
+    pub fn new(hw: Arc<dyn Hardware>, backing: Backing, initial_chunks: usize) -> Result<DmaPool, DmaError> {
+        let iova = IovaAllocator::new(&hw.iova_ranges());
+        let pool = DmaPool {
+            inner: Arc::new(PoolInner {
+                hw,
+                backing,
+                state: Mutex::new(PoolState { iova, chunks: Vec::new(), stats: PoolStats::default() }),
+            }),
+        };
+        {
+            let mut st = pool.inner.lock();
+            for _ in 0..initial_chunks {
+                pool.inner.add_chunk(&mut st)?;
+            }
+        }
+        Ok(pool)
+    }
+
+    /// The memory backing of this pool.
+    pub fn backing(&self) -> Backing {
+        self.inner.backing
+    }
+
+    /// The hardware this pool maps memory for.
+    pub fn hardware(&self) -> &Arc<dyn Hardware> {
+        &self.inner.hw
+    }
+
+    /// A zero-filled buffer of at least `len` bytes, 4 KiB aligned in IOVA and in memory.
+    /// Buffers up to 2 MiB come from the mapped chunks (no system call unless the pool must
+    /// grow); larger ones get a region of their own, contiguous in IOVA.
+    pub fn alloc(&self, len: usize) -> Result<DmaBuffer, DmaError> {
+        if len == 0 || len > (1 << 40) {
+            return Err(DmaError::InvalidSize(len));
+        }
+        let pages = len.div_ceil(PAGE_SIZE);
+        let mut st = self.inner.lock();
+        if pages <= PAGES_PER_CHUNK {
+            let (chunk, first) = match st.find_pages(pages) {
+                Some(found) => found,
+                None => {
+                    let chunk = self.inner.add_chunk(&mut st)?;
+                    (chunk, st.chunks[chunk].take(pages).expect("a new chunk has room"))
+                }
+            };
+            st.stats.pages_in_use += pages as u64;
+            let c = &st.chunks[chunk];
+            let offset = first * PAGE_SIZE;
+            // SAFETY: offset + pages*4K lies inside the chunk's allocation.
+            let ptr = unsafe { NonNull::new_unchecked(c.mem.ptr.as_ptr().add(offset)) };
+            let buf = DmaBuffer {
+                ptr,
+                len,
+                iova: c.iova.add(offset as u64),
+                pool: self.inner.clone(),
+                origin: Origin::Chunk { chunk, first, pages },
+            };
+            drop(st);
+            buf.fill(0);
+            Ok(buf)
+        } else {
+            let size = len.div_ceil(CHUNK_SIZE) * CHUNK_SIZE;
+            let (mem, iova) = self.inner.map_region(&mut st, size)?;
+            let ptr = mem.ptr;
+            Ok(DmaBuffer { ptr, len, iova, pool: self.inner.clone(), origin: Origin::Region(Some(mem)) })
+        }
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> PoolStats {
+        self.inner.lock().stats
+    }
+}
+
+impl PoolInner {
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        // A panic while holding the lock leaves consistent state (every update is a few
+        // plain assignments), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Allocate and map a region of `size` bytes (a multiple of 2 MiB).
+    fn map_region(&self, st: &mut PoolState, size: usize) -> Result<(Region, Iova), DmaError> {
+        let mem = Region::alloc(size, self.backing)?;
+        let iova = st.iova.alloc(size as u64, CHUNK_SIZE as u64).ok_or(DmaError::IovaExhausted(size))?;
+        // SAFETY: the region stays allocated until it is unmapped (Chunk/DmaBuffer drop
+        // unmap before freeing), and no Rust reference into it is ever created: all CPU
+        // access goes through VolatileSlice.
+        if let Err(e) = unsafe { self.hw.dma_map(mem.ptr.as_ptr(), size, iova) } {
+            st.iova.free(iova, size as u64);
+            return Err(e.into());
+        }
+        st.stats.mapped_bytes += size as u64;
+        st.stats.map_calls += 1;
+        Ok((mem, iova))
+    }
+
+    fn unmap_region(&self, st: &mut PoolState, mem: Region, iova: Iova) {
+        match self.hw.dma_unmap(iova, mem.len) {
+            Ok(()) => {
+                st.iova.free(iova, mem.len as u64);
+                st.stats.mapped_bytes -= mem.len as u64;
+                drop(mem);
+            }
+            Err(e) => {
+                // The device may still reach this memory: never give it back to the
+                // allocator. Leaking is the only safe choice.
+                log::error!("{e}; leaking {} bytes of DMA memory to stay safe", mem.len);
+                std::mem::forget(mem);
+            }
+        }
+    }
+
+    fn add_chunk(&self, st: &mut PoolState) -> Result<usize, DmaError> {
+        let (mem, iova) = self.map_region(st, CHUNK_SIZE)?;
+        st.chunks.push(Chunk { mem, iova, free: [u64::MAX; PAGES_PER_CHUNK / 64], free_count: PAGES_PER_CHUNK });
+        st.stats.chunks += 1;
+        Ok(st.chunks.len() - 1)
+    }
+}
+
+impl PoolState {
+    fn find_pages(&mut self, pages: usize) -> Option<(usize, usize)> {
+        self.chunks
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, c)| c.free_count >= pages)
+            .find_map(|(i, c)| c.take(pages).map(|first| (i, first)))
+    }
+}
+
+impl Chunk {
+    fn is_free(&self, page: usize) -> bool {
+        self.free[page / 64] & (1 << (page % 64)) != 0
+    }
+
+    fn set(&mut self, first: usize, pages: usize, free: bool) {
+        for p in first..first + pages {
+            if free {
+                self.free[p / 64] |= 1 << (p % 64);
+            } else {
+                self.free[p / 64] &= !(1 << (p % 64));
+            }
+        }
+        if free {
+            self.free_count += pages;
+        } else {
+            self.free_count -= pages;
+        }
+    }
+
+    /// First fit run of `pages` free pages; marks them used.
+    fn take(&mut self, pages: usize) -> Option<usize> {
+        let mut run = 0;
+        for p in 0..PAGES_PER_CHUNK {
+            if self.is_free(p) {
+                run += 1;
+                if run == pages {
+                    let first = p + 1 - pages;
+                    self.set(first, pages, false);
+                    return Some(first);
+                }
+            } else {
+                run = 0;
+            }
+        }
+        None
+    }
+}
+
+impl Drop for PoolInner {
+    fn drop(&mut self) {
+        let mut st = std::mem::replace(
+            self.state.get_mut().unwrap_or_else(|e| e.into_inner()),
+            PoolState { iova: IovaAllocator::new(&[]), chunks: Vec::new(), stats: PoolStats::default() },
+        );
+        for c in std::mem::take(&mut st.chunks) {
+            self.unmap_region(&mut st, c.mem, c.iova);
+        }
+    }
+}
+
+enum Origin {
+    Chunk { chunk: usize, first: usize, pages: usize },
+    Region(Option<Region>),
+}
+
+/// A buffer of DMA memory: known to the device at [`DmaBuffer::iova`], reached by the CPU
+/// only through volatile accesses.
+pub struct DmaBuffer {
+    ptr: NonNull<u8>,
+    len: usize,
+    iova: Iova,
+    pool: Arc<PoolInner>,
+    origin: Origin,
+}
+
+// SAFETY: the buffer exclusively owns its pages of the pool; the CPU touches them only
+// through volatile accesses made via `&self`/`&mut self` of this one owner, so moving the
+// owner to another thread is sound. It is deliberately not Sync: concurrent CPU writes from
+// two threads would race.
+unsafe impl Send for DmaBuffer {}
+
+impl std::fmt::Debug for DmaBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DmaBuffer").field("iova", &self.iova).field("len", &self.len).finish()
+    }
+}
+
+impl DmaBuffer {
+    /// The address the device uses for the first byte.
+    #[inline]
+    pub fn iova(&self) -> Iova {
+        self.iova
+    }
+
+    /// Length in bytes, as asked for.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer is empty (never, buffers have at least one byte).
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The whole buffer as one data segment.
+    #[inline]
+    pub fn segment(&self) -> Segment {
+        Segment::new(self.iova, self.len as u32)
+    }
+
+    /// `len` bytes at `offset` as one data segment.
+    ///
+    /// # Panics
+    /// If the range is not inside the buffer.
+    #[inline]
+    pub fn segment_at(&self, offset: usize, len: usize) -> Segment {
+        assert!(offset + len <= self.len, "segment {offset}+{len} beyond a buffer of {}", self.len);
+        Segment::new(self.iova.add(offset as u64), len as u32)
+    }
+
+    /// Volatile view of the memory.
+    #[inline]
+    pub fn volatile(&self) -> VolatileSlice<'_> {
+        // SAFETY: ptr..ptr+len is allocated and mapped for as long as `self` lives (the
+        // pool outlives it through the Arc), and no Rust reference to it exists.
+        unsafe { VolatileSlice::new(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Copy `buf.len()` bytes out of the buffer, starting at `offset`.
+    ///
+    /// # Panics
+    /// If the range is not inside the buffer.
+    pub fn read_bytes(&self, offset: usize, buf: &mut [u8]) {
+        let s = self.volatile().subslice(offset, buf.len()).expect("read range inside the DMA buffer");
+        s.copy_to(buf);
+    }
+
+    /// Copy `data` into the buffer at `offset`.
+    ///
+    /// # Panics
+    /// If the range is not inside the buffer.
+    pub fn write_bytes(&self, offset: usize, data: &[u8]) {
+        let s = self.volatile().subslice(offset, data.len()).expect("write range inside the DMA buffer");
+        s.copy_from(data);
+    }
+
+    /// The whole buffer copied into a vector.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = vec![0; self.len];
+        self.read_bytes(0, &mut v);
+        v
+    }
+
+    /// Set every byte to `byte`.
+    pub fn fill(&self, byte: u8) {
+        let block = [byte; 4096];
+        let mut off = 0;
+        while off < self.len {
+            let n = (self.len - off).min(block.len());
+            self.write_bytes(off, &block[..n]);
+            off += n;
+        }
+    }
+
+    /// Read a little-endian u64 at `offset` (used for PRP list and SGL pages).
+    #[inline]
+    pub fn write_u64(&self, offset: usize, value: u64) {
+        self.volatile().get_ref::<u64>(offset).expect("qword inside the DMA buffer").store(value.to_le());
+    }
+
+    /// Read a little-endian u64 at `offset`.
+    #[inline]
+    pub fn read_u64(&self, offset: usize) -> u64 {
+        u64::from_le(self.volatile().get_ref::<u64>(offset).expect("qword inside the DMA buffer").load())
+    }
+}
+
+impl Drop for DmaBuffer {
+    fn drop(&mut self) {
+        let mut st = self.pool.lock();
+        match &mut self.origin {
+            Origin::Chunk { chunk, first, pages } => {
+                st.chunks[*chunk].set(*first, *pages, true);
+                st.stats.pages_in_use -= *pages as u64;
+            }
+            Origin::Region(mem) => {
+                if let Some(mem) = mem.take() {
+                    self.pool.unmap_region(&mut st, mem, self.iova);
+                }
+            }
+        }
+    }
+}

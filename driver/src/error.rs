@@ -1,0 +1,78 @@
+//! The driver's error type. Every error names the device and says what to do where there is
+//! something to do.
+
+use crate::hw::HwError;
+use crate::prp::PrpError;
+use crate::sgl::SglError;
+use crate::status::NvmeStatus;
+use crate::vfio::VfioSetupError;
+
+/// Result with the driver's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the driver.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Opening the device through VFIO failed.
+    #[error(transparent)]
+    Vfio(#[from] VfioSetupError),
+    /// A DMA mapping failed.
+    #[error(transparent)]
+    Hw(#[from] HwError),
+    /// DMA memory could not be had.
+    #[error(transparent)]
+    Dma(#[from] crate::dma::DmaError),
+    /// A register did not reach the expected state in time.
+    #[error("{dev}: timed out after {ms} ms waiting for {what}")]
+    RegisterTimeout { dev: String, what: &'static str, ms: u64 },
+    /// The controller reported a fatal error (CSTS.CFS).
+    #[error("{dev}: controller fatal status (CSTS.CFS) during {during}; the controller needs a reset")]
+    ControllerFatal { dev: String, during: &'static str },
+    /// The device no longer answers (registers read all ones).
+    #[error("{dev}: device removed (registers read back all ones)")]
+    DeviceRemoved { dev: String },
+    /// The controller cannot be driven by this driver.
+    #[error("{dev}: unsupported controller: {why}")]
+    Unsupported { dev: String, why: String },
+    /// A command completed with an error status.
+    #[error("{dev}: {command} failed: {status}")]
+    Command { dev: String, command: &'static str, status: NvmeStatus },
+    /// A command did not complete in time.
+    #[error("{dev}: {command} did not complete within {ms} ms")]
+    CommandTimeout { dev: String, command: &'static str, ms: u64 },
+    /// The PRP builder refused a buffer.
+    #[error("cannot describe the buffer with PRPs: {0}")]
+    Prp(#[from] PrpError),
+    /// The SGL builder refused a buffer.
+    #[error("cannot describe the buffer with SGLs: {0}")]
+    Sgl(#[from] SglError),
+    /// The submission queue has no free slot: poll for completions and try again.
+    #[error("queue full: poll for completions, then submit again")]
+    QueueFull,
+    /// A request lies (partly) beyond the namespace.
+    #[error("LBA range {lba}..{end} is beyond namespace {nsid}, which has {size} LBAs")]
+    LbaOutOfRange { nsid: u32, lba: u64, end: u64, size: u64 },
+    /// The namespace does not exist or is not active.
+    #[error("{dev}: namespace {nsid} is not active (active namespaces: {active})")]
+    NoSuchNamespace { dev: String, nsid: u32, active: String },
+    /// A caller passed something that cannot work.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// Identify data could not be parsed.
+    #[error("{dev}: {source}")]
+    Identify {
+        dev: String,
+        #[source]
+        source: crate::identify::IdentifyError,
+    },
+}
+
+impl Error {
+    /// The NVMe status, if this is a command error.
+    pub fn status(&self) -> Option<NvmeStatus> {
+        match self {
+            Error::Command { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! The boundary between the driver and the hardware: register access and DMA mapping.
+//!
+//! Everything above this trait (bring-up, queue pairs, PRP lists) is the same code whether it
+//! drives a real controller through VFIO ([`crate::vfio::VfioHardware`]) or the in-process
+//! controller model (`crate::model`, feature `test-utils`).
+
+use crate::types::Iova;
+use std::ops::Range;
+
+/// Why a DMA mapping could not be made or undone.
+#[derive(Debug, thiserror::Error)]
+pub enum HwError {
+    /// The IOMMU refused the mapping.
+    #[error("{dev}: cannot map {len} bytes for DMA at IOVA {iova}: {source}{hint}")]
+    Map {
+        dev: String,
+        iova: Iova,
+        len: usize,
+        #[source]
+        source: std::io::Error,
+        /// What to do about it (for example raise the memlock limit), or empty.
+        hint: String,
+    },
+    /// The IOMMU refused to undo a mapping.
+    #[error("{dev}: cannot unmap {len} bytes at IOVA {iova}: {source}")]
+    Unmap {
+        dev: String,
+        iova: Iova,
+        len: usize,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Register access and DMA mapping for one NVMe controller.
+///
+/// Register offsets are byte offsets into BAR0. Implementations must perform each 32-bit
+/// access as one volatile access of that width: doorbells and CC/CSTS are sensitive to it.
+pub trait Hardware: Send + Sync {
+    /// A name for messages: the PCI address (BDF) of the device, or the model's name.
+    fn name(&self) -> &str;
+
+    /// Read a 32-bit register.
+    fn read32(&self, offset: usize) -> u32;
+
+    /// Write a 32-bit register (this is also how doorbells are rung).
+    fn write32(&self, offset: usize, value: u32);
+
+    /// Read a 64-bit register as two 32-bit reads, low dword first.
+    fn read64(&self, offset: usize) -> u64 {
+        let lo = self.read32(offset) as u64;
+        let hi = self.read32(offset + 4) as u64;
+        lo | (hi << 32)
+    }
+
+    /// Write a 64-bit register as two 32-bit writes, low dword first.
+    fn write64(&self, offset: usize, value: u64) {
+        self.write32(offset, value as u32);
+        self.write32(offset + 4, (value >> 32) as u32);
+    }
+
+    /// The IOVA ranges the IOMMU accepts for mappings (inclusive start, exclusive end).
+    fn iova_ranges(&self) -> Vec<Range<u64>>;
+
+    /// Make `[vaddr, vaddr + len)` visible to the device at `iova`, readable and writable.
+    ///
+    /// # Safety
+    ///
+    /// The memory must stay allocated until [`Hardware::dma_unmap`] succeeds for the same
+    /// `iova` and `len`. While it is mapped the device may read and write it at any time, so
+    /// no Rust reference (`&`/`&mut`) to it may exist: only volatile or atomic accesses
+    /// through raw pointers (as `vm_memory::VolatileSlice` does). `vaddr`, `len` and `iova`
+    /// must be 4 KiB aligned.
+    unsafe fn dma_map(&self, vaddr: *mut u8, len: usize, iova: Iova) -> Result<(), HwError>;
+
+    /// Undo a mapping made by [`Hardware::dma_map`] with the same `iova` and `len`.
+    fn dma_unmap(&self, iova: Iova, len: usize) -> Result<(), HwError>;
+}

@@ -1,0 +1,396 @@
+//! I/O queue pairs and the NVM I/O commands: Read, Write, Flush, Write Zeroes, Dataset
+//! Management (deallocate) and Compare, with splitting at the controller's max transfer.
+
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::controller::Shared;
+use crate::dma::DmaBuffer;
+use crate::error::{Error, Result};
+use crate::identify::NamespaceInfo;
+use crate::queue::{DataPointerMode, QueuePair};
+use crate::spec::{io_op, SqEntry, CDW12_FUA, MAX_NLB};
+use crate::status::NvmeStatus;
+use crate::types::Segment;
+
+/// A Read command for `blocks` LBAs (1..=65 536) at `slba`.
+#[inline]
+pub fn read_cmd(nsid: u32, slba: u64, blocks: u32) -> SqEntry {
+    rw_cmd(io_op::READ, nsid, slba, blocks, false)
+}
+
+/// A Write command, with Force Unit Access if `fua`.
+#[inline]
+pub fn write_cmd(nsid: u32, slba: u64, blocks: u32, fua: bool) -> SqEntry {
+    rw_cmd(io_op::WRITE, nsid, slba, blocks, fua)
+}
+
+/// A Compare command.
+#[inline]
+pub fn compare_cmd(nsid: u32, slba: u64, blocks: u32) -> SqEntry {
+    rw_cmd(io_op::COMPARE, nsid, slba, blocks, false)
+}
+
+/// A Write Zeroes command.
+#[inline]
+pub fn write_zeroes_cmd(nsid: u32, slba: u64, blocks: u32) -> SqEntry {
+    rw_cmd(io_op::WRITE_ZEROES, nsid, slba, blocks, false)
+}
+
+/// A Flush command.
+#[inline]
+pub fn flush_cmd(nsid: u32) -> SqEntry {
+    SqEntry::new(io_op::FLUSH, nsid)
+}
+
+/// A Dataset Management command with the Deallocate attribute over `ranges` range entries
+/// (the 16-byte range list is the data buffer).
+#[inline]
+pub fn deallocate_cmd(nsid: u32, ranges: u32) -> SqEntry {
+    let mut c = SqEntry::new(io_op::DATASET_MANAGEMENT, nsid);
+    c.cdw10 = ranges - 1;
+    c.cdw11 = 1 << 2;
+    c
+}
+
+#[inline]
+fn rw_cmd(op: u8, nsid: u32, slba: u64, blocks: u32, fua: bool) -> SqEntry {
+    debug_assert!((1..=MAX_NLB).contains(&blocks));
+    let mut c = SqEntry::new(op, nsid);
+    c.set_slba(slba);
+    c.cdw12 = (blocks - 1) | if fua { CDW12_FUA } else { 0 };
+    c
+}
+
+/// One command's share of a larger transfer.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Piece {
+    /// First LBA of this piece.
+    pub slba: u64,
+    /// LBAs in this piece.
+    pub blocks: u32,
+    /// Byte offset of this piece in the caller's buffer.
+    pub offset: u64,
+}
+
+/// Split `blocks` LBAs at `slba` into commands of at most `max_transfer` bytes (and at most
+/// 65 536 LBAs). A max transfer below one LBA still yields one LBA per command.
+pub fn split_transfer(slba: u64, blocks: u64, lba_size: u32, max_transfer: u32) -> impl Iterator<Item = Piece> {
+    let per = ((max_transfer / lba_size.max(1)) as u64).clamp(1, MAX_NLB as u64);
+    let mut done = 0u64;
+    std::iter::from_fn(move || {
+        if done >= blocks {
+            return None;
+        }
+        let n = per.min(blocks - done);
+        let p = Piece { slba: slba + done, blocks: n as u32, offset: done * lba_size as u64 };
+        done += n;
+        Some(p)
+    })
+}
+
+/// Check that `blocks` LBAs at `slba` lie inside the namespace.
+pub fn check_range(ns: &NamespaceInfo, slba: u64, blocks: u64) -> Result<()> {
+    if blocks == 0 {
+        return Err(Error::InvalidArgument("a transfer of zero LBAs: give a count of at least 1".into()));
+    }
+    match slba.checked_add(blocks) {
+        Some(end) if end <= ns.size_lbas => Ok(()),
+        end => Err(Error::LbaOutOfRange { nsid: ns.nsid, lba: slba, end: end.unwrap_or(u64::MAX), size: ns.size_lbas }),
+    }
+}
+
+/// What a synchronous transfer does.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Op {
+    Read,
+    Write { fua: bool },
+    Compare,
+    WriteZeroes,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Read => "Read",
+            Op::Write { .. } => "Write",
+            Op::Compare => "Compare",
+            Op::WriteZeroes => "Write Zeroes",
+        }
+    }
+}
+
+/// An I/O queue pair: a [`QueuePair`] registered with the controller, deleted from it when
+/// dropped. Owned by one thread (`Send`, not `Sync`); no locks on its I/O path.
+pub struct IoQueuePair {
+    qp: QueuePair,
+    shared: Arc<Shared>,
+    /// Deadline for the synchronous helpers.
+    timeout: Duration,
+}
+
+impl Deref for IoQueuePair {
+    type Target = QueuePair;
+    fn deref(&self) -> &QueuePair {
+        &self.qp
+    }
+}
+
+impl DerefMut for IoQueuePair {
+    fn deref_mut(&mut self) -> &mut QueuePair {
+        &mut self.qp
+    }
+}
+
+impl IoQueuePair {
+    pub(crate) fn create(shared: Arc<Shared>, entries: u32, mode: DataPointerMode) -> Result<IoQueuePair> {
+        let max = shared.cap.max_queue_entries();
+        if !(2..=max).contains(&entries) {
+            return Err(Error::InvalidArgument(format!(
+                "queue depth {entries} is outside what the controller allows: 2 to {max} entries (CAP.MQES + 1)"
+            )));
+        }
+        let qid = shared.take_qid()?;
+        let made = QueuePair::new(shared.hw.clone(), &shared.pool, qid, entries as u16, shared.cap.dstrd())
+            .and_then(|qp| shared.create_queues(&qp).map(|_| qp));
+        let mut qp = match made {
+            Ok(qp) => qp,
+            Err(e) => {
+                shared.release_qid(qid);
+                return Err(e);
+            }
+        };
+        let sgl = !matches!(shared.info.sgl_support(), crate::identify::SglSupport::None);
+        qp.set_data_pointer_mode_unchecked(if mode == DataPointerMode::Sgl && sgl { DataPointerMode::Sgl } else { DataPointerMode::Prp });
+        Ok(IoQueuePair { qp, shared, timeout: Duration::from_secs(30) })
+    }
+
+    /// Choose PRPs or SGLs for data. SGLs need controller support.
+    pub fn set_data_pointer_mode(&mut self, mode: DataPointerMode) -> Result<()> {
+        if mode == DataPointerMode::Sgl && matches!(self.shared.info.sgl_support(), crate::identify::SglSupport::None) {
+            return Err(Error::Unsupported { dev: self.shared.hw.name().to_string(), why: "the controller does not support SGLs".into() });
+        }
+        self.qp.set_data_pointer_mode_unchecked(mode);
+        Ok(())
+    }
+
+    /// Deadline for the synchronous helpers below.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    /// Largest transfer of one command for LBAs of `lba_size` bytes.
+    pub fn max_transfer_for(&self, lba_size: u32) -> u32 {
+        self.shared.max_transfer_for(lba_size)
+    }
+
+    fn namespace(&self, nsid: u32) -> Result<NamespaceInfo> {
+        self.shared
+            .namespace(nsid)
+            .cloned()
+            .ok_or_else(|| Error::NoSuchNamespace { dev: self.shared.hw.name().to_string(), nsid, active: self.shared.active_list() })
+    }
+
+    /// Read `blocks` LBAs at `slba` into `buf` (from its start), split at the max transfer.
+    pub fn read(&mut self, nsid: u32, slba: u64, blocks: u64, buf: &DmaBuffer) -> Result<()> {
+        self.transfer(Op::Read, nsid, slba, blocks, Some(buf))
+    }
+
+    /// Write `blocks` LBAs at `slba` from `buf`.
+    pub fn write(&mut self, nsid: u32, slba: u64, blocks: u64, buf: &DmaBuffer, fua: bool) -> Result<()> {
+        self.transfer(Op::Write { fua }, nsid, slba, blocks, Some(buf))
+    }
+
+    /// Compare `blocks` LBAs at `slba` with `buf`; a mismatch is a Compare Failure status.
+    pub fn compare(&mut self, nsid: u32, slba: u64, blocks: u64, buf: &DmaBuffer) -> Result<()> {
+        self.transfer(Op::Compare, nsid, slba, blocks, Some(buf))
+    }
+
+    /// Zero `blocks` LBAs at `slba` without transferring data.
+    pub fn write_zeroes(&mut self, nsid: u32, slba: u64, blocks: u64) -> Result<()> {
+        self.transfer(Op::WriteZeroes, nsid, slba, blocks, None)
+    }
+
+    /// Flush the volatile write cache of the namespace.
+    pub fn flush(&mut self, nsid: u32) -> Result<()> {
+        self.namespace(nsid)?;
+        self.run_one(flush_cmd(nsid), &[], "Flush")
+    }
+
+    /// Deallocate (trim) `blocks` LBAs at `slba`.
+    pub fn deallocate(&mut self, nsid: u32, slba: u64, blocks: u64) -> Result<()> {
+        let ns = self.namespace(nsid)?;
+        check_range(&ns, slba, blocks)?;
+        // One range entry holds up to 2^32 - 1 LBAs; up to 256 entries fit one command.
+        let ranges: Vec<(u64, u32)> = split_transfer(slba, blocks, 1, u32::MAX).map(|p| (p.slba, p.blocks)).collect();
+        let ranges: Vec<(u64, u32)> = ranges
+            .into_iter()
+            .flat_map(|(s, n)| split_transfer(s, n as u64, 1, u32::MAX).map(|p| (p.slba, p.blocks)))
+            .collect();
+        for group in ranges.chunks(256) {
+            let buf = self.shared.pool.alloc(group.len() * 16)?;
+            for (i, (s, n)) in group.iter().enumerate() {
+                buf.write_u64(i * 16, (*n as u64) << 32);
+                buf.write_u64(i * 16 + 8, *s);
+            }
+            self.run_one(deallocate_cmd(nsid, group.len() as u32), &[buf.segment()], "Dataset Management")?;
+        }
+        Ok(())
+    }
+
+    fn run_one(&mut self, cmd: SqEntry, data: &[Segment], what: &'static str) -> Result<()> {
+        let mut first_err = None;
+        self.wait_room(1)?;
+        self.qp.submit(cmd, data, u64::MAX)?;
+        self.drain(&mut first_err, what, |t| t == u64::MAX)?;
+        match first_err {
+            Some(status) => Err(Error::Command { dev: self.shared.hw.name().to_string(), command: what, status }),
+            None => Ok(()),
+        }
+    }
+
+    fn transfer(&mut self, op: Op, nsid: u32, slba: u64, blocks: u64, buf: Option<&DmaBuffer>) -> Result<()> {
+        let ns = self.namespace(nsid)?;
+        check_range(&ns, slba, blocks)?;
+        let lba = ns.lba_size as u64;
+        if let Some(b) = buf {
+            let need = blocks.checked_mul(lba).unwrap_or(u64::MAX);
+            if (b.len() as u64) < need {
+                return Err(Error::InvalidArgument(format!(
+                    "a buffer of {} bytes is too small for {blocks} LBAs of {lba} bytes ({need} bytes)",
+                    b.len()
+                )));
+            }
+        }
+        let max = if buf.is_some() { self.max_transfer_for(ns.lba_size) } else { u32::MAX };
+        let mut first_err: Option<NvmeStatus> = None;
+        let pieces: Vec<Piece> = split_transfer(slba, blocks, ns.lba_size, max).collect();
+        let mut next = 0;
+        // Tags are piece indexes; keep the queue as full as it goes.
+        while next < pieces.len() || self.qp.outstanding() > 0 {
+            while next < pieces.len() && self.qp.free_slots() > 0 && first_err.is_none() {
+                let p = pieces[next];
+                let cmd = match op {
+                    Op::Read => read_cmd(nsid, p.slba, p.blocks),
+                    Op::Write { fua } => write_cmd(nsid, p.slba, p.blocks, fua),
+                    Op::Compare => compare_cmd(nsid, p.slba, p.blocks),
+                    Op::WriteZeroes => write_zeroes_cmd(nsid, p.slba, p.blocks),
+                };
+                let seg;
+                let data: &[Segment] = match buf {
+                    Some(b) => {
+                        seg = [b.segment_at(p.offset as usize, p.blocks as usize * lba as usize)];
+                        &seg
+                    }
+                    None => &[],
+                };
+                self.qp.submit(cmd, data, next as u64)?;
+                next += 1;
+            }
+            if first_err.is_some() && self.qp.outstanding() == 0 {
+                break;
+            }
+            self.drain_some(&mut first_err, op.name())?;
+        }
+        match first_err {
+            Some(status) => Err(Error::Command { dev: self.shared.hw.name().to_string(), command: op.name(), status }),
+            None => Ok(()),
+        }
+    }
+
+    /// Poll until `n` slots are free.
+    fn wait_room(&mut self, n: usize) -> Result<()> {
+        let mut err = None;
+        while self.qp.free_slots() < n {
+            self.drain_some(&mut err, "I/O")?;
+        }
+        Ok(())
+    }
+
+    /// Poll until the command with a tag matching `is_ours` has completed.
+    fn drain(&mut self, first_err: &mut Option<NvmeStatus>, what: &'static str, is_ours: impl Fn(u64) -> bool) -> Result<()> {
+        let deadline = Instant::now() + self.timeout;
+        let mut done = false;
+        let mut spins = 0u32;
+        while !done {
+            self.qp.poll(usize::MAX, |c| {
+                if is_ours(c.tag) {
+                    done = true;
+                    if !c.status.is_success() && first_err.is_none() {
+                        *first_err = Some(c.status);
+                    }
+                }
+            });
+            spins += 1;
+            if !done && spins % 1024 == 0 {
+                self.check_alive(deadline, what)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Poll until at least one completion arrived (or time runs out).
+    fn drain_some(&mut self, first_err: &mut Option<NvmeStatus>, what: &'static str) -> Result<()> {
+        let deadline = Instant::now() + self.timeout;
+        let mut spins = 0u32;
+        loop {
+            let n = self.qp.poll(usize::MAX, |c| {
+                if !c.status.is_success() && first_err.is_none() {
+                    *first_err = Some(c.status);
+                }
+            });
+            if n > 0 {
+                return Ok(());
+            }
+            spins += 1;
+            if spins % 1024 == 0 {
+                self.check_alive(deadline, what)?;
+            }
+        }
+    }
+
+    fn check_alive(&self, deadline: Instant, what: &'static str) -> Result<()> {
+        let s = self.shared.hw.read32(crate::spec::reg::CSTS);
+        let dev = self.shared.hw.name().to_string();
+        if s == u32::MAX {
+            return Err(Error::DeviceRemoved { dev });
+        }
+        if s & crate::spec::csts::CFS != 0 {
+            return Err(Error::ControllerFatal { dev, during: what });
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::CommandTimeout { dev, command: what, ms: self.timeout.as_millis() as u64 });
+        }
+        std::thread::yield_now();
+        Ok(())
+    }
+}
+
+impl Drop for IoQueuePair {
+    fn drop(&mut self) {
+        if let Err(e) = self.shared.delete_queues(self.qp.qid()) {
+            log::warn!("deleting I/O queue pair {}: {e}", self.qp.qid());
+        }
+        self.shared.release_qid(self.qp.qid());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_respects_max_transfer_and_nlb() {
+        let p: Vec<Piece> = split_transfer(100, 10, 4096, 16384).collect();
+        assert_eq!(p.len(), 3);
+        assert_eq!(p[0], Piece { slba: 100, blocks: 4, offset: 0 });
+        assert_eq!(p[1], Piece { slba: 104, blocks: 4, offset: 16384 });
+        assert_eq!(p[2], Piece { slba: 108, blocks: 2, offset: 32768 });
+        // 65 536-LBA limit applies even with a huge max transfer.
+        let p: Vec<Piece> = split_transfer(0, 200_000, 512, u32::MAX).collect();
+        assert_eq!(p.iter().map(|x| x.blocks).collect::<Vec<_>>(), vec![65536, 65536, 65536, 3392]);
+        // A max transfer below one LBA still makes progress.
+        assert_eq!(split_transfer(0, 3, 4096, 512).count(), 3);
+    }
+}

@@ -1,0 +1,2 @@
+#![forbid(unsafe_code)]
+//! rnvme-mpage (in progress)
