@@ -76,3 +76,33 @@ pub trait Hardware: Send + Sync {
     /// Undo a mapping made by [`Hardware::dma_map`] with the same `iova` and `len`.
     fn dma_unmap(&self, iova: Iova, len: usize) -> Result<(), HwError>;
 }
+
+/// Host memory that no device can reach: mapping succeeds without an IOMMU and IOVAs are
+/// handed out from a 39-bit space. For tools and tests that need [`crate::dma::DmaPool`]
+/// buffers (a recording device, a dry run) without hardware. Registers read as zero.
+#[derive(Debug, Default)]
+pub struct MemoryOnly;
+
+impl Hardware for MemoryOnly {
+    fn name(&self) -> &str {
+        "memory"
+    }
+
+    fn read32(&self, _offset: usize) -> u32 {
+        0
+    }
+
+    fn write32(&self, _offset: usize, _value: u32) {}
+
+    fn iova_ranges(&self) -> Vec<Range<u64>> {
+        vec![0x1000_0000..1 << 39]
+    }
+
+    unsafe fn dma_map(&self, _vaddr: *mut u8, _len: usize, _iova: Iova) -> Result<(), HwError> {
+        Ok(())
+    }
+
+    fn dma_unmap(&self, _iova: Iova, _len: usize) -> Result<(), HwError> {
+        Ok(())
+    }
+}
