@@ -354,7 +354,7 @@ impl Admin {
                 return c.result().map_err(|status| Error::Command { dev: self.hw.name().to_string(), command: what, status });
             }
             spins += 1;
-            if spins % 64 == 0 {
+            if spins.is_multiple_of(64) {
                 let s = self.hw.read32(reg::CSTS);
                 if s == u32::MAX {
                     return Err(Error::DeviceRemoved { dev: self.hw.name().to_string() });

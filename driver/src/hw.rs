@@ -95,7 +95,7 @@ impl Hardware for MemoryOnly {
     fn write32(&self, _offset: usize, _value: u32) {}
 
     fn iova_ranges(&self) -> Vec<Range<u64>> {
-        vec![0x1000_0000..1 << 39]
+        std::iter::once(0x1000_0000..1 << 39).collect()
     }
 
     unsafe fn dma_map(&self, _vaddr: *mut u8, _len: usize, _iova: Iova) -> Result<(), HwError> {

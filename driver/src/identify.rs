@@ -906,11 +906,13 @@ mod tests {
         let n = NamespaceInfo::parse(1, &b.0).unwrap();
         assert_eq!(n.lba_formats.len(), 41);
         assert_eq!(n.lba_format_index(), 17);
-        assert_eq!((n.lba_size, n.metadata_size), (1 << (9 + 17 % 8), 17));
+        // LBADS 9 + 17 % 8 = 10.
+        assert_eq!((n.lba_size, n.metadata_size), (1024, 17));
         b.u8(26, 0x48);
         let n = NamespaceInfo::parse(1, &b.0).unwrap();
         assert_eq!(n.lba_format_index(), 40);
-        assert_eq!((n.lba_size, n.metadata_size), (1 << (9 + 40 % 8), 40));
+        // LBADS 9 + 40 % 8 = 9.
+        assert_eq!((n.lba_size, n.metadata_size), (512, 40));
         // 0x69 selects 0x39 = 57 > 40.
         b.u8(26, 0x69);
         assert!(matches!(

@@ -223,11 +223,13 @@ impl IoQueuePair {
         let ns = self.namespace(nsid)?;
         check_range(&ns, slba, blocks)?;
         // One range entry holds up to 2^32 - 1 LBAs; up to 256 entries fit one command.
-        let ranges: Vec<(u64, u32)> = split_transfer(slba, blocks, 1, u32::MAX).map(|p| (p.slba, p.blocks)).collect();
-        let ranges: Vec<(u64, u32)> = ranges
-            .into_iter()
-            .flat_map(|(s, n)| split_transfer(s, n as u64, 1, u32::MAX).map(|p| (p.slba, p.blocks)))
-            .collect();
+        let mut ranges = Vec::new();
+        let (mut at, end) = (slba, slba + blocks);
+        while at < end {
+            let n = (end - at).min(u32::MAX as u64);
+            ranges.push((at, n as u32));
+            at += n;
+        }
         for group in ranges.chunks(256) {
             let buf = self.shared.pool.alloc(group.len() * 16)?;
             for (i, (s, n)) in group.iter().enumerate() {
@@ -255,7 +257,7 @@ impl IoQueuePair {
         check_range(&ns, slba, blocks)?;
         let lba = ns.lba_size as u64;
         if let Some(b) = buf {
-            let need = blocks.checked_mul(lba).unwrap_or(u64::MAX);
+            let need = blocks.saturating_mul(lba);
             if (b.len() as u64) < need {
                 return Err(Error::InvalidArgument(format!(
                     "a buffer of {} bytes is too small for {blocks} LBAs of {lba} bytes ({need} bytes)",
@@ -323,7 +325,7 @@ impl IoQueuePair {
                 }
             });
             spins += 1;
-            if !done && spins % 1024 == 0 {
+            if !done && spins.is_multiple_of(1024) {
                 self.check_alive(deadline, what)?;
             }
         }
@@ -344,7 +346,7 @@ impl IoQueuePair {
                 return Ok(());
             }
             spins += 1;
-            if spins % 1024 == 0 {
+            if spins.is_multiple_of(1024) {
                 self.check_alive(deadline, what)?;
             }
         }

@@ -348,7 +348,7 @@ impl QueuePair {
 
     /// Forget every outstanding command and reset the ring indices, after the controller
     /// dropped its queues (a reset). Returns the tags that will never complete.
-    pub(crate) fn abandon_all(&mut self) -> Vec<(CommandId, u64)> {
+    pub fn abandon_all(&mut self) -> Vec<(CommandId, u64)> {
         let lost = self.outstanding_tags();
         for (cid, _) in &lost {
             self.slots[cid.0 as usize].busy = false;

@@ -1,18 +1,2404 @@
-//! (placeholder so the crate builds: the real VFIO backend replaces this whole file)
+//! The VFIO implementation of [`Hardware`]: a real NVMe controller bound to `vfio-pci`.
+//!
+//! [`VfioHardware::open`] checks, before touching `/dev/vfio`, everything sysfs can tell about
+//! the device (is it an NVMe controller, is it bound to `vfio-pci`, does it have an IOMMU group
+//! and can that group be handed to user space), so that each way of failing gets its own error
+//! with the command that fixes it. It then opens the VFIO container and device, learns the IOVA
+//! ranges the IOMMU accepts, enables memory decoding and bus mastering in PCI config space and
+//! maps BAR0 into the process.
+//!
+//! Register accesses inside the mapped part of BAR0 are single volatile 32-bit loads and
+//! stores (`MmioArea`); the few that may fall outside it (a BAR the kernel only lets us map
+//! sparsely) go through `pread`/`pwrite` on the device file descriptor.
+//!
+//! [`probe`] runs the sysfs checks alone, without opening anything: `rnvme list` uses it to say
+//! whether each controller can be opened and, if not, why.
+
+use crate::hw::{Hardware, HwError};
+use crate::types::Iova;
+use std::fmt;
+use std::io;
+use std::mem::{offset_of, size_of};
+use std::ops::Range;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use vfio_bindings::bindings::vfio::{
+    vfio_info_cap_header, vfio_iommu_type1_info, vfio_iommu_type1_info_cap_iova_range,
+    vfio_iova_range, VFIO_BASE, VFIO_IOMMU_INFO_CAPS, VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE,
+    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
+    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE, VFIO_TYPE,
+};
+use vfio_ioctls::{VfioContainer, VfioDevice, VfioError, VfioOps, VfioRegionInfoCap};
+
+/// PCI class code of an NVM Express controller: mass storage (01), non-volatile memory
+/// controller (08), NVM Express programming interface (02).
+pub const NVME_CLASS: u32 = 0x01_08_02;
+
+/// The VFIO container device node.
+const DEV_VFIO_CONTAINER: &str = "/dev/vfio/vfio";
+
+/// Drivers that do not prevent the kernel from giving an IOMMU group to user space: VFIO
+/// itself, and drivers that never let the device do DMA of its own (`pci-stub`; `pcieport`, the
+/// driver of PCIe bridges and root ports).
+const GROUP_SAFE_DRIVERS: [&str; 3] = ["vfio-pci", "pcieport", "pci-stub"];
+
+/// PCI config space: the command register and the bits rnvme sets in it.
+const PCI_COMMAND: u64 = 0x04;
+const PCI_COMMAND_MEMORY: u16 = 1 << 1;
+const PCI_COMMAND_MASTER: u16 = 1 << 2;
+const PCI_COMMAND_INTX_DISABLE: u16 = 1 << 10;
+
+/// BAR0 must hold the controller registers (0x0..0x1000) and at least the admin doorbells.
+const MIN_BAR0_SIZE: u64 = 0x2000;
+/// The first doorbell: the mapped area that covers it is the one checked first on every access.
+const DOORBELL_BASE: u64 = 0x1000;
+
+/// IOVA window assumed when the kernel does not report one (kernels before 5.4 lack the IOVA
+/// range capability): above the first 64 KiB, below the 39-bit limit of the smallest common
+/// IOMMU address width.
+const FALLBACK_IOVA_RANGE: Range<u64> = 0x1_0000..1 << 39;
+
+/// `VFIO_IOMMU_GET_INFO` = `_IO(VFIO_TYPE, VFIO_BASE + 12)` (linux/vfio.h). `_IO` has no
+/// direction and no size bits, so the number is just type << 8 | nr.
+const VFIO_IOMMU_GET_INFO: u32 = ((VFIO_TYPE as u32) << 8) | (VFIO_BASE + 12);
+const _: () = assert!(VFIO_IOMMU_GET_INFO == 0x3b70);
+
+// The layouts the IOVA range parser relies on (linux/vfio.h).
+const _: () = assert!(size_of::<vfio_iommu_type1_info>() == 24);
+const _: () = assert!(size_of::<vfio_info_cap_header>() == 8);
+const _: () = assert!(size_of::<vfio_iommu_type1_info_cap_iova_range>() == 16);
+const _: () = assert!(size_of::<vfio_iova_range>() == 16);
+
+/// Why a controller cannot be opened through VFIO. Every message names the device and says
+/// what to do about it.
 #[derive(Debug, thiserror::Error)]
-#[error("vfio placeholder")]
-pub struct VfioSetupError;
-pub struct VfioHardware;
-impl crate::hw::Hardware for VfioHardware {
-    fn name(&self) -> &str { "" }
-    fn read32(&self, _: usize) -> u32 { 0 }
-    fn write32(&self, _: usize, _: u32) {}
-    fn iova_ranges(&self) -> Vec<std::ops::Range<u64>> { vec![] }
-    unsafe fn dma_map(&self, _: *mut u8, _: usize, _: crate::Iova) -> Result<(), crate::hw::HwError> { Ok(()) }
-    fn dma_unmap(&self, _: crate::Iova, _: usize) -> Result<(), crate::hw::HwError> { Ok(()) }
+pub enum VfioSetupError {
+    /// The PCI address is not in the full `dddd:bb:dd.f` form.
+    #[error(
+        "`{bdf}` is not a PCI address: expected the full form dddd:bb:dd.f in lowercase hex \
+         (domain:bus:device.function, like 0000:00:03.0){}",
+        did_you_mean(.suggestion)
+    )]
+    BadBdf {
+        bdf: String,
+        /// The address the user most likely meant, when there is one.
+        suggestion: Option<String>,
+    },
+    /// No such PCI device.
+    #[error("no PCI device {bdf}; `rnvme list` shows the NVMe controllers")]
+    NoDevice { bdf: String },
+    /// A sysfs file of the device could not be read or made no sense.
+    #[error(
+        "{bdf}: cannot read {}: {source}; check that sysfs is mounted on /sys \
+         (or that RNVME_SYSFS_ROOT names a sysfs tree)",
+        .path.display()
+    )]
+    Sysfs {
+        bdf: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The device is not an NVMe controller.
+    #[error(
+        "{bdf} is not an NVMe controller (class {class:#08x}, NVMe is 0x010802); \
+         `rnvme list` shows the NVMe controllers"
+    )]
+    NotNvme { bdf: String, class: u32 },
+    /// The device is bound to another driver (usually the kernel's `nvme`).
+    #[error("{bdf} is bound to {driver}: bind it with `rnvme setup {bdf}`")]
+    WrongDriver { bdf: String, driver: String },
+    /// The device is bound to no driver at all.
+    #[error("{bdf} is not bound to any driver: bind it to vfio-pci with `rnvme setup {bdf}`")]
+    NoDriver { bdf: String },
+    /// `/dev/vfio/vfio` is missing.
+    #[error("{bdf}: vfio modules not loaded (no /dev/vfio/vfio): modprobe vfio-pci")]
+    NoVfioModule { bdf: String },
+    /// The VFIO type1 IOMMU backend is not available.
+    #[error(
+        "{bdf}: the VFIO type1 IOMMU backend is not available: modprobe vfio_iommu_type1, \
+         and boot with intel_iommu=on (or amd_iommu=on)"
+    )]
+    NoType1Iommu { bdf: String },
+    /// The device has no IOMMU group: the IOMMU is off.
+    #[error(
+        "{bdf} has no IOMMU group: boot with intel_iommu=on (or amd_iommu=on) and enable \
+         VT-d/AMD-Vi in the firmware setup"
+    )]
+    NoIommuGroup { bdf: String },
+    /// Another device of the IOMMU group is bound to a driver that may do DMA.
+    #[error(
+        "{bdf}: IOMMU group {group} cannot be given to rnvme because {other}, in the same \
+         group, is bound to {driver}: bind it with `rnvme setup {other}` too or unbind it \
+         (echo {other} > /sys/bus/pci/devices/{other}/driver/unbind)"
+    )]
+    GroupNotViable {
+        bdf: String,
+        group: u32,
+        /// The device that spoils the group.
+        other: String,
+        /// Its driver.
+        driver: String,
+    },
+    /// The kernel says the group is not viable although sysfs showed no offending device.
+    #[error(
+        "{bdf}: the kernel says IOMMU group {group} is not viable: every device in \
+         /sys/kernel/iommu_groups/{group}/devices must be bound to vfio-pci or to no driver; \
+         bind them with `rnvme setup` or unbind them"
+    )]
+    GroupNotViableKernel { bdf: String, group: u32 },
+    /// The group (or device) is open in another process.
+    #[error(
+        "{bdf} is already in use by another process (/dev/vfio/{group} is open): stop that \
+         process first (`fuser -v /dev/vfio/{group}` names it)"
+    )]
+    Busy { bdf: String, group: u32 },
+    /// Permission denied on a VFIO device node.
+    #[error("no permission on {path} for {bdf}: run as root or `rnvme setup --user NAME {bdf}`")]
+    Permission {
+        bdf: String,
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    /// `/dev/vfio/N` does not exist although sysfs shows the group.
+    #[error(
+        "{bdf}: /dev/vfio/{group} does not exist: the device is not (or no longer) bound to \
+         vfio-pci; bind it with `rnvme setup {bdf}`"
+    )]
+    NoGroupNode { bdf: String, group: u32 },
+    /// `VFIO_SET_IOMMU` failed with EPERM: the kernel refuses DMA without interrupt remapping.
+    #[error(
+        "{bdf}: cannot set the VFIO IOMMU type because interrupt remapping is off: boot with \
+         intremap=on or load vfio_iommu_type1 with allow_unsafe_interrupts=1"
+    )]
+    InterruptRemapping { bdf: String },
+    /// Any other VFIO failure.
+    #[error("{bdf}: {step} failed: {source}; `dmesg` shows the kernel's reason")]
+    Vfio {
+        bdf: String,
+        /// What was being done.
+        step: &'static str,
+        #[source]
+        source: VfioError,
+    },
+    /// `VFIO_IOMMU_GET_INFO` failed or returned something unusable.
+    #[error(
+        "{bdf}: cannot learn the IOVA ranges of the IOMMU: {reason}; rnvme cannot choose safe \
+         DMA addresses (`dmesg` may say why)"
+    )]
+    IommuInfo { bdf: String, reason: String },
+    /// VFIO offers no PCI config space region.
+    #[error(
+        "{bdf}: VFIO offers no PCI config space region: is this a PCI device bound to vfio-pci? \
+         (`rnvme setup {bdf}`)"
+    )]
+    NoConfigRegion { bdf: String },
+    /// A PCI config space access failed.
+    #[error(
+        "{bdf}: cannot {op} {len} bytes of PCI config space at offset {offset:#x}: {source}; \
+         check that the device is still present and bound to vfio-pci (`dmesg` may say more)"
+    )]
+    Config {
+        bdf: String,
+        /// "read" or "write".
+        op: &'static str,
+        offset: u64,
+        len: usize,
+        #[source]
+        source: io::Error,
+    },
+    /// BAR0 cannot be mmapped.
+    #[error(
+        "{bdf}: VFIO does not allow BAR0 to be mapped (region flags {flags:#x}, size {size:#x}): \
+         rnvme needs the controller registers mapped; check `dmesg` and that BAR0 is a memory BAR"
+    )]
+    BarNotMappable { bdf: String, flags: u32, size: u64 },
+    /// BAR0 is too small to hold the registers and doorbells.
+    #[error(
+        "{bdf}: BAR0 is only {size:#x} bytes, an NVMe controller has at least 0x2000 (registers \
+         and doorbells); check with `lspci -vv -s {bdf}` that this is the controller you meant"
+    )]
+    BarTooSmall { bdf: String, size: u64 },
+    /// mmap of a BAR0 area failed.
+    #[error(
+        "{bdf}: cannot mmap BAR0 bytes {offset:#x}..{end:#x}: {source}; check `dmesg` and the \
+         address space limit (`ulimit -v`)",
+        end = .offset + .len
+    )]
+    BarMap {
+        bdf: String,
+        offset: u64,
+        len: u64,
+        #[source]
+        source: io::Error,
+    },
 }
+
+fn did_you_mean(suggestion: &Option<String>) -> String {
+    match suggestion {
+        Some(s) => format!("; did you mean {s}?"),
+        None => String::new(),
+    }
+}
+
+/// The sysfs root: `/sys`, unless the environment variable `RNVME_SYSFS_ROOT` names another
+/// directory (a fake sysfs tree for tests).
+pub fn sysfs_root() -> PathBuf {
+    sysfs_root_from(std::env::var_os("RNVME_SYSFS_ROOT"))
+}
+
+/// [`sysfs_root`] given the value of `RNVME_SYSFS_ROOT` (unset or empty: `/sys`).
+fn sysfs_root_from(var: Option<std::ffi::OsString>) -> PathBuf {
+    match var {
+        Some(root) if !root.is_empty() => PathBuf::from(root),
+        _ => PathBuf::from("/sys"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// PCI addresses
+// ---------------------------------------------------------------------------------------------
+
+/// The shape of a PCI address, ignoring case.
+#[derive(Debug, PartialEq, Eq)]
+enum BdfShape {
+    /// `dddd:bb:dd.f`
+    Full,
+    /// `bb:dd.f` (what `lspci` prints without `-D`)
+    Short,
+    Bad,
+}
+
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// `dd.f`: device 00..1f, function 0..7.
+fn is_dev_fn(s: &str) -> bool {
+    let Some((dev, func)) = s.split_once('.') else {
+        return false;
+    };
+    is_hex(dev, 2)
+        && u8::from_str_radix(dev, 16).is_ok_and(|d| d <= 0x1f)
+        && func.len() == 1
+        && matches!(func.as_bytes()[0], b'0'..=b'7')
+}
+
+fn bdf_shape(s: &str) -> BdfShape {
+    let parts: Vec<&str> = s.split(':').collect();
+    match parts.as_slice() {
+        [domain, bus, dev_fn] if is_hex(domain, 4) && is_hex(bus, 2) && is_dev_fn(dev_fn) => {
+            BdfShape::Full
+        }
+        [bus, dev_fn] if is_hex(bus, 2) && is_dev_fn(dev_fn) => BdfShape::Short,
+        _ => BdfShape::Bad,
+    }
+}
+
+/// Check that `bdf` is a PCI address in the full form sysfs uses, `dddd:bb:dd.f` in lowercase
+/// hex. A short form such as `00:03.0`, upper case, or stray blanks give an error that suggests
+/// the full form (`0000:00:03.0`).
+pub fn check_bdf(bdf: &str) -> Result<(), VfioSetupError> {
+    if bdf_shape(bdf) == BdfShape::Full && !bdf.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Ok(());
+    }
+    let cleaned = bdf.trim().to_ascii_lowercase();
+    let suggestion = match bdf_shape(&cleaned) {
+        BdfShape::Full => Some(cleaned),
+        BdfShape::Short => Some(format!("0000:{cleaned}")),
+        BdfShape::Bad => None,
+    };
+    Err(VfioSetupError::BadBdf {
+        bdf: bdf.to_string(),
+        suggestion,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// sysfs checks
+// ---------------------------------------------------------------------------------------------
+
+/// What sysfs says about a PCI device, gathered without opening anything.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeInfo {
+    /// The PCI address.
+    pub bdf: String,
+    /// PCI vendor id.
+    pub vendor: u16,
+    /// PCI device id.
+    pub device: u16,
+    /// PCI class code (24 bits: class, subclass, programming interface).
+    pub class: u32,
+    /// The bound driver, if any.
+    pub driver: Option<String>,
+    /// The IOMMU group, if the IOMMU is on.
+    pub iommu_group: Option<u32>,
+    /// Every device of the IOMMU group (this one included) with its driver, sorted by address.
+    pub group_devices: Vec<(String, Option<String>)>,
+}
+
+impl ProbeInfo {
+    /// Whether the device is an NVMe controller.
+    pub fn is_nvme(&self) -> bool {
+        self.class == NVME_CLASS
+    }
+
+    /// Whether [`VfioHardware::open`] can be expected to succeed, judging from sysfs and the
+    /// presence of `/dev/vfio/vfio`: the error says why not and what to do. Permissions, a
+    /// process already using the device and the interrupt remapping setting are only found out
+    /// by opening it.
+    pub fn check(&self) -> Result<(), VfioSetupError> {
+        check_ready(self, Path::new(DEV_VFIO_CONTAINER)).map(|_| ())
+    }
+}
+
+/// Gather what sysfs says about the PCI device `bdf`, without opening anything.
+///
+/// Errors: a malformed address, no such device, or unreadable sysfs files. A device that is
+/// not an NVMe controller, or that rnvme cannot open, is still described: see
+/// [`ProbeInfo::check`].
+pub fn probe(bdf: &str) -> Result<ProbeInfo, VfioSetupError> {
+    probe_at(&sysfs_root(), bdf)
+}
+
+fn device_dir(root: &Path, bdf: &str) -> PathBuf {
+    root.join("bus/pci/devices").join(bdf)
+}
+
+fn sysfs_error(bdf: &str, path: &Path, source: io::Error) -> VfioSetupError {
+    VfioSetupError::Sysfs {
+        bdf: bdf.to_string(),
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Read a sysfs attribute holding one hexadecimal number such as `0x010802`.
+fn read_hex(bdf: &str, path: &Path) -> Result<u32, VfioSetupError> {
+    let text = std::fs::read_to_string(path).map_err(|e| sysfs_error(bdf, path, e))?;
+    let t = text.trim();
+    let digits = t
+        .strip_prefix("0x")
+        .or_else(|| t.strip_prefix("0X"))
+        .unwrap_or(t);
+    u32::from_str_radix(digits, 16).map_err(|_| {
+        let msg = format!("expected a hexadecimal number, found {t:?}");
+        sysfs_error(bdf, path, io::Error::new(io::ErrorKind::InvalidData, msg))
+    })
+}
+
+fn read_hex_u16(bdf: &str, path: &Path) -> Result<u16, VfioSetupError> {
+    let v = read_hex(bdf, path)?;
+    u16::try_from(v).map_err(|_| {
+        let msg = format!("{v:#x} does not fit 16 bits");
+        sysfs_error(bdf, path, io::Error::new(io::ErrorKind::InvalidData, msg))
+    })
+}
+
+/// The last component of the symlink `link`, or None if there is no such link.
+fn link_name(bdf: &str, link: &Path) -> Result<Option<String>, VfioSetupError> {
+    match std::fs::read_link(link) {
+        Ok(target) => match target.file_name() {
+            Some(name) => Ok(Some(name.to_string_lossy().into_owned())),
+            None => {
+                let msg = format!("link to {} has no last component", target.display());
+                Err(sysfs_error(
+                    bdf,
+                    link,
+                    io::Error::new(io::ErrorKind::InvalidData, msg),
+                ))
+            }
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(sysfs_error(bdf, link, e)),
+    }
+}
+
+/// [`probe`] against the sysfs tree at `root`.
+fn probe_at(root: &Path, bdf: &str) -> Result<ProbeInfo, VfioSetupError> {
+    check_bdf(bdf)?;
+    let dev = device_dir(root, bdf);
+    if !dev.exists() {
+        return Err(VfioSetupError::NoDevice {
+            bdf: bdf.to_string(),
+        });
+    }
+    let vendor = read_hex_u16(bdf, &dev.join("vendor"))?;
+    let device = read_hex_u16(bdf, &dev.join("device"))?;
+    let class = read_hex(bdf, &dev.join("class"))?;
+    let driver = link_name(bdf, &dev.join("driver"))?;
+
+    let group_link = dev.join("iommu_group");
+    let iommu_group = match link_name(bdf, &group_link)? {
+        None => None,
+        Some(name) => Some(name.parse::<u32>().map_err(|_| {
+            let msg = format!("IOMMU group name {name:?} is not a number");
+            sysfs_error(
+                bdf,
+                &group_link,
+                io::Error::new(io::ErrorKind::InvalidData, msg),
+            )
+        })?),
+    };
+
+    let mut group_devices = Vec::new();
+    if let Some(group) = iommu_group {
+        let members = root
+            .join("kernel/iommu_groups")
+            .join(group.to_string())
+            .join("devices");
+        let entries = std::fs::read_dir(&members).map_err(|e| sysfs_error(bdf, &members, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| sysfs_error(bdf, &members, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let member_driver = link_name(bdf, &entry.path().join("driver"))?;
+            group_devices.push((name, member_driver));
+        }
+        group_devices.sort();
+    }
+
+    Ok(ProbeInfo {
+        bdf: bdf.to_string(),
+        vendor,
+        device,
+        class,
+        driver,
+        iommu_group,
+        group_devices,
+    })
+}
+
+/// The first member of the group, other than `bdf` itself, whose driver keeps the kernel from
+/// handing the group to user space.
+fn offending_member(info: &ProbeInfo) -> Option<(&str, &str)> {
+    info.group_devices
+        .iter()
+        .find_map(|(name, driver)| match driver {
+            Some(d) if name != &info.bdf && !GROUP_SAFE_DRIVERS.contains(&d.as_str()) => {
+                Some((name.as_str(), d.as_str()))
+            }
+            _ => None,
+        })
+}
+
+/// The checks that precede opening the device, in the order a user has to fix them: NVMe
+/// class, driver, VFIO modules (`dev_vfio` is the container node), IOMMU group, group
+/// viability. Returns the IOMMU group.
+fn check_ready(info: &ProbeInfo, dev_vfio: &Path) -> Result<u32, VfioSetupError> {
+    let bdf = || info.bdf.clone();
+    if !info.is_nvme() {
+        return Err(VfioSetupError::NotNvme {
+            bdf: bdf(),
+            class: info.class,
+        });
+    }
+    match info.driver.as_deref() {
+        Some("vfio-pci") => {}
+        Some(driver) => {
+            return Err(VfioSetupError::WrongDriver {
+                bdf: bdf(),
+                driver: driver.to_string(),
+            })
+        }
+        None => return Err(VfioSetupError::NoDriver { bdf: bdf() }),
+    }
+    if !dev_vfio.exists() {
+        return Err(VfioSetupError::NoVfioModule { bdf: bdf() });
+    }
+    let Some(group) = info.iommu_group else {
+        return Err(VfioSetupError::NoIommuGroup { bdf: bdf() });
+    };
+    if let Some((other, driver)) = offending_member(info) {
+        return Err(VfioSetupError::GroupNotViable {
+            bdf: bdf(),
+            group,
+            other: other.to_string(),
+            driver: driver.to_string(),
+        });
+    }
+    Ok(group)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Translating VFIO errors
+// ---------------------------------------------------------------------------------------------
+
+/// Turn a failure of opening the container or the device into the error that says what to do.
+/// `root` is re-read when the kernel finds the group not viable, to name the device at fault.
+fn open_error(
+    root: &Path,
+    bdf: &str,
+    group: u32,
+    step: &'static str,
+    e: VfioError,
+) -> VfioSetupError {
+    let bdf_s = bdf.to_string();
+    let errno_of = |e: &io::Error| e.raw_os_error().unwrap_or(0);
+    match e {
+        VfioError::OpenContainer(src) if src.kind() == io::ErrorKind::NotFound => {
+            VfioSetupError::NoVfioModule { bdf: bdf_s }
+        }
+        VfioError::OpenContainer(src) if matches!(errno_of(&src), libc::EACCES | libc::EPERM) => {
+            VfioSetupError::Permission {
+                bdf: bdf_s,
+                path: DEV_VFIO_CONTAINER.into(),
+                source: src,
+            }
+        }
+        VfioError::VfioExtension | VfioError::VfioType1V2 => {
+            VfioSetupError::NoType1Iommu { bdf: bdf_s }
+        }
+        VfioError::OpenGroup(src, _) => match errno_of(&src) {
+            libc::EBUSY => VfioSetupError::Busy { bdf: bdf_s, group },
+            libc::EACCES | libc::EPERM => VfioSetupError::Permission {
+                bdf: bdf_s,
+                path: format!("/dev/vfio/{group}"),
+                source: src,
+            },
+            libc::ENOENT => VfioSetupError::NoGroupNode { bdf: bdf_s, group },
+            _ => VfioSetupError::Vfio {
+                bdf: bdf_s,
+                step,
+                source: VfioError::OpenGroup(src, group.to_string()),
+            },
+        },
+        VfioError::GroupGetDeviceFD(ref se) if se.errno() == libc::EBUSY => {
+            VfioSetupError::Busy { bdf: bdf_s, group }
+        }
+        VfioError::ContainerSetIOMMU(ref se) if se.errno() == libc::EPERM => {
+            VfioSetupError::InterruptRemapping { bdf: bdf_s }
+        }
+        VfioError::GroupViable => {
+            // Name the device at fault if sysfs shows one (it may have changed since the
+            // checks before opening).
+            match probe_at(root, bdf) {
+                Ok(info) => match offending_member(&info) {
+                    Some((other, driver)) => VfioSetupError::GroupNotViable {
+                        bdf: bdf_s,
+                        group,
+                        other: other.to_string(),
+                        driver: driver.to_string(),
+                    },
+                    None => VfioSetupError::GroupNotViableKernel { bdf: bdf_s, group },
+                },
+                Err(_) => VfioSetupError::GroupNotViableKernel { bdf: bdf_s, group },
+            }
+        }
+        other => VfioSetupError::Vfio {
+            bdf: bdf_s,
+            step,
+            source: other,
+        },
+    }
+}
+
+/// The RLIMIT_MEMLOCK soft limit in bytes (`u64::MAX` when unlimited), if it can be read.
+fn memlock_limit() -> Option<u64> {
+    let mut rlim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the valid, exclusively borrowed `rlim`.
+    let r = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut rlim) };
+    if r != 0 {
+        return None;
+    }
+    Some(if rlim.rlim_cur == libc::RLIM_INFINITY {
+        u64::MAX
+    } else {
+        rlim.rlim_cur
+    })
+}
+
+fn format_ranges(ranges: &[Range<u64>]) -> String {
+    let parts: Vec<String> = ranges
+        .iter()
+        .map(|r| format!("{:#x}..{:#x}", r.start, r.end))
+        .collect();
+    format!("[{}]", parts.join(", "))
+}
+
+/// What to do about a failed `VFIO_IOMMU_MAP_DMA` of `len` bytes at `iova`: the hint of
+/// [`HwError::Map`] (empty when there is nothing useful to say).
+fn dma_map_hint(
+    errno: i32,
+    len: usize,
+    iova: Iova,
+    ranges: &[Range<u64>],
+    is_root: bool,
+    memlock: Option<u64>,
+) -> String {
+    match errno {
+        libc::ENOMEM | libc::EPERM if !is_root => {
+            let limit = match memlock {
+                Some(u64::MAX) => ", now unlimited".to_string(),
+                Some(l) => format!(", now {l} bytes"),
+                None => String::new(),
+            };
+            format!(
+                "; VFIO pins DMA memory and counts it against the locked-memory limit \
+                 (RLIMIT_MEMLOCK{limit}), which does not leave room for the {len} bytes asked: \
+                 raise it (`ulimit -l`, or a memlock line in /etc/security/limits.conf) or run \
+                 as root"
+            )
+        }
+        libc::EINVAL | libc::EFAULT => {
+            let end = iova.0.saturating_add(len as u64);
+            let inside = ranges.iter().any(|r| r.start <= iova.0 && end <= r.end);
+            let where_ = if inside {
+                "it is inside them"
+            } else {
+                "it is outside them"
+            };
+            format!(
+                "; the IOVA range {iova}..{end:#x} must lie inside the ranges the IOMMU reports \
+                 {} ({where_}), and the address, length and IOVA must be 4 KiB aligned",
+                format_ranges(ranges)
+            )
+        }
+        libc::EEXIST => format!("; IOVA {iova} overlaps an existing mapping: unmap it first"),
+        libc::ENOSPC => "; too many DMA mappings for vfio_iommu_type1 (module parameter \
+                         dma_entry_limit): map fewer, larger buffers"
+            .to_string(),
+        _ => String::new(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// IOVA ranges
+// ---------------------------------------------------------------------------------------------
+
+fn field<const N: usize>(buf: &[u8], at: usize) -> Result<[u8; N], String> {
+    at.checked_add(N)
+        .and_then(|end| buf.get(at..end))
+        .map(|s| s.try_into().expect("slice has length N"))
+        .ok_or_else(|| {
+            format!(
+                "capability chain truncated at offset {at} ({} bytes)",
+                buf.len()
+            )
+        })
+}
+
+fn rd_u16(buf: &[u8], at: usize) -> Result<u16, String> {
+    field::<2>(buf, at).map(u16::from_ne_bytes)
+}
+
+fn rd_u32(buf: &[u8], at: usize) -> Result<u32, String> {
+    field::<4>(buf, at).map(u32::from_ne_bytes)
+}
+
+fn rd_u64(buf: &[u8], at: usize) -> Result<u64, String> {
+    field::<8>(buf, at).map(u64::from_ne_bytes)
+}
+
+/// Find the IOVA range capability (`VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE`) in the buffer that
+/// `VFIO_IOMMU_GET_INFO` filled (a `vfio_iommu_type1_info` followed by its capability chain,
+/// native byte order) and return its ranges as half-open ranges (the kernel's inclusive
+/// `start..=end` becomes `start..end + 1`; an end of `u64::MAX` stays `u64::MAX`).
+///
+/// `Ok(None)` when there is no such capability; `Err` with the reason when the chain is
+/// malformed (truncated, pointing into the header, looping, or a range ending before it starts).
+fn parse_iova_ranges(buf: &[u8]) -> Result<Option<Vec<Range<u64>>>, String> {
+    let header_size = size_of::<vfio_iommu_type1_info>();
+    let flags = rd_u32(buf, offset_of!(vfio_iommu_type1_info, flags))?;
+    if flags & VFIO_IOMMU_INFO_CAPS == 0 {
+        return Ok(None);
+    }
+    let mut at = rd_u32(buf, offset_of!(vfio_iommu_type1_info, cap_offset))? as usize;
+    // Each capability takes at least a header, so a longer walk is a loop.
+    let mut hops_left = buf.len() / size_of::<vfio_info_cap_header>();
+    while at != 0 {
+        if at < header_size {
+            return Err(format!(
+                "capability at offset {at} overlaps the {header_size}-byte header"
+            ));
+        }
+        if hops_left == 0 {
+            return Err("capability chain loops".to_string());
+        }
+        hops_left -= 1;
+        let id = rd_u16(buf, at + offset_of!(vfio_info_cap_header, id))?;
+        let next = rd_u32(buf, at + offset_of!(vfio_info_cap_header, next))?;
+        if u32::from(id) == VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE {
+            let count = rd_u32(
+                buf,
+                at + offset_of!(vfio_iommu_type1_info_cap_iova_range, nr_iovas),
+            )?;
+            let first = at + offset_of!(vfio_iommu_type1_info_cap_iova_range, iova_ranges);
+            let entry = size_of::<vfio_iova_range>();
+            let mut ranges = Vec::with_capacity((count as usize).min(buf.len() / entry));
+            for i in 0..count as usize {
+                let base = first + i * entry;
+                let start = rd_u64(buf, base + offset_of!(vfio_iova_range, start))?;
+                let end = rd_u64(buf, base + offset_of!(vfio_iova_range, end))?;
+                if end < start {
+                    return Err(format!(
+                        "IOVA range {i} ends ({end:#x}) before it starts ({start:#x})"
+                    ));
+                }
+                ranges.push(start..end.saturating_add(1));
+            }
+            return Ok(Some(ranges));
+        }
+        at = next as usize;
+    }
+    Ok(None)
+}
+
+/// Call `VFIO_IOMMU_GET_INFO` on the container `fd`: once with the plain structure to learn the
+/// size of the capability chain, then with a buffer that holds it. Returns the filled buffer.
+fn iommu_info(fd: RawFd) -> io::Result<Vec<u8>> {
+    let header_size = size_of::<vfio_iommu_type1_info>();
+    let mut info = vfio_iommu_type1_info {
+        argsz: header_size as u32,
+        ..Default::default()
+    };
+    // SAFETY: VFIO_IOMMU_GET_INFO reads argsz and writes at most argsz bytes (here the whole
+    // structure) to the pointer, which is valid and exclusively borrowed for the call.
+    let r = unsafe {
+        libc::ioctl(
+            fd,
+            VFIO_IOMMU_GET_INFO as _,
+            &mut info as *mut vfio_iommu_type1_info,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut size = (info.argsz as usize).max(header_size);
+    // The chain does not change between calls; a few tries only guard against a kernel that
+    // keeps asking for more.
+    for _ in 0..4 {
+        let mut buf = vec![0u8; size];
+        buf[..4].copy_from_slice(&(size as u32).to_ne_bytes());
+        // SAFETY: `buf` is `size` bytes long and argsz tells the kernel so: it writes at most
+        // that many bytes into it.
+        let r = unsafe { libc::ioctl(fd, VFIO_IOMMU_GET_INFO as _, buf.as_mut_ptr()) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let wanted = rd_u32(&buf, 0).map_err(io::Error::other)? as usize;
+        if wanted <= size {
+            return Ok(buf);
+        }
+        size = wanted;
+    }
+    Err(io::Error::other("the capability chain keeps growing"))
+}
+
+/// The IOVA ranges of the container, or the fallback window when the kernel does not report
+/// them.
+fn iova_ranges_of(bdf: &str, container: &VfioContainer) -> Result<Vec<Range<u64>>, VfioSetupError> {
+    let err = |reason: String| VfioSetupError::IommuInfo {
+        bdf: bdf.to_string(),
+        reason,
+    };
+    let buf =
+        iommu_info(container.as_raw_fd()).map_err(|e| err(format!("VFIO_IOMMU_GET_INFO: {e}")))?;
+    match parse_iova_ranges(&buf).map_err(err)? {
+        Some(ranges) if ranges.is_empty() => {
+            Err(err("the IOMMU reports no usable IOVA range".into()))
+        }
+        Some(ranges) => {
+            log::debug!("{bdf}: IOVA ranges {}", format_ranges(&ranges));
+            Ok(ranges)
+        }
+        None => {
+            log::warn!(
+                "{bdf}: the kernel does not report IOVA ranges (no IOVA range capability); \
+                 assuming {:#x}..{:#x}",
+                FALLBACK_IOVA_RANGE.start,
+                FALLBACK_IOVA_RANGE.end
+            );
+            Ok(vec![FALLBACK_IOVA_RANGE])
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Region I/O through the device file descriptor
+// ---------------------------------------------------------------------------------------------
+
+fn file_offset(off: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(off)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))
+}
+
+/// Read exactly `buf.len()` bytes at `off` of `fd`; a short read is an error.
+fn pread_exact(fd: RawFd, buf: &mut [u8], off: u64) -> io::Result<()> {
+    let off = file_offset(off)?;
+    loop {
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the duration of the call.
+        let n = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), off) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n as usize != buf.len() {
+            let msg = format!("short read: {n} of {} bytes", buf.len());
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, msg));
+        }
+        return Ok(());
+    }
+}
+
+/// Write exactly `buf.len()` bytes at `off` of `fd`; a short write is an error.
+fn pwrite_exact(fd: RawFd, buf: &[u8], off: u64) -> io::Result<()> {
+    let off = file_offset(off)?;
+    loop {
+        // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the duration of the call.
+        let n = unsafe { libc::pwrite(fd, buf.as_ptr().cast(), buf.len(), off) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n as usize != buf.len() {
+            let msg = format!("short write: {n} of {} bytes", buf.len());
+            return Err(io::Error::new(io::ErrorKind::WriteZero, msg));
+        }
+        return Ok(());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// BAR0 mapping
+// ---------------------------------------------------------------------------------------------
+
+/// One mmapped area of BAR0 and the volatile register accesses into it.
+///
+/// Invariant: `base` is the start of a live, page-aligned mapping of `len` readable and
+/// writable bytes, holding the BAR bytes `start..start + len`; the mapping lives exactly as
+/// long as `self` (it is unmapped in `Drop`). `len == 0` is the empty area: it covers no
+/// offset and maps nothing.
+struct MmioArea {
+    base: *mut u8,
+    /// BAR offset of the first byte of the mapping.
+    start: usize,
+    len: usize,
+    /// Number of byte offsets (from `start`) at which a 4-byte access fits: `len - 3`.
+    limit: usize,
+}
+
+// SAFETY: an MmioArea is a pointer to device registers mapped MAP_SHARED. Every access through
+// it is one aligned volatile 32-bit load or store to a register (`read32`/`write32`), which the
+// device serialises itself; no Rust reference into the mapping is ever made, so there is no
+// aliasing to violate when several threads access it at once (ordering between threads is the
+// callers' business, with fences, as for any MMIO). The mapping lives as long as the struct, so
+// moving the struct to another thread or sharing it keeps the pointer valid.
+unsafe impl Send for MmioArea {}
+// SAFETY: see the Send impl above: shared use is only ever single aligned volatile accesses.
+unsafe impl Sync for MmioArea {}
+
+impl MmioArea {
+    /// The area that covers nothing.
+    const fn empty() -> MmioArea {
+        MmioArea {
+            base: std::ptr::null_mut(),
+            start: 0,
+            len: 0,
+            limit: 0,
+        }
+    }
+
+    /// Map `len` bytes of `fd` at file offset `file_off`, which hold the BAR bytes
+    /// `start..start + len`.
+    fn map(fd: RawFd, file_off: u64, start: usize, len: usize) -> io::Result<MmioArea> {
+        let off = file_offset(file_off)?;
+        // SAFETY: a fresh shared mapping chosen by the kernel (address hint null): it cannot
+        // overlap any memory Rust already uses. The result is checked before use.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                off,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(MmioArea {
+            base: p.cast(),
+            start,
+            len,
+            limit: len.saturating_sub(3),
+        })
+    }
+
+    /// The offset of the register at BAR offset `offset` inside the mapping, if a 4-byte aligned
+    /// access there lies wholly inside it.
+    #[inline(always)]
+    fn rel(&self, offset: usize) -> Option<usize> {
+        let rel = offset.wrapping_sub(self.start);
+        // `base` and `start` are page aligned, so `rel` aligned means the address is aligned.
+        ((rel < self.limit) & (rel & 3 == 0)).then_some(rel)
+    }
+
+    /// Volatile 32-bit load of the register at BAR offset `offset`; None if outside the area.
+    #[inline(always)]
+    fn read32(&self, offset: usize) -> Option<u32> {
+        let rel = self.rel(offset)?;
+        // SAFETY: `rel + 4 <= len` and `rel` is 4-aligned (checked by `rel`), and the mapping
+        // of `len` bytes at `base` lives as long as `self` (type invariant): the load is an
+        // aligned access inside the mapping.
+        let v = unsafe { self.base.add(rel).cast::<u32>().read_volatile() };
+        Some(u32::from_le(v))
+    }
+
+    /// Volatile 32-bit store to the register at BAR offset `offset`; false if outside the area.
+    #[inline(always)]
+    fn write32(&self, offset: usize, value: u32) -> bool {
+        let Some(rel) = self.rel(offset) else {
+            return false;
+        };
+        // SAFETY: as in `read32`: an aligned 4-byte access inside the live, writable mapping.
+        unsafe {
+            self.base
+                .add(rel)
+                .cast::<u32>()
+                .write_volatile(value.to_le())
+        };
+        true
+    }
+}
+
+impl Drop for MmioArea {
+    fn drop(&mut self) {
+        if self.len == 0 {
+            return;
+        }
+        // SAFETY: `base`/`len` is the mapping this area owns (type invariant); nothing else
+        // points into it once the area is dropped.
+        let r = unsafe { libc::munmap(self.base.cast(), self.len) };
+        if r != 0 {
+            log::error!(
+                "munmap of a BAR0 area failed: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// BAR0: the mapped areas and where the region sits in the device file for the slow path.
+struct Bar0 {
+    /// The area tried first: the one that holds the doorbells (usually all of BAR0).
+    fast: MmioArea,
+    /// Other mapped areas of a sparsely mappable BAR.
+    others: Vec<MmioArea>,
+    /// Offset of the BAR0 region in the device file.
+    region_offset: u64,
+    size: u64,
+    /// Set once the slow path has been reported.
+    slow_warned: AtomicBool,
+}
+
+/// The mmappable areas of a region: the sparse-mmap capability's if present, else the whole
+/// region. Areas of size zero are dropped.
+fn mmap_areas(size: u64, caps: &[VfioRegionInfoCap]) -> Vec<(u64, u64)> {
+    let sparse = caps.iter().find_map(|cap| match cap {
+        VfioRegionInfoCap::SparseMmap(s) => Some(s),
+        _ => None,
+    });
+    match sparse {
+        Some(s) => s
+            .areas
+            .iter()
+            .filter(|a| a.size > 0)
+            .map(|a| (a.offset, a.size))
+            .collect(),
+        None => vec![(0, size)],
+    }
+}
+
+/// Index of the area to try first: the one holding the first doorbell, else the first.
+fn fast_area_index(areas: &[(u64, u64)]) -> Option<usize> {
+    areas
+        .iter()
+        .position(|&(off, size)| off <= DOORBELL_BASE && DOORBELL_BASE < off.saturating_add(size))
+        .or(if areas.is_empty() { None } else { Some(0) })
+}
+
+fn map_bar0(bdf: &str, device: &VfioDevice) -> Result<Bar0, VfioSetupError> {
+    let index = VFIO_PCI_BAR0_REGION_INDEX;
+    let flags = device.get_region_flags(index);
+    let size = device.get_region_size(index);
+    let region_offset = device.get_region_offset(index);
+    let needed =
+        VFIO_REGION_INFO_FLAG_MMAP | VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
+    if flags & needed != needed {
+        return Err(VfioSetupError::BarNotMappable {
+            bdf: bdf.to_string(),
+            flags,
+            size,
+        });
+    }
+    if size < MIN_BAR0_SIZE {
+        return Err(VfioSetupError::BarTooSmall {
+            bdf: bdf.to_string(),
+            size,
+        });
+    }
+
+    let areas = mmap_areas(size, &device.get_region_caps(index));
+    let fast_index = fast_area_index(&areas);
+    let fd = device.as_raw_fd();
+    let mut fast = MmioArea::empty();
+    let mut others = Vec::new();
+    for (i, &(off, len)) in areas.iter().enumerate() {
+        let map_err = |source: io::Error| VfioSetupError::BarMap {
+            bdf: bdf.to_string(),
+            offset: off,
+            len,
+            source,
+        };
+        let too_big = || {
+            map_err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "area does not fit the address space",
+            ))
+        };
+        let start = usize::try_from(off).map_err(|_| too_big())?;
+        let ulen = usize::try_from(len).map_err(|_| too_big())?;
+        let area = MmioArea::map(fd, region_offset + off, start, ulen).map_err(map_err)?;
+        log::debug!("{bdf}: BAR0 bytes {off:#x}..{:#x} mapped", off + len);
+        if Some(i) == fast_index {
+            fast = area;
+        } else {
+            others.push(area);
+        }
+    }
+    if fast_index.is_none() {
+        log::warn!("{bdf}: no part of BAR0 can be mmapped: every register access is a system call");
+    } else if fast.rel(DOORBELL_BASE as usize).is_none() {
+        log::warn!(
+            "{bdf}: the doorbells are outside the mmappable part of BAR0: every doorbell write \
+             is a system call"
+        );
+    }
+    Ok(Bar0 {
+        fast,
+        others,
+        region_offset,
+        size,
+        slow_warned: AtomicBool::new(false),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// PCI config space
+// ---------------------------------------------------------------------------------------------
+
+/// Where the PCI config space region sits in the device file (accessed with pread/pwrite on
+/// the device file descriptor `fd`).
+struct ConfigSpace {
+    offset: u64,
+    size: u64,
+}
+
+impl ConfigSpace {
+    /// The device file offset of `len` bytes at config offset `offset`, if inside the region.
+    fn locate(
+        &self,
+        bdf: &str,
+        op: &'static str,
+        offset: u64,
+        len: usize,
+    ) -> Result<u64, VfioSetupError> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.size => Ok(self.offset + offset),
+            _ => Err(VfioSetupError::Config {
+                bdf: bdf.to_string(),
+                op,
+                offset,
+                len,
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("config space is {:#x} bytes", self.size),
+                ),
+            }),
+        }
+    }
+
+    fn read<const N: usize>(
+        &self,
+        bdf: &str,
+        fd: RawFd,
+        offset: u64,
+    ) -> Result<[u8; N], VfioSetupError> {
+        let at = self.locate(bdf, "read", offset, N)?;
+        let mut buf = [0u8; N];
+        pread_exact(fd, &mut buf, at).map_err(|source| VfioSetupError::Config {
+            bdf: bdf.to_string(),
+            op: "read",
+            offset,
+            len: N,
+            source,
+        })?;
+        Ok(buf)
+    }
+
+    fn write(&self, bdf: &str, fd: RawFd, offset: u64, bytes: &[u8]) -> Result<(), VfioSetupError> {
+        let at = self.locate(bdf, "write", offset, bytes.len())?;
+        pwrite_exact(fd, bytes, at).map_err(|source| VfioSetupError::Config {
+            bdf: bdf.to_string(),
+            op: "write",
+            offset,
+            len: bytes.len(),
+            source,
+        })
+    }
+
+    /// Set Memory Space, Bus Master and Interrupt Disable (rnvme polls) in the command register.
+    fn enable_memory_and_bus_master(&self, bdf: &str, fd: RawFd) -> Result<(), VfioSetupError> {
+        let wanted = PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER | PCI_COMMAND_INTX_DISABLE;
+        let before = u16::from_le_bytes(self.read::<2>(bdf, fd, PCI_COMMAND)?);
+        if before & wanted != wanted {
+            self.write(bdf, fd, PCI_COMMAND, &(before | wanted).to_le_bytes())?;
+        }
+        let after = u16::from_le_bytes(self.read::<2>(bdf, fd, PCI_COMMAND)?);
+        log::debug!("{bdf}: PCI command register {before:#06x} -> {after:#06x}");
+        if after & wanted != wanted {
+            log::warn!(
+                "{bdf}: the PCI command register reads {after:#06x} after setting {wanted:#06x}: \
+                 the controller may not answer or may not do DMA"
+            );
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// VfioHardware
+// ---------------------------------------------------------------------------------------------
+
+/// An NVMe controller opened through VFIO: BAR0 mapped, config space reachable, DMA mappings
+/// made in its container.
+pub struct VfioHardware {
+    // Field order is drop order: BAR0 is unmapped before the device is closed, and the device
+    // is closed before the container.
+    bar: Bar0,
+    device: VfioDevice,
+    container: Arc<VfioContainer>,
+    bdf: String,
+    group: u32,
+    config: ConfigSpace,
+    iova_ranges: Vec<Range<u64>>,
+}
+
+impl fmt::Debug for VfioHardware {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VfioHardware")
+            .field("bdf", &self.bdf)
+            .field("iommu_group", &self.group)
+            .field("bar0_size", &self.bar.size)
+            .field("iova_ranges", &self.iova_ranges)
+            .finish_non_exhaustive()
+    }
+}
+
 impl VfioHardware {
-    pub fn open(_bdf: &str) -> Result<VfioHardware, VfioSetupError> {
-        Err(VfioSetupError)
+    /// Open the NVMe controller at PCI address `bdf` (full form, `0000:00:03.0`), which must be
+    /// bound to `vfio-pci`: check it in sysfs, open its VFIO container and device, learn the
+    /// IOVA ranges, enable memory decoding and bus mastering (with INTx disabled: rnvme polls)
+    /// and map BAR0.
+    pub fn open(bdf: &str) -> Result<VfioHardware, VfioSetupError> {
+        let root = sysfs_root();
+        let info = probe_at(&root, bdf)?;
+        let group = check_ready(&info, Path::new(DEV_VFIO_CONTAINER))?;
+
+        let container = VfioContainer::new(None)
+            .map_err(|e| open_error(&root, bdf, group, "opening the VFIO container", e))?;
+        let container = Arc::new(container);
+        let ops: Arc<dyn VfioOps> = container.clone();
+        let device = VfioDevice::new(&device_dir(&root, bdf), ops, false)
+            .map_err(|e| open_error(&root, bdf, group, "opening the VFIO device", e))?;
+
+        let iova_ranges = iova_ranges_of(bdf, &container)?;
+
+        let config = ConfigSpace {
+            offset: device.get_region_offset(VFIO_PCI_CONFIG_REGION_INDEX),
+            size: device.get_region_size(VFIO_PCI_CONFIG_REGION_INDEX),
+        };
+        if config.size == 0 {
+            return Err(VfioSetupError::NoConfigRegion {
+                bdf: bdf.to_string(),
+            });
+        }
+        config.enable_memory_and_bus_master(bdf, device.as_raw_fd())?;
+
+        let bar = map_bar0(bdf, &device)?;
+        let hw = VfioHardware {
+            bar,
+            device,
+            container,
+            bdf: bdf.to_string(),
+            group,
+            config,
+            iova_ranges,
+        };
+        log::info!(
+            "{bdf}: opened through VFIO (IOMMU group {group}, BAR0 {:#x} bytes)",
+            hw.bar.size
+        );
+        Ok(hw)
+    }
+
+    /// The PCI address.
+    pub fn bdf(&self) -> &str {
+        &self.bdf
+    }
+
+    /// The IOMMU group (`/dev/vfio/N`).
+    pub fn iommu_group(&self) -> u32 {
+        self.group
+    }
+
+    /// Read one byte of PCI config space.
+    pub fn config_read_u8(&self, offset: u64) -> Result<u8, VfioSetupError> {
+        self.config
+            .read::<1>(&self.bdf, self.device.as_raw_fd(), offset)
+            .map(|b| b[0])
+    }
+
+    /// Read a little-endian 16-bit value of PCI config space.
+    pub fn config_read_u16(&self, offset: u64) -> Result<u16, VfioSetupError> {
+        self.config
+            .read::<2>(&self.bdf, self.device.as_raw_fd(), offset)
+            .map(u16::from_le_bytes)
+    }
+
+    /// Read a little-endian 32-bit value of PCI config space.
+    pub fn config_read_u32(&self, offset: u64) -> Result<u32, VfioSetupError> {
+        self.config
+            .read::<4>(&self.bdf, self.device.as_raw_fd(), offset)
+            .map(u32::from_le_bytes)
+    }
+
+    /// Write a little-endian 16-bit value of PCI config space.
+    pub fn config_write_u16(&self, offset: u64, value: u16) -> Result<(), VfioSetupError> {
+        self.config.write(
+            &self.bdf,
+            self.device.as_raw_fd(),
+            offset,
+            &value.to_le_bytes(),
+        )
+    }
+
+    fn warn_slow_path(&self, offset: usize) {
+        if !self.bar.slow_warned.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "{}: BAR0 offset {offset:#x} is outside the mapped areas: register accesses there \
+                 go through pread/pwrite (slow path)",
+                self.bdf
+            );
+        }
+    }
+
+    /// The BAR0 region file offset of a 4-byte access at `offset`, if it lies inside BAR0.
+    fn slow_path_offset(&self, offset: usize) -> Option<u64> {
+        let off = offset as u64;
+        (off.checked_add(4)? <= self.bar.size).then_some(self.bar.region_offset + off)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn read32_slow(&self, offset: usize) -> u32 {
+        if let Some(v) = self.bar.others.iter().find_map(|a| a.read32(offset)) {
+            return v;
+        }
+        self.warn_slow_path(offset);
+        let Some(at) = self.slow_path_offset(offset) else {
+            log::error!(
+                "{}: register read at {offset:#x} is outside BAR0 ({:#x} bytes)",
+                self.bdf,
+                self.bar.size
+            );
+            return u32::MAX;
+        };
+        let mut buf = [0u8; 4];
+        match pread_exact(self.device.as_raw_fd(), &mut buf, at) {
+            Ok(()) => u32::from_le_bytes(buf),
+            Err(e) => {
+                // All ones is what a read of a vanished PCI device returns: callers already
+                // treat it as a dead controller.
+                log::error!(
+                    "{}: register read at BAR0 {offset:#x} failed: {e}",
+                    self.bdf
+                );
+                u32::MAX
+            }
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn write32_slow(&self, offset: usize, value: u32) {
+        if self.bar.others.iter().any(|a| a.write32(offset, value)) {
+            return;
+        }
+        self.warn_slow_path(offset);
+        let Some(at) = self.slow_path_offset(offset) else {
+            log::error!(
+                "{}: register write at {offset:#x} is outside BAR0 ({:#x} bytes)",
+                self.bdf,
+                self.bar.size
+            );
+            return;
+        };
+        if let Err(e) = pwrite_exact(self.device.as_raw_fd(), &value.to_le_bytes(), at) {
+            log::error!(
+                "{}: register write of {value:#x} at BAR0 {offset:#x} failed: {e}",
+                self.bdf
+            );
+        }
+    }
+}
+
+impl Hardware for VfioHardware {
+    fn name(&self) -> &str {
+        &self.bdf
+    }
+
+    /// A register read: one volatile load when the register is mapped (always, for a fully
+    /// mappable BAR0). Outside the mapping it is a `pread`; should that fail, the error is
+    /// logged and all ones returned, as from a PCI device that has gone away.
+    #[inline]
+    fn read32(&self, offset: usize) -> u32 {
+        match self.bar.fast.read32(offset) {
+            Some(v) => v,
+            None => self.read32_slow(offset),
+        }
+    }
+
+    /// A register write: one volatile store when the register is mapped. Outside the mapping it
+    /// is a `pwrite`, whose failure is logged.
+    #[inline]
+    fn write32(&self, offset: usize, value: u32) {
+        if !self.bar.fast.write32(offset, value) {
+            self.write32_slow(offset, value);
+        }
+    }
+
+    fn iova_ranges(&self) -> Vec<Range<u64>> {
+        self.iova_ranges.clone()
+    }
+
+    unsafe fn dma_map(&self, vaddr: *mut u8, len: usize, iova: Iova) -> Result<(), HwError> {
+        // SAFETY: the caller upholds the contract of `Hardware::dma_map` (memory allocated until
+        // unmapped, no references into it), which is the contract of `vfio_dma_map`.
+        let r = unsafe { self.container.vfio_dma_map(iova.0, len, vaddr) };
+        r.map_err(|e| {
+            let source = match e {
+                VfioError::IommuDmaMap(se) => io::Error::from_raw_os_error(se.errno()),
+                other => io::Error::other(other.to_string()),
+            };
+            let errno = source.raw_os_error().unwrap_or(0);
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            let is_root = unsafe { libc::geteuid() } == 0;
+            let hint = dma_map_hint(
+                errno,
+                len,
+                iova,
+                &self.iova_ranges,
+                is_root,
+                memlock_limit(),
+            );
+            HwError::Map {
+                dev: self.bdf.clone(),
+                iova,
+                len,
+                source,
+                hint,
+            }
+        })
+    }
+
+    fn dma_unmap(&self, iova: Iova, len: usize) -> Result<(), HwError> {
+        self.container.vfio_dma_unmap(iova.0, len).map_err(|e| {
+            let source = match e {
+                VfioError::IommuDmaUnmap(se) => io::Error::from_raw_os_error(se.errno()),
+                VfioError::InvalidDmaUnmapSize => io::Error::other(
+                    "the IOMMU unmapped a different size: the range does not match one mapping",
+                ),
+                other => io::Error::other(other.to_string()),
+            };
+            HwError::Unmap {
+                dev: self.bdf.clone(),
+                iova,
+                len,
+                source,
+            }
+        })
+    }
+}
+
+// VfioHardware is shared between the threads that own queue pairs.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<VfioHardware>();
+    assert_send_sync::<VfioSetupError>();
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+    use std::sync::atomic::AtomicUsize;
+    use vfio_ioctls::{
+        VfioRegionInfoCapSparseMmap, VfioRegionInfoCapType, VfioRegionSparseMmapArea,
+    };
+
+    const BDF: &str = "0000:00:03.0";
+
+    /// `start..end`, for single-range lists.
+    fn range(start: u64, end: u64) -> Range<u64> {
+        start..end
+    }
+
+    // ---- check_bdf ----------------------------------------------------------------------
+
+    #[test]
+    fn full_addresses_are_accepted() {
+        for bdf in [
+            "0000:00:03.0",
+            "0000:af:1f.7",
+            "ffff:ff:00.0",
+            "0001:3b:00.1",
+            "0000:00:1f.6",
+        ] {
+            assert!(check_bdf(bdf).is_ok(), "{bdf}");
+        }
+    }
+
+    #[test]
+    fn fixable_addresses_get_a_suggestion() {
+        let table = [
+            ("00:03.0", "0000:00:03.0"),
+            ("af:00.1", "0000:af:00.1"),
+            ("AF:00.1", "0000:af:00.1"),
+            ("0000:AF:00.0", "0000:af:00.0"),
+            (" 0000:00:03.0", "0000:00:03.0"),
+            ("0000:00:03.0\n", "0000:00:03.0"),
+        ];
+        for (bdf, want) in table {
+            match check_bdf(bdf) {
+                Err(e @ VfioSetupError::BadBdf { .. }) => {
+                    let VfioSetupError::BadBdf { suggestion, .. } = &e else {
+                        unreachable!()
+                    };
+                    assert_eq!(suggestion.as_deref(), Some(want), "{bdf:?}");
+                    let msg = e.to_string();
+                    assert!(msg.contains(bdf), "{msg}");
+                    assert!(msg.contains("dddd:bb:dd.f"), "{msg}");
+                    assert!(msg.contains(&format!("did you mean {want}?")), "{msg}");
+                }
+                other => panic!("{bdf:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_addresses_are_rejected_without_suggestion() {
+        let table = [
+            "",
+            "0000:00:03",
+            "0000:00:03.",
+            "0000:00:20.0",  // device > 0x1f
+            "0000:00:03.8",  // function > 7
+            "0000:00:03.10", // two-digit function
+            "000:00:03.0",
+            "0000:000:03.0",
+            "0000:00:3.0",
+            "zzzz:00:03.0",
+            "0000-00-03.0",
+            "0000:00:03.0:1",
+            "03.0",
+            "nvme0",
+        ];
+        for bdf in table {
+            match check_bdf(bdf) {
+                Err(VfioSetupError::BadBdf { bdf: b, suggestion }) => {
+                    assert_eq!(b, bdf);
+                    assert_eq!(suggestion, None, "{bdf:?}");
+                }
+                other => panic!("{bdf:?}: {other:?}"),
+            }
+        }
+        let msg = check_bdf("nvme0").unwrap_err().to_string();
+        assert!(
+            msg.contains("`nvme0`") && msg.contains("0000:00:03.0"),
+            "{msg}"
+        );
+        assert!(!msg.contains("did you mean"), "{msg}");
+    }
+
+    // ---- fake sysfs -----------------------------------------------------------------------
+
+    /// A sysfs tree in a temporary directory, removed on drop.
+    struct FakeSysfs {
+        root: PathBuf,
+    }
+
+    impl FakeSysfs {
+        fn new(name: &str) -> FakeSysfs {
+            static COUNTER: AtomicUsize = AtomicUsize::new(0);
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let root = std::env::temp_dir()
+                .join(format!("rnvme-vfio-test-{}-{name}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&root);
+            std::fs::create_dir_all(root.join("bus/pci/devices")).unwrap();
+            std::fs::create_dir_all(root.join("kernel/iommu_groups")).unwrap();
+            FakeSysfs { root }
+        }
+
+        /// Add a device with the given class, driver and IOMMU group.
+        fn device(&self, bdf: &str, class: u32, driver: Option<&str>, group: Option<u32>) -> &Self {
+            let dev = device_dir(&self.root, bdf);
+            std::fs::create_dir_all(&dev).unwrap();
+            std::fs::write(dev.join("vendor"), "0x1b36\n").unwrap();
+            std::fs::write(dev.join("device"), "0x0010\n").unwrap();
+            std::fs::write(dev.join("class"), format!("{class:#08x}\n")).unwrap();
+            if let Some(driver) = driver {
+                let drv = self.root.join("bus/pci/drivers").join(driver);
+                std::fs::create_dir_all(&drv).unwrap();
+                symlink(&drv, dev.join("driver")).unwrap();
+            }
+            if let Some(group) = group {
+                let g = self
+                    .root
+                    .join("kernel/iommu_groups")
+                    .join(group.to_string());
+                std::fs::create_dir_all(g.join("devices")).unwrap();
+                symlink(&g, dev.join("iommu_group")).unwrap();
+                symlink(&dev, g.join("devices").join(bdf)).unwrap();
+            }
+            self
+        }
+
+        /// A stand-in for /dev/vfio/vfio, present or not.
+        fn dev_vfio(&self, present: bool) -> PathBuf {
+            let p = self.root.join("dev-vfio-vfio");
+            if present {
+                std::fs::write(&p, "").unwrap();
+            }
+            p
+        }
+
+        fn probe(&self, bdf: &str) -> Result<ProbeInfo, VfioSetupError> {
+            probe_at(&self.root, bdf)
+        }
+
+        /// Probe then run the pre-open checks with /dev/vfio/vfio present.
+        fn check(&self, bdf: &str) -> Result<u32, VfioSetupError> {
+            check_ready(&self.probe(bdf)?, &self.dev_vfio(true))
+        }
+    }
+
+    impl Drop for FakeSysfs {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+
+    fn assert_mentions(e: &VfioSetupError, words: &[&str]) {
+        let msg = e.to_string();
+        for w in words {
+            assert!(msg.contains(w), "{w:?} missing from: {msg}");
+        }
+    }
+
+    #[test]
+    fn probe_reads_ids_driver_and_group() {
+        let fs = FakeSysfs::new("probe");
+        fs.device(BDF, NVME_CLASS, Some("vfio-pci"), Some(7))
+            .device("0000:00:02.0", 0x060400, Some("pcieport"), Some(7))
+            .device("0000:00:04.0", 0x020000, None, Some(7));
+        let info = fs.probe(BDF).unwrap();
+        assert_eq!(
+            info,
+            ProbeInfo {
+                bdf: BDF.into(),
+                vendor: 0x1b36,
+                device: 0x0010,
+                class: 0x010802,
+                driver: Some("vfio-pci".into()),
+                iommu_group: Some(7),
+                group_devices: vec![
+                    ("0000:00:02.0".into(), Some("pcieport".into())),
+                    (BDF.into(), Some("vfio-pci".into())),
+                    ("0000:00:04.0".into(), None),
+                ],
+            }
+        );
+        assert!(info.is_nvme());
+    }
+
+    #[test]
+    fn probe_of_a_missing_device() {
+        let fs = FakeSysfs::new("missing");
+        let e = fs.probe(BDF).unwrap_err();
+        assert!(matches!(e, VfioSetupError::NoDevice { .. }), "{e:?}");
+        assert_mentions(&e, &[BDF, "`rnvme list`"]);
+        // A malformed address is reported before sysfs is looked at.
+        let e = fs.probe("00:03.0").unwrap_err();
+        assert!(matches!(e, VfioSetupError::BadBdf { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn probe_reports_unreadable_or_garbled_sysfs_files() {
+        let fs = FakeSysfs::new("garbled");
+        fs.device(BDF, NVME_CLASS, Some("vfio-pci"), Some(1));
+        std::fs::write(device_dir(&fs.root, BDF).join("class"), "nvme\n").unwrap();
+        let e = fs.probe(BDF).unwrap_err();
+        assert!(matches!(e, VfioSetupError::Sysfs { .. }), "{e:?}");
+        assert_mentions(&e, &[BDF, "class", "\"nvme\""]);
+        std::fs::remove_file(device_dir(&fs.root, BDF).join("vendor")).unwrap();
+        let e = fs.probe(BDF).unwrap_err();
+        assert_mentions(&e, &[BDF, "vendor", "sysfs"]);
+    }
+
+    #[test]
+    fn not_nvme() {
+        let fs = FakeSysfs::new("notnvme");
+        fs.device(BDF, 0x020000, Some("vfio-pci"), Some(3));
+        let e = fs.check(BDF).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                VfioSetupError::NotNvme {
+                    class: 0x020000,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_mentions(
+            &e,
+            &[BDF, "not an NVMe controller", "0x020000", "`rnvme list`"],
+        );
+        // The probe itself still describes the device.
+        assert!(!fs.probe(BDF).unwrap().is_nvme());
+    }
+
+    #[test]
+    fn bound_to_nvme() {
+        let fs = FakeSysfs::new("nvme");
+        fs.device(BDF, NVME_CLASS, Some("nvme"), Some(3));
+        let e = fs.check(BDF).unwrap_err();
+        assert!(
+            matches!(e, VfioSetupError::WrongDriver { ref driver, .. } if driver == "nvme"),
+            "{e:?}"
+        );
+        assert_mentions(&e, &[BDF, "bound to nvme", &format!("`rnvme setup {BDF}`")]);
+        // The driver is reported before missing VFIO modules: it is the first thing to fix.
+        let info = fs.probe(BDF).unwrap();
+        let e = check_ready(&info, &fs.dev_vfio(false)).unwrap_err();
+        assert!(matches!(e, VfioSetupError::WrongDriver { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn no_driver() {
+        let fs = FakeSysfs::new("nodriver");
+        fs.device(BDF, NVME_CLASS, None, Some(3));
+        let e = fs.check(BDF).unwrap_err();
+        assert!(matches!(e, VfioSetupError::NoDriver { .. }), "{e:?}");
+        assert_mentions(&e, &[BDF, &format!("`rnvme setup {BDF}`")]);
+    }
+
+    #[test]
+    fn vfio_modules_not_loaded() {
+        let fs = FakeSysfs::new("nomodule");
+        fs.device(BDF, NVME_CLASS, Some("vfio-pci"), Some(3));
+        let info = fs.probe(BDF).unwrap();
+        let e = check_ready(&info, &fs.dev_vfio(false)).unwrap_err();
+        assert!(matches!(e, VfioSetupError::NoVfioModule { .. }), "{e:?}");
+        assert_mentions(&e, &[BDF, "modprobe vfio-pci"]);
+    }
+
+    #[test]
+    fn no_iommu_group() {
+        let fs = FakeSysfs::new("nogroup");
+        fs.device(BDF, NVME_CLASS, Some("vfio-pci"), None);
+        let info = fs.probe(BDF).unwrap();
+        assert_eq!(info.iommu_group, None);
+        assert!(info.group_devices.is_empty());
+        let e = fs.check(BDF).unwrap_err();
+        assert!(matches!(e, VfioSetupError::NoIommuGroup { .. }), "{e:?}");
+        assert_mentions(&e, &[BDF, "intel_iommu=on", "amd_iommu=on", "VT-d"]);
+    }
+
+    #[test]
+    fn group_with_a_device_bound_to_another_driver() {
+        let fs = FakeSysfs::new("e1000");
+        fs.device(BDF, NVME_CLASS, Some("vfio-pci"), Some(9))
+            .device("0000:00:02.0", 0x060400, Some("pcieport"), Some(9))
+            .device("0000:00:19.0", 0x020000, Some("e1000"), Some(9));
+        let e = fs.check(BDF).unwrap_err();
+        match &e {
+            VfioSetupError::GroupNotViable {
+                group,
+                other,
+                driver,
+                ..
+            } => {
+                assert_eq!(
+                    (*group, other.as_str(), driver.as_str()),
+                    (9, "0000:00:19.0", "e1000")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_mentions(
+            &e,
+            &[
+                BDF,
+                "IOMMU group 9",
+                "0000:00:19.0",
+                "e1000",
+                "`rnvme setup 0000:00:19.0`",
+                "unbind",
+            ],
+        );
+    }
+
+    #[test]
+    fn viable_group() {
+        let fs = FakeSysfs::new("viable");
+        fs.device(BDF, NVME_CLASS, Some("vfio-pci"), Some(4))
+            .device("0000:00:02.0", 0x060400, Some("pcieport"), Some(4))
+            .device("0000:00:03.1", NVME_CLASS, Some("vfio-pci"), Some(4))
+            .device("0000:00:03.2", 0x020000, None, Some(4))
+            .device("0000:00:03.3", 0x020000, Some("pci-stub"), Some(4))
+            // Another group entirely: its driver does not matter.
+            .device("0000:00:19.0", 0x020000, Some("e1000"), Some(5));
+        assert_eq!(fs.check(BDF).unwrap(), 4);
+        assert_eq!(fs.probe(BDF).unwrap().group_devices.len(), 5);
+    }
+
+    #[test]
+    fn sysfs_root_from_the_environment() {
+        assert_eq!(sysfs_root_from(None), PathBuf::from("/sys"));
+        assert_eq!(sysfs_root_from(Some("".into())), PathBuf::from("/sys"));
+        assert_eq!(
+            sysfs_root_from(Some("/tmp/fake-sys".into())),
+            PathBuf::from("/tmp/fake-sys")
+        );
+    }
+
+    // ---- VFIO error translation ---------------------------------------------------------
+
+    #[test]
+    fn open_errors_say_what_to_do() {
+        let fs = FakeSysfs::new("openerr");
+        fs.device(BDF, NVME_CLASS, Some("vfio-pci"), Some(6));
+        let io = |errno| io::Error::from_raw_os_error(errno);
+        let step = "opening the VFIO device";
+
+        let e = open_error(
+            &fs.root,
+            BDF,
+            6,
+            step,
+            VfioError::OpenGroup(io(libc::EBUSY), "6".into()),
+        );
+        assert!(matches!(e, VfioSetupError::Busy { group: 6, .. }), "{e:?}");
+        assert_mentions(&e, &[BDF, "already in use by another process"]);
+
+        for errno in [libc::EACCES, libc::EPERM] {
+            let e = open_error(
+                &fs.root,
+                BDF,
+                6,
+                step,
+                VfioError::OpenGroup(io(errno), "6".into()),
+            );
+            assert!(matches!(e, VfioSetupError::Permission { .. }), "{e:?}");
+            assert_mentions(
+                &e,
+                &[
+                    BDF,
+                    "/dev/vfio/6",
+                    "run as root",
+                    &format!("`rnvme setup --user NAME {BDF}`"),
+                ],
+            );
+        }
+
+        let e = open_error(
+            &fs.root,
+            BDF,
+            6,
+            step,
+            VfioError::OpenGroup(io(libc::ENOENT), "6".into()),
+        );
+        assert_mentions(&e, &[BDF, "/dev/vfio/6", "rnvme setup"]);
+
+        let e = open_error(
+            &fs.root,
+            BDF,
+            6,
+            step,
+            VfioError::OpenContainer(io(libc::ENOENT)),
+        );
+        assert!(matches!(e, VfioSetupError::NoVfioModule { .. }), "{e:?}");
+
+        let e = open_error(&fs.root, BDF, 6, step, VfioError::VfioExtension);
+        assert_mentions(&e, &[BDF, "modprobe vfio_iommu_type1"]);
+
+        let other = VfioError::GetGroupStatus;
+        let e = open_error(&fs.root, BDF, 6, step, other);
+        assert!(matches!(e, VfioSetupError::Vfio { .. }), "{e:?}");
+        assert_mentions(&e, &[BDF, step, "dmesg"]);
+    }
+
+    #[test]
+    fn kernel_group_viability_names_the_offender_when_sysfs_shows_one() {
+        let fs = FakeSysfs::new("kviable");
+        fs.device(BDF, NVME_CLASS, Some("vfio-pci"), Some(2));
+        let e = open_error(&fs.root, BDF, 2, "x", VfioError::GroupViable);
+        assert!(
+            matches!(e, VfioSetupError::GroupNotViableKernel { group: 2, .. }),
+            "{e:?}"
+        );
+        assert_mentions(
+            &e,
+            &[BDF, "/sys/kernel/iommu_groups/2/devices", "rnvme setup"],
+        );
+
+        fs.device("0000:00:05.0", 0x020000, Some("e1000"), Some(2));
+        let e = open_error(&fs.root, BDF, 2, "x", VfioError::GroupViable);
+        let named =
+            matches!(&e, VfioSetupError::GroupNotViable { other, .. } if other == "0000:00:05.0");
+        assert!(named, "{e:?}");
+        assert_mentions(&e, &[BDF, "0000:00:05.0", "e1000"]);
+    }
+
+    // ---- DMA mapping hints --------------------------------------------------------------
+
+    #[test]
+    fn memlock_hint_for_unprivileged_users() {
+        let ranges = [range(0x1_0000, 0x80_0000_0000)];
+        for errno in [libc::ENOMEM, libc::EPERM] {
+            let hint = dma_map_hint(errno, 2 << 20, Iova(0x10_0000), &ranges, false, Some(65536));
+            assert!(hint.contains("ulimit -l"), "{hint}");
+            assert!(hint.contains("RLIMIT_MEMLOCK, now 65536 bytes"), "{hint}");
+            assert!(hint.contains("2097152 bytes asked"), "{hint}");
+        }
+        let hint = dma_map_hint(
+            libc::ENOMEM,
+            4096,
+            Iova(0x10_0000),
+            &ranges,
+            false,
+            Some(u64::MAX),
+        );
+        assert!(hint.contains("now unlimited"), "{hint}");
+        // Root is not bound by the limit: no memlock advice.
+        assert!(
+            !dma_map_hint(libc::ENOMEM, 4096, Iova(0x10_0000), &ranges, true, Some(0))
+                .contains("ulimit")
+        );
+    }
+
+    #[test]
+    fn iova_hint_for_invalid_arguments() {
+        let ranges = [0x1_0000..0xfee0_0000, 0xfef0_0000..0x80_0000_0000];
+        for errno in [libc::EINVAL, libc::EFAULT] {
+            let hint = dma_map_hint(errno, 0x20_0000, Iova(0xfee0_0000), &ranges, true, None);
+            assert!(
+                hint.contains("[0x10000..0xfee00000, 0xfef00000..0x8000000000]"),
+                "{hint}"
+            );
+            assert!(hint.contains("IOVA range 0xfee00000..0xff000000"), "{hint}");
+            assert!(hint.contains("outside"), "{hint}");
+        }
+        let hint = dma_map_hint(libc::EINVAL, 0x1000, Iova(0x10_0000), &ranges, true, None);
+        assert!(
+            hint.contains("inside them") && hint.contains("4 KiB aligned"),
+            "{hint}"
+        );
+        assert!(
+            dma_map_hint(libc::EEXIST, 0x1000, Iova(0x10_0000), &ranges, true, None)
+                .contains("unmap it first")
+        );
+        assert!(
+            dma_map_hint(libc::ENOSPC, 0x1000, Iova(0x10_0000), &ranges, true, None)
+                .contains("dma_entry_limit")
+        );
+        assert_eq!(
+            dma_map_hint(libc::EIO, 0x1000, Iova(0x10_0000), &ranges, true, None),
+            ""
+        );
+    }
+
+    // ---- IOVA range capability ----------------------------------------------------------
+
+    /// Builds a `VFIO_IOMMU_GET_INFO` answer: the 24-byte header, then capabilities.
+    struct InfoBuf(Vec<u8>);
+
+    impl InfoBuf {
+        fn new(flags: u32) -> InfoBuf {
+            let mut b = vec![0u8; 24];
+            b[4..8].copy_from_slice(&flags.to_ne_bytes());
+            b[8..16].copy_from_slice(&0x1000u64.to_ne_bytes()); // iova_pgsizes
+            InfoBuf(b)
+        }
+        fn set_u32(&mut self, at: usize, v: u32) {
+            self.0[at..at + 4].copy_from_slice(&v.to_ne_bytes());
+        }
+        /// Append a capability and link it at the end of the chain; returns its offset.
+        fn push_cap(&mut self, id: u16, body: &[u8]) -> usize {
+            let at = self.0.len();
+            // Link from the header (cap_offset at 16) or from the last capability's `next`.
+            let mut link = 16;
+            loop {
+                let next = u32::from_ne_bytes(self.0[link..link + 4].try_into().unwrap()) as usize;
+                if next == 0 {
+                    break;
+                }
+                link = next + 4;
+            }
+            self.set_u32(link, at as u32);
+            self.0.extend_from_slice(&id.to_ne_bytes());
+            self.0.extend_from_slice(&1u16.to_ne_bytes()); // version
+            self.0.extend_from_slice(&0u32.to_ne_bytes()); // next
+            self.0.extend_from_slice(body);
+            let len = self.0.len() as u32;
+            self.set_u32(0, len); // argsz
+            at
+        }
+        fn push_iova_ranges(&mut self, ranges: &[(u64, u64)]) -> usize {
+            let mut body = Vec::new();
+            body.extend_from_slice(&(ranges.len() as u32).to_ne_bytes());
+            body.extend_from_slice(&0u32.to_ne_bytes()); // reserved
+            for &(start, end) in ranges {
+                body.extend_from_slice(&start.to_ne_bytes());
+                body.extend_from_slice(&end.to_ne_bytes());
+            }
+            self.push_cap(VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE as u16, &body)
+        }
+    }
+
+    #[test]
+    fn iova_ranges_from_the_capability() {
+        let mut b = InfoBuf::new(VFIO_IOMMU_INFO_CAPS | 1);
+        b.push_iova_ranges(&[(0, 0xfedf_ffff), (0xfef0_0000, 0x7f_ffff_ffff)]);
+        assert_eq!(
+            parse_iova_ranges(&b.0),
+            Ok(Some(vec![0..0xfee0_0000, 0xfef0_0000..0x80_0000_0000]))
+        );
+    }
+
+    #[test]
+    fn iova_ranges_after_other_capabilities() {
+        let mut b = InfoBuf::new(VFIO_IOMMU_INFO_CAPS);
+        // A migration capability (id 2) and a DMA-available one (id 3) come first.
+        b.push_cap(2, &[0u8; 24]);
+        b.push_cap(3, &[0u8; 8]);
+        b.push_iova_ranges(&[(0x1000, 0x1fff)]);
+        assert_eq!(
+            parse_iova_ranges(&b.0),
+            Ok(Some(vec![range(0x1000, 0x2000)]))
+        );
+    }
+
+    #[test]
+    fn an_inclusive_end_at_the_top_of_the_address_space_saturates() {
+        let mut b = InfoBuf::new(VFIO_IOMMU_INFO_CAPS);
+        b.push_iova_ranges(&[(0x1_0000, u64::MAX)]);
+        assert_eq!(
+            parse_iova_ranges(&b.0),
+            Ok(Some(vec![range(0x1_0000, u64::MAX)]))
+        );
+    }
+
+    #[test]
+    fn no_iova_capability() {
+        // No capabilities at all (old kernel): the flag is clear.
+        assert_eq!(parse_iova_ranges(&InfoBuf::new(1).0), Ok(None));
+        // Capabilities, but not the IOVA one.
+        let mut b = InfoBuf::new(VFIO_IOMMU_INFO_CAPS);
+        b.push_cap(2, &[0u8; 24]);
+        assert_eq!(parse_iova_ranges(&b.0), Ok(None));
+        // The flag set but no chain returned (buffer was too small).
+        assert_eq!(
+            parse_iova_ranges(&InfoBuf::new(VFIO_IOMMU_INFO_CAPS).0),
+            Ok(None)
+        );
+        // A capability present but the flag clear: the chain is not looked at.
+        let mut b = InfoBuf::new(VFIO_IOMMU_INFO_CAPS);
+        b.push_iova_ranges(&[(0, 0xffff)]);
+        b.set_u32(4, 0);
+        assert_eq!(parse_iova_ranges(&b.0), Ok(None));
+        // An empty capability is reported as such (open() turns it into an error).
+        let mut b = InfoBuf::new(VFIO_IOMMU_INFO_CAPS);
+        b.push_iova_ranges(&[]);
+        assert_eq!(parse_iova_ranges(&b.0), Ok(Some(vec![])));
+    }
+
+    #[test]
+    fn malformed_chains_are_errors() {
+        // Truncated inside the range list.
+        let mut b = InfoBuf::new(VFIO_IOMMU_INFO_CAPS);
+        b.push_iova_ranges(&[(0, 0xffff), (0x2_0000, 0x2_ffff)]);
+        let cut = &b.0[..b.0.len() - 4];
+        assert!(parse_iova_ranges(cut).unwrap_err().contains("truncated"));
+        // A range count far beyond the buffer.
+        let mut b = InfoBuf::new(VFIO_IOMMU_INFO_CAPS);
+        let at = b.push_iova_ranges(&[(0, 0xffff)]);
+        b.set_u32(at + 8, u32::MAX);
+        assert!(parse_iova_ranges(&b.0).unwrap_err().contains("truncated"));
+        // A capability offset beyond the buffer.
+        let mut b = InfoBuf::new(VFIO_IOMMU_INFO_CAPS);
+        b.set_u32(16, 4096);
+        assert!(parse_iova_ranges(&b.0).unwrap_err().contains("truncated"));
+        // A capability pointing into the header.
+        let mut b = InfoBuf::new(VFIO_IOMMU_INFO_CAPS);
+        let at = b.push_cap(2, &[0u8; 8]);
+        b.set_u32(at + 4, 8);
+        assert!(parse_iova_ranges(&b.0).unwrap_err().contains("header"));
+        // A loop.
+        let mut b = InfoBuf::new(VFIO_IOMMU_INFO_CAPS);
+        let at = b.push_cap(2, &[0u8; 8]);
+        b.set_u32(at + 4, at as u32);
+        assert!(parse_iova_ranges(&b.0).unwrap_err().contains("loops"));
+        // A range that ends before it starts.
+        let mut b = InfoBuf::new(VFIO_IOMMU_INFO_CAPS);
+        b.push_iova_ranges(&[(0x2000, 0x1000)]);
+        assert!(parse_iova_ranges(&b.0)
+            .unwrap_err()
+            .contains("before it starts"));
+        // Shorter than the header.
+        assert!(parse_iova_ranges(&[0u8; 6]).is_err());
+    }
+
+    // ---- PCI config space ---------------------------------------------------------------
+
+    /// A temporary file standing in for the device file: 0x100 bytes of something else, then a
+    /// 256-byte config space whose command register holds `command`.
+    fn fake_device_file(name: &str, command: u16) -> (std::fs::File, PathBuf, ConfigSpace) {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "rnvme-vfio-config-{}-{name}-{n}",
+            std::process::id()
+        ));
+        let mut bytes = vec![0xeeu8; 0x100];
+        let mut config = vec![0u8; 0x100];
+        config[0..2].copy_from_slice(&0x1b36u16.to_le_bytes());
+        config[2..4].copy_from_slice(&0x0010u16.to_le_bytes());
+        config[4..6].copy_from_slice(&command.to_le_bytes());
+        config[8..12].copy_from_slice(&0x0108_0202u32.to_le_bytes()); // revision 2, class 010802
+        bytes.extend_from_slice(&config);
+        std::fs::write(&path, &bytes).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        (
+            file,
+            path,
+            ConfigSpace {
+                offset: 0x100,
+                size: 0x100,
+            },
+        )
+    }
+
+    #[test]
+    fn config_space_reads_and_writes_at_the_region_offset() {
+        let (file, path, cfg) = fake_device_file("rw", 0x0000);
+        let fd = file.as_raw_fd();
+        assert_eq!(
+            u16::from_le_bytes(cfg.read::<2>(BDF, fd, 0).unwrap()),
+            0x1b36
+        );
+        assert_eq!(
+            u32::from_le_bytes(cfg.read::<4>(BDF, fd, 8).unwrap()),
+            0x0108_0202
+        );
+        assert_eq!(cfg.read::<1>(BDF, fd, 8).unwrap(), [0x02]);
+        cfg.write(BDF, fd, 0x40, &0xbeefu16.to_le_bytes()).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[0x140..0x142], &[0xef, 0xbe]);
+        // The last bytes are reachable, one more is not.
+        assert!(cfg.read::<4>(BDF, fd, 0xfc).is_ok());
+        let e = cfg.read::<4>(BDF, fd, 0xfd).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                VfioSetupError::Config {
+                    op: "read",
+                    offset: 0xfd,
+                    len: 4,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_mentions(&e, &[BDF, "PCI config space", "0xfd"]);
+        let e = cfg.write(BDF, fd, u64::MAX, &[0, 0]).unwrap_err();
+        assert!(
+            matches!(e, VfioSetupError::Config { op: "write", .. }),
+            "{e:?}"
+        );
+        drop(file);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn config_space_io_errors_are_errors() {
+        let (file, path, _) = fake_device_file("eof", 0);
+        // A region said to extend past the end of the file: the read comes back short.
+        let cfg = ConfigSpace {
+            offset: 0x1f0,
+            size: 0x100,
+        };
+        let e = cfg.read::<4>(BDF, file.as_raw_fd(), 0x20).unwrap_err();
+        let VfioSetupError::Config { source, .. } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(source.kind(), io::ErrorKind::UnexpectedEof, "{e:?}");
+        // A closed descriptor.
+        let e = cfg.read::<2>(BDF, -1, 0).unwrap_err();
+        let VfioSetupError::Config { source, .. } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(source.raw_os_error(), Some(libc::EBADF), "{e:?}");
+        drop(file);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn command_register_gets_memory_bus_master_and_intx_disable() {
+        for (before, after) in [
+            (0x0000, 0x0406),
+            (0x0001, 0x0407),
+            (0x0406, 0x0406),
+            (0x0102, 0x0506),
+        ] {
+            let (file, path, cfg) = fake_device_file("cmd", before);
+            cfg.enable_memory_and_bus_master(BDF, file.as_raw_fd())
+                .unwrap();
+            let got =
+                u16::from_le_bytes(cfg.read::<2>(BDF, file.as_raw_fd(), PCI_COMMAND).unwrap());
+            assert_eq!(got, after, "command {before:#06x}");
+            // Nothing else moved.
+            let bytes = std::fs::read(&path).unwrap();
+            assert_eq!(&bytes[0x100..0x104], &[0x36, 0x1b, 0x10, 0x00]);
+            assert!(bytes[..0x100].iter().all(|&b| b == 0xee));
+            drop(file);
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+
+    // ---- messages -------------------------------------------------------------------------
+
+    #[test]
+    fn every_message_names_the_device_and_a_remedy() {
+        let io = || io::Error::from_raw_os_error(libc::EIO);
+        let bdf = || BDF.to_string();
+        let table: Vec<(VfioSetupError, &[&str])> = vec![
+            (
+                VfioSetupError::InterruptRemapping { bdf: bdf() },
+                &["intremap=on", "allow_unsafe_interrupts=1"],
+            ),
+            (
+                VfioSetupError::NoType1Iommu { bdf: bdf() },
+                &["modprobe vfio_iommu_type1"],
+            ),
+            (
+                VfioSetupError::Busy {
+                    bdf: bdf(),
+                    group: 3,
+                },
+                &["already in use by another process", "/dev/vfio/3"],
+            ),
+            (
+                VfioSetupError::NoGroupNode {
+                    bdf: bdf(),
+                    group: 3,
+                },
+                &["/dev/vfio/3", "rnvme setup"],
+            ),
+            (
+                VfioSetupError::IommuInfo {
+                    bdf: bdf(),
+                    reason: "r".into(),
+                },
+                &["IOVA ranges", "dmesg"],
+            ),
+            (
+                VfioSetupError::NoConfigRegion { bdf: bdf() },
+                &["rnvme setup"],
+            ),
+            (
+                VfioSetupError::BarNotMappable {
+                    bdf: bdf(),
+                    flags: 3,
+                    size: 0x4000,
+                },
+                &["BAR0", "0x3", "dmesg"],
+            ),
+            (
+                VfioSetupError::BarTooSmall {
+                    bdf: bdf(),
+                    size: 0x1000,
+                },
+                &["0x1000", "0x2000", "lspci"],
+            ),
+            (
+                VfioSetupError::BarMap {
+                    bdf: bdf(),
+                    offset: 0x1000,
+                    len: 0x3000,
+                    source: io(),
+                },
+                &["0x1000..0x4000", "dmesg"],
+            ),
+            (
+                VfioSetupError::Vfio {
+                    bdf: bdf(),
+                    step: "opening",
+                    source: VfioError::GetGroupStatus,
+                },
+                &["opening", "dmesg"],
+            ),
+            (
+                VfioSetupError::Sysfs {
+                    bdf: bdf(),
+                    path: "/sys/x".into(),
+                    source: io(),
+                },
+                &["/sys/x", "sysfs"],
+            ),
+        ];
+        for (e, words) in table {
+            assert_mentions(&e, &[BDF]);
+            assert_mentions(&e, words);
+        }
+    }
+
+    // ---- BAR0 areas -----------------------------------------------------------------------
+
+    #[test]
+    fn whole_bar_is_one_area_without_sparse_capability() {
+        let caps = [VfioRegionInfoCap::MsixMappable];
+        assert_eq!(mmap_areas(0x4000, &caps), vec![(0, 0x4000)]);
+        assert_eq!(fast_area_index(&mmap_areas(0x4000, &caps)), Some(0));
+    }
+
+    #[test]
+    fn sparse_areas_and_the_doorbell_area() {
+        let sparse = |areas: &[(u64, u64)]| {
+            vec![
+                VfioRegionInfoCap::Type(VfioRegionInfoCapType {
+                    type_: 1,
+                    subtype: 1,
+                }),
+                VfioRegionInfoCap::SparseMmap(VfioRegionInfoCapSparseMmap {
+                    areas: areas
+                        .iter()
+                        .map(|&(offset, size)| VfioRegionSparseMmapArea { offset, size })
+                        .collect(),
+                }),
+            ]
+        };
+        // The MSI-X table carved out of the middle: the doorbells are in the first area.
+        let areas = mmap_areas(0x4000, &sparse(&[(0, 0x2000), (0x3000, 0x1000)]));
+        assert_eq!(areas, vec![(0, 0x2000), (0x3000, 0x1000)]);
+        assert_eq!(fast_area_index(&areas), Some(0));
+        // The registers page left out: the doorbell area is the second one.
+        let areas = mmap_areas(0x4000, &sparse(&[(0, 0), (0x0, 0x0), (0x1000, 0x3000)]));
+        assert_eq!(areas, vec![(0x1000, 0x3000)]);
+        let areas = [(0, 0x1000), (0x1000, 0x1000)];
+        assert_eq!(fast_area_index(&areas), Some(1));
+        // No area covers the doorbells: the first is still tried first.
+        assert_eq!(fast_area_index(&[(0, 0x1000), (0x3000, 0x1000)]), Some(0));
+        // Nothing mappable.
+        assert_eq!(mmap_areas(0x4000, &sparse(&[])), vec![]);
+        assert_eq!(fast_area_index(&[]), None);
+    }
+
+    /// An MmioArea over anonymous memory standing in for `len` bytes of BAR0 at `start`.
+    fn anonymous_area(start: usize, len: usize) -> MmioArea {
+        // SAFETY: a fresh private anonymous mapping chosen by the kernel; checked below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        MmioArea {
+            base: p.cast(),
+            start,
+            len,
+            limit: len.saturating_sub(3),
+        }
+    }
+
+    #[test]
+    fn mmio_area_bounds() {
+        let area = anonymous_area(0x1000, 0x2000);
+        // Inside: the first and the last register, and a doorbell.
+        for off in [0x1000, 0x1004, 0x1ffc, 0x2ffc] {
+            assert!(area.write32(off, off as u32 ^ 0xa5a5_0000), "{off:#x}");
+        }
+        for off in [0x1000, 0x1004, 0x1ffc, 0x2ffc] {
+            assert_eq!(area.read32(off), Some(off as u32 ^ 0xa5a5_0000), "{off:#x}");
+        }
+        // Outside, straddling the end, below the start (wrapping), misaligned.
+        for off in [
+            0x0,
+            0xffc,
+            0x3000,
+            0x2ffd,
+            0x2ffe,
+            0x1002,
+            0x1001,
+            usize::MAX - 1,
+        ] {
+            assert_eq!(area.read32(off), None, "{off:#x}");
+            assert!(!area.write32(off, 1), "{off:#x}");
+        }
+        // The empty area covers nothing.
+        let empty = MmioArea::empty();
+        assert_eq!(empty.read32(0), None);
+        assert!(!empty.write32(0, 0));
+    }
+
+    #[test]
+    fn mmio_area_is_little_endian() {
+        let area = anonymous_area(0, 0x1000);
+        area.write32(0x10, 0x1122_3344);
+        let mut bytes = [0u8; 4];
+        // SAFETY: the area maps 0x1000 readable bytes; offset 0x10..0x14 is inside, and no
+        // other access is in flight.
+        unsafe { std::ptr::copy_nonoverlapping(area.base.add(0x10), bytes.as_mut_ptr(), 4) };
+        assert_eq!(bytes, [0x44, 0x33, 0x22, 0x11]);
+    }
+
+    #[test]
+    fn ioctl_number() {
+        // _IO(';', 112) from linux/vfio.h.
+        assert_eq!(VFIO_IOMMU_GET_INFO, (b';' as u32) << 8 | 112);
     }
 }
