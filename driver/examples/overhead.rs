@@ -20,7 +20,8 @@ fn workload(qp: &mut IoQueuePair, bufs: &[DmaBuffer], ios: u64) -> u64 {
     let mut completed = 0u64;
     let mut done = [0u64; DEPTH];
     for (i, b) in bufs.iter().enumerate() {
-        qp.submit(read_cmd(1, i as u64, 1), &[b.segment()], i as u64).expect("submit");
+        qp.submit(read_cmd(1, i as u64, 1), &[b.segment()], i as u64)
+            .expect("submit");
         submitted += 1;
     }
     while completed < ios {
@@ -34,7 +35,8 @@ fn workload(qp: &mut IoQueuePair, bufs: &[DmaBuffer], ios: u64) -> u64 {
             if submitted < ios {
                 let slot = (tag as usize) % DEPTH;
                 let lba = submitted % 4096;
-                qp.submit(read_cmd(1, lba, 1), &[bufs[slot].segment()], slot as u64).expect("submit");
+                qp.submit(read_cmd(1, lba, 1), &[bufs[slot].segment()], slot as u64)
+                    .expect("submit");
                 submitted += 1;
             }
         }
@@ -43,12 +45,23 @@ fn workload(qp: &mut IoQueuePair, bufs: &[DmaBuffer], ios: u64) -> u64 {
 }
 
 fn main() {
-    let ios: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(100_000);
+    let ios: u64 = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(100_000);
     let model = Model::new(ModelConfig::default());
-    let ctrl = Controller::init(model, ControllerOptions { backing: Backing::SmallPages, ..Default::default() })
-        .expect("model bring-up");
+    let ctrl = Controller::init(
+        model,
+        ControllerOptions {
+            backing: Backing::SmallPages,
+            ..Default::default()
+        },
+    )
+    .expect("model bring-up");
     let mut qp = ctrl.create_io_qpair(64).expect("queue pair");
-    let bufs: Vec<DmaBuffer> = (0..DEPTH).map(|_| ctrl.alloc(4096).expect("buffer")).collect();
+    let bufs: Vec<DmaBuffer> = (0..DEPTH)
+        .map(|_| ctrl.alloc(4096).expect("buffer"))
+        .collect();
     // Warm up list pages and caches outside the measured function's first call.
     workload(&mut qp, &bufs, 1000);
     let n = black_box(workload(&mut qp, &bufs, ios));
@@ -56,6 +69,10 @@ fn main() {
     println!(
         "ios={} submitted={} sq_doorbells={} cq_doorbells={} polls={} idle_polls={}",
         n + 1000,
-        s.submitted, s.sq_doorbells, s.cq_doorbells, s.polls, s.idle_polls
+        s.submitted,
+        s.sq_doorbells,
+        s.cq_doorbells,
+        s.polls,
+        s.idle_polls
     );
 }

@@ -9,7 +9,9 @@ use crate::hw::Hardware;
 use crate::identify::{ControllerInfo, ErrorLogEntry, NamespaceInfo, SglSupport, SmartLog};
 use crate::io::IoQueuePair;
 use crate::queue::{DataPointerMode, QueuePair};
-use crate::spec::{admin_op, cc, cns, csts, feature, log_page, reg, Cap, SqEntry, MAX_NLB, PAGE_SIZE};
+use crate::spec::{
+    admin_op, cc, cns, csts, feature, log_page, reg, Cap, SqEntry, MAX_NLB, PAGE_SIZE,
+};
 use crate::types::Segment;
 
 /// How to bring a controller up.
@@ -73,21 +75,36 @@ pub struct Controller {
 
 /// Poll `cond` until it holds, failing after `ms` milliseconds; CSTS.CFS and a removed
 /// device end the wait early.
-fn wait_register(hw: &dyn Hardware, what: &'static str, ms: u64, check_cfs: bool, cond: impl Fn(u32) -> bool) -> Result<()> {
+fn wait_register(
+    hw: &dyn Hardware,
+    what: &'static str,
+    ms: u64,
+    check_cfs: bool,
+    cond: impl Fn(u32) -> bool,
+) -> Result<()> {
     let deadline = Instant::now() + Duration::from_millis(ms);
     loop {
         let v = hw.read32(reg::CSTS);
         if v == u32::MAX {
-            return Err(Error::DeviceRemoved { dev: hw.name().to_string() });
+            return Err(Error::DeviceRemoved {
+                dev: hw.name().to_string(),
+            });
         }
         if check_cfs && v & csts::CFS != 0 {
-            return Err(Error::ControllerFatal { dev: hw.name().to_string(), during: what });
+            return Err(Error::ControllerFatal {
+                dev: hw.name().to_string(),
+                during: what,
+            });
         }
         if cond(v) {
             return Ok(());
         }
         if Instant::now() >= deadline {
-            return Err(Error::RegisterTimeout { dev: hw.name().to_string(), what, ms });
+            return Err(Error::RegisterTimeout {
+                dev: hw.name().to_string(),
+                what,
+                ms,
+            });
         }
         std::thread::sleep(Duration::from_micros(200));
     }
@@ -99,9 +116,13 @@ fn disable(hw: &dyn Hardware, cap: Cap) -> Result<()> {
     if c & cc::EN != 0 {
         hw.write32(reg::CC, c & !cc::EN);
     }
-    wait_register(hw, "the controller to become not ready (CSTS.RDY = 0) after disabling it", cap.timeout_ms().max(500), false, |v| {
-        v & csts::RDY == 0
-    })
+    wait_register(
+        hw,
+        "the controller to become not ready (CSTS.RDY = 0) after disabling it",
+        cap.timeout_ms().max(500),
+        false,
+        |v| v & csts::RDY == 0,
+    )
 }
 
 impl Controller {
@@ -120,7 +141,10 @@ impl Controller {
             return Err(Error::DeviceRemoved { dev });
         }
         if cap.css() & 1 == 0 {
-            return Err(Error::Unsupported { dev, why: "the NVM command set is not supported (CAP.CSS bit 0 clear)".into() });
+            return Err(Error::Unsupported {
+                dev,
+                why: "the NVM command set is not supported (CAP.CSS bit 0 clear)".into(),
+            });
         }
         if cap.mpsmin() > 0 {
             return Err(Error::Unsupported {
@@ -132,7 +156,9 @@ impl Controller {
                 ),
             });
         }
-        let admin_entries = options.admin_entries.clamp(2, cap.max_queue_entries().min(4096) as u16);
+        let admin_entries = options
+            .admin_entries
+            .clamp(2, cap.max_queue_entries().min(4096) as u16);
         disable(hw.as_ref(), cap)?;
 
         let pool = DmaPool::new(hw.clone(), options.backing, options.initial_chunks)?;
@@ -143,11 +169,20 @@ impl Controller {
         hw.write64(reg::ACQ, admin.cq_iova().0);
         hw.write32(reg::INTMS, u32::MAX);
         hw.write32(reg::CC, cc::mps(0) | cc::IOSQES_64 | cc::IOCQES_16 | cc::EN);
-        wait_register(hw.as_ref(), "the controller to become ready (CSTS.RDY = 1) after enabling it", cap.timeout_ms().max(500), true, |v| {
-            v & csts::RDY != 0
-        })?;
+        wait_register(
+            hw.as_ref(),
+            "the controller to become ready (CSTS.RDY = 1) after enabling it",
+            cap.timeout_ms().max(500),
+            true,
+            |v| v & csts::RDY != 0,
+        )?;
 
-        let admin = Admin { hw: hw.clone(), pool: pool.clone(), qp: Mutex::new(admin), timeout: options.admin_timeout };
+        let admin = Admin {
+            hw: hw.clone(),
+            pool: pool.clone(),
+            qp: Mutex::new(admin),
+            timeout: options.admin_timeout,
+        };
         let info = admin.identify_controller()?;
         let mdts = info.max_transfer_bytes(cap.mpsmin()).unwrap_or(u64::MAX);
         let mut namespaces = Vec::new();
@@ -158,7 +193,11 @@ impl Controller {
             }
         }
         let want = options.io_queues.clamp(1, 0xfffe) - 1;
-        let dw0 = admin.set_features(feature::NUMBER_OF_QUEUES, want as u32 | ((want as u32) << 16), None)?;
+        let dw0 = admin.set_features(
+            feature::NUMBER_OF_QUEUES,
+            want as u32 | ((want as u32) << 16),
+            None,
+        )?;
         let granted = ((dw0 & 0xffff).min(dw0 >> 16) + 1).min(options.io_queues as u32) as u16;
         let shared = Shared {
             hw: hw.clone(),
@@ -181,7 +220,9 @@ impl Controller {
             shared.namespaces.len(),
             shared.max_transfer
         );
-        Ok(Controller { shared: Arc::new(shared) })
+        Ok(Controller {
+            shared: Arc::new(shared),
+        })
     }
 
     /// The device name (BDF).
@@ -206,11 +247,13 @@ impl Controller {
 
     /// One active namespace.
     pub fn namespace(&self, nsid: u32) -> Result<&NamespaceInfo> {
-        self.shared.namespace(nsid).ok_or_else(|| Error::NoSuchNamespace {
-            dev: self.name().to_string(),
-            nsid,
-            active: self.shared.active_list(),
-        })
+        self.shared
+            .namespace(nsid)
+            .ok_or_else(|| Error::NoSuchNamespace {
+                dev: self.name().to_string(),
+                nsid,
+                active: self.shared.active_list(),
+            })
     }
 
     /// Largest transfer of one command, in bytes (MDTS, bounded by the driver's PRP lists).
@@ -251,7 +294,11 @@ impl Controller {
     /// Create an I/O queue pair with `entries` entries per queue (at most
     /// [`Controller::max_queue_entries`]), using the next free queue id.
     pub fn create_io_qpair(&self, entries: u32) -> Result<IoQueuePair> {
-        IoQueuePair::create(self.shared.clone(), entries, self.shared.options.data_pointer)
+        IoQueuePair::create(
+            self.shared.clone(),
+            entries,
+            self.shared.options.data_pointer,
+        )
     }
 
     /// Run an admin command with an optional data buffer; returns completion DW0.
@@ -303,7 +350,10 @@ impl Controller {
     /// The SMART / health information log.
     pub fn smart_log(&self) -> Result<SmartLog> {
         let data = self.get_log_page(log_page::SMART, 0xffff_ffff, 512)?;
-        SmartLog::parse(&data).map_err(|source| Error::Identify { dev: self.name().to_string(), source })
+        SmartLog::parse(&data).map_err(|source| Error::Identify {
+            dev: self.name().to_string(),
+            source,
+        })
     }
 
     /// The error information log (as many entries as the controller keeps).
@@ -328,7 +378,12 @@ impl Admin {
         self.qp.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(crate) fn admin_cmd(&self, cmd: SqEntry, data: Option<&DmaBuffer>, what: &'static str) -> Result<u32> {
+    pub(crate) fn admin_cmd(
+        &self,
+        cmd: SqEntry,
+        data: Option<&DmaBuffer>,
+        what: &'static str,
+    ) -> Result<u32> {
         let seg;
         let segs: &[Segment] = match data {
             Some(b) => {
@@ -351,16 +406,25 @@ impl Admin {
                 }
             });
             if let Some(c) = done {
-                return c.result().map_err(|status| Error::Command { dev: self.hw.name().to_string(), command: what, status });
+                return c.result().map_err(|status| Error::Command {
+                    dev: self.hw.name().to_string(),
+                    command: what,
+                    status,
+                });
             }
             spins += 1;
             if spins.is_multiple_of(64) {
                 let s = self.hw.read32(reg::CSTS);
                 if s == u32::MAX {
-                    return Err(Error::DeviceRemoved { dev: self.hw.name().to_string() });
+                    return Err(Error::DeviceRemoved {
+                        dev: self.hw.name().to_string(),
+                    });
                 }
                 if s & csts::CFS != 0 {
-                    return Err(Error::ControllerFatal { dev: self.hw.name().to_string(), during: what });
+                    return Err(Error::ControllerFatal {
+                        dev: self.hw.name().to_string(),
+                        during: what,
+                    });
                 }
                 if Instant::now() >= deadline {
                     return Err(Error::CommandTimeout {
@@ -386,12 +450,18 @@ impl Admin {
 
     fn identify_controller(&self) -> Result<ControllerInfo> {
         let data = self.identify(cns::CONTROLLER, 0, "Identify Controller")?;
-        ControllerInfo::parse(&data).map_err(|source| Error::Identify { dev: self.hw.name().to_string(), source })
+        ControllerInfo::parse(&data).map_err(|source| Error::Identify {
+            dev: self.hw.name().to_string(),
+            source,
+        })
     }
 
     fn identify_namespace(&self, nsid: u32) -> Result<NamespaceInfo> {
         let data = self.identify(cns::NAMESPACE, nsid, "Identify Namespace")?;
-        NamespaceInfo::parse(nsid, &data).map_err(|source| Error::Identify { dev: self.hw.name().to_string(), source })
+        NamespaceInfo::parse(nsid, &data).map_err(|source| Error::Identify {
+            dev: self.hw.name().to_string(),
+            source,
+        })
     }
 
     fn active_namespace_ids(&self) -> Result<Vec<u32>> {
@@ -399,13 +469,17 @@ impl Admin {
         Ok(crate::identify::parse_active_namespace_list(&data))
     }
 
-    pub(crate) fn set_features(&self, fid: u8, cdw11: u32, data: Option<&DmaBuffer>) -> Result<u32> {
+    pub(crate) fn set_features(
+        &self,
+        fid: u8,
+        cdw11: u32,
+        data: Option<&DmaBuffer>,
+    ) -> Result<u32> {
         let mut c = SqEntry::new(admin_op::SET_FEATURES, 0);
         c.cdw10 = fid as u32;
         c.cdw11 = cdw11;
         self.admin_cmd(c, data, "Set Features")
     }
-
 }
 
 impl Shared {
@@ -414,7 +488,11 @@ impl Shared {
     }
 
     pub(crate) fn active_list(&self) -> String {
-        self.namespaces.iter().map(|n| n.nsid.to_string()).collect::<Vec<_>>().join(", ")
+        self.namespaces
+            .iter()
+            .map(|n| n.nsid.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Take a free I/O queue id.
@@ -445,7 +523,8 @@ impl Shared {
         c.dptr1 = qp.cq_iova().0;
         c.cdw10 = qid | size;
         c.cdw11 = 1; // physically contiguous, interrupts off
-        self.admin.admin_cmd(c, None, "Create I/O Completion Queue")?;
+        self.admin
+            .admin_cmd(c, None, "Create I/O Completion Queue")?;
         let mut c = SqEntry::new(admin_op::CREATE_IO_SQ, 0);
         c.dptr1 = qp.sq_iova().0;
         c.cdw10 = qid | size;
@@ -468,7 +547,9 @@ impl Shared {
     fn delete_cq(&self, qid: u16) -> Result<()> {
         let mut c = SqEntry::new(admin_op::DELETE_IO_CQ, 0);
         c.cdw10 = qid as u32;
-        self.admin.admin_cmd(c, None, "Delete I/O Completion Queue").map(|_| ())
+        self.admin
+            .admin_cmd(c, None, "Delete I/O Completion Queue")
+            .map(|_| ())
     }
 
     /// Largest transfer for a namespace: MDTS, the 65 536-LBA NLB limit, our list bound.
@@ -484,7 +565,9 @@ impl Shared {
         }
         hw.write32(reg::CC, (c & !cc::SHN_MASK) | cc::SHN_NORMAL);
         let ms = self.cap.timeout_ms().max(2000);
-        if let Err(e) = wait_register(hw, "shutdown to complete (CSTS.SHST = 2)", ms, false, |v| v & csts::SHST_MASK == csts::SHST_COMPLETE) {
+        if let Err(e) = wait_register(hw, "shutdown to complete (CSTS.SHST = 2)", ms, false, |v| {
+            v & csts::SHST_MASK == csts::SHST_COMPLETE
+        }) {
             log::warn!("{e}");
         }
     }

@@ -42,7 +42,11 @@ pub enum DmaError {
          them with `rnvme setup --hugepages {suggest}` (or `echo {suggest} > \
          /proc/sys/vm/nr_hugepages`), or opt in to ordinary pages with --no-hugepages"
     )]
-    NoHugepages { needed: usize, free: u64, suggest: u64 },
+    NoHugepages {
+        needed: usize,
+        free: u64,
+        suggest: u64,
+    },
     /// The kernel has no hugetlb support at all.
     #[error("this kernel offers no hugepages (no Hugepagesize in /proc/meminfo); opt in to ordinary pages with --no-hugepages")]
     HugepagesUnsupported,
@@ -113,7 +117,8 @@ unsafe impl Send for Region {}
 
 impl Region {
     fn alloc(len: usize, backing: Backing) -> Result<Region, DmaError> {
-        let layout = Layout::from_size_align(len, CHUNK_SIZE).map_err(|_| DmaError::InvalidSize(len))?;
+        let layout =
+            Layout::from_size_align(len, CHUNK_SIZE).map_err(|_| DmaError::InvalidSize(len))?;
         let ptr = match backing {
             Backing::Hugepages => {
                 let (total, free) = hugepage_counts().ok_or(DmaError::HugepagesUnsupported)?;
@@ -139,7 +144,8 @@ impl Region {
 
 impl Drop for Region {
     fn drop(&mut self) {
-        let layout = Layout::from_size_align(self.len, CHUNK_SIZE).expect("layout was valid at allocation");
+        let layout =
+            Layout::from_size_align(self.len, CHUNK_SIZE).expect("layout was valid at allocation");
         match self.backing {
             // SAFETY: the pointer came from hugepage_rs::alloc with this layout, and the
             // mapping was undone before the region is dropped.
@@ -165,13 +171,21 @@ fn hugepage_counts() -> Option<(u64, u64)> {
 
 impl DmaPool {
     /// A pool that maps memory for `hw`, `initial_chunks` chunks of 2 MiB mapped up front.
-    pub fn new(hw: Arc<dyn Hardware>, backing: Backing, initial_chunks: usize) -> Result<DmaPool, DmaError> {
+    pub fn new(
+        hw: Arc<dyn Hardware>,
+        backing: Backing,
+        initial_chunks: usize,
+    ) -> Result<DmaPool, DmaError> {
         let iova = IovaAllocator::new(&hw.iova_ranges());
         let pool = DmaPool {
             inner: Arc::new(PoolInner {
                 hw,
                 backing,
-                state: Mutex::new(PoolState { iova, chunks: Vec::new(), stats: PoolStats::default() }),
+                state: Mutex::new(PoolState {
+                    iova,
+                    chunks: Vec::new(),
+                    stats: PoolStats::default(),
+                }),
             }),
         };
         {
@@ -207,7 +221,10 @@ impl DmaPool {
                 Some(found) => found,
                 None => {
                     let chunk = self.inner.add_chunk(&mut st)?;
-                    (chunk, st.chunks[chunk].take(pages).expect("a new chunk has room"))
+                    (
+                        chunk,
+                        st.chunks[chunk].take(pages).expect("a new chunk has room"),
+                    )
                 }
             };
             st.stats.pages_in_use += pages as u64;
@@ -220,7 +237,11 @@ impl DmaPool {
                 len,
                 iova: c.iova.add(offset as u64),
                 pool: self.inner.clone(),
-                origin: Origin::Chunk { chunk, first, pages },
+                origin: Origin::Chunk {
+                    chunk,
+                    first,
+                    pages,
+                },
             };
             drop(st);
             buf.fill(0);
@@ -229,7 +250,13 @@ impl DmaPool {
             let size = len.div_ceil(CHUNK_SIZE) * CHUNK_SIZE;
             let (mem, iova) = self.inner.map_region(&mut st, size)?;
             let ptr = mem.ptr;
-            Ok(DmaBuffer { ptr, len, iova, pool: self.inner.clone(), origin: Origin::Region(Some(mem)) })
+            Ok(DmaBuffer {
+                ptr,
+                len,
+                iova,
+                pool: self.inner.clone(),
+                origin: Origin::Region(Some(mem)),
+            })
         }
     }
 
@@ -249,7 +276,10 @@ impl PoolInner {
     /// Allocate and map a region of `size` bytes (a multiple of 2 MiB).
     fn map_region(&self, st: &mut PoolState, size: usize) -> Result<(Region, Iova), DmaError> {
         let mem = Region::alloc(size, self.backing)?;
-        let iova = st.iova.alloc(size as u64, CHUNK_SIZE as u64).ok_or(DmaError::IovaExhausted(size))?;
+        let iova = st
+            .iova
+            .alloc(size as u64, CHUNK_SIZE as u64)
+            .ok_or(DmaError::IovaExhausted(size))?;
         // SAFETY: the region stays allocated until it is unmapped (Chunk/DmaBuffer drop
         // unmap before freeing), and no Rust reference into it is ever created: all CPU
         // access goes through VolatileSlice.
@@ -280,7 +310,12 @@ impl PoolInner {
 
     fn add_chunk(&self, st: &mut PoolState) -> Result<usize, DmaError> {
         let (mem, iova) = self.map_region(st, CHUNK_SIZE)?;
-        st.chunks.push(Chunk { mem, iova, free: [u64::MAX; PAGES_PER_CHUNK / 64], free_count: PAGES_PER_CHUNK });
+        st.chunks.push(Chunk {
+            mem,
+            iova,
+            free: [u64::MAX; PAGES_PER_CHUNK / 64],
+            free_count: PAGES_PER_CHUNK,
+        });
         st.stats.chunks += 1;
         Ok(st.chunks.len() - 1)
     }
@@ -339,7 +374,11 @@ impl Drop for PoolInner {
     fn drop(&mut self) {
         let mut st = std::mem::replace(
             self.state.get_mut().unwrap_or_else(|e| e.into_inner()),
-            PoolState { iova: IovaAllocator::new(&[]), chunks: Vec::new(), stats: PoolStats::default() },
+            PoolState {
+                iova: IovaAllocator::new(&[]),
+                chunks: Vec::new(),
+                stats: PoolStats::default(),
+            },
         );
         for c in std::mem::take(&mut st.chunks) {
             self.unmap_region(&mut st, c.mem, c.iova);
@@ -348,7 +387,11 @@ impl Drop for PoolInner {
 }
 
 enum Origin {
-    Chunk { chunk: usize, first: usize, pages: usize },
+    Chunk {
+        chunk: usize,
+        first: usize,
+        pages: usize,
+    },
     Region(Option<Region>),
 }
 
@@ -370,7 +413,10 @@ unsafe impl Send for DmaBuffer {}
 
 impl std::fmt::Debug for DmaBuffer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DmaBuffer").field("iova", &self.iova).field("len", &self.len).finish()
+        f.debug_struct("DmaBuffer")
+            .field("iova", &self.iova)
+            .field("len", &self.len)
+            .finish()
     }
 }
 
@@ -405,7 +451,11 @@ impl DmaBuffer {
     /// If the range is not inside the buffer.
     #[inline]
     pub fn segment_at(&self, offset: usize, len: usize) -> Segment {
-        assert!(offset + len <= self.len, "segment {offset}+{len} beyond a buffer of {}", self.len);
+        assert!(
+            offset + len <= self.len,
+            "segment {offset}+{len} beyond a buffer of {}",
+            self.len
+        );
         Segment::new(self.iova.add(offset as u64), len as u32)
     }
 
@@ -422,7 +472,10 @@ impl DmaBuffer {
     /// # Panics
     /// If the range is not inside the buffer.
     pub fn read_bytes(&self, offset: usize, buf: &mut [u8]) {
-        let s = self.volatile().subslice(offset, buf.len()).expect("read range inside the DMA buffer");
+        let s = self
+            .volatile()
+            .subslice(offset, buf.len())
+            .expect("read range inside the DMA buffer");
         s.copy_to(buf);
     }
 
@@ -431,7 +484,10 @@ impl DmaBuffer {
     /// # Panics
     /// If the range is not inside the buffer.
     pub fn write_bytes(&self, offset: usize, data: &[u8]) {
-        let s = self.volatile().subslice(offset, data.len()).expect("write range inside the DMA buffer");
+        let s = self
+            .volatile()
+            .subslice(offset, data.len())
+            .expect("write range inside the DMA buffer");
         s.copy_from(data);
     }
 
@@ -456,13 +512,21 @@ impl DmaBuffer {
     /// Read a little-endian u64 at `offset` (used for PRP list and SGL pages).
     #[inline]
     pub fn write_u64(&self, offset: usize, value: u64) {
-        self.volatile().get_ref::<u64>(offset).expect("qword inside the DMA buffer").store(value.to_le());
+        self.volatile()
+            .get_ref::<u64>(offset)
+            .expect("qword inside the DMA buffer")
+            .store(value.to_le());
     }
 
     /// Read a little-endian u64 at `offset`.
     #[inline]
     pub fn read_u64(&self, offset: usize) -> u64 {
-        u64::from_le(self.volatile().get_ref::<u64>(offset).expect("qword inside the DMA buffer").load())
+        u64::from_le(
+            self.volatile()
+                .get_ref::<u64>(offset)
+                .expect("qword inside the DMA buffer")
+                .load(),
+        )
     }
 }
 
@@ -470,7 +534,11 @@ impl Drop for DmaBuffer {
     fn drop(&mut self) {
         let mut st = self.pool.lock();
         match &mut self.origin {
-            Origin::Chunk { chunk, first, pages } => {
+            Origin::Chunk {
+                chunk,
+                first,
+                pages,
+            } => {
                 st.chunks[*chunk].set(*first, *pages, true);
                 st.stats.pages_in_use -= *pages as u64;
             }

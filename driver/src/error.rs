@@ -24,9 +24,15 @@ pub enum Error {
     Dma(#[from] crate::dma::DmaError),
     /// A register did not reach the expected state in time.
     #[error("{dev}: timed out after {ms} ms waiting for {what}")]
-    RegisterTimeout { dev: String, what: &'static str, ms: u64 },
+    RegisterTimeout {
+        dev: String,
+        what: &'static str,
+        ms: u64,
+    },
     /// The controller reported a fatal error (CSTS.CFS).
-    #[error("{dev}: controller fatal status (CSTS.CFS) during {during}; the controller needs a reset")]
+    #[error(
+        "{dev}: controller fatal status (CSTS.CFS) during {during}; the controller needs a reset"
+    )]
     ControllerFatal { dev: String, during: &'static str },
     /// The device no longer answers (registers read all ones).
     #[error("{dev}: device removed (registers read back all ones)")]
@@ -36,10 +42,18 @@ pub enum Error {
     Unsupported { dev: String, why: String },
     /// A command completed with an error status.
     #[error("{dev}: {command} failed: {status}")]
-    Command { dev: String, command: &'static str, status: NvmeStatus },
+    Command {
+        dev: String,
+        command: &'static str,
+        status: NvmeStatus,
+    },
     /// A command did not complete in time.
     #[error("{dev}: {command} did not complete within {ms} ms")]
-    CommandTimeout { dev: String, command: &'static str, ms: u64 },
+    CommandTimeout {
+        dev: String,
+        command: &'static str,
+        ms: u64,
+    },
     /// The PRP builder refused a buffer.
     #[error("cannot describe the buffer with PRPs: {0}")]
     Prp(#[from] PrpError),
@@ -51,10 +65,19 @@ pub enum Error {
     QueueFull,
     /// A request lies (partly) beyond the namespace.
     #[error("LBA range {lba}..{end} is beyond namespace {nsid}, which has {size} LBAs")]
-    LbaOutOfRange { nsid: u32, lba: u64, end: u64, size: u64 },
+    LbaOutOfRange {
+        nsid: u32,
+        lba: u64,
+        end: u64,
+        size: u64,
+    },
     /// The namespace does not exist or is not active.
     #[error("{dev}: namespace {nsid} is not active (active namespaces: {active})")]
-    NoSuchNamespace { dev: String, nsid: u32, active: String },
+    NoSuchNamespace {
+        dev: String,
+        nsid: u32,
+        active: String,
+    },
     /// A caller passed something that cannot work.
     #[error("{0}")]
     InvalidArgument(String),

@@ -76,7 +76,12 @@ pub struct Piece {
 
 /// Split `blocks` LBAs at `slba` into commands of at most `max_transfer` bytes (and at most
 /// 65 536 LBAs). A max transfer below one LBA still yields one LBA per command.
-pub fn split_transfer(slba: u64, blocks: u64, lba_size: u32, max_transfer: u32) -> impl Iterator<Item = Piece> {
+pub fn split_transfer(
+    slba: u64,
+    blocks: u64,
+    lba_size: u32,
+    max_transfer: u32,
+) -> impl Iterator<Item = Piece> {
     let per = ((max_transfer / lba_size.max(1)) as u64).clamp(1, MAX_NLB as u64);
     let mut done = 0u64;
     std::iter::from_fn(move || {
@@ -84,7 +89,11 @@ pub fn split_transfer(slba: u64, blocks: u64, lba_size: u32, max_transfer: u32) 
             return None;
         }
         let n = per.min(blocks - done);
-        let p = Piece { slba: slba + done, blocks: n as u32, offset: done * lba_size as u64 };
+        let p = Piece {
+            slba: slba + done,
+            blocks: n as u32,
+            offset: done * lba_size as u64,
+        };
         done += n;
         Some(p)
     })
@@ -93,11 +102,18 @@ pub fn split_transfer(slba: u64, blocks: u64, lba_size: u32, max_transfer: u32) 
 /// Check that `blocks` LBAs at `slba` lie inside the namespace.
 pub fn check_range(ns: &NamespaceInfo, slba: u64, blocks: u64) -> Result<()> {
     if blocks == 0 {
-        return Err(Error::InvalidArgument("a transfer of zero LBAs: give a count of at least 1".into()));
+        return Err(Error::InvalidArgument(
+            "a transfer of zero LBAs: give a count of at least 1".into(),
+        ));
     }
     match slba.checked_add(blocks) {
         Some(end) if end <= ns.size_lbas => Ok(()),
-        end => Err(Error::LbaOutOfRange { nsid: ns.nsid, lba: slba, end: end.unwrap_or(u64::MAX), size: ns.size_lbas }),
+        end => Err(Error::LbaOutOfRange {
+            nsid: ns.nsid,
+            lba: slba,
+            end: end.unwrap_or(u64::MAX),
+            size: ns.size_lbas,
+        }),
     }
 }
 
@@ -144,7 +160,11 @@ impl DerefMut for IoQueuePair {
 }
 
 impl IoQueuePair {
-    pub(crate) fn create(shared: Arc<Shared>, entries: u32, mode: DataPointerMode) -> Result<IoQueuePair> {
+    pub(crate) fn create(
+        shared: Arc<Shared>,
+        entries: u32,
+        mode: DataPointerMode,
+    ) -> Result<IoQueuePair> {
         let max = shared.cap.max_queue_entries();
         if !(2..=max).contains(&entries) {
             return Err(Error::InvalidArgument(format!(
@@ -152,8 +172,14 @@ impl IoQueuePair {
             )));
         }
         let qid = shared.take_qid()?;
-        let made = QueuePair::new(shared.hw.clone(), &shared.pool, qid, entries as u16, shared.cap.dstrd())
-            .and_then(|qp| shared.create_queues(&qp).map(|_| qp));
+        let made = QueuePair::new(
+            shared.hw.clone(),
+            &shared.pool,
+            qid,
+            entries as u16,
+            shared.cap.dstrd(),
+        )
+        .and_then(|qp| shared.create_queues(&qp).map(|_| qp));
         let mut qp = match made {
             Ok(qp) => qp,
             Err(e) => {
@@ -162,14 +188,30 @@ impl IoQueuePair {
             }
         };
         let sgl = !matches!(shared.info.sgl_support(), crate::identify::SglSupport::None);
-        qp.set_data_pointer_mode_unchecked(if mode == DataPointerMode::Sgl && sgl { DataPointerMode::Sgl } else { DataPointerMode::Prp });
-        Ok(IoQueuePair { qp, shared, timeout: Duration::from_secs(30) })
+        qp.set_data_pointer_mode_unchecked(if mode == DataPointerMode::Sgl && sgl {
+            DataPointerMode::Sgl
+        } else {
+            DataPointerMode::Prp
+        });
+        Ok(IoQueuePair {
+            qp,
+            shared,
+            timeout: Duration::from_secs(30),
+        })
     }
 
     /// Choose PRPs or SGLs for data. SGLs need controller support.
     pub fn set_data_pointer_mode(&mut self, mode: DataPointerMode) -> Result<()> {
-        if mode == DataPointerMode::Sgl && matches!(self.shared.info.sgl_support(), crate::identify::SglSupport::None) {
-            return Err(Error::Unsupported { dev: self.shared.hw.name().to_string(), why: "the controller does not support SGLs".into() });
+        if mode == DataPointerMode::Sgl
+            && matches!(
+                self.shared.info.sgl_support(),
+                crate::identify::SglSupport::None
+            )
+        {
+            return Err(Error::Unsupported {
+                dev: self.shared.hw.name().to_string(),
+                why: "the controller does not support SGLs".into(),
+            });
         }
         self.qp.set_data_pointer_mode_unchecked(mode);
         Ok(())
@@ -189,7 +231,11 @@ impl IoQueuePair {
         self.shared
             .namespace(nsid)
             .cloned()
-            .ok_or_else(|| Error::NoSuchNamespace { dev: self.shared.hw.name().to_string(), nsid, active: self.shared.active_list() })
+            .ok_or_else(|| Error::NoSuchNamespace {
+                dev: self.shared.hw.name().to_string(),
+                nsid,
+                active: self.shared.active_list(),
+            })
     }
 
     /// Read `blocks` LBAs at `slba` into `buf` (from its start), split at the max transfer.
@@ -198,7 +244,14 @@ impl IoQueuePair {
     }
 
     /// Write `blocks` LBAs at `slba` from `buf`.
-    pub fn write(&mut self, nsid: u32, slba: u64, blocks: u64, buf: &DmaBuffer, fua: bool) -> Result<()> {
+    pub fn write(
+        &mut self,
+        nsid: u32,
+        slba: u64,
+        blocks: u64,
+        buf: &DmaBuffer,
+        fua: bool,
+    ) -> Result<()> {
         self.transfer(Op::Write { fua }, nsid, slba, blocks, Some(buf))
     }
 
@@ -236,7 +289,11 @@ impl IoQueuePair {
                 buf.write_u64(i * 16, (*n as u64) << 32);
                 buf.write_u64(i * 16 + 8, *s);
             }
-            self.run_one(deallocate_cmd(nsid, group.len() as u32), &[buf.segment()], "Dataset Management")?;
+            self.run_one(
+                deallocate_cmd(nsid, group.len() as u32),
+                &[buf.segment()],
+                "Dataset Management",
+            )?;
         }
         Ok(())
     }
@@ -247,12 +304,23 @@ impl IoQueuePair {
         self.qp.submit(cmd, data, u64::MAX)?;
         self.drain(&mut first_err, what, |t| t == u64::MAX)?;
         match first_err {
-            Some(status) => Err(Error::Command { dev: self.shared.hw.name().to_string(), command: what, status }),
+            Some(status) => Err(Error::Command {
+                dev: self.shared.hw.name().to_string(),
+                command: what,
+                status,
+            }),
             None => Ok(()),
         }
     }
 
-    fn transfer(&mut self, op: Op, nsid: u32, slba: u64, blocks: u64, buf: Option<&DmaBuffer>) -> Result<()> {
+    fn transfer(
+        &mut self,
+        op: Op,
+        nsid: u32,
+        slba: u64,
+        blocks: u64,
+        buf: Option<&DmaBuffer>,
+    ) -> Result<()> {
         let ns = self.namespace(nsid)?;
         check_range(&ns, slba, blocks)?;
         let lba = ns.lba_size as u64;
@@ -265,7 +333,11 @@ impl IoQueuePair {
                 )));
             }
         }
-        let max = if buf.is_some() { self.max_transfer_for(ns.lba_size) } else { u32::MAX };
+        let max = if buf.is_some() {
+            self.max_transfer_for(ns.lba_size)
+        } else {
+            u32::MAX
+        };
         let mut first_err: Option<NvmeStatus> = None;
         let pieces: Vec<Piece> = split_transfer(slba, blocks, ns.lba_size, max).collect();
         let mut next = 0;
@@ -296,7 +368,11 @@ impl IoQueuePair {
             self.drain_some(&mut first_err, op.name())?;
         }
         match first_err {
-            Some(status) => Err(Error::Command { dev: self.shared.hw.name().to_string(), command: op.name(), status }),
+            Some(status) => Err(Error::Command {
+                dev: self.shared.hw.name().to_string(),
+                command: op.name(),
+                status,
+            }),
             None => Ok(()),
         }
     }
@@ -311,7 +387,12 @@ impl IoQueuePair {
     }
 
     /// Poll until the command with a tag matching `is_ours` has completed.
-    fn drain(&mut self, first_err: &mut Option<NvmeStatus>, what: &'static str, is_ours: impl Fn(u64) -> bool) -> Result<()> {
+    fn drain(
+        &mut self,
+        first_err: &mut Option<NvmeStatus>,
+        what: &'static str,
+        is_ours: impl Fn(u64) -> bool,
+    ) -> Result<()> {
         let deadline = Instant::now() + self.timeout;
         let mut done = false;
         let mut spins = 0u32;
@@ -362,7 +443,11 @@ impl IoQueuePair {
             return Err(Error::ControllerFatal { dev, during: what });
         }
         if Instant::now() >= deadline {
-            return Err(Error::CommandTimeout { dev, command: what, ms: self.timeout.as_millis() as u64 });
+            return Err(Error::CommandTimeout {
+                dev,
+                command: what,
+                ms: self.timeout.as_millis() as u64,
+            });
         }
         std::thread::yield_now();
         Ok(())
@@ -386,12 +471,36 @@ mod tests {
     fn split_respects_max_transfer_and_nlb() {
         let p: Vec<Piece> = split_transfer(100, 10, 4096, 16384).collect();
         assert_eq!(p.len(), 3);
-        assert_eq!(p[0], Piece { slba: 100, blocks: 4, offset: 0 });
-        assert_eq!(p[1], Piece { slba: 104, blocks: 4, offset: 16384 });
-        assert_eq!(p[2], Piece { slba: 108, blocks: 2, offset: 32768 });
+        assert_eq!(
+            p[0],
+            Piece {
+                slba: 100,
+                blocks: 4,
+                offset: 0
+            }
+        );
+        assert_eq!(
+            p[1],
+            Piece {
+                slba: 104,
+                blocks: 4,
+                offset: 16384
+            }
+        );
+        assert_eq!(
+            p[2],
+            Piece {
+                slba: 108,
+                blocks: 2,
+                offset: 32768
+            }
+        );
         // 65 536-LBA limit applies even with a huge max transfer.
         let p: Vec<Piece> = split_transfer(0, 200_000, 512, u32::MAX).collect();
-        assert_eq!(p.iter().map(|x| x.blocks).collect::<Vec<_>>(), vec![65536, 65536, 65536, 3392]);
+        assert_eq!(
+            p.iter().map(|x| x.blocks).collect::<Vec<_>>(),
+            vec![65536, 65536, 65536, 3392]
+        );
         // A max transfer below one LBA still makes progress.
         assert_eq!(split_transfer(0, 3, 4096, 512).count(), 3);
     }

@@ -112,7 +112,11 @@ impl ListPages for SlotLists<'_> {
 
     #[inline]
     fn write_qword(&mut self, page: usize, index: usize, value: u64) {
-        let buf = if page == 0 { self.first } else { &self.extra[page - 1] };
+        let buf = if page == 0 {
+            self.first
+        } else {
+            &self.extra[page - 1]
+        };
         buf.write_u64(index * 8, value);
     }
 }
@@ -143,14 +147,29 @@ pub struct QueuePair {
 impl QueuePair {
     /// Allocate the rings and slots of a queue pair with `entries` entries per queue (it holds
     /// at most `entries - 1` commands). The controller must then be told about it.
-    pub(crate) fn new(hw: Arc<dyn Hardware>, pool: &DmaPool, qid: u16, entries: u16, dstrd: u8) -> Result<QueuePair> {
+    pub(crate) fn new(
+        hw: Arc<dyn Hardware>,
+        pool: &DmaPool,
+        qid: u16,
+        entries: u16,
+        dstrd: u8,
+    ) -> Result<QueuePair> {
         if entries < 2 {
-            return Err(Error::InvalidArgument(format!("queue depth {entries} is too small: at least 2 entries")));
+            return Err(Error::InvalidArgument(format!(
+                "queue depth {entries} is too small: at least 2 entries"
+            )));
         }
         let sq = pool.alloc(entries as usize * std::mem::size_of::<SqEntry>())?;
         let cq = pool.alloc(entries as usize * std::mem::size_of::<CqEntry>())?;
         let slots = (0..entries - 1)
-            .map(|_| Ok(Slot { tag: 0, busy: false, list: pool.alloc(PAGE_SIZE)?, extra: Vec::new() }))
+            .map(|_| {
+                Ok(Slot {
+                    tag: 0,
+                    busy: false,
+                    list: pool.alloc(PAGE_SIZE)?,
+                    extra: Vec::new(),
+                })
+            })
             .collect::<Result<Vec<_>>>()?
             .into_boxed_slice();
         // Pop from the end: hand out low command ids first.
@@ -236,7 +255,11 @@ impl QueuePair {
         };
         if !data.is_empty() {
             let slot = &mut self.slots[cid as usize];
-            let mut lists = SlotLists { first: &slot.list, extra: &mut slot.extra, pool: &self.pool };
+            let mut lists = SlotLists {
+                first: &slot.list,
+                extra: &mut slot.extra,
+                pool: &self.pool,
+            };
             match self.mode {
                 DataPointerMode::Prp => {
                     let prp = build_prp(data, &mut lists)?;
@@ -257,8 +280,16 @@ impl QueuePair {
         slot.tag = tag;
         slot.busy = true;
         let off = self.sq_tail as usize * std::mem::size_of::<SqEntry>();
-        self.sq.volatile().get_ref::<SqEntry>(off).expect("SQ slot inside the ring").store(cmd);
-        self.sq_tail = if self.sq_tail + 1 == self.entries { 0 } else { self.sq_tail + 1 };
+        self.sq
+            .volatile()
+            .get_ref::<SqEntry>(off)
+            .expect("SQ slot inside the ring")
+            .store(cmd);
+        self.sq_tail = if self.sq_tail + 1 == self.entries {
+            0
+        } else {
+            self.sq_tail + 1
+        };
         self.stats.submitted += 1;
         Ok(CommandId(cid))
     }
@@ -287,13 +318,19 @@ impl QueuePair {
         let cq = self.cq.volatile();
         while n < max {
             let off = self.cq_head as usize * std::mem::size_of::<CqEntry>();
-            let dw3 = cq.get_ref::<u32>(off + 12).expect("CQ entry inside the ring").load();
+            let dw3 = cq
+                .get_ref::<u32>(off + 12)
+                .expect("CQ entry inside the ring")
+                .load();
             if (dw3 & (1 << 16) != 0) != self.phase {
                 break;
             }
             // The phase tag says the entry is complete; read the rest only after it.
             fence(Ordering::Acquire);
-            let e = cq.get_ref::<CqEntry>(off).expect("CQ entry inside the ring").load();
+            let e = cq
+                .get_ref::<CqEntry>(off)
+                .expect("CQ entry inside the ring")
+                .load();
             self.cq_head += 1;
             if self.cq_head == self.entries {
                 self.cq_head = 0;

@@ -281,7 +281,14 @@ impl CqEntry {
         (self.dw3 >> 17) as u16
     }
     /// Build an entry (for the controller model and tests).
-    pub const fn build(dw0: u32, sq_head: u16, sq_id: u16, cid: u16, phase: bool, status: u16) -> CqEntry {
+    pub const fn build(
+        dw0: u32,
+        sq_head: u16,
+        sq_id: u16,
+        cid: u16,
+        phase: bool,
+        status: u16,
+    ) -> CqEntry {
         CqEntry {
             dw0,
             dw1: 0,
@@ -318,7 +325,12 @@ pub mod sgl_type {
 impl SglDescriptor {
     /// A descriptor of type `ty` (sub type 0: address).
     pub const fn new(ty: u8, addr: u64, len: u32) -> SglDescriptor {
-        SglDescriptor { addr, len, reserved: [0; 3], id: ty << 4 }
+        SglDescriptor {
+            addr,
+            len,
+            reserved: [0; 3],
+            id: ty << 4,
+        }
     }
     /// The descriptor type.
     pub const fn ty(&self) -> u8 {
@@ -331,7 +343,12 @@ impl SglDescriptor {
     }
     /// The descriptor held in DPTR of a command.
     pub fn from_dptr(dptr1: u64, dptr2: u64) -> SglDescriptor {
-        SglDescriptor { addr: dptr1, len: dptr2 as u32, reserved: [0; 3], id: (dptr2 >> 56) as u8 }
+        SglDescriptor {
+            addr: dptr1,
+            len: dptr2 as u32,
+            reserved: [0; 3],
+            id: (dptr2 >> 56) as u8,
+        }
     }
 }
 

@@ -12,14 +12,25 @@ use rnvme_driver::queue::{Completion, DataPointerMode};
 use rnvme_driver::{Error, NvmeStatus};
 
 fn options() -> ControllerOptions {
-    ControllerOptions { backing: Backing::SmallPages, ..ControllerOptions::default() }
+    ControllerOptions {
+        backing: Backing::SmallPages,
+        ..ControllerOptions::default()
+    }
 }
 
 fn config(mdts: u8) -> ModelConfig {
     ModelConfig {
         namespaces: vec![
-            ModelNamespace { nsid: 1, lba_size: 4096, blocks: 16384 },
-            ModelNamespace { nsid: 2, lba_size: 512, blocks: 65536 },
+            ModelNamespace {
+                nsid: 1,
+                lba_size: 4096,
+                blocks: 16384,
+            },
+            ModelNamespace {
+                nsid: 2,
+                lba_size: 512,
+                blocks: 65536,
+            },
         ],
         mdts,
         ..ModelConfig::default()
@@ -33,7 +44,9 @@ fn open(cfg: ModelConfig) -> (Arc<Model>, Controller) {
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
+        .collect()
 }
 
 #[test]
@@ -48,10 +61,17 @@ fn bring_up_identifies_controller_and_namespaces() {
     assert_eq!(ctrl.max_transfer_bytes(), 128 * 1024);
     assert!(ctrl.io_queues_granted() >= 1);
     let err = ctrl.namespace(7).unwrap_err().to_string();
-    assert!(err.contains("namespace 7 is not active") && err.contains("1, 2"), "{err}");
+    assert!(
+        err.contains("namespace 7 is not active") && err.contains("1, 2"),
+        "{err}"
+    );
     assert_eq!(model.enables(), 1);
     drop(ctrl);
-    assert_eq!(model.shutdowns(), 1, "dropping the controller shuts it down cleanly");
+    assert_eq!(
+        model.shutdowns(),
+        1,
+        "dropping the controller shuts it down cleanly"
+    );
     assert_eq!(model.mapped_bytes(), 0, "every DMA mapping is undone");
 }
 
@@ -60,10 +80,15 @@ fn ready_never_set_times_out_with_clear_error() {
     let model = Model::new(config(5));
     model.set_never_ready(true);
     let t = Instant::now();
-    let err = Controller::init(model.clone(), options()).err().expect("must fail");
+    let err = Controller::init(model.clone(), options())
+        .err()
+        .expect("must fail");
     let msg = err.to_string();
     assert!(matches!(err, Error::RegisterTimeout { .. }), "{msg}");
-    assert!(msg.contains("CSTS.RDY = 1") && msg.contains("model"), "{msg}");
+    assert!(
+        msg.contains("CSTS.RDY = 1") && msg.contains("model"),
+        "{msg}"
+    );
     // CAP.TO is 500 ms in the model: the wait is bounded by it.
     assert!(t.elapsed() < Duration::from_secs(5));
     assert_eq!(model.mapped_bytes(), 0);
@@ -80,7 +105,10 @@ fn fatal_status_during_bring_up_is_an_error() {
 
 #[test]
 fn larger_minimum_page_size_is_refused_clearly() {
-    let model = Model::new(ModelConfig { mpsmin: 1, ..config(5) });
+    let model = Model::new(ModelConfig {
+        mpsmin: 1,
+        ..config(5)
+    });
     let err = Controller::init(model, options()).err().expect("must fail");
     assert!(matches!(err, Error::Unsupported { .. }), "{err}");
     assert!(err.to_string().contains("8 KiB"), "{err}");
@@ -100,14 +128,23 @@ fn write_then_read_round_trip_both_namespaces_and_modes() {
     for mode in [DataPointerMode::Prp, DataPointerMode::Sgl] {
         let mut qp = ctrl.create_io_qpair(64).unwrap();
         qp.set_data_pointer_mode(mode).unwrap();
-        for (nsid, lba, blocks) in [(1u32, 10u64, 3u64), (1, 100, 300), (2, 7, 9), (2, 1000, 4000)] {
+        for (nsid, lba, blocks) in [
+            (1u32, 10u64, 3u64),
+            (1, 100, 300),
+            (2, 7, 9),
+            (2, 1000, 4000),
+        ] {
             let lba_size = ctrl.namespace(nsid).unwrap().lba_size as usize;
             let len = blocks as usize * lba_size;
             let data = pattern(len, nsid as u8 + mode as u8);
             let wbuf = ctrl.alloc(len).unwrap();
             wbuf.write_bytes(0, &data);
             qp.write(nsid, lba, blocks, &wbuf, false).unwrap();
-            assert_eq!(model.read_ns(nsid, lba, blocks), data, "device holds what was written");
+            assert_eq!(
+                model.read_ns(nsid, lba, blocks),
+                data,
+                "device holds what was written"
+            );
             let rbuf = ctrl.alloc(len).unwrap();
             qp.read(nsid, lba, blocks, &rbuf).unwrap();
             assert_eq!(rbuf.to_vec(), data);
@@ -126,13 +163,18 @@ fn four_mib_read_is_split_by_mdts() {
     let before = model.stats().reads;
     let buf = ctrl.alloc(4 << 20).unwrap();
     qp.read(1, 0, 1024, &buf).unwrap();
-    assert_eq!(model.stats().reads - before, 32, "4 MiB in 128 KiB commands");
+    assert_eq!(
+        model.stats().reads - before,
+        32,
+        "4 MiB in 128 KiB commands"
+    );
     assert_eq!(buf.to_vec(), data);
 }
 
 #[test]
 fn transfers_beyond_two_mib_use_chained_prp_lists() {
-    // No MDTS: one command carries 4 MiB, its PRP list chained over three pages.
+    // No MDTS: one command carries 4 MiB (1024 pages): PRP1, then a list page of 511 data
+    // entries and a chain pointer, then a second page of the remaining 512.
     let (model, ctrl) = open(config(0));
     let mut qp = ctrl.create_io_qpair(4).unwrap();
     let data = pattern(4 << 20, 3);
@@ -142,7 +184,7 @@ fn transfers_beyond_two_mib_use_chained_prp_lists() {
     qp.read(1, 64, 1024, &buf).unwrap();
     let after = model.stats();
     assert_eq!(after.reads - before.reads, 1);
-    assert_eq!(after.prp_list_pages - before.prp_list_pages, 3);
+    assert_eq!(after.prp_list_pages - before.prp_list_pages, 2);
     assert_eq!(buf.to_vec(), data);
 }
 
@@ -170,7 +212,8 @@ fn phase_wraps_many_times() {
     let mut seen = Vec::new();
     for i in 0..200u64 {
         model.write_ns(1, i % 64, &[i as u8; 4096]);
-        qp.submit(read_cmd(1, i % 64, 1), &[buf.segment()], i).unwrap();
+        qp.submit(read_cmd(1, i % 64, 1), &[buf.segment()], i)
+            .unwrap();
         let mut got = Vec::new();
         while got.is_empty() {
             qp.poll(8, |c| got.push(c));
@@ -193,20 +236,31 @@ fn queue_full_is_back_pressure_and_ids_are_reused() {
     let bufs: Vec<_> = (0..3).map(|_| ctrl.alloc(4096).unwrap()).collect();
     let mut cids = Vec::new();
     for (i, b) in bufs.iter().enumerate() {
-        cids.push(qp.submit(read_cmd(1, i as u64, 1), &[b.segment()], i as u64).unwrap());
+        cids.push(
+            qp.submit(read_cmd(1, i as u64, 1), &[b.segment()], i as u64)
+                .unwrap(),
+        );
     }
     assert_eq!(qp.capacity(), 3);
-    let err = qp.submit(read_cmd(1, 0, 1), &[bufs[0].segment()], 99).unwrap_err();
+    let err = qp
+        .submit(read_cmd(1, 0, 1), &[bufs[0].segment()], 99)
+        .unwrap_err();
     assert!(matches!(err, Error::QueueFull), "{err}");
     assert_eq!(qp.stats().queue_full, 1);
     qp.ring();
-    assert_eq!(qp.poll(8, |_| {}), 0, "nothing completes while the model holds them");
+    assert_eq!(
+        qp.poll(8, |_| {}),
+        0,
+        "nothing completes while the model holds them"
+    );
     assert_eq!(model.release(1), 1);
     let mut done = Vec::new();
     qp.poll(8, |c| done.push(c));
     assert_eq!(done.len(), 1);
     // The freed command id is handed out again.
-    let again = qp.submit(read_cmd(1, 5, 1), &[bufs[0].segment()], 5).unwrap();
+    let again = qp
+        .submit(read_cmd(1, 5, 1), &[bufs[0].segment()], 5)
+        .unwrap();
     assert_eq!(again, done[0].cid);
     assert!(cids.contains(&again));
     model.release_all();
@@ -226,7 +280,12 @@ fn out_of_order_completions_reach_the_right_tags() {
     let bufs: Vec<_> = (0..20).map(|_| ctrl.alloc(4096).unwrap()).collect();
     for i in 0..20u64 {
         model.write_ns(1, 200 + i, &[i as u8 + 1; 4096]);
-        qp.submit(read_cmd(1, 200 + i, 1), &[bufs[i as usize].segment()], 1000 + i).unwrap();
+        qp.submit(
+            read_cmd(1, 200 + i, 1),
+            &[bufs[i as usize].segment()],
+            1000 + i,
+        )
+        .unwrap();
     }
     qp.ring();
     model.release_all();
@@ -235,7 +294,11 @@ fn out_of_order_completions_reach_the_right_tags() {
         qp.poll(64, |c| got.push(c));
     }
     let tags: Vec<u64> = got.iter().map(|c| c.tag).collect();
-    assert_eq!(tags, (1000..1020).rev().collect::<Vec<_>>(), "completed in reverse order");
+    assert_eq!(
+        tags,
+        (1000..1020).rev().collect::<Vec<_>>(),
+        "completed in reverse order"
+    );
     for (i, b) in bufs.iter().enumerate() {
         assert_eq!(b.to_vec(), vec![i as u8 + 1; 4096]);
     }
@@ -251,11 +314,15 @@ fn errors_carry_decoded_status_and_dnr() {
     let err = qp.read(1, 70, 16, &buf).unwrap_err();
     assert_eq!(err.status(), Some(status));
     let msg = err.to_string();
-    assert!(msg.contains("Unrecovered Read Error") && msg.contains("sct 2 / sc 0x81"), "{msg}");
+    assert!(
+        msg.contains("Unrecovered Read Error") && msg.contains("sct 2 / sc 0x81"),
+        "{msg}"
+    );
     // Commands that do not touch LBA 77 are fine.
     qp.read(1, 78, 8, &buf).unwrap();
     // Straight through the queue: the status and DNR bit reach the completion.
-    qp.submit(read_cmd(1, 77, 1), &[buf.segment_at(0, 4096)], 5).unwrap();
+    qp.submit(read_cmd(1, 77, 1), &[buf.segment_at(0, 4096)], 5)
+        .unwrap();
     let mut got = None;
     while got.is_none() {
         qp.poll(1, |c| got = Some(c));
@@ -298,10 +365,15 @@ fn admin_logs_features_and_abort() {
     model.fail_lba(1, 3, NvmeStatus::UNRECOVERED_READ_ERROR, Some(1));
     assert!(qp.read(1, 3, 1, &buf).is_err());
     let log = ctrl.error_log().unwrap();
-    assert!(log.iter().any(|e| e.status.sct == 2 && e.status.sc == 0x81), "{log:?}");
+    assert!(
+        log.iter().any(|e| e.status.sct == 2 && e.status.sc == 0x81),
+        "{log:?}"
+    );
     let smart2 = ctrl.smart_log().unwrap();
     assert!(smart2.host_write_commands > smart.host_write_commands);
-    let n = ctrl.get_features(rnvme_driver::spec::feature::NUMBER_OF_QUEUES, 0).unwrap();
+    let n = ctrl
+        .get_features(rnvme_driver::spec::feature::NUMBER_OF_QUEUES, 0)
+        .unwrap();
     assert!(n & 0xffff < 0xffff);
     // Abort a command the model is holding.
     model.set_completion_mode(CompletionMode::Deferred);
@@ -317,7 +389,11 @@ fn admin_logs_features_and_abort() {
 
 #[test]
 fn queue_depth_and_count_limits_are_enforced() {
-    let (_model, ctrl) = open(ModelConfig { mqes: 63, max_io_queues: 2, ..config(5) });
+    let (_model, ctrl) = open(ModelConfig {
+        mqes: 63,
+        max_io_queues: 2,
+        ..config(5)
+    });
     let err = ctrl.create_io_qpair(65).err().unwrap().to_string();
     assert!(err.contains("2 to 64"), "{err}");
     let a = ctrl.create_io_qpair(64).unwrap();
@@ -351,7 +427,10 @@ fn queue_pairs_run_on_their_own_threads() {
     }
     for t in 0..4u64 {
         for i in 0..50u64 {
-            assert_eq!(model.read_ns(1, t * 1000 + i, 1), vec![(t * 50 + i) as u8; 4096]);
+            assert_eq!(
+                model.read_ns(1, t * 1000 + i, 1),
+                vec![(t * 50 + i) as u8; 4096]
+            );
         }
     }
 }
@@ -363,7 +442,12 @@ fn batching_rings_one_doorbell_for_many_commands() {
     let buf = ctrl.alloc(32 * 4096).unwrap();
     let before = model.stats().sq_doorbells;
     for i in 0..32u64 {
-        qp.submit(write_cmd(1, i, 1, false), &[buf.segment_at(i as usize * 4096, 4096)], i).unwrap();
+        qp.submit(
+            write_cmd(1, i, 1, false),
+            &[buf.segment_at(i as usize * 4096, 4096)],
+            i,
+        )
+        .unwrap();
     }
     let mut n = 0;
     while n < 32 {

@@ -57,7 +57,10 @@ fn fail<T>(status: NvmeStatus, why: String) -> Result<T, WalkError> {
 }
 
 fn transfer_error<T>(what: &str, f: DmaFault) -> Result<T, WalkError> {
-    fail(NvmeStatus::DATA_TRANSFER_ERROR, format!("cannot read the {what}: {f}"))
+    fail(
+        NvmeStatus::DATA_TRANSFER_ERROR,
+        format!("cannot read the {what}: {f}"),
+    )
 }
 
 /// Append a segment, merging it with the previous one when they touch.
@@ -127,7 +130,10 @@ pub(super) fn walk_prp(
         );
     }
     if prp2 == 0 {
-        return fail(NvmeStatus::DATA_TRANSFER_ERROR, "the PRP list pointer is zero".into());
+        return fail(
+            NvmeStatus::DATA_TRANSFER_ERROR,
+            "the PRP list pointer is zero".into(),
+        );
     }
     let mut list = prp2;
     let mut needed = left.div_ceil(page);
@@ -149,7 +155,11 @@ pub(super) fn walk_prp(
                 let idx = i + j as u64;
                 let entry = u64::from_le_bytes(raw.try_into().expect("8-byte chunk"));
                 let at = list + idx * 8;
-                let what = if idx == data_here { "pointer to the next PRP list page" } else { "PRP list entry" };
+                let what = if idx == data_here {
+                    "pointer to the next PRP list page"
+                } else {
+                    "PRP list entry"
+                };
                 if entry & mask != 0 {
                     return fail(
                         NvmeStatus::PRP_OFFSET_INVALID,
@@ -374,7 +384,11 @@ mod tests {
         let mut out = Vec::new();
         let mut ctr = WalkCounters::default();
         walk_prp(bus, prp1, prp2, len, P, &mut out, &mut ctr).map_err(|e| e.status)?;
-        assert_eq!(out.iter().map(|s| s.len).sum::<u64>(), len, "segments cover the transfer");
+        assert_eq!(
+            out.iter().map(|s| s.len).sum::<u64>(),
+            len,
+            "segments cover the transfer"
+        );
         Ok((out, ctr.prp_list_pages))
     }
 
@@ -389,23 +403,46 @@ mod tests {
         let table: &[(u64, u64, u64, &[Seg])] = &[
             (D, 0, 4096, &[seg(D, 4096)]),
             (D + 512, 0, 512, &[seg(D + 512, 512)]),
-            (D + 4092, D + 2 * P, 8, &[seg(D + 4092, 4), seg(D + 2 * P, 4)]),
+            (
+                D + 4092,
+                D + 2 * P,
+                8,
+                &[seg(D + 4092, 4), seg(D + 2 * P, 4)],
+            ),
             (D, D + 5 * P, 8192, &[seg(D, 4096), seg(D + 5 * P, 4096)]),
             // Adjacent pages merge into one segment.
             (D, D + P, 8192, &[seg(D, 8192)]),
-            (D + 2048, D + 7 * P, 6144, &[seg(D + 2048, 2048), seg(D + 7 * P, 4096)]),
+            (
+                D + 2048,
+                D + 7 * P,
+                6144,
+                &[seg(D + 2048, 2048), seg(D + 7 * P, 4096)],
+            ),
         ];
         for &(p1, p2, len, want) in table {
-            assert_eq!(prp(&bus, p1, p2, len).unwrap(), (want.to_vec(), 0), "{p1:#x} {p2:#x} {len}");
+            assert_eq!(
+                prp(&bus, p1, p2, len).unwrap(),
+                (want.to_vec(), 0),
+                "{p1:#x} {p2:#x} {len}"
+            );
         }
     }
 
     #[test]
     fn prp_offsets_are_checked() {
         let mut bus = FakeBus::default();
-        assert_eq!(prp(&bus, D + 2, 0, 512), Err(NvmeStatus::PRP_OFFSET_INVALID));
-        assert_eq!(prp(&bus, D, D + P + 8, 8192), Err(NvmeStatus::PRP_OFFSET_INVALID));
-        assert_eq!(prp(&bus, D, L + 4, 3 * P), Err(NvmeStatus::PRP_OFFSET_INVALID));
+        assert_eq!(
+            prp(&bus, D + 2, 0, 512),
+            Err(NvmeStatus::PRP_OFFSET_INVALID)
+        );
+        assert_eq!(
+            prp(&bus, D, D + P + 8, 8192),
+            Err(NvmeStatus::PRP_OFFSET_INVALID)
+        );
+        assert_eq!(
+            prp(&bus, D, L + 4, 3 * P),
+            Err(NvmeStatus::PRP_OFFSET_INVALID)
+        );
         bus.put_u64s(L, &[D + P, D + 2 * P + 16]);
         assert_eq!(prp(&bus, D, L, 3 * P), Err(NvmeStatus::PRP_OFFSET_INVALID));
         bus.put_u64s(L, &[D + P, 0]);
@@ -413,7 +450,10 @@ mod tests {
         assert_eq!(prp(&bus, D, 0, 8192), Err(NvmeStatus::DATA_TRANSFER_ERROR));
         assert_eq!(prp(&bus, 0, 0, 512), Err(NvmeStatus::DATA_TRANSFER_ERROR));
         // The list page itself is not readable.
-        assert_eq!(prp(&bus, D, L + 7 * P, 3 * P), Err(NvmeStatus::DATA_TRANSFER_ERROR));
+        assert_eq!(
+            prp(&bus, D, L + 7 * P, 3 * P),
+            Err(NvmeStatus::DATA_TRANSFER_ERROR)
+        );
         // PRP2 is not looked at when the data stays in the first page.
         assert!(prp(&bus, D, 0x3, 4096).is_ok());
     }
@@ -424,15 +464,28 @@ mod tests {
         // 12 KiB: PRP1 + list of two.
         bus.put_u64s(L, &[D + 10 * P, D + 20 * P]);
         let (segs, pages) = prp(&bus, D, L, 3 * P).unwrap();
-        assert_eq!(segs, vec![seg(D, P), seg(D + 10 * P, P), seg(D + 20 * P, P)]);
+        assert_eq!(
+            segs,
+            vec![seg(D, P), seg(D + 10 * P, P), seg(D + 20 * P, P)]
+        );
         assert_eq!(pages, 1);
         // Unaligned start: 8 KiB from offset 512 needs three pages, the last one partial.
         let (segs, _) = prp(&bus, D + 512, L, 2 * P).unwrap();
-        assert_eq!(segs, vec![seg(D + 512, P - 512), seg(D + 10 * P, P), seg(D + 20 * P, 512)]);
+        assert_eq!(
+            segs,
+            vec![
+                seg(D + 512, P - 512),
+                seg(D + 10 * P, P),
+                seg(D + 20 * P, 512)
+            ]
+        );
         // The first list pointer may have a qword offset.
         bus.put_u64s(L + P + 64, &[D + 30 * P, D + 40 * P]);
         let (segs, _) = prp(&bus, D, L + P + 64, 3 * P).unwrap();
-        assert_eq!(segs, vec![seg(D, P), seg(D + 30 * P, P), seg(D + 40 * P, P)]);
+        assert_eq!(
+            segs,
+            vec![seg(D, P), seg(D + 30 * P, P), seg(D + 40 * P, P)]
+        );
     }
 
     #[test]
@@ -459,12 +512,20 @@ mod tests {
         // A next-page pointer with an offset is invalid.
         page_a[511] = L + 5 * P + 8;
         bus.put_u64s(L, &page_a);
-        assert_eq!(prp(&bus, D, L, 514 * P), Err(NvmeStatus::PRP_OFFSET_INVALID));
+        assert_eq!(
+            prp(&bus, D, L, 514 * P),
+            Err(NvmeStatus::PRP_OFFSET_INVALID)
+        );
         // A list starting at an offset has fewer slots before it must chain.
         bus.put_u64s(L + 20 * P + 4080, &[D + 2 * P, L + 21 * P]);
         bus.put_u64s(L + 21 * P, &[D + 4 * P, D + 6 * P]);
         let (segs, pages) = prp(&bus, D, L + 20 * P + 4080, 4 * P).unwrap();
-        let want = [seg(D, P), seg(D + 2 * P, P), seg(D + 4 * P, P), seg(D + 6 * P, P)];
+        let want = [
+            seg(D, P),
+            seg(D + 2 * P, P),
+            seg(D + 4 * P, P),
+            seg(D + 6 * P, P),
+        ];
         assert_eq!(segs, want.to_vec());
         assert_eq!(pages, 2);
     }
@@ -484,13 +545,25 @@ mod tests {
     #[test]
     fn sgl_data_block_in_command() {
         let bus = FakeBus::default();
-        assert_eq!(sgl(&bus, data(D + 3, 5000), 5000).unwrap(), (vec![seg(D + 3, 5000)], 1));
-        assert_eq!(sgl(&bus, data(D, 4096), 8192), Err(NvmeStatus::DATA_SGL_LENGTH_INVALID));
+        assert_eq!(
+            sgl(&bus, data(D + 3, 5000), 5000).unwrap(),
+            (vec![seg(D + 3, 5000)], 1)
+        );
+        assert_eq!(
+            sgl(&bus, data(D, 4096), 8192),
+            Err(NvmeStatus::DATA_SGL_LENGTH_INVALID)
+        );
         let mut bad = data(D, 4096);
         bad.id |= 1;
-        assert_eq!(sgl(&bus, bad, 4096), Err(NvmeStatus::SGL_DESCRIPTOR_TYPE_INVALID));
+        assert_eq!(
+            sgl(&bus, bad, 4096),
+            Err(NvmeStatus::SGL_DESCRIPTOR_TYPE_INVALID)
+        );
         let bit_bucket = SglDescriptor::new(1, D, 4096);
-        assert_eq!(sgl(&bus, bit_bucket, 4096), Err(NvmeStatus::SGL_DESCRIPTOR_TYPE_INVALID));
+        assert_eq!(
+            sgl(&bus, bit_bucket, 4096),
+            Err(NvmeStatus::SGL_DESCRIPTOR_TYPE_INVALID)
+        );
     }
 
     #[test]
@@ -508,36 +581,66 @@ mod tests {
         bus.put_descs(L + P, &[data(D + 16 * P, 200)]);
         let first = SglDescriptor::new(sgl_type::SEGMENT, L, 48);
         let (segs, descs) = sgl(&bus, first, 4396).unwrap();
-        assert_eq!(segs, vec![seg(D, 4096), seg(D + 8 * P, 100), seg(D + 16 * P, 200)]);
+        assert_eq!(
+            segs,
+            vec![seg(D, 4096), seg(D + 8 * P, 100), seg(D + 16 * P, 200)]
+        );
         assert_eq!(descs, 5);
-        assert_eq!(sgl(&bus, first, 4397), Err(NvmeStatus::DATA_SGL_LENGTH_INVALID));
+        assert_eq!(
+            sgl(&bus, first, 4397),
+            Err(NvmeStatus::DATA_SGL_LENGTH_INVALID)
+        );
         // A last segment straight from the command.
         let last = SglDescriptor::new(sgl_type::LAST_SEGMENT, L, 32);
-        assert_eq!(sgl(&bus, last, 4196).unwrap().0, vec![seg(D, 4096), seg(D + 8 * P, 100)]);
+        assert_eq!(
+            sgl(&bus, last, 4196).unwrap().0,
+            vec![seg(D, 4096), seg(D + 8 * P, 100)]
+        );
         // Bad segment lengths.
         for len in [0, 8, 40] {
             let s = SglDescriptor::new(sgl_type::LAST_SEGMENT, L, len);
-            assert_eq!(sgl(&bus, s, 4096), Err(NvmeStatus::INVALID_SGL_SEGMENT_DESCRIPTOR));
+            assert_eq!(
+                sgl(&bus, s, 4096),
+                Err(NvmeStatus::INVALID_SGL_SEGMENT_DESCRIPTOR)
+            );
         }
         // A segment list that does not chain although it is not the last one.
         bus.put_descs(L + 2 * P, &[data(D, 4096)]);
         let s = SglDescriptor::new(sgl_type::SEGMENT, L + 2 * P, 16);
-        assert_eq!(sgl(&bus, s, 4096), Err(NvmeStatus::INVALID_SGL_SEGMENT_DESCRIPTOR));
+        assert_eq!(
+            sgl(&bus, s, 4096),
+            Err(NvmeStatus::INVALID_SGL_SEGMENT_DESCRIPTOR)
+        );
         // A segment descriptor in the middle of a list.
         bus.put_descs(
             L + 3 * P,
-            &[SglDescriptor::new(sgl_type::LAST_SEGMENT, L + P, 16), data(D, 4096)],
+            &[
+                SglDescriptor::new(sgl_type::LAST_SEGMENT, L + P, 16),
+                data(D, 4096),
+            ],
         );
         let s = SglDescriptor::new(sgl_type::SEGMENT, L + 3 * P, 32);
-        assert_eq!(sgl(&bus, s, 4296), Err(NvmeStatus::INVALID_SGL_SEGMENT_DESCRIPTOR));
+        assert_eq!(
+            sgl(&bus, s, 4296),
+            Err(NvmeStatus::INVALID_SGL_SEGMENT_DESCRIPTOR)
+        );
         // A last segment holding a segment descriptor.
-        bus.put_descs(L + 4 * P, &[SglDescriptor::new(sgl_type::SEGMENT, L + P, 16)]);
+        bus.put_descs(
+            L + 4 * P,
+            &[SglDescriptor::new(sgl_type::SEGMENT, L + P, 16)],
+        );
         let s = SglDescriptor::new(sgl_type::LAST_SEGMENT, L + 4 * P, 16);
-        assert_eq!(sgl(&bus, s, 200), Err(NvmeStatus::SGL_DESCRIPTOR_TYPE_INVALID));
+        assert_eq!(
+            sgl(&bus, s, 200),
+            Err(NvmeStatus::SGL_DESCRIPTOR_TYPE_INVALID)
+        );
         // Unknown type in a list; unreadable list.
         bus.put_descs(L + 5 * P, &[SglDescriptor::new(0x4, D, 4096)]);
         let s = SglDescriptor::new(sgl_type::LAST_SEGMENT, L + 5 * P, 16);
-        assert_eq!(sgl(&bus, s, 4096), Err(NvmeStatus::SGL_DESCRIPTOR_TYPE_INVALID));
+        assert_eq!(
+            sgl(&bus, s, 4096),
+            Err(NvmeStatus::SGL_DESCRIPTOR_TYPE_INVALID)
+        );
         let s = SglDescriptor::new(sgl_type::LAST_SEGMENT, L + 50 * P, 16);
         assert_eq!(sgl(&bus, s, 4096), Err(NvmeStatus::DATA_TRANSFER_ERROR));
     }
@@ -547,6 +650,9 @@ mod tests {
         let mut bus = FakeBus::default();
         bus.put_descs(L, &[SglDescriptor::new(sgl_type::SEGMENT, L, 16)]);
         let s = SglDescriptor::new(sgl_type::SEGMENT, L, 16);
-        assert_eq!(sgl(&bus, s, 4096), Err(NvmeStatus::INVALID_SGL_DESCRIPTOR_COUNT));
+        assert_eq!(
+            sgl(&bus, s, 4096),
+            Err(NvmeStatus::INVALID_SGL_DESCRIPTOR_COUNT)
+        );
     }
 }

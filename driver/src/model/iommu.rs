@@ -99,17 +99,17 @@ impl IovaTable {
         if vaddr.is_null() {
             return Err(MapRefusal::BadArgument("the host address is null".into()));
         }
-        if len == 0 || len % MAP_ALIGN != 0 {
+        if len == 0 || !len.is_multiple_of(MAP_ALIGN) {
             return Err(MapRefusal::BadArgument(format!(
                 "the length {len:#x} is not a nonzero multiple of 4 KiB"
             )));
         }
-        if iova % MAP_ALIGN != 0 {
+        if !iova.is_multiple_of(MAP_ALIGN) {
             return Err(MapRefusal::BadArgument(format!(
                 "the IOVA {iova:#x} is not 4 KiB aligned"
             )));
         }
-        if (vaddr as usize) % MAP_ALIGN as usize != 0 {
+        if !(vaddr as usize).is_multiple_of(MAP_ALIGN as usize) {
             return Err(MapRefusal::BadArgument(format!(
                 "the host address {vaddr:p} is not 4 KiB aligned"
             )));
@@ -123,7 +123,13 @@ impl IovaTable {
                 return Err(MapRefusal::Overlap(start));
             }
         }
-        self.maps.insert(iova, Mapping { host: HostPtr(vaddr), len });
+        self.maps.insert(
+            iova,
+            Mapping {
+                host: HostPtr(vaddr),
+                len,
+            },
+        );
         self.bytes += len;
         Ok(())
     }
@@ -261,17 +267,35 @@ mod tests {
         let b = Block::new(4 * 4096);
         let mut t = IovaTable::default();
         let base = IOVA_START;
-        assert!(matches!(t.map(b.ptr, 100, base), Err(MapRefusal::BadArgument(_))));
-        assert!(matches!(t.map(b.ptr, 0, base), Err(MapRefusal::BadArgument(_))));
-        assert!(matches!(t.map(b.ptr, 4096, base + 8), Err(MapRefusal::BadArgument(_))));
+        assert!(matches!(
+            t.map(b.ptr, 100, base),
+            Err(MapRefusal::BadArgument(_))
+        ));
+        assert!(matches!(
+            t.map(b.ptr, 0, base),
+            Err(MapRefusal::BadArgument(_))
+        ));
+        assert!(matches!(
+            t.map(b.ptr, 4096, base + 8),
+            Err(MapRefusal::BadArgument(_))
+        ));
         // SAFETY: one byte into the block, still inside it.
         let odd = unsafe { b.ptr.add(1) };
-        assert!(matches!(t.map(odd, 4096, base), Err(MapRefusal::BadArgument(_))));
+        assert!(matches!(
+            t.map(odd, 4096, base),
+            Err(MapRefusal::BadArgument(_))
+        ));
         assert_eq!(t.map(b.ptr, 4096, 0), Err(MapRefusal::OutOfRange));
         assert_eq!(t.map(b.ptr, 4096, IOVA_END), Err(MapRefusal::OutOfRange));
         t.map(b.ptr, 2 * 4096, base + 4096).unwrap();
-        assert_eq!(t.map(b.ptr, 2 * 4096, base), Err(MapRefusal::Overlap(base + 4096)));
-        assert_eq!(t.map(b.ptr, 4096, base + 2 * 4096), Err(MapRefusal::Overlap(base + 4096)));
+        assert_eq!(
+            t.map(b.ptr, 2 * 4096, base),
+            Err(MapRefusal::Overlap(base + 4096))
+        );
+        assert_eq!(
+            t.map(b.ptr, 4096, base + 2 * 4096),
+            Err(MapRefusal::Overlap(base + 4096))
+        );
         t.map(b.ptr, 4096, base).unwrap();
         t.map(b.ptr, 4096, base + 3 * 4096).unwrap();
         assert_eq!(t.mapped_bytes(), 4 * 4096);
@@ -294,12 +318,28 @@ mod tests {
         t.read(IOVA_START + 4000, &mut back).unwrap();
         assert_eq!(back, data);
         let mut pieces = Vec::new();
-        t.for_each_slice(IOVA_START + 4000, 200, |s| pieces.push(s.len())).unwrap();
+        t.for_each_slice(IOVA_START + 4000, 200, |s| pieces.push(s.len()))
+            .unwrap();
         assert_eq!(pieces, vec![96, 104]);
-        assert_eq!(t.check(IOVA_START + 4096, 4097), Err(DmaFault { iova: IOVA_START + 8192 }));
-        assert_eq!(t.check(IOVA_START - 1, 2), Err(DmaFault { iova: IOVA_START - 1 }));
+        assert_eq!(
+            t.check(IOVA_START + 4096, 4097),
+            Err(DmaFault {
+                iova: IOVA_START + 8192
+            })
+        );
+        assert_eq!(
+            t.check(IOVA_START - 1, 2),
+            Err(DmaFault {
+                iova: IOVA_START - 1
+            })
+        );
         let mut calls = 0;
-        assert!(t.for_each_slice(IOVA_START, 3 * 4096, |_| calls += 1).is_err());
-        assert_eq!(calls, 0, "nothing is touched when part of the range is unmapped");
+        assert!(t
+            .for_each_slice(IOVA_START, 3 * 4096, |_| calls += 1)
+            .is_err());
+        assert_eq!(
+            calls, 0,
+            "nothing is touched when part of the range is unmapped"
+        );
     }
 }

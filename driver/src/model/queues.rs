@@ -39,7 +39,14 @@ pub(super) struct Sq {
 
 impl Sq {
     pub fn new(base: u64, size: u32, cqid: u16) -> Sq {
-        Sq { base, size, head: 0, tail: 0, cqid, outstanding: CidSet::new() }
+        Sq {
+            base,
+            size,
+            head: 0,
+            tail: 0,
+            cqid,
+            outstanding: CidSet::new(),
+        }
     }
 }
 
@@ -61,7 +68,14 @@ pub(super) struct Cq {
 
 impl Cq {
     pub fn new(base: u64, size: u32) -> Cq {
-        Cq { base, size, head: 0, tail: 0, phase: true, waiting: VecDeque::new() }
+        Cq {
+            base,
+            size,
+            head: 0,
+            tail: 0,
+            phase: true,
+            waiting: VecDeque::new(),
+        }
     }
     /// Entries posted and not yet consumed by the host.
     pub fn used(&self) -> u32 {

@@ -46,7 +46,11 @@ impl Storage {
         while cur < end {
             let off = cur % CHUNK;
             let n = (CHUNK - off).min(end - cur);
-            f(self.chunks.get(&(cur / CHUNK)).map(|c| &c[..]), off as usize, n as usize);
+            f(
+                self.chunks.get(&(cur / CHUNK)).map(|c| &c[..]),
+                off as usize,
+                n as usize,
+            );
             cur += n;
         }
     }
@@ -65,7 +69,9 @@ impl Storage {
                 Some(c) => &c[off..off + n],
                 None => &ZEROS[..n],
             };
-            dst.subslice(done, n).expect("piece inside the slice").copy_from(src);
+            dst.subslice(done, n)
+                .expect("piece inside the slice")
+                .copy_from(src);
             done += n;
         });
     }
@@ -78,7 +84,9 @@ impl Storage {
             let off = (cur % CHUNK) as usize;
             let n = (CHUNK as usize - off).min(src.len() - done);
             let chunk = self.chunk_mut(cur / CHUNK);
-            src.subslice(done, n).expect("piece inside the slice").copy_to(&mut chunk[off..off + n]);
+            src.subslice(done, n)
+                .expect("piece inside the slice")
+                .copy_to(&mut chunk[off..off + n]);
             done += n;
             cur += n as u64;
         }
@@ -173,7 +181,7 @@ mod tests {
         assert_eq!(s.resident(), 2 * CHUNK);
         s.read(pos, &mut back);
         assert!(back.iter().all(|&b| b == 0));
-        assert!(s.equals(pos, &vec![0; 10]));
+        assert!(s.equals(pos, &[0; 10]));
     }
 
     #[test]
