@@ -1,2 +1,44 @@
 #![forbid(unsafe_code)]
-//! rnvme-mpage (in progress)
+//! rnvme-mpage: a hugepage page cache that turns contiguous block runs into single NVMe
+//! commands, modelled on Linux's `fs/mpage.c`.
+//!
+//! - [`PagePool`]: 4 KiB frames carved from 2 MiB DMA buffers mapped once at start-up.
+//! - [`PageCache`]: (file, page) → frame with per-page and per-block state, LRU eviction of
+//!   clean pages, write-back of dirty ones when short, and the file API (`read_at`,
+//!   `write_at`, `sync`, `set_len`, `readahead`).
+//! - [`BlockMap`]: where a file's blocks are (the `get_block` role), with [`Linear`] and
+//!   [`ExtentMap`] built in; [`MapSpec`] loads an extent map from MAP.json.
+//! - [`BlockIo`]: the asynchronous device interface, implemented by [`NvmeBlockIo`] (a driver
+//!   queue pair) and [`RecordingDevice`] (in memory, recording every command).
+//! - [`trace()`]: the `rnvme mpage trace` contract.
+//!
+//! The read path (`read.rs`) and the write path (`write.rs`) follow `mpage_readahead` and
+//! `mpage_writepages`: contiguous pages become one command, anything unusual falls back to one
+//! command per block.
+
+mod backend;
+mod cache;
+mod error;
+mod map;
+mod nvme;
+mod pool;
+mod read;
+mod recording;
+mod spec;
+pub mod trace;
+mod write;
+
+pub use backend::{BlockIo, IoError, IoOp, IoRequest};
+pub use cache::{BlockBits, CacheOptions, CacheStats, FileId, PageCache, PageState};
+pub use error::{MpageError, PageError};
+pub use map::{BlockMap, Extent, ExtentError, ExtentMap, Linear, MapError, MapFlags, Mapping};
+pub use nvme::NvmeBlockIo;
+pub use pool::{FrameId, PagePool, PoolError, CHUNK_BYTES, FRAMES_PER_CHUNK, PAGE_SIZE};
+pub use recording::{
+    fill_pattern, pattern_byte, CommandRecord, DiskFill, EventLog, LoggedMap, RecordingDevice,
+    TraceEvent, MAX_LBAS_PER_COMMAND,
+};
+pub use spec::{check_block_size, MapSpec, SpecError};
+pub use trace::{
+    parse_ops, run_trace, trace, PageReport, TraceError, TraceOp, TraceReport, WRITE_SEED,
+};

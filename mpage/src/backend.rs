@@ -1,0 +1,126 @@
+//! The I/O backend: what the cache needs from a device, asynchronously.
+//!
+//! Commands are submitted with a tag and complete later, reported by [`BlockIo::poll`]; many
+//! may be in flight at once and no thread waits on any of them. The same cache code runs on a
+//! controller ([`crate::NvmeBlockIo`]) and on the in-memory [`crate::RecordingDevice`].
+
+use std::fmt;
+
+use rnvme_driver::{NvmeStatus, Segment};
+
+/// What a command does.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IoOp {
+    /// Read LBAs into memory.
+    Read,
+    /// Write memory to LBAs.
+    Write,
+    /// Make written data durable (no data, no LBAs).
+    Flush,
+}
+
+impl IoOp {
+    /// The lower-case name used in traces.
+    pub fn name(self) -> &'static str {
+        match self {
+            IoOp::Read => "read",
+            IoOp::Write => "write",
+            IoOp::Flush => "flush",
+        }
+    }
+}
+
+impl fmt::Display for IoOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IoOp::Read => "Read",
+            IoOp::Write => "Write",
+            IoOp::Flush => "Flush",
+        })
+    }
+}
+
+/// One command for a backend.
+#[derive(Copy, Clone, Debug)]
+pub struct IoRequest<'a> {
+    /// What to do.
+    pub op: IoOp,
+    /// First LBA (0 for Flush).
+    pub slba: u64,
+    /// Number of LBAs (0 for Flush).
+    pub lbas: u32,
+    /// The memory: frames' IOVAs, in order; their lengths add up to `lbas` × LBA size.
+    pub segments: &'a [Segment],
+    /// For traces and logs: the file pages this command carries.
+    pub pages: &'a [u64],
+    /// For traces and logs: a per-block (fallback) command.
+    pub fallback: bool,
+}
+
+/// Why a command failed or could not be submitted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IoError {
+    /// No room for another command now: poll for completions, then submit again.
+    #[error("the queue is full: poll for completions, then submit again")]
+    QueueFull,
+    /// The device completed the command with an error status.
+    #[error("the device completed it with status {0}")]
+    Status(NvmeStatus),
+    /// The command could not be submitted (a bad buffer, a dead device, ...).
+    #[error("{dev} refused the command: {reason}")]
+    Rejected { dev: String, reason: String },
+}
+
+impl IoError {
+    /// The NVMe status, if the device completed the command with one.
+    pub fn status(&self) -> Option<NvmeStatus> {
+        match self {
+            IoError::Status(s) => Some(*s),
+            _ => None,
+        }
+    }
+}
+
+/// A block device the cache can drive: submit tagged commands, poll for their completions.
+pub trait BlockIo {
+    /// A name for messages (device and namespace).
+    fn name(&self) -> &str;
+
+    /// Bytes per LBA.
+    fn lba_size(&self) -> u32;
+
+    /// Largest data transfer of one command in bytes (`u32::MAX` for no limit).
+    fn max_transfer(&self) -> u32;
+
+    /// Queue a command under `tag`. It need not reach the device before [`BlockIo::kick`] or
+    /// [`BlockIo::poll`]. [`IoError::QueueFull`] means: poll, then try again.
+    fn submit(&mut self, req: &IoRequest<'_>, tag: u64) -> Result<(), IoError>;
+
+    /// Make sure queued commands reach the device (ring the doorbell).
+    fn kick(&mut self) {}
+
+    /// Reap completed commands, calling `done(tag, result)` for each; returns how many.
+    fn poll(&mut self, done: &mut dyn FnMut(u64, Result<(), IoError>)) -> usize;
+}
+
+impl<B: BlockIo + ?Sized> BlockIo for Box<B> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn lba_size(&self) -> u32 {
+        (**self).lba_size()
+    }
+    fn max_transfer(&self) -> u32 {
+        (**self).max_transfer()
+    }
+    fn submit(&mut self, req: &IoRequest<'_>, tag: u64) -> Result<(), IoError> {
+        (**self).submit(req, tag)
+    }
+    fn kick(&mut self) {
+        (**self).kick()
+    }
+    fn poll(&mut self, done: &mut dyn FnMut(u64, Result<(), IoError>)) -> usize {
+        (**self).poll(done)
+    }
+}

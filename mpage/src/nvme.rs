@@ -1,0 +1,85 @@
+//! The adapter from [`BlockIo`] to a driver I/O queue pair: the only driver-facing code here.
+
+use rnvme_driver::io::{flush_cmd, read_cmd, write_cmd, IoQueuePair};
+use rnvme_driver::Error;
+
+use crate::backend::{BlockIo, IoError, IoOp, IoRequest};
+
+/// One namespace reached through one I/O queue pair. Owned by one thread, like the queue.
+pub struct NvmeBlockIo {
+    qp: IoQueuePair,
+    nsid: u32,
+    lba_size: u32,
+    max_transfer: u32,
+    name: String,
+}
+
+impl NvmeBlockIo {
+    /// Drive namespace `nsid` (formatted with `lba_size`-byte LBAs) through `qp`.
+    pub fn new(qp: IoQueuePair, nsid: u32, lba_size: u32) -> NvmeBlockIo {
+        let max_transfer = qp.max_transfer_for(lba_size);
+        let name = format!("namespace {nsid} (I/O queue {})", qp.qid());
+        NvmeBlockIo {
+            qp,
+            nsid,
+            lba_size,
+            max_transfer,
+            name,
+        }
+    }
+
+    /// The queue pair (for its counters).
+    pub fn queue(&self) -> &IoQueuePair {
+        &self.qp
+    }
+
+    /// Give the queue pair back.
+    pub fn into_queue(self) -> IoQueuePair {
+        self.qp
+    }
+}
+
+impl BlockIo for NvmeBlockIo {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn lba_size(&self) -> u32 {
+        self.lba_size
+    }
+
+    fn max_transfer(&self) -> u32 {
+        self.max_transfer
+    }
+
+    fn submit(&mut self, req: &IoRequest<'_>, tag: u64) -> Result<(), IoError> {
+        let cmd = match req.op {
+            IoOp::Read => read_cmd(self.nsid, req.slba, req.lbas),
+            IoOp::Write => write_cmd(self.nsid, req.slba, req.lbas, false),
+            IoOp::Flush => flush_cmd(self.nsid),
+        };
+        match self.qp.submit(cmd, req.segments, tag) {
+            Ok(_) => Ok(()),
+            Err(Error::QueueFull) => Err(IoError::QueueFull),
+            Err(e) => Err(IoError::Rejected {
+                dev: self.name.clone(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    fn kick(&mut self) {
+        self.qp.ring();
+    }
+
+    fn poll(&mut self, done: &mut dyn FnMut(u64, Result<(), IoError>)) -> usize {
+        self.qp.poll(usize::MAX, |c| {
+            let r = if c.status.is_success() {
+                Ok(())
+            } else {
+                Err(IoError::Status(c.status))
+            };
+            done(c.tag, r)
+        })
+    }
+}

@@ -1,0 +1,275 @@
+//! The page pool: 2 MiB DMA buffers taken from the driver's pool once, at start-up, and carved
+//! into 4 KiB frames.
+//!
+//! A frame is a (buffer, offset) pair; the device reaches it at `buffer.iova() + offset`. The
+//! buffers are mapped for DMA when the pool is made, so the I/O path never maps anything. The
+//! CPU touches frames only through copies ([`PagePool::read`], [`PagePool::write`]): the device
+//! may write a frame at any time while a command is in flight, so no Rust reference into one
+//! is ever handed out.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rnvme_driver::dma::{DmaBuffer, DmaError, DmaPool};
+use rnvme_driver::Iova;
+
+/// Bytes in a page (and in a frame).
+pub const PAGE_SIZE: usize = 4096;
+/// Bytes in one buffer taken from the DMA pool.
+pub const CHUNK_BYTES: usize = 2 << 20;
+/// Frames carved from one buffer.
+pub const FRAMES_PER_CHUNK: usize = CHUNK_BYTES / PAGE_SIZE;
+
+/// One 4 KiB page frame of a [`PagePool`].
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FrameId(u32);
+
+impl FrameId {
+    /// The frame's number in its pool (buffer index × 512 + slot).
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+
+    fn chunk(self) -> usize {
+        self.0 as usize / FRAMES_PER_CHUNK
+    }
+
+    fn offset(self) -> usize {
+        (self.0 as usize % FRAMES_PER_CHUNK) * PAGE_SIZE
+    }
+}
+
+/// Why the pool could not be made or used.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// A pool of no frames is useless.
+    #[error("a page pool needs at least one frame")]
+    NoFrames,
+    /// The DMA pool could not supply a 2 MiB buffer.
+    #[error("cannot take buffer {chunk} of {chunks} (2 MiB each) for the page pool: {source}")]
+    Dma {
+        chunk: usize,
+        chunks: usize,
+        #[source]
+        source: DmaError,
+    },
+    /// The driver handed out a buffer that is not 4 KiB aligned in IOVA.
+    #[error("the DMA pool returned a buffer at IOVA {0}, which is not 4 KiB aligned")]
+    Misaligned(Iova),
+    /// A device addressed memory outside the pool.
+    #[error("IOVA range {iova}+{len} is not inside one frame of the page pool")]
+    NotInPool { iova: Iova, len: usize },
+}
+
+/// A fixed set of 4 KiB DMA frames. Cheap to clone: clones share the frames (a recording
+/// device holds one to move data the way a controller would).
+#[derive(Clone)]
+pub struct PagePool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    /// IOVA of each buffer, sorted as the buffers are (immutable after start-up).
+    iovas: Vec<Iova>,
+    frames: usize,
+    state: Mutex<PoolState>,
+}
+
+struct PoolState {
+    buffers: Vec<DmaBuffer>,
+    /// Free frames, popped from the end (lowest numbers first when the pool is fresh).
+    free: Vec<u32>,
+}
+
+impl std::fmt::Debug for PagePool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PagePool")
+            .field("frames", &self.inner.frames)
+            .field("free", &self.free_frames())
+            .finish()
+    }
+}
+
+impl PagePool {
+    /// Take enough 2 MiB buffers from `dma` for `frames` frames (rounded up to whole
+    /// buffers: every frame of every buffer is used).
+    pub fn new(dma: &DmaPool, frames: usize) -> Result<PagePool, PoolError> {
+        if frames == 0 {
+            return Err(PoolError::NoFrames);
+        }
+        let chunks = frames.div_ceil(FRAMES_PER_CHUNK);
+        let mut buffers = Vec::with_capacity(chunks);
+        for chunk in 0..chunks {
+            let buf = dma.alloc(CHUNK_BYTES).map_err(|source| PoolError::Dma {
+                chunk,
+                chunks,
+                source,
+            })?;
+            if buf.iova().0 % PAGE_SIZE as u64 != 0 {
+                return Err(PoolError::Misaligned(buf.iova()));
+            }
+            buffers.push(buf);
+        }
+        let frames = chunks * FRAMES_PER_CHUNK;
+        let iovas = buffers.iter().map(DmaBuffer::iova).collect();
+        let free = (0..frames as u32).rev().collect();
+        Ok(PagePool {
+            inner: Arc::new(PoolInner {
+                iovas,
+                frames,
+                state: Mutex::new(PoolState { buffers, free }),
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        // Every update under the lock is a single push, pop or copy: a panic cannot leave it
+        // half done, so a poisoned lock is still consistent.
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Number of frames.
+    pub fn frames(&self) -> usize {
+        self.inner.frames
+    }
+
+    /// Frames not handed out.
+    pub fn free_frames(&self) -> usize {
+        self.lock().free.len()
+    }
+
+    /// Take a free frame (its contents are whatever it last held).
+    pub fn alloc(&self) -> Option<FrameId> {
+        self.lock().free.pop().map(FrameId)
+    }
+
+    /// Give a frame back. The caller must not use it afterwards.
+    pub fn free(&self, frame: FrameId) {
+        let mut st = self.lock();
+        debug_assert!(!st.free.contains(&frame.0), "frame {} freed twice", frame.0);
+        st.free.push(frame.0);
+    }
+
+    /// Where the device finds the frame.
+    pub fn iova(&self, frame: FrameId) -> Iova {
+        self.inner.iovas[frame.chunk()].add(frame.offset() as u64)
+    }
+
+    /// Copy bytes out of a frame, starting at `offset`.
+    ///
+    /// # Panics
+    /// If the range leaves the frame.
+    pub fn read(&self, frame: FrameId, offset: usize, buf: &mut [u8]) {
+        assert!(
+            offset + buf.len() <= PAGE_SIZE,
+            "read {offset}+{} leaves the frame",
+            buf.len()
+        );
+        self.lock().buffers[frame.chunk()].read_bytes(frame.offset() + offset, buf);
+    }
+
+    /// Copy bytes into a frame at `offset`.
+    ///
+    /// # Panics
+    /// If the range leaves the frame.
+    pub fn write(&self, frame: FrameId, offset: usize, data: &[u8]) {
+        assert!(
+            offset + data.len() <= PAGE_SIZE,
+            "write {offset}+{} leaves the frame",
+            data.len()
+        );
+        self.lock().buffers[frame.chunk()].write_bytes(frame.offset() + offset, data);
+    }
+
+    /// Zero `len` bytes of a frame from `offset`.
+    pub fn zero(&self, frame: FrameId, offset: usize, len: usize) {
+        const ZEROS: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+        self.write(frame, offset, &ZEROS[..len]);
+    }
+
+    /// A copy of a whole frame.
+    pub fn frame_bytes(&self, frame: FrameId) -> Vec<u8> {
+        let mut v = vec![0; PAGE_SIZE];
+        self.read(frame, 0, &mut v);
+        v
+    }
+
+    /// The buffer and offset holding `len` bytes at `iova`, which must lie in one frame.
+    fn locate(&self, iova: Iova, len: usize) -> Result<(usize, usize), PoolError> {
+        let not_in_pool = PoolError::NotInPool { iova, len };
+        let chunk = self
+            .inner
+            .iovas
+            .iter()
+            .position(|b| iova.0 >= b.0 && iova.0 < b.0 + CHUNK_BYTES as u64)
+            .ok_or(not_in_pool)?;
+        let offset = (iova.0 - self.inner.iovas[chunk].0) as usize;
+        if len == 0 || offset % PAGE_SIZE + len > PAGE_SIZE {
+            return Err(PoolError::NotInPool { iova, len });
+        }
+        Ok((chunk, offset))
+    }
+
+    /// Device-side read of memory at `iova` (what a controller does for a Write command).
+    pub fn dma_read(&self, iova: Iova, buf: &mut [u8]) -> Result<(), PoolError> {
+        let (chunk, offset) = self.locate(iova, buf.len())?;
+        self.lock().buffers[chunk].read_bytes(offset, buf);
+        Ok(())
+    }
+
+    /// Device-side write of memory at `iova` (what a controller does for a Read command).
+    pub fn dma_write(&self, iova: Iova, data: &[u8]) -> Result<(), PoolError> {
+        let (chunk, offset) = self.locate(iova, data.len())?;
+        self.lock().buffers[chunk].write_bytes(offset, data);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rnvme_driver::dma::Backing;
+    use rnvme_driver::hw::MemoryOnly;
+
+    fn pool(frames: usize) -> PagePool {
+        let dma = DmaPool::new(Arc::new(MemoryOnly), Backing::SmallPages, 0).unwrap();
+        PagePool::new(&dma, frames).unwrap()
+    }
+
+    #[test]
+    fn frames_are_carved_from_2mib_buffers() {
+        let p = pool(513);
+        assert_eq!(p.frames(), 1024);
+        let a = p.alloc().unwrap();
+        let b = p.alloc().unwrap();
+        assert_eq!((a.index(), b.index()), (0, 1));
+        assert_eq!(p.iova(b).0 - p.iova(a).0, 4096);
+        assert_eq!(p.iova(a).0 % 4096, 0);
+        let last = FrameId(1023);
+        assert_eq!(p.iova(last).0 % (2 << 20), 511 * 4096);
+        assert_eq!(p.free_frames(), 1022);
+        p.free(a);
+        assert_eq!(p.alloc(), Some(a), "freed frames are reused first");
+    }
+
+    #[test]
+    fn cpu_and_device_views_agree() {
+        let p = pool(2);
+        let f = p.alloc().unwrap();
+        p.write(f, 100, b"hello");
+        let mut got = [0u8; 5];
+        p.dma_read(p.iova(f).add(100), &mut got).unwrap();
+        assert_eq!(&got, b"hello");
+        p.dma_write(p.iova(f).add(4090), b"abcdef").unwrap();
+        let mut back = [0u8; 6];
+        p.read(f, 4090, &mut back);
+        assert_eq!(&back, b"abcdef");
+        p.zero(f, 4090, 6);
+        p.read(f, 4090, &mut back);
+        assert_eq!(back, [0; 6]);
+        assert!(
+            p.dma_write(p.iova(f).add(4095), b"xy").is_err(),
+            "a copy may not straddle frames"
+        );
+        assert!(p.dma_read(Iova(1), &mut back).is_err());
+    }
+}

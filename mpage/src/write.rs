@@ -1,0 +1,229 @@
+//! The write path (`mpage_writepages`): dirty pages in index order, coalesced into as few
+//! Writes as their disk layout allows.
+//!
+//! Blocks are mapped with `create`, but only those inside the file: a page wholly beyond the
+//! end is not written and nothing is allocated for it; the page straddling the end has its
+//! tail zeroed before it is written. Pages join a command when their blocks follow its last
+//! block on disk (they need not be neighbours in the file); `boundary` ends the command.
+//! Confused pages (per-block state, a mapping error, blocks not contiguous, or a block the
+//! map leaves unmapped although asked to allocate it: never a command with a made-up LBA)
+//! are sent block by block, just their dirty blocks, one command each.
+//!
+//! A page stays dirty until its write has completed; a failed write leaves it dirty.
+
+use rnvme_driver::Segment;
+
+use crate::backend::{BlockIo, IoOp};
+use crate::cache::{full_mask, BlockBits, FileId, Geo, PageCache, Target};
+use crate::error::{MpageError, PageError};
+use crate::map::{MapError, Mapping};
+use crate::pool::PAGE_SIZE;
+use crate::read::{Building, Run, Walk};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+
+/// Why a page left the fast path (for logs).
+enum Confused {
+    Forced,
+    PerBlockState,
+    MapFailed(MapError),
+    Unmapped(u64),
+    Discontiguous,
+}
+
+impl std::fmt::Display for Confused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Confused::Forced => f.write_str("per-block path forced"),
+            Confused::PerBlockState => f.write_str("the page has per-block state"),
+            Confused::MapFailed(e) => write!(f, "{e}"),
+            Confused::Unmapped(b) => {
+                write!(f, "file block {b} left unmapped by an allocating map call")
+            }
+            Confused::Discontiguous => f.write_str("blocks not contiguous on disk"),
+        }
+    }
+}
+
+impl<D: BlockIo> PageCache<D> {
+    /// Start writing the dirty, idle pages `pages` (ascending) of a file.
+    pub(crate) fn write_batch(&mut self, f: FileId, pages: &[u64]) -> Result<(), MpageError> {
+        if pages.is_empty() {
+            return Ok(());
+        }
+        let geo = self.geo(f)?;
+        let mut walk = Walk::default();
+        for &p in pages {
+            self.write_one(f, p, &geo, &mut walk)?;
+        }
+        self.send(f, IoOp::Write, &mut walk.cmd)?;
+        self.dev.kick();
+        Ok(())
+    }
+
+    fn write_one(&mut self, f: FileId, p: u64, geo: &Geo, w: &mut Walk) -> Result<(), MpageError> {
+        let size = geo.size;
+        let (end_page, tail) = (size / PAGE, (size % PAGE) as usize);
+        if p > end_page || (p == end_page && tail == 0) {
+            // Wholly beyond the end: not part of the file, nothing to write or allocate.
+            let page = self.page_mut(f, p);
+            let frame = page.frame;
+            page.dirty = false;
+            page.blocks = None;
+            page.uptodate = true;
+            page.zeroed_from = Some(0);
+            self.pool.zero(frame, 0, PAGE_SIZE);
+            return Ok(());
+        }
+        if self.opts.force_per_block {
+            return self.write_confused(f, p, geo, w, Confused::Forced);
+        }
+        if self.page_mut(f, p).blocks.is_some() {
+            return self.write_confused(f, p, geo, w, Confused::PerBlockState);
+        }
+        let first = p * geo.bpp;
+        let last_in_file = (size - 1) / geo.bs;
+        let n = (last_in_file - first + 1).min(geo.bpp) as usize;
+        let mut disk = [0u64; 8];
+        let mut boundary = false;
+        for i in 0..n {
+            let b = first + i as u64;
+            let hit = match w.run.and_then(|r| r.lookup(b)).filter(|h| h.disk.is_some()) {
+                Some(h) => h,
+                None => match self.map_call(f, b, (n - i) as u64, true) {
+                    Ok(m) => {
+                        let r = Run::new(b, m);
+                        w.run = Some(r);
+                        r.lookup(b).expect("a run covers its first block")
+                    }
+                    Err(e) => return self.write_confused(f, p, geo, w, Confused::MapFailed(e)),
+                },
+            };
+            let Some(d) = hit.disk else {
+                return self.write_confused(f, p, geo, w, Confused::Unmapped(b));
+            };
+            if i > 0 && disk[i - 1] + 1 != d {
+                return self.write_confused(f, p, geo, w, Confused::Discontiguous);
+            }
+            disk[i] = d;
+            if hit.flags.boundary && b + 1 == hit.run_end {
+                boundary = true;
+            }
+        }
+        let frame = self.page_mut(f, p).frame;
+        if p == end_page {
+            self.zero_tail(f, p, tail);
+        }
+        let page = self.page_mut(f, p);
+        if n == geo.bpp as usize {
+            page.mapped_to_disk = true;
+        }
+        page.writeback = true;
+
+        let len = n as u64 * geo.bs;
+        if let Some(c) = &w.cmd {
+            if !c.fits(disk[0], len, self.max_cmd_bytes) {
+                self.send(f, IoOp::Write, &mut w.cmd)?;
+            }
+        }
+        let seg = Segment::new(self.pool.iova(frame), len as u32);
+        let lbas = (len / self.lba_size as u64) as u32;
+        let c = w
+            .cmd
+            .get_or_insert_with(|| Building::new(disk[0] * geo.lpb));
+        c.add(p, seg, lbas);
+        c.next_disk = disk[n - 1] + 1;
+        if boundary || n < geo.bpp as usize {
+            self.send(f, IoOp::Write, &mut w.cmd)?;
+        }
+        Ok(())
+    }
+
+    /// Zero the page from byte `from` (the end of the file) before it is written.
+    fn zero_tail(&mut self, f: FileId, p: u64, from: usize) {
+        let page = self.page_mut(f, p);
+        let frame = page.frame;
+        page.zeroed_from = Some(from as u32);
+        self.pool.zero(frame, from, PAGE_SIZE - from);
+    }
+
+    fn write_confused(
+        &mut self,
+        f: FileId,
+        p: u64,
+        geo: &Geo,
+        w: &mut Walk,
+        why: Confused,
+    ) -> Result<(), MpageError> {
+        log::trace!("file {f} page {p}: per-block write ({why})");
+        self.send(f, IoOp::Write, &mut w.cmd)?;
+        let size = geo.size;
+        if p == size / PAGE {
+            self.zero_tail(f, p, (size % PAGE) as usize);
+        }
+        let bs = geo.bs as usize;
+        let last_in_file = (size - 1) / geo.bs;
+        let page = self.page_mut(f, p);
+        let frame = page.frame;
+        let start = page.bits(geo.bpp);
+        page.blocks = Some(start);
+        page.writeback = true;
+        page.pending = 1;
+        page.pending_error = None;
+        let mut failed: Option<PageError> = None;
+        let mut mapped = 0u8;
+        for i in 0..geo.bpp as usize {
+            let bit = 1u8 << i;
+            if start.dirty & bit == 0 {
+                continue;
+            }
+            let b = p * geo.bpp + i as u64;
+            if b > last_in_file {
+                // Beyond the end: nothing to write.
+                let page = self.page_mut(f, p);
+                let bits = page.bits(geo.bpp);
+                page.blocks = Some(BlockBits {
+                    dirty: bits.dirty & !bit,
+                    ..bits
+                });
+                continue;
+            }
+            match self.map_call(f, b, 1, true) {
+                Err(e) => {
+                    failed.get_or_insert(PageError::Map(e));
+                }
+                Ok(Mapping::Hole { .. }) => {
+                    failed.get_or_insert(PageError::Unmapped { file_block: b });
+                }
+                Ok(Mapping::Mapped { disk_block, .. }) => {
+                    mapped |= bit;
+                    self.page_mut(f, p).pending += 1;
+                    self.stats.pages_written += u64::from(mapped == bit);
+                    let seg = Segment::new(self.pool.iova(frame).add((i * bs) as u64), bs as u32);
+                    let target = Target::Block {
+                        page: p,
+                        block: i as u32,
+                    };
+                    self.submit_cmd(
+                        f,
+                        IoOp::Write,
+                        disk_block * geo.lpb,
+                        geo.lpb as u32,
+                        &[seg],
+                        target,
+                        true,
+                    )?;
+                }
+            }
+        }
+        let page = self.page_mut(f, p);
+        if mapped == full_mask(geo.bpp) {
+            page.mapped_to_disk = true;
+        }
+        if let Some(e) = failed {
+            page.pending_error.get_or_insert(e);
+        }
+        self.end_block_io(f, p, IoOp::Write, geo.bpp);
+        Ok(())
+    }
+}

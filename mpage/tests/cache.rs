@@ -1,0 +1,499 @@
+//! Behaviour of the cache through its file API, on a recording device.
+
+use std::sync::Arc;
+
+use rnvme_driver::dma::{Backing, DmaPool};
+use rnvme_driver::hw::MemoryOnly;
+use rnvme_driver::NvmeStatus;
+use rnvme_mpage::{
+    pattern_byte, BlockMap, CacheOptions, DiskFill, Extent, ExtentMap, FileId, IoError, IoOp,
+    Linear, MpageError, PageCache, PageError, PagePool, RecordingDevice,
+};
+
+type Cache = PageCache<RecordingDevice>;
+
+fn cache(lba: u32, opts: CacheOptions) -> Cache {
+    let dma = DmaPool::new(Arc::new(MemoryOnly), Backing::SmallPages, 0).unwrap();
+    let pool = PagePool::new(&dma, 512).unwrap();
+    let mut dev = RecordingDevice::new(pool.clone(), lba, 1 << 30);
+    dev.set_fill(DiskFill::Pattern);
+    PageCache::new(dev, pool, opts).unwrap()
+}
+
+fn with_capacity(pages: usize) -> CacheOptions {
+    CacheOptions {
+        capacity: Some(pages),
+        ..CacheOptions::default()
+    }
+}
+
+fn disk(offset: u64, len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| pattern_byte(0, offset + i))
+        .collect()
+}
+
+/// Linear file of `pages` 4 KiB pages at disk block 1000.
+fn linear(c: &mut Cache, pages: u64) -> FileId {
+    c.open(Box::new(Linear::new(4096, 1000, pages)), pages * 4096)
+        .unwrap()
+}
+
+fn read_sizes(c: &Cache) -> Vec<u32> {
+    c.device()
+        .commands()
+        .iter()
+        .filter(|r| r.op == IoOp::Read)
+        .map(|r| r.lbas)
+        .collect()
+}
+
+#[test]
+fn lru_evicts_the_least_recently_used_clean_page() {
+    let mut c = cache(4096, with_capacity(4));
+    let f = linear(&mut c, 16);
+    for p in 0..4 {
+        c.read_page(f, p).unwrap();
+    }
+    let mut b = [0u8; 1];
+    c.read_at(f, 0, &mut b).unwrap(); // page 0 is now the most recent
+    c.read_page(f, 4).unwrap();
+    assert_eq!(c.cached_pages(f).unwrap(), vec![0, 2, 3, 4]);
+    assert_eq!(c.stats().evictions, 1);
+    // A dirty page is never evicted.
+    c.write_at(f, 2 * 4096, &[9u8; 4096]).unwrap();
+    for p in 5..9 {
+        c.read_page(f, p).unwrap();
+    }
+    assert!(c.cached_pages(f).unwrap().contains(&2));
+    assert_eq!(c.cached_total(), 4);
+    assert!(c.page_state(f, 2).unwrap().dirty);
+}
+
+#[test]
+fn dirty_pages_are_written_back_when_the_cache_runs_short() {
+    let mut c = cache(4096, with_capacity(4));
+    let mut m = ExtentMap::new(4096);
+    m.set_allocation_range(700..800);
+    let f = c.open(Box::new(m), 0).unwrap();
+    for p in 0..4u64 {
+        c.write_at(f, p * 4096, &vec![p as u8 + 1; 4096]).unwrap();
+    }
+    assert!(c.device().commands().is_empty(), "writes stay in the cache");
+    c.write_at(f, 4 * 4096, &[5u8; 4096]).unwrap();
+    let s = c.stats();
+    assert_eq!((s.writebacks, s.evictions), (4, 1));
+    let writes: Vec<(u64, u32)> = c
+        .device()
+        .commands()
+        .iter()
+        .map(|r| (r.slba, r.lbas))
+        .collect();
+    assert_eq!(writes, vec![(700, 4)], "written back as one command");
+    assert_eq!(c.device().read_bytes(702 * 4096, 4096), vec![3; 4096]);
+    assert_eq!(c.dirty_pages(f).unwrap(), 1);
+    c.sync(f).unwrap();
+    assert_eq!(c.device().read_bytes(704 * 4096, 4096), vec![5; 4096]);
+    let mut back = vec![0u8; 5 * 4096];
+    assert_eq!(c.read_at(f, 0, &mut back).unwrap(), 5 * 4096);
+    assert!(back
+        .chunks(4096)
+        .enumerate()
+        .all(|(i, ch)| ch.iter().all(|&b| b == i as u8 + 1)));
+}
+
+#[test]
+fn write_errors_keep_pages_dirty_and_sync_reports_them() {
+    let mut c = cache(4096, CacheOptions::default());
+    let mut m = ExtentMap::new(4096);
+    m.set_allocation_range(700..800);
+    let f = c.open(Box::new(m), 0).unwrap();
+    c.write_at(f, 0, &vec![7u8; 4 * 4096]).unwrap();
+    c.device_mut().fail_lba(702);
+    let e = c.sync(f).unwrap_err();
+    match &e {
+        MpageError::Write {
+            page: 0,
+            source:
+                PageError::Io {
+                    op: IoOp::Write,
+                    slba: 700,
+                    lbas: 4,
+                    source,
+                },
+            ..
+        } => {
+            assert_eq!(source.status(), Some(NvmeStatus::WRITE_FAULT));
+        }
+        other => panic!("unexpected {other}"),
+    }
+    assert!(e.to_string().contains("stays dirty"));
+    assert_eq!(c.dirty_pages(f).unwrap(), 4, "nothing dropped");
+    assert!(c.page_state(f, 1).unwrap().error.is_some());
+    assert!(c.sync(f).is_err(), "retried and failed again");
+    c.device_mut().heal_lba(702);
+    c.sync(f).unwrap();
+    assert_eq!(c.dirty_pages(f).unwrap(), 0);
+    assert!(c.page_state(f, 1).unwrap().error.is_none());
+    assert_eq!(
+        c.device().read_bytes(700 * 4096, 4 * 4096),
+        vec![7u8; 4 * 4096]
+    );
+    c.sync(f).unwrap();
+    // A failed Flush is reported too.
+    c.device_mut().set_fail_flush(true);
+    assert!(matches!(
+        c.sync(f),
+        Err(MpageError::Flush {
+            source: IoError::Status(_),
+            ..
+        })
+    ));
+}
+
+#[test]
+fn an_error_in_background_write_back_reaches_the_next_sync() {
+    let mut c = cache(4096, with_capacity(2));
+    let f = linear(&mut c, 8);
+    c.device_mut().fail_lba(1000);
+    c.write_at(f, 0, &[1u8; 4096]).unwrap();
+    c.write_at(f, 4096, &[2u8; 4096]).unwrap();
+    // Page 2 needs room: both dirty pages are written back (and fail).
+    let e = c.write_at(f, 2 * 4096, &[3u8; 4096]).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            MpageError::CacheFull {
+                capacity: 2,
+                dirty: 2,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    c.device_mut().heal_lba(1000);
+    let e = c.sync(f).unwrap_err();
+    assert!(
+        matches!(e, MpageError::Write { page: 0, .. }),
+        "the earlier failure: {e}"
+    );
+    assert_eq!(
+        c.dirty_pages(f).unwrap(),
+        0,
+        "but this sync wrote the pages"
+    );
+    assert_eq!(
+        c.device().read_bytes(1000 * 4096, 8192)[4096..],
+        [2u8; 4096][..]
+    );
+    c.sync(f).unwrap();
+}
+
+#[test]
+fn a_read_error_marks_only_the_affected_page() {
+    let mut c = cache(4096, CacheOptions::default());
+    let f = linear(&mut c, 8);
+    c.device_mut().fail_lba(1005);
+    c.readahead(f, 0, 8).unwrap();
+    c.wait_idle().unwrap();
+    for p in 0..8 {
+        let s = c.page_state(f, p).unwrap();
+        assert_eq!(
+            (s.uptodate, s.error.is_some()),
+            (p != 5, p == 5),
+            "page {p}"
+        );
+    }
+    assert_eq!(c.stats().read_retries, 1);
+    assert_eq!(read_sizes(&c)[0], 8, "first one command for all");
+    let mut b = [0u8; 10];
+    let e = c.read_at(f, 5 * 4096, &mut b).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            MpageError::Read {
+                page: 5,
+                source: PageError::Io { op: IoOp::Read, .. },
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(c.read_at(f, 4 * 4096, &mut b).unwrap(), 10);
+    c.device_mut().heal_lba(1005);
+    assert_eq!(c.read_at(f, 5 * 4096, &mut b).unwrap(), 10);
+    assert_eq!(b.to_vec(), disk(1005 * 4096, 10));
+}
+
+#[test]
+fn a_failing_block_on_the_per_block_path_fails_its_page() {
+    let mut c = cache(512, CacheOptions::default());
+    let m =
+        ExtentMap::with_extents(1024, [Extent::new(0, 100, 2), Extent::new(2, 300, 2)]).unwrap();
+    let f = c.open(Box::new(m), 4096).unwrap();
+    c.device_mut().fail_lba(601);
+    let e = c.read_page(f, 0).unwrap_err();
+    assert!(matches!(e, MpageError::Read { page: 0, .. }));
+    let s = c.page_state(f, 0).unwrap();
+    assert!(!s.uptodate && s.error.is_some());
+    assert_eq!(
+        s.blocks.unwrap().uptodate,
+        0b1011,
+        "the other blocks were read"
+    );
+    c.device_mut().heal_lba(601);
+    c.read_page(f, 0).unwrap();
+    assert_eq!(
+        read_sizes(&c).len(),
+        5,
+        "four blocks, then only the failed one again"
+    );
+}
+
+#[test]
+fn sequential_readers_get_a_growing_readahead_window() {
+    let mut c = cache(4096, CacheOptions::default());
+    let f = linear(&mut c, 300);
+    let mut b = vec![0u8; 4096];
+    for p in 0..200 {
+        c.read_at(f, p * 4096, &mut b).unwrap();
+        assert_eq!(b, disk((1000 + p) * 4096, 4096), "page {p}");
+    }
+    assert_eq!(read_sizes(&c), vec![4, 8, 16, 32, 64, 64, 64]);
+    assert_eq!(c.stats().readahead_windows, 7);
+    // A random reader gets what it asks for, no more.
+    c.device_mut().clear_commands();
+    c.read_at(f, 290 * 4096 + 5, &mut b[..100]).unwrap();
+    c.read_at(f, 260 * 4096, &mut b[..100]).unwrap();
+    assert_eq!(read_sizes(&c), vec![1, 1]);
+}
+
+#[test]
+fn partial_writes_read_modify_write() {
+    let mut c = cache(4096, CacheOptions::default());
+    let f = linear(&mut c, 4);
+    c.write_at(f, 100, b"hello").unwrap();
+    assert_eq!(read_sizes(&c), vec![1], "the page is read first");
+    c.write_at(f, 4096, &[1u8; 4096]).unwrap();
+    assert_eq!(read_sizes(&c), vec![1], "a whole page is not");
+    c.sync(f).unwrap();
+    let mut want = disk(1000 * 4096, 4096);
+    want[100..105].copy_from_slice(b"hello");
+    assert_eq!(c.device().read_bytes(1000 * 4096, 4096), want);
+    let ops: Vec<IoOp> = c.device().commands().iter().map(|r| r.op).collect();
+    assert_eq!(ops, [IoOp::Read, IoOp::Write, IoOp::Flush]);
+}
+
+#[test]
+fn with_small_blocks_only_partly_written_blocks_are_read() {
+    let mut c = cache(512, CacheOptions::default());
+    let f = c
+        .open(Box::new(Linear::new(1024, 100, 64)), 64 * 1024)
+        .unwrap();
+    c.write_at(f, 1024 + 10, &[0xAB; 20]).unwrap();
+    let recs = c.device().commands().to_vec();
+    assert_eq!(recs.len(), 1);
+    assert_eq!(
+        (recs[0].slba, recs[0].lbas, recs[0].fallback),
+        (202, 2, true),
+        "just block 1"
+    );
+    c.write_at(f, 2048, &[0xCD; 1024]).unwrap();
+    assert_eq!(
+        c.device().commands().len(),
+        1,
+        "a whole block needs no read"
+    );
+    let s = c.page_state(f, 0).unwrap();
+    assert_eq!(
+        s.blocks.map(|b| (b.uptodate, b.dirty)),
+        Some((0b0110, 0b0110))
+    );
+    // Reading the whole page reads only the blocks the cache lacks: the dirty ones survive.
+    let mut page = vec![0u8; 4096];
+    c.read_at(f, 0, &mut page).unwrap();
+    let mut want = disk(100 * 1024, 4096);
+    want[1034..1054].fill(0xAB);
+    want[2048..3072].fill(0xCD);
+    assert_eq!(page, want);
+    let reads: Vec<u64> = c.device().commands().iter().map(|r| r.slba).collect();
+    assert_eq!(reads, vec![202, 200, 206]);
+    let s = c.page_state(f, 0).unwrap();
+    assert!(s.uptodate && s.dirty);
+    c.sync(f).unwrap();
+    let writes: Vec<(u64, u32, bool)> = c
+        .device()
+        .commands()
+        .iter()
+        .filter(|r| r.op == IoOp::Write)
+        .map(|r| (r.slba, r.lbas, r.fallback))
+        .collect();
+    assert_eq!(
+        writes,
+        vec![(202, 2, true), (204, 2, true)],
+        "only the dirty blocks"
+    );
+    assert_eq!(c.device().read_bytes(100 * 1024, 4096), want);
+}
+
+#[test]
+fn set_len_shows_zeros_after_growth_and_drops_pages_on_shrink() {
+    let mut c = cache(4096, CacheOptions::default());
+    let mut m = ExtentMap::with_extents(4096, [Extent::new(0, 100, 4)]).unwrap();
+    m.set_allocation_range(500..600);
+    let f = c.open(Box::new(m), 10_000).unwrap();
+    let mut b = vec![0u8; 16384];
+    assert_eq!(c.read_at(f, 0, &mut b).unwrap(), 10_000);
+    c.set_len(f, 16384).unwrap();
+    assert_eq!(c.read_at(f, 0, &mut b).unwrap(), 16384);
+    assert_eq!(b[..10_000], disk(100 * 4096, 10_000)[..]);
+    assert!(
+        b[10_000..].iter().all(|&x| x == 0),
+        "the disk had data past the old end; it must not show"
+    );
+    c.sync(f).unwrap();
+    assert!(c
+        .device()
+        .read_bytes(102 * 4096 + 1808, 4096 - 1808)
+        .iter()
+        .all(|&x| x == 0));
+    c.set_len(f, 5000).unwrap();
+    assert_eq!(c.cached_pages(f).unwrap(), vec![0, 1]);
+    c.set_len(f, 12000).unwrap();
+    assert_eq!(c.read_at(f, 0, &mut b).unwrap(), 12000);
+    assert_eq!(b[..5000], disk(100 * 4096, 5000)[..]);
+    assert!(b[5000..12000].iter().all(|&x| x == 0));
+    // Writing past the end grows the file; the gap reads as zeros.
+    c.write_at(f, 20_000, b"tail").unwrap();
+    assert_eq!(c.file_size(f).unwrap(), 20_004);
+    let mut all = vec![1u8; 20_004];
+    c.sync(f).unwrap();
+    assert_eq!(c.read_at(f, 0, &mut all).unwrap(), 20_004);
+    assert!(all[5000..20_000].iter().all(|&x| x == 0));
+    assert_eq!(&all[20_000..], b"tail");
+}
+
+#[test]
+fn many_commands_in_flight_through_a_shallow_queue() {
+    let mut c = cache(4096, CacheOptions::default());
+    c.device_mut().set_queue_depth(2);
+    c.device_mut().set_completions_per_poll(1);
+    let f = c
+        .open(Box::new(Linear::new(4096, 1000, 64)), 64 * 4096)
+        .unwrap();
+    c.set_force_per_block(true);
+    c.readahead(f, 0, 64).unwrap();
+    assert!(
+        c.outstanding() > 0,
+        "readahead returns with commands in flight"
+    );
+    let mut b = vec![0u8; 64 * 4096];
+    c.read_at(f, 0, &mut b).unwrap();
+    assert_eq!(b, disk(1000 * 4096, 64 * 4096));
+    assert_eq!(c.stats().fallback_commands, 64);
+}
+
+#[test]
+fn per_block_path_can_be_forced_for_comparison() {
+    let mut fast = cache(512, CacheOptions::default());
+    let mut slow = cache(
+        512,
+        CacheOptions {
+            force_per_block: true,
+            ..CacheOptions::default()
+        },
+    );
+    let mut bufs = Vec::new();
+    for c in [&mut fast, &mut slow] {
+        let f = c
+            .open(Box::new(Linear::new(1024, 100, 64)), 64 * 1024)
+            .unwrap();
+        c.readahead(f, 0, 16).unwrap();
+        let mut b = vec![0u8; 64 * 1024];
+        c.read_at(f, 0, &mut b).unwrap();
+        bufs.push(b);
+    }
+    assert_eq!(bufs[0], bufs[1]);
+    assert_eq!(bufs[0], disk(100 * 1024, 64 * 1024));
+    let (a, b) = (fast.stats(), slow.stats());
+    assert_eq!((a.commands, a.fallback_commands, a.map_calls), (1, 0, 1));
+    assert_eq!((b.commands, b.fallback_commands, b.map_calls), (64, 64, 64));
+    assert_eq!((a.pages_read, b.pages_read), (16, 16));
+}
+
+#[test]
+fn inline_data_comes_from_the_map() {
+    let mut c = cache(4096, CacheOptions::default());
+    let mut e = Extent::new(1, 50, 1);
+    e.uptodate = true;
+    let mut m =
+        ExtentMap::with_extents(4096, [Extent::new(0, 100, 1), e, Extent::new(2, 102, 1)]).unwrap();
+    m.set_inline(1, b"inline".to_vec());
+    let f = c.open(Box::new(m), 3 * 4096).unwrap();
+    let mut b = vec![0u8; 3 * 4096];
+    c.readahead(f, 0, 3).unwrap();
+    c.read_at(f, 0, &mut b).unwrap();
+    assert_eq!(&b[4096..4102], b"inline");
+    assert_eq!(b[8192..], disk(102 * 4096, 4096)[..]);
+    let slbas: Vec<u64> = c.device().commands().iter().map(|r| r.slba).collect();
+    assert_eq!(slbas, [100, 102], "no read for the inline block");
+}
+
+#[test]
+fn bad_geometry_is_refused_when_the_file_is_opened() {
+    let mut c = cache(4096, CacheOptions::default());
+    let e = c.open(Box::new(Linear::new(1024, 0, 8)), 8192).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("block size 1024: 1024 is not a multiple of the 4096-byte LBA size"),
+        "{e}"
+    );
+    let dma = DmaPool::new(Arc::new(MemoryOnly), Backing::SmallPages, 0).unwrap();
+    let pool = PagePool::new(&dma, 1).unwrap();
+    let mut dev = RecordingDevice::new(pool.clone(), 512, 100);
+    dev.set_max_transfer(2048);
+    assert!(matches!(
+        PageCache::new(dev, pool, CacheOptions::default()),
+        Err(MpageError::MaxTransferTooSmall { .. })
+    ));
+}
+
+#[test]
+fn an_unmapped_answer_to_create_is_an_error_not_a_write() {
+    struct NoAlloc;
+    impl BlockMap for NoAlloc {
+        fn block_size(&self) -> u32 {
+            4096
+        }
+        fn map(
+            &mut self,
+            _b: u64,
+            max: u64,
+            _create: bool,
+        ) -> Result<rnvme_mpage::Mapping, rnvme_mpage::MapError> {
+            Ok(rnvme_mpage::Mapping::Hole { blocks: max })
+        }
+        fn truncate(&mut self, _first: u64) -> Result<(), rnvme_mpage::MapError> {
+            Ok(())
+        }
+    }
+    let mut c = cache(4096, CacheOptions::default());
+    let f = c.open(Box::new(NoAlloc), 8192).unwrap();
+    c.write_at(f, 0, &[1u8; 8192]).unwrap();
+    let e = c.sync(f).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            MpageError::Write {
+                source: PageError::Unmapped { file_block: 0 },
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(
+        c.device().commands().iter().all(|r| r.op == IoOp::Flush),
+        "no write with a made-up LBA"
+    );
+    assert_eq!(c.dirty_pages(f).unwrap(), 2);
+}

@@ -1,0 +1,188 @@
+//! `rnvme list`: NVMe controllers on the PCI bus and whether rnvme can open them.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use rnvme_tools::sysfs::{Access, Sysfs};
+use serde::Serialize;
+
+/// Arguments of `rnvme list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Print a JSON array instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One controller in the listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Entry {
+    /// PCI address.
+    pub bdf: String,
+    /// `vendor:device` in hex.
+    pub id: String,
+    /// Serial number, when known.
+    pub serial: Option<String>,
+    /// Model number, when known.
+    pub model: Option<String>,
+    /// Bound driver.
+    pub driver: Option<String>,
+    /// IOMMU group.
+    pub iommu_group: Option<u32>,
+    /// rnvme can open it.
+    pub usable: bool,
+    /// Why not, or how.
+    pub reason: String,
+}
+
+/// Serial and model of a controller the kernel does not drive. Reading them needs an Identify
+/// Controller command through the userspace driver; until that is wired in, they are unknown.
+fn identify_hook(_bdf: &str) -> Option<(String, String)> {
+    None
+}
+
+/// Whether rnvme can open the controller: the driver's own readiness check, then opening the
+/// VFIO device nodes (permissions, another process holding the group).
+fn access(sys: &Sysfs, bdf: &str) -> Access {
+    match rnvme_driver::vfio::probe(bdf).and_then(|p| p.check()) {
+        Ok(()) => sys.access(bdf),
+        Err(e) => Access {
+            usable: false,
+            reason: e.to_string(),
+        },
+    }
+}
+
+/// The listing, from sysfs.
+pub fn entries(sys: &Sysfs) -> anyhow::Result<Vec<Entry>> {
+    let mut v = Vec::new();
+    for bdf in sys.nvme_controllers().context("list NVMe controllers")? {
+        let dev = sys.device(&bdf)?;
+        let (serial, model) = match sys.kernel_controllers(&bdf).into_iter().next() {
+            Some(k) => (Some(k.serial), Some(k.model)),
+            None => match identify_hook(&bdf) {
+                Some((s, m)) => (Some(s), Some(m)),
+                None => (None, None),
+            },
+        };
+        let a = access(sys, &bdf);
+        v.push(Entry {
+            id: format!("{:04x}:{:04x}", dev.vendor, dev.device),
+            serial,
+            model,
+            driver: dev.driver,
+            iommu_group: dev.iommu_group,
+            usable: a.usable,
+            reason: a.reason,
+            bdf,
+        });
+    }
+    Ok(v)
+}
+
+/// The listing as a table.
+pub fn table(entries: &[Entry]) -> String {
+    let rows: Vec<[String; 7]> = entries
+        .iter()
+        .map(|e| {
+            [
+                e.bdf.clone(),
+                e.id.clone(),
+                e.serial.clone().unwrap_or_else(|| "-".into()),
+                e.model.clone().unwrap_or_else(|| "-".into()),
+                e.driver.clone().unwrap_or_else(|| "-".into()),
+                e.iommu_group.map_or_else(|| "-".into(), |g| g.to_string()),
+                if e.usable {
+                    format!("yes: {}", e.reason)
+                } else {
+                    format!("no: {}", e.reason)
+                },
+            ]
+        })
+        .collect();
+    let header = ["BDF", "ID", "SERIAL", "MODEL", "DRIVER", "GROUP", "RNVME"].map(String::from);
+    let mut widths = header.clone().map(|h| h.len());
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in std::iter::once(&header).chain(&rows) {
+        let cells: Vec<String> = r
+            .iter()
+            .zip(widths)
+            .enumerate()
+            .map(|(i, (c, w))| {
+                if i + 1 == r.len() {
+                    c.clone()
+                } else {
+                    format!("{c:<w$}")
+                }
+            })
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `rnvme list`.
+pub fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
+    let sys = Sysfs::from_env();
+    let e = entries(&sys)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&e)?);
+    } else if e.is_empty() {
+        println!("no NVMe controllers found");
+    } else {
+        print!("{}", table(&e));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let e = vec![
+            Entry {
+                bdf: "0000:00:04.0".into(),
+                id: "1b36:0010".into(),
+                serial: Some("rnvme0".into()),
+                model: Some("QEMU NVMe Ctrl".into()),
+                driver: Some("nvme".into()),
+                iommu_group: Some(3),
+                usable: false,
+                reason: "bound to nvme".into(),
+            },
+            Entry {
+                bdf: "0000:00:05.0".into(),
+                id: "1b36:0010".into(),
+                serial: None,
+                model: None,
+                driver: Some("vfio-pci".into()),
+                iommu_group: None,
+                usable: true,
+                reason: "ready".into(),
+            },
+        ];
+        let t = table(&e);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(
+            lines[0].starts_with(
+                "BDF           ID         SERIAL  MODEL           DRIVER    GROUP  RNVME"
+            ),
+            "{t}"
+        );
+        assert!(lines[1].ends_with("3      no: bound to nvme"), "{t}");
+        assert!(
+            lines[2].contains("-       -               vfio-pci  -      yes: ready"),
+            "{t}"
+        );
+    }
+}

@@ -1,0 +1,9 @@
+//! rnvme-tools: the `rnvme` command-line tool, and the pieces of it other crates use.
+//!
+//! - [`vm`]: boots a throwaway QEMU guest with emulated NVMe controllers and runs a script in it
+//!   (used by the end-to-end tests, the benchmarks and `rnvme vm run`);
+//! - [`sysfs`]: finds NVMe controllers and moves them between the kernel's `nvme` driver and
+//!   `vfio-pci` (`rnvme setup`, `rnvme reset`, `rnvme list`).
+
+pub mod sysfs;
+pub mod vm;

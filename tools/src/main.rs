@@ -1,0 +1,79 @@
+//! `rnvme`: set NVMe controllers up for the userspace driver, list them, and run throwaway
+//! QEMU guests.
+
+mod cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// rnvme: a userspace NVMe driver's companion tool.
+#[derive(Debug, Parser)]
+#[command(name = "rnvme", version, propagate_version = true)]
+#[command(after_help = "Set RUST_LOG=info (or debug) for logging.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// One variant per command family; each dispatches to a module under `cmd/`.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Bind NVMe controllers to vfio-pci and reserve hugepages, so rnvme can drive them
+    Setup(cmd::setup::SetupArgs),
+    /// Give controllers back to the kernel's nvme driver
+    Reset(cmd::setup::ResetArgs),
+    /// List the NVMe controllers on the PCI bus and whether rnvme can open them
+    List(cmd::list::ListArgs),
+    /// Identify a controller and its namespaces
+    Identify(cmd::device::IdentifyArgs),
+    /// Read LBAs to standard output or a file
+    Read(cmd::device::ReadArgs),
+    /// Write LBAs from standard input or a file
+    Write(cmd::device::WriteArgs),
+    /// Flush the volatile write cache of a namespace
+    Flush(cmd::device::FlushArgs),
+    /// Zero a range of LBAs (the whole namespace by default)
+    WriteZeroes(cmd::device::ZeroArgs),
+    /// Deallocate (trim) a range of LBAs (the whole namespace by default)
+    Trim(cmd::device::ZeroArgs),
+    /// Show the SMART / health or error information log page
+    Log(cmd::device::LogArgs),
+    /// Throwaway QEMU guests with emulated NVMe controllers
+    #[command(subcommand)]
+    Vm(cmd::vm::VmCommand),
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("off")).init();
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info.to_string().replace('\n', " ");
+        eprintln!("rnvme: error: internal error: {msg}");
+        std::process::exit(1);
+    }));
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup(a) => cmd::setup::setup(a),
+        Command::Reset(a) => cmd::setup::reset(a),
+        Command::List(a) => cmd::list::list(a),
+        Command::Identify(a) => cmd::device::identify(a),
+        Command::Read(a) => cmd::device::read(a),
+        Command::Write(a) => cmd::device::write(a),
+        Command::Flush(a) => cmd::device::flush(a),
+        Command::WriteZeroes(a) => cmd::device::range_op(a, cmd::device::RangeOp::WriteZeroes),
+        Command::Trim(a) => cmd::device::range_op(a, cmd::device::RangeOp::Trim),
+        Command::Log(a) => cmd::device::log(a),
+        Command::Vm(c) => cmd::vm::vm(c),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("rnvme: error: {}", cmd::error_line(&e));
+            if e.downcast_ref::<cmd::UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}

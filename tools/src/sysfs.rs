@@ -1,0 +1,1363 @@
+//! NVMe controllers on the PCI bus, seen and rebound through sysfs.
+//!
+//! Every path goes through [`Sysfs::path`], so tests can run against a fake tree:
+//! - `/sys/…` lives under the sysfs root: `/sys`, or `$RNVME_SYSFS_ROOT` (the same variable, with
+//!   the same meaning, as in `rnvme_driver::vfio`);
+//! - the other paths (`/proc/self/mountinfo`, `/proc/self/mounts`, `/proc/swaps`,
+//!   `/proc/sys/vm/nr_hugepages`, `/dev/vfio`, `/etc/passwd`) live under the system root, `/`.
+//!
+//! [`Sysfs::new`] puts both under one directory (`DIR/sys`, `DIR/proc`, …) for tests.
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// PCI class code of an NVMe controller (mass storage, non-volatile memory, NVM Express).
+pub const NVME_CLASS: u32 = 0x01_08_02;
+/// The kernel driver rnvme needs a controller bound to.
+pub const VFIO_DRIVER: &str = "vfio-pci";
+/// The kernel's NVMe driver.
+pub const NVME_DRIVER: &str = "nvme";
+/// Extra locked memory, beyond the hugepages, that a process driving a controller may pin
+/// (queues and PRP lists allocated outside the hugepage pool).
+pub const MEMLOCK_HEADROOM_MIB: u64 = 64;
+
+/// How long to wait for the kernel to finish a rebind (driver link, `/dev/vfio` node).
+const SETTLE: Duration = Duration::from_secs(3);
+
+/// Why a sysfs operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SysfsError {
+    /// Reading or writing a file failed.
+    #[error("{what} {}: {source}", .path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// Not a full PCI address.
+    #[error(
+        "invalid PCI address {0:?}: expected the full form DDDD:BB:DD.F, such as 0000:00:03.0"
+    )]
+    InvalidBdf(String),
+    /// No such PCI device.
+    #[error("{0}: no such PCI device (see `rnvme list`)")]
+    NoDevice(String),
+    /// The device is not an NVMe controller.
+    #[error("{bdf}: not an NVMe controller (PCI class {class:#08x}, expected {NVME_CLASS:#08x})")]
+    NotNvme {
+        /// The device.
+        bdf: String,
+        /// Its class code.
+        class: u32,
+    },
+    /// A namespace of the controller is in use.
+    #[error("{bdf}: in use: {} (stop using it first, or pass --force)", .reasons.join("; "))]
+    InUse {
+        /// The controller.
+        bdf: String,
+        /// What uses it.
+        reasons: Vec<String>,
+    },
+    /// The device has no IOMMU group, so VFIO cannot take it.
+    #[error("{0}: no IOMMU group; enable the IOMMU (intel_iommu=on or amd_iommu=on on the kernel command line, VT-d/AMD-Vi in the firmware)")]
+    NoIommuGroup(String),
+    /// The vfio-pci driver is not available.
+    #[error("the vfio-pci driver is not available: {0}")]
+    NoVfioDriver(String),
+    /// The device did not end up bound to the expected driver.
+    #[error("{bdf}: bound to {} instead of {expected} after probing{note}", .actual.as_deref().unwrap_or("no driver"))]
+    BindFailed {
+        /// The device.
+        bdf: String,
+        /// The driver wanted.
+        expected: String,
+        /// The driver it is bound to.
+        actual: Option<String>,
+        /// What was done about it.
+        note: String,
+    },
+    /// The device node of the IOMMU group did not appear.
+    #[error("{bdf}: {} did not appear after binding to vfio-pci", .path.display())]
+    NoGroupNode {
+        /// The device.
+        bdf: String,
+        /// The missing node.
+        path: PathBuf,
+    },
+    /// Unknown user name.
+    #[error("unknown user {0:?} (not in /etc/passwd; a numeric uid works too)")]
+    UnknownUser(String),
+}
+
+type Result<T> = std::result::Result<T, SysfsError>;
+
+/// Checks and normalises (lower-case) a full PCI address `DDDD:BB:DD.F`.
+pub fn parse_bdf(s: &str) -> Result<String> {
+    let b = s.as_bytes();
+    let hex = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_hexdigit);
+    let ok = b.len() == 12
+        && hex(0..4)
+        && b[4] == b':'
+        && hex(5..7)
+        && b[7] == b':'
+        && hex(8..10)
+        && b[10] == b'.'
+        && (b'0'..=b'7').contains(&b[11])
+        && u8::from_str_radix(&s[8..10], 16).is_ok_and(|slot| slot < 0x20);
+    if ok {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err(SysfsError::InvalidBdf(s.to_string()))
+    }
+}
+
+/// A PCI device as sysfs describes it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PciDevice {
+    /// Full PCI address.
+    pub bdf: String,
+    /// Vendor ID.
+    pub vendor: u16,
+    /// Device ID.
+    pub device: u16,
+    /// Class code (24 bits).
+    pub class: u32,
+    /// Bound driver.
+    pub driver: Option<String>,
+    /// IOMMU group number.
+    pub iommu_group: Option<u32>,
+    /// `driver_override`, if set.
+    pub driver_override: Option<String>,
+}
+
+/// A kernel NVMe controller (`/sys/class/nvme/nvmeN`) of a PCI device bound to `nvme`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KernelController {
+    /// `nvme0`, …
+    pub name: String,
+    /// Serial number.
+    pub serial: String,
+    /// Model number.
+    pub model: String,
+    /// Block devices of its namespaces (`nvme0n1`, …), partitions not included.
+    pub namespaces: Vec<String>,
+}
+
+/// A namespace block device or one of its partitions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockDev {
+    /// `nvme0n1`, `nvme0n1p1`, …
+    pub name: String,
+    /// `major:minor`, when sysfs has it.
+    pub dev: Option<String>,
+    /// Its sysfs directory.
+    pub dir: PathBuf,
+}
+
+/// NVMe controllers split by whether they are in use.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection {
+    /// Controllers not in use, by address.
+    pub free: Vec<String>,
+    /// Controllers in use, with what uses them.
+    pub busy: Vec<(String, Vec<String>)>,
+}
+
+/// Result of binding a controller to vfio-pci.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindReport {
+    /// The controller.
+    pub bdf: String,
+    /// Driver it was bound to before (`None`: no driver).
+    pub previous_driver: Option<String>,
+    /// It already was bound to vfio-pci; nothing was changed.
+    pub already_bound: bool,
+    /// Its IOMMU group.
+    pub group: u32,
+    /// The group's device node (`/dev/vfio/<group>`).
+    pub group_node: PathBuf,
+    /// Usage found and ignored because of `force`.
+    pub forced_past: Vec<String>,
+}
+
+/// Result of giving a controller back to the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResetReport {
+    /// The controller.
+    pub bdf: String,
+    /// Driver it was bound to before.
+    pub previous_driver: Option<String>,
+    /// Driver it is bound to now.
+    pub driver: Option<String>,
+}
+
+/// Result of reserving hugepages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hugepages {
+    /// Pages reserved before.
+    pub before: u64,
+    /// Pages asked for.
+    pub requested: u64,
+    /// Pages reserved now.
+    pub after: u64,
+}
+
+/// Whether rnvme can open a controller, and if not, why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Access {
+    /// rnvme can open it.
+    pub usable: bool,
+    /// Why not, or how it is reachable.
+    pub reason: String,
+}
+
+/// Locked memory (KiB, the unit of `ulimit -l`) a process needs to map `hugepages` 2 MiB pages
+/// for DMA, plus [`MEMLOCK_HEADROOM_MIB`].
+pub fn memlock_needed_kib(hugepages: u64) -> u64 {
+    (hugepages * 2 + MEMLOCK_HEADROOM_MIB) * 1024
+}
+
+/// Octal escapes of `/proc` mount tables (`\040` for a space).
+fn unescape_mount(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `nvme0c1n2` (a multipath path device) → `nvme0n2` (its block device); `nvme0n1` as is;
+/// anything else → `None`.
+pub fn namespace_block_name(entry: &str) -> Option<String> {
+    let rest = entry.strip_prefix("nvme")?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit());
+    let (ctrl, ns) = rest.split_once('n')?;
+    if !digits(ns) {
+        return None;
+    }
+    match ctrl.split_once('c') {
+        Some((subsys, path)) if digits(subsys) && digits(path) => {
+            Some(format!("nvme{subsys}n{ns}"))
+        }
+        None if digits(ctrl) => Some(entry.to_string()),
+        _ => None,
+    }
+}
+
+/// sysfs (and friends) under a root directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sysfs {
+    /// Where sysfs is (`/sys`).
+    sys: PathBuf,
+    /// Where everything else is (`/`).
+    root: PathBuf,
+    settle: Duration,
+}
+
+impl Default for Sysfs {
+    fn default() -> Self {
+        Self::from_env()
+    }
+}
+
+impl Sysfs {
+    /// Everything under `root`: sysfs at `root/sys`, `/proc` at `root/proc`, and so on.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        let root = root.into();
+        Sysfs {
+            sys: root.join("sys"),
+            root,
+            settle: SETTLE,
+        }
+    }
+
+    /// Sets how long to wait for the kernel after a rebind (default 3 s).
+    pub fn with_settle(mut self, settle: Duration) -> Self {
+        self.settle = settle;
+        self
+    }
+
+    /// The running system: sysfs at `$RNVME_SYSFS_ROOT` if set (a fake sysfs tree), else
+    /// `/sys`; everything else at `/`.
+    pub fn from_env() -> Self {
+        Self::from_env_value(std::env::var_os("RNVME_SYSFS_ROOT"))
+    }
+
+    fn from_env_value(var: Option<std::ffi::OsString>) -> Self {
+        let sys = match var {
+            Some(v) if !v.is_empty() => PathBuf::from(v),
+            _ => PathBuf::from("/sys"),
+        };
+        Sysfs {
+            sys,
+            root: PathBuf::from("/"),
+            settle: SETTLE,
+        }
+    }
+
+    /// The sysfs root.
+    pub fn sys_root(&self) -> &Path {
+        &self.sys
+    }
+
+    /// Where an absolute system path is: under the sysfs root for `/sys/…`, else under the
+    /// system root.
+    pub fn path(&self, abs: &str) -> PathBuf {
+        let rel = abs.trim_start_matches('/');
+        match rel.strip_prefix("sys") {
+            Some("") => self.sys.clone(),
+            Some(rest) if rest.starts_with('/') => self.sys.join(rest.trim_start_matches('/')),
+            _ => self.root.join(rel),
+        }
+    }
+
+    fn dev_dir(&self, bdf: &str) -> PathBuf {
+        self.path(&format!("/sys/bus/pci/devices/{bdf}"))
+    }
+
+    fn read(&self, path: &Path) -> Result<String> {
+        fs::read_to_string(path)
+            .map(|s| s.trim().to_string())
+            .map_err(|source| SysfsError::Io {
+                what: "read",
+                path: path.to_path_buf(),
+                source,
+            })
+    }
+
+    fn read_opt(&self, path: &Path) -> Option<String> {
+        fs::read_to_string(path).ok().map(|s| s.trim().to_string())
+    }
+
+    /// Writes `value` in one `write`, like `echo value > path`.
+    fn write(&self, path: &Path, value: &str) -> Result<()> {
+        log::debug!("write {value:?} to {}", path.display());
+        OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(value.as_bytes()))
+            .map_err(|source| SysfsError::Io {
+                what: "write",
+                path: path.to_path_buf(),
+                source,
+            })
+    }
+
+    /// The last component of a symlink's target.
+    fn link_name(&self, path: &Path) -> Option<String> {
+        fs::read_link(path)
+            .ok()
+            .and_then(|t| t.file_name().map(|n| n.to_string_lossy().into_owned()))
+    }
+
+    fn read_hex(&self, path: &Path) -> Result<u32> {
+        let s = self.read(path)?;
+        u32::from_str_radix(s.trim_start_matches("0x"), 16).map_err(|_| SysfsError::Io {
+            what: "parse",
+            path: path.to_path_buf(),
+            source: io::Error::new(io::ErrorKind::InvalidData, format!("{s:?} is not hex")),
+        })
+    }
+
+    /// Every PCI device's address, sorted.
+    pub fn pci_devices(&self) -> Result<Vec<String>> {
+        let dir = self.path("/sys/bus/pci/devices");
+        let mut v: Vec<String> = fs::read_dir(&dir)
+            .map_err(|source| SysfsError::Io {
+                what: "list",
+                path: dir.clone(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .filter(|n| parse_bdf(n).is_ok())
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+
+    /// Every NVMe controller (class 0x010802), sorted by address.
+    pub fn nvme_controllers(&self) -> Result<Vec<String>> {
+        Ok(self
+            .pci_devices()?
+            .into_iter()
+            .filter(|bdf| {
+                self.read_hex(&self.dev_dir(bdf).join("class"))
+                    .is_ok_and(|c| c == NVME_CLASS)
+            })
+            .collect())
+    }
+
+    /// What sysfs says about one device.
+    pub fn device(&self, bdf: &str) -> Result<PciDevice> {
+        let dir = self.dev_dir(bdf);
+        if !dir.exists() {
+            return Err(SysfsError::NoDevice(bdf.to_string()));
+        }
+        let id = |f: &str| -> Result<u16> {
+            let v = self.read_hex(&dir.join(f))?;
+            Ok(u16::try_from(v).unwrap_or(u16::MAX))
+        };
+        Ok(PciDevice {
+            bdf: bdf.to_string(),
+            vendor: id("vendor")?,
+            device: id("device")?,
+            class: self.read_hex(&dir.join("class"))?,
+            driver: self.link_name(&dir.join("driver")),
+            iommu_group: self
+                .link_name(&dir.join("iommu_group"))
+                .and_then(|g| g.parse().ok()),
+            driver_override: self
+                .read_opt(&dir.join("driver_override"))
+                .filter(|s| !s.is_empty() && s != "(null)"),
+        })
+    }
+
+    /// The device, checked to be an NVMe controller.
+    pub fn nvme_device(&self, bdf: &str) -> Result<PciDevice> {
+        let d = self.device(bdf)?;
+        if d.class != NVME_CLASS {
+            return Err(SysfsError::NotNvme {
+                bdf: bdf.to_string(),
+                class: d.class,
+            });
+        }
+        Ok(d)
+    }
+
+    /// Kernel NVMe controllers of a device bound to the `nvme` driver.
+    pub fn kernel_controllers(&self, bdf: &str) -> Vec<KernelController> {
+        let dir = self.dev_dir(bdf).join("nvme");
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        let mut v: Vec<KernelController> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let p = e.path();
+                let mut namespaces: Vec<String> = fs::read_dir(&p)
+                    .map(|it| {
+                        it.filter_map(|e| e.ok())
+                            .filter_map(|e| namespace_block_name(&e.file_name().to_string_lossy()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                namespaces.sort();
+                namespaces.dedup();
+                KernelController {
+                    serial: self.read_opt(&p.join("serial")).unwrap_or_default(),
+                    model: self.read_opt(&p.join("model")).unwrap_or_default(),
+                    name,
+                    namespaces,
+                }
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Block devices of the controller's namespaces, partitions included.
+    pub fn block_devices(&self, bdf: &str) -> Vec<BlockDev> {
+        let mut out = Vec::new();
+        for ctrl in self.kernel_controllers(bdf) {
+            for ns in ctrl.namespaces {
+                let dir = self.path(&format!("/sys/block/{ns}"));
+                out.push(BlockDev {
+                    name: ns.clone(),
+                    dev: self.read_opt(&dir.join("dev")),
+                    dir: dir.clone(),
+                });
+                let Ok(entries) = fs::read_dir(&dir) else {
+                    continue;
+                };
+                let mut parts: Vec<String> = entries
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with(&ns) && n.len() > ns.len())
+                    .collect();
+                parts.sort();
+                for p in parts {
+                    let pdir = dir.join(&p);
+                    out.push(BlockDev {
+                        name: p,
+                        dev: self.read_opt(&pdir.join("dev")),
+                        dir: pdir,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// What keeps the controller's namespaces busy: mounts, swap, holders. Empty when free.
+    pub fn usage(&self, bdf: &str) -> Vec<String> {
+        let devs = self.block_devices(bdf);
+        if devs.is_empty() {
+            return Vec::new();
+        }
+        let mut reasons = Vec::new();
+        let mountinfo = self
+            .read_opt(&self.path("/proc/self/mountinfo"))
+            .unwrap_or_default();
+        let mounts = self
+            .read_opt(&self.path("/proc/self/mounts"))
+            .unwrap_or_default();
+        let swaps = self.read_opt(&self.path("/proc/swaps")).unwrap_or_default();
+        for b in &devs {
+            let node = format!("/dev/{}", b.name);
+            let mut points = Vec::new();
+            for line in mountinfo.lines() {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                if f.len() > 4 && b.dev.as_deref() == Some(f[2]) {
+                    points.push(unescape_mount(f[4]));
+                }
+            }
+            for line in mounts.lines() {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                if f.len() > 1 && f[0] == node {
+                    points.push(unescape_mount(f[1]));
+                }
+            }
+            points.sort();
+            points.dedup();
+            for p in points {
+                reasons.push(format!("{} is mounted on {p}", b.name));
+            }
+            if swaps
+                .lines()
+                .skip(1)
+                .filter_map(|l| l.split_whitespace().next())
+                .any(|s| unescape_mount(s) == node)
+            {
+                reasons.push(format!("{} is used as swap", b.name));
+            }
+            let mut holders: Vec<String> = fs::read_dir(b.dir.join("holders"))
+                .map(|it| {
+                    it.filter_map(|e| e.ok())
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            holders.sort();
+            if !holders.is_empty() {
+                reasons.push(format!("{} is held by {}", b.name, holders.join(", ")));
+            }
+        }
+        reasons
+    }
+
+    /// Every NVMe controller not in use (see [`Sysfs::usage`]), and those left out with why.
+    pub fn select_all(&self) -> Result<Selection> {
+        let mut sel = Selection::default();
+        for bdf in self.nvme_controllers()? {
+            let u = self.usage(&bdf);
+            if u.is_empty() {
+                sel.free.push(bdf);
+            } else {
+                sel.busy.push((bdf, u));
+            }
+        }
+        Ok(sel)
+    }
+
+    /// Loads vfio-pci if its driver directory is missing.
+    pub fn ensure_vfio_driver(&self) -> Result<()> {
+        let dir = self.path("/sys/bus/pci/drivers/vfio-pci");
+        if dir.is_dir() {
+            return Ok(());
+        }
+        if self.sys != Path::new("/sys") {
+            return Err(SysfsError::NoVfioDriver(format!(
+                "{} is missing (not loading modules for a sysfs root other than /sys)",
+                dir.display()
+            )));
+        }
+        let out = Command::new("modprobe")
+            .arg("vfio-pci")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| SysfsError::NoVfioDriver(format!("cannot run modprobe: {e}")))?;
+        if !out.status.success() || !dir.is_dir() {
+            let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            return Err(SysfsError::NoVfioDriver(format!(
+                "`modprobe vfio-pci` failed ({}){}; install the kernel's VFIO modules or load them by hand",
+                out.status,
+                if msg.is_empty() { String::new() } else { format!(": {msg}") }
+            )));
+        }
+        Ok(())
+    }
+
+    /// Waits until `check` holds or the settle time passes; returns whether it held.
+    fn settle(&self, mut check: impl FnMut() -> bool) -> bool {
+        let start = Instant::now();
+        loop {
+            if check() {
+                return true;
+            }
+            if start.elapsed() > self.settle {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Unbinds the controller from its driver and binds it to vfio-pci: writes `vfio-pci` to
+    /// `driver_override`, the address to `driver/unbind` and then to `drivers_probe`, and checks
+    /// the result. Refuses a controller whose namespaces are mounted, swapped on or held, unless
+    /// `force`. On failure the override is cleared again so the kernel driver can take it back.
+    pub fn bind_vfio(&self, bdf: &str, force: bool) -> Result<BindReport> {
+        let dev = self.nvme_device(bdf)?;
+        let usage = self.usage(bdf);
+        if !usage.is_empty() && !force {
+            return Err(SysfsError::InUse {
+                bdf: bdf.to_string(),
+                reasons: usage,
+            });
+        }
+        let group = dev
+            .iommu_group
+            .ok_or_else(|| SysfsError::NoIommuGroup(bdf.to_string()))?;
+        let group_node = self.path(&format!("/dev/vfio/{group}"));
+        if dev.driver.as_deref() == Some(VFIO_DRIVER) {
+            return Ok(BindReport {
+                bdf: bdf.to_string(),
+                previous_driver: dev.driver,
+                already_bound: true,
+                group,
+                group_node,
+                forced_past: usage,
+            });
+        }
+        self.ensure_vfio_driver()?;
+        let dir = self.dev_dir(bdf);
+        self.write(&dir.join("driver_override"), VFIO_DRIVER)?;
+        let result = (|| {
+            if dev.driver.is_some() {
+                self.write(&dir.join("driver/unbind"), bdf)?;
+            }
+            self.write(&self.path("/sys/bus/pci/drivers_probe"), bdf)
+        })();
+        let bound =
+            self.settle(|| self.link_name(&dir.join("driver")).as_deref() == Some(VFIO_DRIVER));
+        if result.is_err() || !bound {
+            let actual = self.link_name(&dir.join("driver"));
+            let note = match self.restore(bdf) {
+                Ok(Some(d)) => format!("; driver_override cleared, back on {d}"),
+                Ok(None) => "; driver_override cleared, no driver took it back".to_string(),
+                Err(e) => format!("; clearing driver_override failed too: {e}"),
+            };
+            return match result {
+                Err(e) => Err(e),
+                Ok(()) => Err(SysfsError::BindFailed {
+                    bdf: bdf.to_string(),
+                    expected: VFIO_DRIVER.to_string(),
+                    actual,
+                    note,
+                }),
+            };
+        }
+        if !self.settle(|| group_node.exists()) {
+            return Err(SysfsError::NoGroupNode {
+                bdf: bdf.to_string(),
+                path: group_node,
+            });
+        }
+        Ok(BindReport {
+            bdf: bdf.to_string(),
+            previous_driver: dev.driver,
+            already_bound: false,
+            group,
+            group_node,
+            forced_past: usage,
+        })
+    }
+
+    /// Clears `driver_override` and asks the kernel to probe the device again; returns the
+    /// driver it ends up with.
+    fn restore(&self, bdf: &str) -> Result<Option<String>> {
+        let dir = self.dev_dir(bdf);
+        self.write(&dir.join("driver_override"), "\n")?;
+        if self.link_name(&dir.join("driver")).is_none() {
+            // Fails with ENODEV-like errors when no driver wants it; the result is checked below.
+            let _ = self.write(&self.path("/sys/bus/pci/drivers_probe"), bdf);
+        }
+        Ok(self.link_name(&dir.join("driver")))
+    }
+
+    /// Gives the controller back to the kernel: unbinds it from vfio-pci, clears
+    /// `driver_override` and probes it again (normally binding `nvme`).
+    pub fn reset(&self, bdf: &str) -> Result<ResetReport> {
+        let dev = self.nvme_device(bdf)?;
+        let dir = self.dev_dir(bdf);
+        if dev.driver.as_deref() == Some(VFIO_DRIVER) {
+            self.write(&dir.join("driver/unbind"), bdf)?;
+        }
+        self.write(&dir.join("driver_override"), "\n")?;
+        let mut driver = self.link_name(&dir.join("driver"));
+        if driver.is_none() {
+            self.write(&self.path("/sys/bus/pci/drivers_probe"), bdf)?;
+            self.settle(|| self.link_name(&dir.join("driver")).is_some());
+            driver = self.link_name(&dir.join("driver"));
+        }
+        Ok(ResetReport {
+            bdf: bdf.to_string(),
+            previous_driver: dev.driver,
+            driver,
+        })
+    }
+
+    /// Raises the number of reserved 2 MiB hugepages to `pages` (never lowers it).
+    pub fn reserve_hugepages(&self, pages: u64) -> Result<Hugepages> {
+        let path = self.path("/proc/sys/vm/nr_hugepages");
+        let parse = |s: String| s.parse::<u64>().unwrap_or(0);
+        let before = parse(self.read(&path)?);
+        if before < pages {
+            self.write(&path, &pages.to_string())?;
+        }
+        let after = parse(self.read(&path)?);
+        Ok(Hugepages {
+            before,
+            requested: pages,
+            after,
+        })
+    }
+
+    /// Resolves a user name (from `/etc/passwd`) or a numeric uid to (uid, gid).
+    pub fn lookup_user(&self, user: &str) -> Result<(u32, u32)> {
+        let passwd = self.read_opt(&self.path("/etc/passwd")).unwrap_or_default();
+        let entry = passwd.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() > 3 && (f[0] == user || f[2] == user))
+                .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+                .flatten()
+        });
+        match entry {
+            Some(ids) => Ok(ids),
+            None => match user.parse::<u32>() {
+                Ok(uid) => Ok((uid, uid)),
+                Err(_) => Err(SysfsError::UnknownUser(user.to_string())),
+            },
+        }
+    }
+
+    /// Gives `user` the IOMMU group's device node.
+    pub fn chown_group_node(&self, node: &Path, uid: u32, gid: u32) -> Result<()> {
+        std::os::unix::fs::chown(node, Some(uid), Some(gid)).map_err(|source| SysfsError::Io {
+            what: "chown",
+            path: node.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Other devices in the same IOMMU group bound to a driver VFIO cannot share the group with.
+    fn group_conflicts(&self, bdf: &str, group: u32) -> Vec<String> {
+        let dir = self.path(&format!("/sys/kernel/iommu_groups/{group}/devices"));
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        let mut v: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|other| other != bdf)
+            .filter_map(|other| {
+                let d = self.link_name(&self.dev_dir(&other).join("driver"))?;
+                (!matches!(d.as_str(), "vfio-pci" | "pci-stub" | "pcieport"))
+                    .then(|| format!("{other} ({d})"))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Whether rnvme can open the controller through VFIO, checked through sysfs and by opening
+    /// the VFIO nodes (which are closed again at once).
+    pub fn access(&self, bdf: &str) -> Access {
+        let no = |reason: String| Access {
+            usable: false,
+            reason,
+        };
+        let dev = match self.nvme_device(bdf) {
+            Ok(d) => d,
+            Err(e) => return no(e.to_string()),
+        };
+        match dev.driver.as_deref() {
+            Some(VFIO_DRIVER) => {}
+            Some(d) => return no(format!("bound to {d}; run `rnvme setup {bdf}`")),
+            None => return no(format!("no driver bound; run `rnvme setup {bdf}`")),
+        }
+        let Some(group) = dev.iommu_group else {
+            return no("no IOMMU group (is the IOMMU enabled?)".into());
+        };
+        let conflicts = self.group_conflicts(bdf, group);
+        if !conflicts.is_empty() {
+            return no(format!(
+                "IOMMU group {group} also holds {}; bind them to vfio-pci too",
+                conflicts.join(", ")
+            ));
+        }
+        let open = |p: &Path| OpenOptions::new().read(true).write(true).open(p);
+        let container = self.path("/dev/vfio/vfio");
+        if let Err(e) = open(&container) {
+            return no(format!("cannot open {}: {e}", container.display()));
+        }
+        let node = self.path(&format!("/dev/vfio/{group}"));
+        match open(&node) {
+            Ok(_) => Access {
+                usable: true,
+                reason: format!("ready ({})", node.display()),
+            },
+            Err(e) => match e.kind() {
+                io::ErrorKind::PermissionDenied => no(format!(
+                    "no permission on {}; run `rnvme setup --user $USER {bdf}` as root",
+                    node.display()
+                )),
+                io::ErrorKind::NotFound => no(format!("{} is missing", node.display())),
+                _ if e.raw_os_error() == Some(16) => {
+                    no(format!("{} is open in another process", node.display()))
+                }
+                _ => no(format!("cannot open {}: {e}", node.display())),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod fake {
+    //! A fake sysfs tree for tests.
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    pub struct FakeSys {
+        _dir: tempfile::TempDir,
+        pub sys: Sysfs,
+    }
+
+    impl FakeSys {
+        pub fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let sys = Sysfs::new(dir.path()).with_settle(Duration::from_millis(50));
+            let f = FakeSys { _dir: dir, sys };
+            for d in [
+                "/sys/bus/pci/devices",
+                "/sys/bus/pci/drivers/nvme",
+                "/sys/bus/pci/drivers/vfio-pci",
+                "/sys/block",
+                "/proc/self",
+                "/proc/sys/vm",
+                "/dev/vfio",
+                "/etc",
+            ] {
+                fs::create_dir_all(f.p(d)).unwrap();
+            }
+            for d in ["nvme", "vfio-pci"] {
+                fs::write(f.p(&format!("/sys/bus/pci/drivers/{d}/unbind")), "").unwrap();
+            }
+            f.write("/sys/bus/pci/drivers_probe", "");
+            f.write("/proc/self/mountinfo", "");
+            f.write("/proc/self/mounts", "");
+            f.write("/proc/swaps", "Filename\tType\tSize\tUsed\tPriority\n");
+            f.write("/proc/sys/vm/nr_hugepages", "0\n");
+            f
+        }
+
+        pub fn p(&self, abs: &str) -> PathBuf {
+            self.sys.path(abs)
+        }
+
+        pub fn write(&self, abs: &str, content: &str) {
+            let p = self.p(abs);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, content).unwrap();
+        }
+
+        pub fn read(&self, abs: &str) -> String {
+            fs::read_to_string(self.p(abs)).unwrap()
+        }
+
+        /// A PCI device; `driver` and `group` become symlinks like the kernel's.
+        pub fn device(&self, bdf: &str, class: u32, driver: Option<&str>, group: Option<u32>) {
+            let d = format!("/sys/bus/pci/devices/{bdf}");
+            self.write(&format!("{d}/vendor"), "0x1b36\n");
+            self.write(&format!("{d}/device"), "0x0010\n");
+            self.write(&format!("{d}/class"), &format!("{class:#08x}\n"));
+            self.write(&format!("{d}/driver_override"), "(null)\n");
+            if let Some(drv) = driver {
+                self.set_driver(bdf, Some(drv));
+            }
+            if let Some(g) = group {
+                fs::create_dir_all(self.p(&format!("/sys/kernel/iommu_groups/{g}/devices")))
+                    .unwrap();
+                symlink(
+                    self.p(&format!("/sys/kernel/iommu_groups/{g}")),
+                    self.p(&format!("{d}/iommu_group")),
+                )
+                .unwrap();
+                symlink(
+                    self.p(&format!("/sys/bus/pci/devices/{bdf}")),
+                    self.p(&format!("/sys/kernel/iommu_groups/{g}/devices/{bdf}")),
+                )
+                .unwrap();
+            }
+        }
+
+        pub fn set_driver(&self, bdf: &str, driver: Option<&str>) {
+            let link = self.p(&format!("/sys/bus/pci/devices/{bdf}/driver"));
+            let _ = fs::remove_file(&link);
+            if let Some(drv) = driver {
+                fs::create_dir_all(self.p(&format!("/sys/bus/pci/drivers/{drv}"))).unwrap();
+                let unbind = self.p(&format!("/sys/bus/pci/drivers/{drv}/unbind"));
+                if !unbind.exists() {
+                    fs::write(unbind, "").unwrap();
+                }
+                symlink(self.p(&format!("/sys/bus/pci/drivers/{drv}")), link).unwrap();
+            }
+        }
+
+        /// A kernel controller `nvmeN` with namespaces (entry names as under the controller).
+        pub fn kernel_ctrl(&self, bdf: &str, name: &str, entries: &[&str]) {
+            let d = format!("/sys/bus/pci/devices/{bdf}/nvme/{name}");
+            self.write(&format!("{d}/serial"), &format!("SER-{name}   \n"));
+            self.write(&format!("{d}/model"), "QEMU NVMe Ctrl          \n");
+            for e in entries {
+                fs::create_dir_all(self.p(&format!("{d}/{e}"))).unwrap();
+            }
+        }
+
+        /// A block device with `dev` numbers and optional partitions `(name, dev)`.
+        pub fn block(&self, name: &str, dev: &str, parts: &[(&str, &str)]) {
+            let d = format!("/sys/block/{name}");
+            self.write(&format!("{d}/dev"), &format!("{dev}\n"));
+            fs::create_dir_all(self.p(&format!("{d}/holders"))).unwrap();
+            for (p, pdev) in parts {
+                self.write(&format!("{d}/{p}/dev"), &format!("{pdev}\n"));
+                fs::create_dir_all(self.p(&format!("{d}/{p}/holders"))).unwrap();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::FakeSys;
+    use super::*;
+
+    const A: &str = "0000:00:04.0";
+    const B: &str = "0000:00:05.0";
+    const C: &str = "0000:00:06.0";
+    const NIC: &str = "0000:00:02.0";
+
+    #[test]
+    fn bdf_parsing() {
+        assert_eq!(parse_bdf("0000:00:03.0").unwrap(), "0000:00:03.0");
+        assert_eq!(parse_bdf("0000:AF:1f.7").unwrap(), "0000:af:1f.7");
+        for bad in [
+            "00:03.0",
+            "0000:00:03",
+            "0000:00:03.8",
+            "0000:00:20.0",
+            "0000-00:03.0",
+            "0000:00:03.0 ",
+            "",
+            "zzzz:00:03.0",
+        ] {
+            assert!(
+                matches!(parse_bdf(bad), Err(SysfsError::InvalidBdf(_))),
+                "{bad:?} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn namespace_names() {
+        assert_eq!(namespace_block_name("nvme0n1").as_deref(), Some("nvme0n1"));
+        assert_eq!(
+            namespace_block_name("nvme0c1n2").as_deref(),
+            Some("nvme0n2")
+        );
+        assert_eq!(
+            namespace_block_name("nvme12n3").as_deref(),
+            Some("nvme12n3")
+        );
+        for other in [
+            "serial",
+            "nvme0",
+            "nvme0n",
+            "nvme0n1p1",
+            "power",
+            "nvmexn1",
+            "nvme0cn1",
+        ] {
+            assert_eq!(namespace_block_name(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn class_filter_keeps_only_nvme() {
+        let f = FakeSys::new();
+        f.device(B, NVME_CLASS, Some("nvme"), Some(2));
+        f.device(A, NVME_CLASS, None, Some(1));
+        f.device(NIC, 0x020000, Some("e1000e"), Some(0));
+        // An AHCI controller (mass storage, SATA) is not NVMe either.
+        f.device(C, 0x010601, Some("ahci"), Some(3));
+        assert_eq!(f.sys.pci_devices().unwrap(), [NIC, A, B, C]);
+        assert_eq!(f.sys.nvme_controllers().unwrap(), [A, B]);
+        let d = f.sys.device(B).unwrap();
+        assert_eq!(
+            d,
+            PciDevice {
+                bdf: B.into(),
+                vendor: 0x1b36,
+                device: 0x0010,
+                class: NVME_CLASS,
+                driver: Some("nvme".into()),
+                iommu_group: Some(2),
+                driver_override: None,
+            }
+        );
+        assert!(matches!(
+            f.sys.nvme_device(C),
+            Err(SysfsError::NotNvme {
+                class: 0x010601,
+                ..
+            })
+        ));
+        assert!(matches!(
+            f.sys.device("0000:00:1e.0"),
+            Err(SysfsError::NoDevice(_))
+        ));
+    }
+
+    #[test]
+    fn kernel_controllers_and_block_devices() {
+        let f = FakeSys::new();
+        f.device(A, NVME_CLASS, Some("nvme"), Some(1));
+        f.kernel_ctrl(A, "nvme0", &["nvme0c0n1", "nvme0c0n2", "power"]);
+        f.block(
+            "nvme0n1",
+            "259:0",
+            &[("nvme0n1p1", "259:1"), ("nvme0n1p2", "259:2")],
+        );
+        f.block("nvme0n2", "259:3", &[]);
+        let k = f.sys.kernel_controllers(A);
+        assert_eq!(k.len(), 1);
+        assert_eq!(k[0].serial, "SER-nvme0");
+        assert_eq!(k[0].model, "QEMU NVMe Ctrl");
+        assert_eq!(k[0].namespaces, ["nvme0n1", "nvme0n2"]);
+        let b: Vec<(String, Option<String>, PathBuf)> = f
+            .sys
+            .block_devices(A)
+            .into_iter()
+            .map(|b| (b.name, b.dev, b.dir))
+            .collect();
+        let dev = |n: &str, d: &str, dir: &str| (n.to_string(), Some(d.to_string()), f.p(dir));
+        assert_eq!(
+            b,
+            [
+                dev("nvme0n1", "259:0", "/sys/block/nvme0n1"),
+                dev("nvme0n1p1", "259:1", "/sys/block/nvme0n1/nvme0n1p1"),
+                dev("nvme0n1p2", "259:2", "/sys/block/nvme0n1/nvme0n1p2"),
+                dev("nvme0n2", "259:3", "/sys/block/nvme0n2"),
+            ]
+        );
+    }
+
+    fn busy_tree() -> FakeSys {
+        let f = FakeSys::new();
+        // A: partition mounted (seen by device number, the mount source is a by-uuid link).
+        f.device(A, NVME_CLASS, Some("nvme"), Some(1));
+        f.kernel_ctrl(A, "nvme0", &["nvme0n1"]);
+        f.block("nvme0n1", "259:0", &[("nvme0n1p1", "259:1")]);
+        // B: namespace used as swap and held by device-mapper.
+        f.device(B, NVME_CLASS, Some("nvme"), Some(2));
+        f.kernel_ctrl(B, "nvme1", &["nvme1n1"]);
+        f.block("nvme1n1", "259:4", &[("nvme1n1p1", "259:5")]);
+        fs::create_dir_all(f.p("/sys/block/nvme1n1/nvme1n1p1/holders/dm-0")).unwrap();
+        // C: free, with an unrelated mount and swap around.
+        f.device(C, NVME_CLASS, Some("nvme"), Some(3));
+        f.kernel_ctrl(C, "nvme2", &["nvme2n1"]);
+        f.block("nvme2n1", "259:8", &[]);
+        f.write(
+            "/proc/self/mountinfo",
+            "22 1 259:1 / /mnt/my\\040data rw,relatime shared:1 - ext4 /dev/disk/by-uuid/x rw\n\
+             23 1 8:1 / / rw - ext4 /dev/sda1 rw\n",
+        );
+        f.write("/proc/self/mounts", "/dev/sda1 / ext4 rw 0 0\n");
+        f.write(
+            "/proc/swaps",
+            "Filename\tType\tSize\tUsed\tPriority\n/dev/nvme1n1\tpartition\t1024\t0\t-2\n/dev/sdb2\tpartition\t1\t0\t-3\n",
+        );
+        f
+    }
+
+    #[test]
+    fn in_use_detection() {
+        let f = busy_tree();
+        assert_eq!(f.sys.usage(A), ["nvme0n1p1 is mounted on /mnt/my data"]);
+        assert_eq!(
+            f.sys.usage(B),
+            ["nvme1n1 is used as swap", "nvme1n1p1 is held by dm-0"]
+        );
+        assert!(f.sys.usage(C).is_empty());
+    }
+
+    #[test]
+    fn mounts_by_device_name_count_too() {
+        let f = FakeSys::new();
+        f.device(A, NVME_CLASS, Some("nvme"), Some(1));
+        f.kernel_ctrl(A, "nvme0", &["nvme0n1"]);
+        // No dev file: only /proc/self/mounts can tell.
+        fs::create_dir_all(f.p("/sys/block/nvme0n1")).unwrap();
+        f.write("/proc/self/mounts", "/dev/nvme0n1 /data xfs rw 0 0\n");
+        assert_eq!(f.sys.usage(A), ["nvme0n1 is mounted on /data"]);
+        fs::create_dir_all(f.p("/sys/block/nvme0n1/holders/md0")).unwrap();
+        assert_eq!(
+            f.sys.usage(A),
+            ["nvme0n1 is mounted on /data", "nvme0n1 is held by md0"]
+        );
+    }
+
+    #[test]
+    fn all_selects_the_free_controllers() {
+        let f = busy_tree();
+        f.device(NIC, 0x020000, Some("e1000e"), Some(0));
+        // Already on vfio-pci, no kernel namespaces: free.
+        f.device("0000:00:07.0", NVME_CLASS, Some("vfio-pci"), Some(4));
+        let Selection { free, busy } = f.sys.select_all().unwrap();
+        assert_eq!(free, [C, "0000:00:07.0"]);
+        let busy_bdfs: Vec<&str> = busy.iter().map(|(b, _)| b.as_str()).collect();
+        assert_eq!(busy_bdfs, [A, B]);
+        assert_eq!(busy[0].1, ["nvme0n1p1 is mounted on /mnt/my data"]);
+    }
+
+    #[test]
+    fn bind_refuses_a_controller_in_use_without_touching_it() {
+        let f = busy_tree();
+        let e = f.sys.bind_vfio(A, false).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("nvme0n1p1 is mounted on /mnt/my data"),
+            "{msg}"
+        );
+        assert!(msg.contains("--force"), "{msg}");
+        assert_eq!(
+            f.read(&format!("/sys/bus/pci/devices/{A}/driver_override")),
+            "(null)\n"
+        );
+        assert_eq!(f.read("/sys/bus/pci/drivers/nvme/unbind"), "");
+        assert_eq!(f.read("/sys/bus/pci/drivers_probe"), "");
+    }
+
+    #[test]
+    fn bind_refuses_non_nvme_and_missing_iommu_group() {
+        let f = FakeSys::new();
+        f.device(NIC, 0x020000, Some("e1000e"), Some(0));
+        assert!(matches!(
+            f.sys.bind_vfio(NIC, false),
+            Err(SysfsError::NotNvme { .. })
+        ));
+        f.device(A, NVME_CLASS, Some("nvme"), None);
+        assert!(matches!(
+            f.sys.bind_vfio(A, false),
+            Err(SysfsError::NoIommuGroup(_))
+        ));
+        assert_eq!(f.read("/sys/bus/pci/drivers/nvme/unbind"), "");
+    }
+
+    #[test]
+    fn bind_writes_the_sysfs_sequence_and_rolls_back_when_nothing_binds() {
+        let f = FakeSys::new();
+        f.device(C, NVME_CLASS, Some("nvme"), Some(3));
+        // Nothing in a fake tree reacts to the writes, so the device stays on nvme.
+        let e = f.sys.bind_vfio(C, false).unwrap_err();
+        match &e {
+            SysfsError::BindFailed { actual, .. } => assert_eq!(actual.as_deref(), Some("nvme")),
+            other => panic!("unexpected {other}"),
+        }
+        assert_eq!(f.read("/sys/bus/pci/drivers/nvme/unbind"), C);
+        assert_eq!(f.read("/sys/bus/pci/drivers_probe"), C);
+        // The override was set, then cleared again.
+        assert_eq!(
+            f.read(&format!("/sys/bus/pci/devices/{C}/driver_override")),
+            "\n"
+        );
+    }
+
+    #[test]
+    fn bind_of_a_bound_controller_changes_nothing() {
+        let f = FakeSys::new();
+        f.device(C, NVME_CLASS, Some("vfio-pci"), Some(3));
+        let r = f.sys.bind_vfio(C, false).unwrap();
+        assert!(r.already_bound);
+        assert_eq!(r.group, 3);
+        assert_eq!(r.group_node, f.p("/dev/vfio/3"));
+        assert_eq!(f.read("/sys/bus/pci/drivers/vfio-pci/unbind"), "");
+    }
+
+    #[test]
+    fn bind_with_force_reports_what_it_ignored() {
+        let f = busy_tree();
+        f.set_driver(A, Some("vfio-pci"));
+        let r = f.sys.bind_vfio(A, true).unwrap();
+        assert_eq!(r.forced_past, ["nvme0n1p1 is mounted on /mnt/my data"]);
+    }
+
+    #[test]
+    fn missing_vfio_driver_is_not_modprobed_for_a_fake_root() {
+        let f = FakeSys::new();
+        fs::remove_dir_all(f.p("/sys/bus/pci/drivers/vfio-pci")).unwrap();
+        f.device(C, NVME_CLASS, Some("nvme"), Some(3));
+        let e = f.sys.bind_vfio(C, false).unwrap_err();
+        assert!(matches!(e, SysfsError::NoVfioDriver(_)), "{e}");
+        assert_eq!(f.read("/sys/bus/pci/drivers/nvme/unbind"), "");
+    }
+
+    #[test]
+    fn reset_unbinds_clears_and_probes() {
+        let f = FakeSys::new();
+        f.device(C, NVME_CLASS, Some("vfio-pci"), Some(3));
+        f.write(
+            &format!("/sys/bus/pci/devices/{C}/driver_override"),
+            "vfio-pci\n",
+        );
+        let r = f.sys.reset(C).unwrap();
+        assert_eq!(r.previous_driver.as_deref(), Some("vfio-pci"));
+        assert_eq!(f.read("/sys/bus/pci/drivers/vfio-pci/unbind"), C);
+        assert_eq!(
+            f.read(&format!("/sys/bus/pci/devices/{C}/driver_override")),
+            "\n"
+        );
+        // The fake kernel leaves the driver link alone, so no probe was needed.
+        assert_eq!(f.read("/sys/bus/pci/drivers_probe"), "");
+        f.set_driver(C, None);
+        let r = f.sys.reset(C).unwrap();
+        assert_eq!(r.previous_driver, None);
+        assert_eq!(r.driver, None);
+        assert_eq!(f.read("/sys/bus/pci/drivers_probe"), C);
+    }
+
+    #[test]
+    fn hugepages_are_raised_never_lowered() {
+        let f = FakeSys::new();
+        let h = f.sys.reserve_hugepages(512).unwrap();
+        assert_eq!(
+            h,
+            Hugepages {
+                before: 0,
+                requested: 512,
+                after: 512
+            }
+        );
+        f.write("/proc/sys/vm/nr_hugepages", "1024\n");
+        let h = f.sys.reserve_hugepages(512).unwrap();
+        assert_eq!(
+            h,
+            Hugepages {
+                before: 1024,
+                requested: 512,
+                after: 1024
+            }
+        );
+        assert_eq!(f.read("/proc/sys/vm/nr_hugepages"), "1024\n");
+    }
+
+    #[test]
+    fn users_by_name_or_number() {
+        let f = FakeSys::new();
+        f.write(
+            "/etc/passwd",
+            "root:x:0:0::/root:/bin/sh\nalice:x:1000:100::/home/alice:/bin/sh\n",
+        );
+        assert_eq!(f.sys.lookup_user("alice").unwrap(), (1000, 100));
+        assert_eq!(f.sys.lookup_user("1000").unwrap(), (1000, 100));
+        assert_eq!(f.sys.lookup_user("2000").unwrap(), (2000, 2000));
+        assert!(matches!(
+            f.sys.lookup_user("bob"),
+            Err(SysfsError::UnknownUser(_))
+        ));
+    }
+
+    #[test]
+    fn memlock_need() {
+        assert_eq!(memlock_needed_kib(512), (1024 + 64) * 1024);
+        assert_eq!(memlock_needed_kib(0), 64 * 1024);
+    }
+
+    #[test]
+    fn access_reasons() {
+        let f = FakeSys::new();
+        f.device(A, NVME_CLASS, Some("nvme"), Some(1));
+        f.device(B, NVME_CLASS, None, Some(2));
+        f.device(C, NVME_CLASS, Some("vfio-pci"), Some(3));
+        f.device("0000:00:07.0", NVME_CLASS, Some("vfio-pci"), None);
+        let a = f.sys.access(A);
+        assert!(!a.usable);
+        assert!(
+            a.reason.contains("bound to nvme") && a.reason.contains("rnvme setup 0000:00:04.0"),
+            "{}",
+            a.reason
+        );
+        assert!(f.sys.access(B).reason.contains("no driver bound"));
+        assert!(f
+            .sys
+            .access("0000:00:07.0")
+            .reason
+            .contains("no IOMMU group"));
+        // C: the container node is missing.
+        let c = f.sys.access(C);
+        assert!(!c.usable);
+        assert!(c.reason.contains("/dev/vfio/vfio"), "{}", c.reason);
+        f.write("/dev/vfio/vfio", "");
+        assert!(f.sys.access(C).reason.contains("/dev/vfio/3 is missing"));
+        f.write("/dev/vfio/3", "");
+        let c = f.sys.access(C);
+        assert!(c.usable, "{}", c.reason);
+        // Another device in group 3 still on a kernel driver spoils it.
+        f.device("0000:00:08.0", 0x020000, Some("e1000e"), None);
+        std::os::unix::fs::symlink(
+            f.p("/sys/bus/pci/devices/0000:00:08.0"),
+            f.p("/sys/kernel/iommu_groups/3/devices/0000:00:08.0"),
+        )
+        .unwrap();
+        let c = f.sys.access(C);
+        assert!(!c.usable);
+        assert!(c.reason.contains("0000:00:08.0 (e1000e)"), "{}", c.reason);
+    }
+
+    #[test]
+    fn mount_escapes() {
+        assert_eq!(unescape_mount("/mnt/a\\040b"), "/mnt/a b");
+        assert_eq!(unescape_mount("/x\\134y"), "/x\\y");
+        assert_eq!(unescape_mount("/plain"), "/plain");
+        assert_eq!(unescape_mount("/end\\04"), "/end\\04");
+    }
+
+    #[test]
+    fn root_from_env_and_paths() {
+        let s = Sysfs::new("/fake");
+        assert_eq!(s.path("/sys/bus/pci"), PathBuf::from("/fake/sys/bus/pci"));
+        assert_eq!(
+            Sysfs::new("/").path("/proc/swaps"),
+            PathBuf::from("/proc/swaps")
+        );
+    }
+}
