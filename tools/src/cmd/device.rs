@@ -350,7 +350,7 @@ pub fn write(a: WriteArgs) -> Result<ExitCode> {
     let ns = namespace(&ctrl, a.nsid)?;
     let lba_size = ns.lba_size as u64;
     let len = data.len() as u64;
-    if len == 0 || len % lba_size != 0 {
+    if len == 0 || !len.is_multiple_of(lba_size) {
         return Err(UsageError(format!(
             "the input is {len} bytes, not a positive multiple of the namespace's {lba_size}-byte LBA size; nothing was written"
         ))
