@@ -39,6 +39,9 @@ enum Command {
     Trim(cmd::device::ZeroArgs),
     /// Show the SMART / health or error information log page
     Log(cmd::device::LogArgs),
+    /// The mpage page cache: trace the commands it issues on a recording device
+    #[command(subcommand)]
+    Mpage(cmd::mpage::MpageCommand),
     /// Throwaway QEMU guests with emulated NVMe controllers
     #[command(subcommand)]
     Vm(cmd::vm::VmCommand),
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
         Command::WriteZeroes(a) => cmd::device::range_op(a, cmd::device::RangeOp::WriteZeroes),
         Command::Trim(a) => cmd::device::range_op(a, cmd::device::RangeOp::Trim),
         Command::Log(a) => cmd::device::log(a),
+        Command::Mpage(c) => cmd::mpage::mpage(c),
         Command::Vm(c) => cmd::vm::vm(c),
     };
     match result {

@@ -2,6 +2,7 @@
 
 pub mod device;
 pub mod list;
+pub mod mpage;
 pub mod setup;
 pub mod vm;
 
