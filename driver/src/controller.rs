@@ -1,5 +1,6 @@
 //! Controller bring-up, admin commands, I/O queue pair creation and clean shutdown.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -8,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::hw::Hardware;
 use crate::identify::{ControllerInfo, ErrorLogEntry, NamespaceInfo, SglSupport, SmartLog};
 use crate::io::IoQueuePair;
-use crate::queue::{DataPointerMode, QueuePair};
+use crate::queue::{DataPointerMode, QueuePair, Recovery};
 use crate::spec::{
     admin_op, cc, cns, csts, feature, log_page, reg, Cap, SqEntry, MAX_NLB, PAGE_SIZE,
 };
@@ -63,6 +64,10 @@ pub(crate) struct Shared {
     qids_in_use: Mutex<Vec<bool>>,
     pub(crate) max_transfer: u32,
     options: ControllerOptions,
+    /// Bumped by every controller reset; queue pairs compare it with their own.
+    generation: AtomicU64,
+    /// One reset at a time.
+    reset_lock: Mutex<()>,
 }
 
 /// A controller brought up and ready: identify data, namespaces, admin commands, and a
@@ -212,6 +217,8 @@ impl Controller {
             // per extra chain step), below the NLB limit at 512-byte LBAs (32 MiB).
             max_transfer: mdts.min(8 << 20) as u32,
             options: options.clone(),
+            generation: AtomicU64::new(0),
+            reset_lock: Mutex::new(()),
         };
         log::info!(
             "{dev}: ready: {} / {}, {} namespace(s), {granted} I/O queue pair(s), max transfer {} bytes",
@@ -361,6 +368,21 @@ impl Controller {
         let entries = self.shared.info.elpe as usize + 1;
         let data = self.get_log_page(log_page::ERROR, 0, entries.min(256) * 64)?;
         Ok(crate::identify::parse_error_log(&data))
+    }
+
+    /// Reset the controller (disable, enable, admin queue again): every I/O queue pair then
+    /// hands back its outstanding commands as cancelled and creates its queues again at its
+    /// next health check.
+    pub fn reset(&self) -> Result<()> {
+        let seen = self.shared.generation.load(Ordering::Acquire);
+        self.shared
+            .reset(seen, "requested by the application")
+            .map(|_| ())
+    }
+
+    /// Controller resets so far.
+    pub fn resets(&self) -> u64 {
+        self.shared.generation.load(Ordering::Acquire)
     }
 
     /// Ask the controller to abort command `cid` on submission queue `sqid`. Returns true if
@@ -570,6 +592,67 @@ impl Shared {
         }) {
             log::warn!("{e}");
         }
+    }
+}
+
+impl Recovery for Shared {
+    fn abort(&self, sqid: u16, cid: u16) -> bool {
+        let mut c = SqEntry::new(admin_op::ABORT, 0);
+        c.cdw10 = sqid as u32 | ((cid as u32) << 16);
+        match self.admin.admin_cmd(c, None, "Abort") {
+            Ok(dw0) => dw0 & 1 == 0,
+            Err(e) => {
+                log::warn!("{e}");
+                false
+            }
+        }
+    }
+
+    fn reset(&self, seen: u64, why: &str) -> Result<u64> {
+        let _one = self.reset_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.generation.load(Ordering::Acquire);
+        if current != seen {
+            return Ok(current);
+        }
+        let hw = self.hw.as_ref();
+        log::warn!("{}: resetting the controller: {why}", hw.name());
+        if hw.read32(reg::CSTS) == u32::MAX {
+            return Err(Error::DeviceRemoved {
+                dev: hw.name().to_string(),
+            });
+        }
+        disable(hw, self.cap)?;
+        {
+            let mut q = self.admin.lock();
+            q.abandon_all();
+            let a = (q.entries() - 1) as u32;
+            hw.write32(reg::AQA, a | (a << 16));
+            hw.write64(reg::ASQ, q.sq_iova().0);
+            hw.write64(reg::ACQ, q.cq_iova().0);
+        }
+        hw.write32(reg::INTMS, u32::MAX);
+        hw.write32(reg::CC, cc::mps(0) | cc::IOSQES_64 | cc::IOCQES_16 | cc::EN);
+        wait_register(
+            hw,
+            "the controller to become ready (CSTS.RDY = 1) after a reset",
+            self.cap.timeout_ms().max(500),
+            true,
+            |v| v & csts::RDY != 0,
+        )?;
+        let want = (self.io_queues_granted - 1) as u32;
+        self.admin
+            .set_features(feature::NUMBER_OF_QUEUES, want | (want << 16), None)?;
+        let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        log::warn!("{}: controller reset done (reset #{g})", hw.name());
+        Ok(g)
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn recreate(&self, qp: &QueuePair) -> Result<()> {
+        self.create_queues(qp)
     }
 }
 

@@ -9,7 +9,7 @@ use crate::controller::Shared;
 use crate::dma::DmaBuffer;
 use crate::error::{Error, Result};
 use crate::identify::NamespaceInfo;
-use crate::queue::{DataPointerMode, QueuePair};
+use crate::queue::{DataPointerMode, QueuePair, Recovery};
 use crate::spec::{io_op, SqEntry, CDW12_FUA, MAX_NLB};
 use crate::status::NvmeStatus;
 use crate::types::Segment;
@@ -187,6 +187,8 @@ impl IoQueuePair {
                 return Err(e);
             }
         };
+        let generation = Recovery::generation(shared.as_ref());
+        qp.set_recovery(shared.clone(), generation);
         let sgl = !matches!(shared.info.sgl_support(), crate::identify::SglSupport::None);
         qp.set_data_pointer_mode_unchecked(if mode == DataPointerMode::Sgl && sgl {
             DataPointerMode::Sgl
@@ -196,7 +198,7 @@ impl IoQueuePair {
         Ok(IoQueuePair {
             qp,
             shared,
-            timeout: Duration::from_secs(30),
+            timeout: crate::queue::DEFAULT_TIMEOUT * 3 + Duration::from_secs(1),
         })
     }
 
@@ -217,9 +219,11 @@ impl IoQueuePair {
         Ok(())
     }
 
-    /// Deadline for the synchronous helpers below.
+    /// Command deadline (see [`QueuePair::set_command_timeout`]); the synchronous helpers
+    /// below give up on a stuck device after three times as long.
     pub fn set_timeout(&mut self, timeout: Duration) {
-        self.timeout = timeout;
+        self.qp.set_command_timeout(timeout);
+        self.timeout = timeout * 3 + Duration::from_secs(1);
     }
 
     /// Largest transfer of one command for LBAs of `lba_size` bytes.

@@ -23,6 +23,7 @@ pub mod iova;
 pub mod model;
 pub mod prp;
 pub mod queue;
+pub mod reactor;
 pub mod sgl;
 pub mod spec;
 pub mod status;

@@ -170,6 +170,20 @@ impl<L: ListPages> ListWriter<'_, L> {
 /// Fails with [`PrpError::ListPagesExhausted`] when `lists` cannot supply enough pages.
 #[inline]
 pub fn build_prp(segments: &[Segment], lists: &mut impl ListPages) -> Result<Prp, PrpError> {
+    // Fast path: one dword-aligned segment inside one page needs PRP1 only (a 4 KiB I/O).
+    if let [seg] = segments {
+        let start = seg.iova.0;
+        if seg.len != 0 && start & 3 == 0 && (start & PAGE_MASK) + seg.len as u64 <= PAGE {
+            return Ok(Prp {
+                prp1: start,
+                prp2: 0,
+            });
+        }
+    }
+    build_prp_general(segments, lists)
+}
+
+fn build_prp_general(segments: &[Segment], lists: &mut impl ListPages) -> Result<Prp, PrpError> {
     let Some((first, _)) = segments.split_first() else {
         return Err(PrpError::Empty);
     };

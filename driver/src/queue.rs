@@ -9,6 +9,7 @@ use std::cell::Cell;
 use std::marker::PhantomData;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use vm_memory::VolatileMemory;
 
@@ -17,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::hw::Hardware;
 use crate::prp::{build_prp, ListPages};
 use crate::sgl::build_sgl;
-use crate::spec::{reg, CqEntry, SqEntry, PAGE_SIZE, PSDT_SGL};
+use crate::spec::{csts, reg, CqEntry, SqEntry, PAGE_SIZE, PSDT_SGL};
 use crate::status::NvmeStatus;
 use crate::types::{CommandId, Iova, Segment};
 
@@ -74,11 +75,86 @@ pub struct QueueStats {
     pub spurious: u64,
     /// Submissions refused because the queue was full.
     pub queue_full: u64,
+    /// Commands resubmitted after a retryable error.
+    pub retries: u64,
+    /// Commands that outlived their deadline.
+    pub timeouts: u64,
+    /// Abort commands sent for them.
+    pub aborts: u64,
+    /// Controller resets this queue pair went through.
+    pub resets: u64,
+    /// Commands completed by the driver itself (reset or removal) instead of the device.
+    pub cancelled: u64,
+}
+
+/// What a queue pair needs from its controller to recover from a lost command, a fatal
+/// controller status or a reset: implemented by the controller for I/O queue pairs.
+pub(crate) trait Recovery: Send + Sync {
+    /// Ask the controller to abort a command; true if it says it did.
+    fn abort(&self, sqid: u16, cid: u16) -> bool;
+    /// Reset the controller unless it was reset since generation `seen`; returns the
+    /// generation after the reset.
+    fn reset(&self, seen: u64, why: &str) -> Result<u64>;
+    /// The current reset generation.
+    fn generation(&self) -> u64;
+    /// Create this queue pair's queues again on the controller (after a reset).
+    fn recreate(&self, qp: &QueuePair) -> Result<()>;
+}
+
+/// Polls between health checks while commands are outstanding.
+const CHECK_EVERY: u32 = 1024;
+/// How often a failing command is retried when the controller allows it (DNR clear).
+pub const DEFAULT_RETRIES: u8 = 3;
+/// How long a command may take before it is aborted, by default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A cheap timestamp for each submission: the CPU's time-stamp counter where there is one,
+/// converted to time against the monotonic clock only when deadlines are checked.
+#[inline]
+fn cycles() -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: RDTSC has no preconditions; it only reads the time-stamp counter.
+        unsafe { core::arch::x86_64::_rdtsc() }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    }
+}
+
+/// Converts `cycles()` differences to durations, calibrated against `Instant`.
+struct Clock {
+    c0: u64,
+    t0: Instant,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        Clock {
+            c0: cycles(),
+            t0: Instant::now(),
+        }
+    }
+
+    /// Nanoseconds per cycle, measured over the clock's lifetime (None until 1 ms passed).
+    fn ns_per_cycle(&self, now_c: u64) -> Option<f64> {
+        let dt = self.t0.elapsed();
+        let dc = now_c.wrapping_sub(self.c0);
+        (dt >= Duration::from_millis(1) && dc > 0).then(|| dt.as_nanos() as f64 / dc as f64)
+    }
 }
 
 struct Slot {
     tag: u64,
     busy: bool,
+    /// The command as submitted, for retries.
+    cmd: SqEntry,
+    /// `cycles()` at submission (or at the abort, once aborted).
+    submitted: u64,
+    retries: u8,
+    aborted: bool,
     /// The PRP list / SGL segment page owned by this slot.
     list: DmaBuffer,
     /// Further list pages for long transfers, fetched from the pool on first use and kept.
@@ -121,6 +197,17 @@ impl ListPages for SlotLists<'_> {
     }
 }
 
+/// Write `cmd` at the tail of the submission queue ring `sq` of `entries` entries.
+#[inline]
+fn push_entry(sq: &DmaBuffer, tail: &mut u16, entries: u16, cmd: &SqEntry) {
+    let off = *tail as usize * std::mem::size_of::<SqEntry>();
+    sq.volatile()
+        .get_ref::<SqEntry>(off)
+        .expect("SQ slot inside the ring")
+        .store(*cmd);
+    *tail = if *tail + 1 == entries { 0 } else { *tail + 1 };
+}
+
 /// A submission queue and its completion queue.
 pub struct QueuePair {
     qid: u16,
@@ -140,6 +227,13 @@ pub struct QueuePair {
     free: Vec<u16>,
     mode: DataPointerMode,
     stats: QueueStats,
+    recovery: Option<Arc<dyn Recovery>>,
+    generation: u64,
+    timeout: Duration,
+    retry_limit: u8,
+    polls_to_check: u32,
+    clock: Clock,
+    removed: bool,
     /// Owned by one thread: Send but not Sync.
     _not_sync: PhantomData<Cell<()>>,
 }
@@ -166,6 +260,10 @@ impl QueuePair {
                 Ok(Slot {
                     tag: 0,
                     busy: false,
+                    cmd: SqEntry::default(),
+                    submitted: 0,
+                    retries: 0,
+                    aborted: false,
                     list: pool.alloc(PAGE_SIZE)?,
                     extra: Vec::new(),
                 })
@@ -192,6 +290,13 @@ impl QueuePair {
             free,
             mode: DataPointerMode::Prp,
             stats: QueueStats::default(),
+            recovery: None,
+            generation: 0,
+            timeout: DEFAULT_TIMEOUT,
+            retry_limit: DEFAULT_RETRIES,
+            polls_to_check: CHECK_EVERY,
+            clock: Clock::new(),
+            removed: false,
             _not_sync: PhantomData,
         })
     }
@@ -213,6 +318,9 @@ impl QueuePair {
 
     /// Commands submitted and not yet completed.
     pub fn outstanding(&self) -> usize {
+        if self.removed {
+            return 0;
+        }
         self.slots.len() - self.free.len()
     }
 
@@ -235,6 +343,33 @@ impl QueuePair {
         self.mode = mode;
     }
 
+    pub(crate) fn set_recovery(&mut self, recovery: Arc<dyn Recovery>, generation: u64) {
+        self.recovery = Some(recovery);
+        self.generation = generation;
+    }
+
+    /// How long a command may take before the driver aborts it (and, if the abort does not
+    /// bring it back within the same time again, resets the controller).
+    pub fn set_command_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    /// The command deadline.
+    pub fn command_timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// How many times a command that fails with a retryable status (DNR clear) is
+    /// resubmitted before its error is handed back.
+    pub fn set_retry_limit(&mut self, retries: u8) {
+        self.retry_limit = retries;
+    }
+
+    /// Whether the device was found removed: every later submission fails.
+    pub fn is_removed(&self) -> bool {
+        self.removed
+    }
+
     pub(crate) fn sq_iova(&self) -> Iova {
         self.sq.iova()
     }
@@ -247,52 +382,64 @@ impl QueuePair {
     /// the doorbell. The command id is filled in here. A full queue is an
     /// [`Error::QueueFull`]: poll, then submit again. A buffer the data pointer builder
     /// refuses is an error and nothing is queued.
-    #[inline]
+    #[inline(always)]
     pub fn submit(&mut self, mut cmd: SqEntry, data: &[Segment], tag: u64) -> Result<CommandId> {
-        let Some(&cid) = self.free.last() else {
-            self.stats.queue_full += 1;
-            return Err(Error::QueueFull);
+        // A removed device keeps its free list empty, so this one check covers both cases.
+        let Some(cid) = self.free.pop() else {
+            return Err(self.no_slot());
         };
+        let slot = &mut self.slots[cid as usize];
         if !data.is_empty() {
-            let slot = &mut self.slots[cid as usize];
             let mut lists = SlotLists {
                 first: &slot.list,
                 extra: &mut slot.extra,
                 pool: &self.pool,
             };
-            match self.mode {
-                DataPointerMode::Prp => {
-                    let prp = build_prp(data, &mut lists)?;
-                    cmd.dptr1 = prp.prp1;
-                    cmd.dptr2 = prp.prp2;
-                }
-                DataPointerMode::Sgl => {
-                    let (d1, d2) = build_sgl(data, &mut lists)?.to_dptr();
-                    cmd.cdw0 |= PSDT_SGL;
+            let built = match self.mode {
+                DataPointerMode::Prp => build_prp(data, &mut lists)
+                    .map(|p| (p.prp1, p.prp2))
+                    .map_err(Error::from),
+                DataPointerMode::Sgl => build_sgl(data, &mut lists)
+                    .map(|d| d.to_dptr())
+                    .map_err(Error::from),
+            };
+            match built {
+                Ok((d1, d2)) => {
+                    if self.mode == DataPointerMode::Sgl {
+                        cmd.cdw0 |= PSDT_SGL;
+                    }
                     cmd.dptr1 = d1;
                     cmd.dptr2 = d2;
                 }
+                Err(e) => {
+                    self.free.push(cid);
+                    return Err(e);
+                }
             }
         }
-        self.free.pop();
         cmd.set_cid(cid);
-        let slot = &mut self.slots[cid as usize];
         slot.tag = tag;
         slot.busy = true;
-        let off = self.sq_tail as usize * std::mem::size_of::<SqEntry>();
-        self.sq
-            .volatile()
-            .get_ref::<SqEntry>(off)
-            .expect("SQ slot inside the ring")
-            .store(cmd);
-        self.sq_tail = if self.sq_tail + 1 == self.entries {
-            0
-        } else {
-            self.sq_tail + 1
-        };
+        slot.cmd = cmd;
+        slot.submitted = cycles();
+        slot.retries = 0;
+        slot.aborted = false;
+        push_entry(&self.sq, &mut self.sq_tail, self.entries, &cmd);
         self.stats.submitted += 1;
         Ok(CommandId(cid))
     }
+
+    #[cold]
+    fn no_slot(&mut self) -> Error {
+        if self.removed {
+            return Error::DeviceRemoved {
+                dev: self.hw.name().to_string(),
+            };
+        }
+        self.stats.queue_full += 1;
+        Error::QueueFull
+    }
+
 
     /// Ring the submission doorbell if anything was queued since the last ring.
     #[inline]
@@ -310,8 +457,23 @@ impl QueuePair {
     /// first if needed and the completion doorbell once at the end. Returns how many were
     /// reaped. Completions for a command id that is not outstanding are counted as spurious
     /// and dropped, so no command ever completes twice.
+    ///
+    /// Every so often while commands are outstanding, poll also checks their deadlines and
+    /// the controller's health: a command past its deadline is aborted, and if that does not
+    /// bring it back the controller is reset and the queue pair recreated; a fatal controller
+    /// status resets it too; a removed device fails every outstanding command. Commands the
+    /// driver had to cancel complete with [`NvmeStatus::ABORTED_BY_RESET`] or
+    /// [`NvmeStatus::DEVICE_REMOVED`], so the caller always gets a completion. Failures with
+    /// a retryable status are resubmitted up to the retry limit before they are handed back.
     #[inline]
     pub fn poll(&mut self, max: usize, mut f: impl FnMut(Completion)) -> usize {
+        self.polls_to_check -= 1;
+        if self.polls_to_check == 0 {
+            self.polls_to_check = CHECK_EVERY;
+            if self.free.len() < self.slots.len() {
+                self.maintenance(&mut f);
+            }
+        }
         self.ring();
         self.stats.polls += 1;
         let mut n = 0;
@@ -344,13 +506,38 @@ impl QueuePair {
             let cid = e.cid();
             match self.slots.get_mut(cid as usize) {
                 Some(slot) if slot.busy => {
+                    let field = e.status_field();
+                    // Success is the common case: skip decoding and the retry checks.
+                    let status = if field == 0 {
+                        NvmeStatus::SUCCESS
+                    } else {
+                        NvmeStatus::from_field(field)
+                    };
+                    if field != 0
+                        && status.is_retryable()
+                        && slot.retries < self.retry_limit
+                        && !slot.aborted
+                        && status != NvmeStatus::ABORT_REQUESTED
+                    {
+                        slot.retries += 1;
+                        slot.submitted = cycles();
+                        let cmd = slot.cmd;
+                        self.stats.retries += 1;
+                        log::debug!(
+                            "{}: queue {}: retrying command {cid} after {status}",
+                            self.hw.name(),
+                            self.qid
+                        );
+                        push_entry(&self.sq, &mut self.sq_tail, self.entries, &cmd);
+                        continue;
+                    }
                     slot.busy = false;
                     self.free.push(cid);
                     self.stats.completed += 1;
                     f(Completion {
                         tag: slot.tag,
                         cid: CommandId(cid),
-                        status: NvmeStatus::from_field(e.status_field()),
+                        status,
                         dw0: e.dw0,
                     });
                 }
@@ -371,6 +558,159 @@ impl QueuePair {
             self.stats.idle_polls += 1;
         }
         n
+    }
+
+    /// Deadlines and controller health; see [`QueuePair::poll`].
+    #[cold]
+    fn maintenance(&mut self, f: &mut impl FnMut(Completion)) {
+        if self.removed {
+            return;
+        }
+        if let Some(rec) = self.recovery.clone() {
+            if rec.generation() != self.generation {
+                self.after_reset(rec.as_ref(), f);
+                return;
+            }
+        }
+        let now = cycles();
+        let Some(ns_per_cycle) = self.clock.ns_per_cycle(now) else {
+            return;
+        };
+        let age = |since: u64| {
+            Duration::from_nanos((now.wrapping_sub(since) as f64 * ns_per_cycle) as u64)
+        };
+        let oldest = self
+            .slots
+            .iter()
+            .filter(|s| s.busy)
+            .map(|s| age(s.submitted))
+            .max()
+            .unwrap_or_default();
+        // Registers are only read when something is slow: MMIO reads are expensive.
+        if oldest < (self.timeout / 4).min(Duration::from_millis(100)) {
+            return;
+        }
+        let status = self.hw.read32(reg::CSTS);
+        if status == u32::MAX {
+            log::error!(
+                "{}: device removed: failing {} outstanding command(s)",
+                self.hw.name(),
+                self.outstanding()
+            );
+            self.cancel_all(NvmeStatus::DEVICE_REMOVED, f);
+            self.mark_removed();
+            return;
+        }
+        let Some(rec) = self.recovery.clone() else {
+            return;
+        };
+        if status & csts::CFS != 0 {
+            self.reset(
+                rec.as_ref(),
+                "controller fatal status (CSTS.CFS) noticed while polling",
+                f,
+            );
+            return;
+        }
+        if oldest < self.timeout {
+            return;
+        }
+        let mut need_reset = false;
+        for cid in 0..self.slots.len() {
+            let slot = &self.slots[cid];
+            if !slot.busy || age(slot.submitted) < self.timeout {
+                continue;
+            }
+            if slot.aborted {
+                need_reset = true;
+                break;
+            }
+            self.stats.timeouts += 1;
+            self.stats.aborts += 1;
+            log::warn!(
+                "{}: queue {}: command {cid} (opcode {:#04x}) exceeded its {:?} deadline: aborting it",
+                self.hw.name(),
+                self.qid,
+                slot.cmd.opcode(),
+                self.timeout
+            );
+            let aborted = rec.abort(self.qid, cid as u16);
+            let slot = &mut self.slots[cid];
+            slot.aborted = true;
+            slot.submitted = cycles();
+            if !aborted {
+                log::warn!(
+                    "{}: queue {}: the controller could not abort command {cid}",
+                    self.hw.name(),
+                    self.qid
+                );
+            }
+        }
+        if need_reset {
+            self.reset(
+                rec.as_ref(),
+                "a command did not complete even after an abort",
+                f,
+            );
+        }
+    }
+
+    fn reset(&mut self, rec: &dyn Recovery, why: &str, f: &mut impl FnMut(Completion)) {
+        match rec.reset(self.generation, why) {
+            Ok(_) => self.after_reset(rec, f),
+            Err(e) => {
+                log::error!(
+                    "{}: controller reset failed: {e}; failing outstanding commands",
+                    self.hw.name()
+                );
+                let removed = matches!(e, Error::DeviceRemoved { .. });
+                let status = if removed {
+                    NvmeStatus::DEVICE_REMOVED
+                } else {
+                    NvmeStatus::ABORTED_BY_RESET
+                };
+                self.cancel_all(status, f);
+                if removed {
+                    self.mark_removed();
+                }
+            }
+        }
+    }
+
+    /// The controller was reset: our queues are gone. Hand back every outstanding command
+    /// as cancelled and create the queues again.
+    fn after_reset(&mut self, rec: &dyn Recovery, f: &mut impl FnMut(Completion)) {
+        self.stats.resets += 1;
+        self.generation = rec.generation();
+        self.cancel_all(NvmeStatus::ABORTED_BY_RESET, f);
+        if let Err(e) = rec.recreate(self) {
+            log::error!(
+                "{}: queue {} could not be created again after a reset: {e}",
+                self.hw.name(),
+                self.qid
+            );
+            if matches!(e, Error::DeviceRemoved { .. }) {
+                self.mark_removed();
+            }
+        }
+    }
+
+    /// From now on every submission fails with "device removed".
+    fn mark_removed(&mut self) {
+        self.removed = true;
+        self.free.clear();
+    }
+
+    fn cancel_all(&mut self, status: NvmeStatus, f: &mut impl FnMut(Completion)) {
+        for (cid, tag) in self.abandon_all() {
+            self.stats.cancelled += 1;
+            f(Completion {
+                tag,
+                cid,
+                status,
+                dw0: 0,
+            });
+        }
     }
 
     /// The tags of the commands still outstanding, with their command ids.

@@ -61,6 +61,12 @@ impl NvmeStatus {
     pub const ABORT_REQUESTED: NvmeStatus = NvmeStatus::new(sct::GENERIC, 0x07);
     /// Command Aborted due to SQ Deletion.
     pub const ABORTED_SQ_DELETION: NvmeStatus = NvmeStatus::new(sct::GENERIC, 0x08);
+    /// Host Pathing Error (sct 3 / 0x70), with DNR: the driver's status for commands that
+    /// can never complete because the device was removed.
+    pub const DEVICE_REMOVED: NvmeStatus = NvmeStatus::new(sct::PATH, 0x70).with_dnr(true);
+    /// Command Aborted By Host (sct 3 / 0x71): the driver's status for commands cancelled by
+    /// a controller reset. Retryable: the data they carried was never confirmed.
+    pub const ABORTED_BY_RESET: NvmeStatus = NvmeStatus::new(sct::PATH, 0x71);
     /// Invalid Namespace or Format.
     pub const INVALID_NAMESPACE: NvmeStatus = NvmeStatus::new(sct::GENERIC, 0x0b);
     /// Command Sequence Error.

@@ -362,7 +362,7 @@ fn admin_logs_features_and_abort() {
     let mut qp = ctrl.create_io_qpair(8).unwrap();
     let buf = ctrl.alloc(4096).unwrap();
     qp.write(1, 0, 1, &buf, false).unwrap();
-    model.fail_lba(1, 3, NvmeStatus::UNRECOVERED_READ_ERROR, Some(1));
+    model.fail_lba(1, 3, NvmeStatus::UNRECOVERED_READ_ERROR, None);
     assert!(qp.read(1, 3, 1, &buf).is_err());
     let log = ctrl.error_log().unwrap();
     assert!(

@@ -525,7 +525,9 @@ impl Inner {
         let sqid = e.cdw10 as u16;
         let cid = (e.cdw10 >> 16) as u16;
         let matches = |c: &Completion| c.sqid == sqid && c.cid == cid;
-        let found = if let Some(i) = self.held.iter().position(matches) {
+        let found = if self.abort_ineffective {
+            None
+        } else if let Some(i) = self.held.iter().position(matches) {
             self.held.remove(i)
         } else if let Some(i) = self.lost.iter().position(matches) {
             Some(self.lost.remove(i))

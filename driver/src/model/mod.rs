@@ -355,6 +355,8 @@ struct Inner {
     /// CC.EN was set with a valid configuration but RDY is not set yet (never_ready).
     ready_pending: bool,
     never_ready: bool,
+    /// Abort never finds the command (a controller whose aborts do not help).
+    pub(crate) abort_ineffective: bool,
     /// A shutdown notification was processed since the last enable.
     shut_down: bool,
     removed: bool,
@@ -483,6 +485,7 @@ impl Model {
             page_size: 4096,
             ready_pending: false,
             never_ready: false,
+            abort_ineffective: false,
             shut_down: false,
             removed: false,
             iommu: IovaTable::default(),
@@ -591,6 +594,12 @@ impl Model {
                 remaining: times,
             });
         }
+    }
+
+    /// Make Abort useless: it reports every command as not aborted and leaves it where it is,
+    /// so only a controller reset recovers a lost command.
+    pub fn set_abort_ineffective(&self, on: bool) {
+        self.lock().abort_ineffective = on;
     }
 
     /// Swallow the next `n` completions of any queue: those commands are lost (until aborted,

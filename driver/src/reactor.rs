@@ -1,0 +1,982 @@
+//! Cross-thread submission: a reactor thread owns I/O queue pairs and polls them, fed by a
+//! `crossbeam-channel` of requests from any number of threads.
+//!
+//! A [`QueuePair`](crate::queue::QueuePair) belongs to one thread and takes no locks. An
+//! application that is not thread-per-core hands its commands to a [`Reactor`] instead: any
+//! thread holding a [`ReactorHandle`] sends an [`IoRequest`] with a [`Reply`] (a callback, or a
+//! channel of its own), and the reactor thread does the rest in batches: it drains the channel,
+//! submits everything it took, rings each submission doorbell once, polls every queue pair and
+//! replies to each completed request.
+//!
+//! Every request gets exactly one [`IoDone`], also when it cannot run: a reactor that has
+//! stopped (or panicked) answers [`ReactorError::Stopped`], and a request whose data pointer
+//! cannot be built answers [`ReactorError::Submit`]. A data buffer moved in with
+//! [`IoData::Buffer`] always comes back in [`IoDone::buf`].
+//!
+//! Callbacks run on the reactor thread (or, for a request that never reached it, on the thread
+//! that gave it up): they must be short and must not wait for other requests of the same
+//! reactor.
+
+use std::collections::VecDeque;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+
+use crate::dma::DmaBuffer;
+use crate::error::Error;
+use crate::io::IoQueuePair;
+use crate::queue::{Completion, QueueStats};
+use crate::spec::SqEntry;
+use crate::status::NvmeStatus;
+use crate::types::Segment;
+
+/// The data of one request.
+#[derive(Debug, Default)]
+pub enum IoData {
+    /// A command without data.
+    #[default]
+    None,
+    /// One contiguous segment. The caller keeps the memory behind it alive and untouched until
+    /// the request completes.
+    Segment(Segment),
+    /// Scattered segments, with the same rule as [`IoData::Segment`].
+    Segments(Vec<Segment>),
+    /// `len` bytes at `offset` of a buffer that travels with the request and comes back in
+    /// [`IoDone::buf`]: nothing can free or reuse it while the device may still touch it.
+    Buffer {
+        /// The buffer.
+        buf: DmaBuffer,
+        /// Where the data starts in it.
+        offset: usize,
+        /// Bytes of data.
+        len: usize,
+    },
+}
+
+impl IoData {
+    /// The whole of `buf`.
+    pub fn buffer(buf: DmaBuffer) -> IoData {
+        let len = buf.len();
+        IoData::Buffer {
+            buf,
+            offset: 0,
+            len,
+        }
+    }
+
+    fn take_buf(&mut self) -> Option<DmaBuffer> {
+        match std::mem::take(self) {
+            IoData::Buffer { buf, .. } => Some(buf),
+            _ => None,
+        }
+    }
+}
+
+/// One command for the reactor.
+#[derive(Debug)]
+pub struct IoRequest {
+    /// The command (its command identifier is filled in by the queue pair).
+    pub cmd: SqEntry,
+    /// Its data.
+    pub data: IoData,
+    /// A value of the caller's, handed back in [`IoDone::tag`].
+    pub tag: u64,
+    /// Index of the queue pair (in the order given to [`Reactor::spawn`]) that must run the
+    /// command, or `None` for the least busy one. Queue pairs of different controllers are
+    /// not interchangeable: pin requests when a reactor owns more than one controller's.
+    pub queue: Option<usize>,
+}
+
+impl IoRequest {
+    /// A request for any queue pair.
+    pub fn new(cmd: SqEntry, data: IoData, tag: u64) -> IoRequest {
+        IoRequest {
+            cmd,
+            data,
+            tag,
+            queue: None,
+        }
+    }
+
+    /// The same request, pinned to queue pair `index`.
+    pub fn on_queue(mut self, index: usize) -> IoRequest {
+        self.queue = Some(index);
+        self
+    }
+}
+
+/// Why a request did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReactorError {
+    /// The controller completed the command with an error status.
+    #[error("{reactor}: command (opcode {opcode:#04x}) failed: {status}")]
+    Status {
+        /// The name of the reactor ([`ReactorConfig::name`]) that ran it.
+        reactor: String,
+        /// The command's opcode.
+        opcode: u8,
+        /// Its completion status.
+        status: NvmeStatus,
+    },
+    /// The command could not be queued (a data pointer the builder refused, a queue index
+    /// that does not exist).
+    #[error("the reactor could not queue the command: {0}")]
+    Submit(#[source] Error),
+    /// The reactor stopped (or died) before the command completed; the request may or may not
+    /// have reached the device.
+    #[error("the reactor stopped before the command completed; submit it to a running reactor")]
+    Stopped,
+}
+
+impl ReactorError {
+    /// The NVMe status, for a command the controller failed.
+    pub fn status(&self) -> Option<NvmeStatus> {
+        match self {
+            ReactorError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// The answer to one request.
+#[derive(Debug)]
+pub struct IoDone {
+    /// The request's tag.
+    pub tag: u64,
+    /// Completion DW0, or why the request failed.
+    pub result: Result<u32, ReactorError>,
+    /// The buffer of an [`IoData::Buffer`] request.
+    pub buf: Option<DmaBuffer>,
+}
+
+/// Where the answer to a request goes.
+pub enum Reply {
+    /// Called once with the answer.
+    Callback(Box<dyn FnOnce(IoDone) + Send>),
+    /// Sent on this channel (a send to a dropped receiver is ignored).
+    Channel(Sender<IoDone>),
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Reply::Callback(_) => "Reply::Callback",
+            Reply::Channel(_) => "Reply::Channel",
+        })
+    }
+}
+
+impl Reply {
+    fn send(self, done: IoDone) {
+        match self {
+            Reply::Callback(f) => {
+                // A panicking callback must not take the reactor, and every other request in
+                // flight on it, down with it.
+                let tag = done.tag;
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(done))).is_err() {
+                    log::error!("the completion callback of request {tag} panicked");
+                }
+            }
+            Reply::Channel(tx) => {
+                let _ = tx.send(done);
+            }
+        }
+    }
+}
+
+/// A request and where its answer goes. Dropped unanswered (a stopped or panicking reactor,
+/// a channel torn down with messages in it), it answers [`ReactorError::Stopped`] itself, so
+/// every request gets exactly one answer.
+struct Job {
+    req: IoRequest,
+    reply: Option<Reply>,
+}
+
+impl Job {
+    fn answer(mut self, result: Result<u32, ReactorError>) {
+        if let Some(reply) = self.reply.take() {
+            reply.send(IoDone {
+                tag: self.req.tag,
+                result,
+                buf: self.req.data.take_buf(),
+            });
+        }
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        if let Some(reply) = self.reply.take() {
+            reply.send(IoDone {
+                tag: self.req.tag,
+                result: Err(ReactorError::Stopped),
+                buf: self.req.data.take_buf(),
+            });
+        }
+    }
+}
+
+enum Msg {
+    Io(Job),
+    Stop,
+}
+
+/// A pending answer, from [`ReactorHandle::call`].
+#[derive(Debug)]
+pub struct Pending {
+    rx: Receiver<IoDone>,
+    tag: u64,
+}
+
+impl Pending {
+    /// Wait for the answer.
+    pub fn wait(self) -> IoDone {
+        let tag = self.tag;
+        // The job answers on drop, so the sender cannot go away without sending.
+        self.rx.recv().unwrap_or(IoDone {
+            tag,
+            result: Err(ReactorError::Stopped),
+            buf: None,
+        })
+    }
+
+    /// Wait at most `timeout`; `Err(self)` if the answer has not come.
+    pub fn wait_timeout(self, timeout: Duration) -> Result<IoDone, Pending> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(d) => Ok(d),
+            Err(RecvTimeoutError::Timeout) => Err(self),
+            Err(RecvTimeoutError::Disconnected) => Ok(IoDone {
+                tag: self.tag,
+                result: Err(ReactorError::Stopped),
+                buf: None,
+            }),
+        }
+    }
+}
+
+/// How a reactor behaves.
+#[derive(Clone, Debug)]
+pub struct ReactorConfig {
+    /// Name of the reactor thread.
+    pub name: String,
+    /// Requests the channel holds before senders block; `None` for no limit.
+    pub channel_capacity: Option<usize>,
+    /// Empty checks of the channel, with nothing in flight, before the reactor thread blocks
+    /// on the channel (spinning keeps the latency of the next request low; blocking frees the
+    /// CPU).
+    pub idle_spins: u32,
+    /// How long a stopping reactor waits for commands still in flight before it gives them up
+    /// (they are then answered [`ReactorError::Stopped`]).
+    pub drain_timeout: Duration,
+}
+
+impl Default for ReactorConfig {
+    fn default() -> Self {
+        ReactorConfig {
+            name: "rnvme-reactor".into(),
+            channel_capacity: None,
+            idle_spins: 10_000,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Counters of a reactor.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ReactorStats {
+    /// Requests taken from the channel.
+    pub requests: u64,
+    /// Requests answered by their completion (successful or not).
+    pub completed: u64,
+    /// Requests answered with [`ReactorError::Submit`].
+    pub submit_errors: u64,
+    /// Loop turns that submitted at least one command (each rings every doorbell at most once).
+    pub batches: u64,
+    /// Most commands submitted in one loop turn.
+    pub max_batch: u64,
+    /// Times the reactor blocked on an empty channel with nothing in flight.
+    pub sleeps: u64,
+    /// Requests given up when the reactor stopped with them still in flight.
+    pub abandoned: u64,
+    /// Counters of each queue pair, in [`Reactor::spawn`] order.
+    pub queues: Vec<QueueStats>,
+}
+
+/// What a reactor hands back when it stops.
+pub struct ReactorExit {
+    /// Its counters.
+    pub stats: ReactorStats,
+    /// Its queue pairs, for reuse (commands given up on are still outstanding on them).
+    pub queues: Vec<IoQueuePair>,
+}
+
+/// A cheap, cloneable way to send requests to a reactor from any thread.
+#[derive(Clone, Debug)]
+pub struct ReactorHandle {
+    tx: Sender<Msg>,
+    queues: usize,
+}
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Msg::Io(j) => write!(f, "Io(tag {})", j.req.tag),
+            Msg::Stop => f.write_str("Stop"),
+        }
+    }
+}
+
+impl ReactorHandle {
+    /// Send `req`; `reply` gets the answer exactly once (at once, on this thread, if the
+    /// reactor has stopped).
+    pub fn submit(&self, req: IoRequest, reply: Reply) {
+        let job = Job {
+            req,
+            reply: Some(reply),
+        };
+        // A failed send hands the message back; dropping it answers Stopped.
+        let _ = self.tx.send(Msg::Io(job));
+    }
+
+    /// Send `req`; `f` is called with the answer.
+    pub fn submit_with(&self, req: IoRequest, f: impl FnOnce(IoDone) + Send + 'static) {
+        self.submit(req, Reply::Callback(Box::new(f)));
+    }
+
+    /// Send `req`; the answer goes to `tx` (one channel can collect the answers of many
+    /// requests, told apart by their tags).
+    pub fn submit_to(&self, req: IoRequest, tx: &Sender<IoDone>) {
+        self.submit(req, Reply::Channel(tx.clone()));
+    }
+
+    /// Send `req` and get a [`Pending`] answer to wait on.
+    pub fn call(&self, req: IoRequest) -> Pending {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let tag = req.tag;
+        self.submit(req, Reply::Channel(tx));
+        Pending { rx, tag }
+    }
+
+    /// Number of queue pairs the reactor owns.
+    pub fn queues(&self) -> usize {
+        self.queues
+    }
+}
+
+/// A thread that owns queue pairs and polls them. Stops (finishing what it has taken) when
+/// [`Reactor::shutdown`] is called or the `Reactor` is dropped.
+pub struct Reactor {
+    handle: ReactorHandle,
+    thread: Option<JoinHandle<ReactorExit>>,
+}
+
+impl Reactor {
+    /// Start a reactor thread that owns `queues`.
+    pub fn spawn(queues: Vec<IoQueuePair>, config: ReactorConfig) -> Result<Reactor, Error> {
+        if queues.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a reactor needs at least one I/O queue pair".into(),
+            ));
+        }
+        let (tx, rx) = match config.channel_capacity {
+            Some(n) => crossbeam_channel::bounded(n),
+            None => crossbeam_channel::unbounded(),
+        };
+        let n = queues.len();
+        let name = config.name.clone();
+        let thread = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || Worker::new(queues, rx, config).run())
+            .map_err(|e| {
+                Error::InvalidArgument(format!("cannot start reactor thread {name}: {e}"))
+            })?;
+        Ok(Reactor {
+            handle: ReactorHandle { tx, queues: n },
+            thread: Some(thread),
+        })
+    }
+
+    /// A handle to send requests with.
+    pub fn handle(&self) -> ReactorHandle {
+        self.handle.clone()
+    }
+
+    /// Stop: everything sent before this call is run and answered (up to the drain timeout);
+    /// later requests are answered [`ReactorError::Stopped`]. Returns the counters and the
+    /// queue pairs; `None` if the reactor thread panicked.
+    pub fn shutdown(mut self) -> Option<ReactorExit> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Option<ReactorExit> {
+        let thread = self.thread.take()?;
+        let _ = self.handle.tx.send(Msg::Stop);
+        match thread.join() {
+            Ok(exit) => Some(exit),
+            Err(_) => {
+                log::error!("the reactor thread panicked; its requests were answered Stopped");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Reactor {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A request in flight: the queue pair tag is its index in the slab.
+struct Inflight {
+    job: Job,
+}
+
+struct Worker {
+    queues: Vec<IoQueuePair>,
+    /// Requests taken from the channel and not yet submitted, per queue pair.
+    backlog: Vec<VecDeque<Job>>,
+    backlog_len: usize,
+    slab: Vec<Option<Inflight>>,
+    free: Vec<u32>,
+    rx: Receiver<Msg>,
+    config: ReactorConfig,
+    stats: ReactorStats,
+    /// Completions of the current poll, reused.
+    done: Vec<Completion>,
+    /// Segments of the current submission, reused.
+    segs: Vec<Segment>,
+    capacity: usize,
+    stopping: bool,
+    disconnected: bool,
+    next_any: usize,
+}
+
+impl Worker {
+    fn new(queues: Vec<IoQueuePair>, rx: Receiver<Msg>, config: ReactorConfig) -> Worker {
+        let capacity: usize = queues.iter().map(|q| q.capacity()).sum();
+        Worker {
+            backlog: (0..queues.len()).map(|_| VecDeque::new()).collect(),
+            backlog_len: 0,
+            slab: Vec::with_capacity(capacity),
+            free: Vec::with_capacity(capacity),
+            rx,
+            config,
+            stats: ReactorStats::default(),
+            done: Vec::with_capacity(capacity),
+            segs: Vec::new(),
+            capacity,
+            stopping: false,
+            disconnected: false,
+            next_any: 0,
+            queues,
+        }
+    }
+
+    fn outstanding(&self) -> usize {
+        self.slab.len() - self.free.len()
+    }
+
+    fn run(mut self) -> ReactorExit {
+        let mut idle = 0u32;
+        let mut drain_deadline: Option<Instant> = None;
+        loop {
+            let busy = self.outstanding() > 0 || self.backlog_len > 0;
+            if !busy && (self.stopping || self.disconnected) {
+                break;
+            }
+            if !self.stopping && !self.disconnected {
+                if !busy && idle >= self.config.idle_spins {
+                    // Nothing in flight and nothing coming: sleep on the channel.
+                    self.stats.sleeps += 1;
+                    match self.rx.recv() {
+                        Ok(m) => self.take(m),
+                        Err(_) => self.disconnected = true,
+                    }
+                    idle = 0;
+                }
+                self.intake();
+            }
+            let submitted = self.submit_backlog();
+            let reaped = self.poll_all();
+            if submitted == 0 && reaped == 0 && self.backlog_len == 0 {
+                idle = idle.saturating_add(1);
+            } else {
+                idle = 0;
+            }
+            if self.stopping || self.disconnected {
+                let deadline = *drain_deadline
+                    .get_or_insert_with(|| Instant::now() + self.config.drain_timeout);
+                if Instant::now() >= deadline {
+                    log::warn!(
+                        "{}: {} command(s) still in flight after {} ms; giving them up",
+                        self.config.name,
+                        self.outstanding() + self.backlog_len,
+                        self.config.drain_timeout.as_millis()
+                    );
+                    break;
+                }
+            }
+        }
+        self.finish()
+    }
+
+    /// Take what the channel holds, up to what the queues can hold.
+    fn intake(&mut self) {
+        while !self.stopping && self.backlog_len < self.capacity {
+            match self.rx.try_recv() {
+                Ok(m) => self.take(m),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    self.disconnected = true;
+                    break;
+                }
+            }
+        }
+    }
+
+    fn take(&mut self, m: Msg) {
+        let job = match m {
+            Msg::Io(job) => job,
+            Msg::Stop => {
+                self.stopping = true;
+                return;
+            }
+        };
+        self.stats.requests += 1;
+        let q = match job.req.queue {
+            Some(i) if i < self.queues.len() => i,
+            Some(i) => {
+                self.stats.submit_errors += 1;
+                let n = self.queues.len();
+                job.answer(Err(ReactorError::Submit(Error::InvalidArgument(format!(
+                    "queue pair index {i} does not exist: the reactor owns {n} (0 to {})",
+                    n - 1
+                )))));
+                return;
+            }
+            None => self.least_busy(),
+        };
+        self.backlog[q].push_back(job);
+        self.backlog_len += 1;
+    }
+
+    /// The queue pair with the fewest commands in flight and waiting, starting the search
+    /// after the last choice so that ties rotate.
+    fn least_busy(&mut self) -> usize {
+        let n = self.queues.len();
+        let mut best = self.next_any % n;
+        let mut best_load = usize::MAX;
+        for k in 0..n {
+            let i = (self.next_any + k) % n;
+            let load = self.queues[i].outstanding() + self.backlog[i].len();
+            if load < best_load {
+                best = i;
+                best_load = load;
+            }
+        }
+        self.next_any = best + 1;
+        best
+    }
+
+    fn slot(&mut self) -> u32 {
+        match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slab.push(None);
+                (self.slab.len() - 1) as u32
+            }
+        }
+    }
+
+    /// Submit what the queues have room for; ring each doorbell once.
+    fn submit_backlog(&mut self) -> usize {
+        if self.backlog_len == 0 {
+            return 0;
+        }
+        let mut n = 0;
+        for q in 0..self.queues.len() {
+            while self.queues[q].free_slots() > 0 {
+                let Some(job) = self.backlog[q].pop_front() else {
+                    break;
+                };
+                self.backlog_len -= 1;
+                self.segs.clear();
+                match &job.req.data {
+                    IoData::None => {}
+                    IoData::Segment(s) => self.segs.push(*s),
+                    IoData::Segments(v) => self.segs.extend_from_slice(v),
+                    IoData::Buffer { buf, offset, len } => {
+                        if offset.checked_add(*len).is_none_or(|end| end > buf.len()) {
+                            self.stats.submit_errors += 1;
+                            let msg = format!(
+                                "data range {offset}+{len} lies beyond a buffer of {} bytes",
+                                buf.len()
+                            );
+                            job.answer(Err(ReactorError::Submit(Error::InvalidArgument(msg))));
+                            continue;
+                        }
+                        self.segs.push(buf.segment_at(*offset, *len));
+                    }
+                }
+                let slot = self.slot();
+                match self.queues[q].submit(job.req.cmd, &self.segs, slot as u64) {
+                    Ok(_) => {
+                        self.slab[slot as usize] = Some(Inflight { job });
+                        n += 1;
+                    }
+                    Err(e) => {
+                        self.free.push(slot);
+                        self.stats.submit_errors += 1;
+                        job.answer(Err(ReactorError::Submit(e)));
+                    }
+                }
+            }
+            self.queues[q].ring();
+        }
+        if n > 0 {
+            self.stats.batches += 1;
+            self.stats.max_batch = self.stats.max_batch.max(n as u64);
+        }
+        n
+    }
+
+    /// Poll every queue pair and answer what completed.
+    fn poll_all(&mut self) -> usize {
+        let mut total = 0;
+        for q in 0..self.queues.len() {
+            if self.queues[q].outstanding() == 0 {
+                continue;
+            }
+            let done = &mut self.done;
+            self.queues[q].poll(usize::MAX, |c| done.push(c));
+            total += self.done.len();
+            for i in 0..self.done.len() {
+                let c = self.done[i];
+                let Some(Inflight { job }) =
+                    self.slab.get_mut(c.tag as usize).and_then(Option::take)
+                else {
+                    continue;
+                };
+                self.free.push(c.tag as u32);
+                self.stats.completed += 1;
+                let result = if c.status.is_success() {
+                    Ok(c.dw0)
+                } else {
+                    Err(ReactorError::Status {
+                        reactor: self.config.name.clone(),
+                        opcode: job.req.cmd.opcode(),
+                        status: c.status,
+                    })
+                };
+                job.answer(result);
+            }
+            self.done.clear();
+        }
+        total
+    }
+
+    fn finish(mut self) -> ReactorExit {
+        // Requests still waiting or in flight, and anything left in the channel, answer
+        // Stopped when dropped.
+        self.stats.abandoned = (self.outstanding() + self.backlog_len) as u64;
+        self.backlog.clear();
+        self.slab.clear();
+        while let Ok(m) = self.rx.try_recv() {
+            drop(m);
+        }
+        self.stats.queues = self.queues.iter().map(|q| q.stats()).collect();
+        ReactorExit {
+            stats: self.stats,
+            queues: self.queues,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::{Controller, ControllerOptions};
+    use crate::dma::Backing;
+    use crate::io::{read_cmd, write_cmd};
+    use crate::model::{CompletionMode, Model, ModelConfig};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    fn open() -> (Arc<Model>, Controller) {
+        let model = Model::new(ModelConfig::default());
+        let ctrl = Controller::init(
+            model.clone(),
+            ControllerOptions {
+                backing: Backing::SmallPages,
+                ..ControllerOptions::default()
+            },
+        )
+        .expect("bring-up against the model");
+        (model, ctrl)
+    }
+
+    fn stamp(lba: u64) -> Vec<u8> {
+        (0..4096u64)
+            .map(|i| (i.wrapping_mul(7) ^ lba.wrapping_mul(131)) as u8)
+            .collect()
+    }
+
+    #[test]
+    fn many_threads_write_then_read_back_through_one_reactor() {
+        let (model, ctrl) = open();
+        let qps = vec![
+            ctrl.create_io_qpair(8).unwrap(),
+            ctrl.create_io_qpair(8).unwrap(),
+        ];
+        let reactor = Reactor::spawn(qps, ReactorConfig::default()).unwrap();
+        let threads = 4u64;
+        let per = 50u64;
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let h = reactor.handle();
+                let ctrl = ctrl.clone();
+                s.spawn(move || {
+                    let (tx, rx) = crossbeam_channel::unbounded();
+                    for i in 0..per {
+                        let lba = t * per + i;
+                        let buf = ctrl.alloc(4096).unwrap();
+                        buf.write_bytes(0, &stamp(lba));
+                        h.submit_to(
+                            IoRequest::new(write_cmd(1, lba, 1, false), IoData::buffer(buf), lba),
+                            &tx,
+                        );
+                    }
+                    let mut seen = Vec::new();
+                    for _ in 0..per {
+                        let d = rx.recv().unwrap();
+                        assert!(d.result.is_ok(), "{:?}", d.result);
+                        assert!(d.buf.is_some(), "the buffer comes back");
+                        seen.push(d.tag);
+                    }
+                    seen.sort();
+                    assert_eq!(seen, (t * per..(t + 1) * per).collect::<Vec<_>>());
+                });
+            }
+        });
+        // Read back through oneshot calls.
+        let h = reactor.handle();
+        for lba in (0..threads * per).step_by(7) {
+            let buf = ctrl.alloc(4096).unwrap();
+            let d = h
+                .call(IoRequest::new(read_cmd(1, lba, 1), IoData::buffer(buf), 9))
+                .wait();
+            assert_eq!(d.tag, 9);
+            assert!(d.result.is_ok());
+            assert_eq!(d.buf.unwrap().to_vec(), stamp(lba), "LBA {lba}");
+        }
+        assert_eq!(model.read_ns(1, 33, 1), stamp(33));
+        let exit = reactor.shutdown().expect("clean stop");
+        let st = exit.stats;
+        let n = threads * per + (threads * per).div_ceil(7);
+        assert_eq!(st.requests, n);
+        assert_eq!(st.completed, n);
+        assert_eq!(st.abandoned, 0);
+        let submitted: u64 = st.queues.iter().map(|q| q.submitted).sum();
+        assert_eq!(submitted, n);
+        assert!(
+            st.queues.iter().all(|q| q.submitted > 0),
+            "both queue pairs are used: {:?}",
+            st.queues
+        );
+        let doorbells: u64 = st.queues.iter().map(|q| q.sq_doorbells).sum();
+        assert!(doorbells <= st.batches * 2, "one ring per queue per batch");
+        assert_eq!(exit.queues.len(), 2);
+    }
+
+    #[test]
+    fn batches_share_a_doorbell_and_queue_full_waits_in_the_backlog() {
+        let (model, ctrl) = open();
+        // Hold completions so the reactor sees a full queue of 3 commands.
+        model.set_completion_mode(CompletionMode::Deferred);
+        let qp = ctrl.create_io_qpair(4).unwrap();
+        let reactor = Reactor::spawn(vec![qp], ReactorConfig::default()).unwrap();
+        let h = reactor.handle();
+        let bufs: Vec<DmaBuffer> = (0..10).map(|_| ctrl.alloc(4096).unwrap()).collect();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for (i, b) in bufs.into_iter().enumerate() {
+            h.submit_to(
+                IoRequest::new(read_cmd(1, i as u64, 1), IoData::buffer(b), i as u64),
+                &tx,
+            );
+        }
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while got.len() < 10 {
+            assert!(Instant::now() < deadline, "only {} answers", got.len());
+            model.release_all();
+            while let Ok(d) = rx.try_recv() {
+                assert!(d.result.is_ok());
+                got.push(d.tag);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        got.sort();
+        assert_eq!(got, (0..10).collect::<Vec<_>>());
+        let st = reactor.shutdown().unwrap().stats;
+        assert_eq!(st.queues[0].submitted, 10);
+        assert!(st.max_batch <= 3, "never more than the queue holds");
+        assert!(st.queues[0].sq_doorbells <= st.batches);
+    }
+
+    #[test]
+    fn errors_come_back_with_their_status_and_callbacks_run() {
+        let (model, ctrl) = open();
+        model.fail_lba(1, 5, NvmeStatus::UNRECOVERED_READ_ERROR, None);
+        let reactor = Reactor::spawn(
+            vec![ctrl.create_io_qpair(16).unwrap()],
+            ReactorConfig::default(),
+        )
+        .unwrap();
+        let h = reactor.handle();
+        let buf = ctrl.alloc(4096).unwrap();
+        let d = h
+            .call(IoRequest::new(read_cmd(1, 5, 1), IoData::buffer(buf), 1))
+            .wait();
+        let e = d.result.unwrap_err();
+        assert_eq!(e.status(), Some(NvmeStatus::UNRECOVERED_READ_ERROR));
+        assert!(e.to_string().contains("Unrecovered Read Error"), "{e}");
+        assert!(d.buf.is_some());
+
+        // Beyond the namespace: the model answers LBA Out of Range.
+        let buf = ctrl.alloc(4096).unwrap();
+        let d = h
+            .call(IoRequest::new(
+                read_cmd(1, 1 << 40, 1),
+                IoData::buffer(buf),
+                2,
+            ))
+            .wait();
+        assert_eq!(
+            d.result.unwrap_err().status().map(|s| (s.sct, s.sc)),
+            Some((0, 0x80))
+        );
+
+        // A buffer range that does not fit, and a queue that does not exist.
+        let buf = ctrl.alloc(4096).unwrap();
+        let d = h
+            .call(IoRequest::new(
+                read_cmd(1, 0, 2),
+                IoData::Buffer {
+                    buf,
+                    offset: 4096,
+                    len: 8192,
+                },
+                3,
+            ))
+            .wait();
+        assert!(matches!(d.result, Err(ReactorError::Submit(_))), "{d:?}");
+        assert!(d.buf.is_some());
+        let d = h
+            .call(IoRequest::new(read_cmd(1, 0, 1), IoData::None, 4).on_queue(3))
+            .wait();
+        let e = d.result.unwrap_err().to_string();
+        assert!(e.contains("index 3 does not exist"), "{e}");
+
+        let count = Arc::new(AtomicU64::new(0));
+        for i in 0..20u64 {
+            let count = count.clone();
+            let buf = ctrl.alloc(4096).unwrap();
+            h.submit_with(
+                IoRequest::new(read_cmd(1, 10 + i, 1), IoData::buffer(buf), i),
+                move |d| {
+                    assert_eq!(d.result.unwrap(), 0);
+                    count.fetch_add(1 + d.tag, Ordering::SeqCst);
+                },
+            );
+        }
+        // A callback that panics does not stop the reactor.
+        h.submit_with(IoRequest::new(read_cmd(1, 0, 1), IoData::None, 99), |_| {
+            panic!("callback failure")
+        });
+        let d = h
+            .call(IoRequest::new(crate::io::flush_cmd(1), IoData::None, 5))
+            .wait();
+        assert!(d.result.is_ok(), "{d:?}");
+        let st = reactor.shutdown().unwrap().stats;
+        assert_eq!(
+            count.load(Ordering::SeqCst),
+            (1..=20).sum::<u64>(),
+            "every callback ran once before shutdown returned"
+        );
+        assert_eq!(st.submit_errors, 2);
+    }
+
+    #[test]
+    fn requests_after_shutdown_and_lost_in_flight_answer_stopped() {
+        let (model, ctrl) = open();
+        let reactor = Reactor::spawn(
+            vec![ctrl.create_io_qpair(8).unwrap()],
+            ReactorConfig {
+                drain_timeout: Duration::from_millis(200),
+                idle_spins: 0,
+                ..ReactorConfig::default()
+            },
+        )
+        .unwrap();
+        let h = reactor.handle();
+        // Completions that never come.
+        model.set_completion_mode(CompletionMode::Deferred);
+        let buf = ctrl.alloc(4096).unwrap();
+        let lost = h.call(IoRequest::new(read_cmd(1, 0, 1), IoData::buffer(buf), 7));
+        let lost = match lost.wait_timeout(Duration::from_millis(50)) {
+            Ok(d) => panic!("answered early: {d:?}"),
+            Err(p) => p,
+        };
+        let exit = reactor.shutdown().unwrap();
+        assert_eq!(exit.stats.abandoned, 1);
+        let d = lost.wait();
+        assert_eq!(d.tag, 7);
+        assert!(matches!(d.result, Err(ReactorError::Stopped)));
+        assert!(d.buf.is_some(), "the buffer comes back even then");
+        // The reactor is gone: the request is answered at once, on this thread.
+        let buf = ctrl.alloc(4096).unwrap();
+        let d = h
+            .call(IoRequest::new(read_cmd(1, 0, 1), IoData::buffer(buf), 8))
+            .wait();
+        assert!(matches!(d.result, Err(ReactorError::Stopped)));
+        assert!(d.buf.is_some());
+        model.release_all();
+        drop(exit);
+    }
+
+    #[test]
+    fn an_idle_reactor_sleeps_and_dropping_it_runs_what_was_sent() {
+        let (_model, ctrl) = open();
+        let config = ReactorConfig {
+            idle_spins: 10,
+            ..ReactorConfig::default()
+        };
+        let reactor =
+            Reactor::spawn(vec![ctrl.create_io_qpair(8).unwrap()], config.clone()).unwrap();
+        let h = reactor.handle();
+        std::thread::sleep(Duration::from_millis(50));
+        let d = h
+            .call(IoRequest::new(crate::io::flush_cmd(1), IoData::None, 1))
+            .wait();
+        assert!(d.result.is_ok());
+        let st = reactor.shutdown().unwrap().stats;
+        assert!(st.sleeps >= 1, "{st:?}");
+
+        let reactor = Reactor::spawn(vec![ctrl.create_io_qpair(8).unwrap()], config).unwrap();
+        let h = reactor.handle();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for i in 0..5 {
+            h.submit_to(
+                IoRequest::new(crate::io::flush_cmd(1), IoData::None, i),
+                &tx,
+            );
+        }
+        drop(reactor);
+        let answers: Vec<IoDone> = rx.try_iter().collect();
+        assert_eq!(answers.len(), 5);
+        assert!(answers.iter().all(|d| d.result.is_ok()));
+        assert!(Reactor::spawn(Vec::new(), ReactorConfig::default()).is_err());
+    }
+}
