@@ -77,7 +77,7 @@ fn parse_file(s: &str) -> Result<(PathBuf, String), String> {
 
 /// A statically linked rnvme: this executable if it is one, else a fresh static build of the
 /// source tree this binary came from.
-fn static_rnvme() -> anyhow::Result<PathBuf> {
+pub(crate) fn static_rnvme() -> anyhow::Result<PathBuf> {
     let me = std::env::current_exe().context("find the rnvme executable")?;
     if vm::is_static_elf(&me) {
         return Ok(me);
