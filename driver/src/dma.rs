@@ -550,3 +550,130 @@ impl Drop for DmaBuffer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Model, ModelConfig};
+
+    fn pool(initial: usize) -> (Arc<Model>, DmaPool) {
+        let model = Model::new(ModelConfig::default());
+        let pool = DmaPool::new(model.clone(), Backing::SmallPages, initial).unwrap();
+        (model, pool)
+    }
+
+    #[test]
+    fn buffers_are_carved_from_mapped_chunks_and_reused() {
+        let (model, pool) = pool(1);
+        assert_eq!(model.mapped_bytes(), CHUNK_SIZE as u64);
+        let a = pool.alloc(4096).unwrap();
+        let b = pool.alloc(3 * 4096 + 1).unwrap();
+        assert_eq!(a.iova().0 % 4096, 0);
+        assert_eq!(b.iova(), a.iova().add(4096), "first fit, adjacent");
+        assert_eq!(pool.stats().pages_in_use, 5);
+        let a_iova = a.iova();
+        drop(a);
+        assert_eq!(pool.stats().pages_in_use, 4);
+        let c = pool.alloc(100).unwrap();
+        assert_eq!(c.iova(), a_iova, "freed pages are handed out again");
+        assert_eq!(
+            pool.stats().map_calls,
+            1,
+            "no mapping on the allocation path"
+        );
+        drop((b, c));
+    }
+
+    #[test]
+    fn the_pool_grows_and_large_buffers_get_their_own_region() {
+        let (model, pool) = pool(0);
+        let small: Vec<_> = (0..513).map(|_| pool.alloc(4096).unwrap()).collect();
+        assert_eq!(pool.stats().chunks, 2);
+        let big = pool.alloc(5 << 20).unwrap();
+        assert_eq!(big.len(), 5 << 20);
+        assert_eq!(big.iova().0 % CHUNK_SIZE as u64, 0);
+        assert_eq!(model.mapped_bytes(), (2 * CHUNK_SIZE + (6 << 20)) as u64);
+        drop(big);
+        assert_eq!(
+            model.mapped_bytes(),
+            2 * CHUNK_SIZE as u64,
+            "a dedicated region is unmapped at once"
+        );
+        drop(small);
+        drop(pool);
+        assert_eq!(
+            model.mapped_bytes(),
+            0,
+            "everything unmapped when the pool is gone"
+        );
+    }
+
+    #[test]
+    fn buffers_are_zeroed_and_copy_in_and_out() {
+        let (_model, pool) = pool(1);
+        let a = pool.alloc(8192).unwrap();
+        a.write_bytes(100, b"hello");
+        drop(a);
+        let b = pool.alloc(8192).unwrap();
+        assert!(
+            b.to_vec().iter().all(|&x| x == 0),
+            "a reused buffer starts zeroed"
+        );
+        b.write_bytes(4000, &[7; 200]);
+        let mut out = [0u8; 200];
+        b.read_bytes(4000, &mut out);
+        assert_eq!(out, [7; 200]);
+        b.write_u64(8, 0x1122_3344_5566_7788);
+        assert_eq!(b.read_u64(8), 0x1122_3344_5566_7788);
+        assert_eq!(
+            b.segment_at(4096, 4096),
+            Segment::new(b.iova().add(4096), 4096)
+        );
+    }
+
+    #[test]
+    fn iovas_stay_inside_the_reported_ranges() {
+        let (model, pool) = pool(0);
+        let ranges = model.iova_ranges();
+        for len in [4096, 1 << 20, 3 << 20] {
+            let b = pool.alloc(len).unwrap();
+            let end = b.iova().0 + len as u64;
+            assert!(
+                ranges.iter().any(|r| r.start <= b.iova().0 && end <= r.end),
+                "{:?}",
+                b.iova()
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_sizes_are_refused() {
+        let (_model, pool) = pool(0);
+        assert!(matches!(pool.alloc(0), Err(DmaError::InvalidSize(0))));
+    }
+
+    #[test]
+    fn missing_hugepages_say_how_many_to_reserve() {
+        // Only meaningful where no hugepages are free; elsewhere the allocation succeeds.
+        let (_model, p) = {
+            let model = Model::new(ModelConfig::default());
+            let r = DmaPool::new(model.clone(), Backing::Hugepages, 0).unwrap();
+            (model, r)
+        };
+        match hugepage_counts() {
+            Some((_, 0)) => {
+                let err = p.alloc(4096).unwrap_err().to_string();
+                assert!(err.contains("1 more 2 MiB hugepage(s) needed"), "{err}");
+                assert!(
+                    err.contains("rnvme setup --hugepages") && err.contains("--no-hugepages"),
+                    "{err}"
+                );
+            }
+            None => assert!(matches!(p.alloc(4096), Err(DmaError::HugepagesUnsupported))),
+            Some(_) => {
+                let b = p.alloc(4096).unwrap();
+                assert_eq!(b.len(), 4096);
+            }
+        }
+    }
+}
