@@ -596,14 +596,14 @@ impl Shared {
 }
 
 impl Recovery for Shared {
-    fn abort(&self, sqid: u16, cid: u16) -> bool {
+    fn abort(&self, sqid: u16, cid: u16) -> Option<bool> {
         let mut c = SqEntry::new(admin_op::ABORT, 0);
         c.cdw10 = sqid as u32 | ((cid as u32) << 16);
         match self.admin.admin_cmd(c, None, "Abort") {
-            Ok(dw0) => dw0 & 1 == 0,
+            Ok(dw0) => Some(dw0 & 1 == 0),
             Err(e) => {
                 log::warn!("{e}");
-                false
+                None
             }
         }
     }

@@ -460,7 +460,19 @@ impl IoQueuePair {
 
 impl Drop for IoQueuePair {
     fn drop(&mut self) {
-        if let Err(e) = self.shared.delete_queues(self.qp.qid()) {
+        // A controller that is not ready (removed, fatal, or reset behind our back and not
+        // brought back) has no queues to delete, and each admin command would wait for its
+        // full timeout.
+        let s = self.shared.hw.read32(crate::spec::reg::CSTS);
+        let ready =
+            s != u32::MAX && s & crate::spec::csts::RDY != 0 && s & crate::spec::csts::CFS == 0;
+        if !ready {
+            log::warn!(
+                "{}: not deleting I/O queue pair {}: the controller is not ready (CSTS {s:#x})",
+                self.shared.hw.name(),
+                self.qp.qid()
+            );
+        } else if let Err(e) = self.shared.delete_queues(self.qp.qid()) {
             log::warn!("deleting I/O queue pair {}: {e}", self.qp.qid());
         }
         self.shared.release_qid(self.qp.qid());

@@ -90,8 +90,9 @@ pub struct QueueStats {
 /// What a queue pair needs from its controller to recover from a lost command, a fatal
 /// controller status or a reset: implemented by the controller for I/O queue pairs.
 pub(crate) trait Recovery: Send + Sync {
-    /// Ask the controller to abort a command; true if it says it did.
-    fn abort(&self, sqid: u16, cid: u16) -> bool;
+    /// Ask the controller to abort a command: whether it says it did, or None when the Abort
+    /// command itself failed (the admin queue does not answer: only a reset can help).
+    fn abort(&self, sqid: u16, cid: u16) -> Option<bool>;
     /// Reset the controller unless it was reset since generation `seen`; returns the
     /// generation after the reset.
     fn reset(&self, seen: u64, why: &str) -> Result<u64>;
@@ -440,7 +441,6 @@ impl QueuePair {
         Error::QueueFull
     }
 
-
     /// Ring the submission doorbell if anything was queued since the last ring.
     #[inline]
     pub fn ring(&mut self) {
@@ -638,7 +638,12 @@ impl QueuePair {
             let slot = &mut self.slots[cid];
             slot.aborted = true;
             slot.submitted = cycles();
-            if !aborted {
+            if aborted.is_none() {
+                // Waiting for the other commands' aborts would cost an admin timeout each.
+                need_reset = true;
+                break;
+            }
+            if aborted == Some(false) {
                 log::warn!(
                     "{}: queue {}: the controller could not abort command {cid}",
                     self.hw.name(),

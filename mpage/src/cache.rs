@@ -155,11 +155,19 @@ pub(crate) struct Page {
     pub(crate) pending_error: Option<PageError>,
     /// Reaching this page starts the next readahead window.
     pub(crate) ra_mark: bool,
-    stamp: u64,
+    /// The file and page index this page caches.
+    file: FileId,
+    index: u64,
+    /// Neighbours in the LRU list (frame indexes, [`NIL`] at the ends).
+    prev: u32,
+    next: u32,
 }
 
+/// No frame: the end of the LRU list.
+const NIL: u32 = u32::MAX;
+
 impl Page {
-    fn new(frame: FrameId) -> Page {
+    fn new(frame: FrameId, file: FileId, index: u64) -> Page {
         Page {
             frame,
             uptodate: false,
@@ -173,7 +181,10 @@ impl Page {
             pending: 0,
             pending_error: None,
             ra_mark: false,
-            stamp: 0,
+            file,
+            index,
+            prev: NIL,
+            next: NIL,
         }
     }
 
@@ -231,7 +242,8 @@ pub(crate) struct FileState {
     pub(crate) map: Box<dyn BlockMap>,
     pub(crate) block_size: u64,
     pub(crate) size: u64,
-    pub(crate) pages: BTreeMap<u64, Page>,
+    /// Cached pages: page index → frame index (the page itself is in the cache's slots).
+    pub(crate) pages: BTreeMap<u64, u32>,
     pub(crate) ra: Readahead,
     /// First write error since the last sync: (page, error).
     pub(crate) write_error: Option<(u64, PageError)>,
@@ -284,8 +296,14 @@ pub struct PageCache<D: BlockIo> {
     pub(crate) files: Vec<Option<FileState>>,
     inflight: HashMap<u64, InFlight>,
     next_tag: u64,
-    lru: BTreeMap<u64, (FileId, u64)>,
-    clock: u64,
+    /// The cached pages, by frame index: a frame holds at most one page, so its state lives
+    /// with the frame (as Linux keeps it in `struct page`) and the per-file index is small.
+    slots: Vec<Option<Page>>,
+    /// The LRU list through the slots: least recently used at the head.
+    lru_head: u32,
+    lru_tail: u32,
+    /// Pages cached now.
+    cached: usize,
     pub(crate) stats: CacheStats,
     flush_results: HashMap<u64, Result<(), IoError>>,
     /// Pages of failed multi-page reads, to read again one by one.
@@ -310,6 +328,7 @@ impl<D: BlockIo> PageCache<D> {
             .unwrap_or(usize::MAX)
             .min(pool.frames())
             .max(1);
+        let slots = (0..pool.frames()).map(|_| None).collect();
         Ok(PageCache {
             dev,
             pool,
@@ -320,8 +339,10 @@ impl<D: BlockIo> PageCache<D> {
             files: Vec::new(),
             inflight: HashMap::new(),
             next_tag: 1,
-            lru: BTreeMap::new(),
-            clock: 0,
+            slots,
+            lru_head: NIL,
+            lru_tail: NIL,
+            cached: 0,
             stats: CacheStats::default(),
             flush_results: HashMap::new(),
             retry: Vec::new(),
@@ -378,7 +399,7 @@ impl<D: BlockIo> PageCache<D> {
 
     /// Pages cached now (all files).
     pub fn cached_total(&self) -> usize {
-        self.lru.len()
+        self.cached
     }
 
     pub(crate) fn file(&self, f: FileId) -> Result<&FileState, MpageError> {
@@ -397,14 +418,30 @@ impl<D: BlockIo> PageCache<D> {
 
     /// A page the caller knows is cached.
     pub(crate) fn page_mut(&mut self, f: FileId, p: u64) -> &mut Page {
-        self.files[f.0 as usize]
-            .as_mut()
-            .and_then(|fs| fs.pages.get_mut(&p))
-            .expect("page is cached")
+        let fr = self.files[f.0 as usize]
+            .as_ref()
+            .and_then(|fs| fs.pages.get(&p))
+            .copied()
+            .expect("page is cached");
+        self.slot_mut(fr)
     }
 
     pub(crate) fn page_ref(&self, f: FileId, p: u64) -> Option<&Page> {
-        self.files.get(f.0 as usize)?.as_ref()?.pages.get(&p)
+        let fr = *self.files.get(f.0 as usize)?.as_ref()?.pages.get(&p)?;
+        self.slots[fr as usize].as_ref()
+    }
+
+    /// The page held by frame `fr`, which the caller knows holds one.
+    fn slot(&self, fr: u32) -> &Page {
+        self.slots[fr as usize]
+            .as_ref()
+            .expect("frame holds a page")
+    }
+
+    fn slot_mut(&mut self, fr: u32) -> &mut Page {
+        self.slots[fr as usize]
+            .as_mut()
+            .expect("frame holds a page")
     }
 
     pub(crate) fn geo(&self, f: FileId) -> Result<Geo, MpageError> {
@@ -450,7 +487,8 @@ impl<D: BlockIo> PageCache<D> {
 
     /// Number of dirty pages of a file.
     pub fn dirty_pages(&self, f: FileId) -> Result<usize, MpageError> {
-        Ok(self.file(f)?.pages.values().filter(|p| p.dirty).count())
+        let fs = self.file(f)?;
+        Ok(fs.pages.values().filter(|&&fr| self.slot(fr).dirty).count())
     }
 
     // ---- files ------------------------------------------------------------------------
@@ -499,42 +537,85 @@ impl<D: BlockIo> PageCache<D> {
 
     // ---- pages, frames, LRU -----------------------------------------------------------
 
-    fn touch(&mut self, f: FileId, p: u64) {
-        self.clock += 1;
-        let stamp = self.clock;
-        let page = self.page_mut(f, p);
-        let old = std::mem::replace(&mut page.stamp, stamp);
-        self.lru.remove(&old);
-        self.lru.insert(stamp, (f, p));
+    fn lru_unlink(&mut self, fr: u32) {
+        let (prev, next) = {
+            let pg = self.slot(fr);
+            (pg.prev, pg.next)
+        };
+        match prev {
+            NIL => self.lru_head = next,
+            q => self.slot_mut(q).next = next,
+        }
+        match next {
+            NIL => self.lru_tail = prev,
+            n => self.slot_mut(n).prev = prev,
+        }
     }
 
-    /// Put a new page into the cache.
+    fn lru_push(&mut self, fr: u32) {
+        let tail = self.lru_tail;
+        let pg = self.slot_mut(fr);
+        pg.prev = tail;
+        pg.next = NIL;
+        match tail {
+            NIL => self.lru_head = fr,
+            t => self.slot_mut(t).next = fr,
+        }
+        self.lru_tail = fr;
+    }
+
+    /// Make the page in frame `fr` the most recently used.
+    fn touch_frame(&mut self, fr: u32) {
+        if self.lru_tail != fr {
+            self.lru_unlink(fr);
+            self.lru_push(fr);
+        }
+    }
+
+    fn touch(&mut self, f: FileId, p: u64) {
+        if let Some(&fr) = self.files[f.0 as usize]
+            .as_ref()
+            .and_then(|fs| fs.pages.get(&p))
+        {
+            self.touch_frame(fr);
+        }
+    }
+
+    /// Put a new page into the cache (most recently used).
     pub(crate) fn insert_page(&mut self, f: FileId, p: u64, frame: FrameId) {
+        let fr = frame.index() as u32;
         let fs = self.files[f.0 as usize].as_mut().expect("open file");
-        let old = fs.pages.insert(p, Page::new(frame));
+        let old = fs.pages.insert(p, fr);
         debug_assert!(old.is_none(), "page {p} inserted twice");
-        self.touch(f, p);
+        debug_assert!(self.slots[fr as usize].is_none(), "frame {fr} in use");
+        self.slots[fr as usize] = Some(Page::new(frame, f, p));
+        self.cached += 1;
+        self.lru_push(fr);
     }
 
     pub(crate) fn remove_page(&mut self, f: FileId, p: u64) {
         let Some(fs) = self.files[f.0 as usize].as_mut() else {
             return;
         };
-        if let Some(page) = fs.pages.remove(&p) {
-            debug_assert!(!page.busy(), "page {p} removed with I/O in flight");
-            self.lru.remove(&page.stamp);
+        if let Some(fr) = fs.pages.remove(&p) {
+            debug_assert!(!self.slot(fr).busy(), "page {p} removed with I/O in flight");
+            self.lru_unlink(fr);
+            let page = self.slots[fr as usize].take().expect("frame holds a page");
+            self.cached -= 1;
             self.pool.free(page.frame);
         }
     }
 
     fn evict(&mut self, want: usize) -> usize {
-        let victims: Vec<(FileId, u64)> = self
-            .lru
-            .values()
-            .filter(|&&(f, p)| self.page_ref(f, p).is_some_and(Page::evictable))
-            .take(want)
-            .copied()
-            .collect();
+        let mut victims: Vec<(FileId, u64)> = Vec::with_capacity(want);
+        let mut fr = self.lru_head;
+        while fr != NIL && victims.len() < want {
+            let pg = self.slot(fr);
+            if pg.evictable() {
+                victims.push((pg.file, pg.index));
+            }
+            fr = pg.next;
+        }
         for &(f, p) in &victims {
             self.remove_page(f, p);
         }
@@ -545,7 +626,7 @@ impl<D: BlockIo> PageCache<D> {
     /// A free frame, evicting clean pages and writing back dirty ones if the pool is empty.
     /// None when every page is busy or dirty and stays so.
     pub(crate) fn alloc_frame(&mut self) -> Result<Option<FrameId>, MpageError> {
-        if self.lru.len() < self.capacity {
+        if self.cached < self.capacity {
             if let Some(fr) = self.pool.alloc() {
                 return Ok(Some(fr));
             }
@@ -580,7 +661,7 @@ impl<D: BlockIo> PageCache<D> {
             .files
             .iter()
             .flatten()
-            .map(|fs| fs.pages.values().filter(|p| p.dirty).count())
+            .map(|fs| fs.pages.values().filter(|&&fr| self.slot(fr).dirty).count())
             .sum();
         MpageError::CacheFull {
             dev: self.dev.name().to_string(),
@@ -914,18 +995,21 @@ impl<D: BlockIo> PageCache<D> {
         start: u64,
         end: u64,
     ) -> Result<(Vec<u64>, u64), MpageError> {
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(end.saturating_sub(start).min(1024) as usize);
         for p in start..end {
             match self.file(f)?.pages.get(&p) {
-                Some(pg) if pg.uptodate || pg.busy() => {}
-                Some(_) => {
-                    self.lock_for_read(f, p);
-                    out.push(p);
+                Some(&fr) => {
+                    let pg = self.slot_mut(fr);
+                    if !pg.uptodate && !pg.busy() {
+                        pg.locked = true;
+                        pg.error = None;
+                        out.push(p);
+                    }
                 }
                 None => match self.alloc_frame()? {
                     Some(frame) => {
                         self.insert_page(f, p, frame);
-                        self.page_mut(f, p).locked = true;
+                        self.slot_mut(frame.index() as u32).locked = true;
                         out.push(p);
                     }
                     None => return Ok((out, p)),
@@ -1075,11 +1159,11 @@ impl<D: BlockIo> PageCache<D> {
     }
 
     fn set_ra_mark(&mut self, f: FileId, p: u64) {
-        if let Some(pg) = self.files[f.0 as usize]
-            .as_mut()
-            .and_then(|fs| fs.pages.get_mut(&p))
+        if let Some(&fr) = self.files[f.0 as usize]
+            .as_ref()
+            .and_then(|fs| fs.pages.get(&p))
         {
-            pg.ra_mark = true;
+            self.slot_mut(fr).ra_mark = true;
         }
     }
 
@@ -1119,12 +1203,18 @@ impl<D: BlockIo> PageCache<D> {
         let (first, last) = (offset / PAGE, (offset + n as u64 - 1) / PAGE);
         let mut done = 0usize;
         for p in first..=last {
-            self.ensure_uptodate(f, p, last)?;
+            // Fast path: an uptodate page that starts no readahead, found with one lookup.
+            let fr = match self.page_ref(f, p) {
+                Some(pg) if pg.uptodate && !pg.ra_mark => pg.frame,
+                _ => {
+                    self.ensure_uptodate(f, p, last)?;
+                    self.page_ref(f, p).expect("uptodate page is cached").frame
+                }
+            };
             let in_page = ((offset + done as u64) % PAGE) as usize;
             let len = (PAGE_SIZE - in_page).min(n - done);
-            let frame = self.page_ref(f, p).expect("uptodate page is cached").frame;
-            self.pool.read(frame, in_page, &mut buf[done..done + len]);
-            self.touch(f, p);
+            self.pool.read(fr, in_page, &mut buf[done..done + len]);
+            self.touch_frame(fr.index() as u32);
             done += len;
         }
         self.file_mut(f)?.ra.prev = Some(last);
@@ -1294,7 +1384,10 @@ impl<D: BlockIo> PageCache<D> {
             .file(f)?
             .pages
             .iter()
-            .filter(|(_, pg)| pg.dirty && !pg.busy())
+            .filter(|&(_, &fr)| {
+                let pg = self.slot(fr);
+                pg.dirty && !pg.busy()
+            })
             .map(|(&p, _)| p)
             .collect();
         self.write_batch(f, &pages)?;
@@ -1436,7 +1529,7 @@ impl<D: BlockIo> Drop for PageCache<D> {
             .files
             .iter()
             .flatten()
-            .map(|fs| fs.pages.values().filter(|p| p.dirty).count())
+            .map(|fs| fs.pages.values().filter(|&&fr| self.slot(fr).dirty).count())
             .sum();
         if dirty > 0 {
             log::warn!(

@@ -19,6 +19,7 @@
 mod backend;
 mod cache;
 mod error;
+pub mod ext;
 mod map;
 mod nvme;
 mod pool;

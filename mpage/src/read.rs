@@ -185,7 +185,11 @@ impl<D: BlockIo> PageCache<D> {
         if self.opts.force_per_block {
             return self.read_confused(f, p, geo, w, Confused::Forced);
         }
-        if self.page_mut(f, p).blocks.is_some() {
+        let (per_block_state, frame) = {
+            let pg = self.page_mut(f, p);
+            (pg.blocks.is_some(), pg.frame)
+        };
+        if per_block_state {
             return self.read_confused(f, p, geo, w, Confused::PerBlockState);
         }
         let bpp = geo.bpp as usize;
@@ -231,7 +235,6 @@ impl<D: BlockIo> PageCache<D> {
             }
         }
 
-        let frame = self.page_mut(f, p).frame;
         if first_hole < bpp {
             let from = first_hole * geo.bs as usize;
             self.pool.zero(frame, from, PAGE_SIZE - from);

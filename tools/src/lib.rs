@@ -2,8 +2,11 @@
 //!
 //! - [`vm`]: boots a throwaway QEMU guest with emulated NVMe controllers and runs a script in it
 //!   (used by the end-to-end tests, the benchmarks and `rnvme vm run`);
+//! - [`perf`]: the engine of `rnvme perf`, a throughput and latency benchmark that runs on any
+//!   brought-up controller (a device, or the in-process model);
 //! - [`sysfs`]: finds NVMe controllers and moves them between the kernel's `nvme` driver and
 //!   `vfio-pci` (`rnvme setup`, `rnvme reset`, `rnvme list`).
 
+pub mod perf;
 pub mod sysfs;
 pub mod vm;

@@ -19,6 +19,9 @@ struct Cli {
 /// One variant per command family; each dispatches to a module under `cmd/`.
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the main job on an emulated NVMe controller, with no set-up: boot a guest, bind,
+    /// identify, write, read, benchmark against the kernel
+    Demo(cmd::demo::DemoArgs),
     /// Bind NVMe controllers to vfio-pci and reserve hugepages, so rnvme can drive them
     Setup(cmd::setup::SetupArgs),
     /// Give controllers back to the kernel's nvme driver
@@ -39,6 +42,20 @@ enum Command {
     Trim(cmd::device::ZeroArgs),
     /// Show the SMART / health or error information log page
     Log(cmd::device::LogArgs),
+    /// List a directory of an ext2/ext3/ext4 namespace (with -l: extents and the commands a read takes)
+    Ls(cmd::ext::LsArgs),
+    /// Print a file of an ext2/ext3/ext4 namespace, read through the page cache
+    Cat(cmd::ext::CatArgs),
+    /// Copy a file of an ext2/ext3/ext4 namespace to a local path, through the page cache
+    Cp(cmd::ext::CpArgs),
+    /// Measure throughput and latency on one or more namespaces (queue depth, I/O size, workload)
+    Perf(cmd::perf::PerfArgs),
+    /// Write a self-describing pattern and read it back, or check a range written earlier;
+    /// reports misdirected, stale, torn, zeroed and corrupt blocks
+    Verify(cmd::verify::VerifyArgs),
+    /// Benchmarks: the kernel driver (fio) and rnvme side by side in one QEMU guest
+    #[command(subcommand)]
+    Bench(cmd::bench::BenchCommand),
     /// The mpage page cache: trace the commands it issues on a recording device
     #[command(subcommand)]
     Mpage(cmd::mpage::MpageCommand),
@@ -56,6 +73,7 @@ fn main() -> ExitCode {
     }));
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(a) => cmd::demo::demo(a),
         Command::Setup(a) => cmd::setup::setup(a),
         Command::Reset(a) => cmd::setup::reset(a),
         Command::List(a) => cmd::list::list(a),
@@ -66,6 +84,12 @@ fn main() -> ExitCode {
         Command::WriteZeroes(a) => cmd::device::range_op(a, cmd::device::RangeOp::WriteZeroes),
         Command::Trim(a) => cmd::device::range_op(a, cmd::device::RangeOp::Trim),
         Command::Log(a) => cmd::device::log(a),
+        Command::Ls(a) => cmd::ext::ls(a),
+        Command::Cat(a) => cmd::ext::cat(a),
+        Command::Cp(a) => cmd::ext::cp(a),
+        Command::Perf(a) => cmd::perf::perf(a),
+        Command::Verify(a) => cmd::verify::verify(a),
+        Command::Bench(c) => cmd::bench::bench(c),
         Command::Mpage(c) => cmd::mpage::mpage(c),
         Command::Vm(c) => cmd::vm::vm(c),
     };

@@ -55,7 +55,11 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode> {
     let rnvme = super::vm::static_rnvme()?;
     let config = VmConfig {
         controllers: vec![ControllerSpec {
-            namespaces: vec![NamespaceSpec { size_mib: 512, lba_size: 4096, ..NamespaceSpec::default() }],
+            namespaces: vec![NamespaceSpec {
+                size_mib: 512,
+                lba_size: 4096,
+                ..NamespaceSpec::default()
+            }],
             ..ControllerSpec::default()
         }],
         host_binaries: vec!["nvme".into(), "fio".into()],
@@ -67,8 +71,14 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode> {
     let out = vm::run(&config, &script(a.seconds))?;
     print!("{}", out.output);
     if out.exit_code != 0 {
-        anyhow::bail!("the demo failed in the guest (exit status {})", out.exit_code);
+        anyhow::bail!(
+            "the demo failed in the guest (exit status {})",
+            out.exit_code
+        );
     }
-    println!("\ndemo done: guest booted to its first command in {:.1} s", out.boot_to_script.as_secs_f64());
+    println!(
+        "\ndemo done: guest booted to its first command in {:.1} s",
+        out.boot_to_script.as_secs_f64()
+    );
     Ok(ExitCode::SUCCESS)
 }

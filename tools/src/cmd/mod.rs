@@ -1,9 +1,14 @@
 //! Command implementations, one module per command family.
 
+pub mod bench;
+pub mod demo;
 pub mod device;
+pub mod ext;
 pub mod list;
 pub mod mpage;
+pub mod perf;
 pub mod setup;
+pub mod verify;
 pub mod vm;
 
 /// A usage error found after argument parsing (exit status 2).

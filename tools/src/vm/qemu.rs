@@ -220,7 +220,11 @@ pub(crate) fn args(config: &VmConfig, paths: &Paths) -> Vec<String> {
                 None => path_opt(&b.image),
             };
             a.push("-drive".into());
-            a.push(format!("file={file},if=none,id=ns{drive},format=raw"));
+            // discard=unmap: without it QEMU ignores Dataset Management deallocate, although
+            // the namespace reports (DLFEAT) that deallocated blocks read as zeros.
+            a.push(format!(
+                "file={file},if=none,id=ns{drive},format=raw,discard=unmap"
+            ));
             a.push("-device".into());
             a.push(format!(
                 "nvme-ns,drive=ns{drive},bus=c{c},nsid={},logical_block_size={l},physical_block_size={l}",
@@ -331,9 +335,9 @@ mod tests {
         assert_eq!(
             value_after(&a, "-drive"),
             [
-                "file=/c/run/0.img,if=none,id=ns0,format=raw",
-                "file=/c/run/1.img,if=none,id=ns1,format=raw",
-                "file=blkdebug:/c/run/r.conf:/c/run/2.img,if=none,id=ns2,format=raw",
+                "file=/c/run/0.img,if=none,id=ns0,format=raw,discard=unmap",
+                "file=/c/run/1.img,if=none,id=ns1,format=raw,discard=unmap",
+                "file=blkdebug:/c/run/r.conf:/c/run/2.img,if=none,id=ns2,format=raw,discard=unmap",
             ]
         );
     }
@@ -350,7 +354,7 @@ mod tests {
         let a = args(&cfg, &p);
         assert_eq!(
             value_after(&a, "-drive"),
-            ["file=/a,,b/x.img,if=none,id=ns0,format=raw"]
+            ["file=/a,,b/x.img,if=none,id=ns0,format=raw,discard=unmap"]
         );
         assert_eq!(
             value_after(&a, "-chardev")[0],

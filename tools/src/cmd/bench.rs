@@ -1,0 +1,922 @@
+//! `rnvme bench compare`: the kernel's NVMe driver (fio) and rnvme side by side, with the same
+//! workloads, in one boot of one QEMU guest.
+//!
+//! The guest gets one emulated controller with a 1 GiB namespace of 4 KiB LBAs and boots with
+//! `nvme.poll_queues=2`, so that fio's io_uring `--hipri` polls. The namespace is filled once,
+//! then every workload runs with fio's io_uring, io_uring `--hipri`, libaio and psync engines on
+//! `/dev/nvme0n1`; then the controller moves to vfio-pci (`rnvme setup`) and `rnvme perf` runs
+//! the same workloads. Each measurement prints its JSON between markers on the script's output;
+//! the host parses them and prints one table, and writes the same as JSON.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use rnvme_tools::vm::{self, ControllerSpec, NamespaceSpec, VmConfig};
+use serde::Serialize;
+use serde_json::Value;
+
+/// `rnvme bench …`
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Boot one guest; measure fio (io_uring, io_uring --hipri, libaio, psync) on the kernel
+    /// driver and rnvme perf on the same emulated device; print the table and the ratios
+    Compare(CompareArgs),
+}
+
+/// `rnvme bench compare`
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// Also write the results as JSON to FILE
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Fewer workloads and 2 s per measurement (about 2 minutes instead of 7)
+    #[arg(long)]
+    pub quick: bool,
+    /// Seconds per measurement (after a 1 s warm-up); default 5, 2 with --quick
+    #[arg(long, value_name = "S")]
+    pub seconds: Option<u32>,
+    /// Print the guest's output and console as well
+    #[arg(long, short)]
+    pub verbose: bool,
+}
+
+/// One workload, run the same way by every engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    /// Short name: "4k-randread-qd32-t1".
+    pub name: &'static str,
+    /// fio --rw / rnvme perf -w.
+    pub rw: &'static str,
+    /// Bytes per I/O.
+    pub bs: u32,
+    /// I/Os in flight per thread.
+    pub depth: u32,
+    /// Threads (fio jobs).
+    pub threads: u32,
+    /// Share of reads for mixes.
+    pub read_percent: Option<u8>,
+    /// rnvme variants beside the default (`--prp`, `--sgl`, `--reactor`).
+    #[serde(skip)]
+    pub extra: &'static [&'static str],
+    /// Part of the quick run.
+    #[serde(skip)]
+    pub quick: bool,
+}
+
+const fn w(
+    name: &'static str,
+    rw: &'static str,
+    bs: u32,
+    (depth, threads): (u32, u32),
+    read_percent: Option<u8>,
+    extra: &'static [&'static str],
+    quick: bool,
+) -> Workload {
+    Workload {
+        name,
+        rw,
+        bs,
+        depth,
+        threads,
+        read_percent,
+        extra,
+        quick,
+    }
+}
+
+/// The workloads of the comparison.
+pub const WORKLOADS: [Workload; 8] = [
+    w(
+        "4k-randread-qd1-t1",
+        "randread",
+        4096,
+        (1, 1),
+        None,
+        &["--reactor"],
+        true,
+    ),
+    w(
+        "4k-randread-qd32-t1",
+        "randread",
+        4096,
+        (32, 1),
+        None,
+        &["--other-dptr", "--reactor"],
+        true,
+    ),
+    w(
+        "4k-randread-qd32-t2",
+        "randread",
+        4096,
+        (32, 2),
+        None,
+        &["--reactor"],
+        false,
+    ),
+    w(
+        "4k-randwrite-qd32-t1",
+        "randwrite",
+        4096,
+        (32, 1),
+        None,
+        &[],
+        true,
+    ),
+    w(
+        "128k-read-qd16-t1",
+        "read",
+        128 << 10,
+        (16, 1),
+        None,
+        &["--other-dptr"],
+        false,
+    ),
+    w(
+        "128k-read-qd32-t1",
+        "read",
+        128 << 10,
+        (32, 1),
+        None,
+        &["--other-dptr"],
+        true,
+    ),
+    w(
+        "4k-randrw70-qd32-t1",
+        "randrw",
+        4096,
+        (32, 1),
+        Some(70),
+        &[],
+        false,
+    ),
+    w(
+        "4k-randrw70-qd32-t2",
+        "randrw",
+        4096,
+        (32, 2),
+        Some(70),
+        &[],
+        false,
+    ),
+];
+
+/// The kernel-side engines: name in the results, fio options.
+pub const KERNEL_ENGINES: [(&str, &str); 4] = [
+    ("fio io_uring", "--ioengine=io_uring"),
+    ("fio io_uring --hipri", "--ioengine=io_uring --hipri"),
+    ("fio libaio", "--ioengine=libaio"),
+    ("fio psync", "--ioengine=psync"),
+];
+
+/// The rnvme variant `flag` of the default data pointer: "--other-dptr" names the one that is
+/// not the default.
+fn rnvme_flag(flag: &str) -> &str {
+    if flag == "--other-dptr" {
+        match super::perf::DEFAULT_DATA_POINTER {
+            rnvme_driver::queue::DataPointerMode::Sgl => "--prp",
+            rnvme_driver::queue::DataPointerMode::Prp => "--sgl",
+        }
+    } else {
+        flag
+    }
+}
+
+fn rnvme_engine_name(flag: &str) -> String {
+    let f = rnvme_flag(flag);
+    if f.is_empty() {
+        "rnvme".into()
+    } else {
+        format!("rnvme {f}")
+    }
+}
+
+fn fio_command(wl: &Workload, engine_opts: &str, seconds: u32) -> String {
+    let depth = if engine_opts.contains("psync") {
+        1
+    } else {
+        wl.depth
+    };
+    let mix = wl
+        .read_percent
+        .map(|p| format!(" --rwmixread={p}"))
+        .unwrap_or_default();
+    format!(
+        "fio --name={name} --filename=/dev/nvme0n1 --direct=1 {engine_opts} --rw={rw}{mix} \
+         --bs={bs} --iodepth={depth} --numjobs={t} --group_reporting --time_based \
+         --runtime={seconds} --ramp_time=1 --norandommap --randrepeat=0 \
+         --lat_percentiles=1 --percentile_list=50:99:99.9 --output-format=json",
+        name = wl.name,
+        rw = wl.rw,
+        bs = wl.bs,
+        t = wl.threads,
+    )
+}
+
+fn rnvme_command(wl: &Workload, flag: &str, seconds: u32) -> String {
+    let mix = wl
+        .read_percent
+        .map(|p| format!(" -M {p}"))
+        .unwrap_or_default();
+    let f = rnvme_flag(flag);
+    format!(
+        "rnvme perf $NVME0 -q {depth} -o {bs} -w {rw}{mix} -t {seconds} --warmup 1 --threads {t} --json --yes{sp}{f}",
+        depth = wl.depth,
+        bs = wl.bs,
+        rw = wl.rw,
+        t = wl.threads,
+        sp = if f.is_empty() { "" } else { " " },
+    )
+}
+
+/// Marker lines around each measurement's output.
+const BEGIN: &str = "@@BEGIN ";
+const END: &str = "@@END";
+
+/// The guest script: fill the namespace, run fio for every workload and engine, bind to
+/// vfio-pci, run rnvme perf for every workload and variant.
+pub fn script(workloads: &[Workload], seconds: u32) -> String {
+    let mut s = String::from(
+        "echo \"@@INFO kernel $(uname -r)\"\n\
+         echo \"@@INFO io_poll $(cat /sys/block/nvme0n1/queue/io_poll 2>/dev/null)\"\n\
+         echo \"@@INFO cpus $(grep -c ^processor /proc/cpuinfo)\"\n\
+         echo \"@@INFO clocksource $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)\"\n\
+         fio --name=fill --filename=/dev/nvme0n1 --direct=1 --ioengine=libaio --rw=write --bs=1m \
+         --iodepth=8 --size=100% --output-format=terse >/dev/null 2>&1 || echo \"@@INFO fill failed\"\n",
+    );
+    let run = |s: &mut String, key: &str, cmd: &str| {
+        let _ = writeln!(
+            s,
+            "echo \"{BEGIN}{key}\"\n{cmd} 2>&1 || echo \"@@FAILED $?\"\necho \"{END}\""
+        );
+    };
+    for wl in workloads {
+        for (name, opts) in KERNEL_ENGINES {
+            run(
+                &mut s,
+                &format!("{name}|{}", wl.name),
+                &fio_command(wl, opts, seconds),
+            );
+        }
+    }
+    s.push_str(
+        "rnvme setup --hugepages 0 $NVME0 >/dev/null || { echo \"@@INFO rnvme setup failed\"; exit 1; }\n",
+    );
+    for wl in workloads {
+        for flag in std::iter::once("").chain(wl.extra.iter().copied()) {
+            run(
+                &mut s,
+                &format!("{}|{}", rnvme_engine_name(flag), wl.name),
+                &rnvme_command(wl, flag, seconds),
+            );
+        }
+    }
+    s
+}
+
+/// One measurement.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Measurement {
+    /// "fio io_uring", "rnvme --reactor", …
+    pub engine: String,
+    /// I/Os per second.
+    pub iops: f64,
+    /// MiB per second.
+    pub mib_s: f64,
+    /// Mean latency, µs.
+    pub lat_mean_us: f64,
+    /// 99th percentile latency, µs (the larger of reads' and writes' for fio mixes).
+    pub lat_p99_us: f64,
+    /// Failed I/Os.
+    pub errors: u64,
+    /// rnvme's batching counters, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub counters: Option<Value>,
+}
+
+/// Everything between the markers, by key, and the info lines.
+fn sections(output: &str) -> (Vec<(String, String)>, Vec<String>) {
+    let mut out = Vec::new();
+    let mut info = Vec::new();
+    let mut cur: Option<(String, String)> = None;
+    for line in output.lines() {
+        if let Some(k) = line.strip_prefix(BEGIN) {
+            cur = Some((k.trim().to_string(), String::new()));
+        } else if line.trim_end() == END {
+            if let Some(c) = cur.take() {
+                out.push(c);
+            }
+        } else if let Some((_, body)) = cur.as_mut() {
+            body.push_str(line);
+            body.push('\n');
+        } else if let Some(i) = line.strip_prefix("@@INFO ") {
+            info.push(i.to_string());
+        }
+    }
+    (out, info)
+}
+
+/// The JSON object in `body`, ignoring text around it.
+fn json_in(body: &str) -> Result<Value> {
+    let start = body.find('{').context("no JSON object in the output")?;
+    let end = body.rfind('}').context("no end of the JSON object")?;
+    serde_json::from_str(&body[start..=end]).context("the JSON does not parse")
+}
+
+fn num(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(0.0)
+}
+
+/// fio's result: the first (group-reported) job, reads and writes together.
+pub fn parse_fio(engine: &str, body: &str) -> Result<Measurement> {
+    let v = json_in(body)?;
+    let job = &v["jobs"][0];
+    if job.is_null() {
+        bail!("no job in fio's output");
+    }
+    let (mut iops, mut kib, mut ios, mut lat_sum, mut p99, mut errors) =
+        (0.0, 0.0, 0.0, 0.0, 0.0f64, 0u64);
+    for dir in ["read", "write"] {
+        let d = &job[dir];
+        let n = num(&d["total_ios"]);
+        iops += num(&d["iops"]);
+        kib += num(&d["bw"]);
+        if n > 0.0 {
+            ios += n;
+            lat_sum += num(&d["lat_ns"]["mean"]) * n;
+            p99 = p99.max(num(&d["lat_ns"]["percentile"]["99.000000"]));
+        }
+    }
+    errors += job["error"].as_u64().unwrap_or(0);
+    Ok(Measurement {
+        engine: engine.to_string(),
+        iops,
+        mib_s: kib / 1024.0,
+        lat_mean_us: if ios > 0.0 {
+            lat_sum / ios / 1000.0
+        } else {
+            0.0
+        },
+        lat_p99_us: p99 / 1000.0,
+        errors,
+        counters: None,
+    })
+}
+
+/// rnvme perf's result.
+pub fn parse_rnvme(engine: &str, body: &str) -> Result<Measurement> {
+    let v = json_in(body)?;
+    if v["iops"].is_null() {
+        bail!("no iops in rnvme perf's output");
+    }
+    Ok(Measurement {
+        engine: engine.to_string(),
+        iops: num(&v["iops"]),
+        mib_s: num(&v["mib_s"]),
+        lat_mean_us: num(&v["lat_us"]["avg"]),
+        lat_p99_us: num(&v["lat_us"]["p99"]),
+        errors: v["errors"].as_u64().unwrap_or(0) + v["verify_errors"].as_u64().unwrap_or(0),
+        counters: Some(v["counters"].clone()),
+    })
+}
+
+/// One line of the table: a workload and every engine's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct Line {
+    /// The workload.
+    pub workload: Workload,
+    /// Kernel engines first, then rnvme's variants.
+    pub results: Vec<Measurement>,
+    /// The kernel engine with the most IOPS.
+    pub best_kernel: Option<String>,
+    /// rnvme's IOPS / the best kernel engine's.
+    pub iops_ratio: Option<f64>,
+    /// rnvme's mean latency / the lowest kernel mean latency.
+    pub lat_ratio: Option<f64>,
+    /// Measurements that failed, with the reason.
+    pub failures: Vec<String>,
+}
+
+impl Line {
+    fn get(&self, engine: &str) -> Option<&Measurement> {
+        self.results.iter().find(|m| m.engine == engine)
+    }
+}
+
+/// A target of the issue, checked against this boot.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetCheck {
+    /// What is compared.
+    pub what: String,
+    /// The target, as text.
+    pub target: String,
+    /// The measured ratio.
+    pub got: Option<f64>,
+    /// Whether it is met.
+    pub met: Option<bool>,
+}
+
+/// The whole comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    /// UTC date of the run.
+    pub date: String,
+    /// Host, QEMU and guest facts.
+    pub setup: Vec<String>,
+    /// Seconds per measurement.
+    pub seconds: u32,
+    /// The lines.
+    pub lines: Vec<Line>,
+    /// The targets.
+    pub targets: Vec<TargetCheck>,
+    /// Wall time of the whole run, s.
+    pub wall_s: f64,
+}
+
+/// Build the lines from the guest's output.
+pub fn collect(output: &str, workloads: &[Workload]) -> (Vec<Line>, Vec<String>) {
+    let (secs, info) = sections(output);
+    let mut lines = Vec::new();
+    for wl in workloads {
+        let mut results = Vec::new();
+        let mut failures = Vec::new();
+        let mut engines: Vec<String> = KERNEL_ENGINES.iter().map(|(n, _)| n.to_string()).collect();
+        engines.extend(
+            std::iter::once("")
+                .chain(wl.extra.iter().copied())
+                .map(rnvme_engine_name),
+        );
+        for engine in engines {
+            let key = format!("{engine}|{}", wl.name);
+            let Some((_, body)) = secs.iter().find(|(k, _)| *k == key) else {
+                failures.push(format!("{engine}: no output"));
+                continue;
+            };
+            let parsed = if engine.starts_with("fio") {
+                parse_fio(&engine, body)
+            } else {
+                parse_rnvme(&engine, body)
+            };
+            match parsed {
+                Ok(m) => results.push(m),
+                Err(e) => failures.push(format!(
+                    "{engine}: {e}: {}",
+                    body.lines().rev().take(3).collect::<Vec<_>>().join(" / ")
+                )),
+            }
+        }
+        let kernel = results.iter().filter(|m| m.engine.starts_with("fio"));
+        let best = kernel
+            .clone()
+            .max_by(|a, b| a.iops.total_cmp(&b.iops))
+            .cloned();
+        let best_lat = kernel
+            .filter(|m| m.lat_mean_us > 0.0)
+            .map(|m| m.lat_mean_us)
+            .min_by(|a, b| a.total_cmp(b));
+        let ours = results.iter().find(|m| m.engine == "rnvme").cloned();
+        let iops_ratio = match (&ours, &best) {
+            (Some(o), Some(b)) if b.iops > 0.0 => Some(o.iops / b.iops),
+            _ => None,
+        };
+        let lat_ratio = match (&ours, best_lat) {
+            (Some(o), Some(l)) if o.lat_mean_us > 0.0 => Some(o.lat_mean_us / l),
+            _ => None,
+        };
+        lines.push(Line {
+            workload: *wl,
+            results,
+            best_kernel: best.map(|b| b.engine),
+            iops_ratio,
+            lat_ratio,
+            failures,
+        });
+    }
+    (lines, info)
+}
+
+/// The issue's targets, against fio io_uring in the same boot.
+pub fn check_targets(lines: &[Line]) -> Vec<TargetCheck> {
+    let line = |n: &str| lines.iter().find(|l| l.workload.name == n);
+    let ratio = |n: &str, ours: &str, theirs: &str, f: fn(&Measurement) -> f64| {
+        let l = line(n)?;
+        let (o, t) = (l.get(ours)?, l.get(theirs)?);
+        (f(t) > 0.0).then(|| f(o) / f(t))
+    };
+    let check = |what: &str, target: &str, got: Option<f64>, ok: fn(f64) -> bool| TargetCheck {
+        what: what.into(),
+        target: target.into(),
+        got,
+        met: got.map(ok),
+    };
+    let iops = |m: &Measurement| m.iops;
+    let mib = |m: &Measurement| m.mib_s;
+    let lat = |m: &Measurement| m.lat_mean_us;
+    vec![
+        check(
+            "4k randread qd32: rnvme IOPS / fio io_uring",
+            ">= 7",
+            ratio("4k-randread-qd32-t1", "rnvme", "fio io_uring", iops),
+            |r| r >= 7.0,
+        ),
+        check(
+            "4k randwrite qd32: rnvme IOPS / fio io_uring",
+            ">= 5",
+            ratio("4k-randwrite-qd32-t1", "rnvme", "fio io_uring", iops),
+            |r| r >= 5.0,
+        ),
+        check(
+            "4k randread qd1: rnvme mean latency / fio io_uring",
+            "<= 0.18",
+            ratio("4k-randread-qd1-t1", "rnvme", "fio io_uring", lat),
+            |r| r <= 0.18,
+        ),
+        check(
+            "4k randread qd1: rnvme mean latency / fio io_uring --hipri",
+            "< 1",
+            ratio("4k-randread-qd1-t1", "rnvme", "fio io_uring --hipri", lat),
+            |r| r < 1.0,
+        ),
+        check(
+            "128k read qd32: rnvme MiB/s / fio io_uring",
+            ">= 8",
+            ratio("128k-read-qd32-t1", "rnvme", "fio io_uring", mib),
+            |r| r >= 8.0,
+        ),
+        check(
+            "4k randread qd32: rnvme --reactor IOPS / rnvme",
+            ">= 0.8",
+            ratio("4k-randread-qd32-t1", "rnvme --reactor", "rnvme", iops),
+            |r| r >= 0.8,
+        ),
+        check(
+            "128k read qd32: rnvme (default data pointer) MiB/s / the other one",
+            ">= 1",
+            ratio(
+                "128k-read-qd32-t1",
+                "rnvme",
+                &rnvme_engine_name("--other-dptr"),
+                mib,
+            ),
+            |r| r >= 1.0,
+        ),
+    ]
+}
+
+/// The table.
+pub fn table(c: &Comparison) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "rnvme bench compare, {} ({} s per measurement)",
+        c.date, c.seconds
+    );
+    for l in &c.setup {
+        let _ = writeln!(s, "  {l}");
+    }
+    let _ = writeln!(
+        s,
+        "\n{:<21} {:<22} {:>10} {:>9} {:>9} {:>9}  rnvme / best kernel",
+        "workload", "engine", "IOPS", "MiB/s", "mean us", "p99 us"
+    );
+    for line in &c.lines {
+        let mut first = true;
+        for m in &line.results {
+            let note = if m.engine == "rnvme" {
+                format!(
+                    "{} IOPS, {} mean latency{}",
+                    line.iops_ratio.map_or("-".into(), |r| format!("{r:.2}x")),
+                    line.lat_ratio.map_or("-".into(), |r| format!("{r:.2}x")),
+                    line.best_kernel
+                        .as_ref()
+                        .map(|b| format!(" (best: {b})"))
+                        .unwrap_or_default()
+                )
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                s,
+                "{:<21} {:<22} {:>10.0} {:>9.1} {:>9.1} {:>9.1}  {}{}",
+                if first { line.workload.name } else { "" },
+                m.engine,
+                m.iops,
+                m.mib_s,
+                m.lat_mean_us,
+                m.lat_p99_us,
+                note,
+                if m.errors > 0 {
+                    format!(" ({} errors)", m.errors)
+                } else {
+                    String::new()
+                }
+            );
+            first = false;
+        }
+        for f in &line.failures {
+            let _ = writeln!(
+                s,
+                "{:<21} failed: {f}",
+                if first { line.workload.name } else { "" }
+            );
+            first = false;
+        }
+    }
+    let _ = writeln!(s, "\ntargets (ratios within this boot):");
+    for t in &c.targets {
+        let _ = writeln!(
+            s,
+            "  {:<62} {:>7}  got {:>7}  {}",
+            t.what,
+            t.target,
+            t.got.map_or("-".into(), |g| format!("{g:.2}")),
+            match t.met {
+                Some(true) => "met",
+                Some(false) => "NOT MET",
+                None => "not measured",
+            }
+        );
+    }
+    let _ = writeln!(s, "\nwall time {:.0} s", c.wall_s);
+    s
+}
+
+/// `YYYY-MM-DD HH:MM UTC` of `secs` since the epoch.
+fn utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil from days (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        rem / 3600,
+        (rem % 3600) / 60
+    )
+}
+
+fn host_facts() -> Vec<String> {
+    let qemu = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(str::to_string))
+        .unwrap_or_else(|| "QEMU version unknown".into());
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let fio = Command::new("fio")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    vec![
+        format!("host: {cpus} CPU(s), {model}"),
+        format!("{qemu}, TCG, q35, intel-iommu, -smp 2, 2 GiB"),
+        "device: QEMU NVMe, 1 namespace of 1 GiB with 4 KiB LBAs (filled before measuring)".into(),
+        format!("kernel side: {fio} on /dev/nvme0n1, direct=1, nvme.poll_queues=2"),
+    ]
+}
+
+/// `rnvme bench compare`.
+fn compare(a: CompareArgs) -> Result<ExitCode> {
+    let begin = Instant::now();
+    let seconds = a.seconds.unwrap_or(if a.quick { 2 } else { 5 }).max(1);
+    let workloads: Vec<Workload> = WORKLOADS
+        .iter()
+        .filter(|w| !a.quick || w.quick)
+        .copied()
+        .collect();
+    let measurements: usize = workloads
+        .iter()
+        .map(|w| KERNEL_ENGINES.len() + 1 + w.extra.len())
+        .sum();
+    let rnvme = super::vm::static_rnvme()?;
+    let config = VmConfig {
+        controllers: vec![ControllerSpec {
+            namespaces: vec![NamespaceSpec {
+                size_mib: 1024,
+                lba_size: 4096,
+                ..NamespaceSpec::default()
+            }],
+            ..ControllerSpec::default()
+        }],
+        host_binaries: vec!["fio".into()],
+        files: vec![(rnvme, "/usr/local/bin/rnvme".into())],
+        kernel_args: vec!["nvme.poll_queues=2".into()],
+        hugepages: 128,
+        timeout: Duration::from_secs(120 + measurements as u64 * (seconds as u64 + 6)),
+        ..VmConfig::default()
+    };
+    eprintln!(
+        "rnvme: booting one guest for {measurements} measurements of {seconds} s each (about {} min)...",
+        (measurements as u64 * (seconds as u64 + 3) + 30).div_ceil(60)
+    );
+    let out = vm::run(&config, &script(&workloads, seconds))?;
+    if a.verbose {
+        eprintln!("--- guest output ---\n{}\n---", out.output.trim_end());
+    }
+    let (lines, info) = collect(&out.output, &workloads);
+    let mut setup = host_facts();
+    setup.extend(info.iter().map(|i| format!("guest {i}")));
+    let date = utc(SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()));
+    let targets = check_targets(&lines);
+    let c = Comparison {
+        date,
+        setup,
+        seconds,
+        lines,
+        targets,
+        wall_s: begin.elapsed().as_secs_f64(),
+    };
+    print!("{}", table(&c));
+    if let Some(path) = &a.json {
+        std::fs::write(path, serde_json::to_string_pretty(&c)? + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if out.exit_code != 0 {
+        bail!(
+            "the guest script failed (exit status {}); its last lines: {}",
+            out.exit_code,
+            vm::tail_lines(&out.output, 5)
+        );
+    }
+    if c.lines.iter().any(|l| !l.failures.is_empty()) {
+        bail!("some measurements failed (see the table)");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `rnvme bench`.
+pub fn bench(c: BenchCommand) -> Result<ExitCode> {
+    match c {
+        BenchCommand::Compare(a) => compare(a),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIO_JSON: &str = r#"fio: some warning
+{
+  "fio version" : "fio-3.33",
+  "jobs" : [
+    {
+      "jobname" : "x", "error" : 0,
+      "read" : { "iops" : 11000.5, "bw" : 44002, "total_ios" : 55000,
+                 "lat_ns" : { "mean" : 2900000.0, "percentile" : { "50.000000" : 2800000, "99.000000" : 5000000 } } },
+      "write" : { "iops" : 1000.0, "bw" : 4000, "total_ios" : 5000,
+                 "lat_ns" : { "mean" : 3900000.0, "percentile" : { "50.000000" : 3800000, "99.000000" : 7000000 } } }
+    }
+  ]
+}
+"#;
+
+    #[test]
+    fn fio_json_is_read_with_reads_and_writes_together() {
+        let m = parse_fio("fio libaio", FIO_JSON).unwrap();
+        assert_eq!(m.iops, 12000.5);
+        assert_eq!(m.mib_s, 48002.0 / 1024.0);
+        // (2900 * 55000 + 3900 * 5000) / 60000
+        assert!((m.lat_mean_us - 2983.333).abs() < 0.01, "{}", m.lat_mean_us);
+        assert_eq!(m.lat_p99_us, 7000.0);
+        assert!(parse_fio("x", "no json").is_err());
+        assert!(parse_fio("x", "{\"jobs\": []}").is_err());
+    }
+
+    fn rnvme_json(iops: f64, avg: f64) -> String {
+        format!(
+            r#"{{"iops": {iops}, "mib_s": 300.5, "lat_us": {{"avg": {avg}, "min": 1, "max": 9, "p50": 2, "p99": 8, "p999": 9}},
+              "ios": 10, "errors": 0, "verify_errors": 0, "counters": {{"submitted": 10}}}}"#
+        )
+    }
+
+    #[test]
+    fn sections_lines_ratios_and_targets() {
+        let wl = [WORKLOADS[0], WORKLOADS[1]];
+        let mut out = String::from("@@INFO kernel 6.1\nnoise\n");
+        for (engine, iops, lat) in [
+            ("fio io_uring", 6000.0, 160.0),
+            ("fio io_uring --hipri", 9000.0, 100.0),
+            ("fio libaio", 5000.0, 170.0),
+            ("fio psync", 4000.0, 200.0),
+        ] {
+            for w in &wl {
+                let body = FIO_JSON
+                    .replace("11000.5", &iops.to_string())
+                    .replace("\"iops\" : 1000.0", "\"iops\" : 0")
+                    .replace("\"total_ios\" : 5000", "\"total_ios\" : 0")
+                    .replace("2900000.0", &(lat * 1000.0).to_string());
+                out.push_str(&format!("{BEGIN}{engine}|{}\n{body}{END}\n", w.name));
+            }
+        }
+        out.push_str(&format!(
+            "{BEGIN}rnvme|{}\n{}\n{END}\n",
+            wl[0].name,
+            rnvme_json(30000.0, 28.8)
+        ));
+        out.push_str(&format!(
+            "{BEGIN}rnvme --reactor|{}\nrnvme: error: broken\n@@FAILED 1\n{END}\n",
+            wl[0].name
+        ));
+        out.push_str(&format!(
+            "{BEGIN}rnvme|{}\n{}\n{END}\n",
+            wl[1].name,
+            rnvme_json(84000.0, 380.0)
+        ));
+        let (lines, info) = collect(&out, &wl);
+        assert_eq!(info, ["kernel 6.1"]);
+        let l = &lines[0];
+        assert_eq!(l.best_kernel.as_deref(), Some("fio io_uring --hipri"));
+        assert!((l.iops_ratio.unwrap() - 30000.0 / 9000.0).abs() < 1e-9);
+        assert!((l.lat_ratio.unwrap() - 0.288).abs() < 1e-9);
+        assert_eq!(l.failures.len(), 1);
+        assert!(
+            l.failures[0].starts_with("rnvme --reactor:"),
+            "{:?}",
+            l.failures
+        );
+        // The second line misses its extra rnvme variants.
+        assert_eq!(lines[1].results.len(), 5);
+        assert_eq!(lines[1].failures.len(), 2);
+        let t = check_targets(&lines);
+        let qd32 = &t[0];
+        assert_eq!(qd32.got, Some(84000.0 / 6000.0));
+        assert_eq!(qd32.met, Some(true));
+        let qd1 = &t[2];
+        assert!((qd1.got.unwrap() - 28.8 / 160.0).abs() < 1e-9);
+        assert_eq!(qd1.met, Some(true));
+        assert_eq!(t[1].met, None, "no randwrite line");
+        let c = Comparison {
+            date: utc(0),
+            setup: vec!["x".into()],
+            seconds: 5,
+            lines,
+            targets: t,
+            wall_s: 1.0,
+        };
+        let text = table(&c);
+        assert!(text.contains("1970-01-01 00:00 UTC"), "{text}");
+        assert!(
+            text.contains("3.33x IOPS, 0.29x mean latency (best: fio io_uring --hipri)"),
+            "{text}"
+        );
+        assert!(text.contains("NOT MET") || text.contains("met"));
+        let v = serde_json::to_value(&c).unwrap();
+        assert!(v["lines"][0]["results"][4]["counters"]["submitted"].is_u64());
+        assert_eq!(v["lines"][0]["workload"]["depth"], 1);
+    }
+
+    #[test]
+    fn script_runs_every_engine_and_variant() {
+        let s = script(&WORKLOADS, 5);
+        let begins = s.matches(BEGIN).count();
+        let want: usize = WORKLOADS
+            .iter()
+            .map(|w| KERNEL_ENGINES.len() + 1 + w.extra.len())
+            .sum();
+        assert_eq!(begins, want);
+        assert!(s.contains(
+            "--ioengine=io_uring --hipri --rw=randread --bs=4096 --iodepth=32 --numjobs=2"
+        ));
+        assert!(s.contains("--ioengine=psync --rw=randread --bs=4096 --iodepth=1"));
+        assert!(s.contains("--rw=randrw --rwmixread=70"));
+        assert!(s.contains(
+            "rnvme perf $NVME0 -q 32 -o 131072 -w read -t 5 --warmup 1 --threads 1 --json --yes 2>&1"
+        ));
+        assert!(s.contains("-w randrw -M 70 -t 5"));
+        assert!(s.contains("--json --yes --reactor"));
+        let setup = s.find("rnvme setup").unwrap();
+        assert!(s.rfind("fio --name").unwrap() < setup);
+        assert!(s.find("rnvme perf").unwrap() > setup);
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00 UTC");
+        assert_eq!(utc(951_782_400 + 3661), "2000-02-29 01:01 UTC");
+        assert_eq!(utc(1_767_225_600), "2026-01-01 00:00 UTC");
+    }
+}
