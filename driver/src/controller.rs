@@ -622,22 +622,36 @@ impl Recovery for Shared {
             });
         }
         disable(hw, self.cap)?;
-        {
+        let (aqa, asq, acq) = {
             let mut q = self.admin.lock();
             q.abandon_all();
             let a = (q.entries() - 1) as u32;
-            hw.write32(reg::AQA, a | (a << 16));
-            hw.write64(reg::ASQ, q.sq_iova().0);
-            hw.write64(reg::ACQ, q.cq_iova().0);
-        }
-        hw.write32(reg::INTMS, u32::MAX);
-        hw.write32(reg::CC, cc::mps(0) | cc::IOSQES_64 | cc::IOCQES_16 | cc::EN);
+            (a | (a << 16), q.sq_iova().0, q.cq_iova().0)
+        };
+        let enable = || {
+            hw.write32(reg::AQA, aqa);
+            hw.write64(reg::ASQ, asq);
+            hw.write64(reg::ACQ, acq);
+            hw.write32(reg::INTMS, u32::MAX);
+            hw.write32(reg::CC, cc::mps(0) | cc::IOSQES_64 | cc::IOCQES_16 | cc::EN);
+        };
+        enable();
         wait_register(
             hw,
             "the controller to become ready (CSTS.RDY = 1) after a reset",
             self.cap.timeout_ms().max(500),
             true,
-            |v| v & csts::RDY != 0,
+            |v| {
+                if v & csts::RDY != 0 {
+                    return true;
+                }
+                // CC.EN reading back clear means the writes were lost: the function was
+                // still being reset by someone else (its registers read as zero meanwhile).
+                if hw.read32(reg::CC) & cc::EN == 0 {
+                    enable();
+                }
+                false
+            },
         )?;
         let want = (self.io_queues_granted - 1) as u32;
         self.admin

@@ -612,6 +612,16 @@ impl QueuePair {
             );
             return;
         }
+        if status & csts::RDY == 0 {
+            // Reset or disabled behind our back (a function level reset, say): its queues
+            // are gone, so nothing outstanding will complete and an Abort cannot be heard.
+            self.reset(
+                rec.as_ref(),
+                "the controller is not ready (CSTS.RDY = 0) while commands are outstanding",
+                f,
+            );
+            return;
+        }
         if oldest < self.timeout {
             return;
         }

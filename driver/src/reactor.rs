@@ -359,10 +359,14 @@ pub struct ReactorConfig {
     pub name: String,
     /// Requests the channel holds before senders block; `None` for no limit.
     pub channel_capacity: Option<usize>,
-    /// Empty checks of the channel, with nothing in flight, before the reactor thread blocks
-    /// on the channel (spinning keeps the latency of the next request low; blocking frees the
-    /// CPU).
-    pub idle_spins: u32,
+    /// How long the reactor keeps spinning on an empty channel with nothing in flight before
+    /// it blocks on the channel: spinning keeps the latency of the next request low, blocking
+    /// frees the CPU (and wakes up later, by a system call of the next sender).
+    pub idle_spin: Duration,
+    /// Give the CPU away (`sched_yield`) on every loop turn that found nothing to do, so that
+    /// threads sharing the reactor's CPU (its clients, on a machine with few cores) run at once
+    /// instead of at the next scheduler tick. Costs a system call per idle turn.
+    pub yield_when_idle: bool,
     /// How long a stopping reactor waits for commands still in flight before it gives them up
     /// (they are then answered [`ReactorError::Stopped`]).
     pub drain_timeout: Duration,
@@ -373,7 +377,8 @@ impl Default for ReactorConfig {
         ReactorConfig {
             name: "rnvme-reactor".into(),
             channel_capacity: None,
-            idle_spins: 10_000,
+            idle_spin: Duration::from_millis(1),
+            yield_when_idle: false,
             drain_timeout: Duration::from_secs(30),
         }
     }
@@ -576,7 +581,11 @@ impl Worker {
     }
 
     fn run(mut self) -> ReactorExit {
+        // Turns with nothing in flight and nothing received, and when the first of them was
+        // seen (the clock is read only every IDLE_CHECK turns: it can be slow).
+        const IDLE_CHECK: u32 = 256;
         let mut idle = 0u32;
+        let mut idle_since: Option<Instant> = None;
         let mut drain_deadline: Option<Instant> = None;
         loop {
             let busy = self.outstanding() > 0 || self.backlog_len > 0;
@@ -584,23 +593,31 @@ impl Worker {
                 break;
             }
             if !self.stopping && !self.disconnected {
-                if !busy && idle >= self.config.idle_spins {
-                    // Nothing in flight and nothing coming: sleep on the channel.
-                    self.stats.sleeps += 1;
-                    match self.rx.recv() {
-                        Ok(m) => self.take(m),
-                        Err(_) => self.disconnected = true,
-                    }
+                if !busy && idle >= IDLE_CHECK {
                     idle = 0;
+                    let now = Instant::now();
+                    if now.duration_since(*idle_since.get_or_insert(now)) >= self.config.idle_spin {
+                        // Nothing in flight and nothing coming: sleep on the channel.
+                        self.stats.sleeps += 1;
+                        match self.rx.recv() {
+                            Ok(m) => self.take(m),
+                            Err(_) => self.disconnected = true,
+                        }
+                        idle_since = None;
+                    }
                 }
                 self.intake();
             }
             let submitted = self.submit_backlog();
             let reaped = self.poll_all();
-            if submitted == 0 && reaped == 0 && self.backlog_len == 0 {
-                idle = idle.saturating_add(1);
+            if submitted == 0 && reaped == 0 && self.config.yield_when_idle {
+                std::thread::yield_now();
+            }
+            if self.outstanding() == 0 && self.backlog_len == 0 && submitted == 0 && reaped == 0 {
+                idle += 1;
             } else {
                 idle = 0;
+                idle_since = None;
             }
             if self.stopping || self.disconnected {
                 let deadline = *drain_deadline
@@ -1051,7 +1068,7 @@ mod tests {
             vec![ctrl.create_io_qpair(8).unwrap()],
             ReactorConfig {
                 drain_timeout: Duration::from_millis(200),
-                idle_spins: 0,
+                idle_spin: Duration::ZERO,
                 ..ReactorConfig::default()
             },
         )
@@ -1086,7 +1103,7 @@ mod tests {
     fn an_idle_reactor_sleeps_and_dropping_it_runs_what_was_sent() {
         let (_model, ctrl) = open();
         let config = ReactorConfig {
-            idle_spins: 10,
+            idle_spin: Duration::from_micros(100),
             ..ReactorConfig::default()
         };
         let reactor =

@@ -696,3 +696,50 @@ fn an_abort_that_times_out_leads_straight_to_a_reset() {
     qp.read(1, 3, 1, &bufs[0]).unwrap();
     assert_eq!(bufs[0].to_vec(), vec![0x33; 4096]);
 }
+
+/// A controller reset behind the driver's back (as a function level reset does): noticed at
+/// the next health check, without waiting for the command deadline and an Abort that cannot
+/// be heard; the outstanding commands come back cancelled and the queue pair works again.
+#[test]
+fn a_reset_behind_the_drivers_back_is_noticed_at_once() {
+    use rnvme_driver::hw::Hardware;
+    use rnvme_driver::model::CompletionMode;
+    use rnvme_driver::spec::reg;
+
+    let (model, ctrl) = open(4096);
+    let mut qp = ctrl.create_io_qpair(16).unwrap();
+    qp.set_command_timeout(Duration::from_secs(30));
+    let bufs: Vec<_> = (0..4).map(|_| ctrl.alloc(4096).unwrap()).collect();
+    model.set_completion_mode(CompletionMode::Deferred);
+    for (i, b) in bufs.iter().enumerate() {
+        qp.submit(read_cmd(1, i as u64, 1), &[b.segment()], i as u64)
+            .unwrap();
+    }
+    qp.ring();
+    assert_eq!(model.held(), 4);
+    model.set_completion_mode(CompletionMode::Instant);
+    // Someone else clears CC.EN: the controller drops its queues and its held completions.
+    model.write32(reg::CC, model.cc() & !1);
+    let t = Instant::now();
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        qp.poll(64, |c| got.push((c.tag, c.status)));
+        assert!(t.elapsed() < Duration::from_secs(10), "hung: {got:?}");
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "noticed after {:?}, not after the 30 s deadline",
+        t.elapsed()
+    );
+    assert!(got.iter().all(|&(_, s)| s == NvmeStatus::ABORTED_BY_RESET));
+    let s = qp.stats();
+    assert_eq!((s.timeouts, s.aborts, s.resets), (0, 0, 1), "{s:?}");
+    assert_eq!(
+        model.enables(),
+        2,
+        "brought up, then enabled again by the reset"
+    );
+    model.write_ns(1, 2, &[0x77; 4096]);
+    qp.read(1, 2, 1, &bufs[0]).unwrap();
+    assert_eq!(bufs[0].to_vec(), vec![0x77; 4096]);
+}

@@ -18,8 +18,10 @@
 //! next `sync` retries it and returns the first error seen since the previous `sync`. Nothing
 //! is dropped silently; a page whose write keeps failing stays in the cache.
 
-use std::collections::{BTreeMap, HashMap};
+use std::cell::Cell;
+use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{Duration, Instant};
 
 use rnvme_driver::Segment;
@@ -147,12 +149,13 @@ pub(crate) struct Page {
     pub(crate) locked: bool,
     pub(crate) writeback: bool,
     pub(crate) mapped_to_disk: bool,
-    pub(crate) error: Option<PageError>,
+    /// Boxed: errors are rare, and a small page is cheap to move.
+    pub(crate) error: Option<Box<PageError>>,
     pub(crate) zeroed_from: Option<u32>,
     pub(crate) blocks: Option<BlockBits>,
     /// Per-block commands in flight, plus one while they are being issued.
     pub(crate) pending: u16,
-    pub(crate) pending_error: Option<PageError>,
+    pub(crate) pending_error: Option<Box<PageError>>,
     /// Reaching this page starts the next readahead window.
     pub(crate) ra_mark: bool,
     /// The file and page index this page caches.
@@ -243,10 +246,144 @@ pub(crate) struct FileState {
     pub(crate) block_size: u64,
     pub(crate) size: u64,
     /// Cached pages: page index → frame index (the page itself is in the cache's slots).
-    pub(crate) pages: BTreeMap<u64, u32>,
+    pub(crate) pages: PageIndex,
     pub(crate) ra: Readahead,
     /// First write error since the last sync: (page, error).
     pub(crate) write_error: Option<(u64, PageError)>,
+}
+
+/// Pages per chunk of a [`PageIndex`].
+const CHUNK_PAGES: u64 = 64;
+
+/// A file's cached pages: page index → frame index, in chunks of 64 consecutive pages found
+/// through a hash table, with the last chunk used remembered (readers and readahead walk
+/// pages in order, so most lookups skip the table). Walks in page order sort the chunks.
+#[derive(Default)]
+pub(crate) struct PageIndex {
+    /// Chunk number → position in `chunks`.
+    by_key: HashMap<u64, u32, BuildHasherDefault<KeyHasher>>,
+    chunks: Vec<IndexChunk>,
+    /// The chunk found last: (chunk number + 1, position); 0 for none.
+    last: Cell<(u64, u32)>,
+}
+
+struct IndexChunk {
+    key: u64,
+    /// Entries that are not [`NIL`].
+    used: u32,
+    frames: [u32; CHUNK_PAGES as usize],
+}
+
+/// A multiplicative hash for chunk numbers (they are not chosen by an adversary).
+#[derive(Default)]
+pub(crate) struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+impl PageIndex {
+    fn position(&self, key: u64) -> Option<usize> {
+        let (k, i) = self.last.get();
+        if k == key + 1 {
+            return Some(i as usize);
+        }
+        let i = *self.by_key.get(&key)?;
+        self.last.set((key + 1, i));
+        Some(i as usize)
+    }
+
+    /// The frame of page `p`.
+    pub(crate) fn get(&self, p: u64) -> Option<u32> {
+        let i = self.position(p / CHUNK_PAGES)?;
+        let fr = self.chunks[i].frames[(p % CHUNK_PAGES) as usize];
+        (fr != NIL).then_some(fr)
+    }
+
+    /// Record page `p` in frame `fr`; returns the frame it was in before.
+    fn insert(&mut self, p: u64, fr: u32) -> Option<u32> {
+        let key = p / CHUNK_PAGES;
+        let i = match self.position(key) {
+            Some(i) => i,
+            None => {
+                let i = self.chunks.len();
+                self.chunks.push(IndexChunk {
+                    key,
+                    used: 0,
+                    frames: [NIL; CHUNK_PAGES as usize],
+                });
+                self.by_key.insert(key, i as u32);
+                self.last.set((key + 1, i as u32));
+                i
+            }
+        };
+        let c = &mut self.chunks[i];
+        let old = std::mem::replace(&mut c.frames[(p % CHUNK_PAGES) as usize], fr);
+        if old == NIL {
+            c.used += 1;
+            None
+        } else {
+            Some(old)
+        }
+    }
+
+    /// Forget page `p`; returns its frame.
+    fn remove(&mut self, p: u64) -> Option<u32> {
+        let key = p / CHUNK_PAGES;
+        let i = self.position(key)?;
+        let c = &mut self.chunks[i];
+        let old = std::mem::replace(&mut c.frames[(p % CHUNK_PAGES) as usize], NIL);
+        if old == NIL {
+            return None;
+        }
+        c.used -= 1;
+        if c.used == 0 {
+            self.by_key.remove(&key);
+            self.chunks.swap_remove(i);
+            if let Some(moved) = self.chunks.get(i) {
+                self.by_key.insert(moved.key, i as u32);
+            }
+            self.last.set((0, 0));
+        }
+        Some(old)
+    }
+
+    /// (page, frame) pairs from page `first` on, ascending.
+    pub(crate) fn iter_from(&self, first: u64) -> impl Iterator<Item = (u64, u32)> + '_ {
+        let mut order: Vec<(u64, u32)> = self
+            .by_key
+            .iter()
+            .filter(|&(&k, _)| k >= first / CHUNK_PAGES)
+            .map(|(&k, &i)| (k, i))
+            .collect();
+        order.sort_unstable();
+        order
+            .into_iter()
+            .flat_map(move |(k, i)| {
+                self.chunks[i as usize]
+                    .frames
+                    .iter()
+                    .enumerate()
+                    .filter(|&(_, &fr)| fr != NIL)
+                    .map(move |(j, &fr)| (k * CHUNK_PAGES + j as u64, fr))
+            })
+            .filter(move |&(p, _)| p >= first)
+    }
+
+    /// Every (page, frame) pair, ascending.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.iter_from(0)
+    }
 }
 
 /// Block geometry of a file, copied out for a walk.
@@ -270,8 +407,16 @@ impl Geo {
 }
 
 pub(crate) enum Target {
-    Pages(Vec<u64>),
-    Block { page: u64, block: u32 },
+    /// Whole pages, with their frames (a page under I/O is never evicted, so its frame
+    /// stays its own until the command completes).
+    Pages {
+        pages: Vec<u64>,
+        frames: Vec<u32>,
+    },
+    Block {
+        page: u64,
+        block: u32,
+    },
     Flush,
 }
 
@@ -377,6 +522,11 @@ impl<D: BlockIo> PageCache<D> {
         self.opts.force_per_block = force;
     }
 
+    /// Pages in the largest command (for sizing the lists of a command being built).
+    pub(crate) fn cmd_pages(&self) -> usize {
+        (self.max_cmd_bytes / PAGE).clamp(1, 512) as usize
+    }
+
     /// Counters.
     pub fn stats(&self) -> CacheStats {
         self.stats
@@ -406,28 +556,27 @@ impl<D: BlockIo> PageCache<D> {
         self.files
             .get(f.0 as usize)
             .and_then(Option::as_ref)
-            .ok_or(MpageError::NoSuchFile(f))
+            .ok_or_else(|| MpageError::NoSuchFile(f))
     }
 
     pub(crate) fn file_mut(&mut self, f: FileId) -> Result<&mut FileState, MpageError> {
         self.files
             .get_mut(f.0 as usize)
             .and_then(Option::as_mut)
-            .ok_or(MpageError::NoSuchFile(f))
+            .ok_or_else(|| MpageError::NoSuchFile(f))
     }
 
     /// A page the caller knows is cached.
     pub(crate) fn page_mut(&mut self, f: FileId, p: u64) -> &mut Page {
         let fr = self.files[f.0 as usize]
             .as_ref()
-            .and_then(|fs| fs.pages.get(&p))
-            .copied()
+            .and_then(|fs| fs.pages.get(p))
             .expect("page is cached");
         self.slot_mut(fr)
     }
 
     pub(crate) fn page_ref(&self, f: FileId, p: u64) -> Option<&Page> {
-        let fr = *self.files.get(f.0 as usize)?.as_ref()?.pages.get(&p)?;
+        let fr = self.files.get(f.0 as usize)?.as_ref()?.pages.get(p)?;
         self.slots[fr as usize].as_ref()
     }
 
@@ -438,7 +587,7 @@ impl<D: BlockIo> PageCache<D> {
             .expect("frame holds a page")
     }
 
-    fn slot_mut(&mut self, fr: u32) -> &mut Page {
+    pub(crate) fn slot_mut(&mut self, fr: u32) -> &mut Page {
         self.slots[fr as usize]
             .as_mut()
             .expect("frame holds a page")
@@ -467,7 +616,7 @@ impl<D: BlockIo> PageCache<D> {
             locked: p.locked,
             writeback: p.writeback,
             mapped_to_disk: p.mapped_to_disk,
-            error: p.error.clone(),
+            error: p.error.as_deref().cloned(),
             zeroed_from: p.zeroed_from,
             blocks: p.blocks,
             frame: p.frame,
@@ -482,13 +631,17 @@ impl<D: BlockIo> PageCache<D> {
 
     /// Indexes of a file's cached pages, ascending.
     pub fn cached_pages(&self, f: FileId) -> Result<Vec<u64>, MpageError> {
-        Ok(self.file(f)?.pages.keys().copied().collect())
+        Ok(self.file(f)?.pages.iter().map(|(p, _)| p).collect())
     }
 
     /// Number of dirty pages of a file.
     pub fn dirty_pages(&self, f: FileId) -> Result<usize, MpageError> {
         let fs = self.file(f)?;
-        Ok(fs.pages.values().filter(|&&fr| self.slot(fr).dirty).count())
+        Ok(fs
+            .pages
+            .iter()
+            .filter(|&(_, fr)| self.slot(fr).dirty)
+            .count())
     }
 
     // ---- files ------------------------------------------------------------------------
@@ -506,7 +659,7 @@ impl<D: BlockIo> PageCache<D> {
             map,
             block_size: block_size as u64,
             size,
-            pages: BTreeMap::new(),
+            pages: PageIndex::default(),
             ra: Readahead::default(),
             write_error: None,
         };
@@ -573,9 +726,9 @@ impl<D: BlockIo> PageCache<D> {
     }
 
     fn touch(&mut self, f: FileId, p: u64) {
-        if let Some(&fr) = self.files[f.0 as usize]
+        if let Some(fr) = self.files[f.0 as usize]
             .as_ref()
-            .and_then(|fs| fs.pages.get(&p))
+            .and_then(|fs| fs.pages.get(p))
         {
             self.touch_frame(fr);
         }
@@ -597,7 +750,7 @@ impl<D: BlockIo> PageCache<D> {
         let Some(fs) = self.files[f.0 as usize].as_mut() else {
             return;
         };
-        if let Some(fr) = fs.pages.remove(&p) {
+        if let Some(fr) = fs.pages.remove(p) {
             debug_assert!(!self.slot(fr).busy(), "page {p} removed with I/O in flight");
             self.lru_unlink(fr);
             let page = self.slots[fr as usize].take().expect("frame holds a page");
@@ -661,7 +814,12 @@ impl<D: BlockIo> PageCache<D> {
             .files
             .iter()
             .flatten()
-            .map(|fs| fs.pages.values().filter(|&&fr| self.slot(fr).dirty).count())
+            .map(|fs| {
+                fs.pages
+                    .iter()
+                    .filter(|&(_, fr)| self.slot(fr).dirty)
+                    .count()
+            })
             .sum();
         MpageError::CacheFull {
             dev: self.dev.name().to_string(),
@@ -707,7 +865,7 @@ impl<D: BlockIo> PageCache<D> {
         let tag = self.next_tag;
         self.next_tag += 1;
         let pages = match &target {
-            Target::Pages(v) => v.clone(),
+            Target::Pages { pages, .. } => pages.clone(),
             Target::Block { page, .. } => vec![*page],
             Target::Flush => Vec::new(),
         };
@@ -886,15 +1044,19 @@ impl<D: BlockIo> PageCache<D> {
         }
         let Ok(geo) = self.geo(f) else { return };
         match (inf.op, inf.target) {
-            (IoOp::Read, Target::Pages(pages)) => {
+            (IoOp::Read, Target::Pages { pages, frames }) => {
                 if err.is_some() && pages.len() > 1 {
                     // Find out which pages are bad: read each again on its own.
                     self.stats.read_retries += 1;
                     self.retry.push((f, pages));
                     return;
                 }
-                for p in pages {
-                    let page = self.page_mut(f, p);
+                for (p, fr) in pages.into_iter().zip(frames) {
+                    let page = self.slot_mut(fr);
+                    debug_assert!(
+                        page.file == f && page.index == p,
+                        "frame {fr} changed hands"
+                    );
                     page.locked = false;
                     match &err {
                         None => {
@@ -902,15 +1064,19 @@ impl<D: BlockIo> PageCache<D> {
                             page.error = None;
                         }
                         Some(e) => {
-                            page.error = Some(e.clone());
+                            page.error = Some(Box::new(e.clone()));
                             self.stats.read_errors += 1;
                         }
                     }
                 }
             }
-            (IoOp::Write, Target::Pages(pages)) => {
-                for &p in &pages {
-                    let page = self.page_mut(f, p);
+            (IoOp::Write, Target::Pages { pages, frames }) => {
+                for (&p, &fr) in pages.iter().zip(&frames) {
+                    let page = self.slot_mut(fr);
+                    debug_assert!(
+                        page.file == f && page.index == p,
+                        "frame {fr} changed hands"
+                    );
                     page.writeback = false;
                     match &err {
                         None => {
@@ -918,7 +1084,7 @@ impl<D: BlockIo> PageCache<D> {
                             page.blocks = None;
                             page.error = None;
                         }
-                        Some(e) => page.error = Some(e.clone()),
+                        Some(e) => page.error = Some(Box::new(e.clone())),
                     }
                 }
                 if let Some(e) = err {
@@ -934,7 +1100,7 @@ impl<D: BlockIo> PageCache<D> {
                     None if op == IoOp::Read => bits.uptodate |= 1 << block,
                     None => bits.dirty &= !(1 << block),
                     Some(e) => {
-                        page.pending_error.get_or_insert(e);
+                        page.pending_error.get_or_insert_with(|| Box::new(e));
                     }
                 }
                 page.blocks = Some(bits);
@@ -951,7 +1117,7 @@ impl<D: BlockIo> PageCache<D> {
         if page.pending > 0 {
             return;
         }
-        let failed = page.pending_error.take();
+        let failed = page.pending_error.take().map(|e| *e);
         if op == IoOp::Read {
             page.locked = false;
         } else {
@@ -965,7 +1131,7 @@ impl<D: BlockIo> PageCache<D> {
                 }
             }
             Some(e) => {
-                page.error = Some(e.clone());
+                page.error = Some(Box::new(e.clone()));
                 if op == IoOp::Read {
                     self.stats.read_errors += 1;
                 } else {
@@ -997,8 +1163,8 @@ impl<D: BlockIo> PageCache<D> {
     ) -> Result<(Vec<u64>, u64), MpageError> {
         let mut out = Vec::with_capacity(end.saturating_sub(start).min(1024) as usize);
         for p in start..end {
-            match self.file(f)?.pages.get(&p) {
-                Some(&fr) => {
+            match self.file(f)?.pages.get(p) {
+                Some(fr) => {
                     let pg = self.slot_mut(fr);
                     if !pg.uptodate && !pg.busy() {
                         pg.locked = true;
@@ -1061,7 +1227,7 @@ impl<D: BlockIo> PageCache<D> {
     }
 
     fn page_result(&self, f: FileId, p: u64) -> Result<(), MpageError> {
-        match self.page_ref(f, p).and_then(|pg| pg.error.clone()) {
+        match self.page_ref(f, p).and_then(|pg| pg.error.as_deref().cloned()) {
             Some(source) => Err(MpageError::Read {
                 dev: self.dev.name().to_string(),
                 file: f,
@@ -1159,9 +1325,9 @@ impl<D: BlockIo> PageCache<D> {
     }
 
     fn set_ra_mark(&mut self, f: FileId, p: u64) {
-        if let Some(&fr) = self.files[f.0 as usize]
+        if let Some(fr) = self.files[f.0 as usize]
             .as_ref()
-            .and_then(|fs| fs.pages.get(&p))
+            .and_then(|fs| fs.pages.get(p))
         {
             self.slot_mut(fr).ra_mark = true;
         }
@@ -1384,11 +1550,11 @@ impl<D: BlockIo> PageCache<D> {
             .file(f)?
             .pages
             .iter()
-            .filter(|&(_, &fr)| {
+            .filter(|&(_, fr)| {
                 let pg = self.slot(fr);
                 pg.dirty && !pg.busy()
             })
-            .map(|(&p, _)| p)
+            .map(|(p, _)| p)
             .collect();
         self.write_batch(f, &pages)?;
         Ok(pages.len())
@@ -1447,8 +1613,8 @@ impl<D: BlockIo> PageCache<D> {
         let gone: Vec<u64> = self
             .file(f)?
             .pages
-            .range(first..)
-            .map(|(&p, _)| p)
+            .iter_from(first)
+            .map(|(p, _)| p)
             .collect();
         if gone
             .iter()
@@ -1529,7 +1695,12 @@ impl<D: BlockIo> Drop for PageCache<D> {
             .files
             .iter()
             .flatten()
-            .map(|fs| fs.pages.values().filter(|&&fr| self.slot(fr).dirty).count())
+            .map(|fs| {
+                fs.pages
+                    .iter()
+                    .filter(|&(_, fr)| self.slot(fr).dirty)
+                    .count()
+            })
             .sum();
         if dirty > 0 {
             log::warn!(

@@ -21,7 +21,7 @@ use crate::backend::{BlockIo, IoOp};
 use crate::cache::{full_mask, FileId, Geo, PageCache, Target};
 use crate::error::{MpageError, PageError};
 use crate::map::{MapError, MapFlags, Mapping};
-use crate::pool::PAGE_SIZE;
+use crate::pool::{FrameId, PAGE_SIZE};
 
 /// A mapping answer kept for the blocks after the one asked for.
 #[derive(Copy, Clone, Debug)]
@@ -75,18 +75,21 @@ pub(crate) struct Building {
     /// Disk block the next page must start at to join.
     pub(crate) next_disk: u64,
     pages: Vec<u64>,
+    frames: Vec<u32>,
     segs: Vec<Segment>,
 }
 
 impl Building {
-    pub(crate) fn new(slba: u64) -> Building {
+    /// A command starting at `slba`, with room for `pages` pages before its lists grow.
+    pub(crate) fn new(slba: u64, pages: usize) -> Building {
         Building {
             slba,
             lbas: 0,
             bytes: 0,
             next_disk: 0,
-            pages: Vec::new(),
-            segs: Vec::new(),
+            pages: Vec::with_capacity(pages),
+            frames: Vec::with_capacity(pages),
+            segs: Vec::with_capacity(pages),
         }
     }
 
@@ -94,8 +97,9 @@ impl Building {
         self.next_disk == next_disk && self.bytes + len <= max_bytes
     }
 
-    pub(crate) fn add(&mut self, page: u64, seg: Segment, lbas: u32) {
+    pub(crate) fn add(&mut self, page: u64, frame: FrameId, seg: Segment, lbas: u32) {
         self.pages.push(page);
+        self.frames.push(frame.index() as u32);
         self.segs.push(seg);
         self.lbas += lbas;
         self.bytes += seg.len as u64;
@@ -152,7 +156,10 @@ impl<D: BlockIo> PageCache<D> {
             c.slba,
             c.lbas,
             &c.segs,
-            Target::Pages(c.pages),
+            Target::Pages {
+                pages: c.pages,
+                frames: c.frames,
+            },
             false,
         )?;
         Ok(())
@@ -248,7 +255,7 @@ impl<D: BlockIo> PageCache<D> {
                 return Ok(());
             }
         } else {
-            self.page_mut(f, p).mapped_to_disk = true;
+            self.slot_mut(frame.index() as u32).mapped_to_disk = true;
         }
 
         let len = first_hole as u64 * geo.bs;
@@ -261,8 +268,8 @@ impl<D: BlockIo> PageCache<D> {
         let lbas = (len / self.lba_size as u64) as u32;
         let c = w
             .cmd
-            .get_or_insert_with(|| Building::new(disk[0] * geo.lpb));
-        c.add(p, seg, lbas);
+            .get_or_insert_with(|| Building::new(disk[0] * geo.lpb, self.cmd_pages()));
+        c.add(p, frame, seg, lbas);
         c.next_disk = disk[first_hole - 1] + 1;
         if boundary || first_hole < bpp {
             self.send(f, IoOp::Read, &mut w.cmd)?;
@@ -388,7 +395,7 @@ impl<D: BlockIo> PageCache<D> {
             page.zeroed_from = Some((i * bs) as u32);
         }
         if let Some(e) = failed {
-            page.pending_error.get_or_insert(e);
+            page.pending_error.get_or_insert_with(|| Box::new(e));
         }
         self.end_block_io(f, p, IoOp::Read, geo.bpp);
         Ok(())

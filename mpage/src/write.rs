@@ -130,8 +130,8 @@ impl<D: BlockIo> PageCache<D> {
         let lbas = (len / self.lba_size as u64) as u32;
         let c = w
             .cmd
-            .get_or_insert_with(|| Building::new(disk[0] * geo.lpb));
-        c.add(p, seg, lbas);
+            .get_or_insert_with(|| Building::new(disk[0] * geo.lpb, self.cmd_pages()));
+        c.add(p, frame, seg, lbas);
         c.next_disk = disk[n - 1] + 1;
         if boundary || n < geo.bpp as usize {
             self.send(f, IoOp::Write, &mut w.cmd)?;
@@ -221,7 +221,7 @@ impl<D: BlockIo> PageCache<D> {
             page.mapped_to_disk = true;
         }
         if let Some(e) = failed {
-            page.pending_error.get_or_insert(e);
+            page.pending_error.get_or_insert_with(|| Box::new(e));
         }
         self.end_block_io(f, p, IoOp::Write, geo.bpp);
         Ok(())

@@ -4,12 +4,12 @@
 //! 1. **Kernel driver bound.** For each controller: nvme-cli's `id-ctrl` and, per namespace,
 //!    `id-ns` (JSON), the namespace ids and `max_hw_sectors_kb` from sysfs; the kernel writes
 //!    random data (`dd oflag=direct`) into a few regions of each namespace (1 LBA, 3 LBAs,
-//!    MDTS + 1 LBA, 5 MiB + 3 LBAs).
+//!    MDTS + 1 LBA, 3 MiB + 3 LBAs).
 //! 2. **`rnvme setup`** of every controller in one command.
 //! 3. **rnvme**, per controller (all controllers at the same time when
 //!    [`Exercise::concurrent`]): `identify --json`; reads the kernel's regions back
-//!    and compares; writes its own regions (1 LBA, 7 LBAs, exactly MDTS, MDTS + 1 LBA,
-//!    9 MiB + 1 LBA, and a `--fua` write), reading each back; SMART before and after the 9 MiB
+//!    and compares; writes its own regions (1 LBA, 7 LBAs through stdin and read back through
+//!    stdout, exactly MDTS, MDTS + 1 LBA, 9 MiB + 1 LBA read back, and a `--fua` write); SMART before and after the 9 MiB
 //!    write (the command count shows the MDTS split); flush; write-zeroes and trim of the middle
 //!    of a written region (checked by reading: zeros inside, data kept around); the error log.
 //!    With [`Exercise::extras`] also text output, `--sgl`, `--no-hugepages`, and a read of a
@@ -177,7 +177,7 @@ pub fn layout(ex: &Exercise, ctrl: usize, n: usize) -> NsLayout {
         },
         c.place("k2", 3, 1, 1),
         c.place("k3", ml + 1, 1, 3),
-        c.place("k4", 5 * mib + 3, 1, 5),
+        c.place("k4", 3 * mib + 3, 1, 5),
     ];
     let rnvme = vec![
         (
@@ -426,12 +426,16 @@ fn rnvme_phase(ex: &Exercise, ci: usize, lays: &[NsLayout]) -> Script {
         let p = lay.prefix();
         // Kernel-written data read by rnvme.
         for r in &lay.kernel {
-            rnvme_read_back(&mut s, lay, r, &file(&p, r.name), r.name == "k2");
+            rnvme_read_back(&mut s, lay, r, &file(&p, r.name), false);
         }
         // rnvme-written data, read back by rnvme now and by the kernel after the reset.
+        // (w2 goes through stdin and stdout; the others are read back by the kernel only.)
         for (r, fua) in &lay.rnvme {
-            rnvme_write_region(&mut s, lay, r, *fua, r.name == "w2");
-            rnvme_read_back(&mut s, lay, r, &file(&p, r.name), false);
+            let w2 = r.name == "w2";
+            rnvme_write_region(&mut s, lay, r, *fua, w2);
+            if w2 {
+                rnvme_read_back(&mut s, lay, r, &file(&p, r.name), true);
+            }
         }
         s.step(
             &format!("{p}_smart0"),

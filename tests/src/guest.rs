@@ -100,10 +100,14 @@ pub const PRELUDE: &str = r#"# rnvme test prelude
 mkdir -p /tmp/steps /tmp/d
 record() {
     _rec=$1; shift
+    read -r _rt0 _ </proc/uptime
     "$@" >"/tmp/steps/$_rec.out" 2>"/tmp/steps/$_rec.err"
     echo $? >"/tmp/steps/$_rec.rc"
+    read -r _rt1 _ </proc/uptime
+    echo "$_rt0 $_rt1" >"/tmp/steps/$_rec.t"
 }
 show() {
+    if [ -e "/tmp/steps/$1.t" ]; then printf '\n@@TIME %s %s\n' "$1" "$(cat "/tmp/steps/$1.t")"; fi
     printf '\n@@STEP %s %s\n' "$1" "$(cat "/tmp/steps/$1.rc")"
     cat "/tmp/steps/$1.out"
     printf '\n@@STDERR %s\n' "$1"
@@ -224,12 +228,31 @@ pub fn run_guest(mut config: VmConfig, test_bins: &[&str], script: &str) -> Gues
         vm::tail_lines(&output.console, 40)
     );
     let steps = Steps::parse(&output.output);
+    let mut slowest: Vec<(&str, f64)> = steps
+        .names()
+        .iter()
+        .filter_map(|n| Some((n.as_str(), steps.get(n).seconds?)))
+        .collect();
+    slowest.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let in_steps: f64 = slowest.iter().map(|s| s.1).sum();
     eprintln!(
-        "guest: {} steps, boot to script {:.1} s, whole run {:.1} s",
+        "guest: {} steps ({in_steps:.1} s), boot to script {:.1} s, whole run {:.1} s; slowest: {}",
         steps.len(),
         output.boot_to_script.as_secs_f64(),
-        output.total.as_secs_f64()
+        output.total.as_secs_f64(),
+        slowest
+            .iter()
+            .take(5)
+            .map(|(n, t)| format!("{n} {t:.1} s"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
+    if std::env::var_os("RNVME_TESTS_SHOW_OUTPUT").is_some() {
+        eprintln!(
+            "--- guest output ---\n{}\n--- end of guest output ---",
+            output.output
+        );
+    }
     GuestRun { output, steps }
 }
 

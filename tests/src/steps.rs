@@ -11,14 +11,15 @@
 //! @@END NAME
 //! ```
 //!
-//! (each marker preceded by a newline the block adds). [`Steps::parse`] turns the script's
+//! (each marker preceded by a newline the block adds), after an `@@TIME NAME START END` line
+//! with the guest's uptime around the command. [`Steps::parse`] turns the script's
 //! output back into one [`Step`] per name; the assertions name the step and show its output when
 //! they fail.
 
 use std::collections::BTreeMap;
 
 /// One command the guest ran.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Step {
     /// The step's name.
     pub name: String,
@@ -28,6 +29,8 @@ pub struct Step {
     pub stdout: String,
     /// Its standard error, exactly.
     pub stderr: String,
+    /// How long it ran in the guest (from `/proc/uptime`, 10 ms resolution), when reported.
+    pub seconds: Option<f64>,
 }
 
 fn clip(s: &str, max: usize) -> String {
@@ -124,6 +127,17 @@ impl Steps {
     /// malformed block or a name used twice (both are bugs in the script).
     pub fn parse(output: &str) -> Steps {
         let mut steps = Steps::default();
+        // "@@TIME NAME START END" lines (uptime seconds) precede the blocks.
+        let times: BTreeMap<&str, f64> = output
+            .lines()
+            .filter_map(|l| l.strip_prefix("@@TIME "))
+            .filter_map(|l| {
+                let mut it = l.rsplitn(3, ' ');
+                let end: f64 = it.next()?.parse().ok()?;
+                let start: f64 = it.next()?.parse().ok()?;
+                Some((it.next()?, end - start))
+            })
+            .collect();
         let mut rest = output;
         while let Some(i) = rest.find("@@STEP ") {
             let after = &rest[i + "@@STEP ".len()..];
@@ -157,6 +171,7 @@ impl Steps {
                 rc,
                 stdout: stdout.to_string(),
                 stderr: stderr.to_string(),
+                seconds: times.get(name).copied(),
             };
             assert!(
                 !steps.map.contains_key(name),
@@ -229,6 +244,14 @@ mod tests {
         assert_eq!(s.get("b c").rc, 3);
         assert_eq!(s.get("b c").stdout, "no newline");
         assert_eq!(s.get("b c").stderr, "err\n");
+        assert_eq!(s.get("a").seconds, None);
+    }
+
+    #[test]
+    fn times_are_attached() {
+        let s =
+            Steps::parse("\n@@TIME a b 10.25 12.75\n\n@@STEP a b 0\n\n@@STDERR a b\n\n@@END a b\n");
+        assert_eq!(s.get("a b").seconds, Some(2.5));
     }
 
     #[test]

@@ -96,6 +96,9 @@ fn one_controller(size_mib: u64, blkdebug: Vec<BlkdebugRule>) -> VmConfig {
             }],
             ..ControllerSpec::default()
         }],
+        // Under TCG on a busy host the kernel's check of the timer through the remapped
+        // IO-APIC can fail at boot and panic; the timer works all the same.
+        kernel_args: vec!["no_timer_check".into()],
         ..VmConfig::default()
     }
 }
@@ -162,7 +165,6 @@ step wr_bad rnvme write $NVME0 --lba {w0} --in /tmp/d/w20
 step wr_next rnvme write $NVME0 --lba {w1} --in /tmp/d/w20
 step w16_gen rnd /tmp/d/w16 16384
 step mp_write rnvme mpage write $NVME0 --map /tmp/d/write.json --in /tmp/d/w16
-step smart rnvme log $NVME0 smart --json
 "#,
         b0 = BAD_READ - 10,
         b1 = BAD_READ + 1,
@@ -242,8 +244,11 @@ step smart rnvme log $NVME0 smart --json
     );
 
     // The page cache: the page with the bad LBA is the one in error, the others read.
-    let mp = s.failed("mp_bad", 1);
-    mp.stderr_has(&["Unrecovered Read Error"]);
+    s.failed("mp_bad", 1).stderr_has(&[
+        "reading page 4 of file",
+        &format!("at LBA {BAD_READ} failed"),
+        "Unrecovered Read Error (sct 2 / sc 0x81)",
+    ]);
     let good = s.ok("mp_good").json();
     assert_eq!(good["bytes"], 61440, "{good}");
 
@@ -251,14 +256,14 @@ step smart rnvme log $NVME0 smart --json
     s.failed("wr_bad", 1)
         .stderr_has(&["Write failed", "Write Fault (sct 2 / sc 0x80)"]);
     s.ok("wr_next");
-    s.failed("mp_write", 1)
-        .stderr_has(&["the page stays dirty", "Write Fault"]);
+    s.failed("mp_write", 1).stderr_has(&[
+        "syncing the file",
+        "Write Fault (sct 2 / sc 0x80); the page stays dirty and the next sync retries it",
+    ]);
 
-    let smart = s.ok("smart").json();
-    let media = smart["media_errors"].as_u64().unwrap_or(0);
-    tally("media errors counted by the controller", media);
-    tally("injected read errors seen by perf", errors);
-    tally("retries of a persistent read error", 3);
+    tally("injected read errors seen by perf, which went on", errors);
+    tally("reads perf completed around them", ios);
+    tally("unreadable LBAs verify pinned among 2000", 1);
 }
 
 /// The JSON report of a `rnvme verify --json` step, checked clean: every LBA written (if it
@@ -284,7 +289,7 @@ fn a_reset_under_load_loses_nothing_and_a_dead_controller_does_not_hang() {
     let body = r#"
 step reset_method cat /sys/bus/pci/devices/$NVME0/reset_method
 # A function level reset behind the driver's back, in the middle of a write workload.
-run_bg flr rnvme verify $NVME0 --write --lba 0 --count 300000 -q 16 --timeout-ms 1000 --sync-every 20000 --json
+run_bg flr rnvme verify $NVME0 --write --lba 0 --count 450000 -q 16 --timeout-ms 1000 --sync-every 20000 --json
 step flr_started wait_line /tmp/steps/flr.err 'written and flushed' 120
 step flr_reset sh -c "echo 1 > /sys/bus/pci/devices/$NVME0/reset"
 step flr_wait wait_bg flr 240
@@ -299,7 +304,7 @@ step dead_restore cmd_byte $NVME0 6
 step dead_synced synced /tmp/steps/dead.err
 D=$(synced /tmp/steps/dead.err)
 # The next open resets the controller; everything reported flushed is there.
-step flr_check rnvme verify $NVME0 --lba 0 --count 300000 --json
+step flr_check rnvme verify $NVME0 --lba 0 --count 450000 --json
 step dead_check rnvme verify $NVME0 --lba 500000 --count $((D - 500000)) --seed 2 --json
 "#;
     let run = run_guest(one_controller(512, Vec::new()), &[], &script(body));
@@ -310,7 +315,7 @@ step dead_check rnvme verify $NVME0 --lba 500000 --count $((D - 500000)) --seed 
     s.ok("flr_started");
     s.ok("flr_reset");
     s.ok("flr_wait");
-    let flr = clean_verify(s, "flr", 300_000, true);
+    let flr = clean_verify(s, "flr", 450_000, true);
     let resets = flr["driver"]["resets"].as_u64().unwrap();
     assert!(
         resets >= 1,
@@ -328,13 +333,13 @@ step dead_check rnvme verify $NVME0 --lba 500000 --count $((D - 500000)) --seed 
     let synced: u64 = s.ok("dead_synced").number();
     assert!(synced > 500_000, "the dead run flushed something first");
 
-    clean_verify(s, "flr_check", 300_000, false);
+    clean_verify(s, "flr_check", 450_000, false);
     clean_verify(s, "dead_check", synced - 500_000, false);
     tally("controller resets under load", resets);
     tally("commands cancelled by them and sent again", cancelled);
     tally(
         "LBAs verified after a reset and a dead controller",
-        300_000 + synced - 500_000,
+        450_000 + synced - 500_000,
     );
     tally("bytes lost", 0);
 }
@@ -346,7 +351,6 @@ fn a_killed_process_loses_nothing_synced_and_removal_waits_for_the_user() {
 # LBA reported written and flushed.
 run_bg kill rnvme verify $NVME0 --write --lba 0 --count 400000 --seed 7 -q 16 --sync-every 8192
 step kill_started wait_line /tmp/steps/kill.err 'LBAs 0\.\.[0-9]* written and flushed' 120
-sleep 1
 step kill_9 sh -c 'kill -9 $(cat /tmp/d/kill.pid)'
 step kill_wait wait_bg kill 30
 show kill
@@ -362,7 +366,7 @@ step deep_perf rnvme perf $NVME0 -q 100000 -o 4k -w randread -t 1
 step odd_io rnvme verify $NVME0 --lba 0 --count 8 --io-size 1000
 step beyond rnvme verify $NVME0 --lba 524280 --count 16
 # Removal of the PCI function under load: the kernel waits until rnvme lets go.
-run_bg load rnvme verify $NVME0 --write --lba 0 --count 300000 --seed 9 -q 16 --sync-every 50000 --json
+run_bg load rnvme verify $NVME0 --write --lba 0 --count 500000 --seed 9 -q 16 --sync-every 50000 --json
 step load_started wait_line /tmp/steps/load.err 'written and flushed' 120
 step busy rnvme identify $NVME0
 run_bg rm sh -c "echo 1 > /sys/bus/pci/devices/$NVME0/remove"
@@ -406,7 +410,7 @@ step after rnvme verify $NVME0 --lba 0 --count 8
     s.failed("busy", 1)
         .stderr_has(&["is already in use by another process"]);
     s.ok("load_wait");
-    clean_verify(s, "load", 300_000, true);
+    clean_verify(s, "load", 500_000, true);
     s.ok("rm_wait");
     s.ok("rm");
     s.ok("gone");

@@ -785,10 +785,13 @@ impl Worker<'_> {
         let ls = plan.lba_size;
         let io = plan.io_blocks as u64;
         let chunks = (self.end - self.start).div_ceil(io) as usize;
-        // LBAs of each chunk not yet dealt with (write phase: for the in-order watermark).
-        let mut remaining: Vec<u32> = (0..chunks)
-            .map(|c| (io.min(self.end - self.start - c as u64 * io)) as u32)
-            .collect();
+        // Write phase: LBAs of each chunk not yet dealt with, for the in-order watermark.
+        let mut remaining: Vec<u32> = match phase {
+            Phase::Write => (0..chunks)
+                .map(|c| (io.min(self.end - self.start - c as u64 * io)) as u32)
+                .collect(),
+            Phase::Read => Vec::new(),
+        };
         let mut watermark = 0usize; // chunks fully dealt with, in order
         let mut flushed_to = self.start;
         let mut flush_pending: Option<u64> = None;

@@ -38,7 +38,12 @@ const DRAIN: Duration = Duration::from_secs(10);
 /// Failed commands remembered per thread for the report.
 const KEEP_ERRORS: usize = 8;
 /// Reactor clients: empty checks of the answer channel before blocking on it.
-const CLIENT_SPINS: u32 = 2000;
+fn client_spins() -> u32 {
+    std::env::var("RNVME_PERF_CLIENT_SPINS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64)
+}
 
 /// Where the run is.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -669,8 +674,8 @@ fn send_slot(
 /// Wait for at least one answer (spinning first, then blocking briefly), then take all that
 /// are there.
 #[inline]
-fn wait_answers(rx: &Receiver<IoDone>, batch: &mut Vec<IoDone>) {
-    for _ in 0..CLIENT_SPINS {
+fn wait_answers(rx: &Receiver<IoDone>, batch: &mut Vec<IoDone>, spins: u32) {
+    for _ in 0..spins {
         if let Ok(d) = rx.try_recv() {
             batch.push(d);
             break;
@@ -713,6 +718,7 @@ fn reactor_client(
     let mut fatal: Option<PerfError> = None;
     let mut totals = Totals::default();
     let mut batch: Vec<IoDone> = Vec::new();
+    let spins = client_spins();
 
     for (t, w) in works.iter_mut().enumerate() {
         for i in 0..w.slots.len() {
@@ -727,7 +733,7 @@ fn reactor_client(
     while fatal.is_none() {
         let abort = shared.abort.load(Ordering::Relaxed);
         batch.clear();
-        wait_answers(&rx, &mut batch);
+        wait_answers(&rx, &mut batch, spins);
         let now = Ticks::now();
         clock.tick(now, abort);
         if batch.is_empty() {
@@ -832,6 +838,13 @@ pub(crate) fn execute(
             queues,
             ReactorConfig {
                 name: "rnvme-perf-reactor".into(),
+                idle_spin: Duration::from_millis(
+                    std::env::var("RNVME_PERF_REACTOR_SPIN_MS")
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(5),
+                ),
+                yield_when_idle: std::env::var("RNVME_PERF_REACTOR_YIELD").is_ok(),
                 ..ReactorConfig::default()
             },
         )
