@@ -314,6 +314,8 @@ impl Drop for Job {
 
 enum Msg {
     Io(Job),
+    /// Requests sent together: the reactor takes them in one go, so they share a doorbell.
+    Batch(Vec<Job>),
     Stop,
 }
 
@@ -424,6 +426,7 @@ impl std::fmt::Debug for Msg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Msg::Io(j) => write!(f, "Io(tag {})", j.req.tag),
+            Msg::Batch(v) => write!(f, "Batch({} requests)", v.len()),
             Msg::Stop => f.write_str("Stop"),
         }
     }
@@ -450,6 +453,22 @@ impl ReactorHandle {
     /// requests, told apart by their tags).
     pub fn submit_to(&self, req: IoRequest, tx: &Sender<IoDone>) {
         self.submit(req, Reply::Channel(tx.clone()));
+    }
+
+    /// Send several requests in one message; each answer goes to `tx`. The reactor takes them
+    /// in one go, so they are submitted together and share a doorbell (sent one by one, a
+    /// spinning reactor may pick them up a few at a time).
+    pub fn submit_batch(&self, reqs: impl IntoIterator<Item = IoRequest>, tx: &Sender<IoDone>) {
+        let jobs: Vec<Job> = reqs
+            .into_iter()
+            .map(|req| Job {
+                req,
+                reply: Some(Reply::Channel(tx.clone())),
+            })
+            .collect();
+        if !jobs.is_empty() {
+            let _ = self.tx.send(Msg::Batch(jobs));
+        }
     }
 
     /// Send `req` and get a [`Pending`] answer to wait on.
@@ -651,13 +670,18 @@ impl Worker {
     }
 
     fn take(&mut self, m: Msg) {
-        let job = match m {
-            Msg::Io(job) => job,
-            Msg::Stop => {
-                self.stopping = true;
-                return;
+        match m {
+            Msg::Io(job) => self.take_job(job),
+            Msg::Batch(jobs) => {
+                for job in jobs {
+                    self.take_job(job);
+                }
             }
-        };
+            Msg::Stop => self.stopping = true,
+        }
+    }
+
+    fn take_job(&mut self, job: Job) {
         self.stats.requests += 1;
         let q = match job.req.queue {
             Some(i) if i < self.queues.len() => i,
@@ -911,6 +935,51 @@ mod tests {
         let doorbells: u64 = st.queues.iter().map(|q| q.sq_doorbells).sum();
         assert!(doorbells <= st.batches * 2, "one ring per queue per batch");
         assert_eq!(exit.queues.len(), 2);
+    }
+
+    #[test]
+    fn a_batch_is_submitted_with_one_doorbell() {
+        let (model, ctrl) = open();
+        let reactor = Reactor::spawn(
+            vec![ctrl.create_io_qpair(64).unwrap()],
+            ReactorConfig::default(),
+        )
+        .unwrap();
+        let h = reactor.handle();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let bufs: Vec<DmaBuffer> = (0..32).map(|_| ctrl.alloc(4096).unwrap()).collect();
+        for (i, b) in bufs.iter().enumerate() {
+            b.write_bytes(0, &stamp(i as u64));
+        }
+        let before = model.stats().sq_doorbells;
+        h.submit_batch(
+            bufs.iter().enumerate().map(|(i, b)| {
+                IoRequest::new(
+                    write_cmd(1, i as u64, 1, false),
+                    IoData::Segment(b.segment()),
+                    i as u64,
+                )
+            }),
+            &tx,
+        );
+        let mut tags: Vec<u64> = (0..32)
+            .map(|_| rx.recv().unwrap())
+            .map(|d| {
+                assert!(d.result.is_ok());
+                d.tag
+            })
+            .collect();
+        tags.sort();
+        assert_eq!(tags, (0..32).collect::<Vec<_>>());
+        assert_eq!(
+            model.stats().sq_doorbells - before,
+            1,
+            "one doorbell for the batch"
+        );
+        assert_eq!(model.read_ns(1, 31, 1), stamp(31));
+        h.submit_batch(std::iter::empty(), &tx);
+        let st = reactor.shutdown().unwrap().stats;
+        assert_eq!((st.requests, st.batches, st.max_batch), (32, 1, 32));
     }
 
     #[test]

@@ -161,9 +161,6 @@ pub(crate) struct Page {
     /// The file and page index this page caches.
     file: FileId,
     index: u64,
-    /// Neighbours in the LRU list (frame indexes, [`NIL`] at the ends).
-    prev: u32,
-    next: u32,
 }
 
 /// No frame: the end of the LRU list.
@@ -186,8 +183,6 @@ impl Page {
             ra_mark: false,
             file,
             index,
-            prev: NIL,
-            next: NIL,
         }
     }
 
@@ -444,9 +439,12 @@ pub struct PageCache<D: BlockIo> {
     /// The cached pages, by frame index: a frame holds at most one page, so its state lives
     /// with the frame (as Linux keeps it in `struct page`) and the per-file index is small.
     slots: Vec<Option<Page>>,
-    /// The LRU list through the slots: least recently used at the head.
+    /// The LRU list through the slots, least recently used at the head: each frame's
+    /// neighbours (frame indexes, [`NIL`] at the ends).
     lru_head: u32,
     lru_tail: u32,
+    lru_prev: Vec<u32>,
+    lru_next: Vec<u32>,
     /// Pages cached now.
     cached: usize,
     pub(crate) stats: CacheStats,
@@ -473,7 +471,8 @@ impl<D: BlockIo> PageCache<D> {
             .unwrap_or(usize::MAX)
             .min(pool.frames())
             .max(1);
-        let slots = (0..pool.frames()).map(|_| None).collect();
+        let frames = pool.frames();
+        let slots = (0..frames).map(|_| None).collect();
         Ok(PageCache {
             dev,
             pool,
@@ -487,6 +486,8 @@ impl<D: BlockIo> PageCache<D> {
             slots,
             lru_head: NIL,
             lru_tail: NIL,
+            lru_prev: vec![NIL; frames],
+            lru_next: vec![NIL; frames],
             cached: 0,
             stats: CacheStats::default(),
             flush_results: HashMap::new(),
@@ -556,14 +557,14 @@ impl<D: BlockIo> PageCache<D> {
         self.files
             .get(f.0 as usize)
             .and_then(Option::as_ref)
-            .ok_or_else(|| MpageError::NoSuchFile(f))
+            .ok_or(MpageError::NoSuchFile(f))
     }
 
     pub(crate) fn file_mut(&mut self, f: FileId) -> Result<&mut FileState, MpageError> {
         self.files
             .get_mut(f.0 as usize)
             .and_then(Option::as_mut)
-            .ok_or_else(|| MpageError::NoSuchFile(f))
+            .ok_or(MpageError::NoSuchFile(f))
     }
 
     /// A page the caller knows is cached.
@@ -691,28 +692,24 @@ impl<D: BlockIo> PageCache<D> {
     // ---- pages, frames, LRU -----------------------------------------------------------
 
     fn lru_unlink(&mut self, fr: u32) {
-        let (prev, next) = {
-            let pg = self.slot(fr);
-            (pg.prev, pg.next)
-        };
+        let (prev, next) = (self.lru_prev[fr as usize], self.lru_next[fr as usize]);
         match prev {
             NIL => self.lru_head = next,
-            q => self.slot_mut(q).next = next,
+            q => self.lru_next[q as usize] = next,
         }
         match next {
             NIL => self.lru_tail = prev,
-            n => self.slot_mut(n).prev = prev,
+            n => self.lru_prev[n as usize] = prev,
         }
     }
 
     fn lru_push(&mut self, fr: u32) {
         let tail = self.lru_tail;
-        let pg = self.slot_mut(fr);
-        pg.prev = tail;
-        pg.next = NIL;
+        self.lru_prev[fr as usize] = tail;
+        self.lru_next[fr as usize] = NIL;
         match tail {
             NIL => self.lru_head = fr,
-            t => self.slot_mut(t).next = fr,
+            t => self.lru_next[t as usize] = fr,
         }
         self.lru_tail = fr;
     }
@@ -767,7 +764,7 @@ impl<D: BlockIo> PageCache<D> {
             if pg.evictable() {
                 victims.push((pg.file, pg.index));
             }
-            fr = pg.next;
+            fr = self.lru_next[fr as usize];
         }
         for &(f, p) in &victims {
             self.remove_page(f, p);
@@ -1227,7 +1224,10 @@ impl<D: BlockIo> PageCache<D> {
     }
 
     fn page_result(&self, f: FileId, p: u64) -> Result<(), MpageError> {
-        match self.page_ref(f, p).and_then(|pg| pg.error.as_deref().cloned()) {
+        match self
+            .page_ref(f, p)
+            .and_then(|pg| pg.error.as_deref().cloned())
+        {
             Some(source) => Err(MpageError::Read {
                 dev: self.dev.name().to_string(),
                 file: f,

@@ -369,6 +369,13 @@ fn rnvme_read_back(s: &mut Script, lay: &NsLayout, r: &Region, expect: &str, std
 fn kernel_phase(s: &mut Script, ex: &Exercise, lays: &[Vec<NsLayout>]) {
     for (ci, ctrl_lays) in lays.iter().enumerate() {
         let b = bdf_var(ci);
+        // The kernel probes controllers and scans namespaces in the background: wait for every
+        // namespace before looking at the controller.
+        for lay in ctrl_lays {
+            let p = lay.prefix();
+            s.step(&format!("{p}_blk"), &format!("wait_blk {b} {}", lay.nsid));
+            s.line(&format!("B_{p}=$(blk {b} {})", lay.nsid));
+        }
         s.line(&format!("C{ci}=$(ctrl_of {b})"));
         s.step(&format!("c{ci}_kname"), &format!("echo \"$C{ci}\""));
         s.step(
@@ -378,8 +385,6 @@ fn kernel_phase(s: &mut Script, ex: &Exercise, lays: &[Vec<NsLayout>]) {
         s.step(&format!("c{ci}_nsids"), &format!("ns_ids {b}"));
         for lay in ctrl_lays {
             let p = lay.prefix();
-            s.line(&format!("B_{p}=$(blk {b} {})", lay.nsid));
-            s.step(&format!("{p}_blk"), &format!("echo \"$B_{p}\""));
             s.step(
                 &format!("{p}_idns"),
                 &format!("nvme id-ns /dev/$C{ci} -n {} -o json", lay.nsid),
@@ -947,6 +952,27 @@ pub fn run_exercise(ex: &Exercise) -> GuestRun {
         }
         for lay in l {
             let p = lay.prefix();
+            let f = steps.ok(&format!("{p}_flush"));
+            assert!(
+                f.stderr
+                    .contains(&format!("flushed namespace {}", lay.nsid)),
+                "{}",
+                f.describe()
+            );
+            for (sp, verb) in [(&lay.zeroed, "zeroed"), (&lay.trimmed, "deallocated")] {
+                let op = steps.ok(&format!("{p}_{}_op", sp.region.name));
+                let needle = format!(
+                    "{verb} {} LBAs at LBA {} of namespace {}",
+                    sp.mid,
+                    sp.region.lba + sp.guard,
+                    lay.nsid
+                );
+                assert!(
+                    op.stderr.contains(&needle),
+                    "{needle:?}:\n{}",
+                    op.describe()
+                );
+            }
             let mut written: Vec<&Region> = lay.rnvme.iter().map(|(r, _)| r).collect();
             written.extend([&lay.big, &lay.zeroed.region, &lay.trimmed.region]);
             for r in written {

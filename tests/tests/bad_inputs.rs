@@ -52,8 +52,8 @@ fn script() -> String {
     let last = LBAS - 1;
     format!(
         r#"{HELPERS}
+step kblk wait_blk $NVME0 1
 B=$(blk $NVME0 1)
-step kblk echo "$B"
 step list0 rnvme list --json
 
 # Still bound to the kernel's nvme driver.

@@ -156,7 +156,10 @@ pub(crate) fn blkdebug_conf(rules: &[BlkdebugRule]) -> String {
 pub(crate) fn args(config: &VmConfig, paths: &Paths) -> Vec<String> {
     // init_on_alloc=0: the kernel would otherwise zero every reserved hugepage, which costs
     // seconds under TCG (the pages are zeroed again when a process faults them in anyway).
-    let mut cmdline = String::from("console=ttyS0 intel_iommu=on panic=-1 quiet init_on_alloc=0");
+    // no_timer_check: on a busy host the kernel's boot-time check of the timer through the
+    // interrupt-remapped IO-APIC can time out under TCG and panic, though the timer works.
+    let mut cmdline =
+        String::from("console=ttyS0 intel_iommu=on panic=-1 quiet init_on_alloc=0 no_timer_check");
     for a in &config.kernel_args {
         cmdline.push(' ');
         cmdline.push_str(a);
@@ -280,7 +283,7 @@ mod tests {
         assert_eq!(value_after(&a, "-initrd"), ["/c/run/initrd.cpio"]);
         assert_eq!(
             value_after(&a, "-append"),
-            ["console=ttyS0 intel_iommu=on panic=-1 quiet init_on_alloc=0 foo=1 bar"]
+            ["console=ttyS0 intel_iommu=on panic=-1 quiet init_on_alloc=0 no_timer_check foo=1 bar"]
         );
         assert_eq!(
             value_after(&a, "-serial"),
