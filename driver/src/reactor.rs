@@ -365,10 +365,6 @@ pub struct ReactorConfig {
     /// it blocks on the channel: spinning keeps the latency of the next request low, blocking
     /// frees the CPU (and wakes up later, by a system call of the next sender).
     pub idle_spin: Duration,
-    /// Give the CPU away (`sched_yield`) on every loop turn that found nothing to do, so that
-    /// threads sharing the reactor's CPU (its clients, on a machine with few cores) run at once
-    /// instead of at the next scheduler tick. Costs a system call per idle turn.
-    pub yield_when_idle: bool,
     /// How long a stopping reactor waits for commands still in flight before it gives them up
     /// (they are then answered [`ReactorError::Stopped`]).
     pub drain_timeout: Duration,
@@ -380,7 +376,6 @@ impl Default for ReactorConfig {
             name: "rnvme-reactor".into(),
             channel_capacity: None,
             idle_spin: Duration::from_millis(1),
-            yield_when_idle: false,
             drain_timeout: Duration::from_secs(30),
         }
     }
@@ -629,9 +624,6 @@ impl Worker {
             }
             let submitted = self.submit_backlog();
             let reaped = self.poll_all();
-            if submitted == 0 && reaped == 0 && self.config.yield_when_idle {
-                std::thread::yield_now();
-            }
             if self.outstanding() == 0 && self.backlog_len == 0 && submitted == 0 && reaped == 0 {
                 idle += 1;
             } else {

@@ -76,7 +76,7 @@ fn config(cases: u32) -> ProptestConfig {
 // ----- completion entries and log pages -----
 
 proptest! {
-    #![proptest_config(config(4096))]
+    #![proptest_config(config(2048))]
 
     /// Any 16 bytes are a completion entry whose fields and status decode without panicking,
     /// and the status survives a round trip through its 15-bit field (CRD aside).
@@ -430,7 +430,7 @@ fn segments_case(
 }
 
 proptest! {
-    #![proptest_config(config(400))]
+    #![proptest_config(config(256))]
 
     #[test]
     fn prp_segment_lists_are_refused_or_transfer_exactly(
@@ -549,12 +549,89 @@ fn misaligned_buffer_is_refused_before_anything_is_sent() {
 
 // ----- a controller that misbehaves at random -----
 
+/// One run of a randomly misbehaving model: see
+/// `random_misbehaviour_completes_every_command_exactly_once`.
+fn misbehaviour_case(
+    seed: u64,
+    rate: u8,
+    entries: u32,
+    timeout_ms: u64,
+    retries: u8,
+    commands: u64,
+) -> Result<(), TestCaseError> {
+    let (model, ctrl) = open(4096);
+    let mut qp = ctrl.create_io_qpair(entries).unwrap();
+    qp.set_command_timeout(Duration::from_millis(timeout_ms));
+    qp.set_retry_limit(retries);
+    let bufs: Vec<_> = (0..8).map(|_| ctrl.alloc(4096).unwrap()).collect();
+    model.set_random_misbehaviour(seed, rate);
+    let mut seen: HashMap<u64, u32> = HashMap::new();
+    let mut next = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while seen.len() < commands as usize {
+        while next < commands && qp.free_slots() > 0 {
+            let b = &bufs[(next % 8) as usize];
+            let cmd = if next.is_multiple_of(3) {
+                write_cmd(1, next % 1024, 1, false)
+            } else {
+                read_cmd(1, next % 1024, 1)
+            };
+            match qp.submit(cmd, &[b.segment()], next) {
+                Ok(_) => next += 1,
+                Err(Error::QueueFull) => break,
+                Err(e) => return Err(TestCaseError::fail(format!("submit: {e}"))),
+            }
+        }
+        qp.poll(64, |c| {
+            *seen.entry(c.tag).or_default() += 1;
+        });
+        prop_assert!(
+            Instant::now() < deadline,
+            "hung: {} of {} completed, {} outstanding, {:?}",
+            seen.len(),
+            commands,
+            qp.outstanding(),
+            qp.stats()
+        );
+    }
+    // A few more polls: a late duplicate must not complete anything again.
+    for _ in 0..2048 {
+        qp.poll(64, |c| *seen.entry(c.tag).or_default() += 1);
+    }
+    prop_assert!(seen.values().all(|&n| n == 1), "a command completed twice");
+    prop_assert_eq!(seen.len() as u64, commands);
+    prop_assert_eq!(qp.outstanding(), 0);
+    let s = qp.stats();
+    prop_assert_eq!(s.completed, commands);
+    // Calm again: held completions are posted now, and the driver drops them as spurious
+    // (their commands were aborted or cancelled long ago).
+    model.set_random_misbehaviour(0, 0);
+    model.release_all();
+    for _ in 0..64 {
+        qp.poll(64, |c| *seen.entry(c.tag).or_default() += 1);
+    }
+    prop_assert!(
+        seen.values().all(|&n| n == 1),
+        "a released completion completed a command again"
+    );
+    // The misbehaving queue pair is deleted (the controller forgets what it still held) and
+    // the controller moves data correctly on a new one.
+    drop(qp);
+    let mut qp = ctrl.create_io_qpair(8).unwrap();
+    bufs[0].fill(0x5c);
+    qp.write(1, 2000, 1, &bufs[0], false).unwrap();
+    bufs[1].fill(0);
+    qp.read(1, 2000, 1, &bufs[1]).unwrap();
+    prop_assert_eq!(bufs[1].to_vec(), vec![0x5c; 4096]);
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(config(24))]
 
     /// Dropped, held, duplicated, reordered completions and random error statuses, with random
     /// queue depths, deadlines and retry limits: every command completes exactly once, nothing
-    /// hangs, and afterwards the queue pair moves data correctly.
+    /// hangs, and afterwards the controller moves data correctly.
     #[test]
     fn random_misbehaviour_completes_every_command_exactly_once(
         seed in 1u64..u64::MAX,
@@ -564,56 +641,15 @@ proptest! {
         retries in 0u8..4,
         commands in 20u64..200,
     ) {
-        let (model, ctrl) = open(4096);
-        let mut qp = ctrl.create_io_qpair(entries).unwrap();
-        qp.set_command_timeout(Duration::from_millis(timeout_ms));
-        qp.set_retry_limit(retries);
-        let bufs: Vec<_> = (0..8).map(|_| ctrl.alloc(4096).unwrap()).collect();
-        model.set_random_misbehaviour(seed, rate);
-        let mut seen: HashMap<u64, u32> = HashMap::new();
-        let mut next = 0u64;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while seen.len() < commands as usize {
-            while next < commands && qp.free_slots() > 0 {
-                let b = &bufs[(next % 8) as usize];
-                let cmd = if next.is_multiple_of(3) {
-                    write_cmd(1, next % 1024, 1, false)
-                } else {
-                    read_cmd(1, next % 1024, 1)
-                };
-                match qp.submit(cmd, &[b.segment()], next) {
-                    Ok(_) => next += 1,
-                    Err(Error::QueueFull) => break,
-                    Err(e) => return Err(TestCaseError::fail(format!("submit: {e}"))),
-                }
-            }
-            qp.poll(64, |c| {
-                *seen.entry(c.tag).or_default() += 1;
-            });
-            prop_assert!(
-                Instant::now() < deadline,
-                "hung: {} of {} completed, {} outstanding, {:?}",
-                seen.len(), commands, qp.outstanding(), qp.stats()
-            );
-        }
-        // A few more polls: a late duplicate must not complete anything again.
-        for _ in 0..2048 {
-            qp.poll(64, |c| *seen.entry(c.tag).or_default() += 1);
-        }
-        prop_assert!(seen.values().all(|&n| n == 1), "a command completed twice");
-        prop_assert_eq!(seen.len() as u64, commands);
-        prop_assert_eq!(qp.outstanding(), 0);
-        let s = qp.stats();
-        prop_assert_eq!(s.completed, commands);
-        // Calm again: data still goes where it should.
-        model.set_random_misbehaviour(0, 0);
-        model.release_all();
-        bufs[0].fill(0x5c);
-        qp.write(1, 2000, 1, &bufs[0], false).unwrap();
-        bufs[1].fill(0);
-        qp.read(1, 2000, 1, &bufs[1]).unwrap();
-        prop_assert_eq!(bufs[1].to_vec(), vec![0x5c; 4096]);
+        misbehaviour_case(seed, rate, entries, timeout_ms, retries, commands)?;
     }
+}
+
+/// A case proptest found: on a two-entry queue, a duplicated completion that had to wait for
+/// room in the completion queue arrived after its command id was reused.
+#[test]
+fn misbehaviour_regression_two_entry_queue() {
+    misbehaviour_case(12196188608767353406, 12, 2, 5, 0, 33).unwrap();
 }
 
 /// Status codes of every type survive a completion entry round trip through the model's

@@ -447,6 +447,9 @@ pub struct PageCache<D: BlockIo> {
     lru_next: Vec<u32>,
     /// Pages cached now.
     cached: usize,
+    /// Frames of evicted pages, kept for the next pages instead of going back to the pool
+    /// (returned to it when a file is closed and when the cache is dropped).
+    spare: Vec<FrameId>,
     pub(crate) stats: CacheStats,
     flush_results: HashMap<u64, Result<(), IoError>>,
     /// Pages of failed multi-page reads, to read again one by one.
@@ -489,6 +492,7 @@ impl<D: BlockIo> PageCache<D> {
             lru_prev: vec![NIL; frames],
             lru_next: vec![NIL; frames],
             cached: 0,
+            spare: Vec::new(),
             stats: CacheStats::default(),
             flush_results: HashMap::new(),
             retry: Vec::new(),
@@ -554,17 +558,19 @@ impl<D: BlockIo> PageCache<D> {
     }
 
     pub(crate) fn file(&self, f: FileId) -> Result<&FileState, MpageError> {
-        self.files
-            .get(f.0 as usize)
-            .and_then(Option::as_ref)
-            .ok_or(MpageError::NoSuchFile(f))
+        // A match, not `ok_or`: this runs for every page, and the error is not cheap to make
+        // and drop.
+        match self.files.get(f.0 as usize).and_then(Option::as_ref) {
+            Some(fs) => Ok(fs),
+            None => Err(MpageError::NoSuchFile(f)),
+        }
     }
 
     pub(crate) fn file_mut(&mut self, f: FileId) -> Result<&mut FileState, MpageError> {
-        self.files
-            .get_mut(f.0 as usize)
-            .and_then(Option::as_mut)
-            .ok_or(MpageError::NoSuchFile(f))
+        match self.files.get_mut(f.0 as usize).and_then(Option::as_mut) {
+            Some(fs) => Ok(fs),
+            None => Err(MpageError::NoSuchFile(f)),
+        }
     }
 
     /// A page the caller knows is cached.
@@ -686,6 +692,7 @@ impl<D: BlockIo> PageCache<D> {
             self.remove_page(f, p);
         }
         self.files[f.0 as usize] = None;
+        self.release_spare();
         Ok(())
     }
 
@@ -743,16 +750,27 @@ impl<D: BlockIo> PageCache<D> {
         self.lru_push(fr);
     }
 
+    /// Drop a page from the cache and give its frame back to the pool.
     pub(crate) fn remove_page(&mut self, f: FileId, p: u64) {
-        let Some(fs) = self.files[f.0 as usize].as_mut() else {
-            return;
-        };
-        if let Some(fr) = fs.pages.remove(p) {
-            debug_assert!(!self.slot(fr).busy(), "page {p} removed with I/O in flight");
-            self.lru_unlink(fr);
-            let page = self.slots[fr as usize].take().expect("frame holds a page");
-            self.cached -= 1;
-            self.pool.free(page.frame);
+        if let Some(frame) = self.detach_page(f, p) {
+            self.pool.free(frame);
+        }
+    }
+
+    /// Drop a page from the cache; returns its frame, now unused.
+    fn detach_page(&mut self, f: FileId, p: u64) -> Option<FrameId> {
+        let fr = self.files[f.0 as usize].as_mut()?.pages.remove(p)?;
+        debug_assert!(!self.slot(fr).busy(), "page {p} removed with I/O in flight");
+        self.lru_unlink(fr);
+        let page = self.slots[fr as usize].take().expect("frame holds a page");
+        self.cached -= 1;
+        Some(page.frame)
+    }
+
+    /// Give the frames kept from evictions back to the pool.
+    fn release_spare(&mut self) {
+        for frame in self.spare.drain(..) {
+            self.pool.free(frame);
         }
     }
 
@@ -767,7 +785,9 @@ impl<D: BlockIo> PageCache<D> {
             fr = self.lru_next[fr as usize];
         }
         for &(f, p) in &victims {
-            self.remove_page(f, p);
+            if let Some(frame) = self.detach_page(f, p) {
+                self.spare.push(frame);
+            }
         }
         self.stats.evictions += victims.len() as u64;
         victims.len()
@@ -777,13 +797,13 @@ impl<D: BlockIo> PageCache<D> {
     /// None when every page is busy or dirty and stays so.
     pub(crate) fn alloc_frame(&mut self) -> Result<Option<FrameId>, MpageError> {
         if self.cached < self.capacity {
-            if let Some(fr) = self.pool.alloc() {
+            if let Some(fr) = self.spare.pop().or_else(|| self.pool.alloc()) {
                 return Ok(Some(fr));
             }
         }
         let batch = (self.capacity / 16).clamp(1, EVICT_BATCH);
         if self.evict(batch) > 0 {
-            return Ok(self.pool.alloc());
+            return Ok(self.spare.pop());
         }
         // Short of clean pages: write dirty ones back, then evict them.
         let mut written = 0;
@@ -801,7 +821,7 @@ impl<D: BlockIo> PageCache<D> {
             self.wait_idle()?;
         }
         if self.evict(batch) > 0 {
-            return Ok(self.pool.alloc());
+            return Ok(self.spare.pop());
         }
         Ok(None)
     }
@@ -1685,6 +1705,7 @@ impl<D: BlockIo> Drop for PageCache<D> {
     /// Waits for commands in flight (the device may still be moving data into the frames);
     /// dirty pages not synced are lost, and said so in the log.
     fn drop(&mut self) {
+        self.release_spare();
         if let Err(e) = self.wait_idle() {
             log::error!(
                 "{}: dropping the page cache with commands in flight: {e}",

@@ -9,7 +9,8 @@
 //! 3. **rnvme**, per controller (all controllers at the same time when
 //!    [`Exercise::concurrent`]): `identify --json`; reads the kernel's regions back
 //!    and compares; writes its own regions (1 LBA, 7 LBAs through stdin and read back through
-//!    stdout, exactly MDTS, MDTS + 1 LBA, 9 MiB + 1 LBA read back, and a `--fua` write); SMART before and after the 9 MiB
+//!    stdout, exactly MDTS, MDTS + 1 LBA, a big region ([`Exercise::big_bytes`] + 1 LBA) read
+//!    back, and a `--fua` write); SMART before and after the 9 MiB
 //!    write (the command count shows the MDTS split); flush; write-zeroes and trim of the middle
 //!    of a written region (checked by reading: zeros inside, data kept around); the error log.
 //!    With [`Exercise::extras`] also text output, `--sgl`, `--no-hugepages`, and a read of a
@@ -37,8 +38,9 @@ const QEMU_DEFAULT_MDTS: u8 = 7;
 const QEMU_MIN_PAGE: u64 = 4096;
 /// QEMU deallocates in units of max(LBA size, 4 KiB) (its NPDG); trims are aligned to it.
 const DEALLOCATE_GRANULARITY: u64 = 4096;
-/// The `rnvme write` step size (its buffer), which the big write crosses.
-const RNVME_STEP: u64 = 8 * MIB;
+/// The step (buffer) size of `rnvme read` and `rnvme write`: a big region of more than this
+/// crosses it.
+pub const RNVME_STEP: u64 = 8 * MIB;
 /// Byte offset and length of the region `two_controllers` writes on both controllers.
 const TWO_CTRL_OFFSET: u64 = 96 * MIB;
 const TWO_CTRL_LEN: u64 = 3 * MIB;
@@ -57,6 +59,9 @@ pub struct Exercise {
     /// Also check text output, `--sgl`, `--no-hugepages`, and an injected read error on every
     /// namespace with a blkdebug `read_aio` rule limited to one sector.
     pub extras: bool,
+    /// Size of the region rnvme writes between two SMART snapshots (one LBA is added, so that
+    /// it is never a multiple of MDTS); above [`RNVME_STEP`] it also crosses rnvme's step.
+    pub big_bytes: u64,
 }
 
 /// An LBA range with a name.
@@ -89,7 +94,7 @@ pub struct NsLayout {
     pub kernel: Vec<Region>,
     /// Written by rnvme (with FUA when the flag is set), read by the kernel.
     pub rnvme: Vec<(Region, bool)>,
-    /// The region written between the two SMART snapshots (9 MiB + 1 LBA).
+    /// The region written between the two SMART snapshots ([`Exercise::big_bytes`] + 1 LBA).
     pub big: Region,
     pub zeroed: Spliced,
     pub trimmed: Spliced,
@@ -193,7 +198,7 @@ pub fn layout(ex: &Exercise, ctrl: usize, n: usize) -> NsLayout {
         (c.place("w4", ml + 1, 1, 3), false),
         (c.place("fua", 2 * ml + 3, 1, 1), true),
     ];
-    let big = c.place("big", RNVME_STEP / l + mib + 1, 1, 7);
+    let big = c.place("big", ex.big_bytes / l + 1, 1, 7);
     let zeroed = Spliced {
         region: c.place("zero", mib + 9, 1, 1),
         guard: 2,
@@ -1044,6 +1049,7 @@ mod tests {
             concurrent: false,
             one_process: true,
             extras: true,
+            big_bytes: RNVME_STEP + MIB,
         }
     }
 

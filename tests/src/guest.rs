@@ -84,16 +84,16 @@ impl Drop for Slot {
 /// Shell functions every guest script starts with.
 ///
 /// - `step NAME CMD...` runs CMD (a program or one of these functions) and prints its status,
-///   stdout and stderr as a block [`Steps`] parses; `record NAME CMD...` runs it silently
-///   (for background jobs) and `show NAME` prints the block later.
+///   stdout, stderr and duration as a block [`Steps`] parses; `record NAME CMD...` runs it
+///   silently (for background jobs) and `show NAME` prints the block later. Their files are
+///   `/tmp/steps/NAME.{out,err,rc,t}`.
 /// - `ctrl_of BDF`: the kernel's name of the controller (`nvme0`), empty if the kernel driver
 ///   does not have it; `blk BDF NSID`: the namespace's block device; `wait_blk BDF NSID`: waits
-///   (at most 30 s) until the kernel driver has created it after a rebind, and prints it;
-///   `ns_ids BDF`: the namespace ids the kernel driver sees, one per line.
-/// - `rnd FILE BYTES`: random data; `same A B`: identical files (size and MD5; busybox `cmp` is
-///   slow); `is_zero FILE BYTES`: BYTES
-///   zero bytes; `splice_zeros SRC OUT BS HEAD MID`: OUT is SRC with blocks HEAD..HEAD+MID
-///   zeroed.
+///   (at most 30 s) until the kernel driver has created it (at boot or after a rebind), and
+///   prints it; `ns_ids BDF`: the namespace ids the kernel driver sees, one per line.
+/// - `rnd FILE BYTES`: random data; `same A B`: identical files (size and MD5: busybox `cmp`
+///   is slow); `is_zero FILE BYTES`: BYTES zero bytes; `splice_zeros SRC OUT BS HEAD MID`: OUT
+///   is SRC with blocks HEAD..HEAD+MID zeroed.
 /// - `kwrite DEV FILE OFFSET` and `kread DEV OFFSET BYTES OUT`: O_DIRECT I/O through the kernel
 ///   driver at byte offsets.
 pub const PRELUDE: &str = r#"# rnvme test prelude
@@ -186,7 +186,8 @@ pub struct GuestRun {
 /// [`PRELUDE`] followed by `script`; asserts that the guest ran and the script exited 0
 /// (showing the end of its output and of the kernel console otherwise).
 ///
-/// At most [`MAX_PARALLEL_GUESTS`] guests of this process run at a time.
+/// At most [`MAX_PARALLEL_GUESTS`] guests of this process run at a time. Prints the step count
+/// and the slowest steps to stderr; with `RNVME_TESTS_SHOW_OUTPUT` set, the whole output too.
 pub fn run_guest(mut config: VmConfig, test_bins: &[&str], script: &str) -> GuestRun {
     config.files.push((rnvme_binary(), GUEST_RNVME.to_string()));
     for b in test_bins {

@@ -1,9 +1,12 @@
 //! The guest matrix: each entry boots one guest and runs [`run_exercise`] on it (identify
 //! against nvme-cli, data both ways between rnvme and the kernel driver, every admin and I/O
-//! command). See `rnvme_tests::exercise` for what is checked.
+//! command). See `rnvme_tests::exercise` for what is checked. (a) and (b) write 9 MiB at once,
+//! across rnvme's 8 MiB step; (c) and (d), about several namespaces and controllers, 2 MiB.
 
-use rnvme_tests::exercise::{run_exercise, Exercise};
+use rnvme_tests::exercise::{run_exercise, Exercise, RNVME_STEP};
 use rnvme_tools::vm::{BlkdebugRule, ControllerSpec, NamespaceSpec, VmConfig};
+
+const MIB: u64 = 1 << 20;
 
 fn namespace(lba_size: u32, size_mib: u64) -> NamespaceSpec {
     NamespaceSpec {
@@ -36,10 +39,12 @@ fn a_one_controller_4k_lbas_default_mdts() {
         concurrent: false,
         one_process: false,
         extras: true,
+        big_bytes: RNVME_STEP + MIB,
     });
 }
 
-/// (b) 512-byte LBAs with mdts=2 (16 KiB): every large transfer is split into many commands.
+/// (b) 512-byte LBAs with mdts=2 (16 KiB): every large transfer is split into many commands
+/// (the 9 MiB write into 577).
 #[test]
 fn b_512_byte_lbas_mdts_2() {
     run_exercise(&Exercise {
@@ -54,6 +59,7 @@ fn b_512_byte_lbas_mdts_2() {
         concurrent: false,
         one_process: false,
         extras: false,
+        big_bytes: RNVME_STEP + MIB,
     });
 }
 
@@ -72,6 +78,7 @@ fn c_two_namespaces_of_different_lba_sizes() {
         concurrent: false,
         one_process: false,
         extras: false,
+        big_bytes: 2 * MIB,
     });
 }
 
@@ -97,5 +104,6 @@ fn d_two_controllers_at_once() {
         concurrent: true,
         one_process: true,
         extras: false,
+        big_bytes: 2 * MIB,
     });
 }

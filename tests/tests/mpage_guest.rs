@@ -633,3 +633,119 @@ fn host_model_of_the_maps() {
     let p: &Path = Path::new(GUEST_DIR);
     assert!(p.is_absolute());
 }
+
+/// The digest `rnvme mpage bench` prints for data at byte 0 of its file.
+fn bench_digest(data: &[u8]) -> u64 {
+    let mut sum = 0u64;
+    for (i, c) in data.chunks(8).enumerate() {
+        let mut w = [0u8; 8];
+        w[..c.len()].copy_from_slice(c);
+        let mut x = u64::from_le_bytes(w) ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        x ^= x >> 31;
+        x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        sum = sum.wrapping_add(x ^ (x >> 29));
+    }
+    sum
+}
+
+#[test]
+fn bench_passes_read_the_pattern_and_bad_requests_are_refused() {
+    let dir = Scratch::new("bench");
+    // 8 MiB of pattern at byte 1 MiB (LBA 2048 of 512-byte LBAs).
+    let data = pattern(5, 8 << 20);
+    dir.put("data", &data);
+    let bad_lba = map(4096, 4096, 8192, &[(0, 0, 2, false)]);
+    let too_far = map(4096, 512, 8192, &[(0, 16383, 2, false)]);
+    let bad_alloc = Map {
+        allocate_from: Some(1 << 20),
+        ..map(4096, 512, 8192, &[(0, 0, 2, false)])
+    };
+    dir.put("bad_lba.json", bad_lba.json().as_bytes());
+    dir.put("too_far.json", too_far.json().as_bytes());
+    dir.put("bad_alloc.json", bad_alloc.json().as_bytes());
+    dir.put("not_json.json", b"{\"block_size\":");
+    dir.put("empty", b"");
+    let script = format!(
+        "step kblk wait_blk $NVME0 1\n\
+         DEV=$(blk $NVME0 1)\n\
+         step fill kwrite $DEV {d}/data 1048576\n\
+         step setup rnvme setup --hugepages 0 $NVME0\n\
+         step bench rnvme mpage bench $NVME0 --lba 2048 --mib 8 --rounds 1 --json\n\
+         step human rnvme mpage bench $NVME0 --lba 2048 --mib 2 --rounds 1 --depth 2\n\
+         step unaligned rnvme mpage bench $NVME0 --lba 3 --mib 1\n\
+         step beyond rnvme mpage bench $NVME0 --lba 0 --mib 65\n\
+         step bad_lba rnvme mpage read $NVME0 --map {d}/bad_lba.json\n\
+         step too_far rnvme mpage read $NVME0 --map {d}/too_far.json\n\
+         step bad_alloc rnvme mpage write $NVME0 --map {d}/bad_alloc.json --in {d}/data\n\
+         step not_json rnvme mpage read $NVME0 --map {d}/not_json.json\n\
+         step empty rnvme mpage write $NVME0 --map {d}/too_far.json --in {d}/empty\n\
+         step no_ns rnvme mpage read $NVME0 --ns 9 --map {d}/too_far.json\n\
+         step reset rnvme reset $NVME0\n",
+        d = GUEST_DIR
+    );
+    let config = VmConfig {
+        controllers: vec![ControllerSpec {
+            namespaces: vec![NamespaceSpec {
+                size_mib: 64,
+                lba_size: 512,
+                ..NamespaceSpec::default()
+            }],
+            ..ControllerSpec::default()
+        }],
+        files: vec![(dir.0.clone(), GUEST_DIR.to_string())],
+        ..VmConfig::default()
+    };
+    let run = run_guest(config, &[], &script);
+    let s = &run.steps;
+    for name in ["kblk", "fill", "setup", "reset"] {
+        s.ok(name);
+    }
+    let v = s.ok("bench").json();
+    let what = format!("bench: {v}");
+    assert_eq!(v["data_matches"], json!(true), "{what}");
+    assert_eq!(
+        v["digest"],
+        json!(format!("{:#018x}", bench_digest(&data))),
+        "the passes read the pattern: {what}"
+    );
+    let pages = (8 << 20) / PAGE;
+    let (cache, per_block, raw, sync) = (&v["cache"], &v["per_block"], &v["raw"], &v["raw_sync"]);
+    assert_eq!(counter(cache, "pages_read"), pages, "{what}");
+    assert_eq!(counter(cache, "fallback_commands"), 0, "{what}");
+    let per_cmd = counter(&v, "max_transfer") / PAGE;
+    assert!(
+        counter(cache, "read_commands") <= pages / per_cmd + counter(cache, "readahead_windows"),
+        "{what}"
+    );
+    assert_eq!(
+        (
+            counter(per_block, "read_commands"),
+            counter(per_block, "fallback_commands")
+        ),
+        (pages, pages),
+        "{what}"
+    );
+    assert_eq!(counter(raw, "commands"), pages / per_cmd, "{what}");
+    assert_eq!(counter(sync, "commands"), pages / per_cmd, "{what}");
+    assert!(counter(raw, "max_in_flight") > 1, "{what}");
+    for pass in [cache, per_block, raw, sync] {
+        assert!(pass["mib_per_s"].as_f64().unwrap() > 0.0, "{what}");
+    }
+    let human = s.ok("human");
+    for needle in ["cache /", "per-block", "raw sync", "up to 2 in flight"] {
+        assert!(human.stdout.contains(needle), "{}", human.describe());
+    }
+    let usage = [
+        ("unaligned", "not 4 KiB aligned"),
+        ("beyond", "reach past namespace 1"),
+        ("bad_lba", "namespace 1 has 512-byte LBAs"),
+        ("too_far", "extents[0]"),
+        ("bad_alloc", "allocate_from"),
+        ("not_json", "not valid JSON"),
+        ("empty", "nothing to write"),
+        ("no_ns", "9"),
+    ];
+    for (name, needle) in usage {
+        s.failed(name, 2).clean_error().stderr_has(&[needle]);
+    }
+}

@@ -56,7 +56,8 @@ enum Command {
     /// Benchmarks: the kernel driver (fio) and rnvme side by side in one QEMU guest
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
-    /// The mpage page cache: trace the commands it issues on a recording device
+    /// The mpage page cache: trace its commands on a recording device; read, write and
+    /// benchmark files through it on a device
     #[command(subcommand)]
     Mpage(cmd::mpage::MpageCommand),
     /// Throwaway QEMU guests with emulated NVMe controllers

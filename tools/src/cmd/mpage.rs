@@ -618,7 +618,10 @@ fn raw_loop<D: BlockIo>(
 }
 
 /// An order-independent digest of data by position: pieces may be added in any order and
-/// any split, as long as every piece starts at a multiple of 8 bytes.
+/// any split, as long as every piece starts at a multiple of 8 bytes. It is the wrapping sum,
+/// over the little-endian 8-byte words of the data (the last one padded with zeros), of
+/// `mix(word index, word)` with `x = word ^ index * 0x9E3779B97F4A7C15; x ^= x >> 31;
+/// x *= 0xBF58476D1CE4E5B9; x ^ (x >> 29)` (wrapping arithmetic).
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct Digest(u64);
 
@@ -820,6 +823,8 @@ struct BenchJson {
     cache_vs_per_block: f64,
     /// All four passes read the same bytes.
     data_matches: bool,
+    /// The [`Digest`] of what the cache pass read (hex), for checking against the source.
+    digest: String,
     /// The cache is within 20 % of raw.
     raw_target_met: bool,
     /// The cache is at least 4 times the per-block path.
@@ -861,7 +866,9 @@ fn sync_read(
         mib_per_s: mib_per_s(lbas * lba, busy),
         commands: qp.stats().submitted - before,
         command_bytes: max,
-        max_in_flight: (step * lba).div_ceil(max).min(qp.capacity() as u64) as usize,
+        max_in_flight: (step.min(lbas) * lba)
+            .div_ceil(max)
+            .min(qp.capacity() as u64) as usize,
     })
 }
 
@@ -968,6 +975,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         cache_vs_raw,
         cache_vs_per_block,
         data_matches,
+        digest: format!("{:#018x}", digests[0].value()),
         raw_target_met: cache_vs_raw >= 0.8,
         per_block_target_met: cache_vs_per_block >= 4.0,
     };

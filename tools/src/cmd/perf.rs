@@ -16,7 +16,9 @@ use rnvme_tools::perf::{self, LbaRange, Pattern, PerfConfig, PerfError, Progress
 use super::UsageError;
 
 /// The data pointer used when neither --prp nor --sgl is given (and the controller supports
-/// it): SGLs moved more data per second than PRPs on QEMU's controller (see the README).
+/// it; PRPs otherwise). On QEMU's controller a single SGL Data Block descriptor moved more
+/// 128 KiB sequential-read data per second than the equivalent PRP list in every paired run
+/// measured (1.03x to 1.9x): the device maps one contiguous range instead of 32 pages.
 pub const DEFAULT_DATA_POINTER: DataPointerMode = DataPointerMode::Sgl;
 
 /// `rnvme perf`

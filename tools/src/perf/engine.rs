@@ -30,7 +30,7 @@ use super::report::{
 use super::{PerfConfig, PerfError, Progress, Target, TargetPlan, STAMP_MAGIC};
 
 /// Idle polls between two clock reads.
-pub const IDLE_CLOCK_EVERY: u32 = 16;
+const IDLE_CLOCK_EVERY: u32 = 16;
 /// A run in which nothing completes for this long has lost its controller.
 const STALL: Duration = Duration::from_secs(30);
 /// How long the end of a run waits for the commands still in flight.

@@ -31,7 +31,6 @@ use rnvme_driver::identify::NamespaceInfo;
 use rnvme_driver::io::{split_transfer, Piece};
 use rnvme_driver::spec::MAX_NLB;
 
-pub use engine::IDLE_CLOCK_EVERY;
 pub use fssig::Signature;
 pub use report::PerfReport;
 
