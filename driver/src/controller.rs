@@ -273,9 +273,12 @@ impl Controller {
         self.shared.io_queues_granted
     }
 
-    /// Largest I/O queue depth (entries per queue, CAP.MQES + 1).
+    /// Largest I/O queue depth: entries per queue, CAP.MQES + 1 but at most 4096.
     pub fn max_queue_entries(&self) -> u32 {
-        self.shared.cap.max_queue_entries()
+        self.shared
+            .cap
+            .max_queue_entries()
+            .min(crate::queue::MAX_QUEUE_ENTRIES)
     }
 
     /// The DMA memory pool.

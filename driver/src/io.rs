@@ -165,7 +165,10 @@ impl IoQueuePair {
         entries: u32,
         mode: DataPointerMode,
     ) -> Result<IoQueuePair> {
-        let max = shared.cap.max_queue_entries();
+        let max = shared
+            .cap
+            .max_queue_entries()
+            .min(crate::queue::MAX_QUEUE_ENTRIES);
         if !(2..=max).contains(&entries) {
             return Err(Error::InvalidArgument(format!(
                 "queue depth {entries} is outside what the controller allows: 2 to {max} entries (CAP.MQES + 1)"

@@ -102,6 +102,14 @@ pub(crate) trait Recovery: Send + Sync {
     fn recreate(&self, qp: &QueuePair) -> Result<()>;
 }
 
+/// Low bits of a command id: the slot. High bits: a generation bumped at every submission from
+/// that slot, so a late or duplicated completion of an earlier command from the same slot is
+/// recognised as stale instead of completing the command now in the slot.
+const CID_INDEX_BITS: u32 = 12;
+const CID_INDEX_MASK: u16 = (1 << CID_INDEX_BITS) - 1;
+/// The largest queue the command id layout allows (4095 commands in flight).
+pub const MAX_QUEUE_ENTRIES: u32 = 1 << CID_INDEX_BITS;
+
 /// Polls between health checks while commands are outstanding.
 const CHECK_EVERY: u32 = 1024;
 /// How often a failing command is retried when the controller allows it (DNR clear).
@@ -156,6 +164,8 @@ struct Slot {
     submitted: u64,
     retries: u8,
     aborted: bool,
+    /// Generation of the command id last handed out from this slot (4 bits).
+    gen: u8,
     /// The PRP list / SGL segment page owned by this slot.
     list: DmaBuffer,
     /// Further list pages for long transfers, fetched from the pool on first use and kept.
@@ -254,6 +264,11 @@ impl QueuePair {
                 "queue depth {entries} is too small: at least 2 entries"
             )));
         }
+        if entries as u32 > MAX_QUEUE_ENTRIES {
+            return Err(Error::InvalidArgument(format!(
+                "queue depth {entries} is too large: at most {MAX_QUEUE_ENTRIES} entries"
+            )));
+        }
         let sq = pool.alloc(entries as usize * std::mem::size_of::<SqEntry>())?;
         let cq = pool.alloc(entries as usize * std::mem::size_of::<CqEntry>())?;
         let slots = (0..entries - 1)
@@ -265,6 +280,7 @@ impl QueuePair {
                     submitted: 0,
                     retries: 0,
                     aborted: false,
+                    gen: 0,
                     list: pool.alloc(PAGE_SIZE)?,
                     extra: Vec::new(),
                 })
@@ -386,10 +402,10 @@ impl QueuePair {
     #[inline(always)]
     pub fn submit(&mut self, mut cmd: SqEntry, data: &[Segment], tag: u64) -> Result<CommandId> {
         // A removed device keeps its free list empty, so this one check covers both cases.
-        let Some(cid) = self.free.pop() else {
+        let Some(index) = self.free.pop() else {
             return Err(self.no_slot());
         };
-        let slot = &mut self.slots[cid as usize];
+        let slot = &mut self.slots[index as usize];
         if !data.is_empty() {
             let mut lists = SlotLists {
                 first: &slot.list,
@@ -413,11 +429,13 @@ impl QueuePair {
                     cmd.dptr2 = d2;
                 }
                 Err(e) => {
-                    self.free.push(cid);
+                    self.free.push(index);
                     return Err(e);
                 }
             }
         }
+        slot.gen = (slot.gen + 1) & 0xf;
+        let cid = index | ((slot.gen as u16) << CID_INDEX_BITS);
         cmd.set_cid(cid);
         slot.tag = tag;
         slot.busy = true;
@@ -504,8 +522,9 @@ impl QueuePair {
                 self.sq_head = head;
             }
             let cid = e.cid();
-            match self.slots.get_mut(cid as usize) {
-                Some(slot) if slot.busy => {
+            let index = cid & CID_INDEX_MASK;
+            match self.slots.get_mut(index as usize) {
+                Some(slot) if slot.busy && slot.gen as u16 == cid >> CID_INDEX_BITS => {
                     let field = e.status_field();
                     // Success is the common case: skip decoding and the retry checks.
                     let status = if field == 0 {
@@ -532,7 +551,7 @@ impl QueuePair {
                         continue;
                     }
                     slot.busy = false;
-                    self.free.push(cid);
+                    self.free.push(index);
                     self.stats.completed += 1;
                     f(Completion {
                         tag: slot.tag,
@@ -644,7 +663,8 @@ impl QueuePair {
                 slot.cmd.opcode(),
                 self.timeout
             );
-            let aborted = rec.abort(self.qid, cid as u16);
+            let full = cid as u16 | ((slot.gen as u16) << CID_INDEX_BITS);
+            let aborted = rec.abort(self.qid, full);
             let slot = &mut self.slots[cid];
             slot.aborted = true;
             slot.submitted = cycles();
@@ -734,7 +754,12 @@ impl QueuePair {
             .iter()
             .enumerate()
             .filter(|(_, s)| s.busy)
-            .map(|(i, s)| (CommandId(i as u16), s.tag))
+            .map(|(i, s)| {
+                (
+                    CommandId(i as u16 | ((s.gen as u16) << CID_INDEX_BITS)),
+                    s.tag,
+                )
+            })
             .collect()
     }
 
@@ -743,8 +768,9 @@ impl QueuePair {
     pub fn abandon_all(&mut self) -> Vec<(CommandId, u64)> {
         let lost = self.outstanding_tags();
         for (cid, _) in &lost {
-            self.slots[cid.0 as usize].busy = false;
-            self.free.push(cid.0);
+            let index = cid.0 & CID_INDEX_MASK;
+            self.slots[index as usize].busy = false;
+            self.free.push(index);
         }
         self.sq_tail = 0;
         self.sq_head = 0;
