@@ -1,5 +1,7 @@
 //! `rnvme list`: NVMe controllers on the PCI bus and whether rnvme can open them.
 
+use rnvme_driver::controller::{Controller, ControllerOptions};
+use rnvme_driver::dma::Backing;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -36,10 +38,23 @@ pub struct Entry {
     pub reason: String,
 }
 
-/// Serial and model of a controller the kernel does not drive. Reading them needs an Identify
-/// Controller command through the userspace driver; until that is wired in, they are unknown.
-fn identify_hook(_bdf: &str) -> Option<(String, String)> {
-    None
+/// Serial and model of a controller the kernel does not drive, read with Identify Controller
+/// through the userspace driver (only for a controller rnvme can open: bound to vfio-pci and
+/// not held by another process). DMA memory comes from ordinary pages, so this works before
+/// any hugepage is reserved.
+fn identify_hook(bdf: &str) -> Option<(String, String)> {
+    let options = ControllerOptions {
+        backing: Backing::SmallPages,
+        io_queues: 1,
+        ..ControllerOptions::default()
+    };
+    match Controller::open(bdf, options) {
+        Ok(c) => Some((c.info().serial.clone(), c.info().model.clone())),
+        Err(e) => {
+            log::info!("{bdf}: cannot identify: {e}");
+            None
+        }
+    }
 }
 
 /// Whether rnvme can open the controller: the driver's own readiness check, then opening the
@@ -59,14 +74,15 @@ pub fn entries(sys: &Sysfs) -> anyhow::Result<Vec<Entry>> {
     let mut v = Vec::new();
     for bdf in sys.nvme_controllers().context("list NVMe controllers")? {
         let dev = sys.device(&bdf)?;
+        let a = access(sys, &bdf);
         let (serial, model) = match sys.kernel_controllers(&bdf).into_iter().next() {
             Some(k) => (Some(k.serial), Some(k.model)),
-            None => match identify_hook(&bdf) {
+            None if a.usable => match identify_hook(&bdf) {
                 Some((s, m)) => (Some(s), Some(m)),
                 None => (None, None),
             },
+            None => (None, None),
         };
-        let a = access(sys, &bdf);
         v.push(Entry {
             id: format!("{:04x}:{:04x}", dev.vendor, dev.device),
             serial,
