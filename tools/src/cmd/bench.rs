@@ -59,7 +59,7 @@ pub struct Workload {
     pub threads: u32,
     /// Share of reads for mixes.
     pub read_percent: Option<u8>,
-    /// rnvme variants beside the default (`--prp`, `--sgl`, `--reactor`).
+    /// rnvme variants beside the default (`--other-dptr`, `--reactor`, `--reactor --callbacks`).
     #[serde(skip)]
     pub extra: &'static [&'static str],
     /// Part of the quick run.
@@ -96,7 +96,7 @@ pub const WORKLOADS: [Workload; 8] = [
         4096,
         (1, 1),
         None,
-        &["--reactor"],
+        &["--reactor", "--reactor --callbacks"],
         true,
     ),
     w(
@@ -105,7 +105,7 @@ pub const WORKLOADS: [Workload; 8] = [
         4096,
         (32, 1),
         None,
-        &["--other-dptr", "--reactor"],
+        &["--other-dptr", "--reactor", "--reactor --callbacks"],
         true,
     ),
     w(
@@ -551,6 +551,17 @@ pub fn check_targets(lines: &[Line]) -> Vec<TargetCheck> {
             |r| r >= 0.8,
         ),
         check(
+            "4k randread qd32: rnvme --reactor --callbacks IOPS / rnvme",
+            ">= 0.8",
+            ratio(
+                "4k-randread-qd32-t1",
+                "rnvme --reactor --callbacks",
+                "rnvme",
+                iops,
+            ),
+            |r| r >= 0.8,
+        ),
+        check(
             "128k read qd32: rnvme (default data pointer) MiB/s / the other one",
             ">= 1",
             ratio(
@@ -577,7 +588,7 @@ pub fn table(c: &Comparison) -> String {
     }
     let _ = writeln!(
         s,
-        "\n{:<21} {:<22} {:>10} {:>9} {:>9} {:>9}  rnvme / best kernel",
+        "\n{:<21} {:<28} {:>10} {:>9} {:>9} {:>9}  rnvme / best kernel",
         "workload", "engine", "IOPS", "MiB/s", "mean us", "p99 us"
     );
     for line in &c.lines {
@@ -598,7 +609,7 @@ pub fn table(c: &Comparison) -> String {
             };
             let _ = writeln!(
                 s,
-                "{:<21} {:<22} {:>10.0} {:>9.1} {:>9.1} {:>9.1}  {}{}",
+                "{:<21} {:<28} {:>10.0} {:>9.1} {:>9.1} {:>9.1}  {}{}",
                 if first { line.workload.name } else { "" },
                 m.engine,
                 m.iops,
@@ -627,7 +638,7 @@ pub fn table(c: &Comparison) -> String {
     for t in &c.targets {
         let _ = writeln!(
             s,
-            "  {:<62} {:>7}  got {:>7}  {}",
+            "  {:<66} {:>7}  got {:>7}  {}",
             t.what,
             t.target,
             t.got.map_or("-".into(), |g| format!("{g:.2}")),
@@ -853,15 +864,17 @@ mod tests {
             (l.lat_ratio.unwrap() - 0.288).abs() < 1e-9,
             "against --hipri's 100 us"
         );
-        assert_eq!(l.failures.len(), 1);
+        assert_eq!(l.failures.len(), 2);
         assert!(
-            l.failures[0].starts_with("rnvme --reactor:"),
+            l.failures[0].starts_with("rnvme --reactor: ")
+                && l.failures[0].contains("no JSON object"),
             "{:?}",
             l.failures
         );
+        assert_eq!(l.failures[1], "rnvme --reactor --callbacks: no output");
         // The second line misses its extra rnvme variants.
         assert_eq!(lines[1].results.len(), 5);
-        assert_eq!(lines[1].failures.len(), 2);
+        assert_eq!(lines[1].failures.len(), 3);
         let t = check_targets(&lines);
         let qd32 = &t[0];
         assert_eq!(qd32.got, Some(84000.0 / 6000.0));

@@ -92,6 +92,10 @@ pub struct PerfArgs {
     /// Send the I/O through a reactor thread that owns the queue pairs (cross-thread submission)
     #[arg(long)]
     pub reactor: bool,
+    /// With --reactor: complete each I/O in a callback on the reactor thread (which queues the
+    /// next one through the channel) instead of answering the worker threads over a channel
+    #[arg(long, requires = "reactor")]
+    pub callbacks: bool,
     /// Take DMA memory from ordinary 4 KiB pages (pinned by VFIO) instead of hugepages
     #[arg(long)]
     pub no_hugepages: bool,
@@ -153,6 +157,7 @@ impl PerfArgs {
             zipf: self.zipf,
             fua: self.fua,
             reactor: self.reactor,
+            reactor_callbacks: self.callbacks,
             verify: self.verify,
             stop_on_error: self.stop_on_error,
             latency_histogram: self.latency_histogram,

@@ -795,6 +795,193 @@ fn reactor_client(
     })
 }
 
+/// What the callbacks of one worker share: everything its loop would own.
+struct CbState {
+    works: Vec<NsWork>,
+    rng: Rng,
+    clock: Clock,
+    errors: Vec<ErrorReport>,
+    totals: Totals,
+    fatal: Option<PerfError>,
+    outstanding: usize,
+}
+
+/// Everything a callback needs besides the request's tag.
+#[derive(Clone)]
+struct CbCtx {
+    state: std::sync::Arc<Mutex<CbState>>,
+    handle: ReactorHandle,
+    queue_base: std::sync::Arc<[usize]>,
+    thread: usize,
+    stop_on_error: bool,
+    shared_abort: std::sync::Arc<AtomicBool>,
+}
+
+impl CbCtx {
+    /// The commands of slot `i` of target `t`.
+    fn requests(&self, st: &CbState, t: usize, i: usize, out: &mut Vec<IoRequest>) {
+        queue_slot(out, t, &st.works[t], i, self.queue_base[t]);
+    }
+
+    /// Send requests, each completing in [`CbCtx::done`]. Never called with the state locked:
+    /// a request the reactor can no longer take is answered at once, on this thread.
+    fn send(&self, reqs: Vec<IoRequest>) {
+        for req in reqs {
+            let me = self.clone();
+            self.handle.submit_with(req, move |d| me.done(d));
+        }
+    }
+
+    /// One command completed: account for it and, while the run lasts, queue the next I/O of
+    /// its slot. Runs on the reactor thread.
+    fn done(&self, d: IoDone) {
+        let now = Ticks::now();
+        let mut next = Vec::new();
+        {
+            let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let st = &mut *guard;
+            st.outstanding -= 1;
+            st.clock
+                .tick(now, self.shared_abort.load(Ordering::Relaxed));
+            let t = (d.tag >> TARGET_SHIFT) as usize;
+            let tag = d.tag & ((1 << TARGET_SHIFT) - 1);
+            let err = match &d.result {
+                Ok(_) => None,
+                Err(e) if e.status().is_some() => Some(e.to_string()),
+                Err(e) => {
+                    if st.fatal.is_none() {
+                        st.fatal = Some(PerfError::Run(format!("{}: {e}", st.works[t].label)));
+                    }
+                    Some(e.to_string())
+                }
+            };
+            if err.is_some() {
+                st.totals.errors += 1;
+                if self.stop_on_error {
+                    self.shared_abort.store(true, Ordering::Relaxed);
+                }
+            }
+            let CbState {
+                works,
+                clock,
+                errors,
+                ..
+            } = st;
+            let Some(i) = works[t].complete(tag, err.as_deref(), now, clock, self.thread, errors)
+            else {
+                return;
+            };
+            st.totals.ios += 1;
+            st.totals.bytes += st.works[t].blocks as u64 * st.works[t].lba_size as u64;
+            if st.clock.phase != Phase::Stop && st.fatal.is_none() {
+                let CbState { works, rng, .. } = st;
+                works[t].prepare(i, rng, now);
+                st.outstanding += st.works[t].pieces.len();
+                self.requests(st, t, i, &mut next);
+            }
+        }
+        self.send(next);
+    }
+}
+
+/// A worker whose I/Os complete in callbacks on the reactor thread: it starts them, then only
+/// watches the clock and publishes progress.
+fn reactor_callbacks(
+    ctx: &Ctx,
+    shared: &Shared,
+    thread: usize,
+    handle: &ReactorHandle,
+    queue_base: &[usize],
+) -> Option<WorkerResult> {
+    let cfg = ctx.cfg;
+    let q = cfg.queues_per_thread as usize;
+    let works = setup(shared, || {
+        ctx.plans
+            .iter()
+            .zip(ctx.targets)
+            .map(|(plan, target)| NsWork::new(thread, plan, target, cfg, cfg.depth as usize, q))
+            .collect::<Result<Vec<_>, _>>()
+    })?;
+    let start = Ticks::now();
+    // The abort flag is mirrored into one the callbacks can hold.
+    let abort = std::sync::Arc::new(AtomicBool::new(false));
+    let cb = CbCtx {
+        state: std::sync::Arc::new(Mutex::new(CbState {
+            works,
+            rng: Rng::new(cfg.seed.wrapping_add(thread as u64 * 0x1_0000_0001)),
+            clock: Clock::new(start, cfg, ctx.rate),
+            errors: Vec::new(),
+            totals: Totals::default(),
+            fatal: None,
+            outstanding: 0,
+        })),
+        handle: handle.clone(),
+        queue_base: queue_base.into(),
+        thread,
+        stop_on_error: cfg.stop_on_error,
+        shared_abort: abort.clone(),
+    };
+    let mut first = Vec::new();
+    {
+        let mut guard = cb.state.lock().unwrap_or_else(|e| e.into_inner());
+        let st = &mut *guard;
+        for t in 0..st.works.len() {
+            for i in 0..st.works[t].slots.len() {
+                st.works[t].slots[i].queue = (i + thread) % q;
+                let CbState { works, rng, .. } = st;
+                works[t].prepare(i, rng, start);
+                st.outstanding += st.works[t].pieces.len();
+                cb.requests(st, t, i, &mut first);
+            }
+        }
+    }
+    cb.send(first);
+    let counters = &shared.counters[thread];
+    let drain = ctx.rate.ticks(DRAIN);
+    let mut stop_at: Option<Ticks> = None;
+    loop {
+        std::thread::sleep(Duration::from_millis(5));
+        if shared.abort.load(Ordering::Relaxed) {
+            abort.store(true, Ordering::Relaxed);
+        }
+        let now = Ticks::now();
+        let mut st = cb.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.clock.tick(now, abort.load(Ordering::Relaxed));
+        st.totals.publish(counters);
+        if abort.load(Ordering::Relaxed) {
+            shared.abort.store(true, Ordering::Relaxed);
+        }
+        if st.clock.phase == Phase::Stop || st.fatal.is_some() {
+            if st.outstanding == 0 {
+                break;
+            }
+            if now >= *stop_at.get_or_insert(now.after(drain)) {
+                let n = st.outstanding;
+                st.fatal.get_or_insert(drain_timeout(n));
+                break;
+            }
+        }
+    }
+    let mut st = cb.state.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(e) = st.fatal.take() {
+        shared.fail(e);
+    }
+    let CbState {
+        works,
+        clock,
+        errors,
+        ..
+    } = &mut *st;
+    Some(WorkerResult {
+        thread,
+        measured: clock.measured,
+        accs: final_accs(works, clock),
+        queue_stats: Vec::new(),
+        errors: std::mem::take(errors),
+        data_pointer: Vec::new(),
+    })
+}
+
 /// Counts a worker as finished however it ends.
 struct FinishGuard<'a>(&'a AtomicUsize);
 
@@ -859,6 +1046,9 @@ pub(crate) fn execute(
                 .spawn_scoped(s, move || {
                     let _done = FinishGuard(&shared.finished);
                     match &handle {
+                        Some(h) if cfg.reactor_callbacks => {
+                            reactor_callbacks(ctx, shared, t, h, queue_base)
+                        }
                         Some(h) => reactor_client(ctx, shared, t, h, queue_base),
                         None => direct_worker(ctx, shared, t),
                     }

@@ -223,6 +223,8 @@ pub struct WorkloadInfo {
     pub fua: bool,
     /// I/O through the cross-thread reactor.
     pub reactor: bool,
+    /// Completions handled by callbacks on the reactor thread.
+    pub reactor_callbacks: bool,
     /// Reads checked against the LBA stamps.
     pub verify: bool,
     /// Seed of the offset generators.
@@ -377,7 +379,11 @@ impl PerfReport {
             w.depth,
             w.threads,
             w.queues_per_thread,
-            if w.reactor { " through a reactor" } else { "" },
+            match (w.reactor, w.reactor_callbacks) {
+                (true, true) => " through a reactor (callbacks)",
+                (true, false) => " through a reactor",
+                _ => "",
+            },
             self.elapsed_s,
             if w.warmup_s > 0.0 {
                 format!(" after {:.1} s warm-up", w.warmup_s)

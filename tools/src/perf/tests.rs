@@ -663,6 +663,66 @@ fn reactor_runs_the_same_workload() {
 }
 
 #[test]
+fn reactor_with_callbacks_runs_the_same_workload() {
+    let (model, ctrl) = open();
+    let t = [Target { ctrl, nsid: 1 }];
+    let cfg = PerfConfig {
+        reactor: true,
+        reactor_callbacks: true,
+        threads: 2,
+        queues_per_thread: 2,
+        ..short(Pattern::RandRead)
+    };
+    let r = run_quiet(&t, &cfg).unwrap();
+    assert_eq!(r.error_count(), 0);
+    assert!(r.threads.iter().all(|t| t.summary.ios > 0));
+    let rc = r.counters.reactor.as_ref().expect("reactor counters");
+    assert_eq!(rc.requests, r.counters.submitted);
+    assert!(r.table(false).contains("through a reactor (callbacks)"));
+    // Failed commands are counted through the callbacks too.
+    model.fail_lba(1, 3, NvmeStatus::UNRECOVERED_READ_ERROR, None);
+    let r = run_quiet(
+        &t,
+        &PerfConfig {
+            range: Some(LbaRange { start: 0, lbas: 8 }),
+            ..cfg.clone()
+        },
+    )
+    .unwrap();
+    assert!(r.total.errors > 0 && r.total.ios > 0);
+    assert_eq!(r.first_errors[0].lba, 3);
+    // Writes read back.
+    let range = LbaRange {
+        start: 512,
+        lbas: 64,
+    };
+    let w = run_quiet(
+        &t,
+        &PerfConfig {
+            pattern: Pattern::Write,
+            threads: 1,
+            queues_per_thread: 1,
+            range: Some(range),
+            ..cfg.clone()
+        },
+    )
+    .unwrap();
+    assert_eq!(w.error_count(), 0);
+    let covered = covered_prefix(&w, 8, 1, 64);
+    for (i, (l, m)) in stamps(&model, 512, covered, 4096).into_iter().enumerate() {
+        assert_eq!((l, m), (512 + i as u64, STAMP_MAGIC), "LBA {}", 512 + i);
+    }
+    let m = invalid(
+        PerfConfig {
+            reactor: false,
+            ..cfg
+        }
+        .check(),
+    );
+    assert!(m.contains("--callbacks applies to --reactor"), "{m}");
+}
+
+#[test]
 fn sgl_data_pointers_are_used_and_reported() {
     let (model, ctrl) = open_with(ModelConfig::default(), DataPointerMode::Sgl);
     let r = run_quiet(
