@@ -165,6 +165,39 @@ impl<D: BlockIo> PageCache<D> {
         Ok(())
     }
 
+    /// Add page `p` (in `frame`, `len` bytes on the disk blocks `blocks.0..=blocks.1`) to the
+    /// command being built: the command is sent first when the page does not follow it on
+    /// disk or would take it past the max transfer, and after the page when `end_here`
+    /// (a boundary, or a page that ends early).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn add_to_command(
+        &mut self,
+        f: FileId,
+        op: IoOp,
+        cmd: &mut Option<Building>,
+        p: u64,
+        frame: FrameId,
+        blocks: (u64, u64),
+        len: u64,
+        geo: &Geo,
+        end_here: bool,
+    ) -> Result<(), MpageError> {
+        if let Some(c) = cmd {
+            if !c.fits(blocks.0, len, self.max_cmd_bytes) {
+                self.send(f, op, cmd)?;
+            }
+        }
+        let seg = Segment::new(self.pool.iova(frame), len as u32);
+        let lbas = (len / self.lba_size as u64) as u32;
+        let c = cmd.get_or_insert_with(|| Building::new(blocks.0 * geo.lpb, self.cmd_pages()));
+        c.add(p, frame, seg, lbas);
+        c.next_disk = blocks.1 + 1;
+        if end_here {
+            self.send(f, op, cmd)?;
+        }
+        Ok(())
+    }
+
     /// Read the locked, not-uptodate pages `pages` (ascending) of a file: the
     /// `mpage_readahead` walk. Returns once the commands are submitted.
     pub(crate) fn read_batch(&mut self, f: FileId, pages: &[u64]) -> Result<(), MpageError> {
@@ -259,21 +292,19 @@ impl<D: BlockIo> PageCache<D> {
         }
 
         let len = first_hole as u64 * geo.bs;
-        if let Some(c) = &w.cmd {
-            if !c.fits(disk[0], len, self.max_cmd_bytes) {
-                self.send(f, IoOp::Read, &mut w.cmd)?;
-            }
-        }
-        let seg = Segment::new(self.pool.iova(frame), len as u32);
-        let lbas = (len / self.lba_size as u64) as u32;
-        let c = w
-            .cmd
-            .get_or_insert_with(|| Building::new(disk[0] * geo.lpb, self.cmd_pages()));
-        c.add(p, frame, seg, lbas);
-        c.next_disk = disk[first_hole - 1] + 1;
-        if boundary || first_hole < bpp {
-            self.send(f, IoOp::Read, &mut w.cmd)?;
-        }
+        let blocks = (disk[0], disk[first_hole - 1]);
+        let end_here = boundary || first_hole < bpp;
+        self.add_to_command(
+            f,
+            IoOp::Read,
+            &mut w.cmd,
+            p,
+            frame,
+            blocks,
+            len,
+            geo,
+            end_here,
+        )?;
         Ok(())
     }
 

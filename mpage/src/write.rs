@@ -18,7 +18,7 @@ use crate::cache::{full_mask, BlockBits, FileId, Geo, PageCache, Target};
 use crate::error::{MpageError, PageError};
 use crate::map::{MapError, Mapping};
 use crate::pool::PAGE_SIZE;
-use crate::read::{Building, Run, Walk};
+use crate::read::{Run, Walk};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -121,21 +121,18 @@ impl<D: BlockIo> PageCache<D> {
         page.writeback = true;
 
         let len = n as u64 * geo.bs;
-        if let Some(c) = &w.cmd {
-            if !c.fits(disk[0], len, self.max_cmd_bytes) {
-                self.send(f, IoOp::Write, &mut w.cmd)?;
-            }
-        }
-        let seg = Segment::new(self.pool.iova(frame), len as u32);
-        let lbas = (len / self.lba_size as u64) as u32;
-        let c = w
-            .cmd
-            .get_or_insert_with(|| Building::new(disk[0] * geo.lpb, self.cmd_pages()));
-        c.add(p, frame, seg, lbas);
-        c.next_disk = disk[n - 1] + 1;
-        if boundary || n < geo.bpp as usize {
-            self.send(f, IoOp::Write, &mut w.cmd)?;
-        }
+        let end_here = boundary || n < geo.bpp as usize;
+        self.add_to_command(
+            f,
+            IoOp::Write,
+            &mut w.cmd,
+            p,
+            frame,
+            (disk[0], disk[n - 1]),
+            len,
+            geo,
+            end_here,
+        )?;
         Ok(())
     }
 
