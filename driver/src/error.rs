@@ -34,8 +34,12 @@ pub enum Error {
         "{dev}: controller fatal status (CSTS.CFS) during {during}; the controller needs a reset"
     )]
     ControllerFatal { dev: String, during: &'static str },
-    /// The device no longer answers (registers read all ones).
-    #[error("{dev}: device removed (registers read back all ones)")]
+    /// The device is gone: taken back by the kernel, or no longer answering (registers read
+    /// all ones).
+    #[error(
+        "{dev}: device removed (hot-unplugged, removed through sysfs, or no longer answering: \
+         registers read all ones)"
+    )]
     DeviceRemoved { dev: String },
     /// The controller cannot be driven by this driver.
     #[error("{dev}: unsupported controller: {why}")]

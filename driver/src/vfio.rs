@@ -23,14 +23,15 @@ use std::ops::Range;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use vfio_bindings::bindings::vfio::{
     vfio_info_cap_header, vfio_iommu_type1_info, vfio_iommu_type1_info_cap_iova_range,
     vfio_iova_range, VFIO_BASE, VFIO_IOMMU_INFO_CAPS, VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE,
-    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
-    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE, VFIO_TYPE,
+    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_REQ_IRQ_INDEX,
+    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE, VFIO_TYPE,
 };
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioError, VfioOps, VfioRegionInfoCap};
+use vmm_sys_util::eventfd::EventFd;
 
 /// PCI class code of an NVM Express controller: mass storage (01), non-volatile memory
 /// controller (08), NVM Express programming interface (02).
@@ -1004,6 +1005,16 @@ struct Bar0 {
     slow_warned: AtomicBool,
 }
 
+impl Bar0 {
+    /// Every mapped area as (address, length).
+    fn areas(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        std::iter::once(&self.fast)
+            .chain(&self.others)
+            .filter(|a| a.len > 0)
+            .map(|a| (a.base as usize, a.len))
+    }
+}
+
 /// The mmappable areas of a region: the sparse-mmap capability's if present, else the whole
 /// region. Areas of size zero are dropped.
 fn mmap_areas(size: u64, caps: &[VfioRegionInfoCap]) -> Vec<(u64, u64)> {
@@ -1183,14 +1194,247 @@ impl ConfigSpace {
 // VfioHardware
 // ---------------------------------------------------------------------------------------------
 
+// ---------------------------------------------------------------------------------------------
+// Removal requests
+// ---------------------------------------------------------------------------------------------
+
+/// What a removal request changes, shared by the device and its removal watcher.
+///
+/// When the kernel wants the device back (a hot-unplug, `echo 1 > .../remove`, an unbind),
+/// vfio-pci signals the device-request eventfd and then waits until every user has closed the
+/// device. Releasing it means: every BAR0 mapping is swapped, atomically, for memory that reads
+/// all ones (what a vanished PCI device returns, which the queue pairs and the controller already
+/// treat as "device removed"), and the device file descriptor is atomically replaced with a
+/// placeholder, which closes the device file. Other threads may be accessing registers at that
+/// moment: they see the register or all ones, never an unmapped page.
+struct Link {
+    bdf: String,
+    /// The BAR0 mappings as (address, length); the `MmioArea`s own them.
+    areas: Vec<(usize, usize)>,
+    /// The device file descriptor (owned by the `VfioDevice`).
+    device_fd: RawFd,
+    /// Signalled by vfio-pci when the kernel asks for the device back; None when the kernel
+    /// offers no device-request interrupt (then a removal waits until rnvme closes the device).
+    request: Option<EventFd>,
+    /// Set once the device has been released.
+    released: AtomicBool,
+    /// Serialises a release with the device's own drop.
+    lock: Mutex<()>,
+}
+
+impl Link {
+    fn is_released(&self) -> bool {
+        self.released.load(Ordering::Acquire)
+    }
+
+    /// Whether the kernel has asked for the device back and the request is not yet handled.
+    fn request_pending(&self) -> bool {
+        let Some(request) = &self.request else {
+            return false;
+        };
+        let mut fds = [libc::pollfd {
+            fd: request.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: `fds` is a valid array of one pollfd for the duration of the call; a zero
+        // timeout makes it a non-blocking check.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
+        n == 1 && fds[0].revents & libc::POLLIN != 0
+    }
+
+    /// Let go of the device: registers read all ones from now on and the device file is closed.
+    fn release(&self, why: &str) {
+        let _guard = self
+            .lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.is_released() {
+            return;
+        }
+        self.released.store(true, Ordering::Release);
+        for &(addr, len) in &self.areas {
+            if let Err(e) = replace_with_ones(addr, len) {
+                log::error!(
+                    "{}: {why}, but BAR0 cannot be unmapped ({e}): the kernel waits until this \
+                     process exits",
+                    self.bdf
+                );
+                return;
+            }
+        }
+        if let Err(e) = replace_fd(self.device_fd) {
+            log::error!(
+                "{}: {why}, but the device file cannot be closed ({e}): the kernel waits until \
+                 this process exits",
+                self.bdf
+            );
+            return;
+        }
+        log::warn!(
+            "{}: {why}: device released; outstanding and later commands fail with \"device \
+             removed\"",
+            self.bdf
+        );
+    }
+}
+
+/// Swap the mapping `[addr, addr + len)` for private memory that reads all ones, in one step.
+fn replace_with_ones(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: a fresh private anonymous mapping chosen by the kernel (address hint null): it
+    // overlaps nothing Rust uses. The result is checked before use.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `p..p + len` is the mapping just made, writable, and known to no one else.
+    unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0xff, len) };
+    // SAFETY: moves the pages just filled onto `addr..addr + len`, a BAR0 mapping of exactly
+    // that length owned by an `MmioArea` that outlives this call (the watcher is joined before
+    // the areas are dropped). The kernel replaces the old mapping in one step, so concurrent
+    // volatile accesses through the area hit either the register or the new memory; the area
+    // goes on owning (and eventually unmapping) `addr..addr + len`.
+    let q = unsafe {
+        libc::mremap(
+            p,
+            len,
+            len,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            addr as *mut libc::c_void,
+        )
+    };
+    if q == libc::MAP_FAILED {
+        let e = io::Error::last_os_error();
+        // SAFETY: `p` is still the mapping made above (mremap failed and left it in place).
+        unsafe { libc::munmap(p, len) };
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Close the file behind descriptor `fd` by making `fd` refer to a fresh eventfd, in one step:
+/// whoever owns `fd` still owns a valid descriptor and closes it as usual.
+fn replace_fd(fd: RawFd) -> io::Result<()> {
+    let placeholder = EventFd::new(libc::EFD_CLOEXEC)?;
+    // SAFETY: dup3 only manipulates the descriptor table: `fd` is a descriptor this process
+    // owns (through the VfioDevice, which outlives the call), and `placeholder` is open.
+    let r = unsafe { libc::dup3(placeholder.as_raw_fd(), fd, libc::O_CLOEXEC) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A thread that waits for the kernel's device request and then releases the device.
+struct RemovalWatcher {
+    stop: EventFd,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RemovalWatcher {
+    fn spawn(link: Arc<Link>) -> io::Result<Option<RemovalWatcher>> {
+        let Some(request) = link.request.as_ref().map(|r| r.as_raw_fd()) else {
+            return Ok(None);
+        };
+        let stop = EventFd::new(libc::EFD_CLOEXEC)?;
+        let stop_fd = stop.as_raw_fd();
+        let thread = std::thread::Builder::new()
+            .name(format!("rnvme-removal-{}", link.bdf))
+            .spawn(move || loop {
+                let mut fds = [request, stop_fd].map(|fd| libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+                // SAFETY: `fds` is a valid array of two pollfds for the duration of the call;
+                // both descriptors stay open until this thread is joined.
+                let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+                if n < 0 {
+                    let e = io::Error::last_os_error();
+                    if e.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    log::error!("{}: waiting for removal requests failed: {e}", link.bdf);
+                    return;
+                }
+                if fds[1].revents != 0 {
+                    return;
+                }
+                if fds[0].revents != 0 {
+                    link.release("the kernel asks for the device back (hot-unplug or removal)");
+                    return;
+                }
+            })?;
+        Ok(Some(RemovalWatcher {
+            stop,
+            thread: Some(thread),
+        }))
+    }
+
+    fn stop(mut self) {
+        if let Err(e) = self.stop.write(1) {
+            log::error!("cannot stop the removal watcher: {e}");
+            return;
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Register an eventfd for vfio-pci's device requests; None (with the reason logged) when the
+/// kernel offers none.
+fn register_request(bdf: &str, device: &VfioDevice) -> Option<EventFd> {
+    let offered = device
+        .get_irq_info(VFIO_PCI_REQ_IRQ_INDEX)
+        .is_some_and(|irq| irq.count > 0);
+    if !offered {
+        log::info!(
+            "{bdf}: vfio-pci offers no device-request interrupt: a removal of the device waits \
+             until rnvme closes it"
+        );
+        return None;
+    }
+    let registered = EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)
+        .map_err(|e| e.to_string())
+        .and_then(|fd| {
+            device
+                .enable_irq(VFIO_PCI_REQ_IRQ_INDEX, vec![&fd])
+                .map(|()| fd)
+                .map_err(|e| e.to_string())
+        });
+    match registered {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            log::warn!(
+                "{bdf}: cannot register for removal requests ({e}): a removal of the device \
+                 waits until rnvme closes it"
+            );
+            None
+        }
+    }
+}
+
 /// An NVMe controller opened through VFIO: BAR0 mapped, config space reachable, DMA mappings
 /// made in its container.
 pub struct VfioHardware {
     // Field order is drop order: BAR0 is unmapped before the device is closed, and the device
-    // is closed before the container.
+    // is closed before the container. The removal watcher is stopped first, in `Drop::drop`.
     bar: Bar0,
-    device: VfioDevice,
+    /// None only while dropping, or when it had to be given up after a removal.
+    device: Option<VfioDevice>,
     container: Arc<VfioContainer>,
+    link: Arc<Link>,
+    watcher: Option<RemovalWatcher>,
     bdf: String,
     group: u32,
     config: ConfigSpace,
@@ -1239,10 +1483,27 @@ impl VfioHardware {
         config.enable_memory_and_bus_master(bdf, device.as_raw_fd())?;
 
         let bar = map_bar0(bdf, &device)?;
+        let link = Arc::new(Link {
+            bdf: bdf.to_string(),
+            areas: bar.areas().collect(),
+            device_fd: device.as_raw_fd(),
+            request: register_request(bdf, &device),
+            released: AtomicBool::new(false),
+            lock: Mutex::new(()),
+        });
+        let watcher = RemovalWatcher::spawn(link.clone()).unwrap_or_else(|e| {
+            log::warn!(
+                "{bdf}: cannot start the removal watcher ({e}): a removal of the device waits \
+                 until rnvme closes it"
+            );
+            None
+        });
         let hw = VfioHardware {
             bar,
-            device,
+            device: Some(device),
             container,
+            link,
+            watcher,
             bdf: bdf.to_string(),
             group,
             config,
@@ -1265,24 +1526,50 @@ impl VfioHardware {
         self.group
     }
 
+    /// Whether the kernel took the device back (hot-unplug, sysfs `remove`, unbind): registers
+    /// read all ones and every command fails with "device removed".
+    pub fn is_released(&self) -> bool {
+        self.link.is_released()
+    }
+
+    /// The device file descriptor for a config space access, or the error that says the device
+    /// is gone.
+    fn config_fd(
+        &self,
+        op: &'static str,
+        offset: u64,
+        len: usize,
+    ) -> Result<RawFd, VfioSetupError> {
+        if self.link.is_released() {
+            return Err(VfioSetupError::Config {
+                bdf: self.bdf.clone(),
+                op,
+                offset,
+                len,
+                source: io::Error::new(io::ErrorKind::NotFound, "the device was removed"),
+            });
+        }
+        Ok(self.link.device_fd)
+    }
+
     /// Read one byte of PCI config space.
     pub fn config_read_u8(&self, offset: u64) -> Result<u8, VfioSetupError> {
         self.config
-            .read::<1>(&self.bdf, self.device.as_raw_fd(), offset)
+            .read::<1>(&self.bdf, self.config_fd("read", offset, 1)?, offset)
             .map(|b| b[0])
     }
 
     /// Read a little-endian 16-bit value of PCI config space.
     pub fn config_read_u16(&self, offset: u64) -> Result<u16, VfioSetupError> {
         self.config
-            .read::<2>(&self.bdf, self.device.as_raw_fd(), offset)
+            .read::<2>(&self.bdf, self.config_fd("read", offset, 2)?, offset)
             .map(u16::from_le_bytes)
     }
 
     /// Read a little-endian 32-bit value of PCI config space.
     pub fn config_read_u32(&self, offset: u64) -> Result<u32, VfioSetupError> {
         self.config
-            .read::<4>(&self.bdf, self.device.as_raw_fd(), offset)
+            .read::<4>(&self.bdf, self.config_fd("read", offset, 4)?, offset)
             .map(u32::from_le_bytes)
     }
 
@@ -1290,7 +1577,7 @@ impl VfioHardware {
     pub fn config_write_u16(&self, offset: u64, value: u16) -> Result<(), VfioSetupError> {
         self.config.write(
             &self.bdf,
-            self.device.as_raw_fd(),
+            self.config_fd("write", offset, 2)?,
             offset,
             &value.to_le_bytes(),
         )
@@ -1318,6 +1605,9 @@ impl VfioHardware {
         if let Some(v) = self.bar.others.iter().find_map(|a| a.read32(offset)) {
             return v;
         }
+        if self.link.is_released() {
+            return u32::MAX;
+        }
         self.warn_slow_path(offset);
         let Some(at) = self.slow_path_offset(offset) else {
             log::error!(
@@ -1328,7 +1618,7 @@ impl VfioHardware {
             return u32::MAX;
         };
         let mut buf = [0u8; 4];
-        match pread_exact(self.device.as_raw_fd(), &mut buf, at) {
+        match pread_exact(self.link.device_fd, &mut buf, at) {
             Ok(()) => u32::from_le_bytes(buf),
             Err(e) => {
                 // All ones is what a read of a vanished PCI device returns: callers already
@@ -1345,7 +1635,7 @@ impl VfioHardware {
     #[cold]
     #[inline(never)]
     fn write32_slow(&self, offset: usize, value: u32) {
-        if self.bar.others.iter().any(|a| a.write32(offset, value)) {
+        if self.bar.others.iter().any(|a| a.write32(offset, value)) || self.link.is_released() {
             return;
         }
         self.warn_slow_path(offset);
@@ -1357,7 +1647,7 @@ impl VfioHardware {
             );
             return;
         };
-        if let Err(e) = pwrite_exact(self.device.as_raw_fd(), &value.to_le_bytes(), at) {
+        if let Err(e) = pwrite_exact(self.link.device_fd, &value.to_le_bytes(), at) {
             log::error!(
                 "{}: register write of {value:#x} at BAR0 {offset:#x} failed: {e}",
                 self.bdf
@@ -1396,6 +1686,15 @@ impl Hardware for VfioHardware {
     }
 
     unsafe fn dma_map(&self, vaddr: *mut u8, len: usize, iova: Iova) -> Result<(), HwError> {
+        if self.link.is_released() {
+            return Err(HwError::Map {
+                dev: self.bdf.clone(),
+                iova,
+                len,
+                source: io::Error::new(io::ErrorKind::NotFound, "the device was removed"),
+                hint: String::new(),
+            });
+        }
         // SAFETY: the caller upholds the contract of `Hardware::dma_map` (memory allocated until
         // unmapped, no references into it), which is the contract of `vfio_dma_map`.
         let r = unsafe { self.container.vfio_dma_map(iova.0, len, vaddr) };
@@ -1426,6 +1725,10 @@ impl Hardware for VfioHardware {
     }
 
     fn dma_unmap(&self, iova: Iova, len: usize) -> Result<(), HwError> {
+        if self.link.is_released() {
+            // The kernel undid every mapping when it took the device back.
+            return Ok(());
+        }
         self.container.vfio_dma_unmap(iova.0, len).map_err(|e| {
             let source = match e {
                 VfioError::IommuDmaUnmap(se) => io::Error::from_raw_os_error(se.errno()),
@@ -1444,6 +1747,27 @@ impl Hardware for VfioHardware {
     }
 }
 
+impl Drop for VfioHardware {
+    fn drop(&mut self) {
+        if let Some(watcher) = self.watcher.take() {
+            watcher.stop();
+        }
+        // A request that came after the watcher stopped is honoured the same way: closing the
+        // device normally would race with the kernel tearing it down.
+        if self.link.request_pending() {
+            self.link
+                .release("the kernel asks for the device back (hot-unplug or removal)");
+        }
+        if self.link.is_released() {
+            // The device file is already closed and the kernel has torn the device down:
+            // `VfioDevice`'s own drop would look the device up in sysfs, where it no longer
+            // exists. Its remaining resources (a placeholder descriptor, the group and container
+            // descriptors, which the kernel has detached) are given up until the process exits.
+            std::mem::forget(self.device.take());
+        }
+    }
+}
+
 // VfioHardware is shared between the threads that own queue pairs.
 const _: () = {
     const fn assert_send_sync<T: Send + Sync>() {}
@@ -1456,6 +1780,7 @@ mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
     use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
     use vfio_ioctls::{
         VfioRegionInfoCapSparseMmap, VfioRegionInfoCapType, VfioRegionSparseMmapArea,
     };
@@ -2394,6 +2719,125 @@ mod tests {
         // other access is in flight.
         unsafe { std::ptr::copy_nonoverlapping(area.base.add(0x10), bytes.as_mut_ptr(), 4) };
         assert_eq!(bytes, [0x44, 0x33, 0x22, 0x11]);
+    }
+
+    /// A pipe: (read end, write end).
+    fn pipe() -> (std::fs::File, std::fs::File) {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        use std::os::unix::io::FromRawFd;
+        // SAFETY: pipe2 succeeded: both descriptors are open and owned by nobody else.
+        unsafe {
+            (
+                std::fs::File::from_raw_fd(fds[0]),
+                std::fs::File::from_raw_fd(fds[1]),
+            )
+        }
+    }
+
+    /// A link over two register areas and the write end of a pipe standing for the device
+    /// file; its request eventfd is returned beside it.
+    fn test_link(areas: &[&MmioArea], device: &std::fs::File) -> (Arc<Link>, RawFd) {
+        let request = EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK).unwrap();
+        let request_fd = request.as_raw_fd();
+        let link = Arc::new(Link {
+            bdf: "0000:00:04.0".into(),
+            areas: areas.iter().map(|a| (a.base as usize, a.len)).collect(),
+            device_fd: device.as_raw_fd(),
+            request: Some(request),
+            released: AtomicBool::new(false),
+            lock: Mutex::new(()),
+        });
+        (link, request_fd)
+    }
+
+    /// Whether the pipe's write end is closed: a read of the read end sees end of file.
+    fn writer_closed(reader: &std::fs::File) -> bool {
+        use std::io::Read;
+        let mut b = [0u8; 1];
+        let mut r = reader;
+        matches!(r.read(&mut b), Ok(0))
+    }
+
+    #[test]
+    fn a_removal_request_releases_the_device_while_registers_are_in_use() {
+        let fast = anonymous_area(0, 0x4000);
+        let other = anonymous_area(0x8000, 0x1000);
+        fast.write32(0x1c, 1);
+        other.write32(0x8000, 7);
+        let (reader, device) = pipe();
+        let (link, request_fd) = test_link(&[&fast, &other], &device);
+        let watcher = RemovalWatcher::spawn(link.clone()).unwrap().unwrap();
+
+        std::thread::scope(|s| {
+            // A thread polling a register the whole time never faults and sees the register
+            // or all ones, and all ones once released.
+            let poller = s.spawn(|| {
+                let mut reads = 0u64;
+                loop {
+                    let v = fast.read32(0x1c).unwrap();
+                    assert!(v == 1 || v == u32::MAX, "{v:#x}");
+                    reads += 1;
+                    if link.is_released() && fast.read32(0x1c) == Some(u32::MAX) {
+                        return reads;
+                    }
+                }
+            });
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(!link.is_released());
+            // SAFETY: writing 8 bytes from a valid u64 to an open eventfd.
+            let n = unsafe { libc::write(request_fd, (&1u64 as *const u64).cast(), 8) };
+            assert_eq!(n, 8);
+            assert!(poller.join().unwrap() > 0);
+        });
+        watcher.stop();
+
+        assert!(link.is_released());
+        assert_eq!(other.read32(0x8000), Some(u32::MAX));
+        assert_eq!(fast.read32(0x3ffc), Some(u32::MAX));
+        // Doorbell writes land in the placeholder memory, harmlessly.
+        assert!(fast.write32(0x1000, 5));
+        // The device file is closed; its descriptor number now holds a placeholder.
+        assert!(writer_closed(&reader));
+        // A second request changes nothing.
+        link.release("again");
+        assert!(link.is_released());
+    }
+
+    #[test]
+    fn stopping_the_watcher_leaves_the_device_alone() {
+        let fast = anonymous_area(0, 0x2000);
+        fast.write32(0x1c, 1);
+        let (reader, device) = pipe();
+        let (link, _request_fd) = test_link(&[&fast], &device);
+        let watcher = RemovalWatcher::spawn(link.clone()).unwrap().unwrap();
+        watcher.stop();
+        assert!(!link.is_released());
+        assert!(!link.request_pending());
+        assert_eq!(fast.read32(0x1c), Some(1));
+        let mut fds = [libc::pollfd {
+            fd: reader.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: `fds` is a valid array of one pollfd.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
+        assert_eq!(
+            ready, 0,
+            "the writer is still open: nothing to read, no end of file"
+        );
+    }
+
+    #[test]
+    fn a_request_after_the_watcher_stopped_is_seen_as_pending() {
+        let fast = anonymous_area(0, 0x2000);
+        let (_reader, device) = pipe();
+        let (link, request_fd) = test_link(&[&fast], &device);
+        // SAFETY: writing 8 bytes from a valid u64 to an open eventfd.
+        let n = unsafe { libc::write(request_fd, (&1u64 as *const u64).cast(), 8) };
+        assert_eq!(n, 8);
+        assert!(link.request_pending());
     }
 
     #[test]
