@@ -11,6 +11,12 @@
 //! stores (`MmioArea`); the few that may fall outside it (a BAR the kernel only lets us map
 //! sparsely) go through `pread`/`pwrite` on the device file descriptor.
 //!
+//! When the kernel wants the device back (hot-unplug, `echo 1 > .../remove`, an unbind), vfio-pci
+//! signals the device-request eventfd registered at open and waits for the device to be closed.
+//! A watcher thread then releases it at once: BAR0 is swapped for memory that reads all ones, so
+//! every queue pair and the controller see a removed device and fail outstanding and later
+//! commands with "device removed", and the device file is closed so the removal completes.
+//!
 //! [`probe`] runs the sysfs checks alone, without opening anything: `rnvme list` uses it to say
 //! whether each controller can be opened and, if not, why.
 
