@@ -9,10 +9,11 @@ use std::cell::Cell;
 use std::marker::PhantomData;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vm_memory::VolatileMemory;
 
+use crate::clock::{self, Ticks};
 use crate::dma::{DmaBuffer, DmaPool};
 use crate::error::{Error, Result};
 use crate::hw::Hardware;
@@ -117,51 +118,13 @@ pub const DEFAULT_RETRIES: u8 = 3;
 /// How long a command may take before it is aborted, by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A cheap timestamp for each submission: the CPU's time-stamp counter where there is one,
-/// converted to time against the monotonic clock only when deadlines are checked.
-#[inline]
-fn cycles() -> u64 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY: RDTSC has no preconditions; it only reads the time-stamp counter.
-        unsafe { core::arch::x86_64::_rdtsc() }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-        START.get_or_init(Instant::now).elapsed().as_nanos() as u64
-    }
-}
-
-/// Converts `cycles()` differences to durations, calibrated against `Instant`.
-struct Clock {
-    c0: u64,
-    t0: Instant,
-}
-
-impl Clock {
-    fn new() -> Clock {
-        Clock {
-            c0: cycles(),
-            t0: Instant::now(),
-        }
-    }
-
-    /// Nanoseconds per cycle, measured over the clock's lifetime (None until 1 ms passed).
-    fn ns_per_cycle(&self, now_c: u64) -> Option<f64> {
-        let dt = self.t0.elapsed();
-        let dc = now_c.wrapping_sub(self.c0);
-        (dt >= Duration::from_millis(1) && dc > 0).then(|| dt.as_nanos() as f64 / dc as f64)
-    }
-}
-
 struct Slot {
     tag: u64,
     busy: bool,
     /// The command as submitted, for retries.
     cmd: SqEntry,
-    /// `cycles()` at submission (or at the abort, once aborted).
-    submitted: u64,
+    /// When it was submitted (or aborted, once aborted).
+    submitted: Ticks,
     retries: u8,
     aborted: bool,
     /// Generation of the command id last handed out from this slot (4 bits).
@@ -243,7 +206,6 @@ pub struct QueuePair {
     timeout: Duration,
     retry_limit: u8,
     polls_to_check: u32,
-    clock: Clock,
     removed: bool,
     /// Owned by one thread: Send but not Sync.
     _not_sync: PhantomData<Cell<()>>,
@@ -277,7 +239,7 @@ impl QueuePair {
                     tag: 0,
                     busy: false,
                     cmd: SqEntry::default(),
-                    submitted: 0,
+                    submitted: Ticks(0),
                     retries: 0,
                     aborted: false,
                     gen: 0,
@@ -289,6 +251,8 @@ impl QueuePair {
             .into_boxed_slice();
         // Pop from the end: hand out low command ids first.
         let free = (0..entries - 1).rev().collect();
+        // Deadlines need the tick rate: start learning it now, while nothing is outstanding.
+        clock::start_learning_rate();
         Ok(QueuePair {
             qid,
             entries,
@@ -312,7 +276,6 @@ impl QueuePair {
             timeout: DEFAULT_TIMEOUT,
             retry_limit: DEFAULT_RETRIES,
             polls_to_check: CHECK_EVERY,
-            clock: Clock::new(),
             removed: false,
             _not_sync: PhantomData,
         })
@@ -440,7 +403,7 @@ impl QueuePair {
         slot.tag = tag;
         slot.busy = true;
         slot.cmd = cmd;
-        slot.submitted = cycles();
+        slot.submitted = Ticks::now();
         slot.retries = 0;
         slot.aborted = false;
         push_entry(&self.sq, &mut self.sq_tail, self.entries, &cmd);
@@ -539,7 +502,7 @@ impl QueuePair {
                         && status != NvmeStatus::ABORT_REQUESTED
                     {
                         slot.retries += 1;
-                        slot.submitted = cycles();
+                        slot.submitted = Ticks::now();
                         let cmd = slot.cmd;
                         self.stats.retries += 1;
                         log::debug!(
@@ -591,13 +554,11 @@ impl QueuePair {
                 return;
             }
         }
-        let now = cycles();
-        let Some(ns_per_cycle) = self.clock.ns_per_cycle(now) else {
+        let now = Ticks::now();
+        let Some(rate) = clock::learned_rate() else {
             return;
         };
-        let age = |since: u64| {
-            Duration::from_nanos((now.wrapping_sub(since) as f64 * ns_per_cycle) as u64)
-        };
+        let age = |since: Ticks| rate.duration(now.since(since));
         let oldest = self
             .slots
             .iter()
@@ -667,7 +628,7 @@ impl QueuePair {
             let aborted = rec.abort(self.qid, full);
             let slot = &mut self.slots[cid];
             slot.aborted = true;
-            slot.submitted = cycles();
+            slot.submitted = Ticks::now();
             if aborted.is_none() {
                 // Waiting for the other commands' aborts would cost an admin timeout each.
                 need_reset = true;

@@ -44,6 +44,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::Args;
+use rnvme_driver::clock::{learned_rate, Ticks};
 use rnvme_driver::controller::Controller;
 use rnvme_driver::dma::DmaBuffer;
 use rnvme_driver::hw::Hardware;
@@ -801,7 +802,9 @@ impl Worker<'_> {
         let mut free: Vec<usize> = (0..plan.depth).rev().collect();
         let mut completions: Vec<Completion> = Vec::with_capacity(plan.depth + 1);
         let stall = self.qp.command_timeout() * 4 + Duration::from_secs(10);
-        let mut last_progress = Instant::now();
+        // Ticks, not `Instant`: this is checked on every empty poll, and a clock read can be a
+        // system call.
+        let mut last_progress = Ticks::now();
         let mut final_flush_done = phase == Phase::Read;
         loop {
             if stop.load(Ordering::Relaxed) {
@@ -888,7 +891,8 @@ impl Worker<'_> {
             completions.clear();
             self.qp.poll(plan.depth + 1, |c| completions.push(c));
             if completions.is_empty() {
-                if last_progress.elapsed() > stall {
+                let waited = learned_rate().map(|r| r.duration(Ticks::now().since(last_progress)));
+                if waited.is_some_and(|w| w > stall) {
                     stop.store(true, Ordering::Relaxed);
                     return Err(VerifyError::Stalled {
                         dev: plan.dev.clone(),
@@ -898,7 +902,7 @@ impl Worker<'_> {
                 }
                 continue;
             }
-            last_progress = Instant::now();
+            last_progress = Ticks::now();
             for c in completions.drain(..) {
                 if c.status == NvmeStatus::DEVICE_REMOVED {
                     stop.store(true, Ordering::Relaxed);
