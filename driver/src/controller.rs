@@ -167,7 +167,13 @@ impl Controller {
         disable(hw.as_ref(), cap)?;
 
         let pool = DmaPool::new(hw.clone(), options.backing, options.initial_chunks)?;
-        let admin = QueuePair::new(hw.clone(), &pool, 0, admin_entries, cap.dstrd())?;
+        let admin = QueuePair::new(
+            hw.clone(),
+            &pool,
+            0,
+            (admin_entries, admin_entries),
+            cap.dstrd(),
+        )?;
         let a = (admin_entries - 1) as u32;
         hw.write32(reg::AQA, a | (a << 16));
         hw.write64(reg::ASQ, admin.sq_iova().0);
@@ -546,7 +552,7 @@ impl Shared {
         let size = (qp.entries() as u32 - 1) << 16;
         let mut c = SqEntry::new(admin_op::CREATE_IO_CQ, 0);
         c.dptr1 = qp.cq_iova().0;
-        c.cdw10 = qid | size;
+        c.cdw10 = qid | ((qp.cq_entries() as u32 - 1) << 16);
         c.cdw11 = 1; // physically contiguous, interrupts off
         self.admin
             .admin_cmd(c, None, "Create I/O Completion Queue")?;

@@ -175,12 +175,16 @@ impl IoQueuePair {
                 "queue depth {entries} is outside what the controller allows: 2 to {max} entries (CAP.MQES + 1)"
             )));
         }
+        // A completion queue larger than the submission queue lets the head doorbell be rung
+        // once per many completions (see `QueuePair`): twice the entries, at least 256, within
+        // what the controller allows.
+        let cq_entries = (entries * 2).max(256).min(max);
         let qid = shared.take_qid()?;
         let made = QueuePair::new(
             shared.hw.clone(),
             &shared.pool,
             qid,
-            entries as u16,
+            (entries as u16, cq_entries as u16),
             shared.cap.dstrd(),
         )
         .and_then(|qp| shared.create_queues(&qp).map(|_| qp));

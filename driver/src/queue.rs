@@ -186,6 +186,13 @@ fn push_entry(sq: &DmaBuffer, tail: &mut u16, entries: u16, cmd: &SqEntry) {
 pub struct QueuePair {
     qid: u16,
     entries: u16,
+    /// Entries of the completion queue: at least `entries`. The surplus lets the head doorbell
+    /// be rung once per many completions instead of after every poll that reaped one.
+    cq_entries: u16,
+    /// Completions reaped since the head doorbell was last rung; rung once it would exceed
+    /// `cq_entries - entries`. The controller then always sees room for every command that can
+    /// be outstanding (at most `entries - 1`), so it never waits for the doorbell.
+    cq_unrung: u16,
     sq: DmaBuffer,
     cq: DmaBuffer,
     sq_tail: u16,
@@ -212,13 +219,14 @@ pub struct QueuePair {
 }
 
 impl QueuePair {
-    /// Allocate the rings and slots of a queue pair with `entries` entries per queue (it holds
-    /// at most `entries - 1` commands). The controller must then be told about it.
+    /// Allocate the rings and slots of a queue pair with `entries` submission queue entries (it
+    /// holds at most `entries - 1` commands) and `cq_entries` completion queue entries (at
+    /// least `entries`). The controller must then be told about it.
     pub(crate) fn new(
         hw: Arc<dyn Hardware>,
         pool: &DmaPool,
         qid: u16,
-        entries: u16,
+        (entries, cq_entries): (u16, u16),
         dstrd: u8,
     ) -> Result<QueuePair> {
         if entries < 2 {
@@ -231,8 +239,14 @@ impl QueuePair {
                 "queue depth {entries} is too large: at most {MAX_QUEUE_ENTRIES} entries"
             )));
         }
+        if cq_entries < entries || cq_entries as u32 > MAX_QUEUE_ENTRIES {
+            return Err(Error::InvalidArgument(format!(
+                "completion queue of {cq_entries} entries for a submission queue of {entries}: \
+                 it needs {entries} to {MAX_QUEUE_ENTRIES}"
+            )));
+        }
         let sq = pool.alloc(entries as usize * std::mem::size_of::<SqEntry>())?;
-        let cq = pool.alloc(entries as usize * std::mem::size_of::<CqEntry>())?;
+        let cq = pool.alloc(cq_entries as usize * std::mem::size_of::<CqEntry>())?;
         let slots = (0..entries - 1)
             .map(|_| {
                 Ok(Slot {
@@ -256,6 +270,8 @@ impl QueuePair {
         Ok(QueuePair {
             qid,
             entries,
+            cq_entries,
+            cq_unrung: 0,
             sq,
             cq,
             sq_tail: 0,
@@ -286,9 +302,14 @@ impl QueuePair {
         self.qid
     }
 
-    /// Entries per queue.
+    /// Entries of the submission queue.
     pub fn entries(&self) -> u16 {
         self.entries
+    }
+
+    /// Entries of the completion queue (at least [`QueuePair::entries`]).
+    pub fn cq_entries(&self) -> u16 {
+        self.cq_entries
     }
 
     /// How many commands can be outstanding at once (entries − 1).
@@ -435,7 +456,8 @@ impl QueuePair {
     }
 
     /// Reap up to `max` completions, calling `f` for each; rings the submission doorbell
-    /// first if needed and the completion doorbell once at the end. Returns how many were
+    /// first if needed and, when the completion queue's surplus of entries is used up, the
+    /// completion doorbell once at the end. Returns how many were
     /// reaped. Completions for a command id that is not outstanding are counted as spurious
     /// and dropped, so no command ever completes twice.
     ///
@@ -475,7 +497,7 @@ impl QueuePair {
                 .expect("CQ entry inside the ring")
                 .load();
             self.cq_head += 1;
-            if self.cq_head == self.entries {
+            if self.cq_head == self.cq_entries {
                 self.cq_head = 0;
                 self.phase = !self.phase;
             }
@@ -534,8 +556,14 @@ impl QueuePair {
             }
         }
         if n > 0 {
-            self.hw.write32(self.cq_db, self.cq_head as u32);
-            self.stats.cq_doorbells += 1;
+            // Fewer than `cq_entries` (at most 4096) completions are reaped per call: no
+            // overflow.
+            self.cq_unrung += n as u16;
+            if self.cq_unrung > self.cq_entries - self.entries {
+                self.hw.write32(self.cq_db, self.cq_head as u32);
+                self.stats.cq_doorbells += 1;
+                self.cq_unrung = 0;
+            }
         } else {
             self.stats.idle_polls += 1;
         }
@@ -547,6 +575,13 @@ impl QueuePair {
     fn maintenance(&mut self, f: &mut impl FnMut(Completion)) {
         if self.removed {
             return;
+        }
+        // A controller that posted more than it was asked to (duplicates) may be waiting for
+        // room: let it see every entry reaped so far.
+        if self.cq_unrung > 0 {
+            self.hw.write32(self.cq_db, self.cq_head as u32);
+            self.stats.cq_doorbells += 1;
+            self.cq_unrung = 0;
         }
         if let Some(rec) = self.recovery.clone() {
             if rec.generation() != self.generation {
@@ -737,6 +772,7 @@ impl QueuePair {
         self.sq_head = 0;
         self.rung_tail = 0;
         self.cq_head = 0;
+        self.cq_unrung = 0;
         self.phase = true;
         self.cq.fill(0);
         lost

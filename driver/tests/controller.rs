@@ -210,7 +210,9 @@ fn phase_wraps_many_times() {
     let mut qp = ctrl.create_io_qpair(4).unwrap();
     let buf = ctrl.alloc(4096).unwrap();
     let mut seen = Vec::new();
-    for i in 0..200u64 {
+    // The completion queue has 256 entries: 600 commands wrap it twice.
+    assert_eq!(qp.cq_entries(), 256);
+    for i in 0..600u64 {
         model.write_ns(1, i % 64, &[i as u8; 4096]);
         qp.submit(read_cmd(1, i % 64, 1), &[buf.segment()], i)
             .unwrap();
@@ -223,9 +225,57 @@ fn phase_wraps_many_times() {
         seen.push(got[0].tag);
         assert_eq!(buf.to_vec(), vec![i as u8; 4096]);
     }
-    assert_eq!(seen, (0..200).collect::<Vec<_>>());
+    assert_eq!(seen, (0..600).collect::<Vec<_>>());
     let s = qp.stats();
-    assert_eq!((s.submitted, s.completed, s.spurious), (200, 200, 0));
+    assert_eq!((s.submitted, s.completed, s.spurious), (600, 600, 0));
+}
+
+#[test]
+fn the_completion_doorbell_is_rung_once_per_many_completions() {
+    let (model, ctrl) = open(config(5));
+    // 3 commands at most in flight, 256 completion entries: the head doorbell is due once 253
+    // entries were reaped, and the controller never finds the queue full.
+    let mut qp = ctrl.create_io_qpair(4).unwrap();
+    assert_eq!((qp.entries(), qp.cq_entries()), (4, 256));
+    let buf = ctrl.alloc(3 * 4096).unwrap();
+    let before = model.stats();
+    let mut done = 0u64;
+    let mut next = 0u64;
+    while done < 1000 {
+        while next < 1000 && qp.outstanding() < 3 {
+            let seg = buf.segment_at((next % 3) as usize * 4096, 4096);
+            qp.submit(read_cmd(1, next % 64, 1), &[seg], next).unwrap();
+            next += 1;
+        }
+        done += qp.poll(8, |c| assert!(c.status.is_success())) as u64;
+    }
+    let after = model.stats();
+    let rung = after.cq_doorbells - before.cq_doorbells;
+    assert_eq!(rung, qp.stats().cq_doorbells);
+    assert!(
+        (3..=4).contains(&rung),
+        "{rung} head doorbells for 1000 completions"
+    );
+    assert_eq!(
+        after.cq_full_waits, before.cq_full_waits,
+        "the controller never waited for room"
+    );
+    assert_eq!(after.ignored_doorbells, before.ignored_doorbells);
+}
+
+#[test]
+fn a_queue_as_deep_as_the_controller_allows_rings_after_every_poll() {
+    // The model allows 1024 entries: a queue of 1024 has no spare completion entries.
+    let (model, ctrl) = open(config(5));
+    let mut qp = ctrl.create_io_qpair(1024).unwrap();
+    assert_eq!(qp.cq_entries(), 1024);
+    let buf = ctrl.alloc(4096).unwrap();
+    let before = model.stats().cq_doorbells;
+    for i in 0..5u64 {
+        qp.submit(read_cmd(1, i, 1), &[buf.segment()], i).unwrap();
+        while qp.poll(8, |c| assert!(c.status.is_success())) == 0 {}
+    }
+    assert_eq!(model.stats().cq_doorbells - before, 5);
 }
 
 #[test]

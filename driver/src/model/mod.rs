@@ -173,6 +173,8 @@ pub struct ModelStats {
     pub completions_dropped: u64,
     /// Completions posted a second time.
     pub completions_duplicated: u64,
+    /// Completions that had to wait because their completion queue was full.
+    pub cq_full_waits: u64,
     /// Completions with an error status.
     pub errors_returned: u64,
     /// Commands whose CID was already outstanding on their queue.
@@ -1198,6 +1200,7 @@ impl Inner {
         };
         if !cq.waiting.is_empty() || cq.full() {
             cq.waiting.push_back(c);
+            self.stats.cq_full_waits += 1;
             return;
         }
         self.write_cqe(c);
