@@ -39,6 +39,10 @@ pub struct CompareArgs {
     /// Seconds per measurement (after a 1 s warm-up); default 5, 2 with --quick
     #[arg(long, value_name = "S")]
     pub seconds: Option<u32>,
+    /// Rounds of every measurement, the device going back and forth between the kernel and
+    /// rnvme; the table shows each one's median. Default 3, 1 with --quick
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=9))]
+    pub rounds: Option<u32>,
     /// Print the guest's output and console as well
     #[arg(long, short)]
     pub verbose: bool,
@@ -236,9 +240,10 @@ fn rnvme_command(wl: &Workload, flag: &str, seconds: u32) -> String {
 const BEGIN: &str = "@@BEGIN ";
 const END: &str = "@@END";
 
-/// The guest script: fill the namespace, run fio for every workload and engine, bind to
-/// vfio-pci, run rnvme perf for every workload and variant.
-pub fn script(workloads: &[Workload], seconds: u32) -> String {
+/// The guest script: fill the namespace; then, `rounds` times, run fio for every workload and
+/// engine, bind to vfio-pci, run rnvme perf for every workload and variant, and give the
+/// device back to the kernel driver. Rounds spread slow phases of a noisy host over both sides.
+pub fn script(workloads: &[Workload], seconds: u32, rounds: u32) -> String {
     let mut s = String::from(
         "echo \"@@INFO kernel $(uname -r)\"\n\
          echo \"@@INFO io_poll $(cat /sys/block/nvme0n1/queue/io_poll 2>/dev/null)\"\n\
@@ -253,24 +258,32 @@ pub fn script(workloads: &[Workload], seconds: u32) -> String {
             "echo \"{BEGIN}{key}\"\n{cmd} 2>&1 || echo \"@@FAILED $?\"\necho \"{END}\""
         );
     };
-    for wl in workloads {
-        for (name, opts) in KERNEL_ENGINES {
-            run(
-                &mut s,
-                &format!("{name}|{}", wl.name),
-                &fio_command(wl, opts, seconds),
-            );
+    for round in 1..=rounds {
+        for wl in workloads {
+            for (name, opts) in KERNEL_ENGINES {
+                run(
+                    &mut s,
+                    &format!("{name}|{}", wl.name),
+                    &fio_command(wl, opts, seconds),
+                );
+            }
         }
-    }
-    s.push_str(
-        "rnvme setup --hugepages 0 $NVME0 >/dev/null || { echo \"@@INFO rnvme setup failed\"; exit 1; }\n",
-    );
-    for wl in workloads {
-        for flag in std::iter::once("").chain(wl.extra.iter().copied()) {
-            run(
-                &mut s,
-                &format!("{}|{}", rnvme_engine_name(flag), wl.name),
-                &rnvme_command(wl, flag, seconds),
+        s.push_str(
+            "rnvme setup --hugepages 0 $NVME0 >/dev/null || { echo \"@@INFO rnvme setup failed\"; exit 1; }\n",
+        );
+        for wl in workloads {
+            for flag in std::iter::once("").chain(wl.extra.iter().copied()) {
+                run(
+                    &mut s,
+                    &format!("{}|{}", rnvme_engine_name(flag), wl.name),
+                    &rnvme_command(wl, flag, seconds),
+                );
+            }
+        }
+        if round < rounds {
+            s.push_str(
+                "rnvme reset $NVME0 >/dev/null || { echo \"@@INFO rnvme reset failed\"; exit 1; }\n\
+                 i=0; while [ ! -b /dev/nvme0n1 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done\n",
             );
         }
     }
@@ -292,6 +305,8 @@ pub struct Measurement {
     pub lat_p99_us: f64,
     /// Failed I/Os.
     pub errors: u64,
+    /// IOPS of every round, in the order they ran; the other fields are the median round's.
+    pub iops_rounds: Vec<f64>,
     /// rnvme's batching counters, when it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub counters: Option<Value>,
@@ -362,6 +377,7 @@ pub fn parse_fio(engine: &str, body: &str) -> Result<Measurement> {
         },
         lat_p99_us: p99 / 1000.0,
         errors,
+        iops_rounds: vec![iops],
         counters: None,
     })
 }
@@ -379,6 +395,7 @@ pub fn parse_rnvme(engine: &str, body: &str) -> Result<Measurement> {
         lat_mean_us: num(&v["lat_us"]["avg"]),
         lat_p99_us: num(&v["lat_us"]["p99"]),
         errors: v["errors"].as_u64().unwrap_or(0) + v["verify_errors"].as_u64().unwrap_or(0),
+        iops_rounds: vec![num(&v["iops"])],
         counters: Some(v["counters"].clone()),
     })
 }
@@ -428,6 +445,8 @@ pub struct Comparison {
     pub setup: Vec<String>,
     /// Seconds per measurement.
     pub seconds: u32,
+    /// Rounds of every measurement (the table shows medians).
+    pub rounds: u32,
     /// The lines.
     pub lines: Vec<Line>,
     /// The targets.
@@ -451,21 +470,30 @@ pub fn collect(output: &str, workloads: &[Workload]) -> (Vec<Line>, Vec<String>)
         );
         for engine in engines {
             let key = format!("{engine}|{}", wl.name);
-            let Some((_, body)) = secs.iter().find(|(k, _)| *k == key) else {
-                failures.push(format!("{engine}: no output"));
-                continue;
-            };
-            let parsed = if engine.starts_with("fio") {
-                parse_fio(&engine, body)
-            } else {
-                parse_rnvme(&engine, body)
-            };
-            match parsed {
-                Ok(m) => results.push(m),
-                Err(e) => failures.push(format!(
-                    "{engine}: {e}: {}",
-                    body.lines().rev().take(3).collect::<Vec<_>>().join(" / ")
-                )),
+            let mut rounds = Vec::new();
+            for (_, body) in secs.iter().filter(|(k, _)| *k == key) {
+                let parsed = if engine.starts_with("fio") {
+                    parse_fio(&engine, body)
+                } else {
+                    parse_rnvme(&engine, body)
+                };
+                match parsed {
+                    Ok(m) => rounds.push(m),
+                    Err(e) => failures.push(format!(
+                        "{engine}: {e}: {}",
+                        body.lines().rev().take(3).collect::<Vec<_>>().join(" / ")
+                    )),
+                }
+            }
+            match median_round(rounds) {
+                Some(m) => results.push(m),
+                None if !failures
+                    .iter()
+                    .any(|f| f.starts_with(&format!("{engine}: "))) =>
+                {
+                    failures.push(format!("{engine}: no output"))
+                }
+                None => {}
             }
         }
         // The best kernel engine is the one with the most IOPS; both ratios compare with it
@@ -494,6 +522,17 @@ pub fn collect(output: &str, workloads: &[Workload]) -> (Vec<Line>, Vec<String>)
         });
     }
     (lines, info)
+}
+
+/// The round with the median IOPS (the lower middle one of an even count), carrying every
+/// round's IOPS; None without rounds.
+fn median_round(mut rounds: Vec<Measurement>) -> Option<Measurement> {
+    let all: Vec<f64> = rounds.iter().map(|m| m.iops).collect();
+    rounds.sort_by(|a, b| a.iops.total_cmp(&b.iops));
+    let mid = rounds.len().checked_sub(1)? / 2;
+    let mut m = rounds.swap_remove(mid);
+    m.iops_rounds = all;
+    Some(m)
 }
 
 /// The issue's targets, against fio io_uring in the same boot.
@@ -580,8 +619,11 @@ pub fn table(c: &Comparison) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "rnvme bench compare, {} ({} s per measurement)",
-        c.date, c.seconds
+        "rnvme bench compare, {} ({} s per measurement, median of {} round{})",
+        c.date,
+        c.seconds,
+        c.rounds,
+        if c.rounds == 1 { "" } else { "s" }
     );
     for l in &c.setup {
         let _ = writeln!(s, "  {l}");
@@ -710,15 +752,17 @@ fn host_facts() -> Vec<String> {
 fn compare(a: CompareArgs) -> Result<ExitCode> {
     let begin = Instant::now();
     let seconds = a.seconds.unwrap_or(if a.quick { 2 } else { 5 }).max(1);
+    let rounds = a.rounds.unwrap_or(if a.quick { 1 } else { 3 });
     let workloads: Vec<Workload> = WORKLOADS
         .iter()
         .filter(|w| !a.quick || w.quick)
         .copied()
         .collect();
-    let measurements: usize = workloads
-        .iter()
-        .map(|w| KERNEL_ENGINES.len() + 1 + w.extra.len())
-        .sum();
+    let measurements: usize = rounds as usize
+        * workloads
+            .iter()
+            .map(|w| KERNEL_ENGINES.len() + 1 + w.extra.len())
+            .sum::<usize>();
     let rnvme = super::vm::static_rnvme()?;
     let config = VmConfig {
         controllers: vec![ControllerSpec {
@@ -740,7 +784,7 @@ fn compare(a: CompareArgs) -> Result<ExitCode> {
         "rnvme: booting one guest for {measurements} measurements of {seconds} s each (about {} min)...",
         (measurements as u64 * (seconds as u64 + 3) + 30).div_ceil(60)
     );
-    let out = vm::run(&config, &script(&workloads, seconds))?;
+    let out = vm::run(&config, &script(&workloads, seconds, rounds))?;
     if a.verbose {
         eprintln!("--- guest output ---\n{}\n---", out.output.trim_end());
     }
@@ -755,6 +799,7 @@ fn compare(a: CompareArgs) -> Result<ExitCode> {
         date,
         setup,
         seconds,
+        rounds,
         lines,
         targets,
         wall_s: begin.elapsed().as_secs_f64(),
@@ -887,6 +932,7 @@ mod tests {
             date: utc(0),
             setup: vec!["x".into()],
             seconds: 5,
+            rounds: 1,
             lines,
             targets: t,
             wall_s: 1.0,
@@ -905,13 +951,22 @@ mod tests {
 
     #[test]
     fn script_runs_every_engine_and_variant() {
-        let s = script(&WORKLOADS, 5);
+        let s = script(&WORKLOADS, 5, 1);
         let begins = s.matches(BEGIN).count();
         let want: usize = WORKLOADS
             .iter()
             .map(|w| KERNEL_ENGINES.len() + 1 + w.extra.len())
             .sum();
         assert_eq!(begins, want);
+        assert!(!s.contains("rnvme reset"), "one round keeps the device");
+        let three = script(&WORKLOADS, 5, 3);
+        assert_eq!(three.matches(BEGIN).count(), 3 * want);
+        assert_eq!(three.matches("rnvme setup --hugepages").count(), 3);
+        assert_eq!(
+            three.matches("rnvme reset $NVME0").count(),
+            2,
+            "back to the kernel between rounds"
+        );
         assert!(s.contains(
             "--ioengine=io_uring --hipri --rw=randread --bs=4096 --iodepth=32 --numjobs=2"
         ));
@@ -925,6 +980,59 @@ mod tests {
         let setup = s.find("rnvme setup").unwrap();
         assert!(s.rfind("fio --name").unwrap() < setup);
         assert!(s.find("rnvme perf").unwrap() > setup);
+    }
+
+    #[test]
+    fn rounds_are_reduced_to_their_median() {
+        let wl = [WORKLOADS[0]];
+        let mut out = String::new();
+        for (iops, avg) in [(30000.0, 30.0), (10000.0, 90.0), (20000.0, 50.0)] {
+            out.push_str(&format!(
+                "{BEGIN}rnvme|{}\n{}\n{END}\n",
+                wl[0].name,
+                rnvme_json(iops, avg)
+            ));
+        }
+        // A round that failed is reported; the others still count.
+        out.push_str(&format!(
+            "{BEGIN}rnvme --reactor|{}\nrnvme: error: broken\n{END}\n{BEGIN}rnvme --reactor|{}\n{}\n{END}\n",
+            wl[0].name,
+            wl[0].name,
+            rnvme_json(5000.0, 200.0)
+        ));
+        let (lines, _) = collect(&out, &wl);
+        let ours = lines[0].get("rnvme").unwrap();
+        assert_eq!(
+            (ours.iops, ours.lat_mean_us),
+            (20000.0, 50.0),
+            "the median round, whole"
+        );
+        assert_eq!(
+            ours.iops_rounds,
+            [30000.0, 10000.0, 20000.0],
+            "in the order they ran"
+        );
+        assert_eq!(lines[0].get("rnvme --reactor").unwrap().iops, 5000.0);
+        assert!(lines[0]
+            .failures
+            .iter()
+            .any(|f| f.starts_with("rnvme --reactor: no JSON object")));
+        assert!(
+            !lines[0]
+                .failures
+                .iter()
+                .any(|f| f == "rnvme --reactor: no output"),
+            "{:?}",
+            lines[0].failures
+        );
+        // Two rounds: the lower middle one.
+        let two = median_round(vec![
+            parse_rnvme("rnvme", &rnvme_json(8.0, 1.0)).unwrap(),
+            parse_rnvme("rnvme", &rnvme_json(4.0, 2.0)).unwrap(),
+        ])
+        .unwrap();
+        assert_eq!((two.iops, two.iops_rounds.clone()), (4.0, vec![8.0, 4.0]));
+        assert!(median_round(Vec::new()).is_none());
     }
 
     #[test]
