@@ -28,7 +28,8 @@ pub struct ControllerOptions {
     pub io_queues: u16,
     /// How long an admin command may take.
     pub admin_timeout: Duration,
-    /// Data pointers for I/O queue pairs (SGL falls back to PRP when unsupported).
+    /// Data pointers for I/O queue pairs: by default chosen per command (SGLs where PRPs
+    /// would need a list); SGL and the per-command choice fall back to PRP when unsupported.
     pub data_pointer: DataPointerMode,
 }
 
@@ -40,7 +41,7 @@ impl Default for ControllerOptions {
             admin_entries: 32,
             io_queues: 64,
             admin_timeout: Duration::from_secs(10),
-            data_pointer: DataPointerMode::Prp,
+            data_pointer: DataPointerMode::Auto,
         }
     }
 }

@@ -198,10 +198,9 @@ impl IoQueuePair {
         let generation = Recovery::generation(shared.as_ref());
         qp.set_recovery(shared.clone(), generation);
         let sgl = !matches!(shared.info.sgl_support(), crate::identify::SglSupport::None);
-        qp.set_data_pointer_mode_unchecked(if mode == DataPointerMode::Sgl && sgl {
-            DataPointerMode::Sgl
-        } else {
-            DataPointerMode::Prp
+        qp.set_data_pointer_mode_unchecked(match mode {
+            DataPointerMode::Sgl | DataPointerMode::Auto if sgl => mode,
+            _ => DataPointerMode::Prp,
         });
         Ok(IoQueuePair {
             qp,
@@ -210,19 +209,23 @@ impl IoQueuePair {
         })
     }
 
-    /// Choose PRPs or SGLs for data. SGLs need controller support.
+    /// Choose PRPs, SGLs or a per-command choice for data. SGLs need controller support;
+    /// without it the per-command choice is PRPs.
     pub fn set_data_pointer_mode(&mut self, mode: DataPointerMode) -> Result<()> {
-        if mode == DataPointerMode::Sgl
-            && matches!(
-                self.shared.info.sgl_support(),
-                crate::identify::SglSupport::None
-            )
-        {
-            return Err(Error::Unsupported {
-                dev: self.shared.hw.name().to_string(),
-                why: "the controller does not support SGLs".into(),
-            });
-        }
+        let unsupported = matches!(
+            self.shared.info.sgl_support(),
+            crate::identify::SglSupport::None
+        );
+        let mode = match mode {
+            DataPointerMode::Sgl if unsupported => {
+                return Err(Error::Unsupported {
+                    dev: self.shared.hw.name().to_string(),
+                    why: "the controller does not support SGLs".into(),
+                });
+            }
+            DataPointerMode::Auto if unsupported => DataPointerMode::Prp,
+            m => m,
+        };
         self.qp.set_data_pointer_mode_unchecked(mode);
         Ok(())
     }

@@ -31,6 +31,22 @@ pub enum DataPointerMode {
     Prp,
     /// Scatter-gather lists (only when the controller reports SGL support).
     Sgl,
+    /// Chosen per command: PRPs when the data fits the two entries of the command (one
+    /// contiguous piece of at most two pages), SGLs when PRPs would need a list. Only when the
+    /// controller reports SGL support; PRPs otherwise.
+    Auto,
+}
+
+/// Whether `data` fits the command's two PRP entries: one piece over at most two pages.
+#[inline(always)]
+fn fits_two_prps(data: &[Segment]) -> bool {
+    match data {
+        [s] => {
+            let first = PAGE_SIZE as u64 - (s.iova.0 % PAGE_SIZE as u64);
+            (s.len as u64) <= first + PAGE_SIZE as u64
+        }
+        _ => false,
+    }
 }
 
 /// One completed command.
@@ -396,17 +412,23 @@ impl QueuePair {
                 extra: &mut slot.extra,
                 pool: &self.pool,
             };
-            let built = match self.mode {
-                DataPointerMode::Prp => build_prp(data, &mut lists)
-                    .map(|p| (p.prp1, p.prp2))
-                    .map_err(Error::from),
-                DataPointerMode::Sgl => build_sgl(data, &mut lists)
+            let sgl = match self.mode {
+                DataPointerMode::Prp => false,
+                DataPointerMode::Sgl => true,
+                DataPointerMode::Auto => !fits_two_prps(data),
+            };
+            let built = if sgl {
+                build_sgl(data, &mut lists)
                     .map(|d| d.to_dptr())
-                    .map_err(Error::from),
+                    .map_err(Error::from)
+            } else {
+                build_prp(data, &mut lists)
+                    .map(|p| (p.prp1, p.prp2))
+                    .map_err(Error::from)
             };
             match built {
                 Ok((d1, d2)) => {
-                    if self.mode == DataPointerMode::Sgl {
+                    if sgl {
                         cmd.cdw0 |= PSDT_SGL;
                     }
                     cmd.dptr1 = d1;

@@ -177,6 +177,7 @@ fn transfers_beyond_two_mib_use_chained_prp_lists() {
     // entries and a chain pointer, then a second page of the remaining 512.
     let (model, ctrl) = open(config(0));
     let mut qp = ctrl.create_io_qpair(4).unwrap();
+    qp.set_data_pointer_mode(DataPointerMode::Prp).unwrap();
     let data = pattern(4 << 20, 3);
     model.write_ns(1, 64, &data);
     let before = model.stats();
@@ -186,6 +187,49 @@ fn transfers_beyond_two_mib_use_chained_prp_lists() {
     assert_eq!(after.reads - before.reads, 1);
     assert_eq!(after.prp_list_pages - before.prp_list_pages, 2);
     assert_eq!(buf.to_vec(), data);
+}
+
+#[test]
+fn the_default_takes_prps_without_a_list_and_sgls_instead_of_one() {
+    let (model, ctrl) = open(config(5));
+    let mut qp = ctrl.create_io_qpair(4).unwrap();
+    assert_eq!(qp.data_pointer_mode(), DataPointerMode::Auto);
+    let buf = ctrl.alloc(128 << 10).unwrap();
+    let data = pattern(128 << 10, 9);
+    model.write_ns(1, 0, &data);
+    // One page, then two pages: PRP1 (and PRP2), no SGL descriptor, no list.
+    for blocks in [1u64, 2] {
+        let before = model.stats();
+        qp.read(1, 0, blocks, &buf).unwrap();
+        let after = model.stats();
+        assert_eq!(
+            after.sgl_descriptors, before.sgl_descriptors,
+            "{blocks} block(s)"
+        );
+        assert_eq!(
+            after.prp_list_pages, before.prp_list_pages,
+            "{blocks} block(s)"
+        );
+    }
+    // Three pages would need a PRP list: one SGL Data Block descriptor instead.
+    let before = model.stats();
+    qp.read(1, 0, 32, &buf).unwrap();
+    let after = model.stats();
+    assert_eq!(after.prp_list_pages, before.prp_list_pages);
+    assert!(after.sgl_descriptors > before.sgl_descriptors);
+    assert_eq!(buf.to_vec(), data);
+    // A controller without SGLs gets PRPs for everything.
+    let (model, ctrl) = open(ModelConfig {
+        sgl: false,
+        ..config(5)
+    });
+    let mut qp = ctrl.create_io_qpair(4).unwrap();
+    assert_eq!(qp.data_pointer_mode(), DataPointerMode::Prp);
+    qp.set_data_pointer_mode(DataPointerMode::Auto).unwrap();
+    assert_eq!(qp.data_pointer_mode(), DataPointerMode::Prp);
+    let before = model.stats();
+    qp.read(1, 0, 32, &buf).unwrap();
+    assert_eq!(model.stats().prp_list_pages - before.prp_list_pages, 1);
 }
 
 #[test]

@@ -467,6 +467,8 @@ proptest! {
 fn misaligned_buffer_is_refused_before_anything_is_sent() {
     let (model, ctrl) = open(LBA as u32);
     let mut qp = ctrl.create_io_qpair(8).unwrap();
+    // PRPs throughout: by default a scattered buffer would go out as an SGL.
+    qp.set_data_pointer_mode(DataPointerMode::Prp).unwrap();
     let buf = ctrl.alloc(2 * PAGE_SIZE).unwrap();
     type Expect = fn(&PrpError) -> bool;
     let cases: [(Vec<Segment>, Expect); 3] = [

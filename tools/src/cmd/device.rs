@@ -29,7 +29,8 @@ pub struct DeviceArgs {
     /// Take DMA memory from ordinary 4 KiB pages (pinned by VFIO) instead of hugepages
     #[arg(long)]
     pub no_hugepages: bool,
-    /// Describe data buffers with SGLs instead of PRPs (when the controller supports SGLs)
+    /// Describe every data buffer with SGLs (the default: PRPs where they need no list, SGLs
+    /// where they would, when the controller supports SGLs)
     #[arg(long)]
     pub sgl: bool,
 }
@@ -45,7 +46,7 @@ impl DeviceArgs {
         let data_pointer = if self.sgl {
             DataPointerMode::Sgl
         } else {
-            DataPointerMode::Prp
+            DataPointerMode::Auto
         };
         Ok(Controller::open(
             &self.bdf,
