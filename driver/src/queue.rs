@@ -41,10 +41,7 @@ pub enum DataPointerMode {
 #[inline(always)]
 fn fits_two_prps(data: &[Segment]) -> bool {
     match data {
-        [s] => {
-            let first = PAGE_SIZE as u64 - (s.iova.0 % PAGE_SIZE as u64);
-            (s.len as u64) <= first + PAGE_SIZE as u64
-        }
+        [s] => (s.iova.0 & (PAGE_SIZE as u64 - 1)) + s.len as u64 <= 2 * PAGE_SIZE as u64,
         _ => false,
     }
 }
