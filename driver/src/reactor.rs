@@ -165,6 +165,24 @@ pub enum Reply {
     Callback(Box<dyn FnOnce(IoDone) + Send>),
     /// Sent on this channel (a send to a dropped receiver is ignored).
     Channel(Sender<IoDone>),
+    /// Sent on this channel, then `thread` is unparked: for a client that waits with
+    /// [`wait_parked`], which sleeps without the busy spinning a blocking channel receive does
+    /// first (on an emulated CPU each spin-loop hint can stop the world for a moment).
+    Wake(Sender<IoDone>, std::thread::Thread),
+}
+
+/// Wait for an answer on `rx` of requests sent with [`Reply::Wake`] naming this thread: takes
+/// what is there, or parks until the reactor unparks this thread. Never spins.
+pub fn wait_parked(rx: &Receiver<IoDone>) -> IoDone {
+    loop {
+        match rx.try_recv() {
+            Ok(d) => return d,
+            Err(TryRecvError::Empty) => std::thread::park(),
+            // Unreachable while the caller holds a sender, as clients do; without one every
+            // request was answered already.
+            Err(TryRecvError::Disconnected) => std::thread::park(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Reply {
@@ -172,6 +190,7 @@ impl std::fmt::Debug for Reply {
         f.write_str(match self {
             Reply::Callback(_) => "Reply::Callback",
             Reply::Channel(_) => "Reply::Channel",
+            Reply::Wake(..) => "Reply::Wake",
         })
     }
 }
@@ -186,6 +205,10 @@ impl Reply {
                 if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(done))).is_err() {
                     log::error!("the completion callback of request {tag} panicked");
                 }
+            }
+            Reply::Wake(tx, thread) => {
+                let _ = tx.send(done);
+                thread.unpark();
             }
             Reply::Channel(tx) => {
                 let _ = tx.send(done);
@@ -370,11 +393,20 @@ impl ReactorHandle {
     /// in one go, so they are submitted together and share a doorbell (sent one by one, a
     /// spinning reactor may pick them up a few at a time).
     pub fn submit_batch(&self, reqs: impl IntoIterator<Item = IoRequest>, tx: &Sender<IoDone>) {
+        self.submit_batch_with(reqs, || Reply::Channel(tx.clone()));
+    }
+
+    /// Send several requests in one message, each answered through the reply `reply` makes.
+    pub fn submit_batch_with(
+        &self,
+        reqs: impl IntoIterator<Item = IoRequest>,
+        mut reply: impl FnMut() -> Reply,
+    ) {
         let jobs: Vec<Job> = reqs
             .into_iter()
             .map(|req| Job {
                 req,
-                reply: Some(Reply::Channel(tx.clone())),
+                reply: Some(reply()),
             })
             .collect();
         if !jobs.is_empty() {
@@ -843,6 +875,49 @@ mod tests {
         let doorbells: u64 = st.queues.iter().map(|q| q.sq_doorbells).sum();
         assert!(doorbells <= st.batches * 2, "one ring per queue per batch");
         assert_eq!(exit.queues.len(), 2);
+    }
+
+    #[test]
+    fn waking_replies_unpark_a_client_that_waits_without_spinning() {
+        let (model, ctrl) = open();
+        let reactor = Reactor::spawn(
+            vec![ctrl.create_io_qpair(16).unwrap()],
+            ReactorConfig::default(),
+        )
+        .unwrap();
+        let h = reactor.handle();
+        let buf = ctrl.alloc(4096).unwrap();
+        buf.write_bytes(0, &stamp(5));
+        model.write_ns(1, 0, &stamp(5));
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let me = std::thread::current();
+        // Ten rounds of eight reads, each round waited for with wait_parked.
+        let mut seen = Vec::new();
+        for round in 0..10u64 {
+            h.submit_batch_with(
+                (0..8).map(|i| {
+                    IoRequest::new(
+                        read_cmd(1, 0, 1),
+                        IoData::Segment(buf.segment()),
+                        round * 8 + i,
+                    )
+                }),
+                || Reply::Wake(tx.clone(), me.clone()),
+            );
+            for _ in 0..8 {
+                let d = wait_parked(&rx);
+                assert!(d.result.is_ok(), "{:?}", d.result);
+                seen.push(d.tag);
+            }
+        }
+        seen.sort();
+        assert_eq!(
+            seen,
+            (0..80).collect::<Vec<_>>(),
+            "every request answered once"
+        );
+        assert!(rx.try_recv().is_err());
+        assert_eq!(reactor.shutdown().unwrap().stats.completed, 80);
     }
 
     #[test]

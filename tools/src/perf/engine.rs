@@ -18,7 +18,8 @@ use rnvme_driver::dma::DmaBuffer;
 use rnvme_driver::io::{read_cmd, write_cmd, IoQueuePair};
 use rnvme_driver::queue::{Completion, QueueStats};
 use rnvme_driver::reactor::{
-    IoData, IoDone, IoRequest, Reactor, ReactorConfig, ReactorHandle, TickRate, Ticks,
+    wait_parked, IoData, IoDone, IoRequest, Reactor, ReactorConfig, ReactorHandle, Reply, TickRate,
+    Ticks,
 };
 use rnvme_driver::spec::SqEntry;
 use rnvme_driver::NvmeStatus;
@@ -37,9 +38,11 @@ const STALL: Duration = Duration::from_secs(30);
 const DRAIN: Duration = Duration::from_secs(10);
 /// Failed commands remembered per thread for the report.
 const KEEP_ERRORS: usize = 8;
-/// Reactor clients: empty checks of the answer channel before blocking on it. Spinning does
-/// not pay where clients and the reactor share few CPUs: the device takes far longer than a
-/// wake-up.
+/// Reactor clients: empty checks of the answer channel before parking. Spinning does not pay
+/// where clients and the reactor share few CPUs: the device takes far longer than a wake-up.
+/// The checks carry no spin-loop hint (on an emulated CPU each hint can stop the world), and
+/// the client parks with `wait_parked` rather than a blocking receive, which hints before it
+/// sleeps.
 const CLIENT_SPINS: u32 = 16;
 
 /// Where the run is.
@@ -658,7 +661,8 @@ fn queue_slot(out: &mut Vec<IoRequest>, t: usize, w: &NsWork, i: usize, queue_ba
     });
 }
 
-/// Wait for at least one answer (a short spin, then blocking), then take all that are there.
+/// Wait for at least one answer (a few checks, then parked until the reactor unparks this
+/// thread), then take all that are there.
 ///
 /// The wait has no timeout: every request gets exactly one answer from the reactor, even when
 /// it stops or dies, and the driver's command deadlines bound how long the device may take. A
@@ -671,14 +675,9 @@ fn wait_answers(rx: &Receiver<IoDone>, batch: &mut Vec<IoDone>) {
             batch.push(d);
             break;
         }
-        std::hint::spin_loop();
     }
     if batch.is_empty() {
-        match rx.recv() {
-            Ok(d) => batch.push(d),
-            // The client holds a sender itself: the channel cannot be disconnected.
-            Err(_) => return,
-        }
+        batch.push(wait_parked(rx));
     }
     batch.extend(rx.try_iter());
 }
@@ -701,6 +700,7 @@ fn reactor_client(
             .collect::<Result<Vec<_>, _>>()
     })?;
     let (tx, rx) = crossbeam_channel::unbounded::<IoDone>();
+    let me = std::thread::current();
     let mut rng = Rng::new(cfg.seed.wrapping_add(thread as u64 * 0x1_0000_0001));
     let start = Ticks::now();
     let mut clock = Clock::new(start, cfg, ctx.rate);
@@ -721,7 +721,7 @@ fn reactor_client(
             queue_slot(&mut outgoing, t, w, i, queue_base[t]);
         }
     }
-    handle.submit_batch(outgoing.drain(..), &tx);
+    handle.submit_batch_with(outgoing.drain(..), || Reply::Wake(tx.clone(), me.clone()));
     let mut last_progress = start;
     let mut stop_at: Option<Ticks> = None;
     while fatal.is_none() {
@@ -769,7 +769,7 @@ fn reactor_client(
                 queue_slot(&mut outgoing, t, w, i, queue_base[t]);
             }
         }
-        handle.submit_batch(outgoing.drain(..), &tx);
+        handle.submit_batch_with(outgoing.drain(..), || Reply::Wake(tx.clone(), me.clone()));
         totals.publish(counters);
         if clock.phase == Phase::Stop {
             let outstanding: usize = works.iter().map(|w| w.outstanding).sum();
