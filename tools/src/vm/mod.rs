@@ -353,6 +353,11 @@ impl Drop for QemuGuard {
     }
 }
 
+/// A guest that has not started its script this long after QEMU started is booted again
+/// (normal boots take 4-20 s), up to `BOOT_ATTEMPTS` boots in all.
+const BOOT_LIMIT: Duration = Duration::from_secs(75);
+const BOOT_ATTEMPTS: u32 = 2;
+
 /// How long to wait for QEMU to exit after the script reported its status.
 const POWEROFF_GRACE: Duration = Duration::from_secs(15);
 const POLL: Duration = Duration::from_millis(20);
@@ -424,72 +429,90 @@ pub fn run(config: &VmConfig, script: &str) -> Result<VmOutput, VmError> {
     let args = qemu::args(config, &paths);
     log::debug!("qemu-system-x86_64 {}", args.join(" "));
     let qemu_stderr_path = dir.join("qemu.stderr");
-    let qemu_stderr = File::create(&qemu_stderr_path)
-        .map_err(|e| VmError::io(format!("create {}", qemu_stderr_path.display()), e))?;
-    let qemu_stdout = qemu_stderr
-        .try_clone()
-        .map_err(|e| VmError::io("duplicate QEMU's log file", e))?;
-    // The output file exists before QEMU starts so it can be opened for polling.
-    File::create(&output_log)
-        .map_err(|e| VmError::io(format!("create {}", output_log.display()), e))?;
+    let mut attempt = 0;
+    let (status, mut raw, boot_to_script, started, guard, mut out) = 'boot: loop {
+        attempt += 1;
+        let qemu_stderr = File::create(&qemu_stderr_path)
+            .map_err(|e| VmError::io(format!("create {}", qemu_stderr_path.display()), e))?;
+        let qemu_stdout = qemu_stderr
+            .try_clone()
+            .map_err(|e| VmError::io("duplicate QEMU's log file", e))?;
+        // The output file exists before QEMU starts so it can be opened for polling.
+        File::create(&output_log)
+            .map_err(|e| VmError::io(format!("create {}", output_log.display()), e))?;
 
-    let started = Instant::now();
-    let child = Command::new("qemu-system-x86_64")
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(qemu_stdout)
-        .stderr(qemu_stderr)
-        .spawn()
-        .map_err(|e| VmError::io("start qemu-system-x86_64", e))?;
-    let mut guard = QemuGuard {
-        child,
-        reaped: false,
-    };
-    let mut out = File::open(&output_log)
-        .map_err(|e| VmError::io(format!("open {}", output_log.display()), e))?;
-    let mut raw = Vec::new();
-    let mut boot_to_script = None;
-    let mut finished_at = None;
-    // Markers are searched for in the newly read bytes plus enough of the old ones to catch a
-    // marker split across reads.
-    let overlap = markers.exit_prefix.len().max(markers.start.len()) + 32;
-    let status: Option<ExitStatus> = loop {
-        let exited = guard
-            .try_wait()
-            .map_err(|e| VmError::io("wait for QEMU", e))?;
-        let old_len = raw.len();
-        out.read_to_end(&mut raw)
-            .map_err(|e| VmError::io(format!("read {}", output_log.display()), e))?;
-        if raw.len() > old_len {
-            let fresh = &raw[old_len.saturating_sub(overlap)..];
-            if boot_to_script.is_none() && contains(fresh, markers.start.as_bytes()) {
-                boot_to_script = Some(started.elapsed());
-                log::info!("guest script started after {:?}", started.elapsed());
+        let started = Instant::now();
+        let child = Command::new("qemu-system-x86_64")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(qemu_stdout)
+            .stderr(qemu_stderr)
+            .spawn()
+            .map_err(|e| VmError::io("start qemu-system-x86_64", e))?;
+        let mut guard = QemuGuard {
+            child,
+            reaped: false,
+        };
+        let mut out = File::open(&output_log)
+            .map_err(|e| VmError::io(format!("open {}", output_log.display()), e))?;
+        let mut raw = Vec::new();
+        let mut boot_to_script = None;
+        let mut finished_at = None;
+        // Markers are searched for in the newly read bytes plus enough of the old ones to catch a
+        // marker split across reads.
+        let overlap = markers.exit_prefix.len().max(markers.start.len()) + 32;
+        let status: Option<ExitStatus> = loop {
+            let exited = guard
+                .try_wait()
+                .map_err(|e| VmError::io("wait for QEMU", e))?;
+            let old_len = raw.len();
+            out.read_to_end(&mut raw)
+                .map_err(|e| VmError::io(format!("read {}", output_log.display()), e))?;
+            if raw.len() > old_len {
+                let fresh = &raw[old_len.saturating_sub(overlap)..];
+                if boot_to_script.is_none() && contains(fresh, markers.start.as_bytes()) {
+                    boot_to_script = Some(started.elapsed());
+                    log::info!("guest script started after {:?}", started.elapsed());
+                }
+                if finished_at.is_none()
+                    && contains(fresh, markers.exit_prefix.as_bytes())
+                    && markers.parse(&raw).is_some()
+                {
+                    finished_at = Some(Instant::now());
+                }
             }
-            if finished_at.is_none()
-                && contains(fresh, markers.exit_prefix.as_bytes())
-                && markers.parse(&raw).is_some()
+            if exited.is_some() {
+                break exited;
+            }
+            if boot_to_script.is_none() && attempt < BOOT_ATTEMPTS && started.elapsed() > BOOT_LIMIT
             {
-                finished_at = Some(Instant::now());
+                // The script never started: nothing of the test ran. Guests on a busy host
+                // occasionally stall in early boot (the emulated CPUs' timers stop firing).
+                log::warn!(
+                    "the guest did not reach its script within {} s (last console line: {}); \
+                 booting it again",
+                    BOOT_LIMIT.as_secs(),
+                    last_line(&read_console(&console_log))
+                );
+                guard.kill();
+                continue 'boot;
             }
-        }
-        if exited.is_some() {
-            break exited;
-        }
-        if finished_at.is_some_and(|t| t.elapsed() > POWEROFF_GRACE) {
-            log::warn!("guest reported its exit status but did not power off; killing QEMU");
-            guard.kill();
-            break None;
-        }
-        if started.elapsed() > config.timeout {
-            guard.kill();
-            return Err(VmError::Timeout {
-                timeout: config.timeout,
-                console: read_console(&console_log),
-                output: markers.partial(&raw),
-            });
-        }
-        std::thread::sleep(POLL);
+            if finished_at.is_some_and(|t| t.elapsed() > POWEROFF_GRACE) {
+                log::warn!("guest reported its exit status but did not power off; killing QEMU");
+                guard.kill();
+                break None;
+            }
+            if started.elapsed() > config.timeout {
+                guard.kill();
+                return Err(VmError::Timeout {
+                    timeout: config.timeout,
+                    console: read_console(&console_log),
+                    output: markers.partial(&raw),
+                });
+            }
+            std::thread::sleep(POLL);
+        };
+        break 'boot (status, raw, boot_to_script, started, guard, out);
     };
     out.read_to_end(&mut raw)
         .map_err(|e| VmError::io(format!("read {}", output_log.display()), e))?;
