@@ -131,6 +131,11 @@ pub fn learned_rate() -> Option<TickRate> {
     Some(rate)
 }
 
+/// Time since `start` by [`learned_rate`]; None while the rate is still unknown.
+pub fn elapsed_since(start: Ticks) -> Option<Duration> {
+    learned_rate().map(|r| r.duration(Ticks::now().since(start)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -579,14 +579,20 @@ impl QueuePair {
             // overflow.
             self.cq_unrung += n as u16;
             if self.cq_unrung > self.cq_entries - self.entries {
-                self.hw.write32(self.cq_db, self.cq_head as u32);
-                self.stats.cq_doorbells += 1;
-                self.cq_unrung = 0;
+                self.ring_cq_head();
             }
         } else {
             self.stats.idle_polls += 1;
         }
         n
+    }
+
+    /// Tell the controller every completion reaped so far.
+    #[inline(always)]
+    fn ring_cq_head(&mut self) {
+        self.hw.write32(self.cq_db, self.cq_head as u32);
+        self.stats.cq_doorbells += 1;
+        self.cq_unrung = 0;
     }
 
     /// Deadlines and controller health; see [`QueuePair::poll`].
@@ -598,9 +604,7 @@ impl QueuePair {
         // A controller that posted more than it was asked to (duplicates) may be waiting for
         // room: let it see every entry reaped so far.
         if self.cq_unrung > 0 {
-            self.hw.write32(self.cq_db, self.cq_head as u32);
-            self.stats.cq_doorbells += 1;
-            self.cq_unrung = 0;
+            self.ring_cq_head();
         }
         if let Some(rec) = self.recovery.clone() {
             if rec.generation() != self.generation {

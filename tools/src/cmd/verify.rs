@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::Args;
-use rnvme_driver::clock::{learned_rate, Ticks};
+use rnvme_driver::clock::{elapsed_since, Ticks};
 use rnvme_driver::controller::Controller;
 use rnvme_driver::dma::DmaBuffer;
 use rnvme_driver::hw::Hardware;
@@ -891,8 +891,7 @@ impl Worker<'_> {
             completions.clear();
             self.qp.poll(plan.depth + 1, |c| completions.push(c));
             if completions.is_empty() {
-                let waited = learned_rate().map(|r| r.duration(Ticks::now().since(last_progress)));
-                if waited.is_some_and(|w| w > stall) {
+                if elapsed_since(last_progress).is_some_and(|w| w > stall) {
                     stop.store(true, Ordering::Relaxed);
                     return Err(VerifyError::Stalled {
                         dev: plan.dev.clone(),

@@ -682,6 +682,20 @@ fn wait_answers(rx: &Receiver<IoDone>, batch: &mut Vec<IoDone>) {
     batch.extend(rx.try_iter());
 }
 
+/// The slots of a reactor worker, one `NsWork` per target (the queue pairs are the
+/// reactor's); None when setting them up failed (reported through `setup`).
+fn reactor_works(ctx: &Ctx, shared: &Shared, thread: usize) -> Option<Vec<NsWork>> {
+    let cfg = ctx.cfg;
+    let q = cfg.queues_per_thread as usize;
+    setup(shared, || {
+        ctx.plans
+            .iter()
+            .zip(ctx.targets)
+            .map(|(plan, target)| NsWork::new(thread, plan, target, cfg, cfg.depth as usize, q))
+            .collect::<Result<Vec<_>, _>>()
+    })
+}
+
 /// A worker that sends its I/O through the reactor.
 fn reactor_client(
     ctx: &Ctx,
@@ -692,13 +706,7 @@ fn reactor_client(
 ) -> Option<WorkerResult> {
     let cfg = ctx.cfg;
     let q = cfg.queues_per_thread as usize;
-    let mut works = setup(shared, || {
-        ctx.plans
-            .iter()
-            .zip(ctx.targets)
-            .map(|(plan, target)| NsWork::new(thread, plan, target, cfg, cfg.depth as usize, q))
-            .collect::<Result<Vec<_>, _>>()
-    })?;
+    let mut works = reactor_works(ctx, shared, thread)?;
     let (tx, rx) = crossbeam_channel::unbounded::<IoDone>();
     let me = std::thread::current();
     let mut rng = Rng::new(cfg.seed.wrapping_add(thread as u64 * 0x1_0000_0001));
@@ -895,13 +903,7 @@ fn reactor_callbacks(
 ) -> Option<WorkerResult> {
     let cfg = ctx.cfg;
     let q = cfg.queues_per_thread as usize;
-    let works = setup(shared, || {
-        ctx.plans
-            .iter()
-            .zip(ctx.targets)
-            .map(|(plan, target)| NsWork::new(thread, plan, target, cfg, cfg.depth as usize, q))
-            .collect::<Result<Vec<_>, _>>()
-    })?;
+    let works = reactor_works(ctx, shared, thread)?;
     let start = Ticks::now();
     // The abort flag is mirrored into one the callbacks can hold.
     let abort = std::sync::Arc::new(AtomicBool::new(false));
