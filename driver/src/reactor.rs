@@ -197,6 +197,13 @@ impl std::fmt::Debug for Reply {
 
 impl Reply {
     fn send(self, done: IoDone) {
+        self.send_deferring(done, None)
+    }
+
+    /// Answer; a [`Reply::Wake`]'s thread goes into `wakes` (once) instead of being unparked
+    /// at once, when given: the reactor unparks each client once per poll, after all of the
+    /// poll's answers are on their channels, so a client wakes to a whole batch.
+    fn send_deferring(self, done: IoDone, wakes: Option<&mut Vec<std::thread::Thread>>) {
         match self {
             Reply::Callback(f) => {
                 // A panicking callback must not take the reactor, and every other request in
@@ -208,7 +215,14 @@ impl Reply {
             }
             Reply::Wake(tx, thread) => {
                 let _ = tx.send(done);
-                thread.unpark();
+                match wakes {
+                    Some(w) => {
+                        if !w.iter().any(|t| t.id() == thread.id()) {
+                            w.push(thread);
+                        }
+                    }
+                    None => thread.unpark(),
+                }
             }
             Reply::Channel(tx) => {
                 let _ = tx.send(done);
@@ -226,14 +240,26 @@ struct Job {
 }
 
 impl Job {
-    fn answer(mut self, result: Result<u32, ReactorError>, completed: Ticks) {
+    fn answer(self, result: Result<u32, ReactorError>, completed: Ticks) {
+        self.answer_deferring(result, completed, None)
+    }
+
+    /// [`Job::answer`], leaving the unpark of a [`Reply::Wake`] to the caller (see
+    /// [`Reply::send_deferring`]).
+    fn answer_deferring(
+        mut self,
+        result: Result<u32, ReactorError>,
+        completed: Ticks,
+        wakes: Option<&mut Vec<std::thread::Thread>>,
+    ) {
         if let Some(reply) = self.reply.take() {
-            reply.send(IoDone {
+            let done = IoDone {
                 tag: self.req.tag,
                 result,
                 buf: self.req.data.take_buf(),
                 completed,
-            });
+            };
+            reply.send_deferring(done, wakes);
         }
     }
 }
@@ -307,6 +333,10 @@ pub struct ReactorConfig {
     /// How long a stopping reactor waits for commands still in flight before it gives them up
     /// (they are then answered [`ReactorError::Stopped`]).
     pub drain_timeout: Duration,
+    /// The CPU the reactor thread runs on (`None`: wherever the scheduler puts it). Clients
+    /// pinned to the same CPU trade a cross-CPU wake-up per batch of answers for a context
+    /// switch; see [`crate::affinity`].
+    pub cpu: Option<usize>,
 }
 
 impl Default for ReactorConfig {
@@ -316,6 +346,7 @@ impl Default for ReactorConfig {
             channel_capacity: None,
             idle_spin: Duration::from_millis(1),
             drain_timeout: Duration::from_secs(30),
+            cpu: None,
         }
     }
 }
@@ -335,6 +366,9 @@ pub struct ReactorStats {
     pub max_batch: u64,
     /// Times the reactor blocked on an empty channel with nothing in flight.
     pub sleeps: u64,
+    /// Client threads unparked ([`Reply::Wake`]): one per client and poll, however many of
+    /// its answers the poll reaped.
+    pub wakes: u64,
     /// Requests given up when the reactor stopped with them still in flight.
     pub abandoned: u64,
     /// Counters of each queue pair, in [`Reactor::spawn`] order.
@@ -449,12 +483,33 @@ impl Reactor {
         };
         let n = queues.len();
         let name = config.name.clone();
+        // The thread pins itself and says how that went before it takes any request.
+        let (pinned_tx, pinned_rx) = crossbeam_channel::bounded(1);
         let thread = std::thread::Builder::new()
             .name(name.clone())
-            .spawn(move || Worker::new(queues, rx, config).run())
+            .spawn(move || {
+                let pinned = config
+                    .cpu
+                    .map_or(Ok(()), crate::affinity::pin_current_thread);
+                let failed = pinned.is_err();
+                let _ = pinned_tx.send(pinned);
+                if failed {
+                    // Nothing was taken: the queue pairs go back with the exit.
+                    drop(rx);
+                    return ReactorExit {
+                        stats: ReactorStats::default(),
+                        queues,
+                    };
+                }
+                Worker::new(queues, rx, config).run()
+            })
             .map_err(|e| {
                 Error::InvalidArgument(format!("cannot start reactor thread {name}: {e}"))
             })?;
+        if let Ok(Err(e)) = pinned_rx.recv() {
+            let _ = thread.join();
+            return Err(e.into());
+        }
         Ok(Reactor {
             handle: ReactorHandle { tx, queues: n },
             thread: Some(thread),
@@ -511,6 +566,8 @@ struct Worker {
     done: Vec<Completion>,
     /// Segments of the current submission, reused.
     segs: Vec<Segment>,
+    /// Clients to unpark at the end of the current poll, reused.
+    wakes: Vec<std::thread::Thread>,
     capacity: usize,
     stopping: bool,
     disconnected: bool,
@@ -530,6 +587,7 @@ impl Worker {
             stats: ReactorStats::default(),
             done: Vec::with_capacity(capacity),
             segs: Vec::new(),
+            wakes: Vec::new(),
             capacity,
             stopping: false,
             disconnected: false,
@@ -755,9 +813,13 @@ impl Worker {
                         status: c.status,
                     })
                 };
-                job.answer(result, now);
+                job.answer_deferring(result, now, Some(&mut self.wakes));
             }
             self.done.clear();
+        }
+        self.stats.wakes += self.wakes.len() as u64;
+        for t in self.wakes.drain(..) {
+            t.unpark();
         }
         total
     }
@@ -1183,5 +1245,67 @@ mod tests {
         assert_eq!(answers.len(), 5);
         assert!(answers.iter().all(|d| d.result.is_ok()));
         assert!(Reactor::spawn(Vec::new(), ReactorConfig::default()).is_err());
+    }
+
+    #[test]
+    fn a_reactor_pinned_to_a_cpu_runs_there_and_a_missing_cpu_is_refused() {
+        let (_model, ctrl) = open();
+        let allowed = crate::affinity::allowed_cpus().unwrap();
+        let cpu = *allowed.cpus().last().unwrap();
+        let config = ReactorConfig {
+            cpu: Some(cpu),
+            ..ReactorConfig::default()
+        };
+        let reactor = Reactor::spawn(vec![ctrl.create_io_qpair(8).unwrap()], config).unwrap();
+        let d = reactor
+            .handle()
+            .call(IoRequest::new(crate::io::flush_cmd(1), IoData::None, 1))
+            .wait();
+        assert!(d.result.is_ok());
+        assert_eq!(reactor.shutdown().unwrap().stats.completed, 1);
+
+        let missing = (0..4096).find(|c| !allowed.contains(*c)).unwrap();
+        let config = ReactorConfig {
+            cpu: Some(missing),
+            ..ReactorConfig::default()
+        };
+        let Err(e) = Reactor::spawn(vec![ctrl.create_io_qpair(8).unwrap()], config) else {
+            panic!("a reactor started on CPU {missing}, which this process may not use");
+        };
+        assert!(
+            matches!(e, Error::Affinity(crate::affinity::AffinityError::NotAllowed { cpu, .. }) if cpu == missing),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn answers_of_one_poll_unpark_each_client_once() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let me = std::thread::current();
+        let (other_tx, other_rx) = crossbeam_channel::unbounded();
+        let other = std::thread::spawn(|| ()).thread().clone();
+        let mut wakes = Vec::new();
+        for tag in 0..5 {
+            let done = |tag| IoDone {
+                tag,
+                result: Ok(0),
+                buf: None,
+                completed: Ticks::now(),
+            };
+            Reply::Wake(tx.clone(), me.clone()).send_deferring(done(tag), Some(&mut wakes));
+            Reply::Wake(other_tx.clone(), other.clone())
+                .send_deferring(done(tag + 10), Some(&mut wakes));
+        }
+        assert_eq!(
+            rx.try_iter().map(|d| d.tag).collect::<Vec<_>>(),
+            [0, 1, 2, 3, 4]
+        );
+        assert_eq!(other_rx.try_iter().count(), 5);
+        let ids: Vec<_> = wakes.iter().map(|t| t.id()).collect();
+        assert_eq!(
+            ids,
+            [me.id(), other.id()],
+            "one unpark per client, left to the caller"
+        );
     }
 }
