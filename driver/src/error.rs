@@ -82,6 +82,9 @@ pub enum Error {
         nsid: u32,
         active: String,
     },
+    /// A thread could not be pinned to a CPU.
+    #[error(transparent)]
+    Affinity(#[from] crate::affinity::AffinityError),
     /// A caller passed something that cannot work.
     #[error("{0}")]
     InvalidArgument(String),

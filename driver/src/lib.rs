@@ -12,6 +12,7 @@
 //! - [`queue`]: submission/completion queue pairs;
 //! - [`controller`]: bring-up, admin commands, I/O queue pair creation, shutdown.
 
+pub mod affinity;
 pub mod clock;
 pub mod controller;
 pub mod dma;

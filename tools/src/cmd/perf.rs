@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rnvme_driver::affinity::CpuList;
 use rnvme_driver::controller::{Controller, ControllerOptions};
 use rnvme_driver::dma::Backing;
 use rnvme_driver::queue::DataPointerMode;
@@ -98,6 +99,9 @@ pub struct PerfArgs {
     /// next one through the channel) instead of answering the worker threads over a channel
     #[arg(long, requires = "reactor")]
     pub callbacks: bool,
+    /// Pin the worker threads to these CPUs in turn (0,2 or 0-3), and a reactor to the first
+    #[arg(long, value_name = "LIST")]
+    pub cpus: Option<CpuList>,
     /// Take DMA memory from ordinary 4 KiB pages (pinned by VFIO) instead of hugepages
     #[arg(long)]
     pub no_hugepages: bool,
@@ -160,6 +164,7 @@ impl PerfArgs {
             fua: self.fua,
             reactor: self.reactor,
             reactor_callbacks: self.callbacks,
+            cpus: self.cpus.clone(),
             verify: self.verify,
             stop_on_error: self.stop_on_error,
             latency_histogram: self.latency_histogram,

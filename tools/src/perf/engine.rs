@@ -413,6 +413,16 @@ pub(crate) struct Ctx<'a> {
 }
 
 /// Per-thread set-up that cannot fail half way without telling the others.
+/// Pin worker `thread` to its CPU of `--cpus`, if given.
+fn pin_worker(cfg: &PerfConfig, thread: usize) -> Result<(), PerfError> {
+    let Some(cpus) = &cfg.cpus else {
+        return Ok(());
+    };
+    let cpu = cpus.cpus()[thread % cpus.cpus().len()];
+    rnvme_driver::affinity::pin_current_thread(cpu)
+        .map_err(|e| PerfError::Invalid(format!("--cpus: {e}")))
+}
+
 fn setup<T>(shared: &Shared, f: impl FnOnce() -> Result<T, PerfError>) -> Option<T> {
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
         Err(PerfError::Run(
@@ -506,6 +516,7 @@ fn direct_worker(ctx: &Ctx, shared: &Shared, thread: usize) -> Option<WorkerResu
     let cfg = ctx.cfg;
     let q = cfg.queues_per_thread as usize;
     let (mut works, mut qps) = setup(shared, || {
+        pin_worker(cfg, thread)?;
         let mut works = Vec::new();
         let mut qps: Vec<Vec<IoQueuePair>> = Vec::new();
         for (plan, target) in ctx.plans.iter().zip(ctx.targets) {
@@ -688,6 +699,7 @@ fn reactor_works(ctx: &Ctx, shared: &Shared, thread: usize) -> Option<Vec<NsWork
     let cfg = ctx.cfg;
     let q = cfg.queues_per_thread as usize;
     setup(shared, || {
+        pin_worker(cfg, thread)?;
         ctx.plans
             .iter()
             .zip(ctx.targets)
@@ -1027,10 +1039,14 @@ pub(crate) fn execute(
                 // A client takes a wake-up (over 100 µs in a guest) to send its next batch:
                 // sleeping that soon would cost the reactor a wake-up of its own.
                 idle_spin: Duration::from_millis(5),
+                cpu: cfg.cpus.as_ref().map(|c| c.cpus()[0]),
                 ..ReactorConfig::default()
             },
         )
-        .map_err(|e| PerfError::Run(e.to_string()))?;
+        .map_err(|e| match e {
+            rnvme_driver::Error::Affinity(e) => PerfError::Invalid(format!("--cpus: {e}")),
+            e => PerfError::Run(e.to_string()),
+        })?;
         Some(r)
     } else {
         None
@@ -1109,6 +1125,7 @@ pub(crate) fn execute(
             batches: exit.stats.batches,
             max_batch: exit.stats.max_batch,
             sleeps: exit.stats.sleeps,
+            wakes: exit.stats.wakes,
         });
     }
     Ok(assemble(ctx, results, counters, &reactor_dptr))

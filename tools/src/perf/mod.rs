@@ -26,6 +26,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+use rnvme_driver::affinity::CpuList;
 use rnvme_driver::controller::Controller;
 use rnvme_driver::identify::NamespaceInfo;
 use rnvme_driver::io::{split_transfer, Piece};
@@ -206,6 +207,9 @@ pub struct PerfConfig {
     /// next I/O through the channel, instead of answering the worker thread over a channel
     /// (measures the reactor without the cost of waking another thread).
     pub reactor_callbacks: bool,
+    /// CPUs to pin the worker threads to, in turn (worker `t` on the `t mod n`-th); a reactor
+    /// runs on the first. `None`: wherever the scheduler puts them.
+    pub cpus: Option<CpuList>,
     /// Check that every block read carries the stamp of its LBA.
     pub verify: bool,
     /// Stop every thread at the first failed command.
@@ -232,6 +236,7 @@ impl Default for PerfConfig {
             fua: false,
             reactor: false,
             reactor_callbacks: false,
+            cpus: None,
             verify: false,
             stop_on_error: false,
             latency_histogram: false,
@@ -264,6 +269,7 @@ impl PerfConfig {
             fua: self.fua,
             reactor: self.reactor,
             reactor_callbacks: self.reactor_callbacks,
+            cpus: self.cpus.as_ref().map(|c| c.to_string()),
             verify: self.verify,
             seed: self.seed,
         }
@@ -333,6 +339,11 @@ impl PerfConfig {
                 "--fua applies to writes; {} only reads",
                 self.pattern
             ));
+        }
+        if let Some(c) = &self.cpus {
+            if c.cpus().is_empty() {
+                return bad("--cpus names no CPU".into());
+            }
         }
         if self.reactor_callbacks && !self.reactor {
             return bad("--callbacks applies to --reactor runs".into());

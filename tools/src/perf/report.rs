@@ -225,6 +225,8 @@ pub struct WorkloadInfo {
     pub reactor: bool,
     /// Completions handled by callbacks on the reactor thread.
     pub reactor_callbacks: bool,
+    /// CPUs the threads were pinned to (`0-1,4`), if they were.
+    pub cpus: Option<String>,
     /// Reads checked against the LBA stamps.
     pub verify: bool,
     /// Seed of the offset generators.
@@ -295,6 +297,8 @@ pub struct ReactorCounters {
     pub max_batch: u64,
     /// Times it slept on an empty channel.
     pub sleeps: u64,
+    /// Client threads it woke (once per client and poll with answers for it).
+    pub wakes: u64,
 }
 
 impl Counters {
@@ -373,7 +377,7 @@ impl PerfReport {
         };
         let _ = writeln!(
             s,
-            "{}{mix}, {} bytes, depth {}, {} thread(s) x {} queue pair(s){}, {:.1} s measured{}",
+            "{}{mix}, {} bytes, depth {}, {} thread(s) x {} queue pair(s){}{}, {:.1} s measured{}",
             w.pattern,
             w.io_size,
             w.depth,
@@ -384,6 +388,10 @@ impl PerfReport {
                 (true, false) => " through a reactor",
                 _ => "",
             },
+            w.cpus
+                .as_ref()
+                .map(|c| format!(" on CPUs {c}"))
+                .unwrap_or_default(),
             self.elapsed_s,
             if w.warmup_s > 0.0 {
                 format!(" after {:.1} s warm-up", w.warmup_s)
@@ -461,8 +469,8 @@ impl PerfReport {
         if let Some(r) = &c.reactor {
             let _ = writeln!(
                 s,
-                "reactor: {} requests in {} batches (largest {}), slept {} times",
-                r.requests, r.batches, r.max_batch, r.sleeps
+                "reactor: {} requests in {} batches (largest {}), slept {} times, woke clients {} times",
+                r.requests, r.batches, r.max_batch, r.sleeps, r.wakes
             );
         }
         if !self.first_errors.is_empty() {

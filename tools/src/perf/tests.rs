@@ -756,3 +756,42 @@ fn file_system_signatures_are_found_on_the_namespace() {
     assert_eq!(s.len(), 1);
     assert_eq!(s[0].what, "ext4 file system");
 }
+
+#[test]
+fn threads_and_the_reactor_run_on_the_cpus_given_and_unusable_cpus_are_refused() {
+    let (_model, ctrl) = open();
+    let t = [Target { ctrl, nsid: 1 }];
+    let allowed = rnvme_driver::affinity::allowed_cpus().unwrap();
+    let cpus = CpuList::new(vec![*allowed.cpus().last().unwrap()]);
+    for reactor in [false, true] {
+        let cfg = PerfConfig {
+            reactor,
+            threads: 2,
+            cpus: Some(cpus.clone()),
+            ..short(Pattern::RandRead)
+        };
+        let r = run_quiet(&t, &cfg).unwrap();
+        assert_eq!(r.error_count(), 0);
+        assert!(r.threads.iter().all(|t| t.summary.ios > 0));
+        assert_eq!(r.workload.cpus.as_deref(), Some(cpus.to_string().as_str()));
+        assert!(r.table(false).contains(&format!("on CPUs {cpus}")));
+    }
+    let missing = (0..4096).find(|c| !allowed.contains(*c)).unwrap();
+    for reactor in [false, true] {
+        let cfg = PerfConfig {
+            reactor,
+            cpus: Some(CpuList::new(vec![missing])),
+            ..short(Pattern::RandRead)
+        };
+        let m = invalid(run_quiet(&t, &cfg));
+        assert!(
+            m.starts_with("--cpus: CPU") && m.contains(&allowed.to_string()),
+            "{m}"
+        );
+    }
+    let cfg = PerfConfig {
+        cpus: Some(CpuList::new(Vec::new())),
+        ..short(Pattern::RandRead)
+    };
+    assert!(invalid(cfg.check()).contains("names no CPU"));
+}
