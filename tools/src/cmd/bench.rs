@@ -100,7 +100,7 @@ pub const WORKLOADS: [Workload; 8] = [
         4096,
         (1, 1),
         None,
-        &["--reactor", "--reactor --callbacks"],
+        &["--reactor", "--reactor --cpus 0", "--reactor --callbacks"],
         true,
     ),
     w(
@@ -109,7 +109,12 @@ pub const WORKLOADS: [Workload; 8] = [
         4096,
         (32, 1),
         None,
-        &["--other-dptr", "--reactor", "--reactor --callbacks"],
+        &[
+            "--other-dptr",
+            "--reactor",
+            "--reactor --cpus 0",
+            "--reactor --callbacks",
+        ],
         true,
     ),
     w(
@@ -238,9 +243,11 @@ fn rnvme_command(wl: &Workload, flag: &str, seconds: u32) -> String {
 const BEGIN: &str = "@@BEGIN ";
 const END: &str = "@@END";
 
-/// The guest script: fill the namespace; then, `rounds` times, run fio for every workload and
-/// engine, bind to vfio-pci, run rnvme perf for every workload and variant, and give the
-/// device back to the kernel driver. Rounds spread slow phases of a noisy host over both sides.
+/// The guest script: fill the namespace; then, `rounds` times and for every workload, run fio
+/// with every engine, bind the device to vfio-pci, run rnvme perf's variants, and give the
+/// device back to the kernel driver. The kernel and rnvme figures of one workload and round
+/// are minutes apart at most (slow phases of a noisy host last tens of seconds), so each
+/// round's ratio compares like with like; rounds spread those phases over both sides.
 pub fn script(workloads: &[Workload], seconds: u32, rounds: u32) -> String {
     let mut s = String::from(
         "echo \"@@INFO kernel $(uname -r)\"\n\
@@ -257,7 +264,7 @@ pub fn script(workloads: &[Workload], seconds: u32, rounds: u32) -> String {
         );
     };
     for round in 1..=rounds {
-        for wl in workloads {
+        for (k, wl) in workloads.iter().enumerate() {
             for (name, opts) in KERNEL_ENGINES {
                 run(
                     &mut s,
@@ -265,11 +272,9 @@ pub fn script(workloads: &[Workload], seconds: u32, rounds: u32) -> String {
                     &fio_command(wl, opts, seconds),
                 );
             }
-        }
-        s.push_str(
-            "rnvme setup --hugepages 0 $NVME0 >/dev/null || { echo \"@@INFO rnvme setup failed\"; exit 1; }\n",
-        );
-        for wl in workloads {
+            s.push_str(
+                "rnvme setup --hugepages 0 $NVME0 >/dev/null || { echo \"@@INFO rnvme setup failed\"; exit 1; }\n",
+            );
             for flag in std::iter::once("").chain(wl.extra.iter().copied()) {
                 run(
                     &mut s,
@@ -277,8 +282,9 @@ pub fn script(workloads: &[Workload], seconds: u32, rounds: u32) -> String {
                     &rnvme_command(wl, flag, seconds),
                 );
             }
-        }
-        if round < rounds {
+            if round == rounds && k + 1 == workloads.len() {
+                break;
+            }
             s.push_str(
                 "rnvme reset $NVME0 >/dev/null || { echo \"@@INFO rnvme reset failed\"; exit 1; }\n\
                  i=0; while [ ! -b /dev/nvme0n1 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done\n",
@@ -303,11 +309,36 @@ pub struct Measurement {
     pub lat_p99_us: f64,
     /// Failed I/Os.
     pub errors: u64,
-    /// IOPS of every round, in the order they ran; the other fields are the median round's.
-    pub iops_rounds: Vec<f64>,
+    /// Every round's figures, in the order they ran; the fields above are the median round's.
+    pub rounds: Vec<RoundFigures>,
     /// rnvme's batching counters, when it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub counters: Option<Value>,
+}
+
+/// One round of a measurement.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RoundFigures {
+    /// Which round (1 for the first).
+    pub round: u32,
+    /// I/Os per second.
+    pub iops: f64,
+    /// MiB per second.
+    pub mib_s: f64,
+    /// Mean latency, µs.
+    pub lat_mean_us: f64,
+}
+
+impl Measurement {
+    /// This measurement's figures as round `round`.
+    fn as_round(&self, round: u32) -> RoundFigures {
+        RoundFigures {
+            round,
+            iops: self.iops,
+            mib_s: self.mib_s,
+            lat_mean_us: self.lat_mean_us,
+        }
+    }
 }
 
 /// Everything between the markers, by key, and the info lines.
@@ -375,7 +406,7 @@ pub fn parse_fio(engine: &str, body: &str) -> Result<Measurement> {
         },
         lat_p99_us: p99 / 1000.0,
         errors,
-        iops_rounds: vec![iops],
+        rounds: Vec::new(),
         counters: None,
     })
 }
@@ -393,7 +424,7 @@ pub fn parse_rnvme(engine: &str, body: &str) -> Result<Measurement> {
         lat_mean_us: num(&v["lat_us"]["avg"]),
         lat_p99_us: num(&v["lat_us"]["p99"]),
         errors: v["errors"].as_u64().unwrap_or(0) + v["verify_errors"].as_u64().unwrap_or(0),
-        iops_rounds: vec![num(&v["iops"])],
+        rounds: Vec::new(),
         counters: Some(v["counters"].clone()),
     })
 }
@@ -428,8 +459,10 @@ pub struct TargetCheck {
     pub what: String,
     /// The target, as text.
     pub target: String,
-    /// The measured ratio.
+    /// The median of the rounds' ratios.
     pub got: Option<f64>,
+    /// The ratio in each round that measured both sides, in round order.
+    pub rounds: Vec<f64>,
     /// Whether it is met.
     pub met: Option<bool>,
 }
@@ -469,14 +502,17 @@ pub fn collect(output: &str, workloads: &[Workload]) -> (Vec<Line>, Vec<String>)
         for engine in engines {
             let key = format!("{engine}|{}", wl.name);
             let mut rounds = Vec::new();
-            for (_, body) in secs.iter().filter(|(k, _)| *k == key) {
+            for (round, (_, body)) in (1..).zip(secs.iter().filter(|(k, _)| *k == key)) {
                 let parsed = if engine.starts_with("fio") {
                     parse_fio(&engine, body)
                 } else {
                     parse_rnvme(&engine, body)
                 };
                 match parsed {
-                    Ok(m) => rounds.push(m),
+                    Ok(mut m) => {
+                        m.rounds = vec![m.as_round(round)];
+                        rounds.push(m)
+                    }
                     Err(e) => failures.push(format!(
                         "{engine}: {e}: {}",
                         body.lines().rev().take(3).collect::<Vec<_>>().join(" / ")
@@ -523,33 +559,60 @@ pub fn collect(output: &str, workloads: &[Workload]) -> (Vec<Line>, Vec<String>)
 }
 
 /// The round with the median IOPS (the lower middle one of an even count), carrying every
-/// round's IOPS; None without rounds.
+/// round's figures; None without rounds.
 fn median_round(mut rounds: Vec<Measurement>) -> Option<Measurement> {
-    let all: Vec<f64> = rounds.iter().map(|m| m.iops).collect();
+    let all: Vec<RoundFigures> = rounds.iter().flat_map(|m| m.rounds.clone()).collect();
     rounds.sort_by(|a, b| a.iops.total_cmp(&b.iops));
     let mid = rounds.len().checked_sub(1)? / 2;
     let mut m = rounds.swap_remove(mid);
-    m.iops_rounds = all;
+    m.rounds = all;
     Some(m)
+}
+
+/// The median (the mean of the middle two of an even count); None for none.
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+/// `ours`'s figure over `theirs`'s in each round both have, in round order.
+fn round_ratios(ours: &Measurement, theirs: &Measurement, f: fn(&RoundFigures) -> f64) -> Vec<f64> {
+    ours.rounds
+        .iter()
+        .filter_map(|o| {
+            let t = theirs.rounds.iter().find(|t| t.round == o.round)?;
+            (f(t) > 0.0).then(|| f(o) / f(t))
+        })
+        .collect()
 }
 
 /// The issue's targets, against fio io_uring in the same boot.
 pub fn check_targets(lines: &[Line]) -> Vec<TargetCheck> {
     let line = |n: &str| lines.iter().find(|l| l.workload.name == n);
-    let ratio = |n: &str, ours: &str, theirs: &str, f: fn(&Measurement) -> f64| {
-        let l = line(n)?;
-        let (o, t) = (l.get(ours)?, l.get(theirs)?);
-        (f(t) > 0.0).then(|| f(o) / f(t))
+    // Each round's ratio, from measurements minutes apart in the same round.
+    let ratio = |n: &str, ours: &str, theirs: &str, f: fn(&RoundFigures) -> f64| {
+        let l = line(n);
+        l.and_then(|l| Some(round_ratios(l.get(ours)?, l.get(theirs)?, f)))
+            .unwrap_or_default()
     };
-    let check = |what: &str, target: &str, got: Option<f64>, ok: fn(f64) -> bool| TargetCheck {
-        what: what.into(),
-        target: target.into(),
-        got,
-        met: got.map(ok),
+    let check = |what: &str, target: &str, rounds: Vec<f64>, ok: fn(f64) -> bool| {
+        let got = median(rounds.clone());
+        TargetCheck {
+            what: what.into(),
+            target: target.into(),
+            got,
+            met: got.map(ok),
+            rounds,
+        }
     };
-    let iops = |m: &Measurement| m.iops;
-    let mib = |m: &Measurement| m.mib_s;
-    let lat = |m: &Measurement| m.lat_mean_us;
+    let iops = |m: &RoundFigures| m.iops;
+    let mib = |m: &RoundFigures| m.mib_s;
+    let lat = |m: &RoundFigures| m.lat_mean_us;
     let other_128k = WORKLOADS
         .iter()
         .find(|w| w.name == "128k-read-qd32-t1")
@@ -590,6 +653,17 @@ pub fn check_targets(lines: &[Line]) -> Vec<TargetCheck> {
             "4k randread qd32: rnvme --reactor IOPS / rnvme",
             ">= 0.8",
             ratio("4k-randread-qd32-t1", "rnvme --reactor", "rnvme", iops),
+            |r| r >= 0.8,
+        ),
+        check(
+            "4k randread qd32: rnvme --reactor --cpus 0 IOPS / rnvme",
+            ">= 0.8",
+            ratio(
+                "4k-randread-qd32-t1",
+                "rnvme --reactor --cpus 0",
+                "rnvme",
+                iops,
+            ),
             |r| r >= 0.8,
         ),
         check(
@@ -674,11 +748,14 @@ pub fn table(c: &Comparison) -> String {
             first = false;
         }
     }
-    let _ = writeln!(s, "\ntargets (ratios within this boot):");
+    let _ = writeln!(
+        s,
+        "\ntargets (median of each round's ratio, the two sides minutes apart in one boot):"
+    );
     for t in &c.targets {
         let _ = writeln!(
             s,
-            "  {:<66} {:>7}  got {:>7}  {}",
+            "  {:<66} {:>7}  got {:>7}  {:<12}  rounds {}",
             t.what,
             t.target,
             t.got.map_or("-".into(), |g| format!("{g:.2}")),
@@ -686,7 +763,12 @@ pub fn table(c: &Comparison) -> String {
                 Some(true) => "met",
                 Some(false) => "NOT MET",
                 None => "not measured",
-            }
+            },
+            t.rounds
+                .iter()
+                .map(|r| format!("{r:.2}"))
+                .collect::<Vec<_>>()
+                .join(" ")
         );
     }
     let _ = writeln!(s, "\nwall time {:.0} s", c.wall_s);
@@ -761,6 +843,7 @@ fn compare(a: CompareArgs) -> Result<ExitCode> {
             .iter()
             .map(|w| KERNEL_ENGINES.len() + 1 + w.extra.len())
             .sum::<usize>();
+    let switches = 2 * rounds as usize * workloads.len();
     let rnvme = super::vm::static_rnvme()?;
     let config = VmConfig {
         controllers: vec![ControllerSpec {
@@ -775,12 +858,16 @@ fn compare(a: CompareArgs) -> Result<ExitCode> {
         files: vec![(rnvme, "/usr/local/bin/rnvme".into())],
         kernel_args: vec!["nvme.poll_queues=2".into()],
         hugepages: 128,
-        timeout: Duration::from_secs(120 + measurements as u64 * (seconds as u64 + 6)),
+        // Each measurement takes its time, a warm-up and a start; each hand-over of the device
+        // between the kernel and rnvme a few seconds more.
+        timeout: Duration::from_secs(
+            120 + measurements as u64 * (seconds as u64 + 6) + switches as u64 * 15,
+        ),
         ..VmConfig::default()
     };
     eprintln!(
         "rnvme: booting one guest for {measurements} measurements of {seconds} s each (about {} min)...",
-        (measurements as u64 * (seconds as u64 + 3) + 30).div_ceil(60)
+        (measurements as u64 * (seconds as u64 + 3) + switches as u64 * 4 + 30).div_ceil(60)
     );
     let out = vm::run(&config, &script(&workloads, seconds, rounds))?;
     if a.verbose {
@@ -907,21 +994,23 @@ mod tests {
             (l.lat_ratio.unwrap() - 0.288).abs() < 1e-9,
             "against --hipri's 100 us"
         );
-        assert_eq!(l.failures.len(), 2);
+        assert_eq!(l.failures.len(), 3);
         assert!(
             l.failures[0].starts_with("rnvme --reactor: ")
                 && l.failures[0].contains("no JSON object"),
             "{:?}",
             l.failures
         );
-        assert_eq!(l.failures[1], "rnvme --reactor --callbacks: no output");
+        assert_eq!(l.failures[1], "rnvme --reactor --cpus 0: no output");
+        assert_eq!(l.failures[2], "rnvme --reactor --callbacks: no output");
         // The second line misses its extra rnvme variants.
         assert_eq!(lines[1].results.len(), 5);
-        assert_eq!(lines[1].failures.len(), 3);
+        assert_eq!(lines[1].failures.len(), 4);
         let t = check_targets(&lines);
         let qd32 = &t[0];
         assert_eq!(qd32.got, Some(84000.0 / 6000.0));
         assert_eq!(qd32.met, Some(true));
+        assert_eq!(qd32.rounds, [84000.0 / 6000.0], "one round, one ratio");
         let qd1 = &t[2];
         assert!((qd1.got.unwrap() - 28.8 / 160.0).abs() < 1e-9);
         assert_eq!(qd1.met, Some(true));
@@ -956,15 +1045,26 @@ mod tests {
             .map(|w| KERNEL_ENGINES.len() + 1 + w.extra.len())
             .sum();
         assert_eq!(begins, want);
-        assert!(!s.contains("rnvme reset"), "one round keeps the device");
+        assert_eq!(s.matches("rnvme reset $NVME0").count(), WORKLOADS.len() - 1);
+        assert!(
+            s.trim_end().ends_with(&format!("echo \"{END}\"")),
+            "the last workload keeps the device"
+        );
         let three = script(&WORKLOADS, 5, 3);
         assert_eq!(three.matches(BEGIN).count(), 3 * want);
-        assert_eq!(three.matches("rnvme setup --hugepages").count(), 3);
+        let n = WORKLOADS.len();
+        assert_eq!(three.matches("rnvme setup --hugepages").count(), 3 * n);
         assert_eq!(
             three.matches("rnvme reset $NVME0").count(),
-            2,
-            "back to the kernel between rounds"
+            3 * n - 1,
+            "back to the kernel after each workload but the last"
         );
+        // Each workload's rnvme variants follow its fio runs.
+        let first_perf = three.find("rnvme perf").unwrap();
+        let second_wl_fio = three
+            .find(&format!("--name={}", WORKLOADS[1].name))
+            .unwrap();
+        assert!(first_perf < second_wl_fio);
         assert!(s.contains(
             "--ioengine=io_uring --hipri --rw=randread --bs=4096 --iodepth=32 --numjobs=2"
         ));
@@ -976,8 +1076,10 @@ mod tests {
         assert!(s.contains("-w randrw -M 70 -t 5"));
         assert!(s.contains("--json --yes --reactor"));
         let setup = s.find("rnvme setup").unwrap();
-        assert!(s.rfind("fio --name").unwrap() < setup);
+        let fio = s.match_indices("fio --name").map(|(i, _)| i);
+        assert_eq!(fio.filter(|&i| i < setup).count(), 1 + KERNEL_ENGINES.len());
         assert!(s.find("rnvme perf").unwrap() > setup);
+        assert!(s.contains("--json --yes --reactor --cpus 0"));
     }
 
     #[test]
@@ -1006,9 +1108,24 @@ mod tests {
             "the median round, whole"
         );
         assert_eq!(
-            ours.iops_rounds,
-            [30000.0, 10000.0, 20000.0],
+            ours.rounds
+                .iter()
+                .map(|r| (r.round, r.iops))
+                .collect::<Vec<_>>(),
+            [(1, 30000.0), (2, 10000.0), (3, 20000.0)],
             "in the order they ran"
+        );
+        assert_eq!(ours.rounds[1].lat_mean_us, 90.0);
+        // The failed first round of the reactor leaves its second one as round 2.
+        let reactor = lines[0].get("rnvme --reactor").unwrap();
+        assert_eq!(
+            reactor.rounds.iter().map(|r| r.round).collect::<Vec<_>>(),
+            [2]
+        );
+        assert_eq!(
+            round_ratios(reactor, ours, |r| r.iops),
+            [0.5],
+            "paired with the same round only"
         );
         assert_eq!(lines[0].get("rnvme --reactor").unwrap().iops, 5000.0);
         assert!(lines[0]
@@ -1029,7 +1146,10 @@ mod tests {
             parse_rnvme("rnvme", &rnvme_json(4.0, 2.0)).unwrap(),
         ])
         .unwrap();
-        assert_eq!((two.iops, two.iops_rounds.clone()), (4.0, vec![8.0, 4.0]));
+        assert_eq!(two.iops, 4.0);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0]), Some(2.5));
+        assert_eq!(median(Vec::new()), None);
         assert!(median_round(Vec::new()).is_none());
     }
 
