@@ -97,6 +97,29 @@ pub struct ControllerSpec {
     pub max_ioqpairs: Option<u16>,
     /// Namespaces, given NSIDs 1, 2, … in order.
     pub namespaces: Vec<NamespaceSpec>,
+    /// How QEMU does the image files' I/O (`-drive aio=`): `None` for QEMU's default, a pool
+    /// of threads; [`DriveAio::IoUring`] submits from QEMU's main loop, a thread hop less
+    /// per command. Namespaces with fault injection keep the default.
+    pub aio: Option<DriveAio>,
+}
+
+/// QEMU's `-drive aio=` for the namespace images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriveAio {
+    /// `aio=threads`: a pool of worker threads (QEMU's default).
+    Threads,
+    /// `aio=io_uring`: Linux io_uring from QEMU's main loop.
+    IoUring,
+}
+
+impl DriveAio {
+    /// The value of QEMU's `aio=`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DriveAio::Threads => "threads",
+            DriveAio::IoUring => "io_uring",
+        }
+    }
 }
 
 impl Default for ControllerSpec {
@@ -107,6 +130,7 @@ impl Default for ControllerSpec {
             mdts: None,
             max_ioqpairs: None,
             namespaces: vec![NamespaceSpec::default()],
+            aio: None,
         }
     }
 }

@@ -228,8 +228,12 @@ pub(crate) fn args(config: &VmConfig, paths: &Paths) -> Vec<String> {
             a.push("-drive".into());
             // discard=unmap: without it QEMU ignores Dataset Management deallocate, although
             // the namespace reports (DLFEAT) that deallocated blocks read as zeros.
+            let aio = match (ctrl.aio, &b.rules) {
+                (Some(aio), None) => format!(",aio={}", aio.name()),
+                _ => String::new(),
+            };
             a.push(format!(
-                "file={file},if=none,id=ns{drive},format=raw,discard=unmap"
+                "file={file},if=none,id=ns{drive},format=raw,discard=unmap{aio}"
             ));
             a.push("-device".into());
             a.push(format!(

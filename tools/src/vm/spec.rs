@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use super::{BlkdebugRule, ControllerSpec, NamespaceSpec};
+use super::{BlkdebugRule, ControllerSpec, DriveAio, NamespaceSpec};
 
 /// Help text for the controller SPEC syntax.
 pub const SPEC_HELP: &str = "\
@@ -17,6 +17,8 @@ Controller SPEC: comma-separated KEY=VALUE, all optional:
   fail=EVENT:ERRNO[@SECTOR][:once]
                  inject errors with QEMU blkdebug into every namespace of the controller;
                  EVENT is read or write, SECTOR counts 512-byte sectors; may repeat
+  aio=MODE       how QEMU reads and writes the images: threads (QEMU's default) or
+                 io_uring (no thread hop per command); not with fail=
 Example: --ctrl lba=4096,size=1G,mdts=2,ns=2 --ctrl fail=read:5@2048:once
 ";
 
@@ -144,12 +146,22 @@ pub fn parse_controller_spec(spec: &str) -> Result<ControllerSpec, String> {
                 template.image = Some(PathBuf::from(value));
             }
             "fail" => template.blkdebug.push(parse_fail(value)?),
+            "aio" => {
+                ctrl.aio = Some(match value {
+                    "threads" => DriveAio::Threads,
+                    "io_uring" => DriveAio::IoUring,
+                    _ => return Err(num("expected threads or io_uring")),
+                })
+            }
             _ => {
                 return Err(format!(
-                "unknown key {key:?} (expected ns, size, lba, mdts, qpairs, serial, image or fail)"
+                "unknown key {key:?} (expected ns, size, lba, mdts, qpairs, serial, image, fail or aio)"
             ))
             }
         }
+    }
+    if ctrl.aio.is_some() && !template.blkdebug.is_empty() {
+        return Err("aio= cannot be combined with fail= (fault injection uses QEMU's blkdebug, which takes no aio=)".into());
     }
     if template.image.is_some() && ns_count != 1 {
         return Err("image= can only be used with ns=1".into());
