@@ -250,7 +250,7 @@ pub(crate) fn args(config: &VmConfig, paths: &Paths) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vm::{ControllerSpec, NamespaceSpec};
+    use crate::vm::{ControllerSpec, DriveAio, NamespaceSpec};
 
     fn paths(n: usize) -> Paths {
         Paths {
@@ -323,6 +323,7 @@ mod tests {
                         },
                         NamespaceSpec::default(),
                     ],
+                    aio: Some(DriveAio::IoUring),
                 },
                 ControllerSpec::default(),
             ],
@@ -345,8 +346,8 @@ mod tests {
         assert_eq!(
             value_after(&a, "-drive"),
             [
-                "file=/c/run/0.img,if=none,id=ns0,format=raw,discard=unmap",
-                "file=/c/run/1.img,if=none,id=ns1,format=raw,discard=unmap",
+                "file=/c/run/0.img,if=none,id=ns0,format=raw,discard=unmap,aio=io_uring",
+                "file=/c/run/1.img,if=none,id=ns1,format=raw,discard=unmap,aio=io_uring",
                 "file=blkdebug:/c/run/r.conf:/c/run/2.img,if=none,id=ns2,format=raw,discard=unmap",
             ]
         );

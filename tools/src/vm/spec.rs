@@ -247,6 +247,24 @@ mod tests {
     }
 
     #[test]
+    fn aio_modes_and_not_with_fault_injection() {
+        assert_eq!(parse_controller_spec("").unwrap().aio, None);
+        let c = parse_controller_spec("aio=io_uring,ns=2").unwrap();
+        assert_eq!(c.aio, Some(DriveAio::IoUring));
+        assert_eq!(
+            parse_controller_spec("aio=threads").unwrap().aio,
+            Some(DriveAio::Threads)
+        );
+        let e = parse_controller_spec("aio=native").unwrap_err();
+        assert!(
+            e.contains("aio=") && e.contains("threads or io_uring"),
+            "{e}"
+        );
+        let e = parse_controller_spec("aio=io_uring,fail=read:5").unwrap_err();
+        assert!(e.contains("blkdebug"), "{e}");
+    }
+
+    #[test]
     fn image_only_with_one_namespace() {
         let c = parse_controller_spec("image=/tmp/a.img").unwrap();
         assert_eq!(c.namespaces[0].image, Some(PathBuf::from("/tmp/a.img")));
