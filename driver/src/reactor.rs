@@ -22,7 +22,9 @@
 //! (a guest whose clock source is an emulated HPET makes a system call and an MMIO read for
 //! each), so it can be taken for every request; [`TickRate`] turns tick counts into time.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -354,8 +356,11 @@ impl Default for ReactorConfig {
 /// Counters of a reactor.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ReactorStats {
-    /// Requests taken from the channel.
+    /// Requests taken (from the channel, or from callbacks on the reactor thread).
     pub requests: u64,
+    /// Of those, requests sent by completion callbacks running on the reactor thread, taken
+    /// without a trip through the channel.
+    pub from_callbacks: u64,
     /// Requests answered by their completion (successful or not).
     pub completed: u64,
     /// Requests answered with [`ReactorError::Submit`].
@@ -388,6 +393,18 @@ pub struct ReactorExit {
 pub struct ReactorHandle {
     tx: Sender<Msg>,
     queues: usize,
+    /// The reactor's id (see [`OWN`]).
+    id: u64,
+}
+
+/// Ids of reactors, so that a reactor thread knows its own handles.
+static NEXT_REACTOR_ID: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// On a reactor thread: the reactor's id and the requests sent to it from that thread (by
+    /// completion callbacks, which run there), taken after each poll without a trip through
+    /// the channel.
+    static OWN: RefCell<Option<(u64, Vec<Job>)>> = const { RefCell::new(None) };
 }
 
 impl std::fmt::Debug for Msg {
@@ -408,8 +425,30 @@ impl ReactorHandle {
             req,
             reply: Some(reply),
         };
-        // A failed send hands the message back; dropping it answers Stopped.
-        let _ = self.tx.send(Msg::Io(job));
+        self.deliver(Msg::Io(job));
+    }
+
+    /// Hand `msg` to the reactor: on the reactor's own thread straight into its list of
+    /// requests from callbacks, elsewhere through the channel.
+    fn deliver(&self, msg: Msg) {
+        let msg = OWN.with(|own| match own.borrow_mut().as_mut() {
+            Some((id, local)) if *id == self.id => match msg {
+                Msg::Io(job) => {
+                    local.push(job);
+                    None
+                }
+                Msg::Batch(jobs) => {
+                    local.extend(jobs);
+                    None
+                }
+                Msg::Stop => Some(Msg::Stop),
+            },
+            _ => Some(msg),
+        });
+        if let Some(msg) = msg {
+            // A failed send hands the message back; dropping it answers Stopped.
+            let _ = self.tx.send(msg);
+        }
     }
 
     /// Send `req`; `f` is called with the answer.
@@ -444,7 +483,7 @@ impl ReactorHandle {
             })
             .collect();
         if !jobs.is_empty() {
-            let _ = self.tx.send(Msg::Batch(jobs));
+            self.deliver(Msg::Batch(jobs));
         }
     }
 
@@ -482,6 +521,7 @@ impl Reactor {
             None => crossbeam_channel::unbounded(),
         };
         let n = queues.len();
+        let id = NEXT_REACTOR_ID.fetch_add(1, AtomicOrdering::Relaxed);
         let name = config.name.clone();
         // The thread pins itself and says how that went before it takes any request.
         let (pinned_tx, pinned_rx) = crossbeam_channel::bounded(1);
@@ -501,7 +541,12 @@ impl Reactor {
                         queues,
                     };
                 }
-                Worker::new(queues, rx, config).run()
+                OWN.with(|own| *own.borrow_mut() = Some((id, Vec::new())));
+                let exit = Worker::new(queues, rx, config).run();
+                // Requests callbacks sent while the reactor stopped answer Stopped.
+                let left = OWN.with(|own| own.borrow_mut().take());
+                drop(left);
+                exit
             })
             .map_err(|e| {
                 Error::InvalidArgument(format!("cannot start reactor thread {name}: {e}"))
@@ -511,7 +556,7 @@ impl Reactor {
             return Err(e.into());
         }
         Ok(Reactor {
-            handle: ReactorHandle { tx, queues: n },
+            handle: ReactorHandle { tx, queues: n, id },
             thread: Some(thread),
         })
     }
@@ -572,6 +617,8 @@ struct Worker {
     stopping: bool,
     disconnected: bool,
     next_any: usize,
+    /// An empty list to swap with this thread's requests from callbacks ([`OWN`]).
+    own_spare: Vec<Job>,
 }
 
 impl Worker {
@@ -592,6 +639,7 @@ impl Worker {
             stopping: false,
             disconnected: false,
             next_any: 0,
+            own_spare: Vec::new(),
             queues,
         }
     }
@@ -630,6 +678,7 @@ impl Worker {
             }
             let submitted = self.submit_backlog();
             let reaped = self.poll_all();
+            self.take_own();
             if self.outstanding() == 0 && self.backlog_len == 0 && submitted == 0 && reaped == 0 {
                 idle += 1;
             } else {
@@ -651,6 +700,25 @@ impl Worker {
             }
         }
         self.finish()
+    }
+
+    /// Take the requests this thread's callbacks sent (answered Stopped once stopping, as
+    /// they would be had they come through the channel after the stop).
+    fn take_own(&mut self) {
+        let spare = std::mem::take(&mut self.own_spare);
+        let mut own = OWN.with(|o| match o.borrow_mut().as_mut() {
+            Some((_, v)) if !v.is_empty() => std::mem::replace(v, spare),
+            _ => spare,
+        });
+        if self.stopping {
+            own.clear();
+        } else {
+            self.stats.from_callbacks += own.len() as u64;
+            for job in own.drain(..) {
+                self.take_job(job);
+            }
+        }
+        self.own_spare = own;
     }
 
     /// Take what the channel holds, up to what the queues can hold.
@@ -1306,6 +1374,71 @@ mod tests {
             ids,
             [me.id(), other.id()],
             "one unpark per client, left to the caller"
+        );
+    }
+
+    #[test]
+    fn callbacks_that_send_more_skip_the_channel_and_stop_cleanly() {
+        let (model, ctrl) = open();
+        model.write_ns(1, 9, &stamp(9));
+        let reactor = Reactor::spawn(
+            vec![ctrl.create_io_qpair(8).unwrap()],
+            ReactorConfig::default(),
+        )
+        .unwrap();
+        // A chain of 50 reads, each sent by the callback of the one before.
+        fn chain(h: ReactorHandle, seg: Segment, left: u32, done: Sender<u32>) {
+            let req = IoRequest::new(read_cmd(1, 9, 1), IoData::Segment(seg), left as u64);
+            let h2 = h.clone();
+            h.submit_with(req, move |d| {
+                assert!(d.result.is_ok());
+                if left > 1 {
+                    chain(h2, seg, left - 1, done);
+                } else {
+                    let _ = done.send(left);
+                }
+            });
+        }
+        let buf = ctrl.alloc(4096).unwrap();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        chain(reactor.handle(), buf.segment(), 50, tx);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(1));
+        let mut got = vec![0u8; 4096];
+        buf.read_bytes(0, &mut got);
+        assert_eq!(got, stamp(9));
+        let st = reactor.shutdown().unwrap().stats;
+        assert_eq!((st.requests, st.completed), (50, 50));
+        assert_eq!(
+            st.from_callbacks, 49,
+            "all but the first came from callbacks"
+        );
+
+        // A callback that keeps sending while the reactor stops gets Stopped, not a hang.
+        let reactor = Reactor::spawn(
+            vec![ctrl.create_io_qpair(8).unwrap()],
+            ReactorConfig::default(),
+        )
+        .unwrap();
+        let stopped = Arc::new(AtomicU64::new(0));
+        fn forever(h: ReactorHandle, seg: Segment, stopped: Arc<AtomicU64>) {
+            let req = IoRequest::new(read_cmd(1, 9, 1), IoData::Segment(seg), 0);
+            let h2 = h.clone();
+            h.submit_with(req, move |d| match d.result {
+                Ok(_) => forever(h2, seg, stopped),
+                Err(ReactorError::Stopped) => {
+                    stopped.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => panic!("{e}"),
+            });
+        }
+        forever(reactor.handle(), buf.segment(), stopped.clone());
+        std::thread::sleep(Duration::from_millis(20));
+        let st = reactor.shutdown().unwrap().stats;
+        assert!(st.from_callbacks > 0, "{st:?}");
+        assert_eq!(
+            stopped.load(Ordering::Relaxed),
+            1,
+            "the last one is answered Stopped"
         );
     }
 }
