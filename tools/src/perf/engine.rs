@@ -827,14 +827,30 @@ struct CbState {
 }
 
 /// Everything a callback needs besides the request's tag.
-#[derive(Clone)]
-struct CbCtx {
-    state: std::sync::Arc<Mutex<CbState>>,
+struct CbInner {
+    state: Mutex<CbState>,
     handle: ReactorHandle,
-    queue_base: std::sync::Arc<[usize]>,
+    queue_base: Vec<usize>,
     thread: usize,
     stop_on_error: bool,
     shared_abort: std::sync::Arc<AtomicBool>,
+}
+
+/// What each callback holds: one reference count per request in flight.
+#[derive(Clone)]
+struct CbCtx(std::sync::Arc<CbInner>);
+
+impl std::ops::Deref for CbCtx {
+    type Target = CbInner;
+
+    fn deref(&self) -> &CbInner {
+        &self.0
+    }
+}
+
+thread_local! {
+    /// The next requests of a callback, kept between callbacks for its room.
+    static NEXT: std::cell::RefCell<Vec<IoRequest>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl CbCtx {
@@ -845,8 +861,8 @@ impl CbCtx {
 
     /// Send requests, each completing in [`CbCtx::done`]. Never called with the state locked:
     /// a request the reactor can no longer take is answered at once, on this thread.
-    fn send(&self, reqs: Vec<IoRequest>) {
-        for req in reqs {
+    fn send(&self, reqs: &mut Vec<IoRequest>) {
+        for req in reqs.drain(..) {
             let me = self.clone();
             self.handle.submit_with(req, move |d| me.done(d));
         }
@@ -856,7 +872,7 @@ impl CbCtx {
     /// its slot. Runs on the reactor thread.
     fn done(&self, d: IoDone) {
         let now = Ticks::now();
-        let mut next = Vec::new();
+        let mut next = NEXT.with(|n| std::mem::take(&mut *n.borrow_mut()));
         {
             let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
             let st = &mut *guard;
@@ -900,7 +916,8 @@ impl CbCtx {
                 self.requests(st, t, i, &mut next);
             }
         }
-        self.send(next);
+        self.send(&mut next);
+        NEXT.with(|n| *n.borrow_mut() = next);
     }
 }
 
@@ -919,8 +936,8 @@ fn reactor_callbacks(
     let start = Ticks::now();
     // The abort flag is mirrored into one the callbacks can hold.
     let abort = std::sync::Arc::new(AtomicBool::new(false));
-    let cb = CbCtx {
-        state: std::sync::Arc::new(Mutex::new(CbState {
+    let cb = CbCtx(std::sync::Arc::new(CbInner {
+        state: Mutex::new(CbState {
             works,
             rng: Rng::new(cfg.seed.wrapping_add(thread as u64 * 0x1_0000_0001)),
             clock: Clock::new(start, cfg, ctx.rate),
@@ -928,13 +945,13 @@ fn reactor_callbacks(
             totals: Totals::default(),
             fatal: None,
             outstanding: 0,
-        })),
+        }),
         handle: handle.clone(),
-        queue_base: queue_base.into(),
+        queue_base: queue_base.to_vec(),
         thread,
         stop_on_error: cfg.stop_on_error,
         shared_abort: abort.clone(),
-    };
+    }));
     let mut first = Vec::new();
     {
         let mut guard = cb.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -949,7 +966,7 @@ fn reactor_callbacks(
             }
         }
     }
-    cb.send(first);
+    cb.send(&mut first);
     let counters = &shared.counters[thread];
     let drain = ctx.rate.ticks(DRAIN);
     let mut stop_at: Option<Ticks> = None;
