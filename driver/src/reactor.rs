@@ -534,8 +534,7 @@ impl Reactor {
                 let failed = pinned.is_err();
                 let _ = pinned_tx.send(pinned);
                 if failed {
-                    // Nothing was taken: the queue pairs go back with the exit.
-                    drop(rx);
+                    // Nothing was taken; `spawn` reports the error.
                     return ReactorExit {
                         stats: ReactorStats::default(),
                         queues,
@@ -705,11 +704,14 @@ impl Worker {
     /// Take the requests this thread's callbacks sent (answered Stopped once stopping, as
     /// they would be had they come through the channel after the stop).
     fn take_own(&mut self) {
-        let spare = std::mem::take(&mut self.own_spare);
+        let spare = &mut self.own_spare;
         let mut own = OWN.with(|o| match o.borrow_mut().as_mut() {
-            Some((_, v)) if !v.is_empty() => std::mem::replace(v, spare),
-            _ => spare,
+            Some((_, v)) if !v.is_empty() => std::mem::replace(v, std::mem::take(spare)),
+            _ => Vec::new(),
         });
+        if own.is_empty() {
+            return;
+        }
         if self.stopping {
             own.clear();
         } else {
@@ -919,6 +921,15 @@ mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
 
+    /// A reactor with the default configuration over one new queue pair of `entries`.
+    fn one_queue(ctrl: &Controller, entries: u32) -> Reactor {
+        Reactor::spawn(
+            vec![ctrl.create_io_qpair(entries).unwrap()],
+            ReactorConfig::default(),
+        )
+        .unwrap()
+    }
+
     fn open() -> (Arc<Model>, Controller) {
         let model = Model::new(ModelConfig::default());
         let ctrl = Controller::init(
@@ -1010,11 +1021,7 @@ mod tests {
     #[test]
     fn waking_replies_unpark_a_client_that_waits_without_spinning() {
         let (model, ctrl) = open();
-        let reactor = Reactor::spawn(
-            vec![ctrl.create_io_qpair(16).unwrap()],
-            ReactorConfig::default(),
-        )
-        .unwrap();
+        let reactor = one_queue(&ctrl, 16);
         let h = reactor.handle();
         let buf = ctrl.alloc(4096).unwrap();
         buf.write_bytes(0, &stamp(5));
@@ -1053,11 +1060,7 @@ mod tests {
     #[test]
     fn a_batch_is_submitted_with_one_doorbell() {
         let (model, ctrl) = open();
-        let reactor = Reactor::spawn(
-            vec![ctrl.create_io_qpair(64).unwrap()],
-            ReactorConfig::default(),
-        )
-        .unwrap();
+        let reactor = one_queue(&ctrl, 64);
         let h = reactor.handle();
         let (tx, rx) = crossbeam_channel::unbounded();
         let bufs: Vec<DmaBuffer> = (0..32).map(|_| ctrl.alloc(4096).unwrap()).collect();
@@ -1164,11 +1167,7 @@ mod tests {
     fn errors_come_back_with_their_status_and_callbacks_run() {
         let (model, ctrl) = open();
         model.fail_lba(1, 5, NvmeStatus::UNRECOVERED_READ_ERROR, None);
-        let reactor = Reactor::spawn(
-            vec![ctrl.create_io_qpair(16).unwrap()],
-            ReactorConfig::default(),
-        )
-        .unwrap();
+        let reactor = one_queue(&ctrl, 16);
         let h = reactor.handle();
         let buf = ctrl.alloc(4096).unwrap();
         let d = h
@@ -1381,11 +1380,7 @@ mod tests {
     fn callbacks_that_send_more_skip_the_channel_and_stop_cleanly() {
         let (model, ctrl) = open();
         model.write_ns(1, 9, &stamp(9));
-        let reactor = Reactor::spawn(
-            vec![ctrl.create_io_qpair(8).unwrap()],
-            ReactorConfig::default(),
-        )
-        .unwrap();
+        let reactor = one_queue(&ctrl, 8);
         // A chain of 50 reads, each sent by the callback of the one before.
         fn chain(h: ReactorHandle, seg: Segment, left: u32, done: Sender<u32>) {
             let req = IoRequest::new(read_cmd(1, 9, 1), IoData::Segment(seg), left as u64);
@@ -1414,11 +1409,7 @@ mod tests {
         );
 
         // A callback that keeps sending while the reactor stops gets Stopped, not a hang.
-        let reactor = Reactor::spawn(
-            vec![ctrl.create_io_qpair(8).unwrap()],
-            ReactorConfig::default(),
-        )
-        .unwrap();
+        let reactor = one_queue(&ctrl, 8);
         let stopped = Arc::new(AtomicU64::new(0));
         fn forever(h: ReactorHandle, seg: Segment, stopped: Arc<AtomicU64>) {
             let req = IoRequest::new(read_cmd(1, 9, 1), IoData::Segment(seg), 0);

@@ -412,17 +412,21 @@ pub(crate) struct Ctx<'a> {
     pub rate: TickRate,
 }
 
-/// Per-thread set-up that cannot fail half way without telling the others.
 /// Pin worker `thread` to its CPU of `--cpus`, if given.
 fn pin_worker(cfg: &PerfConfig, thread: usize) -> Result<(), PerfError> {
     let Some(cpus) = &cfg.cpus else {
         return Ok(());
     };
     let cpu = cpus.cpus()[thread % cpus.cpus().len()];
-    rnvme_driver::affinity::pin_current_thread(cpu)
-        .map_err(|e| PerfError::Invalid(format!("--cpus: {e}")))
+    rnvme_driver::affinity::pin_current_thread(cpu).map_err(cpus_error)
 }
 
+/// A CPU of `--cpus` that cannot be used.
+fn cpus_error(e: rnvme_driver::affinity::AffinityError) -> PerfError {
+    PerfError::Invalid(format!("--cpus: {e}"))
+}
+
+/// Per-thread set-up that cannot fail half way without telling the others.
 fn setup<T>(shared: &Shared, f: impl FnOnce() -> Result<T, PerfError>) -> Option<T> {
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
         Err(PerfError::Run(
@@ -1061,7 +1065,7 @@ pub(crate) fn execute(
             },
         )
         .map_err(|e| match e {
-            rnvme_driver::Error::Affinity(e) => PerfError::Invalid(format!("--cpus: {e}")),
+            rnvme_driver::Error::Affinity(e) => cpus_error(e),
             e => PerfError::Run(e.to_string()),
         })?;
         Some(r)

@@ -113,6 +113,9 @@ pub enum DriveAio {
 }
 
 impl DriveAio {
+    /// Every mode.
+    pub const ALL: [DriveAio; 2] = [DriveAio::Threads, DriveAio::IoUring];
+
     /// The value of QEMU's `aio=`.
     pub fn name(self) -> &'static str {
         match self {

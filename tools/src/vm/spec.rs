@@ -147,11 +147,12 @@ pub fn parse_controller_spec(spec: &str) -> Result<ControllerSpec, String> {
             }
             "fail" => template.blkdebug.push(parse_fail(value)?),
             "aio" => {
-                ctrl.aio = Some(match value {
-                    "threads" => DriveAio::Threads,
-                    "io_uring" => DriveAio::IoUring,
-                    _ => return Err(num("expected threads or io_uring")),
-                })
+                ctrl.aio = Some(
+                    DriveAio::ALL
+                        .into_iter()
+                        .find(|a| a.name() == value)
+                        .ok_or_else(|| num("expected threads or io_uring"))?,
+                )
             }
             _ => {
                 return Err(format!(
