@@ -25,6 +25,7 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -171,6 +172,51 @@ pub enum Reply {
     /// [`wait_parked`], which sleeps without the busy spinning a blocking channel receive does
     /// first (on an emulated CPU each spin-loop hint can stop the world for a moment).
     Wake(Sender<IoDone>, std::thread::Thread),
+    /// Given to a [`Completer`] shared by many requests: no allocation per request, and
+    /// follow-up requests go straight into the reactor (see [`Next`]).
+    Completer(Arc<dyn Completer>),
+}
+
+/// A completion handler shared by many requests, SPDK style: where a [`Reply::Callback`]
+/// allocates a closure per request, a [`Reply::Completer`] holds one reference count.
+pub trait Completer: Send + Sync + 'static {
+    /// The answer to one request. Runs on the reactor thread (or, for a request that never
+    /// reached it, on the thread that gave it up) and must be short. Requests sent through
+    /// `next` are answered by this completer too; the reactor takes them as soon as the
+    /// answers of the current poll are handled, so they share the next doorbell. A completer
+    /// must not send more in answer to [`ReactorError::Stopped`]: the reactor is going away.
+    fn complete(&self, done: IoDone, next: &mut Next<'_>);
+}
+
+/// Follow-up requests of a [`Completer`].
+pub struct Next<'a> {
+    completer: &'a Arc<dyn Completer>,
+    /// The reactor's list of follow-ups; `None` where no reactor runs (the request was given
+    /// up), and a follow-up is answered Stopped at once.
+    follow: Option<&'a mut Vec<Job>>,
+}
+
+impl Next<'_> {
+    /// Send `req`, answered by the same completer.
+    #[inline]
+    pub fn submit(&mut self, req: IoRequest) {
+        let job = Job {
+            req,
+            reply: Some(Reply::Completer(self.completer.clone())),
+        };
+        match self.follow.as_deref_mut() {
+            Some(v) => v.push(job),
+            None => drop(job),
+        }
+    }
+}
+
+/// Where the answers of one poll leave things for the reactor to finish after it.
+struct Sink<'a> {
+    /// Clients to unpark.
+    wakes: &'a mut Vec<std::thread::Thread>,
+    /// Requests [`Completer`]s sent.
+    follow: &'a mut Vec<Job>,
 }
 
 /// Wait for an answer on `rx` of requests sent with [`Reply::Wake`] naming this thread: takes
@@ -193,6 +239,7 @@ impl std::fmt::Debug for Reply {
             Reply::Callback(_) => "Reply::Callback",
             Reply::Channel(_) => "Reply::Channel",
             Reply::Wake(..) => "Reply::Wake",
+            Reply::Completer(_) => "Reply::Completer",
         })
     }
 }
@@ -202,10 +249,12 @@ impl Reply {
         self.send_deferring(done, None)
     }
 
-    /// Answer; a [`Reply::Wake`]'s thread goes into `wakes` (once) instead of being unparked
-    /// at once, when given: the reactor unparks each client once per poll, after all of the
-    /// poll's answers are on their channels, so a client wakes to a whole batch.
-    fn send_deferring(self, done: IoDone, wakes: Option<&mut Vec<std::thread::Thread>>) {
+    /// Answer. With a `sink` (on the reactor thread, answering a poll): a [`Reply::Wake`]'s
+    /// thread goes into its `wakes` (once) instead of being unparked at once, so that the
+    /// reactor unparks each client once per poll, after all of the poll's answers are on
+    /// their channels, and a client wakes to a whole batch; a [`Completer`]'s follow-ups go
+    /// into its `follow`.
+    fn send_deferring(self, done: IoDone, sink: Option<&mut Sink<'_>>) {
         match self {
             Reply::Callback(f) => {
                 // A panicking callback must not take the reactor, and every other request in
@@ -215,9 +264,23 @@ impl Reply {
                     log::error!("the completion callback of request {tag} panicked");
                 }
             }
+            Reply::Completer(c) => {
+                let tag = done.tag;
+                let mut next = Next {
+                    completer: &c,
+                    follow: sink.map(|s| &mut *s.follow),
+                };
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    c.complete(done, &mut next)
+                }))
+                .is_err()
+                {
+                    log::error!("the completer of request {tag} panicked");
+                }
+            }
             Reply::Wake(tx, thread) => {
                 let _ = tx.send(done);
-                match wakes {
+                match sink.map(|s| &mut *s.wakes) {
                     Some(w) => {
                         if !w.iter().any(|t| t.id() == thread.id()) {
                             w.push(thread);
@@ -242,27 +305,28 @@ struct Job {
 }
 
 impl Job {
-    fn answer(self, result: Result<u32, ReactorError>, completed: Ticks) {
-        self.answer_deferring(result, completed, None)
+    fn answer(mut self, result: Result<u32, ReactorError>, completed: Ticks) {
+        if let Some((reply, done)) = self.take_answer(result, completed) {
+            reply.send(done);
+        }
     }
 
-    /// [`Job::answer`], leaving the unpark of a [`Reply::Wake`] to the caller (see
-    /// [`Reply::send_deferring`]).
-    fn answer_deferring(
-        mut self,
+    /// The reply and the answer to send it, leaving the job answered (its drop then does
+    /// nothing); `None` if it was answered already.
+    #[inline]
+    fn take_answer(
+        &mut self,
         result: Result<u32, ReactorError>,
         completed: Ticks,
-        wakes: Option<&mut Vec<std::thread::Thread>>,
-    ) {
-        if let Some(reply) = self.reply.take() {
-            let done = IoDone {
-                tag: self.req.tag,
-                result,
-                buf: self.req.data.take_buf(),
-                completed,
-            };
-            reply.send_deferring(done, wakes);
-        }
+    ) -> Option<(Reply, IoDone)> {
+        let reply = self.reply.take()?;
+        let done = IoDone {
+            tag: self.req.tag,
+            result,
+            buf: self.req.data.take_buf(),
+            completed,
+        };
+        Some((reply, done))
     }
 }
 
@@ -591,17 +655,18 @@ impl Drop for Reactor {
     }
 }
 
-/// A request in flight: the queue pair tag is its index in the slab.
-struct Inflight {
-    job: Job,
-}
+/// Extra polls in one loop turn while they keep finding completions.
+const REPOLLS: usize = 4;
 
 struct Worker {
     queues: Vec<IoQueuePair>,
-    /// Requests taken from the channel and not yet submitted, per queue pair.
-    backlog: Vec<VecDeque<Job>>,
+    /// Requests taken and not yet submitted, per queue pair: their places in `slab`.
+    backlog: Vec<VecDeque<u32>>,
     backlog_len: usize,
-    slab: Vec<Option<Inflight>>,
+    /// Every request taken, waiting or in flight, where it stays until it is answered: the
+    /// queue pair tag of a command is its index here. A request is moved in once and
+    /// answered in place (moving one costs a copy of its command and data pointer).
+    slab: Vec<Option<Job>>,
     free: Vec<u32>,
     rx: Receiver<Msg>,
     config: ReactorConfig,
@@ -618,6 +683,8 @@ struct Worker {
     next_any: usize,
     /// An empty list to swap with this thread's requests from callbacks ([`OWN`]).
     own_spare: Vec<Job>,
+    /// Requests sent by [`Completer`]s during the current poll.
+    follow: Vec<Job>,
 }
 
 impl Worker {
@@ -639,12 +706,14 @@ impl Worker {
             disconnected: false,
             next_any: 0,
             own_spare: Vec::new(),
+            follow: Vec::new(),
             queues,
         }
     }
 
+    /// Requests in flight on the queue pairs.
     fn outstanding(&self) -> usize {
-        self.slab.len() - self.free.len()
+        self.slab.len() - self.free.len() - self.backlog_len
     }
 
     fn run(mut self) -> ReactorExit {
@@ -676,8 +745,21 @@ impl Worker {
                 self.intake();
             }
             let submitted = self.submit_backlog();
-            let reaped = self.poll_all();
+            let mut reaped = self.poll_all();
+            self.take_follow();
             self.take_own();
+            // Completions that arrived while this turn's answers were handled go out with
+            // them: the next submission then carries the whole batch under one doorbell.
+            let mut more = reaped;
+            for _ in 0..REPOLLS {
+                if more == 0 {
+                    break;
+                }
+                more = self.poll_all();
+                self.take_follow();
+                self.take_own();
+                reaped += more;
+            }
             if self.outstanding() == 0 && self.backlog_len == 0 && submitted == 0 && reaped == 0 {
                 idle += 1;
             } else {
@@ -712,15 +794,29 @@ impl Worker {
         if own.is_empty() {
             return;
         }
+        self.take_from_callbacks(&mut own);
+        self.own_spare = own;
+    }
+
+    /// Take the requests of the current poll's [`Completer`]s.
+    fn take_follow(&mut self) {
+        if self.follow.is_empty() {
+            return;
+        }
+        let mut follow = std::mem::take(&mut self.follow);
+        self.take_from_callbacks(&mut follow);
+        self.follow = follow;
+    }
+
+    fn take_from_callbacks(&mut self, jobs: &mut Vec<Job>) {
         if self.stopping {
-            own.clear();
+            jobs.clear();
         } else {
-            self.stats.from_callbacks += own.len() as u64;
-            for job in own.drain(..) {
+            self.stats.from_callbacks += jobs.len() as u64;
+            for job in jobs.drain(..) {
                 self.take_job(job);
             }
         }
-        self.own_spare = own;
     }
 
     /// Take what the channel holds, up to what the queues can hold.
@@ -767,7 +863,9 @@ impl Worker {
             }
             None => self.least_busy(),
         };
-        self.backlog[q].push_back(job);
+        let slot = self.slot();
+        self.slab[slot as usize] = Some(job);
+        self.backlog[q].push_back(slot);
         self.backlog_len += 1;
     }
 
@@ -807,10 +905,13 @@ impl Worker {
         let mut n = 0;
         for q in 0..self.queues.len() {
             while self.queues[q].free_slots() > 0 {
-                let Some(job) = self.backlog[q].pop_front() else {
+                let Some(slot) = self.backlog[q].pop_front() else {
                     break;
                 };
                 self.backlog_len -= 1;
+                let Some(job) = self.slab[slot as usize].as_ref() else {
+                    continue;
+                };
                 self.segs.clear();
                 match &job.req.data {
                     IoData::None => {}
@@ -818,31 +919,19 @@ impl Worker {
                     IoData::Segments(v) => self.segs.extend_from_slice(v),
                     IoData::Buffer { buf, offset, len } => {
                         if offset.checked_add(*len).is_none_or(|end| end > buf.len()) {
-                            self.stats.submit_errors += 1;
                             let msg = format!(
                                 "data range {offset}+{len} lies beyond a buffer of {} bytes",
                                 buf.len()
                             );
-                            job.answer(
-                                Err(ReactorError::Submit(Error::InvalidArgument(msg))),
-                                Ticks::now(),
-                            );
+                            self.refuse(slot, Error::InvalidArgument(msg));
                             continue;
                         }
                         self.segs.push(buf.segment_at(*offset, *len));
                     }
                 }
-                let slot = self.slot();
                 match self.queues[q].submit(job.req.cmd, &self.segs, slot as u64) {
-                    Ok(_) => {
-                        self.slab[slot as usize] = Some(Inflight { job });
-                        n += 1;
-                    }
-                    Err(e) => {
-                        self.free.push(slot);
-                        self.stats.submit_errors += 1;
-                        job.answer(Err(ReactorError::Submit(e)), Ticks::now());
-                    }
+                    Ok(_) => n += 1,
+                    Err(e) => self.refuse(slot, e),
                 }
             }
             self.queues[q].ring();
@@ -852,6 +941,16 @@ impl Worker {
             self.stats.max_batch = self.stats.max_batch.max(n as u64);
         }
         n
+    }
+
+    /// Answer the request in `slot` with [`ReactorError::Submit`].
+    #[cold]
+    fn refuse(&mut self, slot: u32, e: Error) {
+        self.stats.submit_errors += 1;
+        if let Some(job) = self.slab[slot as usize].take() {
+            self.free.push(slot);
+            job.answer(Err(ReactorError::Submit(e)), Ticks::now());
+        }
     }
 
     /// Poll every queue pair and answer what completed.
@@ -867,13 +966,12 @@ impl Worker {
             let now = Ticks::now();
             for i in 0..self.done.len() {
                 let c = self.done[i];
-                let Some(Inflight { job }) =
-                    self.slab.get_mut(c.tag as usize).and_then(Option::take)
-                else {
+                let Some(slot) = self.slab.get_mut(c.tag as usize) else {
                     continue;
                 };
-                self.free.push(c.tag as u32);
-                self.stats.completed += 1;
+                let Some(job) = slot.as_mut() else {
+                    continue;
+                };
                 let result = if c.status.is_success() {
                     Ok(c.dw0)
                 } else {
@@ -883,7 +981,20 @@ impl Worker {
                         status: c.status,
                     })
                 };
-                job.answer_deferring(result, now, Some(&mut self.wakes));
+                // Answered in place: only the reply and the answer leave the slab.
+                let answer = job.take_answer(result, now);
+                *slot = None;
+                self.free.push(c.tag as u32);
+                self.stats.completed += 1;
+                if let Some((reply, done)) = answer {
+                    reply.send_deferring(
+                        done,
+                        Some(&mut Sink {
+                            wakes: &mut self.wakes,
+                            follow: &mut self.follow,
+                        }),
+                    );
+                }
             }
             self.done.clear();
         }
@@ -1351,7 +1462,11 @@ mod tests {
         let me = std::thread::current();
         let (other_tx, other_rx) = crossbeam_channel::unbounded();
         let other = std::thread::spawn(|| ()).thread().clone();
-        let mut wakes = Vec::new();
+        let (mut wakes, mut follow) = (Vec::new(), Vec::new());
+        let mut sink = Sink {
+            wakes: &mut wakes,
+            follow: &mut follow,
+        };
         for tag in 0..5 {
             let done = |tag| IoDone {
                 tag,
@@ -1359,9 +1474,9 @@ mod tests {
                 buf: None,
                 completed: Ticks::now(),
             };
-            Reply::Wake(tx.clone(), me.clone()).send_deferring(done(tag), Some(&mut wakes));
+            Reply::Wake(tx.clone(), me.clone()).send_deferring(done(tag), Some(&mut sink));
             Reply::Wake(other_tx.clone(), other.clone())
-                .send_deferring(done(tag + 10), Some(&mut wakes));
+                .send_deferring(done(tag + 10), Some(&mut sink));
         }
         assert_eq!(
             rx.try_iter().map(|d| d.tag).collect::<Vec<_>>(),
@@ -1430,6 +1545,101 @@ mod tests {
             stopped.load(Ordering::Relaxed),
             1,
             "the last one is answered Stopped"
+        );
+    }
+
+    /// Reads LBAs `lba..lba + left` one after the other, each sent by the completer from the
+    /// answer to the one before, and says which it saw.
+    struct Walker {
+        seg: Segment,
+        left: std::sync::Mutex<u64>,
+        seen: crossbeam_channel::Sender<Result<u64, String>>,
+    }
+
+    impl Completer for Walker {
+        fn complete(&self, done: IoDone, next: &mut Next<'_>) {
+            let mut left = self.left.lock().unwrap();
+            match done.result {
+                Ok(_) => {
+                    let _ = self.seen.send(Ok(done.tag));
+                    *left -= 1;
+                    if *left > 0 {
+                        next.submit(IoRequest::new(
+                            // The LBA wraps: a walk that never ends stays in the namespace.
+                            read_cmd(1, (done.tag + 1) % 64, 1),
+                            IoData::Segment(self.seg),
+                            done.tag + 1,
+                        ));
+                    }
+                }
+                Err(e) => {
+                    let _ = self.seen.send(Err(e.to_string()));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_completer_answers_its_follow_ups_which_skip_the_channel() {
+        let (model, ctrl) = open();
+        for lba in 20..60 {
+            model.write_ns(1, lba, &stamp(lba));
+        }
+        let reactor = one_queue(&ctrl, 8);
+        // Two walkers of 20 reads each, sharing one completer object per walk.
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let bufs: Vec<DmaBuffer> = (0..2).map(|_| ctrl.alloc(4096).unwrap()).collect();
+        for (k, buf) in bufs.iter().enumerate() {
+            let walker: Arc<dyn Completer> = Arc::new(Walker {
+                seg: buf.segment(),
+                left: std::sync::Mutex::new(20),
+                seen: tx.clone(),
+            });
+            let lba = 20 + 20 * k as u64;
+            let req = IoRequest::new(read_cmd(1, lba, 1), IoData::Segment(buf.segment()), lba);
+            reactor.handle().submit(req, Reply::Completer(walker));
+        }
+        let mut seen: Vec<u64> = (0..40)
+            .map(|_| rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap())
+            .collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (20..60).collect::<Vec<_>>());
+        let mut got = vec![0u8; 4096];
+        bufs[1].read_bytes(0, &mut got);
+        assert_eq!(got, stamp(59), "the last read of the second walk");
+        let st = reactor.shutdown().unwrap().stats;
+        assert_eq!((st.requests, st.completed), (40, 40));
+        assert_eq!(st.from_callbacks, 38, "all but the first of each walk");
+
+        // A walk cut short by the reactor stopping ends with one Stopped answer.
+        let reactor = Reactor::spawn(
+            vec![ctrl.create_io_qpair(8).unwrap()],
+            ReactorConfig::default(),
+        )
+        .unwrap();
+        let walker: Arc<dyn Completer> = Arc::new(Walker {
+            seg: bufs[0].segment(),
+            left: std::sync::Mutex::new(u64::MAX),
+            seen: tx.clone(),
+        });
+        let req = IoRequest::new(read_cmd(1, 0, 1), IoData::Segment(bufs[0].segment()), 0);
+        reactor.handle().submit(req, Reply::Completer(walker));
+        while rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap()
+            .is_ok_and(|t| t < 100)
+        {}
+        reactor.shutdown().unwrap();
+        let tail: Vec<_> = rx.try_iter().collect();
+        let stopped = tail.iter().filter(|r| r.is_err()).count();
+        assert_eq!(stopped, 1, "{tail:?}");
+        assert!(
+            tail.last()
+                .unwrap()
+                .as_ref()
+                .unwrap_err()
+                .contains("stopped"),
+            "{tail:?}"
         );
     }
 }

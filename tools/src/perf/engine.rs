@@ -18,8 +18,8 @@ use rnvme_driver::dma::DmaBuffer;
 use rnvme_driver::io::{read_cmd, write_cmd, IoQueuePair};
 use rnvme_driver::queue::{Completion, QueueStats};
 use rnvme_driver::reactor::{
-    wait_parked, IoData, IoDone, IoRequest, Reactor, ReactorConfig, ReactorHandle, Reply, TickRate,
-    Ticks,
+    wait_parked, Completer, IoData, IoDone, IoRequest, Next, Reactor, ReactorConfig, ReactorHandle,
+    Reply, TickRate, Ticks,
 };
 use rnvme_driver::spec::SqEntry;
 use rnvme_driver::NvmeStatus;
@@ -830,98 +830,71 @@ struct CbState {
     outstanding: usize,
 }
 
-/// Everything a callback needs besides the request's tag.
+/// The completer of one worker's requests: everything its loop would own.
 struct CbInner {
     state: Mutex<CbState>,
-    handle: ReactorHandle,
     queue_base: Vec<usize>,
     thread: usize,
     stop_on_error: bool,
     shared_abort: std::sync::Arc<AtomicBool>,
 }
 
-/// What each callback holds: one reference count per request in flight.
-#[derive(Clone)]
-struct CbCtx(std::sync::Arc<CbInner>);
-
-impl std::ops::Deref for CbCtx {
-    type Target = CbInner;
-
-    fn deref(&self) -> &CbInner {
-        &self.0
-    }
-}
-
-thread_local! {
-    /// The next requests of a callback, kept between callbacks for its room.
-    static NEXT: std::cell::RefCell<Vec<IoRequest>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-impl CbCtx {
-    /// The commands of slot `i` of target `t`.
-    fn requests(&self, st: &CbState, t: usize, i: usize, out: &mut Vec<IoRequest>) {
-        queue_slot(out, t, &st.works[t], i, self.queue_base[t]);
-    }
-
-    /// Send requests, each completing in [`CbCtx::done`]. Never called with the state locked:
-    /// a request the reactor can no longer take is answered at once, on this thread.
-    fn send(&self, reqs: &mut Vec<IoRequest>) {
-        for req in reqs.drain(..) {
-            let me = self.clone();
-            self.handle.submit_with(req, move |d| me.done(d));
-        }
-    }
-
-    /// One command completed: account for it and, while the run lasts, queue the next I/O of
-    /// its slot. Runs on the reactor thread.
-    fn done(&self, d: IoDone) {
+impl Completer for CbInner {
+    /// One command completed: account for it and, while the run lasts, send the next I/O of
+    /// its slot. Runs on the reactor thread. Answers that do not come from the reactor's poll
+    /// (where `next` queues) are Stopped or Submit errors, which end the run and send nothing
+    /// more, so `next` never answers on this thread while the state is locked.
+    fn complete(&self, d: IoDone, next: &mut Next<'_>) {
         let now = Ticks::now();
-        let mut next = NEXT.with(|n| std::mem::take(&mut *n.borrow_mut()));
-        {
-            let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            let st = &mut *guard;
-            st.outstanding -= 1;
-            st.clock
-                .tick(now, self.shared_abort.load(Ordering::Relaxed));
-            let t = (d.tag >> TARGET_SHIFT) as usize;
-            let tag = d.tag & ((1 << TARGET_SHIFT) - 1);
-            let err = match &d.result {
-                Ok(_) => None,
-                Err(e) if e.status().is_some() => Some(e.to_string()),
-                Err(e) => {
-                    if st.fatal.is_none() {
-                        st.fatal = Some(PerfError::Run(format!("{}: {e}", st.works[t].label)));
-                    }
-                    Some(e.to_string())
+        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let st = &mut *guard;
+        st.outstanding -= 1;
+        st.clock
+            .tick(now, self.shared_abort.load(Ordering::Relaxed));
+        let t = (d.tag >> TARGET_SHIFT) as usize;
+        let tag = d.tag & ((1 << TARGET_SHIFT) - 1);
+        let err = match &d.result {
+            Ok(_) => None,
+            Err(e) if e.status().is_some() => Some(e.to_string()),
+            Err(e) => {
+                if st.fatal.is_none() {
+                    st.fatal = Some(PerfError::Run(format!("{}: {e}", st.works[t].label)));
                 }
-            };
-            if err.is_some() {
-                st.totals.errors += 1;
-                if self.stop_on_error {
-                    self.shared_abort.store(true, Ordering::Relaxed);
-                }
+                Some(e.to_string())
             }
-            let CbState {
-                works,
-                clock,
-                errors,
-                ..
-            } = st;
-            let Some(i) = works[t].complete(tag, err.as_deref(), now, clock, self.thread, errors)
-            else {
-                return;
-            };
-            st.totals.ios += 1;
-            st.totals.bytes += st.works[t].blocks as u64 * st.works[t].lba_size as u64;
-            if st.clock.phase != Phase::Stop && st.fatal.is_none() {
-                let CbState { works, rng, .. } = st;
-                works[t].prepare(i, rng, now);
-                st.outstanding += st.works[t].pieces.len();
-                self.requests(st, t, i, &mut next);
+        };
+        if err.is_some() {
+            st.totals.errors += 1;
+            if self.stop_on_error {
+                self.shared_abort.store(true, Ordering::Relaxed);
             }
         }
-        self.send(&mut next);
-        NEXT.with(|n| *n.borrow_mut() = next);
+        let CbState {
+            works,
+            clock,
+            errors,
+            ..
+        } = st;
+        let Some(i) = works[t].complete(tag, err.as_deref(), now, clock, self.thread, errors)
+        else {
+            return;
+        };
+        st.totals.ios += 1;
+        st.totals.bytes += st.works[t].blocks as u64 * st.works[t].lba_size as u64;
+        if st.clock.phase != Phase::Stop && st.fatal.is_none() {
+            let CbState { works, rng, .. } = st;
+            works[t].prepare(i, rng, now);
+            st.outstanding += st.works[t].pieces.len();
+            let queue = Some(self.queue_base[t] + st.works[t].slots[i].queue);
+            st.works[t].commands(i, |cmd, seg, tag| {
+                next.submit(IoRequest {
+                    cmd,
+                    data: IoData::Segment(seg),
+                    tag: ((t as u64) << TARGET_SHIFT) | tag,
+                    queue,
+                })
+            });
+        }
     }
 }
 
@@ -940,7 +913,7 @@ fn reactor_callbacks(
     let start = Ticks::now();
     // The abort flag is mirrored into one the callbacks can hold.
     let abort = std::sync::Arc::new(AtomicBool::new(false));
-    let cb = CbCtx(std::sync::Arc::new(CbInner {
+    let cb = std::sync::Arc::new(CbInner {
         state: Mutex::new(CbState {
             works,
             rng: Rng::new(cfg.seed.wrapping_add(thread as u64 * 0x1_0000_0001)),
@@ -950,12 +923,11 @@ fn reactor_callbacks(
             fatal: None,
             outstanding: 0,
         }),
-        handle: handle.clone(),
         queue_base: queue_base.to_vec(),
         thread,
         stop_on_error: cfg.stop_on_error,
         shared_abort: abort.clone(),
-    }));
+    });
     let mut first = Vec::new();
     {
         let mut guard = cb.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -966,16 +938,18 @@ fn reactor_callbacks(
                 let CbState { works, rng, .. } = st;
                 works[t].prepare(i, rng, start);
                 st.outstanding += st.works[t].pieces.len();
-                cb.requests(st, t, i, &mut first);
+                queue_slot(&mut first, t, &st.works[t], i, queue_base[t]);
             }
         }
     }
-    cb.send(&mut first);
+    let completer: std::sync::Arc<dyn Completer> = cb.clone();
+    handle.submit_batch_with(first, || Reply::Completer(completer.clone()));
+    drop(completer);
     let counters = &shared.counters[thread];
     let drain = ctx.rate.ticks(DRAIN);
     let mut stop_at: Option<Ticks> = None;
     loop {
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(20));
         if shared.abort.load(Ordering::Relaxed) {
             abort.store(true, Ordering::Relaxed);
         }
