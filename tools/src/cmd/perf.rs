@@ -95,8 +95,9 @@ pub struct PerfArgs {
     /// Send the I/O through a reactor thread that owns the queue pairs (cross-thread submission)
     #[arg(long)]
     pub reactor: bool,
-    /// With --reactor: complete each I/O in a callback on the reactor thread (which queues the
-    /// next one through the channel) instead of answering the worker threads over a channel
+    /// With --reactor: complete each I/O on the reactor thread, in a completer shared by the
+    /// worker's requests that sends the next one straight into the reactor, instead of
+    /// answering the worker threads over a channel
     #[arg(long, requires = "reactor")]
     pub callbacks: bool,
     /// Pin the worker threads to these CPUs in turn (0,2 or 0-3), and a reactor to the first

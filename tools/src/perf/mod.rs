@@ -203,9 +203,10 @@ pub struct PerfConfig {
     pub fua: bool,
     /// Send I/O through a reactor thread.
     pub reactor: bool,
-    /// With `reactor`: complete each I/O in a callback on the reactor thread, which queues the
-    /// next I/O through the channel, instead of answering the worker thread over a channel
-    /// (measures the reactor without the cost of waking another thread).
+    /// With `reactor`: complete each I/O on the reactor thread, in a
+    /// [`Completer`](rnvme_driver::reactor::Completer) shared by the worker's requests that
+    /// sends the slot's next I/O straight into the reactor, instead of answering the worker
+    /// thread over a channel (measures the reactor without the cost of waking another thread).
     pub reactor_callbacks: bool,
     /// CPUs to pin the worker threads to, in turn (worker `t` on the `t mod n`-th); a reactor
     /// runs on the first. `None`: wherever the scheduler puts them.
