@@ -3,10 +3,15 @@
 //!
 //! A [`QueuePair`](crate::queue::QueuePair) belongs to one thread and takes no locks. An
 //! application that is not thread-per-core hands its commands to a [`Reactor`] instead: any
-//! thread holding a [`ReactorHandle`] sends an [`IoRequest`] with a [`Reply`] (a callback, or a
-//! channel of its own), and the reactor thread does the rest in batches: it drains the channel,
-//! submits everything it took, rings each submission doorbell once, polls every queue pair and
-//! replies to each completed request.
+//! thread holding a [`ReactorHandle`] sends an [`IoRequest`] with a [`Reply`] (a callback, a
+//! [`Completer`] shared by many requests, or a channel of its own), and the reactor thread does
+//! the rest in batches: it drains the channel, submits everything it took, rings each
+//! submission doorbell once, polls every queue pair and replies to each completed request.
+//!
+//! For the most I/O per second, complete on the reactor thread: a [`Completer`] costs no
+//! allocation per request, and what it sends next goes out with the next doorbell without a
+//! trip through the channel. A client that waits for answers on another thread pays a wake-up
+//! per batch of answers (cheap on real hardware, ~145 µs on an emulated CPU).
 //!
 //! Every request gets exactly one [`IoDone`], also when it cannot run: a reactor that has
 //! stopped (or panicked) answers [`ReactorError::Stopped`], and a request whose data pointer
@@ -422,8 +427,8 @@ impl Default for ReactorConfig {
 pub struct ReactorStats {
     /// Requests taken (from the channel, or from callbacks on the reactor thread).
     pub requests: u64,
-    /// Of those, requests sent by completion callbacks running on the reactor thread, taken
-    /// without a trip through the channel.
+    /// Of those, requests sent by completion callbacks and [`Completer`]s running on the
+    /// reactor thread, taken without a trip through the channel.
     pub from_callbacks: u64,
     /// Requests answered by their completion (successful or not).
     pub completed: u64,

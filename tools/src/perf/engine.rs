@@ -676,6 +676,35 @@ fn queue_slot(out: &mut Vec<IoRequest>, t: usize, w: &NsWork, i: usize, queue_ba
     });
 }
 
+/// What a reactor answer says: its target, its tag within the target, the error to count
+/// (`None`: success), and whether that error ends the run (anything but a command status).
+struct Answer {
+    t: usize,
+    tag: u64,
+    err: Option<String>,
+    ends_run: bool,
+}
+
+impl Answer {
+    fn of(d: &IoDone) -> Answer {
+        let (err, ends_run) = match &d.result {
+            Ok(_) => (None, false),
+            Err(e) => (Some(e.to_string()), e.status().is_none()),
+        };
+        Answer {
+            t: (d.tag >> TARGET_SHIFT) as usize,
+            tag: d.tag & ((1 << TARGET_SHIFT) - 1),
+            err,
+            ends_run,
+        }
+    }
+}
+
+/// The failure that ended a reactor run on target `w`.
+fn run_ended(w: &NsWork, err: &Option<String>) -> PerfError {
+    PerfError::Run(format!("{}: {}", w.label, err.as_deref().unwrap_or("")))
+}
+
 /// Wait for at least one answer (a few checks, then parked until the reactor unparks this
 /// thread), then take all that are there.
 ///
@@ -766,16 +795,15 @@ fn reactor_client(
             last_progress = now;
         }
         for d in batch.drain(..) {
-            let t = (d.tag >> TARGET_SHIFT) as usize;
-            let tag = d.tag & ((1 << TARGET_SHIFT) - 1);
-            let st = match &d.result {
-                Ok(_) => None,
-                Err(e) if e.status().is_some() => Some(e.to_string()),
-                Err(e) => {
-                    fatal = Some(PerfError::Run(format!("{}: {e}", works[t].label)));
-                    Some(e.to_string())
-                }
-            };
+            let Answer {
+                t,
+                tag,
+                err: st,
+                ends_run,
+            } = Answer::of(&d);
+            if ends_run {
+                fatal = Some(run_ended(&works[t], &st));
+            }
             if st.is_some() {
                 totals.errors += 1;
                 if cfg.stop_on_error {
@@ -851,18 +879,15 @@ impl Completer for CbInner {
         st.outstanding -= 1;
         st.clock
             .tick(now, self.shared_abort.load(Ordering::Relaxed));
-        let t = (d.tag >> TARGET_SHIFT) as usize;
-        let tag = d.tag & ((1 << TARGET_SHIFT) - 1);
-        let err = match &d.result {
-            Ok(_) => None,
-            Err(e) if e.status().is_some() => Some(e.to_string()),
-            Err(e) => {
-                if st.fatal.is_none() {
-                    st.fatal = Some(PerfError::Run(format!("{}: {e}", st.works[t].label)));
-                }
-                Some(e.to_string())
-            }
-        };
+        let Answer {
+            t,
+            tag,
+            err,
+            ends_run,
+        } = Answer::of(&d);
+        if ends_run && st.fatal.is_none() {
+            st.fatal = Some(run_ended(&st.works[t], &err));
+        }
         if err.is_some() {
             st.totals.errors += 1;
             if self.stop_on_error {
