@@ -45,6 +45,24 @@ fn refused_arguments_exit_with_status_2() {
             "unknown workload",
         ),
         (&["-q", "1", "-o", "4k"], "--workload"),
+        (
+            &["-q", "1", "-o", "4k", "-w", "read", "--reactor-cpu", "0"],
+            "--reactor",
+        ),
+        (
+            &[
+                "-q",
+                "1",
+                "-o",
+                "4k",
+                "-w",
+                "read",
+                "--reactor",
+                "--reactor-cpu",
+                "x",
+            ],
+            "--reactor-cpu",
+        ),
     ] {
         let mut args = base.to_vec();
         args.extend_from_slice(extra);

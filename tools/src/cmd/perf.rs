@@ -103,6 +103,9 @@ pub struct PerfArgs {
     /// Pin the worker threads to these CPUs in turn (0,2 or 0-3), and a reactor to the first
     #[arg(long, value_name = "LIST")]
     pub cpus: Option<CpuList>,
+    /// With --reactor: pin the reactor thread to this CPU (instead of the first of --cpus)
+    #[arg(long, value_name = "CPU", requires = "reactor")]
+    pub reactor_cpu: Option<usize>,
     /// Take DMA memory from ordinary 4 KiB pages (pinned by VFIO) instead of hugepages
     #[arg(long)]
     pub no_hugepages: bool,
@@ -166,6 +169,7 @@ impl PerfArgs {
             reactor: self.reactor,
             reactor_callbacks: self.callbacks,
             cpus: self.cpus.clone(),
+            reactor_cpu: self.reactor_cpu,
             verify: self.verify,
             stop_on_error: self.stop_on_error,
             latency_histogram: self.latency_histogram,

@@ -1059,11 +1059,14 @@ pub(crate) fn execute(
                 // A client takes a wake-up (over 100 µs in a guest) to send its next batch:
                 // sleeping that soon would cost the reactor a wake-up of its own.
                 idle_spin: Duration::from_millis(5),
-                cpu: cfg.cpus.as_ref().map(|c| c.cpus()[0]),
+                cpu: cfg.reactor_cpu(),
                 ..ReactorConfig::default()
             },
         )
         .map_err(|e| match e {
+            rnvme_driver::Error::Affinity(e) if cfg.reactor_cpu.is_some() => {
+                PerfError::Invalid(format!("--reactor-cpu: {e}"))
+            }
             rnvme_driver::Error::Affinity(e) => cpus_error(e),
             e => PerfError::Run(e.to_string()),
         })?;

@@ -211,6 +211,8 @@ pub struct PerfConfig {
     /// CPUs to pin the worker threads to, in turn (worker `t` on the `t mod n`-th); a reactor
     /// runs on the first. `None`: wherever the scheduler puts them.
     pub cpus: Option<CpuList>,
+    /// With `reactor`: the CPU of the reactor thread (`None`: the first of `cpus`, if any).
+    pub reactor_cpu: Option<usize>,
     /// Check that every block read carries the stamp of its LBA.
     pub verify: bool,
     /// Stop every thread at the first failed command.
@@ -238,6 +240,7 @@ impl Default for PerfConfig {
             reactor: false,
             reactor_callbacks: false,
             cpus: None,
+            reactor_cpu: None,
             verify: false,
             stop_on_error: false,
             latency_histogram: false,
@@ -271,9 +274,16 @@ impl PerfConfig {
             reactor: self.reactor,
             reactor_callbacks: self.reactor_callbacks,
             cpus: self.cpus.as_ref().map(|c| c.to_string()),
+            reactor_cpu: self.reactor.then(|| self.reactor_cpu()).flatten(),
             verify: self.verify,
             seed: self.seed,
         }
+    }
+
+    /// The CPU the reactor runs on: `reactor_cpu`, else the first of `cpus`, else anywhere.
+    pub fn reactor_cpu(&self) -> Option<usize> {
+        self.reactor_cpu
+            .or_else(|| self.cpus.as_ref().map(|c| c.cpus()[0]))
     }
 
     /// Checks that need no device.
@@ -348,6 +358,9 @@ impl PerfConfig {
         }
         if self.reactor_callbacks && !self.reactor {
             return bad("--callbacks applies to --reactor runs".into());
+        }
+        if self.reactor_cpu.is_some() && !self.reactor {
+            return bad("--reactor-cpu applies to --reactor runs".into());
         }
         if self.verify && !self.pattern.reads() {
             return bad(format!(

@@ -227,6 +227,8 @@ pub struct WorkloadInfo {
     pub reactor_callbacks: bool,
     /// CPUs the threads were pinned to (`0-1,4`), if they were.
     pub cpus: Option<String>,
+    /// The CPU the reactor thread was pinned to, if there was a reactor and it was.
+    pub reactor_cpu: Option<usize>,
     /// Reads checked against the LBA stamps.
     pub verify: bool,
     /// Seed of the offset generators.
@@ -391,7 +393,10 @@ impl PerfReport {
             w.cpus
                 .as_ref()
                 .map(|c| format!(" on CPUs {c}"))
-                .unwrap_or_default(),
+                .unwrap_or_default()
+                + &w.reactor_cpu
+                    .map(|c| format!(", reactor on CPU {c}"))
+                    .unwrap_or_default(),
             self.elapsed_s,
             if w.warmup_s > 0.0 {
                 format!(" after {:.1} s warm-up", w.warmup_s)

@@ -794,4 +794,51 @@ fn threads_and_the_reactor_run_on_the_cpus_given_and_unusable_cpus_are_refused()
         ..short(Pattern::RandRead)
     };
     assert!(invalid(cfg.check()).contains("names no CPU"));
+
+    // The reactor on a CPU of its own, apart from the workers'.
+    let first = allowed.cpus()[0];
+    let cfg = PerfConfig {
+        reactor: true,
+        reactor_cpu: Some(first),
+        cpus: Some(cpus.clone()),
+        ..short(Pattern::RandRead)
+    };
+    let r = run_quiet(&t, &cfg).unwrap();
+    assert_eq!(r.error_count(), 0);
+    assert_eq!(r.workload.reactor_cpu, Some(first));
+    assert!(
+        r.table(false)
+            .contains(&format!("on CPUs {cpus}, reactor on CPU {first}")),
+        "{}",
+        r.table(false)
+    );
+    // Without it, the reactor takes the first of --cpus, and says so.
+    let r = run_quiet(
+        &t,
+        &PerfConfig {
+            reactor_cpu: None,
+            ..cfg.clone()
+        },
+    )
+    .unwrap();
+    assert_eq!(r.workload.reactor_cpu, Some(cpus.cpus()[0]));
+    let m = invalid(run_quiet(
+        &t,
+        &PerfConfig {
+            reactor_cpu: Some(missing),
+            ..cfg.clone()
+        },
+    ));
+    assert!(
+        m.starts_with("--reactor-cpu: CPU") && m.contains(&allowed.to_string()),
+        "{m}"
+    );
+    let m = invalid(
+        PerfConfig {
+            reactor: false,
+            ..cfg
+        }
+        .check(),
+    );
+    assert!(m.contains("--reactor-cpu applies to --reactor runs"), "{m}");
 }
