@@ -196,23 +196,20 @@ pub trait Completer: Send + Sync + 'static {
 /// Follow-up requests of a [`Completer`].
 pub struct Next<'a> {
     completer: &'a Arc<dyn Completer>,
-    /// The reactor's list of follow-ups; `None` where no reactor runs (the request was given
-    /// up), and a follow-up is answered Stopped at once.
-    follow: Option<&'a mut Vec<Job>>,
+    /// The reactor's list of follow-ups; where no reactor runs (the request was given up), a
+    /// list of this answer's own whose requests are answered Stopped once `complete` returns.
+    follow: &'a mut Vec<Job>,
 }
 
 impl Next<'_> {
     /// Send `req`, answered by the same completer.
     #[inline]
     pub fn submit(&mut self, req: IoRequest) {
-        let job = Job {
+        self.follow.push(Job {
             req,
             reply: Some(Reply::Completer(self.completer.clone())),
-        };
-        match self.follow.as_deref_mut() {
-            Some(v) => v.push(job),
-            None => drop(job),
-        }
+            issued: None,
+        });
     }
 }
 
@@ -271,9 +268,13 @@ impl Reply {
             }
             Reply::Completer(c) => {
                 let tag = done.tag;
+                let mut orphans = Vec::new();
                 let mut next = Next {
                     completer: &c,
-                    follow: sink.map(|s| &mut *s.follow),
+                    follow: match sink {
+                        Some(s) => &mut *s.follow,
+                        None => &mut orphans,
+                    },
                 };
                 if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     c.complete(done, &mut next)
@@ -282,6 +283,9 @@ impl Reply {
                 {
                     log::error!("the completer of request {tag} panicked");
                 }
+                // Sent with no reactor to take them: answered Stopped here, after the
+                // completer returned (and let go of whatever it held).
+                drop(orphans);
             }
             Reply::Wake(tx, thread) => {
                 let _ = tx.send(done);
@@ -307,15 +311,11 @@ impl Reply {
 struct Job {
     req: IoRequest,
     reply: Option<Reply>,
+    /// The queue pair tag it runs under, once submitted (see [`Worker::tag`]).
+    issued: Option<u64>,
 }
 
 impl Job {
-    fn answer(mut self, result: Result<u32, ReactorError>, completed: Ticks) {
-        if let Some((reply, done)) = self.take_answer(result, completed) {
-            reply.send(done);
-        }
-    }
-
     /// The reply and the answer to send it, leaving the job answered (its drop then does
     /// nothing); `None` if it was answered already.
     #[inline]
@@ -445,6 +445,9 @@ pub struct ReactorStats {
     pub wakes: u64,
     /// Requests given up when the reactor stopped with them still in flight.
     pub abandoned: u64,
+    /// Completions that matched no request of this reactor (left over from commands an
+    /// earlier reactor on the same queue pair gave up), ignored.
+    pub stale: u64,
     /// Counters of each queue pair, in [`Reactor::spawn`] order.
     pub queues: Vec<QueueStats>,
 }
@@ -493,6 +496,7 @@ impl ReactorHandle {
         let job = Job {
             req,
             reply: Some(reply),
+            issued: None,
         };
         self.deliver(Msg::Io(job));
     }
@@ -549,6 +553,7 @@ impl ReactorHandle {
             .map(|req| Job {
                 req,
                 reply: Some(reply()),
+                issued: None,
             })
             .collect();
         if !jobs.is_empty() {
@@ -610,7 +615,7 @@ impl Reactor {
                     };
                 }
                 OWN.with(|own| *own.borrow_mut() = Some((id, Vec::new())));
-                let exit = Worker::new(queues, rx, config).run();
+                let exit = Worker::new(queues, rx, config, id).run();
                 // Requests callbacks sent while the reactor stopped answer Stopped.
                 let left = OWN.with(|own| own.borrow_mut().take());
                 drop(left);
@@ -690,10 +695,14 @@ struct Worker {
     own_spare: Vec<Job>,
     /// Requests sent by [`Completer`]s during the current poll.
     follow: Vec<Job>,
+    /// The reactor's id (see [`Worker::tag`]).
+    id: u64,
+    /// Submissions so far, wrapping (see [`Worker::tag`]).
+    issue_seq: u16,
 }
 
 impl Worker {
-    fn new(queues: Vec<IoQueuePair>, rx: Receiver<Msg>, config: ReactorConfig) -> Worker {
+    fn new(queues: Vec<IoQueuePair>, rx: Receiver<Msg>, config: ReactorConfig, id: u64) -> Worker {
         let capacity: usize = queues.iter().map(|q| q.capacity()).sum();
         Worker {
             backlog: (0..queues.len()).map(|_| VecDeque::new()).collect(),
@@ -712,13 +721,21 @@ impl Worker {
             next_any: 0,
             own_spare: Vec::new(),
             follow: Vec::new(),
+            id,
+            issue_seq: 0,
             queues,
         }
     }
 
     /// Requests in flight on the queue pairs.
     fn outstanding(&self) -> usize {
-        self.slab.len() - self.free.len() - self.backlog_len
+        let taken = self.slab.len() - self.free.len();
+        debug_assert!(
+            taken >= self.backlog_len,
+            "{taken} taken, {} waiting",
+            self.backlog_len
+        );
+        taken.saturating_sub(self.backlog_len)
     }
 
     fn run(mut self) -> ReactorExit {
@@ -810,6 +827,8 @@ impl Worker {
         }
         let mut follow = std::mem::take(&mut self.follow);
         self.take_from_callbacks(&mut follow);
+        // Keep what was sent while these were taken (answers to requests refused on the way).
+        follow.append(&mut self.follow);
         self.follow = follow;
     }
 
@@ -857,12 +876,12 @@ impl Worker {
             Some(i) => {
                 self.stats.submit_errors += 1;
                 let n = self.queues.len();
-                job.answer(
+                self.answer_now(
+                    job,
                     Err(ReactorError::Submit(Error::InvalidArgument(format!(
                         "queue pair index {i} does not exist: the reactor owns {n} (0 to {})",
                         n - 1
                     )))),
-                    Ticks::now(),
                 );
                 return;
             }
@@ -934,8 +953,15 @@ impl Worker {
                         self.segs.push(buf.segment_at(*offset, *len));
                     }
                 }
-                match self.queues[q].submit(job.req.cmd, &self.segs, slot as u64) {
-                    Ok(_) => n += 1,
+                let cmd = job.req.cmd;
+                let tag = self.tag(slot);
+                match self.queues[q].submit(cmd, &self.segs, tag) {
+                    Ok(_) => {
+                        if let Some(job) = self.slab[slot as usize].as_mut() {
+                            job.issued = Some(tag);
+                        }
+                        n += 1;
+                    }
                     Err(e) => self.refuse(slot, e),
                 }
             }
@@ -954,8 +980,31 @@ impl Worker {
         self.stats.submit_errors += 1;
         if let Some(job) = self.slab[slot as usize].take() {
             self.free.push(slot);
-            job.answer(Err(ReactorError::Submit(e)), Ticks::now());
+            self.answer_now(job, Err(ReactorError::Submit(e)));
         }
+    }
+
+    /// Answer a request that did not run, as a poll's answers are given: a client is woken
+    /// with the poll's others, and what a completer sends is taken after it.
+    fn answer_now(&mut self, mut job: Job, result: Result<u32, ReactorError>) {
+        if let Some((reply, done)) = job.take_answer(result, Ticks::now()) {
+            reply.send_deferring(
+                done,
+                Some(&mut Sink {
+                    wakes: &mut self.wakes,
+                    follow: &mut self.follow,
+                }),
+            );
+        }
+    }
+
+    /// The queue pair tag of the request in `slot`, issued now: the reactor's id, a sequence
+    /// number and the slot, so that a completion left over from an earlier reactor on the same
+    /// queue pair (commands given up when it stopped) or an earlier use of the slot matches
+    /// nothing.
+    fn tag(&mut self, slot: u32) -> u64 {
+        self.issue_seq = self.issue_seq.wrapping_add(1);
+        ((self.id & 0xffff) << 48) | (u64::from(self.issue_seq) << 32) | u64::from(slot)
     }
 
     /// Poll every queue pair and answer what completed.
@@ -971,10 +1020,18 @@ impl Worker {
             let now = Ticks::now();
             for i in 0..self.done.len() {
                 let c = self.done[i];
-                let Some(slot) = self.slab.get_mut(c.tag as usize) else {
+                let index = c.tag as u32;
+                let Some(slot) = self.slab.get_mut(index as usize) else {
                     continue;
                 };
-                let Some(job) = slot.as_mut() else {
+                let Some(job) = slot.as_mut().filter(|j| j.issued == Some(c.tag)) else {
+                    self.stats.stale += 1;
+                    log::debug!(
+                        "{}: completion with tag {:#x} matches no request of this reactor \
+                         (left from a command given up earlier); ignored",
+                        self.config.name,
+                        c.tag
+                    );
                     continue;
                 };
                 let result = if c.status.is_success() {
@@ -989,7 +1046,7 @@ impl Worker {
                 // Answered in place: only the reply and the answer leave the slab.
                 let answer = job.take_answer(result, now);
                 *slot = None;
-                self.free.push(c.tag as u32);
+                self.free.push(index);
                 self.stats.completed += 1;
                 if let Some((reply, done)) = answer {
                     reply.send_deferring(
@@ -1392,8 +1449,32 @@ mod tests {
             .wait();
         assert!(matches!(d.result, Err(ReactorError::Stopped)));
         assert!(d.buf.is_some());
-        model.release_all();
-        drop(exit);
+
+        // A new reactor on the same queue pair: the given-up command's completion comes in
+        // first and must not answer the new request that took over its slot.
+        let again = Reactor::spawn(exit.queues, ReactorConfig::default()).unwrap();
+        model.write_ns(1, 5, &stamp(5));
+        let buf = ctrl.alloc(4096).unwrap();
+        let p = again
+            .handle()
+            .call(IoRequest::new(read_cmd(1, 5, 1), IoData::buffer(buf), 9));
+        let p = match p.wait_timeout(Duration::from_millis(50)) {
+            Ok(d) => panic!("answered before its completion was posted: {d:?}"),
+            Err(p) => p,
+        };
+        assert_eq!(
+            model.release_all(),
+            2,
+            "the given-up command and the new one"
+        );
+        let d = p.wait();
+        assert_eq!(d.tag, 9);
+        assert!(d.result.is_ok(), "{d:?}");
+        let mut got = vec![0u8; 4096];
+        d.buf.unwrap().read_bytes(0, &mut got);
+        assert_eq!(got, stamp(5), "its own data, not the old command's");
+        let st = again.shutdown().unwrap().stats;
+        assert_eq!((st.stale, st.completed), (1, 1), "{st:?}");
     }
 
     #[test]
@@ -1645,6 +1726,72 @@ mod tests {
                 .unwrap_err()
                 .contains("stopped"),
             "{tail:?}"
+        );
+    }
+
+    /// Sends its request again, on the reactor's only queue pair, when the first try is
+    /// refused; holds its lock while it does, as completers may.
+    struct Retrier {
+        seg: Segment,
+        seen: std::sync::Mutex<Vec<Result<u64, String>>>,
+    }
+
+    impl Completer for Retrier {
+        fn complete(&self, done: IoDone, next: &mut Next<'_>) {
+            let mut seen = self.seen.lock().unwrap();
+            match done.result {
+                Ok(_) => seen.push(Ok(done.tag)),
+                Err(e) => {
+                    let again = matches!(e, ReactorError::Submit(_));
+                    seen.push(Err(e.to_string()));
+                    if again {
+                        let req = IoRequest::new(read_cmd(1, 1, 1), IoData::Segment(self.seg), 2);
+                        next.submit(req.on_queue(0));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_completer_may_send_again_when_its_request_is_refused() {
+        let (model, ctrl) = open();
+        model.write_ns(1, 1, &stamp(1));
+        let reactor = one_queue(&ctrl, 8);
+        let buf = ctrl.alloc(4096).unwrap();
+        let retrier = Arc::new(Retrier {
+            seg: buf.segment(),
+            seen: std::sync::Mutex::new(Vec::new()),
+        });
+        let c: Arc<dyn Completer> = retrier.clone();
+        // Queue pair 3 does not exist: refused, and the completer's second try runs.
+        let req = IoRequest::new(read_cmd(1, 1, 1), IoData::Segment(buf.segment()), 1);
+        reactor
+            .handle()
+            .submit(req.on_queue(3), Reply::Completer(c));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while retrier.seen.lock().unwrap().len() < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "{:?}",
+                retrier.seen.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let st = reactor.shutdown().unwrap().stats;
+        let seen = retrier.seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert!(
+            seen[0].as_ref().unwrap_err().contains("queue pair index 3"),
+            "{seen:?}"
+        );
+        assert_eq!(seen[1], Ok(2), "the second try ran: not answered Stopped");
+        let mut got = vec![0u8; 4096];
+        buf.read_bytes(0, &mut got);
+        assert_eq!(got, stamp(1));
+        assert_eq!(
+            (st.submit_errors, st.completed, st.from_callbacks),
+            (1, 1, 1)
         );
     }
 }

@@ -24,9 +24,12 @@ count() {
     >"$out/run.txt" 2>/dev/null
   local ios totals model
   ios=$(sed -n 's/.*ios=\([0-9]*\).*/\1/p' "$out/run.txt")
-  totals=$(callgrind_annotate --inclusive=yes "$out/cg" 2>/dev/null | awk '/PROGRAM TOTALS/ { print $1, $3, $5; exit }')
-  model=$(callgrind_annotate --inclusive=yes "$out/cg" 2>/dev/null |
-    awk '/Model as rnvme_driver::hw::Hardware>::(write|read)32 \[/ { gsub(",", ""); ir += $1; dr += $3; dw += $5 } END { print ir + 0, dr + 0, dw + 0 }')
+  # Every function, no percentages: columns Ir Dr Dw ... then the name ("." for zero).
+  local annotate=(callgrind_annotate --inclusive=yes --show-percs=no --threshold=100 "$out/cg")
+  totals=$("${annotate[@]}" 2>/dev/null | awk '/PROGRAM TOTALS/ { print $1, $2, $3; exit }')
+  model=$("${annotate[@]}" 2>/dev/null |
+    awk '/Model as rnvme_driver::hw::Hardware>::(write|read)32 \[/ { gsub(",", ""); gsub(/^\.$/, "0"); ir += $1; dr += ($2 == "." ? 0 : $2); dw += ($3 == "." ? 0 : $3) } END { print ir + 0, dr + 0, dw + 0 }')
+  [ "${model%% *}" != 0 ] || { echo "$1: the model's register handlers are missing from the profile" >&2; exit 1; }
   echo "$ios ${totals//,/} $model"
 }
 

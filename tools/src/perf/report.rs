@@ -291,7 +291,8 @@ pub struct Counters {
 /// Reactor counters.
 #[derive(Serialize, Clone, Debug, Default, PartialEq)]
 pub struct ReactorCounters {
-    /// Requests taken from the channel.
+    /// Requests the reactor took: from the channel, and those its callbacks and completers
+    /// sent on its thread (every command of the run).
     pub requests: u64,
     /// Loop turns that submitted.
     pub batches: u64,
