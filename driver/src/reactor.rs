@@ -928,7 +928,9 @@ impl Worker {
         }
         let mut n = 0;
         for q in 0..self.queues.len() {
-            while self.queues[q].free_slots() > 0 {
+            // A removed device's queue pair has no free slot ever again: what waits for it is
+            // refused (its submission fails with "device removed") instead of waiting forever.
+            while self.queues[q].free_slots() > 0 || self.queues[q].is_removed() {
                 let Some(slot) = self.backlog[q].pop_front() else {
                     break;
                 };
@@ -1793,5 +1795,45 @@ mod tests {
             (st.submit_errors, st.completed, st.from_callbacks),
             (1, 1, 1)
         );
+    }
+
+    #[test]
+    fn requests_waiting_for_a_removed_device_are_refused_not_kept() {
+        let (model, ctrl) = open();
+        let reactor = one_queue(&ctrl, 4);
+        model.set_completion_mode(CompletionMode::Deferred);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let bufs: Vec<DmaBuffer> = (0..12).map(|_| ctrl.alloc(4096).unwrap()).collect();
+        // More than the queue pair holds: some wait in the reactor.
+        let reqs = bufs.iter().enumerate().map(|(i, b)| {
+            IoRequest::new(
+                read_cmd(1, i as u64, 1),
+                IoData::Segment(b.segment()),
+                i as u64,
+            )
+        });
+        reactor.handle().submit_batch(reqs, &tx);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(rx.try_recv().is_err(), "completions are held");
+        model.surprise_remove();
+        let answers: Vec<IoDone> = (0..12)
+            .map(|_| {
+                rx.recv_timeout(Duration::from_secs(10))
+                    .expect("every request answered")
+            })
+            .collect();
+        let removed = |d: &IoDone| match &d.result {
+            Err(ReactorError::Status { status, .. }) => *status == NvmeStatus::DEVICE_REMOVED,
+            Err(ReactorError::Submit(Error::DeviceRemoved { .. })) => true,
+            _ => false,
+        };
+        assert!(answers.iter().all(removed), "{answers:?}");
+        assert!(
+            answers
+                .iter()
+                .any(|d| matches!(d.result, Err(ReactorError::Submit(_)))),
+            "some were still waiting: {answers:?}"
+        );
+        drop(reactor);
     }
 }
