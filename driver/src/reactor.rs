@@ -311,7 +311,7 @@ impl Reply {
 struct Job {
     req: IoRequest,
     reply: Option<Reply>,
-    /// The queue pair tag it runs under, once submitted (see [`Worker::tag`]).
+    /// The queue pair tag it runs under, once given to a queue pair (see [`Worker::tag`]).
     issued: Option<u64>,
 }
 
@@ -673,9 +673,9 @@ struct Worker {
     /// Requests taken and not yet submitted, per queue pair: their places in `slab`.
     backlog: Vec<VecDeque<u32>>,
     backlog_len: usize,
-    /// Every request taken, waiting or in flight, where it stays until it is answered: the
-    /// queue pair tag of a command is its index here. A request is moved in once and
-    /// answered in place (moving one costs a copy of its command and data pointer).
+    /// Every request taken, waiting or in flight, where it stays until it is answered (the low
+    /// 32 bits of a command's queue pair tag are its index here). A request is moved in once
+    /// and answered in place (moving one costs a copy of its command and data pointer).
     slab: Vec<Option<Job>>,
     free: Vec<u32>,
     rx: Receiver<Msg>,
@@ -768,8 +768,7 @@ impl Worker {
             }
             let submitted = self.submit_backlog();
             let mut reaped = self.poll_all();
-            self.take_follow();
-            self.take_own();
+            self.take_sent();
             // Completions that arrived while this turn's answers were handled go out with
             // them: the next submission then carries the whole batch under one doorbell.
             let mut more = reaped;
@@ -778,8 +777,7 @@ impl Worker {
                     break;
                 }
                 more = self.poll_all();
-                self.take_follow();
-                self.take_own();
+                self.take_sent();
                 reaped += more;
             }
             if self.outstanding() == 0 && self.backlog_len == 0 && submitted == 0 && reaped == 0 {
@@ -805,8 +803,14 @@ impl Worker {
         self.finish()
     }
 
-    /// Take the requests this thread's callbacks sent (answered Stopped once stopping, as
-    /// they would be had they come through the channel after the stop).
+    /// Take the requests callbacks and completers sent from this thread (answered Stopped
+    /// once stopping, as they would be had they come through the channel after the stop).
+    fn take_sent(&mut self) {
+        self.take_follow();
+        self.take_own();
+    }
+
+    /// Take the requests this thread's callbacks sent through a [`ReactorHandle`].
     fn take_own(&mut self) {
         let spare = &mut self.own_spare;
         let mut own = OWN.with(|o| match o.borrow_mut().as_mut() {
@@ -935,9 +939,11 @@ impl Worker {
                     break;
                 };
                 self.backlog_len -= 1;
-                let Some(job) = self.slab[slot as usize].as_ref() else {
+                let tag = self.tag(slot);
+                let Some(job) = self.slab[slot as usize].as_mut() else {
                     continue;
                 };
+                job.issued = Some(tag);
                 self.segs.clear();
                 match &job.req.data {
                     IoData::None => {}
@@ -955,15 +961,8 @@ impl Worker {
                         self.segs.push(buf.segment_at(*offset, *len));
                     }
                 }
-                let cmd = job.req.cmd;
-                let tag = self.tag(slot);
-                match self.queues[q].submit(cmd, &self.segs, tag) {
-                    Ok(_) => {
-                        if let Some(job) = self.slab[slot as usize].as_mut() {
-                            job.issued = Some(tag);
-                        }
-                        n += 1;
-                    }
+                match self.queues[q].submit(job.req.cmd, &self.segs, tag) {
+                    Ok(_) => n += 1,
                     Err(e) => self.refuse(slot, e),
                 }
             }
@@ -990,14 +989,20 @@ impl Worker {
     /// with the poll's others, and what a completer sends is taken after it.
     fn answer_now(&mut self, mut job: Job, result: Result<u32, ReactorError>) {
         if let Some((reply, done)) = job.take_answer(result, Ticks::now()) {
-            reply.send_deferring(
-                done,
-                Some(&mut Sink {
-                    wakes: &mut self.wakes,
-                    follow: &mut self.follow,
-                }),
-            );
+            self.reply(reply, done);
         }
+    }
+
+    /// Send an answer from the reactor thread: wake-ups wait for the end of the poll, a
+    /// completer's follow-ups for [`Worker::take_sent`].
+    fn reply(&mut self, reply: Reply, done: IoDone) {
+        reply.send_deferring(
+            done,
+            Some(&mut Sink {
+                wakes: &mut self.wakes,
+                follow: &mut self.follow,
+            }),
+        );
     }
 
     /// The queue pair tag of the request in `slot`, issued now: the reactor's id, a sequence
@@ -1023,10 +1028,12 @@ impl Worker {
             for i in 0..self.done.len() {
                 let c = self.done[i];
                 let index = c.tag as u32;
-                let Some(slot) = self.slab.get_mut(index as usize) else {
-                    continue;
-                };
-                let Some(job) = slot.as_mut().filter(|j| j.issued == Some(c.tag)) else {
+                let Some(job) = self
+                    .slab
+                    .get_mut(index as usize)
+                    .and_then(Option::as_mut)
+                    .filter(|j| j.issued == Some(c.tag))
+                else {
                     self.stats.stale += 1;
                     log::debug!(
                         "{}: completion with tag {:#x} matches no request of this reactor \
@@ -1047,17 +1054,11 @@ impl Worker {
                 };
                 // Answered in place: only the reply and the answer leave the slab.
                 let answer = job.take_answer(result, now);
-                *slot = None;
+                self.slab[index as usize] = None;
                 self.free.push(index);
                 self.stats.completed += 1;
                 if let Some((reply, done)) = answer {
-                    reply.send_deferring(
-                        done,
-                        Some(&mut Sink {
-                            wakes: &mut self.wakes,
-                            follow: &mut self.follow,
-                        }),
-                    );
+                    self.reply(reply, done);
                 }
             }
             self.done.clear();

@@ -662,18 +662,30 @@ fn direct_worker(ctx: &Ctx, shared: &Shared, thread: usize) -> Option<WorkerResu
 /// Bits of a reactor request tag above the slot and piece: the target index.
 const TARGET_SHIFT: u32 = 48;
 
-/// Add the commands of slot `i` of target `t` to the batch for the reactor.
+/// The reactor requests of slot `i` of target `t`, each handed to `send`.
 #[inline]
-fn queue_slot(out: &mut Vec<IoRequest>, t: usize, w: &NsWork, i: usize, queue_base: usize) {
+fn slot_requests(
+    t: usize,
+    w: &NsWork,
+    i: usize,
+    queue_base: usize,
+    mut send: impl FnMut(IoRequest),
+) {
     let queue = Some(queue_base + w.slots[i].queue);
     w.commands(i, |cmd, seg, tag| {
-        out.push(IoRequest {
+        send(IoRequest {
             cmd,
             data: IoData::Segment(seg),
             tag: ((t as u64) << TARGET_SHIFT) | tag,
             queue,
-        });
+        })
     });
+}
+
+/// Add the commands of slot `i` of target `t` to the batch for the reactor.
+#[inline]
+fn queue_slot(out: &mut Vec<IoRequest>, t: usize, w: &NsWork, i: usize, queue_base: usize) {
+    slot_requests(t, w, i, queue_base, |r| out.push(r));
 }
 
 /// What a reactor answer says: its target, its tag within the target, the error to count
@@ -910,15 +922,7 @@ impl Completer for CbInner {
             let CbState { works, rng, .. } = st;
             works[t].prepare(i, rng, now);
             st.outstanding += st.works[t].pieces.len();
-            let queue = Some(self.queue_base[t] + st.works[t].slots[i].queue);
-            st.works[t].commands(i, |cmd, seg, tag| {
-                next.submit(IoRequest {
-                    cmd,
-                    data: IoData::Segment(seg),
-                    tag: ((t as u64) << TARGET_SHIFT) | tag,
-                    queue,
-                })
-            });
+            slot_requests(t, &st.works[t], i, self.queue_base[t], |r| next.submit(r));
         }
     }
 }
