@@ -6,10 +6,9 @@
 use std::hint::black_box;
 
 use rnvme_driver::controller::{Controller, ControllerOptions};
-use rnvme_driver::dma::{Backing, DmaBuffer};
+use rnvme_driver::dma::{Backing, DmaBuffer, DmaSlice};
 use rnvme_driver::io::{read_cmd, IoQueuePair};
 use rnvme_driver::model::{Model, ModelConfig};
-use rnvme_driver::Segment;
 
 const DEPTH: usize = 32;
 
@@ -17,7 +16,7 @@ const DEPTH: usize = 32;
 /// doorbell handling is driver work: submit, ring, poll, completion hand-back.
 #[inline(never)]
 fn workload(qp: &mut IoQueuePair, bufs: &[DmaBuffer], ios: u64) -> u64 {
-    let segs: Vec<[Segment; 1]> = bufs.iter().map(|b| [b.segment()]).collect();
+    let segs: Vec<[DmaSlice<'_>; 1]> = bufs.iter().map(|b| [b.segment()]).collect();
     let mut submitted = 0u64;
     let mut completed = 0u64;
     while completed < ios {

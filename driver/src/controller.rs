@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::dma::DmaSlice;
 use crate::dma::{Backing, DmaBuffer, DmaPool};
 use crate::error::{Error, Result};
 use crate::hw::Hardware;
@@ -13,7 +14,6 @@ use crate::queue::{DataPointerMode, QueuePair, Recovery};
 use crate::spec::{
     admin_op, cc, cns, csts, feature, log_page, reg, Cap, SqEntry, MAX_NLB, PAGE_SIZE,
 };
-use crate::types::Segment;
 
 /// How to bring a controller up.
 #[derive(Clone, Debug)]
@@ -65,8 +65,12 @@ pub(crate) struct Shared {
     qids_in_use: Mutex<Vec<bool>>,
     pub(crate) max_transfer: u32,
     options: ControllerOptions,
-    /// Bumped by every controller reset; queue pairs compare it with their own.
-    generation: AtomicU64,
+    /// Bumped by every controller reset; queue pairs compare it with their own (at every
+    /// submission: they hold the counter itself).
+    pub(crate) generation: Arc<AtomicU64>,
+    /// Bumped every time the controller was seen stopped (CSTS.RDY = 0 after disabling it,
+    /// or a function level reset): see [`Recovery::quiesces`].
+    quiesces: AtomicU64,
     /// One reset at a time.
     reset_lock: Mutex<()>,
 }
@@ -224,7 +228,8 @@ impl Controller {
             // per extra chain step), below the NLB limit at 512-byte LBAs (32 MiB).
             max_transfer: mdts.min(8 << 20) as u32,
             options: options.clone(),
-            generation: AtomicU64::new(0),
+            generation: Arc::new(AtomicU64::new(0)),
+            quiesces: AtomicU64::new(0),
             reset_lock: Mutex::new(()),
         };
         log::info!(
@@ -417,7 +422,7 @@ impl Admin {
         what: &'static str,
     ) -> Result<u32> {
         let seg;
-        let segs: &[Segment] = match data {
+        let segs: &[DmaSlice<'_>] = match data {
             Some(b) => {
                 seg = [b.segment()];
                 &seg
@@ -631,10 +636,11 @@ impl Recovery for Shared {
                 dev: hw.name().to_string(),
             });
         }
-        disable(hw, self.cap)?;
+        self.stop("a reset")?;
         let (aqa, asq, acq) = {
             let mut q = self.admin.lock();
-            q.abandon_all();
+            // Stopped: nothing the admin queue had outstanding can still touch memory.
+            q.abandon_all(true);
             let a = (q.entries() - 1) as u32;
             (a | (a << 16), q.sq_iova().0, q.cq_iova().0)
         };
@@ -678,10 +684,54 @@ impl Recovery for Shared {
     fn recreate(&self, qp: &QueuePair) -> Result<()> {
         self.create_queues(qp)
     }
+
+    fn quiesces(&self) -> u64 {
+        self.quiesces.load(Ordering::Acquire)
+    }
+}
+
+impl Shared {
+    /// Stop the controller: disable it and wait for CSTS.RDY = 0; if it does not get there,
+    /// reset the PCI function. Either way, once this returns `Ok` no command of before can
+    /// still touch memory, and [`Recovery::quiesces`] says so.
+    fn stop(&self, during: &str) -> Result<()> {
+        let hw = self.hw.as_ref();
+        let disabled = disable(hw, self.cap);
+        let result = match disabled {
+            Ok(()) => Ok(()),
+            Err(Error::DeviceRemoved { dev }) => Err(Error::DeviceRemoved { dev }),
+            Err(e) => {
+                log::error!("{}: {e}: trying a function level reset", hw.name());
+                match hw.function_reset() {
+                    Ok(()) => disable(hw, self.cap),
+                    Err(flr) => Err(Error::ControllerStuck {
+                        dev: hw.name().to_string(),
+                        during: during.to_string(),
+                        why: format!("{e}; {flr}"),
+                    }),
+                }
+            }
+        };
+        if result.is_ok() {
+            self.quiesces.fetch_add(1, Ordering::AcqRel);
+        }
+        result
+    }
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
         self.shutdown();
+        // Stop it too: only then is the admin queue's memory surely out of the controller's
+        // hands (a removed device never is).
+        let removed = self.hw.read32(reg::CSTS) == u32::MAX;
+        let stopped = !removed && self.stop("closing the controller").is_ok();
+        if !stopped {
+            log::warn!(
+                "{}: the controller could not be stopped while closing it",
+                self.hw.name()
+            );
+        }
+        self.admin.lock().retire(stopped, stopped);
     }
 }

@@ -8,6 +8,7 @@
 
 use std::alloc::Layout;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vm_memory::{VolatileMemory, VolatileSlice};
@@ -75,6 +76,12 @@ pub struct PoolStats {
     pub chunks: u64,
     /// Number of DMA map calls made so far.
     pub map_calls: u64,
+    /// Buffers quarantined: lent to a command the device may still run (a reset that could
+    /// not disable the controller, a queue dropped with commands outstanding). Their memory is
+    /// never handed out again while the pool maps it.
+    pub quarantined_buffers: u64,
+    /// Bytes of those buffers.
+    pub quarantined_bytes: u64,
 }
 
 /// A pool of DMA memory for one device. Cheap to clone; buffers keep it alive.
@@ -93,6 +100,9 @@ struct PoolState {
     iova: IovaAllocator,
     chunks: Vec<Chunk>,
     stats: PoolStats,
+    /// Dedicated regions of quarantined buffers: still mapped, never reused, unmapped with
+    /// the pool.
+    quarantined_regions: Vec<(Region, Iova)>,
 }
 
 /// One mapped 2 MiB chunk and which of its pages are free.
@@ -185,6 +195,7 @@ impl DmaPool {
                     iova,
                     chunks: Vec::new(),
                     stats: PoolStats::default(),
+                    quarantined_regions: Vec::new(),
                 }),
             }),
         };
@@ -232,7 +243,7 @@ impl DmaPool {
             let offset = first * PAGE_SIZE;
             // SAFETY: offset + pages*4K lies inside the chunk's allocation.
             let ptr = unsafe { NonNull::new_unchecked(c.mem.ptr.as_ptr().add(offset)) };
-            let buf = DmaBuffer {
+            let buf = DmaBuffer::new(Mem {
                 ptr,
                 len,
                 iova: c.iova.add(offset as u64),
@@ -242,7 +253,8 @@ impl DmaPool {
                     first,
                     pages,
                 },
-            };
+                quarantined: AtomicBool::new(false),
+            });
             drop(st);
             buf.fill(0);
             Ok(buf)
@@ -250,13 +262,14 @@ impl DmaPool {
             let size = len.div_ceil(CHUNK_SIZE) * CHUNK_SIZE;
             let (mem, iova) = self.inner.map_region(&mut st, size)?;
             let ptr = mem.ptr;
-            Ok(DmaBuffer {
+            Ok(DmaBuffer::new(Mem {
                 ptr,
                 len,
                 iova,
                 pool: self.inner.clone(),
                 origin: Origin::Region(Some(mem)),
-            })
+                quarantined: AtomicBool::new(false),
+            }))
         }
     }
 
@@ -378,10 +391,16 @@ impl Drop for PoolInner {
                 iova: IovaAllocator::new(&[]),
                 chunks: Vec::new(),
                 stats: PoolStats::default(),
+                quarantined_regions: Vec::new(),
             },
         );
+        // Unmapping is what makes quarantined memory safe to free: the device can no longer
+        // reach it. A failed unmap leaks it (see unmap_region).
         for c in std::mem::take(&mut st.chunks) {
             self.unmap_region(&mut st, c.mem, c.iova);
+        }
+        for (mem, iova) in std::mem::take(&mut st.quarantined_regions) {
+            self.unmap_region(&mut st, mem, iova);
         }
     }
 }
@@ -395,76 +414,293 @@ enum Origin {
     Region(Option<Region>),
 }
 
-/// A buffer of DMA memory: known to the device at [`DmaBuffer::iova`], reached by the CPU
-/// only through volatile accesses.
-pub struct DmaBuffer {
+/// The memory behind a [`DmaBuffer`], shared by the buffer and by every command it is lent
+/// to. It goes back to the pool only when the last of them lets go: a command lets go when
+/// its completion is reaped or the controller was disabled; a command that can no longer be
+/// accounted for quarantines it instead, and then it never goes back.
+pub(crate) struct Mem {
     ptr: NonNull<u8>,
     len: usize,
     iova: Iova,
     pool: Arc<PoolInner>,
     origin: Origin,
+    quarantined: AtomicBool,
 }
 
-// SAFETY: the buffer exclusively owns its pages of the pool; the CPU touches them only
-// through volatile accesses made via `&self`/`&mut self` of this one owner, so moving the
-// owner to another thread is sound. It is deliberately not Sync: concurrent CPU writes from
-// two threads would race.
-unsafe impl Send for DmaBuffer {}
+// SAFETY: a Mem is ownership of pages of the pool plus their addresses. The CPU reaches the
+// pages only through the one `DmaBuffer` that owns a Mem (which is `!Sync`); the other holders
+// (commands in flight, `DmaLease`s) use only the addresses, never the memory.
+unsafe impl Send for Mem {}
+// SAFETY: see `Send`: shared holders read only the immutable fields and the atomic flag.
+unsafe impl Sync for Mem {}
+
+impl Mem {
+    /// Never give this memory back to the pool: the device may still touch it.
+    pub(crate) fn quarantine(&self) {
+        if !self.quarantined.swap(true, Ordering::AcqRel) {
+            log::error!(
+                "{}: quarantining {} bytes of DMA memory at IOVA {}: a command that used it may \
+                 still be running in the device; it will never be reused",
+                self.pool.hw.name(),
+                self.len,
+                self.iova
+            );
+        }
+    }
+
+    /// Whether the memory was quarantined.
+    #[inline]
+    pub(crate) fn is_quarantined(&self) -> bool {
+        self.quarantined.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Mem {
+    fn drop(&mut self) {
+        let mut st = self.pool.lock();
+        let quarantined = *self.quarantined.get_mut();
+        if quarantined {
+            st.stats.quarantined_buffers += 1;
+            st.stats.quarantined_bytes += self.len as u64;
+        }
+        match &mut self.origin {
+            Origin::Chunk {
+                chunk,
+                first,
+                pages,
+            } => {
+                // A quarantined buffer's pages stay marked used until the chunk is unmapped.
+                if !quarantined {
+                    st.chunks[*chunk].set(*first, *pages, true);
+                    st.stats.pages_in_use -= *pages as u64;
+                }
+            }
+            Origin::Region(mem) => {
+                if let Some(mem) = mem.take() {
+                    if quarantined {
+                        st.quarantined_regions.push((mem, self.iova));
+                    } else {
+                        self.pool.unmap_region(&mut st, mem, self.iova);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A buffer of DMA memory: known to the device at [`DmaBuffer::iova`], reached by the CPU
+/// only through volatile accesses.
+///
+/// Lending it to a command ([`DmaBuffer::segment`] passed to a queue pair) gives the command
+/// a share of its memory: dropping the buffer while the command runs does not free the
+/// memory; the command's completion does. A buffer whose command could not be accounted for
+/// (the controller could not be disabled after a failed reset, say) is quarantined: queue
+/// pairs refuse it, and its memory never returns to the pool.
+pub struct DmaBuffer {
+    mem: Arc<Mem>,
+    /// Owned by one thread at a time: Send but not Sync.
+    _not_sync: std::marker::PhantomData<std::cell::Cell<()>>,
+}
 
 impl std::fmt::Debug for DmaBuffer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DmaBuffer")
-            .field("iova", &self.iova)
-            .field("len", &self.len)
+            .field("iova", &self.mem.iova)
+            .field("len", &self.mem.len)
             .finish()
     }
 }
 
+/// Part of a [`DmaBuffer`] as data of a command: a [`Segment`] that keeps a borrow of the
+/// buffer, so that the queue pair can hold the buffer's memory for as long as the device may
+/// use it. Made only from a buffer ([`DmaBuffer::segment`], [`DmaBuffer::segment_at`],
+/// [`DmaLease::slice`]): safe code cannot point a command at memory nobody owns.
+#[derive(Copy, Clone)]
+pub struct DmaSlice<'a> {
+    mem: &'a Arc<Mem>,
+    seg: Segment,
+}
+
+impl std::fmt::Debug for DmaSlice<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.seg.fmt(f)
+    }
+}
+
+impl std::ops::Deref for DmaSlice<'_> {
+    type Target = Segment;
+    #[inline(always)]
+    fn deref(&self) -> &Segment {
+        &self.seg
+    }
+}
+
+impl AsRef<Segment> for DmaSlice<'_> {
+    #[inline(always)]
+    fn as_ref(&self) -> &Segment {
+        &self.seg
+    }
+}
+
+impl<'a> DmaSlice<'a> {
+    /// The addresses the device sees.
+    #[inline(always)]
+    pub fn segment(&self) -> Segment {
+        self.seg
+    }
+
+    /// A share of the memory that outlives the borrow (for requests sent to another thread).
+    pub fn lease(&self) -> DmaLease {
+        DmaLease {
+            mem: self.mem.clone(),
+            seg: self.seg,
+        }
+    }
+
+    /// Part of this slice: `len` bytes at `offset` into it.
+    ///
+    /// # Panics
+    /// If the range is not inside the slice.
+    pub fn sub(&self, offset: usize, len: usize) -> DmaSlice<'a> {
+        assert!(
+            offset
+                .checked_add(len)
+                .is_some_and(|e| e <= self.seg.len as usize),
+            "slice {offset}+{len} beyond a slice of {}",
+            self.seg.len
+        );
+        DmaSlice {
+            mem: self.mem,
+            seg: Segment::new(self.seg.iova.add(offset as u64), len as u32),
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn mem(&self) -> &'a Arc<Mem> {
+        self.mem
+    }
+}
+
+/// An owned share of a [`DmaBuffer`]'s memory and a range of it: what a request carries to
+/// another thread. It gives no CPU access to the memory; it only keeps the memory from going
+/// back to the pool while a command may use it.
+#[derive(Clone)]
+pub struct DmaLease {
+    mem: Arc<Mem>,
+    seg: Segment,
+}
+
+impl std::fmt::Debug for DmaLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.seg.fmt(f)
+    }
+}
+
+impl DmaLease {
+    /// The range as a command's data.
+    #[inline(always)]
+    pub fn slice(&self) -> DmaSlice<'_> {
+        DmaSlice {
+            mem: &self.mem,
+            seg: self.seg,
+        }
+    }
+
+    /// The addresses the device sees.
+    #[inline(always)]
+    pub fn segment(&self) -> Segment {
+        self.seg
+    }
+
+    /// Whether the memory was quarantined (a queue pair refuses it).
+    pub fn is_quarantined(&self) -> bool {
+        self.mem.is_quarantined()
+    }
+
+    pub(crate) fn quarantine(&self) {
+        self.mem.quarantine();
+    }
+}
+
 impl DmaBuffer {
+    fn new(mem: Mem) -> DmaBuffer {
+        DmaBuffer {
+            mem: Arc::new(mem),
+            _not_sync: std::marker::PhantomData,
+        }
+    }
+
     /// The address the device uses for the first byte.
     #[inline]
     pub fn iova(&self) -> Iova {
-        self.iova
+        self.mem.iova
     }
 
     /// Length in bytes, as asked for.
     #[inline]
     pub fn len(&self) -> usize {
-        self.len
+        self.mem.len
     }
 
     /// Whether the buffer is empty (never, buffers have at least one byte).
     #[inline]
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.mem.len == 0
     }
 
-    /// The whole buffer as one data segment.
+    /// Whether the buffer was quarantined: a command that used it may still be running in
+    /// the device. Queue pairs refuse it, and its memory never returns to the pool; what the
+    /// CPU reads from it is whatever the device left there.
+    pub fn is_quarantined(&self) -> bool {
+        self.mem.is_quarantined()
+    }
+
+    /// Quarantine the buffer (see [`DmaBuffer::is_quarantined`]).
+    pub(crate) fn quarantine(&self) {
+        self.mem.quarantine();
+    }
+
+    /// The whole buffer as a command's data.
     #[inline]
-    pub fn segment(&self) -> Segment {
-        Segment::new(self.iova, self.len as u32)
+    pub fn segment(&self) -> DmaSlice<'_> {
+        DmaSlice {
+            mem: &self.mem,
+            seg: Segment::new(self.mem.iova, self.mem.len as u32),
+        }
     }
 
-    /// `len` bytes at `offset` as one data segment.
+    /// `len` bytes at `offset` as a command's data.
     ///
     /// # Panics
     /// If the range is not inside the buffer.
     #[inline]
-    pub fn segment_at(&self, offset: usize, len: usize) -> Segment {
+    pub fn segment_at(&self, offset: usize, len: usize) -> DmaSlice<'_> {
         assert!(
-            offset + len <= self.len,
+            offset.checked_add(len).is_some_and(|e| e <= self.mem.len),
             "segment {offset}+{len} beyond a buffer of {}",
-            self.len
+            self.mem.len
         );
-        Segment::new(self.iova.add(offset as u64), len as u32)
+        DmaSlice {
+            mem: &self.mem,
+            seg: Segment::new(self.mem.iova.add(offset as u64), len as u32),
+        }
+    }
+
+    /// An owned share of `len` bytes at `offset`, for a request that travels to another
+    /// thread (see [`DmaLease`]).
+    ///
+    /// # Panics
+    /// If the range is not inside the buffer.
+    pub fn lease(&self, offset: usize, len: usize) -> DmaLease {
+        self.segment_at(offset, len).lease()
     }
 
     /// Volatile view of the memory.
     #[inline]
     pub fn volatile(&self) -> VolatileSlice<'_> {
-        // SAFETY: ptr..ptr+len is allocated and mapped for as long as `self` lives (the
+        // SAFETY: ptr..ptr+len is allocated and mapped for as long as the Mem lives (the
         // pool outlives it through the Arc), and no Rust reference to it exists.
-        unsafe { VolatileSlice::new(self.ptr.as_ptr(), self.len) }
+        unsafe { VolatileSlice::new(self.mem.ptr.as_ptr(), self.mem.len) }
     }
 
     /// Copy `buf.len()` bytes out of the buffer, starting at `offset`.
@@ -493,7 +729,7 @@ impl DmaBuffer {
 
     /// The whole buffer copied into a vector.
     pub fn to_vec(&self) -> Vec<u8> {
-        let mut v = vec![0; self.len];
+        let mut v = vec![0; self.mem.len];
         self.read_bytes(0, &mut v);
         v
     }
@@ -502,14 +738,14 @@ impl DmaBuffer {
     pub fn fill(&self, byte: u8) {
         let block = [byte; 4096];
         let mut off = 0;
-        while off < self.len {
-            let n = (self.len - off).min(block.len());
+        while off < self.mem.len {
+            let n = (self.mem.len - off).min(block.len());
             self.write_bytes(off, &block[..n]);
             off += n;
         }
     }
 
-    /// Read a little-endian u64 at `offset` (used for PRP list and SGL pages).
+    /// Write a little-endian u64 at `offset` (used for PRP list and SGL pages).
     #[inline]
     pub fn write_u64(&self, offset: usize, value: u64) {
         self.volatile()
@@ -527,27 +763,6 @@ impl DmaBuffer {
                 .expect("qword inside the DMA buffer")
                 .load(),
         )
-    }
-}
-
-impl Drop for DmaBuffer {
-    fn drop(&mut self) {
-        let mut st = self.pool.lock();
-        match &mut self.origin {
-            Origin::Chunk {
-                chunk,
-                first,
-                pages,
-            } => {
-                st.chunks[*chunk].set(*first, *pages, true);
-                st.stats.pages_in_use -= *pages as u64;
-            }
-            Origin::Region(mem) => {
-                if let Some(mem) = mem.take() {
-                    self.pool.unmap_region(&mut st, mem, self.iova);
-                }
-            }
-        }
     }
 }
 
@@ -626,7 +841,7 @@ mod tests {
         b.write_u64(8, 0x1122_3344_5566_7788);
         assert_eq!(b.read_u64(8), 0x1122_3344_5566_7788);
         assert_eq!(
-            b.segment_at(4096, 4096),
+            b.segment_at(4096, 4096).segment(),
             Segment::new(b.iova().add(4096), 4096)
         );
     }

@@ -34,6 +34,17 @@ pub enum Error {
         "{dev}: controller fatal status (CSTS.CFS) during {during}; the controller needs a reset"
     )]
     ControllerFatal { dev: String, during: &'static str },
+    /// The controller could not be stopped: disabling it left CSTS.RDY set and a function
+    /// level reset did not help. Memory lent to its commands stays quarantined.
+    #[error(
+        "{dev}: the controller could not be stopped during {during} ({why}); memory lent to its \
+         commands is quarantined"
+    )]
+    ControllerStuck {
+        dev: String,
+        during: String,
+        why: String,
+    },
     /// The device is gone: taken back by the kernel, or no longer answering (registers read
     /// all ones).
     #[error(

@@ -21,6 +21,9 @@ pub enum HwError {
         /// What to do about it (for example raise the memlock limit), or empty.
         hint: String,
     },
+    /// A function level reset could not be done.
+    #[error("{dev}: function level reset failed: {why}")]
+    Reset { dev: String, why: String },
     /// The IOMMU refused to undo a mapping.
     #[error("{dev}: cannot unmap {len} bytes at IOVA {iova}: {source}")]
     Unmap {
@@ -75,6 +78,17 @@ pub trait Hardware: Send + Sync {
 
     /// Undo a mapping made by [`Hardware::dma_map`] with the same `iova` and `len`.
     fn dma_unmap(&self, iova: Iova, len: usize) -> Result<(), HwError>;
+
+    /// Reset the whole PCI function (FLR) and make it answer again (memory decoding and bus
+    /// mastering back on). When this returns `Ok`, the controller is in its reset state: no
+    /// command of before can still touch memory. The fallback when disabling the controller
+    /// (CC.EN = 0) does not bring CSTS.RDY to 0.
+    fn function_reset(&self) -> Result<(), HwError> {
+        Err(HwError::Reset {
+            dev: self.name().to_string(),
+            why: "not supported by this hardware".into(),
+        })
+    }
 }
 
 /// Host memory that no device can reach: mapping succeeds without an IOMMU and IOVAs are

@@ -13,7 +13,6 @@ use crate::identify::NamespaceInfo;
 use crate::queue::{DataPointerMode, QueuePair, Recovery};
 use crate::spec::{io_op, SqEntry, CDW12_FUA, MAX_NLB};
 use crate::status::NvmeStatus;
-use crate::types::Segment;
 
 /// A Read command for `blocks` LBAs (1..=65 536) at `slba`.
 #[inline]
@@ -145,7 +144,14 @@ pub struct IoQueuePair {
     shared: Arc<Shared>,
     /// Deadline for the synchronous helpers.
     timeout: Duration,
+    /// Calls of the synchronous helpers so far: part of their commands' tags.
+    batch_seq: u32,
 }
+
+/// The top bits of the tags of the synchronous helpers' commands. Tags the owner gives its
+/// own asynchronous commands should not use this pattern, or the helpers would count them
+/// as their own.
+pub const HELPER_TAG: u64 = 0xfe5c << 48;
 
 impl Deref for IoQueuePair {
     type Target = QueuePair;
@@ -196,7 +202,7 @@ impl IoQueuePair {
             }
         };
         let generation = Recovery::generation(shared.as_ref());
-        qp.set_recovery(shared.clone(), generation);
+        qp.set_recovery(shared.clone(), shared.generation.clone(), generation);
         let sgl = !matches!(shared.info.sgl_support(), crate::identify::SglSupport::None);
         qp.set_data_pointer_mode_unchecked(match mode {
             DataPointerMode::Sgl | DataPointerMode::Auto if sgl => mode,
@@ -206,6 +212,7 @@ impl IoQueuePair {
             qp,
             shared,
             timeout: crate::queue::DEFAULT_TIMEOUT * 3 + Duration::from_secs(1),
+            batch_seq: 0,
         })
     }
 
@@ -283,7 +290,7 @@ impl IoQueuePair {
     /// Flush the volatile write cache of the namespace.
     pub fn flush(&mut self, nsid: u32) -> Result<()> {
         self.namespace(nsid)?;
-        self.run_one(flush_cmd(nsid), &[], "Flush")
+        self.run_one(flush_cmd(nsid), None, "Flush")
     }
 
     /// Deallocate (trim) `blocks` LBAs at `slba`.
@@ -306,26 +313,20 @@ impl IoQueuePair {
             }
             self.run_one(
                 deallocate_cmd(nsid, group.len() as u32),
-                &[buf.segment()],
+                Some(&buf),
                 "Dataset Management",
             )?;
         }
         Ok(())
     }
 
-    fn run_one(&mut self, cmd: SqEntry, data: &[Segment], what: &'static str) -> Result<()> {
-        let mut first_err = None;
-        self.wait_room(1)?;
-        self.qp.submit(cmd, data, u64::MAX)?;
-        self.drain(&mut first_err, what, |t| t == u64::MAX)?;
-        match first_err {
-            Some(status) => Err(Error::Command {
-                dev: self.shared.hw.name().to_string(),
-                command: what,
-                status,
-            }),
-            None => Ok(()),
-        }
+    fn run_one(
+        &mut self,
+        cmd: SqEntry,
+        data: Option<&DmaBuffer>,
+        what: &'static str,
+    ) -> Result<()> {
+        self.run_batch(what, data, 1, |_| (cmd, data.map(|b| (0, b.len()))))
     }
 
     fn transfer(
@@ -353,98 +354,116 @@ impl IoQueuePair {
         } else {
             u32::MAX
         };
-        let mut first_err: Option<NvmeStatus> = None;
         let pieces: Vec<Piece> = split_transfer(slba, blocks, ns.lba_size, max).collect();
-        let mut next = 0;
-        // Tags are piece indexes; keep the queue as full as it goes.
-        while next < pieces.len() || self.qp.outstanding() > 0 {
-            while next < pieces.len() && self.qp.free_slots() > 0 && first_err.is_none() {
-                let p = pieces[next];
-                let cmd = match op {
-                    Op::Read => read_cmd(nsid, p.slba, p.blocks),
-                    Op::Write { fua } => write_cmd(nsid, p.slba, p.blocks, fua),
-                    Op::Compare => compare_cmd(nsid, p.slba, p.blocks),
-                    Op::WriteZeroes => write_zeroes_cmd(nsid, p.slba, p.blocks),
-                };
-                let seg;
-                let data: &[Segment] = match buf {
-                    Some(b) => {
-                        seg = [b.segment_at(p.offset as usize, p.blocks as usize * lba as usize)];
-                        &seg
+        self.run_batch(op.name(), buf, pieces.len(), |i| {
+            let p = pieces[i];
+            let cmd = match op {
+                Op::Read => read_cmd(nsid, p.slba, p.blocks),
+                Op::Write { fua } => write_cmd(nsid, p.slba, p.blocks, fua),
+                Op::Compare => compare_cmd(nsid, p.slba, p.blocks),
+                Op::WriteZeroes => write_zeroes_cmd(nsid, p.slba, p.blocks),
+            };
+            let data = buf.map(|_| (p.offset as usize, p.blocks as usize * lba as usize));
+            (cmd, data)
+        })
+    }
+
+    /// Run `count` commands made by `make` (the command and the range of `buf` it carries),
+    /// keeping the queue as full as it goes, and wait for all of them.
+    ///
+    /// It never returns while one of its commands may still use `buf`: after an error it stops
+    /// submitting and waits for what is outstanding (the queue pair's deadlines, aborts and
+    /// resets bound that wait); if even that runs out of time, `buf` is quarantined before the
+    /// error is returned. Completions of other commands on the queue pair (submitted
+    /// asynchronously by the owner) are kept for the owner's next poll, not counted here.
+    fn run_batch(
+        &mut self,
+        what: &'static str,
+        buf: Option<&DmaBuffer>,
+        count: usize,
+        make: impl Fn(usize) -> (SqEntry, Option<(usize, usize)>),
+    ) -> Result<()> {
+        // Tags of this call: a marker in the top bits, a sequence number, the piece index.
+        self.batch_seq = self.batch_seq.wrapping_add(1);
+        let base = HELPER_TAG | ((self.batch_seq as u64 & 0xff_ffff) << 32);
+        let ours = |tag: u64| tag & !0xffff_ffff == base;
+        let mut error: Option<Error> = None;
+        let mut outstanding = 0usize;
+        let mut next = 0usize;
+        let mut others = Vec::new();
+        let mut started = Ticks::now();
+        let mut spins = 0u32;
+        let dev = self.shared.hw.name().to_string();
+        loop {
+            // A removed device has no free slot ever again: submitting says so.
+            while next < count
+                && error.is_none()
+                && (self.qp.free_slots() > 0 || self.qp.is_removed())
+            {
+                let (cmd, range) = make(next);
+                let slice;
+                let data: &[crate::dma::DmaSlice<'_>] = match (buf, range) {
+                    (Some(b), Some((off, len))) => {
+                        slice = [b.segment_at(off, len)];
+                        &slice
                     }
-                    None => &[],
+                    _ => &[],
                 };
-                self.qp.submit(cmd, data, next as u64)?;
-                next += 1;
+                match self.qp.submit(cmd, data, base | next as u64) {
+                    Ok(_) => {
+                        outstanding += 1;
+                        next += 1;
+                    }
+                    Err(Error::QueueFull) => break,
+                    Err(e) => error = Some(e),
+                }
             }
-            if first_err.is_some() && self.qp.outstanding() == 0 {
+            if outstanding == 0 && (next == count || error.is_some()) {
                 break;
             }
-            self.drain_some(&mut first_err, op.name())?;
-        }
-        match first_err {
-            Some(status) => Err(Error::Command {
-                dev: self.shared.hw.name().to_string(),
-                command: op.name(),
-                status,
-            }),
-            None => Ok(()),
-        }
-    }
-
-    /// Poll until `n` slots are free.
-    fn wait_room(&mut self, n: usize) -> Result<()> {
-        let mut err = None;
-        while self.qp.free_slots() < n {
-            self.drain_some(&mut err, "I/O")?;
-        }
-        Ok(())
-    }
-
-    /// Poll until the command with a tag matching `is_ours` has completed.
-    fn drain(
-        &mut self,
-        first_err: &mut Option<NvmeStatus>,
-        what: &'static str,
-        is_ours: impl Fn(u64) -> bool,
-    ) -> Result<()> {
-        let started = Ticks::now();
-        let mut done = false;
-        let mut spins = 0u32;
-        while !done {
-            self.qp.poll(usize::MAX, |c| {
-                if is_ours(c.tag) {
-                    done = true;
-                    if !c.status.is_success() && first_err.is_none() {
-                        *first_err = Some(c.status);
-                    }
-                }
-            });
-            spins += 1;
-            if !done && spins.is_multiple_of(1024) {
-                self.check_alive(started, what)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Poll until at least one completion arrived (or time runs out).
-    fn drain_some(&mut self, first_err: &mut Option<NvmeStatus>, what: &'static str) -> Result<()> {
-        let started = Ticks::now();
-        let mut spins = 0u32;
-        loop {
             let n = self.qp.poll(usize::MAX, |c| {
-                if !c.status.is_success() && first_err.is_none() {
-                    *first_err = Some(c.status);
+                if !ours(c.tag) {
+                    others.push(c);
+                    return;
+                }
+                outstanding -= 1;
+                if !c.status.is_success() && error.is_none() {
+                    error = Some(if c.status == NvmeStatus::DEVICE_REMOVED {
+                        Error::DeviceRemoved { dev: dev.clone() }
+                    } else {
+                        Error::Command {
+                            dev: dev.clone(),
+                            command: what,
+                            status: c.status,
+                        }
+                    });
                 }
             });
             if n > 0 {
-                return Ok(());
+                // Progress: the deadline counts from the last completion.
+                spins = 0;
+                started = Ticks::now();
+                continue;
             }
             spins += 1;
             if spins.is_multiple_of(1024) {
-                self.check_alive(started, what)?;
+                if let Err(e) = self.check_alive(started, what) {
+                    // The queue pair's own recovery did not bring the commands back in time:
+                    // the device may still use the buffer.
+                    if let Some(b) = buf {
+                        b.quarantine();
+                    }
+                    error.get_or_insert(e);
+                    break;
+                }
             }
+        }
+        for c in others {
+            self.qp.defer(c);
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
     }
 
@@ -459,14 +478,7 @@ impl IoQueuePair {
         if waited < Duration::from_millis(1) {
             return Ok(());
         }
-        let s = self.shared.hw.read32(crate::spec::reg::CSTS);
         let dev = self.shared.hw.name().to_string();
-        if s == u32::MAX {
-            return Err(Error::DeviceRemoved { dev });
-        }
-        if s & crate::spec::csts::CFS != 0 {
-            return Err(Error::ControllerFatal { dev, during: what });
-        }
         if waited >= self.timeout {
             return Err(Error::CommandTimeout {
                 dev,
@@ -485,17 +497,28 @@ impl Drop for IoQueuePair {
         // brought back) has no queues to delete, and each admin command would wait for its
         // full timeout.
         let s = self.shared.hw.read32(crate::spec::reg::CSTS);
-        let ready =
-            s != u32::MAX && s & crate::spec::csts::RDY != 0 && s & crate::spec::csts::CFS == 0;
-        if !ready {
+        let removed = s == u32::MAX;
+        let stopped = !removed && s & crate::spec::csts::RDY == 0;
+        let ready = !removed && !stopped && s & crate::spec::csts::CFS == 0;
+        let deleted = if !ready {
             log::warn!(
                 "{}: not deleting I/O queue pair {}: the controller is not ready (CSTS {s:#x})",
                 self.shared.hw.name(),
                 self.qp.qid()
             );
-        } else if let Err(e) = self.shared.delete_queues(self.qp.qid()) {
-            log::warn!("deleting I/O queue pair {}: {e}", self.qp.qid());
-        }
+            false
+        } else {
+            match self.shared.delete_queues(self.qp.qid()) {
+                Ok(()) => true,
+                Err(e) => {
+                    log::warn!("deleting I/O queue pair {}: {e}", self.qp.qid());
+                    false
+                }
+            }
+        };
+        // The rings are out of the controller's hands once its queues are deleted or it is
+        // stopped; commands still outstanding only once it is stopped.
+        self.qp.retire(deleted || stopped, stopped);
         self.shared.release_qid(self.qp.qid());
     }
 }

@@ -169,9 +169,13 @@ impl<L: ListPages> ListWriter<'_, L> {
 /// an earlier segment that does not end on one, and transfers longer than `u32::MAX` bytes.
 /// Fails with [`PrpError::ListPagesExhausted`] when `lists` cannot supply enough pages.
 #[inline]
-pub fn build_prp(segments: &[Segment], lists: &mut impl ListPages) -> Result<Prp, PrpError> {
+pub fn build_prp<S: AsRef<Segment>>(
+    segments: &[S],
+    lists: &mut impl ListPages,
+) -> Result<Prp, PrpError> {
     // Fast path: one dword-aligned segment inside one page needs PRP1 only (a 4 KiB I/O).
     if let [seg] = segments {
+        let seg = seg.as_ref();
         let start = seg.iova.0;
         if seg.len != 0 && start & 3 == 0 && (start & PAGE_MASK) + seg.len as u64 <= PAGE {
             return Ok(Prp {
@@ -183,15 +187,20 @@ pub fn build_prp(segments: &[Segment], lists: &mut impl ListPages) -> Result<Prp
     build_prp_general(segments, lists)
 }
 
-fn build_prp_general(segments: &[Segment], lists: &mut impl ListPages) -> Result<Prp, PrpError> {
+fn build_prp_general<S: AsRef<Segment>>(
+    segments: &[S],
+    lists: &mut impl ListPages,
+) -> Result<Prp, PrpError> {
     let Some((first, _)) = segments.split_first() else {
         return Err(PrpError::Empty);
     };
+    let first = first.as_ref();
     let last = segments.len() - 1;
     let mut total: u64 = 0;
     // Number of data pages, counting the first one (PRP1).
     let mut pages: u64 = 0;
     for (index, seg) in segments.iter().enumerate() {
+        let seg = seg.as_ref();
         let start = seg.iova.0;
         if seg.len == 0 {
             return Err(PrpError::ZeroLength {
@@ -235,7 +244,7 @@ fn build_prp_general(segments: &[Segment], lists: &mut impl ListPages) -> Result
             if first_end - first_page > PAGE {
                 first_page + PAGE
             } else {
-                segments[1].iova.0
+                segments[1].as_ref().iova.0
             }
         }
         _ => {
@@ -255,6 +264,7 @@ fn build_prp_general(segments: &[Segment], lists: &mut impl ListPages) -> Result
                 writer.push(first_page + i * PAGE)?;
             }
             for seg in &segments[1..] {
+                let seg = seg.as_ref();
                 for i in 0..(seg.len as u64).div_ceil(PAGE) {
                     writer.push(seg.iova.0 + i * PAGE)?;
                 }

@@ -6,15 +6,16 @@
 //! with the caller's tag and rings the completion doorbell once per poll.
 
 use std::cell::Cell;
+use std::collections::VecDeque;
 use std::marker::PhantomData;
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use vm_memory::VolatileMemory;
 
 use crate::clock::{self, Ticks};
-use crate::dma::{DmaBuffer, DmaPool};
+use crate::dma::{DmaBuffer, DmaPool, DmaSlice, Mem};
 use crate::error::{Error, Result};
 use crate::hw::Hardware;
 use crate::prp::{build_prp, ListPages};
@@ -39,7 +40,7 @@ pub enum DataPointerMode {
 
 /// Whether `data` fits the command's two PRP entries: one piece over at most two pages.
 #[inline(always)]
-fn fits_two_prps(data: &[Segment]) -> bool {
+fn fits_two_prps(data: &[DmaSlice<'_>]) -> bool {
     match data {
         [s] => (s.iova.0 & (PAGE_SIZE as u64 - 1)) + s.len as u64 <= 2 * PAGE_SIZE as u64,
         _ => false,
@@ -99,6 +100,11 @@ pub struct QueueStats {
     pub resets: u64,
     /// Commands completed by the driver itself (reset or removal) instead of the device.
     pub cancelled: u64,
+    /// Of those, commands whose memory (data, list pages) was quarantined: the controller
+    /// could not be shown to have stopped (no reaped completion, no CSTS.RDY = 0, no reset).
+    pub quarantined: u64,
+    /// Submissions refused because their data was quarantined memory.
+    pub quarantined_refused: u64,
 }
 
 /// What a queue pair needs from its controller to recover from a lost command, a fatal
@@ -114,6 +120,10 @@ pub(crate) trait Recovery: Send + Sync {
     fn generation(&self) -> u64;
     /// Create this queue pair's queues again on the controller (after a reset).
     fn recreate(&self, qp: &QueuePair) -> Result<()>;
+    /// How many times the controller was seen stopped: disabled with CSTS.RDY read 0, or
+    /// through a function level reset. A command outstanding before it can no longer be
+    /// touching memory.
+    fn quiesces(&self) -> u64;
 }
 
 /// Low bits of a command id: the slot. High bits: a generation bumped at every submission from
@@ -146,6 +156,41 @@ struct Slot {
     list: DmaBuffer,
     /// Further list pages for long transfers, fetched from the pool on first use and kept.
     extra: Vec<DmaBuffer>,
+    /// Shares of the memory the command's data lives in, held until its completion is
+    /// reaped (or the controller was stopped): the owner dropping its buffer meanwhile does
+    /// not give the memory back to the pool.
+    leases: Vec<Arc<Mem>>,
+}
+
+impl Slot {
+    /// The device will not touch this slot's memory again: let go of it.
+    #[inline]
+    fn release(&mut self) {
+        self.leases.clear();
+    }
+
+    /// The device may still touch this slot's memory: quarantine all of it (data and list
+    /// pages), and give the slot fresh list pages. Returns false if the slot cannot be used
+    /// again (no memory for a new list page).
+    fn quarantine(&mut self, pool: &DmaPool) -> bool {
+        for m in self.leases.drain(..) {
+            m.quarantine();
+        }
+        self.list.quarantine();
+        for b in self.extra.drain(..) {
+            b.quarantine();
+        }
+        match pool.alloc(PAGE_SIZE) {
+            Ok(b) => {
+                self.list = b;
+                true
+            }
+            Err(e) => {
+                log::error!("no DMA memory for a list page to replace a quarantined one: {e}");
+                false
+            }
+        }
+    }
 }
 
 /// List pages of one slot, as the PRP and SGL builders see them.
@@ -223,6 +268,17 @@ pub struct QueuePair {
     stats: QueueStats,
     recovery: Option<Arc<dyn Recovery>>,
     generation: u64,
+    /// The controller's reset generation, read at every submission: an idle queue pair learns
+    /// of a reset before it rings a queue the reset deleted.
+    generation_now: Arc<AtomicU64>,
+    /// [`Recovery::quiesces`] when the outstanding commands were last accounted for.
+    quiesce_seen: u64,
+    /// Completions to hand out at the next poll before any new one: commands the driver
+    /// cancelled outside a poll, and completions a synchronous helper reaped for others.
+    deferred: VecDeque<Completion>,
+    /// The owner said what happened to the controller's use of this queue pair's memory
+    /// ([`QueuePair::retire`]); without that, dropping it quarantines everything live.
+    retired: bool,
     timeout: Duration,
     retry_limit: u8,
     polls_to_check: u32,
@@ -272,6 +328,7 @@ impl QueuePair {
                     gen: 0,
                     list: pool.alloc(PAGE_SIZE)?,
                     extra: Vec::new(),
+                    leases: Vec::new(),
                 })
             })
             .collect::<Result<Vec<_>>>()?
@@ -302,6 +359,10 @@ impl QueuePair {
             stats: QueueStats::default(),
             recovery: None,
             generation: 0,
+            generation_now: Arc::new(AtomicU64::new(0)),
+            quiesce_seen: 0,
+            deferred: VecDeque::new(),
+            retired: false,
             timeout: DEFAULT_TIMEOUT,
             retry_limit: DEFAULT_RETRIES,
             polls_to_check: CHECK_EVERY,
@@ -357,8 +418,15 @@ impl QueuePair {
         self.mode = mode;
     }
 
-    pub(crate) fn set_recovery(&mut self, recovery: Arc<dyn Recovery>, generation: u64) {
+    pub(crate) fn set_recovery(
+        &mut self,
+        recovery: Arc<dyn Recovery>,
+        generation_now: Arc<AtomicU64>,
+        generation: u64,
+    ) {
+        self.quiesce_seen = recovery.quiesces();
         self.recovery = Some(recovery);
+        self.generation_now = generation_now;
         self.generation = generation;
     }
 
@@ -395,36 +463,68 @@ impl QueuePair {
     /// Queue `cmd` with `data` (empty for commands without data) under `tag`, without ringing
     /// the doorbell. The command id is filled in here. A full queue is an
     /// [`Error::QueueFull`]: poll, then submit again. A buffer the data pointer builder
-    /// refuses is an error and nothing is queued.
+    /// refuses, or quarantined memory, is an error and nothing is queued.
+    ///
+    /// The command holds a share of each buffer in `data` until its completion is reaped (or
+    /// the controller was stopped): dropping a buffer meanwhile does not free its memory.
     #[inline(always)]
-    pub fn submit(&mut self, mut cmd: SqEntry, data: &[Segment], tag: u64) -> Result<CommandId> {
+    pub fn submit(
+        &mut self,
+        mut cmd: SqEntry,
+        data: &[DmaSlice<'_>],
+        tag: u64,
+    ) -> Result<CommandId> {
+        if self.generation_now.load(Ordering::Relaxed) != self.generation {
+            self.reset_noticed_on_submit();
+        }
         // A removed device keeps its free list empty, so this one check covers both cases.
         let Some(index) = self.free.pop() else {
             return Err(self.no_slot());
         };
         let slot = &mut self.slots[index as usize];
         if !data.is_empty() {
-            let mut lists = SlotLists {
-                first: &slot.list,
-                extra: &mut slot.extra,
-                pool: &self.pool,
+            // One share per buffer: consecutive slices of one buffer (a page cache's run)
+            // take one.
+            let mut last: *const Mem = std::ptr::null();
+            let mut refused = None;
+            for d in data {
+                let m = d.mem();
+                if Arc::as_ptr(m) != last {
+                    if m.is_quarantined() {
+                        refused = Some(d.segment());
+                        break;
+                    }
+                    last = Arc::as_ptr(m);
+                    slot.leases.push(m.clone());
+                }
+            }
+            let built = match refused {
+                Some(seg) => Err(self.quarantined_data(seg)),
+                None => {
+                    let mut lists = SlotLists {
+                        first: &slot.list,
+                        extra: &mut slot.extra,
+                        pool: &self.pool,
+                    };
+                    let sgl = match self.mode {
+                        DataPointerMode::Prp => false,
+                        DataPointerMode::Sgl => true,
+                        DataPointerMode::Auto => !fits_two_prps(data),
+                    };
+                    if sgl {
+                        build_sgl(data, &mut lists)
+                            .map(|d| (d.to_dptr(), true))
+                            .map_err(Error::from)
+                    } else {
+                        build_prp(data, &mut lists)
+                            .map(|p| ((p.prp1, p.prp2), false))
+                            .map_err(Error::from)
+                    }
+                }
             };
-            let sgl = match self.mode {
-                DataPointerMode::Prp => false,
-                DataPointerMode::Sgl => true,
-                DataPointerMode::Auto => !fits_two_prps(data),
-            };
-            let built = if sgl {
-                build_sgl(data, &mut lists)
-                    .map(|d| d.to_dptr())
-                    .map_err(Error::from)
-            } else {
-                build_prp(data, &mut lists)
-                    .map(|p| (p.prp1, p.prp2))
-                    .map_err(Error::from)
-            };
+            let slot = &mut self.slots[index as usize];
             match built {
-                Ok((d1, d2)) => {
+                Ok(((d1, d2), sgl)) => {
                     if sgl {
                         cmd.cdw0 |= PSDT_SGL;
                     }
@@ -432,11 +532,13 @@ impl QueuePair {
                     cmd.dptr2 = d2;
                 }
                 Err(e) => {
+                    slot.leases.clear();
                     self.free.push(index);
                     return Err(e);
                 }
             }
         }
+        let slot = &mut self.slots[index as usize];
         slot.gen = (slot.gen + 1) & 0xf;
         let cid = index | ((slot.gen as u16) << CID_INDEX_BITS);
         cmd.set_cid(cid);
@@ -449,6 +551,33 @@ impl QueuePair {
         push_entry(&self.sq, &mut self.sq_tail, self.entries, &cmd);
         self.stats.submitted += 1;
         Ok(CommandId(cid))
+    }
+
+    #[cold]
+    fn quarantined_data(&mut self, seg: Segment) -> Error {
+        self.stats.quarantined_refused += 1;
+        Error::InvalidArgument(format!(
+            "the data at IOVA {}+{} is quarantined DMA memory (a command that used it may still              be running in the device): use another buffer",
+            seg.iova, seg.len
+        ))
+    }
+
+    /// The controller was reset since this queue pair last looked: account for its commands
+    /// (handed out at the next poll) and create its queues again before submitting more.
+    #[cold]
+    fn reset_noticed_on_submit(&mut self) {
+        let Some(rec) = self.recovery.clone() else {
+            return;
+        };
+        let mut cancelled = Vec::new();
+        self.after_reset(rec.as_ref(), &mut |c| cancelled.push(c));
+        self.deferred.extend(cancelled);
+    }
+
+    /// Hand `c` out at the next poll, before any new completion (for a synchronous helper
+    /// that reaped completions of commands that were not its own).
+    pub fn defer(&mut self, c: Completion) {
+        self.deferred.push_back(c);
     }
 
     #[cold]
@@ -498,6 +627,17 @@ impl QueuePair {
         }
         self.ring();
         self.stats.polls += 1;
+        let mut handed = 0;
+        if !self.deferred.is_empty() {
+            while handed < max {
+                let Some(c) = self.deferred.pop_front() else {
+                    break;
+                };
+                f(c);
+                handed += 1;
+            }
+        }
+        let max = max - handed;
         let mut n = 0;
         let cq = self.cq.volatile();
         while n < max {
@@ -555,6 +695,7 @@ impl QueuePair {
                         continue;
                     }
                     slot.busy = false;
+                    slot.release();
                     self.free.push(index);
                     self.stats.completed += 1;
                     f(Completion {
@@ -581,10 +722,10 @@ impl QueuePair {
             if self.cq_unrung > self.cq_entries - self.entries {
                 self.ring_cq_head();
             }
-        } else {
+        } else if handed == 0 {
             self.stats.idle_polls += 1;
         }
-        n
+        n + handed
     }
 
     /// Tell the controller every completion reaped so far.
@@ -635,7 +776,13 @@ impl QueuePair {
                 self.hw.name(),
                 self.outstanding()
             );
-            self.cancel_all(NvmeStatus::DEVICE_REMOVED, f);
+            // A removed device cannot be shown to have stopped: its commands' memory is
+            // quarantined unless the controller was stopped before.
+            let stopped = match self.recovery.clone() {
+                Some(rec) => self.stopped_since_seen(rec.as_ref()),
+                None => false,
+            };
+            self.cancel_all(NvmeStatus::DEVICE_REMOVED, stopped, f);
             self.mark_removed();
             return;
         }
@@ -723,7 +870,8 @@ impl QueuePair {
                 } else {
                     NvmeStatus::ABORTED_BY_RESET
                 };
-                self.cancel_all(status, f);
+                let stopped = self.stopped_since_seen(rec);
+                self.cancel_all(status, stopped, f);
                 if removed {
                     self.mark_removed();
                 }
@@ -731,12 +879,24 @@ impl QueuePair {
         }
     }
 
+    /// Whether the controller was seen stopped since the outstanding commands were last
+    /// accounted for (then none of them can still touch memory). Updates the mark.
+    fn stopped_since_seen(&mut self, rec: &dyn Recovery) -> bool {
+        let now = rec.quiesces();
+        let stopped = now != self.quiesce_seen;
+        self.quiesce_seen = now;
+        stopped
+    }
+
     /// The controller was reset: our queues are gone. Hand back every outstanding command
     /// as cancelled and create the queues again.
     fn after_reset(&mut self, rec: &dyn Recovery, f: &mut impl FnMut(Completion)) {
         self.stats.resets += 1;
         self.generation = rec.generation();
-        self.cancel_all(NvmeStatus::ABORTED_BY_RESET, f);
+        // A reset that completed disabled the controller first: nothing outstanding can still
+        // touch memory. The check stays, for a reset some other way than ours.
+        let stopped = self.stopped_since_seen(rec);
+        self.cancel_all(NvmeStatus::ABORTED_BY_RESET, stopped, f);
         if let Err(e) = rec.recreate(self) {
             log::error!(
                 "{}: queue {} could not be created again after a reset: {e}",
@@ -755,8 +915,11 @@ impl QueuePair {
         self.free.clear();
     }
 
-    fn cancel_all(&mut self, status: NvmeStatus, f: &mut impl FnMut(Completion)) {
-        for (cid, tag) in self.abandon_all() {
+    /// Complete every outstanding command with `status`. `stopped`: the controller was shown
+    /// to have stopped since they were submitted, so their memory goes back; otherwise it is
+    /// quarantined.
+    fn cancel_all(&mut self, status: NvmeStatus, stopped: bool, f: &mut impl FnMut(Completion)) {
+        for (cid, tag) in self.abandon_all(stopped) {
             self.stats.cancelled += 1;
             f(Completion {
                 tag,
@@ -783,13 +946,26 @@ impl QueuePair {
     }
 
     /// Forget every outstanding command and reset the ring indices, after the controller
-    /// dropped its queues (a reset). Returns the tags that will never complete.
-    pub fn abandon_all(&mut self) -> Vec<(CommandId, u64)> {
+    /// dropped its queues (a reset). Returns the tags that will never complete. `stopped`:
+    /// the controller was shown to have stopped (CSTS.RDY read 0 after disabling it, or a
+    /// function level reset), so the commands' memory goes back to its owners; otherwise it
+    /// is quarantined.
+    pub(crate) fn abandon_all(&mut self, stopped: bool) -> Vec<(CommandId, u64)> {
         let lost = self.outstanding_tags();
         for (cid, _) in &lost {
             let index = cid.0 & CID_INDEX_MASK;
-            self.slots[index as usize].busy = false;
-            self.free.push(index);
+            let slot = &mut self.slots[index as usize];
+            slot.busy = false;
+            let usable = if stopped {
+                slot.release();
+                true
+            } else {
+                self.stats.quarantined += 1;
+                slot.quarantine(&self.pool)
+            };
+            if usable && !self.removed {
+                self.free.push(index);
+            }
         }
         self.sq_tail = 0;
         self.sq_head = 0;
@@ -799,5 +975,57 @@ impl QueuePair {
         self.phase = true;
         self.cq.fill(0);
         lost
+    }
+
+    /// Say what became of the controller's use of this queue pair, before it is dropped:
+    /// `rings_free` when the controller no longer uses its rings (the queues were deleted, or
+    /// the controller was stopped), `commands_free` when outstanding commands can no longer
+    /// touch memory (the controller was stopped). What is not free is quarantined.
+    pub(crate) fn retire(&mut self, rings_free: bool, commands_free: bool) {
+        if self.retired {
+            return;
+        }
+        self.retired = true;
+        let outstanding = self.slots.iter().filter(|s| s.busy).count();
+        if outstanding > 0 && !commands_free {
+            log::error!(
+                "{}: queue {} goes away with {outstanding} command(s) the controller may still                  run: quarantining their memory",
+                self.hw.name(),
+                self.qid
+            );
+            for slot in self.slots.iter_mut().filter(|s| s.busy) {
+                slot.busy = false;
+                self.stats.quarantined += 1;
+                for m in slot.leases.drain(..) {
+                    m.quarantine();
+                }
+                slot.list.quarantine();
+                for b in &slot.extra {
+                    b.quarantine();
+                }
+            }
+        }
+        if !rings_free {
+            log::error!(
+                "{}: queue {} goes away while the controller may still use its rings:                  quarantining them",
+                self.hw.name(),
+                self.qid
+            );
+            self.sq.quarantine();
+            self.cq.quarantine();
+        }
+    }
+
+    /// Commands whose memory was quarantined so far, and quarantined submissions refused.
+    pub fn quarantined(&self) -> u64 {
+        self.stats.quarantined
+    }
+}
+
+impl Drop for QueuePair {
+    fn drop(&mut self) {
+        // An owner that did not say otherwise knows nothing of the controller: assume it may
+        // still use everything live.
+        self.retire(false, false);
     }
 }

@@ -38,13 +38,12 @@ pub use crate::clock::{TickRate, Ticks};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 
-use crate::dma::DmaBuffer;
+use crate::dma::{DmaBuffer, DmaLease, DmaSlice};
 use crate::error::Error;
 use crate::io::IoQueuePair;
 use crate::queue::{Completion, QueueStats};
 use crate::spec::SqEntry;
 use crate::status::NvmeStatus;
-use crate::types::Segment;
 
 /// The data of one request.
 #[derive(Debug, Default)]
@@ -52,11 +51,12 @@ pub enum IoData {
     /// A command without data.
     #[default]
     None,
-    /// One contiguous segment. The caller keeps the memory behind it alive and untouched until
-    /// the request completes.
-    Segment(Segment),
-    /// Scattered segments, with the same rule as [`IoData::Segment`].
-    Segments(Vec<Segment>),
+    /// One contiguous range of a buffer the caller keeps ([`DmaBuffer::lease`]): the lease
+    /// keeps its memory from going back to the pool until the command is done, and the caller
+    /// must leave the bytes alone until the request is answered.
+    Segment(DmaLease),
+    /// Scattered ranges, with the same rule as [`IoData::Segment`].
+    Segments(Vec<DmaLease>),
     /// `len` bytes at `offset` of a buffer that travels with the request and comes back in
     /// [`IoDone::buf`]: nothing can free or reuse it while the device may still touch it.
     Buffer {
@@ -84,6 +84,16 @@ impl IoData {
         match std::mem::take(self) {
             IoData::Buffer { buf, .. } => Some(buf),
             _ => None,
+        }
+    }
+
+    /// The device may still use this data: never let its memory go back.
+    fn quarantine(&self) {
+        match self {
+            IoData::None => {}
+            IoData::Segment(l) => l.quarantine(),
+            IoData::Segments(v) => v.iter().for_each(DmaLease::quarantine),
+            IoData::Buffer { buf, .. } => buf.quarantine(),
         }
     }
 }
@@ -338,10 +348,18 @@ impl Job {
 impl Drop for Job {
     fn drop(&mut self) {
         if let Some(reply) = self.reply.take() {
+            // Given to a queue pair and not completed: the device may still use the data, so
+            // it is quarantined and its buffer is not handed back.
+            let buf = if self.issued.is_some() {
+                self.req.data.quarantine();
+                None
+            } else {
+                self.req.data.take_buf()
+            };
             reply.send(IoDone {
                 tag: self.req.tag,
                 result: Err(ReactorError::Stopped),
-                buf: self.req.data.take_buf(),
+                buf,
                 completed: Ticks::now(),
             });
         }
@@ -443,8 +461,11 @@ pub struct ReactorStats {
     /// Client threads unparked ([`Reply::Wake`]): one per client and poll, however many of
     /// its answers the poll reaped.
     pub wakes: u64,
-    /// Requests given up when the reactor stopped with them still in flight.
+    /// Requests given up when the reactor stopped with them still waiting or in flight.
     pub abandoned: u64,
+    /// Of those, requests in flight: their data was quarantined (never reused; a
+    /// [`IoData::Buffer`] is not handed back).
+    pub quarantined: u64,
     /// Completions that matched no request of this reactor (left over from commands an
     /// earlier reactor on the same queue pair gave up), ignored.
     pub stale: u64,
@@ -683,8 +704,6 @@ struct Worker {
     stats: ReactorStats,
     /// Completions of the current poll, reused.
     done: Vec<Completion>,
-    /// Segments of the current submission, reused.
-    segs: Vec<Segment>,
     /// Clients to unpark at the end of the current poll, reused.
     wakes: Vec<std::thread::Thread>,
     capacity: usize,
@@ -713,7 +732,6 @@ impl Worker {
             config,
             stats: ReactorStats::default(),
             done: Vec::with_capacity(capacity),
-            segs: Vec::new(),
             wakes: Vec::new(),
             capacity,
             stopping: false,
@@ -944,24 +962,28 @@ impl Worker {
                     continue;
                 };
                 job.issued = Some(tag);
-                self.segs.clear();
-                match &job.req.data {
-                    IoData::None => {}
-                    IoData::Segment(s) => self.segs.push(*s),
-                    IoData::Segments(v) => self.segs.extend_from_slice(v),
+                let q_pair = &mut self.queues[q];
+                let cmd = job.req.cmd;
+                let submitted = match &job.req.data {
+                    IoData::None => q_pair.submit(cmd, &[], tag),
+                    IoData::Segment(l) => q_pair.submit(cmd, &[l.slice()], tag),
+                    IoData::Segments(v) => {
+                        let slices: Vec<DmaSlice<'_>> = v.iter().map(DmaLease::slice).collect();
+                        q_pair.submit(cmd, &slices, tag)
+                    }
                     IoData::Buffer { buf, offset, len } => {
                         if offset.checked_add(*len).is_none_or(|end| end > buf.len()) {
                             let msg = format!(
                                 "data range {offset}+{len} lies beyond a buffer of {} bytes",
                                 buf.len()
                             );
-                            self.refuse(slot, Error::InvalidArgument(msg));
-                            continue;
+                            Err(Error::InvalidArgument(msg))
+                        } else {
+                            q_pair.submit(cmd, &[buf.segment_at(*offset, *len)], tag)
                         }
-                        self.segs.push(buf.segment_at(*offset, *len));
                     }
-                }
-                match self.queues[q].submit(job.req.cmd, &self.segs, tag) {
+                };
+                match submitted {
                     Ok(_) => n += 1,
                     Err(e) => self.refuse(slot, e),
                 }
@@ -1074,6 +1096,12 @@ impl Worker {
         // Requests still waiting or in flight, and anything left in the channel, answer
         // Stopped when dropped.
         self.stats.abandoned = (self.outstanding() + self.backlog_len) as u64;
+        self.stats.quarantined = self
+            .slab
+            .iter()
+            .flatten()
+            .filter(|j| j.issued.is_some() && j.reply.is_some())
+            .count() as u64;
         self.backlog.clear();
         self.slab.clear();
         while let Ok(m) = self.rx.try_recv() {
@@ -1211,7 +1239,7 @@ mod tests {
                 (0..8).map(|i| {
                     IoRequest::new(
                         read_cmd(1, 0, 1),
-                        IoData::Segment(buf.segment()),
+                        IoData::Segment(buf.segment().lease()),
                         round * 8 + i,
                     )
                 }),
@@ -1248,7 +1276,7 @@ mod tests {
             bufs.iter().enumerate().map(|(i, b)| {
                 IoRequest::new(
                     write_cmd(1, i as u64, 1, false),
-                    IoData::Segment(b.segment()),
+                    IoData::Segment(b.segment().lease()),
                     i as u64,
                 )
             }),
@@ -1441,10 +1469,14 @@ mod tests {
         };
         let exit = reactor.shutdown().unwrap();
         assert_eq!(exit.stats.abandoned, 1);
+        assert_eq!(exit.stats.quarantined, 1);
         let d = lost.wait();
         assert_eq!(d.tag, 7);
         assert!(matches!(d.result, Err(ReactorError::Stopped)));
-        assert!(d.buf.is_some(), "the buffer comes back even then");
+        assert!(
+            d.buf.is_none(),
+            "the device may still write the buffer: it does not come back"
+        );
         // The reactor is gone: the request is answered at once, on this thread.
         let buf = ctrl.alloc(4096).unwrap();
         let d = h
@@ -1586,8 +1618,8 @@ mod tests {
         model.write_ns(1, 9, &stamp(9));
         let reactor = one_queue(&ctrl, 8);
         // A chain of 50 reads, each sent by the callback of the one before.
-        fn chain(h: ReactorHandle, seg: Segment, left: u32, done: Sender<u32>) {
-            let req = IoRequest::new(read_cmd(1, 9, 1), IoData::Segment(seg), left as u64);
+        fn chain(h: ReactorHandle, seg: DmaLease, left: u32, done: Sender<u32>) {
+            let req = IoRequest::new(read_cmd(1, 9, 1), IoData::Segment(seg.clone()), left as u64);
             let h2 = h.clone();
             h.submit_with(req, move |d| {
                 assert!(d.result.is_ok());
@@ -1600,7 +1632,7 @@ mod tests {
         }
         let buf = ctrl.alloc(4096).unwrap();
         let (tx, rx) = crossbeam_channel::unbounded();
-        chain(reactor.handle(), buf.segment(), 50, tx);
+        chain(reactor.handle(), buf.segment().lease(), 50, tx);
         assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(1));
         let mut got = vec![0u8; 4096];
         buf.read_bytes(0, &mut got);
@@ -1615,8 +1647,8 @@ mod tests {
         // A callback that keeps sending while the reactor stops gets Stopped, not a hang.
         let reactor = one_queue(&ctrl, 8);
         let stopped = Arc::new(AtomicU64::new(0));
-        fn forever(h: ReactorHandle, seg: Segment, stopped: Arc<AtomicU64>) {
-            let req = IoRequest::new(read_cmd(1, 9, 1), IoData::Segment(seg), 0);
+        fn forever(h: ReactorHandle, seg: DmaLease, stopped: Arc<AtomicU64>) {
+            let req = IoRequest::new(read_cmd(1, 9, 1), IoData::Segment(seg.clone()), 0);
             let h2 = h.clone();
             h.submit_with(req, move |d| match d.result {
                 Ok(_) => forever(h2, seg, stopped),
@@ -1626,7 +1658,7 @@ mod tests {
                 Err(e) => panic!("{e}"),
             });
         }
-        forever(reactor.handle(), buf.segment(), stopped.clone());
+        forever(reactor.handle(), buf.segment().lease(), stopped.clone());
         std::thread::sleep(Duration::from_millis(20));
         let st = reactor.shutdown().unwrap().stats;
         assert!(st.from_callbacks > 0, "{st:?}");
@@ -1640,7 +1672,7 @@ mod tests {
     /// Reads LBAs `lba..lba + left` one after the other, each sent by the completer from the
     /// answer to the one before, and says which it saw.
     struct Walker {
-        seg: Segment,
+        seg: DmaLease,
         left: std::sync::Mutex<u64>,
         seen: crossbeam_channel::Sender<Result<u64, String>>,
     }
@@ -1656,7 +1688,7 @@ mod tests {
                         next.submit(IoRequest::new(
                             // The LBA wraps: a walk that never ends stays in the namespace.
                             read_cmd(1, (done.tag + 1) % 64, 1),
-                            IoData::Segment(self.seg),
+                            IoData::Segment(self.seg.clone()),
                             done.tag + 1,
                         ));
                     }
@@ -1680,12 +1712,16 @@ mod tests {
         let bufs: Vec<DmaBuffer> = (0..2).map(|_| ctrl.alloc(4096).unwrap()).collect();
         for (k, buf) in bufs.iter().enumerate() {
             let walker: Arc<dyn Completer> = Arc::new(Walker {
-                seg: buf.segment(),
+                seg: buf.segment().lease(),
                 left: std::sync::Mutex::new(20),
                 seen: tx.clone(),
             });
             let lba = 20 + 20 * k as u64;
-            let req = IoRequest::new(read_cmd(1, lba, 1), IoData::Segment(buf.segment()), lba);
+            let req = IoRequest::new(
+                read_cmd(1, lba, 1),
+                IoData::Segment(buf.segment().lease()),
+                lba,
+            );
             reactor.handle().submit(req, Reply::Completer(walker));
         }
         let mut seen: Vec<u64> = (0..40)
@@ -1707,11 +1743,15 @@ mod tests {
         )
         .unwrap();
         let walker: Arc<dyn Completer> = Arc::new(Walker {
-            seg: bufs[0].segment(),
+            seg: bufs[0].segment().lease(),
             left: std::sync::Mutex::new(u64::MAX),
             seen: tx.clone(),
         });
-        let req = IoRequest::new(read_cmd(1, 0, 1), IoData::Segment(bufs[0].segment()), 0);
+        let req = IoRequest::new(
+            read_cmd(1, 0, 1),
+            IoData::Segment(bufs[0].segment().lease()),
+            0,
+        );
         reactor.handle().submit(req, Reply::Completer(walker));
         while rx
             .recv_timeout(Duration::from_secs(10))
@@ -1735,7 +1775,7 @@ mod tests {
     /// Sends its request again, on the reactor's only queue pair, when the first try is
     /// refused; holds its lock while it does, as completers may.
     struct Retrier {
-        seg: Segment,
+        seg: DmaLease,
         seen: std::sync::Mutex<Vec<Result<u64, String>>>,
     }
 
@@ -1748,7 +1788,8 @@ mod tests {
                     let again = matches!(e, ReactorError::Submit(_));
                     seen.push(Err(e.to_string()));
                     if again {
-                        let req = IoRequest::new(read_cmd(1, 1, 1), IoData::Segment(self.seg), 2);
+                        let req =
+                            IoRequest::new(read_cmd(1, 1, 1), IoData::Segment(self.seg.clone()), 2);
                         next.submit(req.on_queue(0));
                     }
                 }
@@ -1763,12 +1804,12 @@ mod tests {
         let reactor = one_queue(&ctrl, 8);
         let buf = ctrl.alloc(4096).unwrap();
         let retrier = Arc::new(Retrier {
-            seg: buf.segment(),
+            seg: buf.segment().lease(),
             seen: std::sync::Mutex::new(Vec::new()),
         });
         let c: Arc<dyn Completer> = retrier.clone();
         // Queue pair 3 does not exist: refused, and the completer's second try runs.
-        let req = IoRequest::new(read_cmd(1, 1, 1), IoData::Segment(buf.segment()), 1);
+        let req = IoRequest::new(read_cmd(1, 1, 1), IoData::Segment(buf.segment().lease()), 1);
         reactor
             .handle()
             .submit(req.on_queue(3), Reply::Completer(c));
@@ -1809,7 +1850,7 @@ mod tests {
         let reqs = bufs.iter().enumerate().map(|(i, b)| {
             IoRequest::new(
                 read_cmd(1, i as u64, 1),
-                IoData::Segment(b.segment()),
+                IoData::Segment(b.segment().lease()),
                 i as u64,
             )
         });

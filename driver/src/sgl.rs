@@ -52,8 +52,10 @@ pub enum SglError {
 /// Whether every segment starts at a dword-aligned address and has a length that is a whole
 /// number of dwords, as controllers reporting SGLS = 10b require.
 #[inline]
-pub fn dword_aligned(segments: &[Segment]) -> bool {
-    segments.iter().all(|s| (s.iova.0 | s.len as u64) & 3 == 0)
+pub fn dword_aligned<S: AsRef<Segment>>(segments: &[S]) -> bool {
+    segments
+        .iter()
+        .all(|s| (s.as_ref().iova.0 | s.as_ref().len as u64) & 3 == 0)
 }
 
 /// How many SGL list pages `segments` data descriptors need: 0 for one segment (it sits in
@@ -114,8 +116,8 @@ fn list_page(lists: &mut impl ListPages, page: usize, needed: usize) -> Result<u
 /// transfers longer than `u32::MAX` bytes; fails with [`SglError::ListPagesExhausted`] when
 /// `lists` cannot supply enough pages.
 #[inline]
-pub fn build_sgl(
-    segments: &[Segment],
+pub fn build_sgl<S: AsRef<Segment>>(
+    segments: &[S],
     lists: &mut impl ListPages,
 ) -> Result<SglDescriptor, SglError> {
     if segments.is_empty() {
@@ -123,6 +125,7 @@ pub fn build_sgl(
     }
     let mut total: u64 = 0;
     for (index, seg) in segments.iter().enumerate() {
+        let seg = seg.as_ref();
         if seg.len == 0 {
             return Err(SglError::ZeroLength {
                 index,
@@ -143,6 +146,7 @@ pub fn build_sgl(
     }
 
     if let [only] = segments {
+        let only = only.as_ref();
         return Ok(SglDescriptor::new(
             sgl_type::DATA_BLOCK,
             only.iova.0,
@@ -156,6 +160,7 @@ pub fn build_sgl(
     let mut page = 0;
     let mut slot = 0;
     for (index, seg) in segments.iter().enumerate() {
+        let seg = seg.as_ref();
         let remaining = segments.len() - index;
         if slot == SGL_DESCRIPTORS_PER_PAGE - 1 && remaining > 1 {
             // More descriptors remain than this page holds: its last one chains onwards.
@@ -447,7 +452,7 @@ mod tests {
         assert!(dword_aligned(&[seg(0x1000, 512), seg(0x2004, 8)]));
         assert!(!dword_aligned(&[seg(0x1000, 512), seg(0x2002, 8)]));
         assert!(!dword_aligned(&[seg(0x1000, 511)]));
-        assert!(dword_aligned(&[]));
+        assert!(dword_aligned::<Segment>(&[]));
     }
 
     #[test]

@@ -42,6 +42,13 @@ pub struct Segment {
     pub len: u32,
 }
 
+impl AsRef<Segment> for Segment {
+    #[inline(always)]
+    fn as_ref(&self) -> &Segment {
+        self
+    }
+}
+
 impl Segment {
     /// A segment of `len` bytes at `iova`.
     #[inline]

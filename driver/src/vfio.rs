@@ -1730,6 +1730,33 @@ impl Hardware for VfioHardware {
         })
     }
 
+    fn function_reset(&self) -> Result<(), HwError> {
+        let fail = |why: String| HwError::Reset {
+            dev: self.bdf.clone(),
+            why,
+        };
+        if self.link.is_released() {
+            return Err(fail("the device was removed".into()));
+        }
+        /// `_IO(VFIO_TYPE, VFIO_BASE + 11)`: vfio-ioctls' `VfioDevice::reset` discards the
+        /// result, and whether the reset happened is the whole point here.
+        const VFIO_DEVICE_RESET: libc::c_ulong = (b';' as libc::c_ulong) << 8 | (100 + 11);
+        // SAFETY: the fd is this device's open VFIO device file (it stays open while the link
+        // is not released, checked above), and VFIO_DEVICE_RESET takes no argument.
+        let r = unsafe { libc::ioctl(self.link.device_fd, VFIO_DEVICE_RESET as _) };
+        if r < 0 {
+            return Err(fail(format!(
+                "VFIO_DEVICE_RESET: {}",
+                io::Error::last_os_error()
+            )));
+        }
+        self.config
+            .enable_memory_and_bus_master(&self.bdf, self.link.device_fd)
+            .map_err(|e| fail(format!("after the reset: {e}")))?;
+        log::warn!("{}: function level reset done", self.bdf);
+        Ok(())
+    }
+
     fn dma_unmap(&self, iova: Iova, len: usize) -> Result<(), HwError> {
         if self.link.is_released() {
             // The kernel undid every mapping when it took the device back.

@@ -6,7 +6,8 @@
 
 use std::fmt;
 
-use rnvme_driver::{NvmeStatus, Segment};
+use rnvme_driver::dma::DmaSlice;
+use rnvme_driver::NvmeStatus;
 
 /// What a command does.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -51,7 +52,7 @@ pub struct IoRequest<'a> {
     /// Number of LBAs (0 for Flush).
     pub lbas: u32,
     /// The memory: frames' IOVAs, in order; their lengths add up to `lbas` × LBA size.
-    pub segments: &'a [Segment],
+    pub segments: &'a [DmaSlice<'a>],
     /// For traces and logs: the file pages this command carries.
     pub pages: &'a [u64],
     /// For traces and logs: a per-block (fallback) command.

@@ -24,6 +24,7 @@ use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{Duration, Instant};
 
+use rnvme_driver::dma::DmaSlice;
 use rnvme_driver::Segment;
 
 use crate::backend::{BlockIo, IoError, IoOp, IoRequest};
@@ -896,11 +897,31 @@ impl<D: BlockIo> PageCache<D> {
                 target,
             },
         );
+        // The commands carry shares of the pool's buffers (a handle of the pool is held here
+        // so that the borrow does not tie up `self`).
+        let pool = self.pool.clone();
+        let one;
+        let many: Vec<DmaSlice<'_>>;
+        let data: &[DmaSlice<'_>] = match segs {
+            [] => &[],
+            [s] => {
+                one = [pool.slice_of(*s).map_err(MpageError::from)?];
+                &one
+            }
+            _ => {
+                many = segs
+                    .iter()
+                    .map(|s| pool.slice_of(*s))
+                    .collect::<Result<_, _>>()
+                    .map_err(MpageError::from)?;
+                &many
+            }
+        };
         let req = IoRequest {
             op,
             slba,
             lbas,
-            segments: segs,
+            segments: data,
             pages: &pages,
             fallback,
         };

@@ -9,8 +9,8 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use rnvme_driver::dma::{DmaBuffer, DmaError, DmaPool};
-use rnvme_driver::Iova;
+use rnvme_driver::dma::{DmaBuffer, DmaError, DmaLease, DmaPool, DmaSlice};
+use rnvme_driver::{Iova, Segment};
 
 /// Bytes in a page (and in a frame).
 pub const PAGE_SIZE: usize = 4096;
@@ -70,6 +70,11 @@ pub struct PagePool {
 struct PoolInner {
     /// IOVA of each buffer, sorted as the buffers are (immutable after start-up).
     iovas: Vec<Iova>,
+    /// A share of each buffer: what commands are given, so that the queue pair holds the
+    /// memory for as long as the device may use it.
+    leases: Vec<DmaLease>,
+    /// (IOVA, buffer index), sorted by IOVA: finds the buffer behind a segment.
+    by_iova: Vec<(Iova, usize)>,
     frames: usize,
     state: Mutex<PoolState>,
 }
@@ -111,10 +116,19 @@ impl PagePool {
         }
         let frames = chunks * FRAMES_PER_CHUNK;
         let iovas = buffers.iter().map(DmaBuffer::iova).collect();
+        let leases = buffers.iter().map(|b| b.lease(0, b.len())).collect();
+        let mut by_iova: Vec<(Iova, usize)> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (b.iova(), i))
+            .collect();
+        by_iova.sort_unstable();
         let free = (0..frames as u32).rev().collect();
         Ok(PagePool {
             inner: Arc::new(PoolInner {
                 iovas,
+                leases,
+                by_iova,
                 frames,
                 state: Mutex::new(PoolState { buffers, free }),
             }),
@@ -152,6 +166,41 @@ impl PagePool {
     /// Where the device finds the frame.
     pub fn iova(&self, frame: FrameId) -> Iova {
         self.inner.iovas[frame.chunk()].add(frame.offset() as u64)
+    }
+
+    /// `len` bytes at `offset` of `frame` as a command's data.
+    ///
+    /// # Panics
+    /// If the range leaves the frame.
+    pub fn slice(&self, frame: FrameId, offset: usize, len: usize) -> DmaSlice<'_> {
+        assert!(
+            offset + len <= PAGE_SIZE,
+            "slice {offset}+{len} leaves the frame"
+        );
+        self.inner.leases[frame.chunk()]
+            .slice()
+            .sub(frame.offset() + offset, len)
+    }
+
+    /// The piece of the pool that `seg` describes (inside one 2 MiB buffer), as a command's
+    /// data.
+    pub fn slice_of(&self, seg: Segment) -> Result<DmaSlice<'_>, PoolError> {
+        let not_in_pool = PoolError::NotInPool {
+            iova: seg.iova,
+            len: seg.len as usize,
+        };
+        let by_iova = &self.inner.by_iova;
+        let at = by_iova.partition_point(|&(iova, _)| iova.0 <= seg.iova.0);
+        let Some(&(base, chunk)) = at.checked_sub(1).map(|i| &by_iova[i]) else {
+            return Err(not_in_pool);
+        };
+        let offset = seg.iova.0 - base.0;
+        if seg.len == 0 || offset + seg.len as u64 > CHUNK_BYTES as u64 {
+            return Err(not_in_pool);
+        }
+        Ok(self.inner.leases[chunk]
+            .slice()
+            .sub(offset as usize, seg.len as usize))
     }
 
     /// Copy bytes out of a frame, starting at `offset`.

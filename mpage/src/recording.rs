@@ -456,7 +456,7 @@ impl BlockIo for RecordingDevice {
             list_pages,
             pages: req.pages.to_vec(),
             fallback: req.fallback,
-            segments: req.segments.to_vec(),
+            segments: req.segments.iter().map(|s| s.segment()).collect(),
             data,
         });
         let record = self.records.len() - 1;
@@ -484,7 +484,7 @@ impl BlockIo for RecordingDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rnvme_driver::dma::{Backing, DmaPool};
+    use rnvme_driver::dma::{Backing, DmaPool, DmaSlice};
     use rnvme_driver::hw::MemoryOnly;
 
     fn setup() -> (PagePool, RecordingDevice) {
@@ -506,10 +506,10 @@ mod tests {
         let (pool, mut dev) = setup();
         let frames: Vec<_> = (0..600).map(|_| pool.alloc().unwrap()).collect();
         // Every other frame: 300 pages, so PRP1 and 299 list entries on one list page.
-        let segs: Vec<Segment> = frames
+        let segs: Vec<_> = frames
             .iter()
             .step_by(2)
-            .map(|&f| Segment::new(pool.iova(f), 4096))
+            .map(|&f| pool.slice(f, 0, 4096))
             .collect();
         let req = IoRequest {
             op: IoOp::Read,
@@ -544,10 +544,7 @@ mod tests {
         for (i, &f) in frames.iter().enumerate() {
             pool.write(f, 0, &vec![(i % 251) as u8; 4096]);
         }
-        let segs: Vec<Segment> = frames
-            .iter()
-            .map(|&f| Segment::new(pool.iova(f), 4096))
-            .collect();
+        let segs: Vec<_> = frames.iter().map(|&f| pool.slice(f, 0, 4096)).collect();
         let req = IoRequest {
             op: IoOp::Write,
             slba: 0,
@@ -575,9 +572,10 @@ mod tests {
     fn failures_limits_and_queue_depth() {
         let (pool, mut dev) = setup();
         let f = pool.alloc().unwrap();
-        let seg = [Segment::new(pool.iova(f), 4096)];
-        let seg_off = [Segment::new(pool.iova(f).add(1024), 1024)];
-        let rd = |slba, lbas, s: &'static [Segment]| IoRequest {
+        let pool: &'static PagePool = Box::leak(Box::new(pool));
+        let seg = [pool.slice(f, 0, 4096)];
+        let seg_off = [pool.slice(f, 1024, 1024)];
+        let rd = |slba, lbas, s: &'static [DmaSlice<'static>]| IoRequest {
             op: IoOp::Read,
             slba,
             lbas,
@@ -585,8 +583,8 @@ mod tests {
             pages: &[],
             fallback: true,
         };
-        let seg: &'static [Segment] = Box::leak(Box::new(seg));
-        let seg_off: &'static [Segment] = Box::leak(Box::new(seg_off));
+        let seg: &'static [DmaSlice<'static>] = Box::leak(Box::new(seg));
+        let seg_off: &'static [DmaSlice<'static>] = Box::leak(Box::new(seg_off));
         dev.fail_lba(17);
         dev.set_queue_depth(2);
         dev.submit(&rd(16, 8, seg), 1).unwrap();

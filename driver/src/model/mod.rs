@@ -30,7 +30,7 @@ mod storage;
 mod tests;
 
 use crate::hw::{Hardware, HwError};
-use crate::spec::{cc, csts, reg, SqEntry};
+use crate::spec::{admin_op, cc, csts, io_op, reg, SqEntry};
 use crate::types::Iova;
 use crate::NvmeStatus;
 use dptr::{Seg, WalkCounters, WalkError};
@@ -133,6 +133,39 @@ pub enum CompletionMode {
     Deferred,
     /// Held like [`CompletionMode::Deferred`], then released newest first.
     Reversed,
+}
+
+/// Which commands the model parks to DMA into later, as a controller that runs late would
+/// ([`Model::set_late_dma`]).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub enum LateDma {
+    /// None: every command runs when its doorbell is written.
+    #[default]
+    Off,
+    /// Reads and writes on I/O queues.
+    Io,
+    /// Identify and Get Log Page on the admin queue.
+    Admin,
+}
+
+/// A command the model holds to DMA into later.
+#[derive(Clone, Debug)]
+struct ParkedCommand {
+    segs: Vec<(u64, u64)>,
+    completion: Completion,
+}
+
+/// What [`Model::fire_late_dma`] did.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct LateDmaReport {
+    /// Commands whose data was written.
+    pub commands: usize,
+    /// Bytes written into host memory.
+    pub bytes: u64,
+    /// Segments the IOMMU no longer translated (their mapping was removed): not written.
+    pub faults: usize,
+    /// Completions posted afterwards.
+    pub completions: usize,
 }
 
 /// What the model has seen and done since it was created (resets do not clear it).
@@ -362,6 +395,17 @@ struct Inner {
     /// A shutdown notification was processed since the last enable.
     shut_down: bool,
     removed: bool,
+    /// Clearing CC.EN does nothing: the controller keeps running and CSTS.RDY stays set (a
+    /// controller that cannot be disabled).
+    stuck_enabled: bool,
+    /// A function level reset fails.
+    flr_fails: bool,
+    /// Which commands with data are parked instead of run ([`Model::set_late_dma`]).
+    late: LateDma,
+    /// Parked commands: their data segments, fetched when they were submitted.
+    parked: Vec<ParkedCommand>,
+    /// Function level resets done.
+    flrs: u32,
     iommu: IovaTable,
     /// By queue identifier, 0 = admin.
     sqs: Vec<Option<Sq>>,
@@ -490,6 +534,11 @@ impl Model {
             abort_ineffective: false,
             shut_down: false,
             removed: false,
+            stuck_enabled: false,
+            flr_fails: false,
+            late: LateDma::Off,
+            parked: Vec::new(),
+            flrs: 0,
             iommu: IovaTable::default(),
             sqs: (0..queues).map(|_| None).collect(),
             cqs: (0..queues).map(|_| None).collect(),
@@ -536,6 +585,71 @@ impl Model {
         if !on && g.ready_pending {
             g.become_ready();
         }
+    }
+
+    /// Whether clearing CC.EN is ignored (while `on`): the controller keeps running, CSTS.RDY
+    /// stays set, and parked commands can still DMA. A function level reset cures it.
+    pub fn set_stuck_enabled(&self, on: bool) {
+        self.lock().stuck_enabled = on;
+    }
+
+    /// Whether a function level reset fails (while `on`).
+    pub fn set_flr_fails(&self, on: bool) {
+        self.lock().flr_fails = on;
+    }
+
+    /// Function level resets done so far.
+    pub fn flrs(&self) -> u32 {
+        self.lock().flrs
+    }
+
+    /// Park the commands `which` selects from now on: their data pointers are walked when
+    /// they are fetched, as a controller does, but no data moves and no completion is posted
+    /// until [`Model::fire_late_dma`]. Disabling the controller or a function level reset
+    /// forgets them, as a stopped controller does no more DMA.
+    pub fn set_late_dma(&self, which: LateDma) {
+        self.lock().late = which;
+    }
+
+    /// Commands parked by [`Model::set_late_dma`].
+    pub fn parked(&self) -> usize {
+        self.lock().parked.len()
+    }
+
+    /// DMA `byte` into every byte of every parked command's data, through the IOMMU as it is
+    /// now (a removed mapping faults and is skipped), then, with `complete`, post their
+    /// completions (where their completion queues still exist). The parked list is emptied.
+    pub fn fire_late_dma(&self, byte: u8, complete: bool) -> LateDmaReport {
+        let mut g = self.lock();
+        let parked = std::mem::take(&mut g.parked);
+        let mut r = LateDmaReport::default();
+        let fill = [byte; 4096];
+        for p in parked {
+            r.commands += 1;
+            for (iova, len) in &p.segs {
+                let w = g.iommu.for_each_slice(*iova, *len, |vs| {
+                    let mut at = 0;
+                    while at < vs.len() {
+                        let k = (vs.len() - at).min(fill.len());
+                        vs.subslice(at, k).expect("in range").copy_from(&fill[..k]);
+                        at += k;
+                    }
+                });
+                match w {
+                    Ok(()) => r.bytes += len,
+                    Err(_) => r.faults += 1,
+                }
+            }
+            if complete
+                && g.cqs
+                    .get(p.completion.cqid as usize)
+                    .is_some_and(Option::is_some)
+            {
+                g.post(p.completion);
+                r.completions += 1;
+            }
+        }
+        r
     }
 
     /// Set CSTS.CFS from now on, until the host clears CC.EN. A fatal controller processes no
@@ -734,6 +848,24 @@ impl Hardware for Model {
         })
     }
 
+    fn function_reset(&self) -> Result<(), HwError> {
+        let mut g = self.lock();
+        if g.removed || g.flr_fails {
+            return Err(HwError::Reset {
+                dev: "model".into(),
+                why: "the model was told to fail function level resets".into(),
+            });
+        }
+        g.flrs += 1;
+        g.stuck_enabled = false;
+        g.reset();
+        g.cc = 0;
+        g.aqa = 0;
+        g.asq = 0;
+        g.acq = 0;
+        Ok(())
+    }
+
     fn dma_unmap(&self, iova: Iova, len: usize) -> Result<(), HwError> {
         self.lock()
             .iommu
@@ -824,6 +956,11 @@ impl Inner {
         if !was_on && on {
             self.enable();
         } else if was_on && !on {
+            if self.stuck_enabled {
+                warn!("model: CC.EN cleared, but this controller cannot be disabled");
+                self.cc = old;
+                return;
+            }
             self.reset();
         } else if on && (old ^ value) & !(cc::EN | cc::SHN_MASK) != 0 {
             warn!(
@@ -911,8 +1048,10 @@ impl Inner {
         self.csts |= csts::RDY;
     }
 
-    /// CC.EN 1 -> 0: a controller reset.
+    /// CC.EN 1 -> 0: a controller reset. Parked commands stop: a disabled controller does no
+    /// more DMA.
     fn reset(&mut self) {
+        self.parked.clear();
         if !self.shut_down && self.csts & csts::RDY != 0 {
             self.unsafe_shutdowns += 1;
         }
@@ -1083,6 +1222,9 @@ impl Inner {
             return;
         }
         sq.outstanding.insert(cid);
+        if self.late != LateDma::Off && self.park(sqid, e, &c) {
+            return;
+        }
         let mut action = None;
         let outcome = if sqid == 0 {
             self.admin(e, &c)
@@ -1260,6 +1402,40 @@ impl Inner {
     }
 
     /// The largest transfer in bytes (MDTS), or None without a limit.
+    /// Park `e` if [`Model::set_late_dma`] selects it: walk its data pointer now, keep the
+    /// segments and the completion for later. Returns whether it was parked.
+    fn park(&mut self, sqid: u16, e: &SqEntry, c: &Completion) -> bool {
+        let len = match (self.late, sqid) {
+            (LateDma::Io, 1..) => match e.opcode() {
+                io_op::READ | io_op::WRITE => {
+                    let Some(ns) = self.ns_index(e.nsid) else {
+                        return false;
+                    };
+                    ((e.cdw12 & 0xffff) as u64 + 1) * self.namespaces[ns].lba_size
+                }
+                _ => return false,
+            },
+            (LateDma::Admin, 0) => match e.opcode() {
+                admin_op::IDENTIFY => 4096,
+                admin_op::GET_LOG_PAGE => {
+                    let numd = (e.cdw10 >> 16) as u64 | ((e.cdw11 as u64 & 0xffff) << 16);
+                    (numd + 1) * 4
+                }
+                _ => return false,
+            },
+            _ => return false,
+        };
+        if self.map_data(e, len, sqid != 0).is_err() {
+            return false;
+        }
+        let segs = self.segs.iter().map(|s| (s.iova, s.len)).collect();
+        self.parked.push(ParkedCommand {
+            segs,
+            completion: *c,
+        });
+        true
+    }
+
     fn max_transfer(&self) -> Option<u64> {
         (self.cfg.mdts != 0).then(|| 1u64 << (self.cfg.mdts as u32 + 12 + self.cfg.mpsmin as u32))
     }

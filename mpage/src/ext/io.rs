@@ -313,7 +313,18 @@ impl MetaReader {
     /// One read command of `lbas` LBAs at `slba` into the bounce frame; waits for it.
     fn read_lbas(&mut self, slba: u64, lbas: u32, offset: u64) -> Result<(), ExtError> {
         let len = lbas * self.lba_size;
-        let segs = [Segment::new(self.pool.iova(self.frame), len)];
+        let pool = self.pool.clone();
+        let segs = [pool
+            .slice_of(Segment::new(pool.iova(self.frame), len))
+            .map_err(|e| ExtError::Io {
+                dev: self.io.name().to_string(),
+                offset,
+                len: len as usize,
+                source: IoError::Rejected {
+                    dev: self.io.name().to_string(),
+                    reason: e.to_string(),
+                },
+            })?];
         let req = IoRequest {
             op: IoOp::Read,
             slba,
@@ -443,7 +454,7 @@ impl Drop for MetaReader {
 mod tests {
     use super::*;
     use crate::recording::RecordingDevice;
-    use rnvme_driver::dma::{Backing, DmaPool};
+    use rnvme_driver::dma::{Backing, DmaPool, DmaSlice};
     use rnvme_driver::hw::MemoryOnly;
 
     fn pool() -> PagePool {
@@ -451,8 +462,8 @@ mod tests {
         PagePool::new(&dma, 8).unwrap()
     }
 
-    fn read(pool: &PagePool, frame: FrameId, slba: u64) -> (Vec<Segment>, u64) {
-        (vec![Segment::new(pool.iova(frame), 512)], slba)
+    fn read(pool: &PagePool, frame: FrameId, slba: u64) -> (Vec<DmaSlice<'_>>, u64) {
+        (vec![pool.slice(frame, 0, 512)], slba)
     }
 
     #[test]

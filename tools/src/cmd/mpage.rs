@@ -536,7 +536,10 @@ fn raw_loop<D: BlockIo>(
         while next < total {
             let Some(s) = free.pop() else { break };
             let len = (piece as u64).min(total - next) as usize;
-            let segs = cut(&slots[s].1, len);
+            let segs = cut(&slots[s].1, len)
+                .into_iter()
+                .map(|seg| pool.slice_of(seg))
+                .collect::<Result<Vec<_>, _>>()?;
             let req = IoRequest {
                 op: IoOp::Read,
                 slba: slba + next / lba,

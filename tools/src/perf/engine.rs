@@ -304,7 +304,11 @@ impl NsWork {
 
     /// The commands of slot `i`'s I/O, with their tags.
     #[inline]
-    fn commands(&self, i: usize, mut f: impl FnMut(SqEntry, rnvme_driver::Segment, u64)) {
+    fn commands<'a>(
+        &'a self,
+        i: usize,
+        mut f: impl FnMut(SqEntry, rnvme_driver::dma::DmaSlice<'a>, u64),
+    ) {
         let s = &self.slots[i];
         for (p, piece) in self.pieces.iter().enumerate() {
             let lba = s.lba + piece.lba_off;
@@ -675,7 +679,7 @@ fn slot_requests(
     w.commands(i, |cmd, seg, tag| {
         send(IoRequest {
             cmd,
-            data: IoData::Segment(seg),
+            data: IoData::Segment(seg.lease()),
             tag: ((t as u64) << TARGET_SHIFT) | tag,
             queue,
         })
