@@ -358,6 +358,11 @@ impl Controller {
 
     /// Raw log page bytes.
     pub fn get_log_page(&self, lid: u8, nsid: u32, len: usize) -> Result<Vec<u8>> {
+        if len == 0 || len.div_ceil(4) > 1 << 32 {
+            return Err(Error::InvalidArgument(format!(
+                "a log page of {len} bytes cannot be asked for: 1 byte to 16 GiB"
+            )));
+        }
         let buf = self.alloc(len.max(4))?;
         let numd = (len.div_ceil(4) - 1) as u32;
         let mut c = SqEntry::new(admin_op::GET_LOG_PAGE, nsid);

@@ -51,6 +51,12 @@ pub enum DmaError {
     /// The kernel has no hugetlb support at all.
     #[error("this kernel offers no hugepages (no Hugepagesize in /proc/meminfo); opt in to ordinary pages with --no-hugepages")]
     HugepagesUnsupported,
+    /// The default hugepage size is not 2 MiB.
+    #[error(
+        "the default hugepage size is {0} KiB; rnvme maps 2 MiB hugepages: boot with \
+         default_hugepagesz=2M, or opt in to ordinary pages with --no-hugepages"
+    )]
+    HugepageSize(u64),
     /// Ordinary memory ran out.
     #[error("out of memory allocating {0} bytes of DMA memory")]
     OutOfMemory(usize),
@@ -131,6 +137,12 @@ impl Region {
             Layout::from_size_align(len, CHUNK_SIZE).map_err(|_| DmaError::InvalidSize(len))?;
         let ptr = match backing {
             Backing::Hugepages => {
+                // hugepage-rs maps the default hugepage size: a chunk must be one 2 MiB page,
+                // not a 1 GiB one per 2 MiB asked for.
+                let size_kib = default_hugepage_kib().ok_or(DmaError::HugepagesUnsupported)?;
+                if size_kib != (CHUNK_SIZE / 1024) as u64 {
+                    return Err(DmaError::HugepageSize(size_kib));
+                }
                 let (total, free) = hugepage_counts().ok_or(DmaError::HugepagesUnsupported)?;
                 // SAFETY: the layout has a non-zero size (len > 0 is checked by callers).
                 let p = unsafe { hugepage_rs::alloc(layout) };
@@ -148,6 +160,16 @@ impl Region {
             Backing::SmallPages => unsafe { std::alloc::alloc_zeroed(layout) },
         };
         let ptr = NonNull::new(ptr).ok_or(DmaError::OutOfMemory(len))?;
+        // A child process must not get a copy-on-write view of memory the device writes: after
+        // a fork the parent's next write would move its pages away from what the IOMMU maps.
+        // SAFETY: ptr..ptr+len is the mapping just made; MADV_DONTFORK changes no contents.
+        let r = unsafe { libc::madvise(ptr.as_ptr().cast(), len, libc::MADV_DONTFORK) };
+        if r != 0 {
+            log::warn!(
+                "madvise(MADV_DONTFORK) on DMA memory failed: {}",
+                std::io::Error::last_os_error()
+            );
+        }
         Ok(Region { ptr, len, backing })
     }
 }
@@ -164,6 +186,19 @@ impl Drop for Region {
             Backing::SmallPages => unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) },
         }
     }
+}
+
+/// The default hugepage size in KiB, or None without hugetlb.
+fn default_hugepage_kib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_hugepage_kib(&meminfo)
+}
+
+fn parse_hugepage_kib(meminfo: &str) -> Option<u64> {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("Hugepagesize:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
 }
 
 /// (HugePages_Total, HugePages_Free) of the default hugepage size, or None without hugetlb.
@@ -661,24 +696,29 @@ impl DmaBuffer {
     }
 
     /// The whole buffer as a command's data.
+    ///
+    /// # Panics
+    /// If the buffer is 4 GiB or longer: use [`DmaBuffer::segment_at`] for pieces of it.
     #[inline]
     pub fn segment(&self) -> DmaSlice<'_> {
-        DmaSlice {
-            mem: &self.mem,
-            seg: Segment::new(self.mem.iova, self.mem.len as u32),
-        }
+        self.segment_at(0, self.mem.len)
     }
 
     /// `len` bytes at `offset` as a command's data.
     ///
     /// # Panics
-    /// If the range is not inside the buffer.
+    /// If the range is not inside the buffer, or is 4 GiB or longer (a data segment's length
+    /// is 32 bits; one command moves less than that anyway).
     #[inline]
     pub fn segment_at(&self, offset: usize, len: usize) -> DmaSlice<'_> {
         assert!(
             offset.checked_add(len).is_some_and(|e| e <= self.mem.len),
             "segment {offset}+{len} beyond a buffer of {}",
             self.mem.len
+        );
+        assert!(
+            len <= u32::MAX as usize,
+            "segment of {len} bytes: a data segment is shorter than 4 GiB"
         );
         DmaSlice {
             mem: &self.mem,
@@ -859,6 +899,32 @@ mod tests {
                 b.iova()
             );
         }
+    }
+
+    #[test]
+    fn only_2mib_hugepages_are_used() {
+        assert_eq!(
+            parse_hugepage_kib("Hugepagesize:       2048 kB\n"),
+            Some(2048)
+        );
+        assert_eq!(
+            parse_hugepage_kib("MemTotal: 1 kB\nHugepagesize:    1048576 kB\n"),
+            Some(1 << 20)
+        );
+        assert_eq!(parse_hugepage_kib("MemTotal: 1 kB\n"), None);
+        let e = DmaError::HugepageSize(1 << 20).to_string();
+        assert!(
+            e.contains("1048576 KiB") && e.contains("--no-hugepages"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "shorter than 4 GiB")]
+    fn segments_of_4_gib_or_more_are_refused_not_truncated() {
+        let (_model, pool) = pool(0);
+        let b = pool.alloc((4 << 30) + 4096).unwrap();
+        let _ = b.segment();
     }
 
     #[test]

@@ -204,6 +204,10 @@ impl IoQueuePair {
         let generation = Recovery::generation(shared.as_ref());
         qp.set_recovery(shared.clone(), shared.generation.clone(), generation);
         let sgl = !matches!(shared.info.sgl_support(), crate::identify::SglSupport::None);
+        qp.set_sgl_dword_aligned(matches!(
+            shared.info.sgl_support(),
+            crate::identify::SglSupport::DwordAligned
+        ));
         qp.set_data_pointer_mode_unchecked(match mode {
             DataPointerMode::Sgl | DataPointerMode::Auto if sgl => mode,
             _ => DataPointerMode::Prp,

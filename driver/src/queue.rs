@@ -19,7 +19,7 @@ use crate::dma::{DmaBuffer, DmaPool, DmaSlice, Mem};
 use crate::error::{Error, Result};
 use crate::hw::Hardware;
 use crate::prp::{build_prp, ListPages};
-use crate::sgl::build_sgl;
+use crate::sgl::{build_sgl, dword_aligned};
 use crate::spec::{csts, reg, CqEntry, SqEntry, PAGE_SIZE, PSDT_SGL};
 use crate::status::NvmeStatus;
 use crate::types::{CommandId, Iova, Segment};
@@ -265,6 +265,8 @@ pub struct QueuePair {
     slots: Box<[Slot]>,
     free: Vec<u16>,
     mode: DataPointerMode,
+    /// The controller requires SGL data blocks to be dword aligned (SGLS = 10b).
+    sgl_dword: bool,
     stats: QueueStats,
     recovery: Option<Arc<dyn Recovery>>,
     generation: u64,
@@ -356,6 +358,7 @@ impl QueuePair {
             slots,
             free,
             mode: DataPointerMode::Prp,
+            sgl_dword: false,
             stats: QueueStats::default(),
             recovery: None,
             generation: 0,
@@ -416,6 +419,10 @@ impl QueuePair {
 
     pub(crate) fn set_data_pointer_mode_unchecked(&mut self, mode: DataPointerMode) {
         self.mode = mode;
+    }
+
+    pub(crate) fn set_sgl_dword_aligned(&mut self, required: bool) {
+        self.sgl_dword = required;
     }
 
     pub(crate) fn set_recovery(
@@ -509,9 +516,19 @@ impl QueuePair {
                     let sgl = match self.mode {
                         DataPointerMode::Prp => false,
                         DataPointerMode::Sgl => true,
-                        DataPointerMode::Auto => !fits_two_prps(data),
+                        // A controller that wants dword-aligned SGL data gets PRPs for the
+                        // rest (they check alignment themselves).
+                        DataPointerMode::Auto => {
+                            !fits_two_prps(data) && (!self.sgl_dword || dword_aligned(data))
+                        }
                     };
-                    if sgl {
+                    if sgl && self.sgl_dword && !dword_aligned(data) {
+                        Err(Error::InvalidArgument(
+                            "this controller takes SGL data only at dword-aligned addresses in \
+                             whole dwords (Identify SGLS = 10b): align the buffer, or use PRPs"
+                                .into(),
+                        ))
+                    } else if sgl {
                         build_sgl(data, &mut lists)
                             .map(|d| (d.to_dptr(), true))
                             .map_err(Error::from)

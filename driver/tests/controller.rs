@@ -552,3 +552,39 @@ fn batching_rings_one_doorbell_for_many_commands() {
     assert_eq!(model.stats().sq_doorbells - before, 1);
     assert_eq!(qp.stats().sq_doorbells, 1);
 }
+
+#[test]
+fn a_controller_that_wants_dword_aligned_sgls_never_gets_others() {
+    let (model, ctrl) = open(ModelConfig {
+        sgl_dword: true,
+        ..config(5)
+    });
+    assert_eq!(
+        ctrl.info().sgl_support(),
+        rnvme_driver::identify::SglSupport::DwordAligned
+    );
+    let mut qp = ctrl.create_io_qpair(4).unwrap();
+    let buf = ctrl.alloc(3 * 4096).unwrap();
+    // Forced SGLs: a piece at an odd address is refused before anything is sent.
+    qp.set_data_pointer_mode(DataPointerMode::Sgl).unwrap();
+    let before = model.stats().io_commands;
+    let e = qp
+        .submit(read_cmd(1, 0, 1), &[buf.segment_at(2, 4096)], 1)
+        .unwrap_err();
+    assert!(e.to_string().contains("dword-aligned"), "{e}");
+    assert_eq!(model.stats().io_commands, before);
+    // Aligned data still goes out as an SGL.
+    let sgl_before = model.stats().sgl_descriptors;
+    qp.read(1, 0, 2, &buf).unwrap();
+    assert!(model.stats().sgl_descriptors > sgl_before);
+}
+
+#[test]
+fn a_log_page_of_no_bytes_is_refused_and_the_admin_queue_goes_on() {
+    let (model, ctrl) = open(config(5));
+    let before = model.stats().admin_commands;
+    let e = ctrl.get_log_page(2, 0xffff_ffff, 0).unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
+    assert_eq!(model.stats().admin_commands, before, "nothing was sent");
+    assert_eq!(ctrl.get_log_page(2, 0xffff_ffff, 512).unwrap().len(), 512);
+}

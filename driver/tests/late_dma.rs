@@ -128,7 +128,11 @@ fn a_failed_reset_quarantines_what_its_commands_used() {
     let late = model.fire_late_dma(0xaa, false);
     assert_eq!((late.commands, late.faults), (4, 0));
     assert!(late.bytes >= 4 * 4096, "{late:?}");
-    assert_eq!(hit(&c), 0, "late DMA after a failed reset landed in reused memory");
+    assert_eq!(
+        hit(&c),
+        0,
+        "late DMA after a failed reset landed in reused memory"
+    );
     let st = ctrl.pool().stats();
     assert!(st.quarantined_buffers >= 4, "{st:?}");
 }
@@ -165,10 +169,17 @@ fn an_admin_command_that_times_out_keeps_its_buffer_until_it_completes() {
     let c = canaries(&ctrl);
     let late = model.fire_late_dma(0xaa, true);
     assert_eq!((late.commands, late.faults), (1, 0));
-    assert_eq!(hit(&c), 0, "a timed-out Identify's late data landed in reused memory");
+    assert_eq!(
+        hit(&c),
+        0,
+        "a timed-out Identify's late data landed in reused memory"
+    );
     // The next admin command reaps the late completion, and the admin queue goes on.
     model.set_late_dma(LateDma::Off);
-    assert_eq!(ctrl.identify_controller().unwrap().serial, ctrl.info().serial);
+    assert_eq!(
+        ctrl.identify_controller().unwrap().serial,
+        ctrl.info().serial
+    );
 }
 
 #[test]
@@ -182,7 +193,11 @@ fn a_synchronous_helper_never_returns_while_its_commands_may_use_the_buffer() {
     let buf = ctrl.alloc(64 << 10).unwrap();
     let e = qp.read(1, 0, 16, &buf).unwrap_err();
     assert!(e.to_string().contains("Aborted"), "{e}");
-    assert_eq!(model.parked(), 1, "the helper's read was still in the device");
+    assert_eq!(
+        model.parked(),
+        1,
+        "the helper's read was still in the device"
+    );
     assert!(buf.is_quarantined(), "its buffer could still be written");
     drop(buf);
     let c = canaries(&ctrl);

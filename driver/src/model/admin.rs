@@ -177,7 +177,12 @@ impl Inner {
         put(b, 520, &ONCS.to_le_bytes());
         // VWC: present, and Flush with NSID FFFFFFFFh supported (bits 2:1 = 11b).
         b[525] = if c.vwc { 0x07 } else { 0 };
-        put(b, 536, &(c.sgl as u32).to_le_bytes());
+        let sgls = if c.sgl && c.sgl_dword {
+            2u32
+        } else {
+            c.sgl as u32
+        };
+        put(b, 536, &sgls.to_le_bytes());
         let nqn = format!("nqn.2024-01.io.rnvme:model:{}", c.serial);
         let n = nqn.len().min(255);
         put(b, 768, &nqn.as_bytes()[..n]);

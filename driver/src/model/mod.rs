@@ -76,6 +76,9 @@ pub struct ModelConfig {
     pub dstrd: u8,
     /// Advertise SGL support for I/O commands (Identify Controller SGLS bit 0).
     pub sgl: bool,
+    /// With `sgl`: advertise SGLS = 10b, SGL data only at dword-aligned addresses in whole
+    /// dwords (the model refuses other SGL data).
+    pub sgl_dword: bool,
     /// Advertise a volatile write cache.
     pub vwc: bool,
     /// Serial number (at most 20 ASCII characters are reported).
@@ -103,6 +106,7 @@ impl Default for ModelConfig {
             cap_to: 1,
             dstrd: 0,
             sgl: true,
+            sgl_dword: false,
             vwc: true,
             serial: "RNVME-MODEL-0001".into(),
             model: "rnvme controller model".into(),
@@ -1468,6 +1472,19 @@ impl Inner {
                 why: format!("PSDT {p} is not allowed for this command"),
             }),
         };
+        let walked = walked.and_then(|()| {
+            let odd = segs.iter().find(|s| (s.iova | s.len) & 3 != 0);
+            match odd {
+                Some(s) if e.psdt() == 1 && self.cfg.sgl_dword => Err(WalkError {
+                    status: NvmeStatus::INVALID_FIELD,
+                    why: format!(
+                        "SGL data block {:#x}+{:#x} is not dword aligned (SGLS = 10b)",
+                        s.iova, s.len
+                    ),
+                }),
+                _ => Ok(()),
+            }
+        });
         self.stats.prp_list_pages += ctr.prp_list_pages;
         self.stats.sgl_descriptors += ctr.sgl_descriptors;
         let checked = walked.map_err(Failure::from).and_then(|()| {
