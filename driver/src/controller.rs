@@ -529,6 +529,10 @@ impl Shared {
         self.namespaces.iter().find(|n| n.nsid == nsid)
     }
 
+    pub(crate) fn namespaces(&self) -> &[NamespaceInfo] {
+        &self.namespaces
+    }
+
     pub(crate) fn active_list(&self) -> String {
         self.namespaces
             .iter()

@@ -146,6 +146,9 @@ pub struct IoQueuePair {
     timeout: Duration,
     /// Calls of the synchronous helpers so far: part of their commands' tags.
     batch_seq: u32,
+    /// (NSID, LBA size, metadata bytes per LBA) of each active namespace, for the data check
+    /// of [`IoQueuePair::submit`].
+    formats: Vec<(u32, u32, u16)>,
 }
 
 /// The top bits of the tags of the synchronous helpers' commands. Tags the owner gives its
@@ -212,12 +215,73 @@ impl IoQueuePair {
             DataPointerMode::Sgl | DataPointerMode::Auto if sgl => mode,
             _ => DataPointerMode::Prp,
         });
+        let formats = shared
+            .namespaces()
+            .iter()
+            .map(|n| (n.nsid, n.lba_size, n.metadata_size))
+            .collect();
         Ok(IoQueuePair {
             qp,
             shared,
             timeout: crate::queue::DEFAULT_TIMEOUT * 3 + Duration::from_secs(1),
             batch_seq: 0,
+            formats,
         })
+    }
+
+    /// Queue `cmd` with `data` under `tag` (see [`QueuePair::submit`]), after checking that a
+    /// Read, Write or Compare moves exactly NLB logical blocks of its namespace: data of
+    /// another length is refused, and so are namespaces formatted with metadata, which this
+    /// driver does not transfer yet (the device would move more bytes than the command
+    /// describes, or DMA metadata through a null pointer).
+    #[inline(always)]
+    pub fn submit(
+        &mut self,
+        cmd: SqEntry,
+        data: &[crate::dma::DmaSlice<'_>],
+        tag: u64,
+    ) -> Result<crate::types::CommandId> {
+        if matches!(cmd.opcode(), io_op::READ | io_op::WRITE | io_op::COMPARE) {
+            self.check_data(&cmd, data)?;
+        }
+        self.qp.submit(cmd, data, tag)
+    }
+
+    #[inline(always)]
+    fn check_data(&self, cmd: &SqEntry, data: &[crate::dma::DmaSlice<'_>]) -> Result<()> {
+        let Some(&(_, lba_size, metadata)) = self.formats.iter().find(|f| f.0 == cmd.nsid) else {
+            // An unknown namespace: the controller answers Invalid Namespace.
+            return Ok(());
+        };
+        let nlb = (cmd.cdw12 & 0xffff) as u64 + 1;
+        let len: u64 = data.iter().map(|d| d.len as u64).sum();
+        if metadata == 0 && len == nlb * lba_size as u64 {
+            return Ok(());
+        }
+        Err(self.bad_data(cmd.nsid, nlb, len, lba_size, metadata))
+    }
+
+    #[cold]
+    fn bad_data(&self, nsid: u32, nlb: u64, len: u64, lba_size: u32, metadata: u16) -> Error {
+        if metadata != 0 {
+            let how = match self.shared.namespace(nsid).map(|n| n.extended_lba()) {
+                Some(true) => "interleaved with the data (extended LBAs)",
+                _ => "in a separate buffer",
+            };
+            return Error::Unsupported {
+                dev: self.shared.hw.name().to_string(),
+                why: format!(
+                    "namespace {nsid} is formatted with {metadata} bytes of metadata per LBA, \
+                     {how}; rnvme does not transfer metadata: format it without (nvme format \
+                     --lbaf)"
+                ),
+            };
+        }
+        Error::InvalidArgument(format!(
+            "{len} bytes of data for {nlb} LBA(s) of {lba_size} bytes in namespace {nsid}: the \
+             data must be exactly {} bytes",
+            nlb * lba_size as u64
+        ))
     }
 
     /// Choose PRPs, SGLs or a per-command choice for data. SGLs need controller support;
@@ -413,7 +477,7 @@ impl IoQueuePair {
                     }
                     _ => &[],
                 };
-                match self.qp.submit(cmd, data, base | next as u64) {
+                match self.submit(cmd, data, base | next as u64) {
                     Ok(_) => {
                         outstanding += 1;
                         next += 1;

@@ -1430,9 +1430,10 @@ mod tests {
             );
         }
         // A callback that panics does not stop the reactor.
-        h.submit_with(IoRequest::new(read_cmd(1, 0, 1), IoData::None, 99), |_| {
-            panic!("callback failure")
-        });
+        h.submit_with(
+            IoRequest::new(crate::io::flush_cmd(1), IoData::None, 99),
+            |_| panic!("callback failure"),
+        );
         let d = h
             .call(IoRequest::new(crate::io::flush_cmd(1), IoData::None, 5))
             .wait();

@@ -588,3 +588,24 @@ fn a_log_page_of_no_bytes_is_refused_and_the_admin_queue_goes_on() {
     assert_eq!(model.stats().admin_commands, before, "nothing was sent");
     assert_eq!(ctrl.get_log_page(2, 0xffff_ffff, 512).unwrap().len(), 512);
 }
+
+#[test]
+fn data_that_does_not_match_the_lba_count_is_refused() {
+    let (model, ctrl) = open(config(5));
+    let mut qp = ctrl.create_io_qpair(4).unwrap();
+    let buf = ctrl.alloc(3 * 4096).unwrap();
+    let before = model.stats().io_commands;
+    for (lbas, len) in [(1, 8192), (2, 4096), (1, 512)] {
+        let e = qp
+            .submit(read_cmd(1, 0, lbas), &[buf.segment_at(0, len)], 1)
+            .unwrap_err();
+        assert!(e.to_string().contains("must be exactly"), "{e}");
+    }
+    assert_eq!(model.stats().io_commands, before, "nothing was sent");
+    qp.submit(read_cmd(1, 0, 3), &[buf.segment()], 2).unwrap();
+    let mut got = Vec::new();
+    while got.is_empty() {
+        qp.poll(8, |c| got.push(c));
+    }
+    assert_eq!((got[0].tag, got[0].status), (2, NvmeStatus::SUCCESS));
+}

@@ -525,7 +525,11 @@ fn misaligned_buffer_is_refused_before_anything_is_sent() {
     // A zero-length piece is refused too. (An address nobody owns cannot be expressed: data
     // is made only from buffers.)
     let e = qp
-        .submit(read_cmd(1, 0, 1), &[buf.segment_at(0, 0)], 1)
+        .submit(
+            read_cmd(1, 0, 1),
+            &[buf.segment_at(0, 0), buf.segment_at(0, LBA)],
+            1,
+        )
         .unwrap_err();
     assert!(
         matches!(e, Error::Prp(PrpError::ZeroLength { .. })),
