@@ -304,6 +304,9 @@ pub struct NamespaceInfo {
     pub metadata_size: u16,
     /// Namespace Features.
     pub nsfeat: u8,
+    /// End-to-end Data Protection Type Settings (DPS): bits 2:0 the protection information
+    /// type (0 = none), bit 3 PI in the first bytes of the metadata.
+    pub dps: u8,
     /// Namespace Globally Unique Identifier (all zero when not reported).
     pub nguid: [u8; 16],
     /// IEEE Extended Unique Identifier (all zero when not reported).
@@ -367,6 +370,7 @@ impl NamespaceInfo {
             capacity_lbas: le64(data, 8),
             utilization_lbas: le64(data, 16),
             nsfeat: byte(data, 24),
+            dps: byte(data, 29),
             flbas,
             lba_size: 1u32 << in_use.lbads,
             metadata_size: in_use.ms,
@@ -391,9 +395,84 @@ impl NamespaceInfo {
         self.flbas & FLBAS_EXTENDED != 0
     }
 
+    /// Protection information type in use (DPS bits 2:0): 0 for none, 1 to 3.
+    pub fn pi_type(&self) -> u8 {
+        self.dps & 7
+    }
+
+    /// How data and metadata of this namespace's logical blocks move, or why the driver
+    /// cannot move them.
+    pub fn layout(&self) -> Result<DataLayout, String> {
+        let ms = u32::from(self.metadata_size);
+        let lba = self.lba_size;
+        let pi = self.pi_type();
+        if ms == 0 {
+            return Ok(DataLayout::plain(lba));
+        }
+        if pi != 0 {
+            if ms == 8 {
+                // The 8 bytes are the protection information and nothing else: the controller
+                // inserts it on writes and checks and strips it on reads (PRACT), so only the
+                // data moves.
+                return Ok(DataLayout {
+                    data_per_lba: lba,
+                    metadata_per_lba: 0,
+                    pract: true,
+                    pi_type: pi,
+                });
+            }
+            return Err(format!(
+                "namespace {} has protection information type {pi} inside {ms} bytes of metadata \
+                 per LBA; rnvme lets the controller insert and strip protection information only \
+                 when it is the whole metadata (8 bytes): format it with --lbaf of an 8-byte or \
+                 metadata-free format",
+                self.nsid
+            ));
+        }
+        Ok(if self.extended_lba() {
+            DataLayout {
+                data_per_lba: lba + ms,
+                ..DataLayout::plain(lba)
+            }
+        } else {
+            DataLayout {
+                metadata_per_lba: ms,
+                ..DataLayout::plain(lba)
+            }
+        })
+    }
+
     /// Namespace size in bytes (saturating).
     pub fn size_bytes(&self) -> u64 {
         self.size_lbas.saturating_mul(u64::from(self.lba_size))
+    }
+}
+
+/// How the logical blocks of a namespace move between host memory and the device.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DataLayout {
+    /// Bytes of the data buffer per logical block: the block, plus its metadata on an
+    /// extended-LBA format.
+    pub data_per_lba: u32,
+    /// Bytes of the separate metadata buffer (MPTR) per logical block; 0 when there is none.
+    pub metadata_per_lba: u32,
+    /// The controller inserts and strips protection information (PRACT): Read, Write and
+    /// Compare carry PRACT, the guard check and, for types 1 and 2, the reference tag (the
+    /// command's first LBA).
+    pub pract: bool,
+    /// The protection information type (0 for none).
+    pub pi_type: u8,
+}
+
+impl DataLayout {
+    /// Blocks of `lba_size` bytes and nothing else.
+    pub fn plain(lba_size: u32) -> DataLayout {
+        DataLayout {
+            data_per_lba: lba_size,
+            metadata_per_lba: 0,
+            pract: false,
+            pi_type: 0,
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use crate::clock::Ticks;
 use crate::controller::Shared;
 use crate::dma::DmaBuffer;
 use crate::error::{Error, Result};
-use crate::identify::NamespaceInfo;
+use crate::identify::{DataLayout, NamespaceInfo};
 use crate::queue::{DataPointerMode, QueuePair, Recovery};
 use crate::spec::{io_op, SqEntry, CDW12_FUA, MAX_NLB};
 use crate::status::NvmeStatus;
@@ -99,6 +99,28 @@ pub fn split_transfer(
     })
 }
 
+/// PRINFO of a Read, Write or Compare on a namespace whose 8 bytes of metadata are all
+/// protection information: the controller inserts it on writes and checks and strips it on
+/// reads (PRACT); the guard is checked, and for types 1 and 2 the reference tag, which starts
+/// at the low 32 bits of the first LBA (ILBRT), as the Linux driver and nvme-cli write it.
+fn apply_pract(cmd: &mut SqEntry, pi_type: u8) {
+    const PRACT: u32 = 1 << 29;
+    const PRCHK_GUARD: u32 = 1 << 28;
+    const PRCHK_REFTAG: u32 = 1 << 26;
+    let reftag = matches!(pi_type, 1 | 2);
+    let mut prinfo = PRACT;
+    if cmd.opcode() != io_op::WRITE {
+        prinfo |= PRCHK_GUARD;
+        if reftag {
+            prinfo |= PRCHK_REFTAG;
+        }
+    }
+    cmd.cdw12 |= prinfo;
+    if reftag {
+        cmd.cdw14 = cmd.cdw10;
+    }
+}
+
 /// Check that `blocks` LBAs at `slba` lie inside the namespace.
 pub fn check_range(ns: &NamespaceInfo, slba: u64, blocks: u64) -> Result<()> {
     if blocks == 0 {
@@ -146,9 +168,9 @@ pub struct IoQueuePair {
     timeout: Duration,
     /// Calls of the synchronous helpers so far: part of their commands' tags.
     batch_seq: u32,
-    /// (NSID, LBA size, metadata bytes per LBA) of each active namespace, for the data check
-    /// of [`IoQueuePair::submit`].
-    formats: Vec<(u32, u32, u16)>,
+    /// How each active namespace's blocks move (or why they cannot), for the checks of
+    /// [`IoQueuePair::submit`].
+    layouts: Vec<(u32, std::result::Result<DataLayout, String>)>,
 }
 
 /// The top bits of the tags of the synchronous helpers' commands. Tags the owner gives its
@@ -215,73 +237,140 @@ impl IoQueuePair {
             DataPointerMode::Sgl | DataPointerMode::Auto if sgl => mode,
             _ => DataPointerMode::Prp,
         });
-        let formats = shared
+        let layouts = shared
             .namespaces()
             .iter()
-            .map(|n| (n.nsid, n.lba_size, n.metadata_size))
+            .map(|n| (n.nsid, n.layout()))
             .collect();
         Ok(IoQueuePair {
             qp,
             shared,
             timeout: crate::queue::DEFAULT_TIMEOUT * 3 + Duration::from_secs(1),
             batch_seq: 0,
-            formats,
+            layouts,
         })
     }
 
-    /// Queue `cmd` with `data` under `tag` (see [`QueuePair::submit`]), after checking that a
-    /// Read, Write or Compare moves exactly NLB logical blocks of its namespace: data of
-    /// another length is refused, and so are namespaces formatted with metadata, which this
-    /// driver does not transfer yet (the device would move more bytes than the command
-    /// describes, or DMA metadata through a null pointer).
+    /// Queue `cmd` with `data` under `tag` (see [`QueuePair::submit`]). A Read, Write or
+    /// Compare must move exactly NLB logical blocks of its namespace as the namespace lays them
+    /// out ([`NamespaceInfo::layout`]: on an extended-LBA format each block carries its
+    /// metadata); anything else is refused, never sent with a size the device would disagree
+    /// with. On a namespace with protection information the controller inserts and strips it
+    /// (PRACT is set here). A namespace with a separate metadata buffer needs
+    /// [`IoQueuePair::submit_with_metadata`].
     #[inline(always)]
     pub fn submit(
         &mut self,
-        cmd: SqEntry,
+        mut cmd: SqEntry,
         data: &[crate::dma::DmaSlice<'_>],
         tag: u64,
     ) -> Result<crate::types::CommandId> {
         if matches!(cmd.opcode(), io_op::READ | io_op::WRITE | io_op::COMPARE) {
-            self.check_data(&cmd, data)?;
+            self.check_blocks(&mut cmd, data, None)?;
         }
         self.qp.submit(cmd, data, tag)
     }
 
+    /// [`IoQueuePair::submit`] for a namespace whose metadata lives in a separate buffer:
+    /// `metadata` holds NLB × the metadata size bytes, one contiguous dword-aligned piece.
+    pub fn submit_with_metadata(
+        &mut self,
+        mut cmd: SqEntry,
+        data: &[crate::dma::DmaSlice<'_>],
+        metadata: crate::dma::DmaSlice<'_>,
+        tag: u64,
+    ) -> Result<crate::types::CommandId> {
+        if !matches!(cmd.opcode(), io_op::READ | io_op::WRITE | io_op::COMPARE) {
+            return Err(Error::InvalidArgument(format!(
+                "opcode {:#04x} carries no metadata: only Read, Write and Compare do",
+                cmd.opcode()
+            )));
+        }
+        self.check_blocks(&mut cmd, data, Some(metadata.len as u64))?;
+        self.qp.submit_with_metadata(cmd, data, metadata, tag)
+    }
+
+    /// The checks of [`IoQueuePair::submit`]; sets PRACT where the layout asks for it.
     #[inline(always)]
-    fn check_data(&self, cmd: &SqEntry, data: &[crate::dma::DmaSlice<'_>]) -> Result<()> {
-        let Some(&(_, lba_size, metadata)) = self.formats.iter().find(|f| f.0 == cmd.nsid) else {
+    fn check_blocks(
+        &self,
+        cmd: &mut SqEntry,
+        data: &[crate::dma::DmaSlice<'_>],
+        metadata: Option<u64>,
+    ) -> Result<()> {
+        let Some((_, layout)) = self.layouts.iter().find(|f| f.0 == cmd.nsid) else {
             // An unknown namespace: the controller answers Invalid Namespace.
             return Ok(());
         };
         let nlb = (cmd.cdw12 & 0xffff) as u64 + 1;
         let len: u64 = data.iter().map(|d| d.len as u64).sum();
-        if metadata == 0 && len == nlb * lba_size as u64 {
-            return Ok(());
+        match layout {
+            Ok(l)
+                if len == nlb * l.data_per_lba as u64
+                    && metadata.unwrap_or(0) == nlb * l.metadata_per_lba as u64 =>
+            {
+                if l.pract {
+                    apply_pract(cmd, l.pi_type);
+                }
+                Ok(())
+            }
+            Ok(l) => Err(self.bad_blocks(cmd.nsid, nlb, (len, metadata), l)),
+            Err(why) => Err(Error::Unsupported {
+                dev: self.shared.hw.name().to_string(),
+                why: why.clone(),
+            }),
         }
-        Err(self.bad_data(cmd.nsid, nlb, len, lba_size, metadata))
     }
 
     #[cold]
-    fn bad_data(&self, nsid: u32, nlb: u64, len: u64, lba_size: u32, metadata: u16) -> Error {
-        if metadata != 0 {
-            let how = match self.shared.namespace(nsid).map(|n| n.extended_lba()) {
-                Some(true) => "interleaved with the data (extended LBAs)",
-                _ => "in a separate buffer",
-            };
-            return Error::Unsupported {
-                dev: self.shared.hw.name().to_string(),
-                why: format!(
-                    "namespace {nsid} is formatted with {metadata} bytes of metadata per LBA, \
-                     {how}; rnvme does not transfer metadata: format it without (nvme format \
-                     --lbaf)"
-                ),
-            };
-        }
-        Error::InvalidArgument(format!(
-            "{len} bytes of data for {nlb} LBA(s) of {lba_size} bytes in namespace {nsid}: the \
-             data must be exactly {} bytes",
-            nlb * lba_size as u64
-        ))
+    fn bad_blocks(
+        &self,
+        nsid: u32,
+        nlb: u64,
+        (len, meta): (u64, Option<u64>),
+        l: &DataLayout,
+    ) -> Error {
+        let data = nlb * l.data_per_lba as u64;
+        let want_meta = nlb * l.metadata_per_lba as u64;
+        let what = match (meta, want_meta) {
+            (None, 0) | (Some(_), _) if len != data => format!(
+                "{len} bytes of data for {nlb} LBA(s) of namespace {nsid}: the data must be \
+                 exactly {data} bytes ({} per LBA{})",
+                l.data_per_lba,
+                if l.data_per_lba > self.lba_size(nsid) {
+                    ", metadata included: the namespace uses extended LBAs"
+                } else {
+                    ""
+                }
+            ),
+            (None, _) => format!(
+                "namespace {nsid} keeps {} bytes of metadata per LBA in a separate buffer: \
+                 give one of {want_meta} bytes (submit_with_metadata, or --metadata FILE)",
+                l.metadata_per_lba
+            ),
+            (Some(m), 0) => {
+                format!("namespace {nsid} has no separate metadata, but {m} bytes of it were given")
+            }
+            (Some(m), _) => format!(
+                "{m} bytes of metadata for {nlb} LBA(s) of namespace {nsid}: it must be exactly \
+                 {want_meta} bytes ({} per LBA)",
+                l.metadata_per_lba
+            ),
+        };
+        Error::InvalidArgument(what)
+    }
+
+    fn lba_size(&self, nsid: u32) -> u32 {
+        self.shared.namespace(nsid).map_or(0, |n| n.lba_size)
+    }
+
+    /// How namespace `nsid` lays out its blocks in host memory, or why rnvme cannot move them.
+    pub fn layout(&self, nsid: u32) -> Result<DataLayout> {
+        let ns = self.namespace(nsid)?;
+        ns.layout().map_err(|why| Error::Unsupported {
+            dev: self.shared.hw.name().to_string(),
+            why,
+        })
     }
 
     /// Choose PRPs, SGLs or a per-command choice for data. SGLs need controller support;
@@ -330,7 +419,7 @@ impl IoQueuePair {
 
     /// Read `blocks` LBAs at `slba` into `buf` (from its start), split at the max transfer.
     pub fn read(&mut self, nsid: u32, slba: u64, blocks: u64, buf: &DmaBuffer) -> Result<()> {
-        self.transfer(Op::Read, nsid, slba, blocks, Some(buf))
+        self.transfer(Op::Read, nsid, slba, blocks, Some(buf), None)
     }
 
     /// Write `blocks` LBAs at `slba` from `buf`.
@@ -342,17 +431,42 @@ impl IoQueuePair {
         buf: &DmaBuffer,
         fua: bool,
     ) -> Result<()> {
-        self.transfer(Op::Write { fua }, nsid, slba, blocks, Some(buf))
+        self.transfer(Op::Write { fua }, nsid, slba, blocks, Some(buf), None)
     }
 
     /// Compare `blocks` LBAs at `slba` with `buf`; a mismatch is a Compare Failure status.
     pub fn compare(&mut self, nsid: u32, slba: u64, blocks: u64, buf: &DmaBuffer) -> Result<()> {
-        self.transfer(Op::Compare, nsid, slba, blocks, Some(buf))
+        self.transfer(Op::Compare, nsid, slba, blocks, Some(buf), None)
+    }
+
+    /// Read `blocks` LBAs at `slba` of a namespace with a separate metadata buffer: the data
+    /// into `buf`, the metadata into `meta` (both from their starts).
+    pub fn read_with_metadata(
+        &mut self,
+        nsid: u32,
+        slba: u64,
+        blocks: u64,
+        buf: &DmaBuffer,
+        meta: &DmaBuffer,
+    ) -> Result<()> {
+        self.transfer(Op::Read, nsid, slba, blocks, Some(buf), Some(meta))
+    }
+
+    /// Write `blocks` LBAs at `slba` of a namespace with a separate metadata buffer.
+    pub fn write_with_metadata(
+        &mut self,
+        nsid: u32,
+        slba: u64,
+        blocks: u64,
+        (buf, meta): (&DmaBuffer, &DmaBuffer),
+        fua: bool,
+    ) -> Result<()> {
+        self.transfer(Op::Write { fua }, nsid, slba, blocks, Some(buf), Some(meta))
     }
 
     /// Zero `blocks` LBAs at `slba` without transferring data.
     pub fn write_zeroes(&mut self, nsid: u32, slba: u64, blocks: u64) -> Result<()> {
-        self.transfer(Op::WriteZeroes, nsid, slba, blocks, None)
+        self.transfer(Op::WriteZeroes, nsid, slba, blocks, None, None)
     }
 
     /// Flush the volatile write cache of the namespace.
@@ -394,7 +508,8 @@ impl IoQueuePair {
         data: Option<&DmaBuffer>,
         what: &'static str,
     ) -> Result<()> {
-        self.run_batch(what, data, 1, |_| (cmd, data.map(|b| (0, b.len()))))
+        let range = data.map(|b| (0, b.len()));
+        self.run_batch(what, (data, None), 1, |_| (cmd, range, None))
     }
 
     fn transfer(
@@ -404,26 +519,57 @@ impl IoQueuePair {
         slba: u64,
         blocks: u64,
         buf: Option<&DmaBuffer>,
+        meta: Option<&DmaBuffer>,
     ) -> Result<()> {
         let ns = self.namespace(nsid)?;
         check_range(&ns, slba, blocks)?;
-        let lba = ns.lba_size as u64;
+        let layout = match buf {
+            Some(_) => self.layout(nsid)?,
+            None => DataLayout::plain(ns.lba_size),
+        };
+        let per = layout.data_per_lba as u64;
+        let per_meta = layout.metadata_per_lba as u64;
         if let Some(b) = buf {
-            let need = blocks.saturating_mul(lba);
+            let need = blocks.saturating_mul(per);
             if (b.len() as u64) < need {
                 return Err(Error::InvalidArgument(format!(
-                    "a buffer of {} bytes is too small for {blocks} LBAs of {lba} bytes ({need} bytes)",
+                    "a buffer of {} bytes is too small for {blocks} LBAs of {per} bytes ({need} bytes)",
                     b.len()
                 )));
             }
+            let need_meta = blocks.saturating_mul(per_meta);
+            match meta {
+                None if per_meta > 0 => {
+                    return Err(Error::InvalidArgument(format!(
+                        "namespace {nsid} keeps {per_meta} bytes of metadata per LBA in a \
+                         separate buffer: give one of {need_meta} bytes"
+                    )))
+                }
+                Some(m) if per_meta == 0 => {
+                    return Err(Error::InvalidArgument(format!(
+                        "namespace {nsid} has no separate metadata, but a metadata buffer of {} \
+                         bytes was given",
+                        m.len()
+                    )))
+                }
+                Some(m) if (m.len() as u64) < need_meta => {
+                    return Err(Error::InvalidArgument(format!(
+                        "a metadata buffer of {} bytes is too small for {blocks} LBAs of \
+                         {per_meta} bytes of metadata ({need_meta} bytes)",
+                        m.len()
+                    )))
+                }
+                _ => {}
+            }
         }
         let max = if buf.is_some() {
-            self.max_transfer_for(ns.lba_size)
+            self.max_transfer_for(layout.data_per_lba)
         } else {
             u32::MAX
         };
-        let pieces: Vec<Piece> = split_transfer(slba, blocks, ns.lba_size, max).collect();
-        self.run_batch(op.name(), buf, pieces.len(), |i| {
+        let pieces: Vec<Piece> = split_transfer(slba, blocks, layout.data_per_lba, max).collect();
+        let meta = if per_meta > 0 { meta } else { None };
+        self.run_batch(op.name(), (buf, meta), pieces.len(), |i| {
             let p = pieces[i];
             let cmd = match op {
                 Op::Read => read_cmd(nsid, p.slba, p.blocks),
@@ -431,25 +577,34 @@ impl IoQueuePair {
                 Op::Compare => compare_cmd(nsid, p.slba, p.blocks),
                 Op::WriteZeroes => write_zeroes_cmd(nsid, p.slba, p.blocks),
             };
-            let data = buf.map(|_| (p.offset as usize, p.blocks as usize * lba as usize));
-            (cmd, data)
+            let data = buf.map(|_| (p.offset as usize, p.blocks as usize * per as usize));
+            let meta = meta.map(|_| {
+                (
+                    ((p.slba - slba) * per_meta) as usize,
+                    p.blocks as usize * per_meta as usize,
+                )
+            });
+            (cmd, data, meta)
         })
     }
 
-    /// Run `count` commands made by `make` (the command and the range of `buf` it carries),
-    /// keeping the queue as full as it goes, and wait for all of them.
+    /// Run `count` commands made by `make` (the command, and the ranges of the data buffer
+    /// and of the metadata buffer it carries), keeping the queue as full as it goes, and
+    /// wait for all of them.
     ///
-    /// It never returns while one of its commands may still use `buf`: after an error it stops
-    /// submitting and waits for what is outstanding (the queue pair's deadlines, aborts and
-    /// resets bound that wait); if even that runs out of time, `buf` is quarantined before the
-    /// error is returned. Completions of other commands on the queue pair (submitted
-    /// asynchronously by the owner) are kept for the owner's next poll, not counted here.
+    /// It never returns while one of its commands may still use a buffer: after an error it
+    /// stops submitting and waits for what is outstanding (the queue pair's deadlines, aborts
+    /// and resets bound that wait); if even that runs out of time, the buffers are quarantined
+    /// before the error is returned. Completions of other commands on the queue pair
+    /// (submitted asynchronously by the owner) are kept for the owner's next poll, not
+    /// counted here.
+    #[allow(clippy::type_complexity)]
     fn run_batch(
         &mut self,
         what: &'static str,
-        buf: Option<&DmaBuffer>,
+        (buf, meta): (Option<&DmaBuffer>, Option<&DmaBuffer>),
         count: usize,
-        make: impl Fn(usize) -> (SqEntry, Option<(usize, usize)>),
+        make: impl Fn(usize) -> (SqEntry, Option<(usize, usize)>, Option<(usize, usize)>),
     ) -> Result<()> {
         // Tags of this call: a marker in the top bits, a sequence number, the piece index.
         self.batch_seq = self.batch_seq.wrapping_add(1);
@@ -468,7 +623,7 @@ impl IoQueuePair {
                 && error.is_none()
                 && (self.qp.free_slots() > 0 || self.qp.is_removed())
             {
-                let (cmd, range) = make(next);
+                let (cmd, range, meta_range) = make(next);
                 let slice;
                 let data: &[crate::dma::DmaSlice<'_>] = match (buf, range) {
                     (Some(b), Some((off, len))) => {
@@ -477,7 +632,14 @@ impl IoQueuePair {
                     }
                     _ => &[],
                 };
-                match self.submit(cmd, data, base | next as u64) {
+                let tag = base | next as u64;
+                let submitted = match (meta, meta_range) {
+                    (Some(m), Some((off, len))) => {
+                        self.submit_with_metadata(cmd, data, m.segment_at(off, len), tag)
+                    }
+                    _ => self.submit(cmd, data, tag),
+                };
+                match submitted {
                     Ok(_) => {
                         outstanding += 1;
                         next += 1;
@@ -518,7 +680,7 @@ impl IoQueuePair {
                 if let Err(e) = self.check_alive(started, what) {
                     // The queue pair's own recovery did not bring the commands back in time:
                     // the device may still use the buffer.
-                    if let Some(b) = buf {
+                    for b in [buf, meta].into_iter().flatten() {
                         b.quarantine();
                     }
                     error.get_or_insert(e);

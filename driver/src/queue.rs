@@ -475,10 +475,38 @@ impl QueuePair {
     /// The command holds a share of each buffer in `data` until its completion is reaped (or
     /// the controller was stopped): dropping a buffer meanwhile does not free its memory.
     #[inline(always)]
-    pub fn submit(
+    pub fn submit(&mut self, cmd: SqEntry, data: &[DmaSlice<'_>], tag: u64) -> Result<CommandId> {
+        self.submit_inner(cmd, data, None, tag)
+    }
+
+    /// [`QueuePair::submit`] with a separate metadata buffer: `metadata` goes into the
+    /// command's metadata pointer (MPTR), one contiguous dword-aligned piece, held like the
+    /// data until the command is done.
+    pub fn submit_with_metadata(
+        &mut self,
+        cmd: SqEntry,
+        data: &[DmaSlice<'_>],
+        metadata: DmaSlice<'_>,
+        tag: u64,
+    ) -> Result<CommandId> {
+        if metadata.iova.0 & 3 != 0 || metadata.len == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "a metadata buffer must be dword aligned and not empty: {}+{}",
+                metadata.iova, metadata.len
+            )));
+        }
+        if metadata.mem().is_quarantined() {
+            return Err(self.quarantined_data(metadata.segment()));
+        }
+        self.submit_inner(cmd, data, Some(metadata), tag)
+    }
+
+    #[inline(always)]
+    fn submit_inner(
         &mut self,
         mut cmd: SqEntry,
         data: &[DmaSlice<'_>],
+        metadata: Option<DmaSlice<'_>>,
         tag: u64,
     ) -> Result<CommandId> {
         if self.generation_now.load(Ordering::Relaxed) != self.generation {
@@ -556,6 +584,10 @@ impl QueuePair {
             }
         }
         let slot = &mut self.slots[index as usize];
+        if let Some(m) = metadata {
+            slot.leases.push(m.mem().clone());
+            cmd.mptr = m.iova.0;
+        }
         slot.gen = (slot.gen + 1) & 0xf;
         let cid = index | ((slot.gen as u16) << CID_INDEX_BITS);
         cmd.set_cid(cid);

@@ -54,6 +54,7 @@ fn ns(lba_size: u32, size_lbas: u64) -> NamespaceInfo {
         lba_size,
         metadata_size: 0,
         nsfeat: 0,
+        dps: 0,
         nguid: [0; 16],
         eui64: [0; 8],
     }
