@@ -927,6 +927,42 @@ mod tests {
     }
 
     #[test]
+    fn namespace_layouts_of_every_metadata_format() {
+        let layout = |flbas: u8, dps: u8| {
+            let mut b = namespace_buf();
+            b.u8(26, flbas).u8(29, dps);
+            NamespaceInfo::parse(1, &b.0).unwrap().layout()
+        };
+        let plain = |d, m| DataLayout {
+            data_per_lba: d,
+            metadata_per_lba: m,
+            pract: false,
+            pi_type: 0,
+        };
+        // No metadata.
+        assert_eq!(layout(0x00, 0), Ok(plain(512, 0)));
+        // 8 bytes per block, interleaved (extended LBAs) or in a separate buffer.
+        assert_eq!(layout(0x11, 0), Ok(plain(4104, 0)));
+        assert_eq!(layout(0x01, 0), Ok(plain(4096, 8)));
+        // 8 bytes of protection information: inserted and stripped by the controller,
+        // whichever way the metadata would travel.
+        for flbas in [0x01, 0x11] {
+            assert_eq!(
+                layout(flbas, 1),
+                Ok(DataLayout {
+                    data_per_lba: 4096,
+                    metadata_per_lba: 0,
+                    pract: true,
+                    pi_type: 1
+                })
+            );
+        }
+        // Protection information inside 64 bytes of metadata: refused, and said why.
+        let e = layout(0x02, 3).unwrap_err();
+        assert!(e.contains("type 3") && e.contains("64 bytes"), "{e}");
+    }
+
+    #[test]
     fn namespace_format_zero() {
         let mut b = namespace_buf();
         b.u8(26, 0x00);
