@@ -36,9 +36,9 @@ enum Command {
     Write(cmd::device::WriteArgs),
     /// Flush the volatile write cache of a namespace
     Flush(cmd::device::FlushArgs),
-    /// Zero a range of LBAs (the whole namespace by default)
+    /// Zero a range of LBAs (--lba L --count C), or the whole namespace (--all)
     WriteZeroes(cmd::device::ZeroArgs),
-    /// Deallocate (trim) a range of LBAs (the whole namespace by default)
+    /// Deallocate (trim) a range of LBAs (--lba L --count C), or the whole namespace (--all)
     Trim(cmd::device::ZeroArgs),
     /// Show the SMART / health or error information log page
     Log(cmd::device::LogArgs),

@@ -402,6 +402,9 @@ pub struct ZeroArgs {
     pub dev: DeviceArgs,
     #[command(flatten)]
     pub range: RangeArgs,
+    /// The whole namespace (instead of --lba and --count)
+    #[arg(long)]
+    pub all: bool,
 }
 
 /// Which of the two range commands.
@@ -411,11 +414,43 @@ pub enum RangeOp {
     Trim,
 }
 
+impl RangeOp {
+    fn name(self) -> &'static str {
+        match self {
+            RangeOp::WriteZeroes => "write-zeroes",
+            RangeOp::Trim => "trim",
+        }
+    }
+}
+
+/// The range a write-zeroes or trim asks for: `Some((lba, count))`, or `None` for the whole
+/// namespace (`--all`). Both destroy data, so neither is assumed: the range is given in full
+/// or `--all` is.
+fn requested_range(a: &ZeroArgs, op: RangeOp) -> Result<Option<(u64, u64)>> {
+    let name = op.name();
+    match (a.all, a.range.lba, a.range.count) {
+        (true, None, None) => Ok(None),
+        (true, _, _) => Err(UsageError(format!(
+            "{name}: --all is the whole namespace; give either --all or --lba and --count, not both"
+        ))
+        .into()),
+        (false, Some(lba), Some(count)) => Ok(Some((lba, count))),
+        (false, None, None) => Err(UsageError(format!(
+            "{name} needs a range: add --lba L --count C, or --all for the whole namespace"
+        ))
+        .into()),
+        (false, _, _) => Err(UsageError(format!(
+            "{name} needs both --lba and --count (or --all for the whole namespace)"
+        ))
+        .into()),
+    }
+}
+
 pub fn range_op(a: ZeroArgs, op: RangeOp) -> Result<ExitCode> {
+    let range = requested_range(&a, op)?;
     let ctrl = a.dev.open()?;
     let ns = namespace(&ctrl, a.range.nsid)?;
-    let lba = a.range.lba.unwrap_or(0);
-    let count = a.range.count.unwrap_or(ns.size_lbas.saturating_sub(lba));
+    let (lba, count) = range.unwrap_or((0, ns.size_lbas));
     check_range(&ns, lba, count)?;
     let mut qp = qpair(&ctrl)?;
     let info = ctrl.info();
