@@ -113,8 +113,15 @@ fn run(cli: Cli) -> ExitCode {
         Command::Mpage(c) => cmd::mpage::mpage(c),
         Command::Vm(c) => cmd::vm::vm(c),
     };
+    // What is still buffered goes out now, where a closed stdout is seen like any other.
+    let result = result.and_then(|code| {
+        std::io::stdout().flush().map_err(cmd::stdout_error)?;
+        Ok(code)
+    });
     match result {
         Ok(code) => code,
+        // See cmd::StdoutClosed: the reader wanted no more, the command did not fail.
+        Err(e) if cmd::is_stdout_closed(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("rnvme: error: {}", cmd::error_line(&e));
             if e.downcast_ref::<cmd::UsageError>().is_some() {

@@ -19,6 +19,8 @@ use rnvme_tools::vm::{self, ControllerSpec, DriveAio, NamespaceSpec, VmConfig};
 use serde::Serialize;
 use serde_json::Value;
 
+use super::{allow_closed_stdout, out};
+
 /// `rnvme bench …`
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -894,7 +896,8 @@ fn compare(a: CompareArgs) -> Result<ExitCode> {
         targets,
         wall_s: begin.elapsed().as_secs_f64(),
     };
-    print!("{}", table(&c));
+    // The guest's status and the failures decide the status even when nobody reads the table.
+    allow_closed_stdout(out!("{}", table(&c)))?;
     if let Some(path) = &a.json {
         std::fs::write(path, serde_json::to_string_pretty(&c)? + "\n")
             .with_context(|| format!("cannot write {}", path.display()))?;

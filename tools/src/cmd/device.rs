@@ -15,7 +15,7 @@ use rnvme_driver::io::IoQueuePair;
 use rnvme_driver::queue::DataPointerMode;
 use serde::Serialize;
 
-use super::UsageError;
+use super::{outln, UsageError};
 
 /// Bytes moved per step by `read` and `write` (the driver splits further at the max transfer).
 const STEP: u64 = 8 << 20;
@@ -201,40 +201,42 @@ pub fn identify(a: IdentifyArgs) -> Result<ExitCode> {
             .collect(),
     };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!("controller {}", v.bdf);
-    println!(
+    outln!("controller {}", v.bdf)?;
+    outln!(
         "  vendor           {:04x} (subsystem {:04x})",
-        v.vendor_id, v.subsystem_vendor_id
-    );
-    println!("  serial           {}", v.serial);
-    println!("  model            {}", v.model);
-    println!("  firmware         {}", v.firmware);
-    println!("  version          {}", v.version);
+        v.vendor_id,
+        v.subsystem_vendor_id
+    )?;
+    outln!("  serial           {}", v.serial)?;
+    outln!("  model            {}", v.model)?;
+    outln!("  firmware         {}", v.firmware)?;
+    outln!("  version          {}", v.version)?;
     match v.mdts_bytes {
-        Some(b) => println!("  max transfer     {b} bytes (MDTS {})", v.mdts),
-        None => println!(
+        Some(b) => outln!("  max transfer     {b} bytes (MDTS {})", v.mdts),
+        None => outln!(
             "  max transfer     no limit (MDTS 0); rnvme uses {} bytes",
             v.max_transfer_bytes
         ),
-    }
-    println!("  namespaces       {} (nn)", v.nn);
-    println!(
+    }?;
+    outln!("  namespaces       {} (nn)", v.nn)?;
+    outln!(
         "  queues           {} I/O queue pairs granted, up to {} entries each",
-        v.io_queues_granted, v.max_queue_entries
-    );
-    println!(
+        v.io_queues_granted,
+        v.max_queue_entries
+    )?;
+    outln!(
         "  features         compare: {}, dataset management: {}, write zeroes: {}, volatile write cache: {}, SGL: {}",
         yes(v.compare),
         yes(v.dataset_management),
         yes(v.write_zeroes),
         yes(v.volatile_write_cache),
         v.sgl
-    );
+    )?;
     for n in &v.namespaces {
-        println!(
+        outln!(
             "namespace {}: {} LBAs of {} bytes ({}), capacity {} LBAs, metadata {} bytes",
             n.nsid,
             n.size_lbas,
@@ -242,7 +244,7 @@ pub fn identify(a: IdentifyArgs) -> Result<ExitCode> {
             human(n.size_bytes),
             n.capacity_lbas,
             n.metadata_size
-        );
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -295,6 +297,10 @@ pub fn read(a: ReadArgs) -> Result<ExitCode> {
         }
         None => Box::new(std::io::stdout().lock()),
     };
+    let write_error = |e: std::io::Error| match &a.out {
+        Some(p) => anyhow::Error::new(e).context(format!("cannot write {}", p.display())),
+        None => super::stdout_error(e),
+    };
     let mut qp = qpair(&ctrl)?;
     let lba_size = ns.lba_size as u64;
     let per_step = (STEP / lba_size).max(1);
@@ -306,11 +312,10 @@ pub fn read(a: ReadArgs) -> Result<ExitCode> {
         qp.read(ns.nsid, lba + done, n, &buf)?;
         let bytes = (n * lba_size) as usize;
         buf.read_bytes(0, &mut host[..bytes]);
-        out.write_all(&host[..bytes])
-            .context("cannot write the output")?;
+        out.write_all(&host[..bytes]).map_err(write_error)?;
         done += n;
     }
-    out.flush().context("cannot write the output")?;
+    out.flush().map_err(write_error)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -510,52 +515,58 @@ pub fn log(a: LogArgs) -> Result<ExitCode> {
         LogKind::Smart => {
             let s = ctrl.smart_log()?;
             if a.json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                outln!("{}", serde_json::to_string_pretty(&s)?)?;
                 return Ok(ExitCode::SUCCESS);
             }
-            println!("SMART / health log of {}", ctrl.name());
-            println!("  critical warning        {:#04x}", s.critical_warning);
-            println!(
+            outln!("SMART / health log of {}", ctrl.name())?;
+            outln!("  critical warning        {:#04x}", s.critical_warning)?;
+            outln!(
                 "  temperature             {} °C ({} K)",
                 s.temperature_celsius(),
                 s.temperature_kelvin
-            );
-            println!(
+            )?;
+            outln!(
                 "  available spare         {} % (threshold {} %)",
-                s.available_spare, s.available_spare_threshold
-            );
-            println!("  percentage used         {} %", s.percentage_used);
-            println!(
+                s.available_spare,
+                s.available_spare_threshold
+            )?;
+            outln!("  percentage used         {} %", s.percentage_used)?;
+            outln!(
                 "  data units read         {} (× 512 000 bytes)",
                 s.data_units_read
-            );
-            println!(
+            )?;
+            outln!(
                 "  data units written      {} (× 512 000 bytes)",
                 s.data_units_written
-            );
-            println!("  host read commands      {}", s.host_read_commands);
-            println!("  host write commands     {}", s.host_write_commands);
-            println!("  controller busy time    {} min", s.controller_busy_time);
-            println!("  power cycles            {}", s.power_cycles);
-            println!("  power on hours          {}", s.power_on_hours);
-            println!("  unsafe shutdowns        {}", s.unsafe_shutdowns);
-            println!("  media errors            {}", s.media_errors);
-            println!("  error log entries       {}", s.num_err_log_entries);
+            )?;
+            outln!("  host read commands      {}", s.host_read_commands)?;
+            outln!("  host write commands     {}", s.host_write_commands)?;
+            outln!("  controller busy time    {} min", s.controller_busy_time)?;
+            outln!("  power cycles            {}", s.power_cycles)?;
+            outln!("  power on hours          {}", s.power_on_hours)?;
+            outln!("  unsafe shutdowns        {}", s.unsafe_shutdowns)?;
+            outln!("  media errors            {}", s.media_errors)?;
+            outln!("  error log entries       {}", s.num_err_log_entries)?;
         }
         LogKind::Errors => {
             let entries = ctrl.error_log()?;
             if a.json {
-                println!("{}", serde_json::to_string_pretty(&entries)?);
+                outln!("{}", serde_json::to_string_pretty(&entries)?)?;
                 return Ok(ExitCode::SUCCESS);
             }
             if entries.is_empty() {
-                println!("error log of {}: no entries", ctrl.name());
+                outln!("error log of {}: no entries", ctrl.name())?;
             }
             for e in entries {
-                println!(
+                outln!(
                     "error #{}: sq {} cid {} nsid {} lba {}: {}",
-                    e.error_count, e.sqid, e.cid, e.nsid, e.lba, e.status
-                );
+                    e.error_count,
+                    e.sqid,
+                    e.cid,
+                    e.nsid,
+                    e.lba,
+                    e.status
+                )?;
             }
         }
     }

@@ -55,7 +55,7 @@ use rnvme_driver::{Error as DriverError, NvmeStatus};
 use serde::Serialize;
 
 use super::device::DeviceArgs;
-use super::UsageError;
+use super::{allow_closed_stdout, outln, UsageError};
 
 /// The first 8 bytes of every pattern block: "rnvmeVFY" in ASCII.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"rnvmeVFY");
@@ -1287,6 +1287,28 @@ fn parse_bytes(s: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("{s:?} is not a size in bytes (such as 4096, 64K or 1M)"))
 }
 
+/// The report on stdout: a summary and the listed mismatches and failures, or JSON.
+fn print_report(report: &VerifyReport, json: bool) -> Result<()> {
+    if json {
+        return outln!("{}", serde_json::to_string_pretty(report)?);
+    }
+    outln!("{}", report.summary())?;
+    for m in &report.first_mismatches {
+        outln!("  {m}")?;
+    }
+    for f in &report.io_failures {
+        outln!("  {f}")?;
+    }
+    let listed = report.first_mismatches.len() as u64;
+    if report.mismatches.total() > listed {
+        outln!(
+            "  … and {} more mismatches (--show N lists more)",
+            report.mismatches.total() - listed
+        )?;
+    }
+    Ok(())
+}
+
 pub fn verify(a: VerifyArgs) -> Result<ExitCode> {
     let cfg = VerifyConfig {
         nsid: a.nsid,
@@ -1314,24 +1336,8 @@ pub fn verify(a: VerifyArgs) -> Result<ExitCode> {
         Err(VerifyError::Invalid(m)) => return Err(UsageError(m).into()),
         Err(e) => return Err(e.into()),
     };
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        println!("{}", report.summary());
-        for m in &report.first_mismatches {
-            println!("  {m}");
-        }
-        for f in &report.io_failures {
-            println!("  {f}");
-        }
-        let listed = report.first_mismatches.len() as u64;
-        if report.mismatches.total() > listed {
-            println!(
-                "  … and {} more mismatches (--show N lists more)",
-                report.mismatches.total() - listed
-            );
-        }
-    }
+    // The report decides the status even when nobody reads it.
+    allow_closed_stdout(print_report(&report, a.json))?;
     if report.clean() {
         Ok(ExitCode::SUCCESS)
     } else {

@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use rnvme_tools::vm::{self, ControllerSpec, VmConfig, SPEC_HELP};
 
-use super::UsageError;
+use super::{allow_closed_stdout, outln, stdout_error, UsageError};
 
 /// `rnvme vm …`.
 #[derive(Debug, Subcommand)]
@@ -132,8 +132,13 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     match vm::run(&cfg, &script) {
         Ok(out) => {
             let mut stdout = std::io::stdout().lock();
-            stdout.write_all(out.output.as_bytes())?;
-            stdout.flush()?;
+            let printed = stdout
+                .write_all(out.output.as_bytes())
+                .and_then(|()| stdout.flush())
+                .map_err(stdout_error);
+            drop(stdout);
+            // The script's status is the command's, whether or not its output was read.
+            allow_closed_stdout(printed)?;
             if args.verbose {
                 eprintln!("--- guest console ---\n{}\n---", out.console.trim_end());
                 eprintln!(
@@ -169,8 +174,8 @@ fn fetch() -> anyhow::Result<ExitCode> {
     vm::ensure_host()?;
     let cache = vm::cache_dir()?;
     let k = vm::fetch_kernel(&cache)?;
-    println!("host packages present");
-    println!("guest kernel {} in {}", k.release, k.vmlinuz.display());
+    outln!("host packages present")?;
+    outln!("guest kernel {} in {}", k.release, k.vmlinuz.display())?;
     Ok(ExitCode::SUCCESS)
 }
 
