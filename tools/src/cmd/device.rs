@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -321,6 +321,13 @@ pub fn read(a: ReadArgs) -> Result<ExitCode> {
 
 /// `rnvme write`
 #[derive(Args, Debug)]
+#[command(after_help = "\
+The input is written as it is read, one piece of the controller's largest transfer at a time. \
+Its length must be a positive multiple of the LBA size and fit in the namespace: a file (--in) \
+is checked before anything is written. Standard input cannot be: when it turns out not to be a \
+multiple of the LBA size, its last piece is not written; when it reaches past the end of the \
+namespace, it is written up to the end. Either way the pieces before are on the device, and the \
+error says which LBAs were written (exit status 2).")]
 pub struct WriteArgs {
     #[command(flatten)]
     pub dev: DeviceArgs,
@@ -338,46 +345,175 @@ pub struct WriteArgs {
     pub fua: bool,
 }
 
-pub fn write(a: WriteArgs) -> Result<ExitCode> {
-    // Read all the input first: a length that is not a multiple of the LBA size must be
-    // refused before anything is written.
-    let data = match &a.input {
-        Some(p) => std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
-        None => {
-            let mut v = Vec::new();
-            std::io::stdin()
-                .lock()
-                .read_to_end(&mut v)
-                .context("cannot read standard input")?;
-            v
+/// The input of `rnvme write`.
+struct Input {
+    reader: Box<dyn Read>,
+    /// What to call it in an error.
+    name: String,
+    /// Its length, when it is known before reading (a regular file).
+    len: Option<u64>,
+}
+
+impl Input {
+    fn open(path: Option<&Path>) -> Result<Input> {
+        let Some(p) = path else {
+            return Ok(Input {
+                reader: Box::new(std::io::stdin().lock()),
+                name: "standard input".into(),
+                len: None,
+            });
+        };
+        let f = File::open(p).with_context(|| format!("cannot open {}", p.display()))?;
+        let meta = f
+            .metadata()
+            .with_context(|| format!("cannot read {}", p.display()))?;
+        // A pipe or a device has no length up front: it is read like standard input.
+        let len = meta.is_file().then_some(meta.len());
+        Ok(Input {
+            // Never more than was checked, should the file grow meanwhile.
+            reader: Box::new(f.take(len.unwrap_or(u64::MAX))),
+            name: p.display().to_string(),
+            len,
+        })
+    }
+}
+
+/// Read until `buf` is full or the input ends; the number of bytes read.
+fn fill(input: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match input.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
-    };
-    let ctrl = a.dev.open()?;
-    let ns = namespace(&ctrl, a.nsid)?;
+    }
+    Ok(n)
+}
+
+/// What a streamed write left on the device when it stopped: `done` LBAs from `start`.
+fn written(start: u64, done: u64) -> String {
+    if done == 0 {
+        "nothing was written".into()
+    } else {
+        format!(
+            "its first {done} LBAs were written (LBAs {start}..{}), the rest was not",
+            start + done
+        )
+    }
+}
+
+/// Writes `input` at LBA `start` of `ns`, one piece at a time: each piece is read into `piece`
+/// (a whole number of LBAs; filled unless the input ends) and handed to `write` with its first
+/// LBA. A last piece that is not a multiple of the LBA size is not written; a piece that reaches
+/// past the end of the namespace is written up to the end. Both end the stream with a usage
+/// error that says which LBAs were written. Returns the number of LBAs written.
+fn write_stream(
+    input: &mut Input,
+    ns: &NamespaceInfo,
+    start: u64,
+    piece: &mut [u8],
+    write: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<u64> {
     let lba_size = ns.lba_size as u64;
-    let len = data.len() as u64;
-    if len == 0 || !len.is_multiple_of(lba_size) {
+    debug_assert!(!piece.is_empty() && (piece.len() as u64).is_multiple_of(lba_size));
+    let mut done = 0u64;
+    loop {
+        let n = fill(&mut input.reader, piece).with_context(|| {
+            if done == 0 {
+                format!("cannot read {}", input.name)
+            } else {
+                format!("cannot read {}; {}", input.name, written(start, done))
+            }
+        })?;
+        if n == 0 {
+            break;
+        }
+        let bytes = n as u64;
+        if !bytes.is_multiple_of(lba_size) {
+            return Err(UsageError(format!(
+                "the input is {} bytes, not a positive multiple of the namespace's {lba_size}-byte LBA size; {}",
+                done * lba_size + bytes,
+                written(start, done)
+            ))
+            .into());
+        }
+        let at = start + done;
+        let lbas = bytes / lba_size;
+        let room = ns.size_lbas.saturating_sub(at);
+        let now = lbas.min(room);
+        if now > 0 {
+            write(at, &piece[..(now * lba_size) as usize]).with_context(|| {
+                if done == 0 {
+                    format!("write LBAs {at}..{}", at + now)
+                } else {
+                    format!(
+                        "write LBAs {at}..{} (LBAs {start}..{at} are written)",
+                        at + now
+                    )
+                }
+            })?;
+            done += now;
+        }
+        if lbas > room {
+            return Err(UsageError(format!(
+                "the input goes beyond namespace {}, which has {} LBAs (0..{}); {}",
+                ns.nsid,
+                ns.size_lbas,
+                ns.size_lbas,
+                written(start, done)
+            ))
+            .into());
+        }
+        if n < piece.len() {
+            break;
+        }
+    }
+    if done == 0 {
         return Err(UsageError(format!(
-            "the input is {len} bytes, not a positive multiple of the namespace's {lba_size}-byte LBA size; nothing was written"
+            "the input is 0 bytes, not a positive multiple of the namespace's {lba_size}-byte LBA size; nothing was written"
         ))
         .into());
     }
-    let count = len / lba_size;
-    check_range(&ns, a.lba, count)?;
-    let mut qp = qpair(&ctrl)?;
-    let per_step = (STEP / lba_size).max(1);
-    let buf = ctrl.alloc((per_step * lba_size).min(len) as usize)?;
-    let mut done = 0;
-    while done < count {
-        let n = per_step.min(count - done);
-        let off = (done * lba_size) as usize;
-        buf.write_bytes(0, &data[off..off + (n * lba_size) as usize]);
-        qp.write(ns.nsid, a.lba + done, n, &buf, a.fua)?;
-        done += n;
+    Ok(done)
+}
+
+pub fn write(a: WriteArgs) -> Result<ExitCode> {
+    let mut input = Input::open(a.input.as_deref())?;
+    let ctrl = a.dev.open()?;
+    let ns = namespace(&ctrl, a.nsid)?;
+    let lba_size = ns.lba_size as u64;
+    match input.len {
+        // A length known up front is checked before anything is written.
+        Some(len) => {
+            if len == 0 || !len.is_multiple_of(lba_size) {
+                return Err(UsageError(format!(
+                    "the input is {len} bytes, not a positive multiple of the namespace's {lba_size}-byte LBA size; nothing was written"
+                ))
+                .into());
+            }
+            check_range(&ns, a.lba, len / lba_size)?;
+        }
+        None => check_range(&ns, a.lba, 1)?,
     }
+    let mut qp = qpair(&ctrl)?;
+    // One DMA buffer of the largest transfer: one command per piece.
+    let per_piece = (qp.max_transfer_for(ns.lba_size) as u64 / lba_size).max(1);
+    let piece_bytes = per_piece * lba_size;
+    let piece_bytes = input.len.map_or(piece_bytes, |len| len.min(piece_bytes)) as usize;
+    let buf = ctrl.alloc(piece_bytes)?;
+    let mut host = vec![0u8; piece_bytes];
+    let count = write_stream(&mut input, &ns, a.lba, &mut host, &mut |at, data| {
+        buf.write_bytes(0, data);
+        qp.write(ns.nsid, at, data.len() as u64 / lba_size, &buf, a.fua)?;
+        Ok(())
+    })?;
     eprintln!(
-        "wrote {count} LBAs ({len} bytes) at LBA {} of namespace {}",
-        a.lba, ns.nsid
+        "wrote {count} LBAs ({} bytes) at LBA {} of namespace {}",
+        count * lba_size,
+        a.lba,
+        ns.nsid
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -571,4 +707,200 @@ pub fn log(a: LogArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LBA: u32 = 512;
+
+    fn ns(size_lbas: u64) -> NamespaceInfo {
+        NamespaceInfo {
+            nsid: 1,
+            size_lbas,
+            capacity_lbas: size_lbas,
+            utilization_lbas: 0,
+            flbas: 0,
+            lba_formats: Vec::new(),
+            lba_size: LBA,
+            metadata_size: 0,
+            nsfeat: 0,
+            nguid: [0; 16],
+            eui64: [0; 8],
+        }
+    }
+
+    /// A reader that hands out at most `chunk` bytes per read, then fails if `fail_at` is
+    /// reached.
+    struct Trickle {
+        data: Vec<u8>,
+        at: usize,
+        chunk: usize,
+        fail_at: Option<usize>,
+    }
+
+    impl Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.fail_at.is_some_and(|f| self.at >= f) {
+                return Err(std::io::Error::other("the pipe broke"));
+            }
+            let n = buf.len().min(self.chunk).min(self.data.len() - self.at);
+            buf[..n].copy_from_slice(&self.data[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    fn data(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 512) as u8).collect()
+    }
+
+    fn stdin_of(data: Vec<u8>, chunk: usize, fail_at: Option<usize>) -> Input {
+        Input {
+            reader: Box::new(Trickle {
+                data,
+                at: 0,
+                chunk,
+                fail_at,
+            }),
+            name: "standard input".into(),
+            len: None,
+        }
+    }
+
+    /// A namespace of `size` LBAs in memory, and the writes it received as (LBA, LBAs).
+    struct Disk {
+        bytes: Vec<u8>,
+        writes: Vec<(u64, u64)>,
+    }
+
+    /// Streams `input` to a fresh disk of `size` LBAs at `start`, in pieces of `piece_lbas`.
+    fn stream(mut input: Input, size: u64, start: u64, piece_lbas: usize) -> (Result<u64>, Disk) {
+        let mut disk = Disk {
+            bytes: vec![0; size as usize * LBA as usize],
+            writes: Vec::new(),
+        };
+        let mut piece = vec![0u8; piece_lbas * LBA as usize];
+        let r = write_stream(&mut input, &ns(size), start, &mut piece, &mut |at, d| {
+            assert!(d.len() <= piece_lbas * LBA as usize && d.len() % LBA as usize == 0);
+            let off = at as usize * LBA as usize;
+            disk.bytes[off..off + d.len()].copy_from_slice(d);
+            disk.writes.push((at, d.len() as u64 / LBA as u64));
+            Ok(())
+        });
+        (r, disk)
+    }
+
+    fn usage_message(r: Result<u64>) -> String {
+        let e = r.expect_err("a refusal");
+        assert!(e.downcast_ref::<UsageError>().is_some(), "{e:#}");
+        crate::cmd::error_line(&e)
+    }
+
+    #[test]
+    fn input_is_written_piece_by_piece_at_the_next_lba() {
+        // 3.5 pieces of 4 LBAs, read 300 bytes at a time.
+        let d = data(14 * LBA as usize);
+        let (r, disk) = stream(stdin_of(d.clone(), 300, None), 64, 10, 4);
+        assert_eq!(r.unwrap(), 14);
+        assert_eq!(disk.writes, [(10, 4), (14, 4), (18, 4), (22, 2)]);
+        assert_eq!(&disk.bytes[10 * 512..24 * 512], &d[..]);
+        assert!(disk.bytes[..10 * 512].iter().all(|&b| b == 0));
+        assert!(disk.bytes[24 * 512..].iter().all(|&b| b == 0));
+        // Up to the last LBA exactly.
+        let (r, disk) = stream(stdin_of(d.clone(), 4096, None), 24, 10, 4);
+        assert_eq!(r.unwrap(), 14);
+        assert_eq!(&disk.bytes[10 * 512..], &d[..]);
+    }
+
+    #[test]
+    fn a_last_piece_that_is_not_whole_lbas_is_not_written_and_the_error_says_what_was() {
+        let (r, disk) = stream(stdin_of(data(8 * 512 + 700), 1000, None), 64, 10, 4);
+        assert_eq!(
+            usage_message(r),
+            "the input is 4796 bytes, not a positive multiple of the namespace's 512-byte LBA size; \
+             its first 8 LBAs were written (LBAs 10..18), the rest was not"
+        );
+        assert_eq!(disk.writes, [(10, 4), (14, 4)]);
+        assert!(disk.bytes[18 * 512..].iter().all(|&b| b == 0));
+
+        let (r, disk) = stream(stdin_of(data(700), 1000, None), 64, 10, 4);
+        assert_eq!(
+            usage_message(r),
+            "the input is 700 bytes, not a positive multiple of the namespace's 512-byte LBA size; \
+             nothing was written"
+        );
+        assert!(disk.writes.is_empty());
+
+        let (r, disk) = stream(stdin_of(Vec::new(), 1000, None), 64, 10, 4);
+        assert_eq!(
+            usage_message(r),
+            "the input is 0 bytes, not a positive multiple of the namespace's 512-byte LBA size; \
+             nothing was written"
+        );
+        assert!(disk.writes.is_empty());
+    }
+
+    #[test]
+    fn input_beyond_the_namespace_is_written_up_to_its_end_then_refused() {
+        let d = data(20 * 512);
+        let (r, disk) = stream(stdin_of(d.clone(), 4096, None), 16, 10, 4);
+        assert_eq!(
+            usage_message(r),
+            "the input goes beyond namespace 1, which has 16 LBAs (0..16); \
+             its first 6 LBAs were written (LBAs 10..16), the rest was not"
+        );
+        assert_eq!(disk.writes, [(10, 4), (14, 2)]);
+        assert_eq!(&disk.bytes[10 * 512..], &d[..6 * 512]);
+    }
+
+    #[test]
+    fn a_failing_read_says_what_was_written() {
+        let (r, disk) = stream(stdin_of(data(20 * 512), 512, Some(5 * 512)), 64, 0, 4);
+        let e = r.unwrap_err();
+        assert!(e.downcast_ref::<UsageError>().is_none());
+        assert_eq!(
+            crate::cmd::error_line(&e),
+            "cannot read standard input; its first 4 LBAs were written (LBAs 0..4), the rest was \
+             not: the pipe broke"
+        );
+        assert_eq!(disk.writes, [(0, 4)]);
+    }
+
+    #[test]
+    fn a_failing_write_names_its_lbas_and_those_written_before() {
+        let mut input = stdin_of(data(12 * 512), 4096, None);
+        let mut piece = vec![0u8; 4 * 512];
+        let mut calls = 0;
+        let r = write_stream(&mut input, &ns(64), 3, &mut piece, &mut |_, _| {
+            calls += 1;
+            if calls == 2 {
+                anyhow::bail!("Write failed: LBA Out of Range");
+            }
+            Ok(())
+        });
+        let e = r.unwrap_err();
+        assert_eq!(
+            crate::cmd::error_line(&e),
+            "write LBAs 7..11 (LBAs 3..7 are written): Write failed: LBA Out of Range"
+        );
+    }
+
+    #[test]
+    fn a_file_is_read_up_to_the_length_it_was_checked_at() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("in");
+        std::fs::write(&p, data(3 * 512)).unwrap();
+        let input = Input::open(Some(&p)).unwrap();
+        assert_eq!(input.len, Some(3 * 512));
+        std::fs::write(&p, data(9 * 512)).unwrap();
+        let (r, disk) = stream(input, 64, 0, 4);
+        assert_eq!(r.unwrap(), 3);
+        assert_eq!(disk.writes, [(0, 3)]);
+        let e = Input::open(Some(&dir.path().join("missing")))
+            .err()
+            .expect("a missing file");
+        assert!(crate::cmd::error_line(&e).starts_with("cannot open "));
+    }
 }
