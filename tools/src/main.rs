@@ -113,9 +113,10 @@ fn run(cli: Cli) -> ExitCode {
         Command::Mpage(c) => cmd::mpage::mpage(c),
         Command::Vm(c) => cmd::vm::vm(c),
     };
-    // What is still buffered goes out now, where a closed stdout is seen like any other.
+    // What is still buffered goes out now, where a write error is seen. A closed stdout does
+    // not change the command's status (which may say it found a failure).
     let result = result.and_then(|code| {
-        std::io::stdout().flush().map_err(cmd::stdout_error)?;
+        cmd::allow_closed_stdout(std::io::stdout().flush().map_err(cmd::stdout_error))?;
         Ok(code)
     });
     match result {
