@@ -82,3 +82,69 @@ fn trim_with_a_range_or_all_goes_on_to_the_device() {
         assert!(err.contains("no PCI device"), "{args:?}: {err}");
     }
 }
+
+/// Runs rnvme with `args` where clap itself refuses a value: status 2 and `want` on stderr.
+fn refused_by_clap(args: &[&str], want: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_rnvme"))
+        .args(args)
+        .output()
+        .expect("run rnvme");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+    assert!(err.contains(want), "{args:?}: {err}");
+    assert!(!err.contains("internal error"), "{args:?}: {err}");
+}
+
+#[test]
+fn verify_refuses_zero_and_overlong_values() {
+    for (extra, want) in [
+        (
+            &["--timeout-ms", "0"][..],
+            "--timeout-ms must be at least 1 (a command deadline of 0 ms fails every command)",
+        ),
+        (
+            &["--timeout-ms", "18446744073709551615"],
+            "--timeout-ms 18446744073709551615 is more than an hour (3600000 ms)",
+        ),
+        (
+            &["--sync-every", "0", "--write"],
+            "--sync-every must be at least 1 LBA",
+        ),
+        (&["-q", "0"], "--depth (-q) must be at least 1"),
+        (&["--threads", "0"], "--threads must be at least 1"),
+        (
+            &["--count", "0"],
+            "nothing to verify: give --count of at least 1",
+        ),
+    ] {
+        let mut args = vec!["verify", NO_DEVICE];
+        args.extend_from_slice(extra);
+        assert_eq!(refused(&args), format!("rnvme: error: {want}"), "{args:?}");
+    }
+}
+
+#[test]
+fn bench_compare_refuses_zero_seconds_before_booting() {
+    assert_eq!(
+        refused(&["bench", "compare", "--seconds", "0"]),
+        "rnvme: error: --seconds must be at least 1 (fio and rnvme perf measure for whole seconds)"
+    );
+    refused_by_clap(&["bench", "compare", "--rounds", "0"], "--rounds");
+}
+
+#[test]
+fn mpage_bench_refuses_zero_and_overflowing_values() {
+    for (extra, want) in [
+        (&["--depth", "0"][..], "--depth must be at least 1"),
+        (&["--rounds", "0"], "--rounds must be at least 1"),
+        (&["--mib", "0"], "--mib must be at least 1"),
+        (
+            &["--mib", "18446744073709551615"],
+            "--mib 18446744073709551615 is too large",
+        ),
+    ] {
+        let mut args = vec!["mpage", "bench", NO_DEVICE, "--lba", "0"];
+        args.extend_from_slice(extra);
+        assert_eq!(refused(&args), format!("rnvme: error: {want}"), "{args:?}");
+    }
+}

@@ -310,7 +310,10 @@ impl Device {
         if mib == 0 {
             return Err(UsageError("--cache-mib must be at least 1".into()).into());
         }
-        let frames = (mib << 20) as usize / PAGE_SIZE;
+        let frames = mib
+            .checked_mul(1 << 20)
+            .and_then(|b| usize::try_from(b / PAGE_SIZE as u64).ok())
+            .ok_or_else(|| UsageError(format!("--cache-mib {mib} is too large")))?;
         PagePool::new(self.ctrl.pool(), frames).with_context(|| {
             format!(
                 "{}: cannot take {mib} MiB of DMA memory for the page cache (reserve more hugepages, or lower --cache-mib)",
@@ -877,6 +880,15 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     if a.mib == 0 {
         return Err(usage("--mib must be at least 1".into()));
     }
+    let Some(bytes) = a.mib.checked_mul(1 << 20) else {
+        return Err(usage(format!("--mib {} is too large", a.mib)));
+    };
+    if a.rounds == 0 {
+        return Err(usage("--rounds must be at least 1".into()));
+    }
+    if a.depth == Some(0) {
+        return Err(usage("--depth must be at least 1".into()));
+    }
     let d = Device::open(&a.dev, &a.cache)?;
     let (nsid, lba_size) = (d.ns.nsid, d.ns.lba_size as u64);
     let page = PAGE_SIZE as u64;
@@ -885,14 +897,13 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             "namespace {nsid} has {lba_size}-byte LBAs; the page cache needs LBAs of at most {page} bytes"
         )));
     }
-    if !(a.lba * lba_size).is_multiple_of(page) {
+    if !a.lba.is_multiple_of(page / lba_size) {
         return Err(usage(format!(
             "--lba {} is not 4 KiB aligned: give a multiple of {}",
             a.lba,
             page / lba_size
         )));
     }
-    let bytes = a.mib << 20;
     let lbas = bytes / lba_size;
     if a.lba.saturating_add(lbas) > d.ns.size_lbas {
         return Err(usage(format!(
@@ -908,10 +919,6 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         ))
     };
     let pool = d.pool(a.cache.cache_mib)?;
-
-    if a.rounds == 0 {
-        return Err(usage("--rounds must be at least 1".into()));
-    }
     let opts = CacheOptions {
         readahead_max: a.readahead_max,
         ..CacheOptions::default()
