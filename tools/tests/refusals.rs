@@ -148,3 +148,39 @@ fn mpage_bench_refuses_zero_and_overflowing_values() {
         assert_eq!(refused(&args), format!("rnvme: error: {want}"), "{args:?}");
     }
 }
+
+#[test]
+fn vm_run_refuses_sizes_that_do_not_fit_and_a_zero_timeout() {
+    for size in ["99999999999T", "99999999999G", "8796093022208"] {
+        refused_by_clap(
+            &["vm", "run", "--ctrl", &format!("size={size}"), "--", "true"],
+            &format!("size \"{size}\" is too large: at most 8796093022207 MiB (8 EiB)"),
+        );
+    }
+    assert_eq!(
+        refused(&["vm", "run", "--timeout", "0", "--", "true"]),
+        "rnvme: error: --timeout must be at least 1 second"
+    );
+}
+
+#[test]
+fn vm_run_refuses_a_kept_image_of_another_size() {
+    let dir = std::env::temp_dir().join(format!("rnvme-refusals-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("kept.img");
+    std::fs::write(&img, vec![0x5au8; 1 << 20]).unwrap();
+    let spec = format!("image={},size=2M", img.display());
+    let line = refused(&["vm", "run", "--ctrl", &spec, "--", "true"]);
+    let kept = std::fs::read(&img).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(
+        line,
+        format!(
+            "rnvme: error: invalid guest configuration: controller 0 namespace 1: image {} is \
+             1048576 bytes, not the 2 MiB asked for: give size=1M to use it as it is, or give \
+             another image",
+            img.display()
+        )
+    );
+    assert_eq!(kept, vec![0x5au8; 1 << 20], "the image was changed");
+}

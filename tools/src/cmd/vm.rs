@@ -95,6 +95,9 @@ pub(crate) fn static_rnvme() -> anyhow::Result<PathBuf> {
 
 /// The config for `args`.
 fn config(args: &RunArgs) -> anyhow::Result<VmConfig> {
+    if args.timeout == 0 {
+        return Err(UsageError("--timeout must be at least 1 second".into()).into());
+    }
     let controllers = if args.no_ctrl {
         Vec::new()
     } else if args.ctrls.is_empty() {
@@ -265,9 +268,14 @@ mod tests {
             vec!["run", "--file", "/a:relative", "--", "true"],
             vec!["run"],
             vec!["run", "--no-ctrl", "--ctrl", "ns=1", "--", "true"],
+            vec!["run", "--ctrl", "size=99999999999T", "--", "true"],
+            vec!["run", "--ctrl", "size=99999999999G", "--", "true"],
         ] {
             let e = parse(&bad).unwrap_err();
             assert_eq!(e.exit_code(), 2, "{bad:?}");
         }
+        let e = config(&parse(&["run", "--timeout", "0", "--", "true"]).unwrap()).unwrap_err();
+        assert!(e.downcast_ref::<UsageError>().is_some(), "{e}");
+        assert_eq!(e.to_string(), "--timeout must be at least 1 second");
     }
 }
