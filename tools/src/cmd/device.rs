@@ -17,7 +17,8 @@ use serde::Serialize;
 
 use super::{outln, UsageError};
 
-/// Bytes moved per step by `read` and `write` (the driver splits further at the max transfer).
+/// Bytes moved per step by `read` (the driver splits further at the max transfer; `write`
+/// streams pieces of the max transfer).
 const STEP: u64 = 8 << 20;
 
 /// How to reach a controller.
