@@ -38,8 +38,8 @@ const QEMU_DEFAULT_MDTS: u8 = 7;
 const QEMU_MIN_PAGE: u64 = 4096;
 /// QEMU deallocates in units of max(LBA size, 4 KiB) (its NPDG); trims are aligned to it.
 const DEALLOCATE_GRANULARITY: u64 = 4096;
-/// The step (buffer) size of `rnvme read` and `rnvme write`: a big region of more than this
-/// crosses it.
+/// The step (buffer) size of `rnvme read` (`rnvme write` streams pieces of the max transfer):
+/// a big region of more than this crosses it.
 pub const RNVME_STEP: u64 = 8 * MIB;
 /// Byte offset and length of the region `two_controllers` writes on both controllers.
 const TWO_CTRL_OFFSET: u64 = 96 * MIB;
@@ -60,7 +60,7 @@ pub struct Exercise {
     /// namespace with a blkdebug `read_aio` rule limited to one sector.
     pub extras: bool,
     /// Size of the region rnvme writes between two SMART snapshots (one LBA is added, so that
-    /// it is never a multiple of MDTS); above [`RNVME_STEP`] it also crosses rnvme's step.
+    /// it is never a multiple of MDTS); above [`RNVME_STEP`] it also crosses the read step.
     pub big_bytes: u64,
 }
 

@@ -9,10 +9,25 @@ const BDF: &str = "0000:00:04.0";
 const LBA: u64 = 4096;
 const SIZE_MIB: u64 = 64;
 const LBAS: u64 = (SIZE_MIB << 20) / LBA;
+/// The max transfer of QEMU's controller: MDTS 7 (its default), 2^7 pages of 4 KiB.
+const MDTS: u64 = 512 << 10;
+/// A write of six max transfers, and where its copies go.
+const BIG: u64 = 6 * MDTS;
+const FILE_AT: u64 = 1024;
+const PIPE_AT: u64 = 2048;
+const ODD_AT: u64 = 4096;
+/// Never written: a verify there finds zeros.
+const VERIFY_AT: u64 = 8192;
 
 /// Shell helpers of this script (after the common prelude).
 const HELPERS: &str = r#"
 wr_stdin() { _wf=$1; shift; rnvme "$@" <"$_wf"; }
+wr_pipe() { _pf=$1; shift; cat "$_pf" | rnvme "$@"; }
+# closed_out CMD...: CMD with its stdout a pipe whose reader has exited; CMD's status
+closed_out() {
+    { sleep 0.5; "$@"; echo $? >/tmp/d/closed.rc; } | true
+    return "$(cat /tmp/d/closed.rc)"
+}
 driver_of() { _dl=$(readlink "/sys/bus/pci/devices/$1/driver") && echo "${_dl##*/}"; }
 # wait_open PID: wait (at most 30 s) until process PID has a VFIO group open
 wait_open() {
@@ -133,6 +148,39 @@ step ns2_check rnvme read $NVME0 --lba 200 --count 1 --out /tmp/d/ns.r
 step ns2_zero is_zero /tmp/d/ns.r {lba}
 step alive6 rnvme read $NVME0 --lba 0 --count 1 --out /tmp/d/a6
 
+# Writes longer than the max transfer (512 KiB) are streamed piece by piece, from a file and
+# from a pipe; a pipe that ends in a partial LBA, or runs past the end of the namespace, stops
+# there and says which LBAs were written.
+step gen_big rnd /tmp/d/big {big}
+step stream_file rnvme write $NVME0 --lba {file_at} --in /tmp/d/big
+step stream_file_read rnvme read $NVME0 --lba {file_at} --count {big_lbas} --out /tmp/d/big.f
+step stream_file_cmp same /tmp/d/big /tmp/d/big.f
+step stream_pipe wr_pipe /tmp/d/big write $NVME0 --lba {pipe_at}
+step stream_pipe_read rnvme read $NVME0 --lba {pipe_at} --count {big_lbas} --out /tmp/d/big.p
+step stream_pipe_cmp same /tmp/d/big /tmp/d/big.p
+step gen_big_odd sh -c 'cat /tmp/d/big /tmp/d/odd > /tmp/d/big.odd'
+step stream_odd wr_pipe /tmp/d/big.odd write $NVME0 --lba {odd_at}
+step stream_odd_read rnvme read $NVME0 --lba {odd_at} --count {big_lbas} --out /tmp/d/big.o
+step stream_odd_cmp same /tmp/d/big /tmp/d/big.o
+step stream_odd_after rnvme read $NVME0 --lba {odd_end} --count 2 --out /tmp/d/big.oa
+step stream_odd_zero is_zero /tmp/d/big.oa {two}
+step stream_beyond wr_pipe /tmp/d/big write $NVME0 --lba {beyond_at}
+step stream_beyond_read rnvme read $NVME0 --lba {beyond_at} --count {mdts_lbas} --out /tmp/d/big.b
+step gen_big_head sh -c 'head -c {mdts} /tmp/d/big > /tmp/d/big.h'
+step stream_beyond_cmp same /tmp/d/big.h /tmp/d/big.b
+
+# Trim and write-zeroes without a range: refused, the data stays.
+step trim_no_range rnvme trim $NVME0
+step zeroes_no_range rnvme write-zeroes $NVME0 --ns 1
+step trim_all_and_range rnvme trim $NVME0 --all --lba 0 --count 1
+step no_range_read rnvme read $NVME0 --lba {file_at} --count {big_lbas} --out /tmp/d/big.n
+step no_range_cmp same /tmp/d/big /tmp/d/big.n
+
+# A reader that went away: quiet success, or the status of what the command found.
+step closed_read closed_out rnvme read $NVME0 --lba {file_at} --count {big_lbas}
+step closed_identify closed_out rnvme identify $NVME0
+step closed_verify closed_out rnvme verify $NVME0 --lba {verify_at} --count 64
+
 # Controls: the same writes with valid input land where the checks above looked.
 step control_odd rnvme write $NVME0 --lba 100 --in /tmp/d/two
 step control_odd_read rnvme read $NVME0 --lba 100 --count 2 --out /tmp/d/c100
@@ -155,6 +203,16 @@ step list2 rnvme list --json
         lba = LBA,
         lbas = LBAS,
         last_off = last * LBA,
+        big = BIG,
+        big_lbas = BIG / LBA,
+        file_at = FILE_AT,
+        pipe_at = PIPE_AT,
+        odd_at = ODD_AT,
+        odd_end = ODD_AT + BIG / LBA,
+        beyond_at = LBAS - MDTS / LBA,
+        mdts = MDTS,
+        mdts_lbas = MDTS / LBA,
+        verify_at = VERIFY_AT,
     )
 }
 
@@ -316,6 +374,61 @@ fn bad_inputs_give_clear_errors_and_leave_the_device_working() {
     s.ok("ns2_check");
     s.ok("ns2_zero");
     s.ok("alive6");
+
+    // Streamed writes.
+    for name in [
+        "gen_big",
+        "stream_file",
+        "stream_file_read",
+        "stream_file_cmp",
+        "stream_pipe",
+        "stream_pipe_read",
+        "stream_pipe_cmp",
+        "gen_big_odd",
+        "stream_odd_read",
+        "stream_odd_cmp",
+        "stream_odd_after",
+        "stream_odd_zero",
+        "stream_beyond_read",
+        "gen_big_head",
+        "stream_beyond_cmp",
+    ] {
+        s.ok(name);
+    }
+    let big_lbas = BIG / LBA;
+    s.failed("stream_odd", 2).stderr_has(&[&format!(
+        "the input is {} bytes, not a positive multiple of the namespace's {LBA}-byte LBA size; \
+         its first {big_lbas} LBAs were written (LBAs {ODD_AT}..{}), the rest was not",
+        BIG + LBA + 512,
+        ODD_AT + big_lbas
+    )]);
+    let beyond_at = LBAS - MDTS / LBA;
+    s.failed("stream_beyond", 2).stderr_has(&[&format!(
+        "the input goes beyond namespace 1, which has {LBAS} LBAs (0..{LBAS}); \
+         its first {} LBAs were written (LBAs {beyond_at}..{LBAS}), the rest was not",
+        MDTS / LBA
+    )]);
+
+    // No range, no trim.
+    for (name, cmd) in [
+        ("trim_no_range", "trim"),
+        ("zeroes_no_range", "write-zeroes"),
+    ] {
+        s.failed(name, 2).stderr_has(&[&format!(
+            "{cmd} needs a range: add --lba L --count C, or --all for the whole namespace"
+        )]);
+    }
+    s.failed("trim_all_and_range", 2)
+        .stderr_has(&["give either --all or --lba and --count, not both"]);
+    s.ok("no_range_read");
+    s.ok("no_range_cmp");
+
+    // Closed stdout.
+    for name in ["closed_read", "closed_identify"] {
+        let st = s.ok(name);
+        assert_eq!(st.stderr, "", "{}", st.describe());
+    }
+    s.failed("closed_verify", 1).stderr_has(&["64 mismatching"]);
 
     // Controls and the way back to the kernel.
     for name in [

@@ -1,7 +1,7 @@
 //! The guest matrix: each entry boots one guest and runs [`run_exercise`] on it (identify
 //! against nvme-cli, data both ways between rnvme and the kernel driver, every admin and I/O
 //! command). See `rnvme_tests::exercise` for what is checked. (a) and (b) write 9 MiB at once,
-//! across rnvme's 8 MiB step; (c) and (d), about several namespaces and controllers, 2 MiB.
+//! across rnvme read's 8 MiB step; (c) and (d), about several namespaces and controllers, 2 MiB.
 
 use rnvme_tests::exercise::{run_exercise, Exercise, RNVME_STEP};
 use rnvme_tools::vm::{BlkdebugRule, ControllerSpec, NamespaceSpec, VmConfig};

@@ -3,6 +3,8 @@
 
 mod cmd;
 
+use std::io::Write;
+use std::panic::{AssertUnwindSafe, PanicHookInfo};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -36,9 +38,9 @@ enum Command {
     Write(cmd::device::WriteArgs),
     /// Flush the volatile write cache of a namespace
     Flush(cmd::device::FlushArgs),
-    /// Zero a range of LBAs (the whole namespace by default)
+    /// Zero a range of LBAs (--lba L --count C), or the whole namespace (--all)
     WriteZeroes(cmd::device::ZeroArgs),
-    /// Deallocate (trim) a range of LBAs (the whole namespace by default)
+    /// Deallocate (trim) a range of LBAs (--lba L --count C), or the whole namespace (--all)
     Trim(cmd::device::ZeroArgs),
     /// Show the SMART / health or error information log page
     Log(cmd::device::LogArgs),
@@ -67,12 +69,29 @@ enum Command {
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("off")).init();
-    std::panic::set_hook(Box::new(|info| {
-        let msg = info.to_string().replace('\n', " ");
-        eprintln!("rnvme: error: internal error: {msg}");
-        std::process::exit(1);
-    }));
+    std::panic::set_hook(Box::new(|info| report_panic(&mut std::io::stderr(), info)));
     let cli = Cli::parse();
+    exit_status_of(|| run(cli))
+}
+
+/// The panic hook (`out` is stderr): report the panic on one line and let it unwind.
+/// Destructors run (a QEMU guest is killed, temporary directories are removed), a
+/// `catch_unwind` on the way (the reactor's, perf's worker set-up) sees it, and a panic on
+/// another thread does not end the process. A panic of the command itself reaches
+/// [`exit_status_of`].
+fn report_panic(out: &mut dyn Write, info: &PanicHookInfo<'_>) {
+    let msg = info.to_string().replace('\n', " ");
+    // Not eprintln!: a panic inside the hook (stderr closed) would abort.
+    let _ = writeln!(out, "rnvme: error: internal error: {msg}");
+}
+
+/// Runs `f`; a panic that unwinds out of it (reported by the hook) is exit status 1.
+fn exit_status_of(f: impl FnOnce() -> ExitCode) -> ExitCode {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or(ExitCode::from(1))
+}
+
+/// Runs the command; its exit status.
+fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Demo(a) => cmd::demo::demo(a),
         Command::Setup(a) => cmd::setup::setup(a),
@@ -94,8 +113,16 @@ fn main() -> ExitCode {
         Command::Mpage(c) => cmd::mpage::mpage(c),
         Command::Vm(c) => cmd::vm::vm(c),
     };
+    // What is still buffered goes out now, where a write error is seen. A closed stdout does
+    // not change the command's status (which may say it found a failure).
+    let result = result.and_then(|code| {
+        cmd::allow_closed_stdout(std::io::stdout().flush().map_err(cmd::stdout_error))?;
+        Ok(code)
+    });
     match result {
         Ok(code) => code,
+        // See cmd::StdoutClosed: the reader wanted no more, the command did not fail.
+        Err(e) if cmd::is_stdout_closed(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("rnvme: error: {}", cmd::error_line(&e));
             if e.downcast_ref::<cmd::UsageError>().is_some() {
@@ -104,5 +131,60 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+
+    struct SetOnDrop<'a>(&'a AtomicBool);
+
+    impl Drop for SetOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_panic_is_reported_on_one_line_unwinds_and_exits_with_1() {
+        static OUT: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+        let previous = std::panic::take_hook();
+        // The hook, writing to OUT instead of stderr: one that ended the process would end
+        // this test binary.
+        std::panic::set_hook(Box::new(|info| {
+            report_panic(&mut *OUT.lock().unwrap_or_else(|e| e.into_inner()), info)
+        }));
+        let dropped = AtomicBool::new(false);
+        let code = exit_status_of(|| {
+            let _guard = SetOnDrop(&dropped);
+            panic!("first line\nsecond line of the command's panic");
+        });
+        let thread = std::thread::spawn(|| panic!("a worker thread's panic")).join();
+        std::panic::set_hook(previous);
+
+        assert_eq!(code, ExitCode::from(1));
+        assert!(dropped.load(Ordering::SeqCst), "the destructor did not run");
+        assert!(thread.is_err());
+        let out = String::from_utf8(OUT.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .expect("UTF-8");
+        let lines: Vec<&str> = out.lines().collect();
+        let of = |needle: &str| {
+            lines
+                .iter()
+                .find(|l| l.contains(needle))
+                .unwrap_or_else(|| panic!("no line with {needle:?} in {lines:?}"))
+                .to_string()
+        };
+        let line = of("first line second line of the command's panic");
+        assert!(
+            line.starts_with("rnvme: error: internal error: panicked at "),
+            "{line}"
+        );
+        let line = of("a worker thread's panic");
+        assert!(line.starts_with("rnvme: error: internal error: "), "{line}");
+        assert_eq!(exit_status_of(|| ExitCode::from(7)), ExitCode::from(7));
     }
 }

@@ -18,10 +18,18 @@ fn perf(args: &[&str]) -> (i32, String) {
 
 #[test]
 fn refused_arguments_exit_with_status_2() {
-    let base = ["0000:00:1f.7", "-t", "1"];
+    let base = ["0000:00:1f.7"];
     for (extra, want) in [
         (
-            &["-q", "0", "-o", "4096", "-w", "read"][..],
+            &["-t", "0", "-q", "1", "-o", "4k", "-w", "read"][..],
+            "the run time (-t) must be above zero",
+        ),
+        (
+            &["-t", "0.0000000001", "-q", "1", "-o", "4k", "-w", "read"],
+            "the run time (-t) must be above zero",
+        ),
+        (
+            &["-q", "0", "-o", "4096", "-w", "read"],
             "queue depth (-q) must be at least 1",
         ),
         (
@@ -65,6 +73,9 @@ fn refused_arguments_exit_with_status_2() {
         ),
     ] {
         let mut args = base.to_vec();
+        if !extra.contains(&"-t") {
+            args.extend_from_slice(&["-t", "1"]);
+        }
         args.extend_from_slice(extra);
         let (code, err) = perf(&args);
         assert_eq!(code, 2, "{args:?}: {err}");

@@ -10,6 +10,8 @@ use anyhow::Result;
 use clap::Args;
 use rnvme_tools::vm::{self, ControllerSpec, NamespaceSpec, VmConfig};
 
+use super::{allow_closed_stdout, out, outln};
+
 /// `rnvme demo`
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -69,16 +71,17 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode> {
     };
     eprintln!("booting a QEMU guest with an emulated NVMe controller (TCG, a few seconds)...");
     let out = vm::run(&config, &script(a.seconds))?;
-    print!("{}", out.output);
+    // The guest's status decides, whether or not its output was read.
+    allow_closed_stdout(out!("{}", out.output))?;
     if out.exit_code != 0 {
         anyhow::bail!(
             "the demo failed in the guest (exit status {})",
             out.exit_code
         );
     }
-    println!(
+    outln!(
         "\ndemo done: guest booted to its first command in {:.1} s",
         out.boot_to_script.as_secs_f64()
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }

@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -15,9 +15,10 @@ use rnvme_driver::io::IoQueuePair;
 use rnvme_driver::queue::DataPointerMode;
 use serde::Serialize;
 
-use super::UsageError;
+use super::{outln, UsageError};
 
-/// Bytes moved per step by `read` and `write` (the driver splits further at the max transfer).
+/// Bytes moved per step by `read` (the driver splits further at the max transfer; `write`
+/// streams pieces of the max transfer).
 const STEP: u64 = 8 << 20;
 
 /// How to reach a controller.
@@ -201,40 +202,42 @@ pub fn identify(a: IdentifyArgs) -> Result<ExitCode> {
             .collect(),
     };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!("controller {}", v.bdf);
-    println!(
+    outln!("controller {}", v.bdf)?;
+    outln!(
         "  vendor           {:04x} (subsystem {:04x})",
-        v.vendor_id, v.subsystem_vendor_id
-    );
-    println!("  serial           {}", v.serial);
-    println!("  model            {}", v.model);
-    println!("  firmware         {}", v.firmware);
-    println!("  version          {}", v.version);
+        v.vendor_id,
+        v.subsystem_vendor_id
+    )?;
+    outln!("  serial           {}", v.serial)?;
+    outln!("  model            {}", v.model)?;
+    outln!("  firmware         {}", v.firmware)?;
+    outln!("  version          {}", v.version)?;
     match v.mdts_bytes {
-        Some(b) => println!("  max transfer     {b} bytes (MDTS {})", v.mdts),
-        None => println!(
+        Some(b) => outln!("  max transfer     {b} bytes (MDTS {})", v.mdts),
+        None => outln!(
             "  max transfer     no limit (MDTS 0); rnvme uses {} bytes",
             v.max_transfer_bytes
         ),
-    }
-    println!("  namespaces       {} (nn)", v.nn);
-    println!(
+    }?;
+    outln!("  namespaces       {} (nn)", v.nn)?;
+    outln!(
         "  queues           {} I/O queue pairs granted, up to {} entries each",
-        v.io_queues_granted, v.max_queue_entries
-    );
-    println!(
+        v.io_queues_granted,
+        v.max_queue_entries
+    )?;
+    outln!(
         "  features         compare: {}, dataset management: {}, write zeroes: {}, volatile write cache: {}, SGL: {}",
         yes(v.compare),
         yes(v.dataset_management),
         yes(v.write_zeroes),
         yes(v.volatile_write_cache),
         v.sgl
-    );
+    )?;
     for n in &v.namespaces {
-        println!(
+        outln!(
             "namespace {}: {} LBAs of {} bytes ({}), capacity {} LBAs, metadata {} bytes",
             n.nsid,
             n.size_lbas,
@@ -242,7 +245,7 @@ pub fn identify(a: IdentifyArgs) -> Result<ExitCode> {
             human(n.size_bytes),
             n.capacity_lbas,
             n.metadata_size
-        );
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -295,6 +298,10 @@ pub fn read(a: ReadArgs) -> Result<ExitCode> {
         }
         None => Box::new(std::io::stdout().lock()),
     };
+    let write_error = |e: std::io::Error| match &a.out {
+        Some(p) => anyhow::Error::new(e).context(format!("cannot write {}", p.display())),
+        None => super::stdout_error(e),
+    };
     let mut qp = qpair(&ctrl)?;
     let lba_size = ns.lba_size as u64;
     let per_step = (STEP / lba_size).max(1);
@@ -306,16 +313,22 @@ pub fn read(a: ReadArgs) -> Result<ExitCode> {
         qp.read(ns.nsid, lba + done, n, &buf)?;
         let bytes = (n * lba_size) as usize;
         buf.read_bytes(0, &mut host[..bytes]);
-        out.write_all(&host[..bytes])
-            .context("cannot write the output")?;
+        out.write_all(&host[..bytes]).map_err(write_error)?;
         done += n;
     }
-    out.flush().context("cannot write the output")?;
+    out.flush().map_err(write_error)?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// `rnvme write`
 #[derive(Args, Debug)]
+#[command(after_help = "\
+The input is written as it is read, one piece of the controller's largest transfer at a time. \
+Its length must be a positive multiple of the LBA size and fit in the namespace: a file (--in) \
+is checked before anything is written. Standard input cannot be: when it turns out not to be a \
+multiple of the LBA size, its last piece is not written; when it reaches past the end of the \
+namespace, it is written up to the end. Either way the pieces before are on the device, and the \
+error says which LBAs were written (exit status 2).")]
 pub struct WriteArgs {
     #[command(flatten)]
     pub dev: DeviceArgs,
@@ -333,46 +346,175 @@ pub struct WriteArgs {
     pub fua: bool,
 }
 
-pub fn write(a: WriteArgs) -> Result<ExitCode> {
-    // Read all the input first: a length that is not a multiple of the LBA size must be
-    // refused before anything is written.
-    let data = match &a.input {
-        Some(p) => std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
-        None => {
-            let mut v = Vec::new();
-            std::io::stdin()
-                .lock()
-                .read_to_end(&mut v)
-                .context("cannot read standard input")?;
-            v
+/// The input of `rnvme write`.
+struct Input {
+    reader: Box<dyn Read>,
+    /// What to call it in an error.
+    name: String,
+    /// Its length, when it is known before reading (a regular file).
+    len: Option<u64>,
+}
+
+impl Input {
+    fn open(path: Option<&Path>) -> Result<Input> {
+        let Some(p) = path else {
+            return Ok(Input {
+                reader: Box::new(std::io::stdin().lock()),
+                name: "standard input".into(),
+                len: None,
+            });
+        };
+        let f = File::open(p).with_context(|| format!("cannot open {}", p.display()))?;
+        let meta = f
+            .metadata()
+            .with_context(|| format!("cannot read {}", p.display()))?;
+        // A pipe or a device has no length up front: it is read like standard input.
+        let len = meta.is_file().then_some(meta.len());
+        Ok(Input {
+            // Never more than was checked, should the file grow meanwhile.
+            reader: Box::new(f.take(len.unwrap_or(u64::MAX))),
+            name: p.display().to_string(),
+            len,
+        })
+    }
+}
+
+/// Read until `buf` is full or the input ends; the number of bytes read.
+fn fill(input: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match input.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
-    };
-    let ctrl = a.dev.open()?;
-    let ns = namespace(&ctrl, a.nsid)?;
+    }
+    Ok(n)
+}
+
+/// What a streamed write left on the device when it stopped: `done` LBAs from `start`.
+fn written(start: u64, done: u64) -> String {
+    if done == 0 {
+        "nothing was written".into()
+    } else {
+        format!(
+            "its first {done} LBAs were written (LBAs {start}..{}), the rest was not",
+            start + done
+        )
+    }
+}
+
+/// Writes `input` at LBA `start` of `ns`, one piece at a time: each piece is read into `piece`
+/// (a whole number of LBAs; filled unless the input ends) and handed to `write` with its first
+/// LBA. A last piece that is not a multiple of the LBA size is not written; a piece that reaches
+/// past the end of the namespace is written up to the end. Both end the stream with a usage
+/// error that says which LBAs were written. Returns the number of LBAs written.
+fn write_stream(
+    input: &mut Input,
+    ns: &NamespaceInfo,
+    start: u64,
+    piece: &mut [u8],
+    write: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<u64> {
     let lba_size = ns.lba_size as u64;
-    let len = data.len() as u64;
-    if len == 0 || !len.is_multiple_of(lba_size) {
+    debug_assert!(!piece.is_empty() && (piece.len() as u64).is_multiple_of(lba_size));
+    let mut done = 0u64;
+    loop {
+        let n = fill(&mut input.reader, piece).with_context(|| {
+            if done == 0 {
+                format!("cannot read {}", input.name)
+            } else {
+                format!("cannot read {}; {}", input.name, written(start, done))
+            }
+        })?;
+        if n == 0 {
+            break;
+        }
+        let bytes = n as u64;
+        if !bytes.is_multiple_of(lba_size) {
+            return Err(UsageError(format!(
+                "the input is {} bytes, not a positive multiple of the namespace's {lba_size}-byte LBA size; {}",
+                done * lba_size + bytes,
+                written(start, done)
+            ))
+            .into());
+        }
+        let at = start + done;
+        let lbas = bytes / lba_size;
+        let room = ns.size_lbas.saturating_sub(at);
+        let now = lbas.min(room);
+        if now > 0 {
+            write(at, &piece[..(now * lba_size) as usize]).with_context(|| {
+                if done == 0 {
+                    format!("write LBAs {at}..{}", at + now)
+                } else {
+                    format!(
+                        "write LBAs {at}..{} (LBAs {start}..{at} are written)",
+                        at + now
+                    )
+                }
+            })?;
+            done += now;
+        }
+        if lbas > room {
+            return Err(UsageError(format!(
+                "the input goes beyond namespace {}, which has {} LBAs (0..{}); {}",
+                ns.nsid,
+                ns.size_lbas,
+                ns.size_lbas,
+                written(start, done)
+            ))
+            .into());
+        }
+        if n < piece.len() {
+            break;
+        }
+    }
+    if done == 0 {
         return Err(UsageError(format!(
-            "the input is {len} bytes, not a positive multiple of the namespace's {lba_size}-byte LBA size; nothing was written"
+            "the input is 0 bytes, not a positive multiple of the namespace's {lba_size}-byte LBA size; nothing was written"
         ))
         .into());
     }
-    let count = len / lba_size;
-    check_range(&ns, a.lba, count)?;
-    let mut qp = qpair(&ctrl)?;
-    let per_step = (STEP / lba_size).max(1);
-    let buf = ctrl.alloc((per_step * lba_size).min(len) as usize)?;
-    let mut done = 0;
-    while done < count {
-        let n = per_step.min(count - done);
-        let off = (done * lba_size) as usize;
-        buf.write_bytes(0, &data[off..off + (n * lba_size) as usize]);
-        qp.write(ns.nsid, a.lba + done, n, &buf, a.fua)?;
-        done += n;
+    Ok(done)
+}
+
+pub fn write(a: WriteArgs) -> Result<ExitCode> {
+    let mut input = Input::open(a.input.as_deref())?;
+    let ctrl = a.dev.open()?;
+    let ns = namespace(&ctrl, a.nsid)?;
+    let lba_size = ns.lba_size as u64;
+    match input.len {
+        // A length known up front is checked before anything is written.
+        Some(len) => {
+            if len == 0 || !len.is_multiple_of(lba_size) {
+                return Err(UsageError(format!(
+                    "the input is {len} bytes, not a positive multiple of the namespace's {lba_size}-byte LBA size; nothing was written"
+                ))
+                .into());
+            }
+            check_range(&ns, a.lba, len / lba_size)?;
+        }
+        None => check_range(&ns, a.lba, 1)?,
     }
+    let mut qp = qpair(&ctrl)?;
+    // One DMA buffer of the largest transfer: one command per piece.
+    let per_piece = (qp.max_transfer_for(ns.lba_size) as u64 / lba_size).max(1);
+    let piece_bytes = per_piece * lba_size;
+    let piece_bytes = input.len.map_or(piece_bytes, |len| len.min(piece_bytes)) as usize;
+    let buf = ctrl.alloc(piece_bytes)?;
+    let mut host = vec![0u8; piece_bytes];
+    let count = write_stream(&mut input, &ns, a.lba, &mut host, &mut |at, data| {
+        buf.write_bytes(0, data);
+        qp.write(ns.nsid, at, data.len() as u64 / lba_size, &buf, a.fua)?;
+        Ok(())
+    })?;
     eprintln!(
-        "wrote {count} LBAs ({len} bytes) at LBA {} of namespace {}",
-        a.lba, ns.nsid
+        "wrote {count} LBAs ({} bytes) at LBA {} of namespace {}",
+        count * lba_size,
+        a.lba,
+        ns.nsid
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -402,6 +544,9 @@ pub struct ZeroArgs {
     pub dev: DeviceArgs,
     #[command(flatten)]
     pub range: RangeArgs,
+    /// The whole namespace (instead of --lba and --count)
+    #[arg(long)]
+    pub all: bool,
 }
 
 /// Which of the two range commands.
@@ -411,11 +556,43 @@ pub enum RangeOp {
     Trim,
 }
 
+impl RangeOp {
+    fn name(self) -> &'static str {
+        match self {
+            RangeOp::WriteZeroes => "write-zeroes",
+            RangeOp::Trim => "trim",
+        }
+    }
+}
+
+/// The range a write-zeroes or trim asks for: `Some((lba, count))`, or `None` for the whole
+/// namespace (`--all`). Both destroy data, so neither is assumed: the range is given in full
+/// or `--all` is.
+fn requested_range(a: &ZeroArgs, op: RangeOp) -> Result<Option<(u64, u64)>> {
+    let name = op.name();
+    match (a.all, a.range.lba, a.range.count) {
+        (true, None, None) => Ok(None),
+        (true, _, _) => Err(UsageError(format!(
+            "{name}: --all is the whole namespace; give either --all or --lba and --count, not both"
+        ))
+        .into()),
+        (false, Some(lba), Some(count)) => Ok(Some((lba, count))),
+        (false, None, None) => Err(UsageError(format!(
+            "{name} needs a range: add --lba L --count C, or --all for the whole namespace"
+        ))
+        .into()),
+        (false, _, _) => Err(UsageError(format!(
+            "{name} needs both --lba and --count (or --all for the whole namespace)"
+        ))
+        .into()),
+    }
+}
+
 pub fn range_op(a: ZeroArgs, op: RangeOp) -> Result<ExitCode> {
+    let range = requested_range(&a, op)?;
     let ctrl = a.dev.open()?;
     let ns = namespace(&ctrl, a.range.nsid)?;
-    let lba = a.range.lba.unwrap_or(0);
-    let count = a.range.count.unwrap_or(ns.size_lbas.saturating_sub(lba));
+    let (lba, count) = range.unwrap_or((0, ns.size_lbas));
     check_range(&ns, lba, count)?;
     let mut qp = qpair(&ctrl)?;
     let info = ctrl.info();
@@ -475,54 +652,256 @@ pub fn log(a: LogArgs) -> Result<ExitCode> {
         LogKind::Smart => {
             let s = ctrl.smart_log()?;
             if a.json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                outln!("{}", serde_json::to_string_pretty(&s)?)?;
                 return Ok(ExitCode::SUCCESS);
             }
-            println!("SMART / health log of {}", ctrl.name());
-            println!("  critical warning        {:#04x}", s.critical_warning);
-            println!(
+            outln!("SMART / health log of {}", ctrl.name())?;
+            outln!("  critical warning        {:#04x}", s.critical_warning)?;
+            outln!(
                 "  temperature             {} °C ({} K)",
                 s.temperature_celsius(),
                 s.temperature_kelvin
-            );
-            println!(
+            )?;
+            outln!(
                 "  available spare         {} % (threshold {} %)",
-                s.available_spare, s.available_spare_threshold
-            );
-            println!("  percentage used         {} %", s.percentage_used);
-            println!(
+                s.available_spare,
+                s.available_spare_threshold
+            )?;
+            outln!("  percentage used         {} %", s.percentage_used)?;
+            outln!(
                 "  data units read         {} (× 512 000 bytes)",
                 s.data_units_read
-            );
-            println!(
+            )?;
+            outln!(
                 "  data units written      {} (× 512 000 bytes)",
                 s.data_units_written
-            );
-            println!("  host read commands      {}", s.host_read_commands);
-            println!("  host write commands     {}", s.host_write_commands);
-            println!("  controller busy time    {} min", s.controller_busy_time);
-            println!("  power cycles            {}", s.power_cycles);
-            println!("  power on hours          {}", s.power_on_hours);
-            println!("  unsafe shutdowns        {}", s.unsafe_shutdowns);
-            println!("  media errors            {}", s.media_errors);
-            println!("  error log entries       {}", s.num_err_log_entries);
+            )?;
+            outln!("  host read commands      {}", s.host_read_commands)?;
+            outln!("  host write commands     {}", s.host_write_commands)?;
+            outln!("  controller busy time    {} min", s.controller_busy_time)?;
+            outln!("  power cycles            {}", s.power_cycles)?;
+            outln!("  power on hours          {}", s.power_on_hours)?;
+            outln!("  unsafe shutdowns        {}", s.unsafe_shutdowns)?;
+            outln!("  media errors            {}", s.media_errors)?;
+            outln!("  error log entries       {}", s.num_err_log_entries)?;
         }
         LogKind::Errors => {
             let entries = ctrl.error_log()?;
             if a.json {
-                println!("{}", serde_json::to_string_pretty(&entries)?);
+                outln!("{}", serde_json::to_string_pretty(&entries)?)?;
                 return Ok(ExitCode::SUCCESS);
             }
             if entries.is_empty() {
-                println!("error log of {}: no entries", ctrl.name());
+                outln!("error log of {}: no entries", ctrl.name())?;
             }
             for e in entries {
-                println!(
+                outln!(
                     "error #{}: sq {} cid {} nsid {} lba {}: {}",
-                    e.error_count, e.sqid, e.cid, e.nsid, e.lba, e.status
-                );
+                    e.error_count,
+                    e.sqid,
+                    e.cid,
+                    e.nsid,
+                    e.lba,
+                    e.status
+                )?;
             }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LBA: u32 = 512;
+
+    fn ns(size_lbas: u64) -> NamespaceInfo {
+        NamespaceInfo {
+            nsid: 1,
+            size_lbas,
+            capacity_lbas: size_lbas,
+            utilization_lbas: 0,
+            flbas: 0,
+            lba_formats: Vec::new(),
+            lba_size: LBA,
+            metadata_size: 0,
+            nsfeat: 0,
+            nguid: [0; 16],
+            eui64: [0; 8],
+        }
+    }
+
+    /// A reader that hands out at most `chunk` bytes per read, then fails if `fail_at` is
+    /// reached.
+    struct Trickle {
+        data: Vec<u8>,
+        at: usize,
+        chunk: usize,
+        fail_at: Option<usize>,
+    }
+
+    impl Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.fail_at.is_some_and(|f| self.at >= f) {
+                return Err(std::io::Error::other("the pipe broke"));
+            }
+            let n = buf.len().min(self.chunk).min(self.data.len() - self.at);
+            buf[..n].copy_from_slice(&self.data[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    fn data(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 512) as u8).collect()
+    }
+
+    fn stdin_of(data: Vec<u8>, chunk: usize, fail_at: Option<usize>) -> Input {
+        Input {
+            reader: Box::new(Trickle {
+                data,
+                at: 0,
+                chunk,
+                fail_at,
+            }),
+            name: "standard input".into(),
+            len: None,
+        }
+    }
+
+    /// A namespace of `size` LBAs in memory, and the writes it received as (LBA, LBAs).
+    struct Disk {
+        bytes: Vec<u8>,
+        writes: Vec<(u64, u64)>,
+    }
+
+    /// Streams `input` to a fresh disk of `size` LBAs at `start`, in pieces of `piece_lbas`.
+    fn stream(mut input: Input, size: u64, start: u64, piece_lbas: usize) -> (Result<u64>, Disk) {
+        let mut disk = Disk {
+            bytes: vec![0; size as usize * LBA as usize],
+            writes: Vec::new(),
+        };
+        let mut piece = vec![0u8; piece_lbas * LBA as usize];
+        let r = write_stream(&mut input, &ns(size), start, &mut piece, &mut |at, d| {
+            assert!(d.len() <= piece_lbas * LBA as usize && d.len() % LBA as usize == 0);
+            let off = at as usize * LBA as usize;
+            disk.bytes[off..off + d.len()].copy_from_slice(d);
+            disk.writes.push((at, d.len() as u64 / LBA as u64));
+            Ok(())
+        });
+        (r, disk)
+    }
+
+    fn usage_message(r: Result<u64>) -> String {
+        let e = r.expect_err("a refusal");
+        assert!(e.downcast_ref::<UsageError>().is_some(), "{e:#}");
+        crate::cmd::error_line(&e)
+    }
+
+    #[test]
+    fn input_is_written_piece_by_piece_at_the_next_lba() {
+        // 3.5 pieces of 4 LBAs, read 300 bytes at a time.
+        let d = data(14 * LBA as usize);
+        let (r, disk) = stream(stdin_of(d.clone(), 300, None), 64, 10, 4);
+        assert_eq!(r.unwrap(), 14);
+        assert_eq!(disk.writes, [(10, 4), (14, 4), (18, 4), (22, 2)]);
+        assert_eq!(&disk.bytes[10 * 512..24 * 512], &d[..]);
+        assert!(disk.bytes[..10 * 512].iter().all(|&b| b == 0));
+        assert!(disk.bytes[24 * 512..].iter().all(|&b| b == 0));
+        // Up to the last LBA exactly.
+        let (r, disk) = stream(stdin_of(d.clone(), 4096, None), 24, 10, 4);
+        assert_eq!(r.unwrap(), 14);
+        assert_eq!(&disk.bytes[10 * 512..], &d[..]);
+    }
+
+    #[test]
+    fn a_last_piece_that_is_not_whole_lbas_is_not_written_and_the_error_says_what_was() {
+        let (r, disk) = stream(stdin_of(data(8 * 512 + 700), 1000, None), 64, 10, 4);
+        assert_eq!(
+            usage_message(r),
+            "the input is 4796 bytes, not a positive multiple of the namespace's 512-byte LBA size; \
+             its first 8 LBAs were written (LBAs 10..18), the rest was not"
+        );
+        assert_eq!(disk.writes, [(10, 4), (14, 4)]);
+        assert!(disk.bytes[18 * 512..].iter().all(|&b| b == 0));
+
+        let (r, disk) = stream(stdin_of(data(700), 1000, None), 64, 10, 4);
+        assert_eq!(
+            usage_message(r),
+            "the input is 700 bytes, not a positive multiple of the namespace's 512-byte LBA size; \
+             nothing was written"
+        );
+        assert!(disk.writes.is_empty());
+
+        let (r, disk) = stream(stdin_of(Vec::new(), 1000, None), 64, 10, 4);
+        assert_eq!(
+            usage_message(r),
+            "the input is 0 bytes, not a positive multiple of the namespace's 512-byte LBA size; \
+             nothing was written"
+        );
+        assert!(disk.writes.is_empty());
+    }
+
+    #[test]
+    fn input_beyond_the_namespace_is_written_up_to_its_end_then_refused() {
+        let d = data(20 * 512);
+        let (r, disk) = stream(stdin_of(d.clone(), 4096, None), 16, 10, 4);
+        assert_eq!(
+            usage_message(r),
+            "the input goes beyond namespace 1, which has 16 LBAs (0..16); \
+             its first 6 LBAs were written (LBAs 10..16), the rest was not"
+        );
+        assert_eq!(disk.writes, [(10, 4), (14, 2)]);
+        assert_eq!(&disk.bytes[10 * 512..], &d[..6 * 512]);
+    }
+
+    #[test]
+    fn a_failing_read_says_what_was_written() {
+        let (r, disk) = stream(stdin_of(data(20 * 512), 512, Some(5 * 512)), 64, 0, 4);
+        let e = r.unwrap_err();
+        assert!(e.downcast_ref::<UsageError>().is_none());
+        assert_eq!(
+            crate::cmd::error_line(&e),
+            "cannot read standard input; its first 4 LBAs were written (LBAs 0..4), the rest was \
+             not: the pipe broke"
+        );
+        assert_eq!(disk.writes, [(0, 4)]);
+    }
+
+    #[test]
+    fn a_failing_write_names_its_lbas_and_those_written_before() {
+        let mut input = stdin_of(data(12 * 512), 4096, None);
+        let mut piece = vec![0u8; 4 * 512];
+        let mut calls = 0;
+        let r = write_stream(&mut input, &ns(64), 3, &mut piece, &mut |_, _| {
+            calls += 1;
+            if calls == 2 {
+                anyhow::bail!("Write failed: LBA Out of Range");
+            }
+            Ok(())
+        });
+        let e = r.unwrap_err();
+        assert_eq!(
+            crate::cmd::error_line(&e),
+            "write LBAs 7..11 (LBAs 3..7 are written): Write failed: LBA Out of Range"
+        );
+    }
+
+    #[test]
+    fn a_file_is_read_up_to_the_length_it_was_checked_at() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("in");
+        std::fs::write(&p, data(3 * 512)).unwrap();
+        let input = Input::open(Some(&p)).unwrap();
+        assert_eq!(input.len, Some(3 * 512));
+        std::fs::write(&p, data(9 * 512)).unwrap();
+        let (r, disk) = stream(input, 64, 0, 4);
+        assert_eq!(r.unwrap(), 3);
+        assert_eq!(disk.writes, [(0, 3)]);
+        let e = Input::open(Some(&dir.path().join("missing")))
+            .err()
+            .expect("a missing file");
+        assert!(crate::cmd::error_line(&e).starts_with("cannot open "));
+    }
 }

@@ -17,7 +17,7 @@ use rnvme_mpage::ext::{copy_file, CopyError, ExtFs, FileType, Inode, MetaStats, 
 use rnvme_mpage::{BlockIo, CacheOptions, CacheStats, NvmeBlockIo, PageCache, PagePool};
 
 use super::device::DeviceArgs;
-use super::UsageError;
+use super::{out, outln, UsageError};
 
 /// Frames of the page pool (8 MiB: four 2 MiB hugepages).
 const POOL_FRAMES: usize = 2048;
@@ -219,9 +219,9 @@ pub fn cp(a: CpArgs) -> Result<ExitCode> {
         .map_err(|e| e.into_error())
         .and_then(|f| f.sync_all())
         .with_context(|| format!("write {}", dest.display()))?;
-    println!("{} -> {}: {n} bytes", a.path, dest.display());
+    outln!("{} -> {}: {n} bytes", a.path, dest.display())?;
     if a.stats {
-        println!("{}: {}", a.path, stats_line(n, &st, &meta));
+        outln!("{}: {}", a.path, stats_line(n, &st, &meta))?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -335,7 +335,7 @@ fn format_rows(rows: &[Row], long: bool) -> String {
 pub fn ls(a: LsArgs) -> Result<ExitCode> {
     let s = Session::open(&a.fs)?;
     let rows = list(&s.fs, &s.pool, &a.path, a.long).with_context(|| format!("ls {}", a.path))?;
-    print!("{}", format_rows(&rows, a.long));
+    out!("{}", format_rows(&rows, a.long))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -9,6 +9,8 @@ use clap::Args;
 use rnvme_tools::sysfs::{Access, Sysfs};
 use serde::Serialize;
 
+use super::{out, outln};
+
 /// Arguments of `rnvme list`.
 #[derive(Debug, Args)]
 pub struct ListArgs {
@@ -149,11 +151,11 @@ pub fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     let sys = Sysfs::from_env();
     let e = entries(&sys)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&e)?);
+        outln!("{}", serde_json::to_string_pretty(&e)?)?;
     } else if e.is_empty() {
-        println!("no NVMe controllers found");
+        outln!("no NVMe controllers found")?;
     } else {
-        print!("{}", table(&e));
+        out!("{}", table(&e))?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -11,6 +11,60 @@ pub mod setup;
 pub mod verify;
 pub mod vm;
 
+/// Standard output was closed by its reader, as `rnvme list | head -1` does once it has its
+/// line.
+///
+/// The commands print with [`out!`] and [`outln!`], which turn that write error into this one
+/// instead of panicking as `print!` does; `main` then exits quietly with status 0. It is not
+/// the shell's 141 (killed by SIGPIPE): the reader asked for no more, which is not a failure of
+/// the command. A command whose status says more than "done" (verify, perf, bench) finishes its
+/// checks and keeps its own status when its report cannot be printed.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output was closed")]
+pub struct StdoutClosed;
+
+/// An error writing to standard output: [`StdoutClosed`] when the reader is gone.
+pub fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        StdoutClosed.into()
+    } else {
+        anyhow::Error::new(e).context("cannot write to standard output")
+    }
+}
+
+/// Whether `e` is (or was caused by) [`StdoutClosed`].
+pub fn is_stdout_closed(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<StdoutClosed>())
+}
+
+/// `printed` (the result of printing a report), with a closed standard output let through:
+/// for a command whose status comes from what it found, which the reader closing the pipe
+/// must not turn into success.
+pub fn allow_closed_stdout(printed: anyhow::Result<()>) -> anyhow::Result<()> {
+    match printed {
+        Err(e) if is_stdout_closed(&e) => Ok(()),
+        other => other,
+    }
+}
+
+/// `print!` that returns an `anyhow::Result<()>` instead of panicking (see [`StdoutClosed`]).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout().lock(), $($arg)*).map_err($crate::cmd::stdout_error)
+    }};
+}
+
+/// `println!` that returns an `anyhow::Result<()>` instead of panicking (see [`StdoutClosed`]).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err($crate::cmd::stdout_error)
+    }};
+}
+
+pub(crate) use {out, outln};
+
 /// A usage error found after argument parsing (exit status 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -59,6 +113,28 @@ mod tests {
         });
         let line = error_line(&e);
         assert_eq!(line.matches("Permission denied").count(), 1, "{line}");
+    }
+
+    #[test]
+    fn a_broken_pipe_on_stdout_is_stdout_closed_and_other_errors_are_not() {
+        let closed = stdout_error(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+        assert!(is_stdout_closed(&closed));
+        assert!(is_stdout_closed(&closed.context("print the table")));
+        assert!(allow_closed_stdout(Err(stdout_error(std::io::Error::from(
+            std::io::ErrorKind::BrokenPipe
+        ))))
+        .is_ok());
+        let full = stdout_error(std::io::Error::from_raw_os_error(28));
+        assert!(!is_stdout_closed(&full));
+        let line = error_line(&full);
+        assert!(
+            line.starts_with("cannot write to standard output: "),
+            "{line}"
+        );
+        assert!(allow_closed_stdout(Err(full)).is_err());
+        // A broken pipe that is not stdout's (a child process's input) is an error.
+        let other = anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+        assert!(!is_stdout_closed(&other));
     }
 
     #[test]

@@ -27,7 +27,7 @@ use rnvme_mpage::{
 use serde::Serialize;
 
 use super::device::DeviceArgs;
-use super::UsageError;
+use super::{allow_closed_stdout, outln, UsageError};
 
 /// Bytes asked for by each `read_at` of a sequential pass (large, so readahead runs ahead).
 const READ_CHUNK: usize = 1 << 20;
@@ -310,7 +310,10 @@ impl Device {
         if mib == 0 {
             return Err(UsageError("--cache-mib must be at least 1".into()).into());
         }
-        let frames = (mib << 20) as usize / PAGE_SIZE;
+        let frames = mib
+            .checked_mul(1 << 20)
+            .and_then(|b| usize::try_from(b / PAGE_SIZE as u64).ok())
+            .ok_or_else(|| UsageError(format!("--cache-mib {mib} is too large")))?;
         PagePool::new(self.ctrl.pool(), frames).with_context(|| {
             format!(
                 "{}: cannot take {mib} MiB of DMA memory for the page cache (reserve more hugepages, or lower --cache-mib)",
@@ -689,7 +692,7 @@ fn counter_lines(stats: &CacheStats) -> Result<Vec<String>> {
 
 fn report(r: &FileJson<'_>, json: bool, all: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string(r)?);
+        outln!("{}", serde_json::to_string(r)?)?;
         return Ok(());
     }
     let p = r.pass;
@@ -880,6 +883,15 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     if a.mib == 0 {
         return Err(usage("--mib must be at least 1".into()));
     }
+    let Some(bytes) = a.mib.checked_mul(1 << 20) else {
+        return Err(usage(format!("--mib {} is too large", a.mib)));
+    };
+    if a.rounds == 0 {
+        return Err(usage("--rounds must be at least 1".into()));
+    }
+    if a.depth == Some(0) {
+        return Err(usage("--depth must be at least 1".into()));
+    }
     let d = Device::open(&a.dev, &a.cache)?;
     let (nsid, lba_size) = (d.ns.nsid, d.ns.lba_size as u64);
     let page = PAGE_SIZE as u64;
@@ -888,14 +900,13 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             "namespace {nsid} has {lba_size}-byte LBAs; the page cache needs LBAs of at most {page} bytes"
         )));
     }
-    if !(a.lba * lba_size).is_multiple_of(page) {
+    if !a.lba.is_multiple_of(page / lba_size) {
         return Err(usage(format!(
             "--lba {} is not 4 KiB aligned: give a multiple of {}",
             a.lba,
             page / lba_size
         )));
     }
-    let bytes = a.mib << 20;
     let lbas = bytes / lba_size;
     if a.lba.saturating_add(lbas) > d.ns.size_lbas {
         return Err(usage(format!(
@@ -911,10 +922,6 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         ))
     };
     let pool = d.pool(a.cache.cache_mib)?;
-
-    if a.rounds == 0 {
-        return Err(usage("--rounds must be at least 1".into()));
-    }
     let opts = CacheOptions {
         readahead_max: a.readahead_max,
         ..CacheOptions::default()
@@ -982,11 +989,15 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         raw_target_met: cache_vs_raw >= 0.8,
         per_block_target_met: cache_vs_per_block >= 4.0,
     };
-    if a.json {
-        println!("{}", serde_json::to_string(&r)?);
+    let printed = if a.json {
+        serde_json::to_string(&r)
+            .map_err(anyhow::Error::from)
+            .and_then(|j| outln!("{j}"))
     } else {
-        print_bench(&r);
-    }
+        print_bench(&r)
+    };
+    // The data check decides the status even when nobody reads the figures.
+    allow_closed_stdout(printed)?;
     if !data_matches {
         anyhow::bail!(
             "{}: the passes read different data (digests of cache, per-block, raw and raw sync passes, by round: {})",
@@ -1006,43 +1017,47 @@ fn faster<T>(a: T, b: T, key: impl Fn(&T) -> f64) -> T {
     }
 }
 
-fn print_bench(r: &BenchJson) {
+fn print_bench(r: &BenchJson) -> Result<()> {
     let met = |b: bool| if b { "met" } else { "missed" };
-    println!(
+    outln!(
         "sequential read of {} MiB at LBA {} of namespace {} ({}-byte LBAs, {}-byte blocks, max transfer {} bytes, {} queue entries, readahead up to {} pages; fastest of {} rounds)",
         r.mib, r.lba, r.nsid, r.lba_size, r.block_size, r.max_transfer, r.queue_entries, r.readahead_max, r.rounds
-    );
+    )?;
     for (name, p) in [("cache", &r.cache), ("per-block", &r.per_block)] {
-        println!(
+        outln!(
             "  {name:<10} {:>9.1} MiB/s  {:>7} commands ({} per-block), {} map calls, {} readahead windows",
             p.mib_per_s,
             p.stats.read_commands,
             p.stats.fallback_commands,
             p.stats.map_calls,
             p.stats.readahead_windows
-        );
+        )?;
     }
     for (name, p) in [("raw", &r.raw), ("raw sync", &r.raw_sync)] {
-        println!(
+        outln!(
             "  {name:<10} {:>9.1} MiB/s  {:>7} commands of up to {} bytes, up to {} in flight",
-            p.mib_per_s, p.commands, p.command_bytes, p.max_in_flight
-        );
+            p.mib_per_s,
+            p.commands,
+            p.command_bytes,
+            p.max_in_flight
+        )?;
     }
-    println!(
+    outln!(
         "  cache / raw = {:.2} (target >= 0.80: {}), cache / per-block = {:.2} (target >= 4: {})",
         r.cache_vs_raw,
         met(r.raw_target_met),
         r.cache_vs_per_block,
         met(r.per_block_target_met)
-    );
-    println!(
+    )?;
+    outln!(
         "  data: {}",
         if r.data_matches {
             "all passes read the same bytes"
         } else {
             "the passes read DIFFERENT bytes"
         }
-    );
+    )?;
+    Ok(())
 }
 
 // ---- trace -----------------------------------------------------------------------------
@@ -1097,7 +1112,7 @@ fn trace(a: TraceArgs, raw: Vec<String>) -> Result<ExitCode> {
         other => anyhow::Error::from(other),
     })?;
     for l in lines {
-        println!("{l}");
+        outln!("{l}")?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -14,7 +14,7 @@ use rnvme_driver::dma::Backing;
 use rnvme_driver::queue::DataPointerMode;
 use rnvme_tools::perf::{self, LbaRange, Pattern, PerfConfig, PerfError, Progress, Target};
 
-use super::UsageError;
+use super::{allow_closed_stdout, out, outln, UsageError};
 
 /// The data pointer used when neither --prp nor --sgl is given: chosen per command (PRPs when
 /// PRPs need no list, SGLs otherwise; PRPs when the controller has no SGLs). On QEMU's
@@ -309,11 +309,15 @@ pub fn perf(args: PerfArgs) -> Result<ExitCode> {
     });
     bar.finish_and_clear();
     let report = result.map_err(to_cli)?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+    let printed = if args.json {
+        serde_json::to_string_pretty(&report)
+            .map_err(anyhow::Error::from)
+            .and_then(|j| outln!("{j}"))
     } else {
-        print!("{}", report.table(args.latency_histogram));
-    }
+        out!("{}", report.table(args.latency_histogram))
+    };
+    // Failed commands decide the status even when nobody reads the table.
+    allow_closed_stdout(printed)?;
     if report.error_count() > 0 {
         eprintln!(
             "rnvme: {} command(s) failed and {} block(s) did not verify",

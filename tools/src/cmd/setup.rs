@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use clap::{ArgGroup, Args};
 use rnvme_tools::sysfs::{memlock_needed_kib, Selection, Sysfs, MEMLOCK_HEADROOM_MIB, NVME_DRIVER};
 
-use super::{bdf_arg, UsageError};
+use super::{bdf_arg, outln, UsageError};
 
 /// Arguments of `rnvme setup`.
 #[derive(Debug, Args)]
@@ -48,7 +48,7 @@ pub fn setup(args: SetupArgs) -> anyhow::Result<ExitCode> {
     let targets = if args.all {
         let Selection { free, busy } = sys.select_all().context("list NVMe controllers")?;
         for (bdf, reasons) in &busy {
-            println!("{bdf}: skipped, in use: {}", reasons.join("; "));
+            outln!("{bdf}: skipped, in use: {}", reasons.join("; "))?;
         }
         if free.is_empty() {
             bail!("no NVMe controller to set up ({} found in use)", busy.len());
@@ -67,28 +67,28 @@ pub fn setup(args: SetupArgs) -> anyhow::Result<ExitCode> {
     for bdf in &targets {
         let r = sys.bind_vfio(bdf, args.force)?;
         if !r.forced_past.is_empty() {
-            println!(
+            outln!(
                 "{bdf}: warning: taken despite: {}",
                 r.forced_past.join("; ")
-            );
+            )?;
         }
         if r.already_bound {
-            println!(
+            outln!(
                 "{bdf}: already bound to vfio-pci, IOMMU group {}, {}",
                 r.group,
                 r.group_node.display()
-            );
+            )?;
         } else {
-            println!(
+            outln!(
                 "{bdf}: {} -> vfio-pci, IOMMU group {}, {}",
                 driver_name(&r.previous_driver),
                 r.group,
                 r.group_node.display()
-            );
+            )?;
         }
         if let Some((name, (uid, gid))) = owner {
             sys.chown_group_node(&r.group_node, uid, gid)?;
-            println!("{bdf}: {} now belongs to {name}", r.group_node.display());
+            outln!("{bdf}: {} now belongs to {name}", r.group_node.display())?;
         }
     }
     // With --hugepages 0 this only reads the current number.
@@ -97,7 +97,7 @@ pub fn setup(args: SetupArgs) -> anyhow::Result<ExitCode> {
         .context("reserve hugepages")?;
     if args.hugepages > 0 {
         if h.after >= h.requested {
-            println!(
+            outln!(
                 "hugepages: {} reserved ({} MiB){}",
                 h.after,
                 h.after * 2,
@@ -106,22 +106,22 @@ pub fn setup(args: SetupArgs) -> anyhow::Result<ExitCode> {
                 } else {
                     ""
                 }
-            );
+            )?;
         } else {
-            println!(
+            outln!(
                 "hugepages: warning: only {} of {} reserved ({} MiB); memory is short or fragmented: free some, or reserve them at boot (hugepages= on the kernel command line)",
                 h.after,
                 h.requested,
                 h.after * 2
-            );
+            )?;
         }
     }
     if let Some((name, _)) = owner {
         let kib = memlock_needed_kib(h.after);
-        println!(
+        outln!(
             "memlock: {name} needs `ulimit -l` of at least {kib} KiB ({} hugepages x 2 MiB + {MEMLOCK_HEADROOM_MIB} MiB for queues); for example add \"{name} - memlock {kib}\" to /etc/security/limits.conf",
             h.after
-        );
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -132,7 +132,7 @@ pub fn reset(args: ResetArgs) -> anyhow::Result<ExitCode> {
     for bdf in &args.bdfs {
         let r = sys.reset(bdf)?;
         match &r.driver {
-            Some(d) => println!("{bdf}: {} -> {d}", driver_name(&r.previous_driver)),
+            Some(d) => outln!("{bdf}: {} -> {d}", driver_name(&r.previous_driver))?,
             None => bail!(
                 "{bdf}: no driver took the controller back; load the kernel driver (modprobe {NVME_DRIVER}) and run `rnvme reset {bdf}` again"
             ),

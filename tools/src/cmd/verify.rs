@@ -55,7 +55,7 @@ use rnvme_driver::{Error as DriverError, NvmeStatus};
 use serde::Serialize;
 
 use super::device::DeviceArgs;
-use super::UsageError;
+use super::{allow_closed_stdout, outln, UsageError};
 
 /// The first 8 bytes of every pattern block: "rnvmeVFY" in ASCII.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"rnvmeVFY");
@@ -434,6 +434,43 @@ impl Default for VerifyConfig {
             sync_every: None,
             max_listed: 20,
             command_timeout: None,
+        }
+    }
+}
+
+/// The longest command deadline `--timeout-ms` takes: an hour.
+pub const MAX_COMMAND_TIMEOUT: Duration = Duration::from_secs(3600);
+
+impl VerifyConfig {
+    /// The checks that need no controller: zero where zero means nothing, a deadline too
+    /// long to wait for.
+    pub fn check(&self) -> Result<(), VerifyError> {
+        let bad = |m: &str| Err(VerifyError::Invalid(m.into()));
+        if self.count == Some(0) {
+            return bad("nothing to verify: give --count of at least 1");
+        }
+        if self.depth == 0 {
+            return bad("--depth (-q) must be at least 1");
+        }
+        if self.threads == 0 {
+            return bad("--threads must be at least 1");
+        }
+        if self.io_size == 0 {
+            return bad("--io-size must be at least one LBA");
+        }
+        if self.sync_every == Some(0) {
+            return bad("--sync-every must be at least 1 LBA");
+        }
+        match self.command_timeout {
+            Some(t) if t.is_zero() => bad(
+                "--timeout-ms must be at least 1 (a command deadline of 0 ms fails every command)",
+            ),
+            Some(t) if t > MAX_COMMAND_TIMEOUT => Err(VerifyError::Invalid(format!(
+                "--timeout-ms {} is more than an hour ({} ms)",
+                t.as_millis(),
+                MAX_COMMAND_TIMEOUT.as_millis()
+            ))),
+            _ => Ok(()),
         }
     }
 }
@@ -1027,6 +1064,7 @@ pub fn run(
     cfg: &VerifyConfig,
     synced: &(dyn Fn(Synced) + Sync),
 ) -> Result<VerifyReport, VerifyError> {
+    cfg.check()?;
     let dev = ctrl.name().to_string();
     let ns = ctrl
         .namespace(cfg.nsid)
@@ -1087,8 +1125,7 @@ pub fn run(
         .max(1);
     let sync_every = cfg
         .sync_every
-        .unwrap_or((8u64 << 20) / lba_size as u64)
-        .max(1);
+        .unwrap_or(((8u64 << 20) / lba_size as u64).max(1));
     let plan = Plan {
         dev: dev.clone(),
         nsid: ns.nsid,
@@ -1287,6 +1324,28 @@ fn parse_bytes(s: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("{s:?} is not a size in bytes (such as 4096, 64K or 1M)"))
 }
 
+/// The report on stdout: a summary and the listed mismatches and failures, or JSON.
+fn print_report(report: &VerifyReport, json: bool) -> Result<()> {
+    if json {
+        return outln!("{}", serde_json::to_string_pretty(report)?);
+    }
+    outln!("{}", report.summary())?;
+    for m in &report.first_mismatches {
+        outln!("  {m}")?;
+    }
+    for f in &report.io_failures {
+        outln!("  {f}")?;
+    }
+    let listed = report.first_mismatches.len() as u64;
+    if report.mismatches.total() > listed {
+        outln!(
+            "  … and {} more mismatches (--show N lists more)",
+            report.mismatches.total() - listed
+        )?;
+    }
+    Ok(())
+}
+
 pub fn verify(a: VerifyArgs) -> Result<ExitCode> {
     let cfg = VerifyConfig {
         nsid: a.nsid,
@@ -1302,6 +1361,8 @@ pub fn verify(a: VerifyArgs) -> Result<ExitCode> {
         max_listed: a.show,
         command_timeout: a.timeout_ms.map(Duration::from_millis),
     };
+    // Before the device is opened.
+    cfg.check().map_err(|e| UsageError(e.to_string()))?;
     let ctrl = a.dev.open()?;
     let progress = |s: Synced| {
         eprintln!(
@@ -1314,24 +1375,8 @@ pub fn verify(a: VerifyArgs) -> Result<ExitCode> {
         Err(VerifyError::Invalid(m)) => return Err(UsageError(m).into()),
         Err(e) => return Err(e.into()),
     };
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        println!("{}", report.summary());
-        for m in &report.first_mismatches {
-            println!("  {m}");
-        }
-        for f in &report.io_failures {
-            println!("  {f}");
-        }
-        let listed = report.first_mismatches.len() as u64;
-        if report.mismatches.total() > listed {
-            println!(
-                "  … and {} more mismatches (--show N lists more)",
-                report.mismatches.total() - listed
-            );
-        }
-    }
+    // The report decides the status even when nobody reads it.
+    allow_closed_stdout(print_report(&report, a.json))?;
     if report.clean() {
         Ok(ExitCode::SUCCESS)
     } else {
@@ -1783,6 +1828,60 @@ mod tests {
             run(&ctrl, &cfg(0, 0, false), &quiet),
             Err(VerifyError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn zero_and_overlong_values_are_refused_before_any_io() {
+        let (model, ctrl) = model();
+        let err = |c: VerifyConfig| {
+            let m = match c.check() {
+                Err(VerifyError::Invalid(m)) => m,
+                other => panic!("{other:?}"),
+            };
+            // run() refuses the same, and sends nothing to the controller.
+            match run(&ctrl, &c, &quiet) {
+                Err(VerifyError::Invalid(r)) => assert_eq!(r, m),
+                other => panic!("{other:?}"),
+            }
+            m
+        };
+        let base = cfg(0, 8, true);
+        let m = err(VerifyConfig {
+            command_timeout: Some(Duration::ZERO),
+            ..base.clone()
+        });
+        assert!(m.starts_with("--timeout-ms must be at least 1"), "{m}");
+        let m = err(VerifyConfig {
+            command_timeout: Some(Duration::from_millis(u64::MAX)),
+            ..base.clone()
+        });
+        assert!(m.contains("more than an hour"), "{m}");
+        let m = err(VerifyConfig {
+            sync_every: Some(0),
+            ..base.clone()
+        });
+        assert_eq!(m, "--sync-every must be at least 1 LBA");
+        let m = err(VerifyConfig {
+            depth: 0,
+            ..base.clone()
+        });
+        assert_eq!(m, "--depth (-q) must be at least 1");
+        let m = err(VerifyConfig {
+            threads: 0,
+            ..base.clone()
+        });
+        assert_eq!(m, "--threads must be at least 1");
+        let m = err(cfg(0, 0, true));
+        assert!(m.starts_with("nothing to verify"), "{m}");
+        assert_eq!(model.stats().writes, 0);
+        assert_eq!(model.stats().reads, 0);
+        // The longest deadline is allowed.
+        assert!(VerifyConfig {
+            command_timeout: Some(MAX_COMMAND_TIMEOUT),
+            ..base
+        }
+        .check()
+        .is_ok());
     }
 
     #[test]

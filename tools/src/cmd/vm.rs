@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use rnvme_tools::vm::{self, ControllerSpec, VmConfig, SPEC_HELP};
 
-use super::UsageError;
+use super::{allow_closed_stdout, outln, stdout_error, UsageError};
 
 /// `rnvme vm …`.
 #[derive(Debug, Subcommand)]
@@ -95,6 +95,9 @@ pub(crate) fn static_rnvme() -> anyhow::Result<PathBuf> {
 
 /// The config for `args`.
 fn config(args: &RunArgs) -> anyhow::Result<VmConfig> {
+    if args.timeout == 0 {
+        return Err(UsageError("--timeout must be at least 1 second".into()).into());
+    }
     let controllers = if args.no_ctrl {
         Vec::new()
     } else if args.ctrls.is_empty() {
@@ -132,8 +135,13 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     match vm::run(&cfg, &script) {
         Ok(out) => {
             let mut stdout = std::io::stdout().lock();
-            stdout.write_all(out.output.as_bytes())?;
-            stdout.flush()?;
+            let printed = stdout
+                .write_all(out.output.as_bytes())
+                .and_then(|()| stdout.flush())
+                .map_err(stdout_error);
+            drop(stdout);
+            // The script's status is the command's, whether or not its output was read.
+            allow_closed_stdout(printed)?;
             if args.verbose {
                 eprintln!("--- guest console ---\n{}\n---", out.console.trim_end());
                 eprintln!(
@@ -169,8 +177,8 @@ fn fetch() -> anyhow::Result<ExitCode> {
     vm::ensure_host()?;
     let cache = vm::cache_dir()?;
     let k = vm::fetch_kernel(&cache)?;
-    println!("host packages present");
-    println!("guest kernel {} in {}", k.release, k.vmlinuz.display());
+    outln!("host packages present")?;
+    outln!("guest kernel {} in {}", k.release, k.vmlinuz.display())?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -260,9 +268,14 @@ mod tests {
             vec!["run", "--file", "/a:relative", "--", "true"],
             vec!["run"],
             vec!["run", "--no-ctrl", "--ctrl", "ns=1", "--", "true"],
+            vec!["run", "--ctrl", "size=99999999999T", "--", "true"],
+            vec!["run", "--ctrl", "size=99999999999G", "--", "true"],
         ] {
             let e = parse(&bad).unwrap_err();
             assert_eq!(e.exit_code(), 2, "{bad:?}");
         }
+        let e = config(&parse(&["run", "--timeout", "0", "--", "true"]).unwrap()).unwrap_err();
+        assert!(e.downcast_ref::<UsageError>().is_some(), "{e}");
+        assert_eq!(e.to_string(), "--timeout must be at least 1 second");
     }
 }

@@ -138,15 +138,19 @@ impl Default for ControllerSpec {
     }
 }
 
+/// The largest namespace: the largest file an image can be (`off_t`), 8 EiB less 1 MiB.
+pub const MAX_NAMESPACE_MIB: u64 = (i64::MAX as u64) >> 20;
+
 /// One namespace (`-device nvme-ns`) and its backing image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NamespaceSpec {
-    /// Size in MiB (default 256).
+    /// Size in MiB (default 256; at most [`MAX_NAMESPACE_MIB`]).
     pub size_mib: u64,
     /// Logical (and physical) block size in bytes: a power of two, at least 512 (default 512).
     pub lba_size: u32,
     /// Image file to use and keep. Created (sparse, `size_mib`) if missing; used as it is if
-    /// present. `None` puts a fresh image in the run's temporary directory.
+    /// present and `size_mib` large, else refused. `None` puts a fresh image in the run's
+    /// temporary directory.
     pub image: Option<PathBuf>,
     /// Fault-injection rules; non-empty puts the image behind QEMU's `blkdebug` driver.
     pub blkdebug: Vec<BlkdebugRule>,
@@ -398,6 +402,19 @@ const POLL: Duration = Duration::from_millis(20);
 pub fn run(config: &VmConfig, script: &str) -> Result<VmOutput, VmError> {
     let begin = Instant::now();
     qemu::validate(config)?;
+    // Images the caller keeps are checked before anything is installed or booted.
+    for (c, ctrl) in config.controllers.iter().enumerate() {
+        for (n, ns) in ctrl.namespaces.iter().enumerate() {
+            if let Some(p) = &ns.image {
+                existing_image(p, ns.size_mib).map_err(|e| match e {
+                    VmError::Config(m) => {
+                        VmError::Config(format!("controller {c} namespace {}: {m}", n + 1))
+                    }
+                    other => other,
+                })?;
+            }
+        }
+    }
     ensure_host()?;
     let cache = cache_dir()?;
     sweep_stale(&cache);
@@ -632,20 +649,58 @@ fn read_lossy(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// Creates a sparse image of `size_mib` MiB if `path` does not exist yet.
+/// Whether an image is at `path`, refusing one of another size than `size_mib` MiB: reused
+/// as it is, it would give the guest a namespace of another size than asked for (and grown or
+/// cut to size, lose data).
+fn existing_image(path: &Path, size_mib: u64) -> Result<bool, VmError> {
+    let meta = match fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(VmError::io(format!("look at {}", path.display()), e)),
+    };
+    if !meta.is_file() {
+        return Err(VmError::Config(format!(
+            "image {} is not a regular file",
+            path.display()
+        )));
+    }
+    let want = size_mib
+        .checked_mul(1 << 20)
+        .ok_or_else(|| VmError::Config(format!("size {size_mib} MiB is too large")))?;
+    let len = meta.len();
+    if len == want {
+        return Ok(true);
+    }
+    let fix = if len > 0 && len.is_multiple_of(1 << 20) {
+        format!("give size={}M to use it as it is", len >> 20)
+    } else {
+        "it cannot be used as a namespace of whole MiB".into()
+    };
+    Err(VmError::Config(format!(
+        "image {} is {len} bytes, not the {size_mib} MiB asked for: {fix}, or give another image",
+        path.display()
+    )))
+}
+
+/// Creates a sparse image of `size_mib` MiB if `path` does not exist yet; an existing one must
+/// have that size (see [`existing_image`]).
 fn prepare_image(path: &Path, size_mib: u64) -> Result<(), VmError> {
-    if path.exists() {
+    if existing_image(path, size_mib)? {
         log::info!("using existing image {}", path.display());
         return Ok(());
     }
+    let bytes = size_mib
+        .checked_mul(1 << 20)
+        .ok_or_else(|| VmError::Config(format!("size {size_mib} MiB is too large")))?;
     let f = File::create(path).map_err(|e| VmError::io(format!("create {}", path.display()), e))?;
-    f.set_len(size_mib << 20)
+    f.set_len(bytes)
         .map_err(|e| VmError::io(format!("size {} to {size_mib} MiB", path.display()), e))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     #[test]
     fn controller_bdfs_follow_slots() {
@@ -700,8 +755,66 @@ mod tests {
         let p = dir.path().join("a.img");
         prepare_image(&p, 3).unwrap();
         assert_eq!(fs::metadata(&p).unwrap().len(), 3 << 20);
-        fs::write(&p, b"keep").unwrap();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .write_all(b"keep")
+            .unwrap();
         prepare_image(&p, 3).unwrap();
-        assert_eq!(fs::read(&p).unwrap(), b"keep");
+        let data = fs::read(&p).unwrap();
+        assert_eq!(data.len(), 3 << 20);
+        assert_eq!(&data[..4], b"keep");
+    }
+
+    #[test]
+    fn an_existing_image_of_another_size_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.img");
+        prepare_image(&p, 3).unwrap();
+        let e = prepare_image(&p, 4).unwrap_err();
+        assert!(matches!(e, VmError::Config(_)), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "invalid guest configuration: image {} is 3145728 bytes, not the 4 MiB asked for: \
+                 give size=3M to use it as it is, or give another image",
+                p.display()
+            )
+        );
+        assert_eq!(fs::metadata(&p).unwrap().len(), 3 << 20);
+        fs::write(&p, b"odd").unwrap();
+        let e = prepare_image(&p, 3).unwrap_err().to_string();
+        assert!(
+            e.contains("3 bytes, not the 3 MiB") && e.contains("whole MiB"),
+            "{e}"
+        );
+        assert_eq!(fs::read(&p).unwrap(), b"odd");
+        let e = prepare_image(dir.path(), 3).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn run_refuses_a_kept_image_of_another_size_before_booting() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("kept.img");
+        fs::write(&p, vec![7u8; 1 << 20]).unwrap();
+        let config = VmConfig {
+            controllers: vec![ControllerSpec {
+                namespaces: vec![NamespaceSpec {
+                    size_mib: 2,
+                    image: Some(p.clone()),
+                    ..NamespaceSpec::default()
+                }],
+                ..ControllerSpec::default()
+            }],
+            ..VmConfig::default()
+        };
+        let e = run(&config, "true").unwrap_err().to_string();
+        assert!(
+            e.contains("controller 0 namespace 1: image") && e.contains("give size=1M"),
+            "{e}"
+        );
+        assert_eq!(fs::read(&p).unwrap(), vec![7u8; 1 << 20]);
     }
 }

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{BlkdebugRule, VmConfig, VmError, FIRST_SLOT, LAST_SLOT};
+use super::{BlkdebugRule, VmConfig, VmError, FIRST_SLOT, LAST_SLOT, MAX_NAMESPACE_MIB};
 
 /// The backing of one namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +34,9 @@ pub(crate) fn validate(config: &VmConfig) -> Result<(), VmError> {
     }
     if config.cpus == 0 {
         return bad("at least one CPU is needed".into());
+    }
+    if config.timeout.is_zero() {
+        return bad("the timeout must be above zero".into());
     }
     let hugepage_mib = u64::from(config.hugepages) * 2;
     if hugepage_mib + 128 > u64::from(config.memory_mib) {
@@ -79,6 +82,12 @@ pub(crate) fn validate(config: &VmConfig) -> Result<(), VmError> {
             }
             if ns.size_mib == 0 {
                 return bad(format!("{what}: size must be at least 1 MiB"));
+            }
+            if ns.size_mib > MAX_NAMESPACE_MIB {
+                return bad(format!(
+                    "{what}: size {} MiB is more than the largest file, {MAX_NAMESPACE_MIB} MiB",
+                    ns.size_mib
+                ));
             }
             if u64::from(ns.lba_size) > ns.size_mib << 20 {
                 return bad(format!("{what}: smaller than one block"));
@@ -251,6 +260,7 @@ pub(crate) fn args(config: &VmConfig, paths: &Paths) -> Vec<String> {
 mod tests {
     use super::*;
     use crate::vm::{ControllerSpec, DriveAio, NamespaceSpec};
+    use std::time::Duration;
 
     fn paths(n: usize) -> Paths {
         Paths {
@@ -426,6 +436,15 @@ mod tests {
             "power of two",
         );
         check(&|c| c.controllers[0].namespaces[0].size_mib = 0, "size");
+        check(
+            &|c| c.controllers[0].namespaces[0].size_mib = MAX_NAMESPACE_MIB + 1,
+            "more than the largest file",
+        );
+        check(
+            &|c| c.controllers[0].namespaces[0].size_mib = u64::MAX,
+            "more than the largest file",
+        );
+        check(&|c| c.timeout = Duration::ZERO, "timeout");
         check(&|c| c.controllers[0].max_ioqpairs = Some(0), "max_ioqpairs");
         check(
             &|c| {

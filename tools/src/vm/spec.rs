@@ -2,13 +2,13 @@
 
 use std::path::PathBuf;
 
-use super::{BlkdebugRule, ControllerSpec, DriveAio, NamespaceSpec};
+use super::{BlkdebugRule, ControllerSpec, DriveAio, NamespaceSpec, MAX_NAMESPACE_MIB};
 
 /// Help text for the controller SPEC syntax.
 pub const SPEC_HELP: &str = "\
 Controller SPEC: comma-separated KEY=VALUE, all optional:
   ns=N           namespaces on this controller (default 1)
-  size=SIZE      size of each namespace: MiB, or with a suffix M or G (default 256M)
+  size=SIZE      size of each namespace: MiB, or with a suffix M, G or T (default 256M)
   lba=BYTES      logical block size of each namespace, 512 or 4096 (default 512)
   mdts=M         maximum data transfer size, 2^M pages (QEMU default 7)
   qpairs=Q       maximum number of I/O queue pairs (QEMU default 64)
@@ -22,10 +22,16 @@ Controller SPEC: comma-separated KEY=VALUE, all optional:
 Example: --ctrl lba=4096,size=1G,mdts=2,ns=2 --ctrl fail=read:5@2048:once
 ";
 
-/// Parses a size in MiB: `256`, `256M`, `256MiB`, `1G`, `1GiB`.
+/// Parses a size in MiB: `256`, `256M`, `256MiB`, `1G`, `1GiB`, `1T`, `1TiB`; at most
+/// [`MAX_NAMESPACE_MIB`].
 fn parse_size_mib(v: &str) -> Result<u64, String> {
     let lower = v.trim().to_ascii_lowercase();
     let (num, mult) = if let Some(n) = lower
+        .strip_suffix("tib")
+        .or_else(|| lower.strip_suffix("t"))
+    {
+        (n, 1024 * 1024)
+    } else if let Some(n) = lower
         .strip_suffix("gib")
         .or_else(|| lower.strip_suffix("g"))
     {
@@ -43,7 +49,10 @@ fn parse_size_mib(v: &str) -> Result<u64, String> {
         .map_err(|_| format!("size {v:?} is not a number of MiB (like 256M or 1G)"))?;
     let mib = n
         .checked_mul(mult)
-        .ok_or_else(|| format!("size {v:?} is too large"))?;
+        .filter(|&m| m <= MAX_NAMESPACE_MIB)
+        .ok_or_else(|| {
+            format!("size {v:?} is too large: at most {MAX_NAMESPACE_MIB} MiB (8 EiB), the largest file")
+        })?;
     if mib == 0 {
         return Err(format!("size {v:?} must be at least 1 MiB"));
     }
@@ -207,12 +216,29 @@ mod tests {
             ("64MiB", 64),
             ("2G", 2048),
             ("1gib", 1024),
+            ("3T", 3 << 20),
+            ("1TiB", 1 << 20),
+            ("8796093022207", MAX_NAMESPACE_MIB),
         ] {
             assert_eq!(parse_size_mib(s), Ok(mib), "{s}");
         }
         for s in ["", "0", "1K", "x", "-1M", "1.5G"] {
             assert!(parse_size_mib(s).is_err(), "{s} accepted");
         }
+        // Sizes whose bytes do not fit a file (or a u64) are refused, not wrapped.
+        for s in [
+            "99999999999T",
+            "99999999999G",
+            "8796093022208",
+            "8388608T",
+            "18446744073709551615",
+            "18446744073709551615G",
+        ] {
+            let e = parse_size_mib(s).unwrap_err();
+            assert!(e.contains("too large") && e.contains("8 EiB"), "{s}: {e}");
+        }
+        let e = parse_controller_spec("size=99999999999T").unwrap_err();
+        assert!(e.contains("too large"), "{e}");
     }
 
     #[test]
