@@ -727,6 +727,7 @@ mod tests {
             lba_size: LBA,
             metadata_size: 0,
             nsfeat: 0,
+            dps: 0,
             nguid: [0; 16],
             eui64: [0; 8],
         }
