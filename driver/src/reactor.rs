@@ -107,6 +107,9 @@ pub struct IoRequest {
     pub data: IoData,
     /// A value of the caller's, handed back in [`IoDone::tag`].
     pub tag: u64,
+    /// A separate metadata buffer (MPTR), for namespaces that keep metadata apart from the
+    /// data ([`crate::io::IoQueuePair::submit_with_metadata`]).
+    pub metadata: Option<DmaLease>,
     /// Index of the queue pair (in the order given to [`Reactor::spawn`]) that must run the
     /// command, or `None` for the least busy one. Queue pairs of different controllers are
     /// not interchangeable: pin requests when a reactor owns more than one controller's.
@@ -120,8 +123,15 @@ impl IoRequest {
             cmd,
             data,
             tag,
+            metadata: None,
             queue: None,
         }
+    }
+
+    /// The same request with a separate metadata buffer.
+    pub fn with_metadata(mut self, metadata: DmaLease) -> IoRequest {
+        self.metadata = Some(metadata);
+        self
     }
 
     /// The same request, pinned to queue pair `index`.
@@ -352,6 +362,9 @@ impl Drop for Job {
             // it is quarantined and its buffer is not handed back.
             let buf = if self.issued.is_some() {
                 self.req.data.quarantine();
+                if let Some(m) = &self.req.metadata {
+                    m.quarantine();
+                }
                 None
             } else {
                 self.req.data.take_buf()
@@ -964,12 +977,19 @@ impl Worker {
                 job.issued = Some(tag);
                 let q_pair = &mut self.queues[q];
                 let cmd = job.req.cmd;
+                let meta = job.req.metadata.as_ref().map(DmaLease::slice);
                 let submitted = match &job.req.data {
                     IoData::None => q_pair.submit(cmd, &[], tag),
-                    IoData::Segment(l) => q_pair.submit(cmd, &[l.slice()], tag),
+                    IoData::Segment(l) => match meta {
+                        Some(m) => q_pair.submit_with_metadata(cmd, &[l.slice()], m, tag),
+                        None => q_pair.submit(cmd, &[l.slice()], tag),
+                    },
                     IoData::Segments(v) => {
                         let slices: Vec<DmaSlice<'_>> = v.iter().map(DmaLease::slice).collect();
-                        q_pair.submit(cmd, &slices, tag)
+                        match meta {
+                            Some(m) => q_pair.submit_with_metadata(cmd, &slices, m, tag),
+                            None => q_pair.submit(cmd, &slices, tag),
+                        }
                     }
                     IoData::Buffer { buf, offset, len } => {
                         if offset.checked_add(*len).is_none_or(|end| end > buf.len()) {
@@ -979,7 +999,11 @@ impl Worker {
                             );
                             Err(Error::InvalidArgument(msg))
                         } else {
-                            q_pair.submit(cmd, &[buf.segment_at(*offset, *len)], tag)
+                            let data = [buf.segment_at(*offset, *len)];
+                            match meta {
+                                Some(m) => q_pair.submit_with_metadata(cmd, &data, m, tag),
+                                None => q_pair.submit(cmd, &data, tag),
+                            }
                         }
                     }
                 };

@@ -283,6 +283,10 @@ pub struct ReadArgs {
     /// Write the data to this file instead of standard output
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Write the metadata to this file (namespaces that keep it in a separate buffer; on an
+    /// extended-LBA format it is part of each block of the data)
+    #[arg(long)]
+    pub metadata: Option<PathBuf>,
 }
 
 pub fn read(a: ReadArgs) -> Result<ExitCode> {
@@ -303,17 +307,33 @@ pub fn read(a: ReadArgs) -> Result<ExitCode> {
         None => super::stdout_error(e),
     };
     let mut qp = qpair(&ctrl)?;
-    let lba_size = ns.lba_size as u64;
+    let layout = qp.layout(ns.nsid)?;
+    let mut meta_out = metadata_file(&ns, layout.metadata_per_lba, a.metadata.as_deref(), true)?;
+    let lba_size = layout.data_per_lba as u64;
+    let ms = layout.metadata_per_lba as u64;
     let per_step = (STEP / lba_size).max(1);
     let buf = ctrl.alloc((per_step * lba_size) as usize)?;
+    let meta = match ms {
+        0 => None,
+        _ => Some(ctrl.alloc((per_step * ms) as usize)?),
+    };
     let mut host = vec![0u8; buf.len()];
     let mut done = 0;
     while done < count {
         let n = per_step.min(count - done);
-        qp.read(ns.nsid, lba + done, n, &buf)?;
+        match &meta {
+            Some(m) => qp.read_with_metadata(ns.nsid, lba + done, n, &buf, m)?,
+            None => qp.read(ns.nsid, lba + done, n, &buf)?,
+        }
         let bytes = (n * lba_size) as usize;
         buf.read_bytes(0, &mut host[..bytes]);
         out.write_all(&host[..bytes]).map_err(write_error)?;
+        if let (Some(m), Some((f, path))) = (&meta, meta_out.as_mut()) {
+            let mut mhost = vec![0u8; (n * ms) as usize];
+            m.read_bytes(0, &mut mhost);
+            f.write_all(&mhost)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
         done += n;
     }
     out.flush().map_err(write_error)?;
@@ -344,6 +364,52 @@ pub struct WriteArgs {
     /// Force Unit Access: the data is on stable media when each write completes
     #[arg(long)]
     pub fua: bool,
+    /// Read the metadata from this file (namespaces that keep it in a separate buffer: it
+    /// must hold the metadata of every LBA written; on an extended-LBA format it is part of
+    /// each block of the data)
+    #[arg(long)]
+    pub metadata: Option<PathBuf>,
+}
+
+/// The `--metadata` file of `read` (`create`) or `write`, checked against the namespace: one
+/// is needed exactly when the namespace keeps `ms` bytes of metadata per LBA in a separate
+/// buffer.
+fn metadata_file(
+    ns: &NamespaceInfo,
+    ms: u32,
+    path: Option<&Path>,
+    create: bool,
+) -> Result<Option<(File, PathBuf)>> {
+    match (ms, path) {
+        (0, None) => Ok(None),
+        (0, Some(_)) => Err(UsageError(format!(
+            "namespace {} keeps no metadata in a separate buffer ({} bytes per LBA{}): drop \
+             --metadata",
+            ns.nsid,
+            ns.metadata_size,
+            if ns.metadata_size > 0 {
+                ", moved with the data or inserted by the controller"
+            } else {
+                ""
+            }
+        ))
+        .into()),
+        (_, None) => Err(UsageError(format!(
+            "namespace {} keeps {ms} bytes of metadata per LBA in a separate buffer: give \
+             --metadata FILE",
+            ns.nsid
+        ))
+        .into()),
+        (_, Some(p)) => {
+            let f = if create {
+                File::create(p)
+            } else {
+                File::open(p)
+            }
+            .with_context(|| format!("cannot open {}", p.display()))?;
+            Ok(Some((f, p.to_path_buf())))
+        }
+    }
 }
 
 /// The input of `rnvme write`.
@@ -412,12 +478,11 @@ fn written(start: u64, done: u64) -> String {
 /// error that says which LBAs were written. Returns the number of LBAs written.
 fn write_stream(
     input: &mut Input,
-    ns: &NamespaceInfo,
+    (ns, lba_size): (&NamespaceInfo, u64),
     start: u64,
     piece: &mut [u8],
     write: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
 ) -> Result<u64> {
-    let lba_size = ns.lba_size as u64;
     debug_assert!(!piece.is_empty() && (piece.len() as u64).is_multiple_of(lba_size));
     let mut done = 0u64;
     loop {
@@ -484,7 +549,27 @@ pub fn write(a: WriteArgs) -> Result<ExitCode> {
     let mut input = Input::open(a.input.as_deref())?;
     let ctrl = a.dev.open()?;
     let ns = namespace(&ctrl, a.nsid)?;
-    let lba_size = ns.lba_size as u64;
+    let mut qp = qpair(&ctrl)?;
+    let layout = qp.layout(ns.nsid)?;
+    let lba_size = layout.data_per_lba as u64;
+    let ms = layout.metadata_per_lba as u64;
+    let mut meta_in = metadata_file(&ns, layout.metadata_per_lba, a.metadata.as_deref(), false)?;
+    if let (Some((f, p)), Some(len)) = (meta_in.as_ref(), input.len) {
+        let have = f
+            .metadata()
+            .with_context(|| format!("cannot read {}", p.display()))?
+            .len();
+        let want = len / lba_size * ms;
+        if have < want {
+            return Err(UsageError(format!(
+                "{} holds {have} bytes of metadata; the {} LBAs of the input need {want}; \
+                 nothing was written",
+                p.display(),
+                len / lba_size
+            ))
+            .into());
+        }
+    }
     match input.len {
         // A length known up front is checked before anything is written.
         Some(len) => {
@@ -498,18 +583,42 @@ pub fn write(a: WriteArgs) -> Result<ExitCode> {
         }
         None => check_range(&ns, a.lba, 1)?,
     }
-    let mut qp = qpair(&ctrl)?;
     // One DMA buffer of the largest transfer: one command per piece.
-    let per_piece = (qp.max_transfer_for(ns.lba_size) as u64 / lba_size).max(1);
+    let per_piece = (qp.max_transfer_for(layout.data_per_lba) as u64 / lba_size).max(1);
     let piece_bytes = per_piece * lba_size;
     let piece_bytes = input.len.map_or(piece_bytes, |len| len.min(piece_bytes)) as usize;
     let buf = ctrl.alloc(piece_bytes)?;
+    let meta = match ms {
+        0 => None,
+        _ => Some(ctrl.alloc((piece_bytes as u64 / lba_size * ms) as usize)?),
+    };
     let mut host = vec![0u8; piece_bytes];
-    let count = write_stream(&mut input, &ns, a.lba, &mut host, &mut |at, data| {
-        buf.write_bytes(0, data);
-        qp.write(ns.nsid, at, data.len() as u64 / lba_size, &buf, a.fua)?;
-        Ok(())
-    })?;
+    let count = write_stream(
+        &mut input,
+        (&ns, lba_size),
+        a.lba,
+        &mut host,
+        &mut |at, data| {
+            let lbas = data.len() as u64 / lba_size;
+            buf.write_bytes(0, data);
+            match (&meta, meta_in.as_mut()) {
+                (Some(m), Some((f, p))) => {
+                    let mut mhost = vec![0u8; (lbas * ms) as usize];
+                    f.read_exact(&mut mhost).with_context(|| {
+                        format!(
+                            "{} ends before the metadata of LBA {}",
+                            p.display(),
+                            at + lbas - 1
+                        )
+                    })?;
+                    m.write_bytes(0, &mhost);
+                    qp.write_with_metadata(ns.nsid, at, lbas, (&buf, m), a.fua)?;
+                }
+                _ => qp.write(ns.nsid, at, lbas, &buf, a.fua)?,
+            }
+            Ok(())
+        },
+    )?;
     eprintln!(
         "wrote {count} LBAs ({} bytes) at LBA {} of namespace {}",
         count * lba_size,
@@ -784,13 +893,19 @@ mod tests {
             writes: Vec::new(),
         };
         let mut piece = vec![0u8; piece_lbas * LBA as usize];
-        let r = write_stream(&mut input, &ns(size), start, &mut piece, &mut |at, d| {
-            assert!(d.len() <= piece_lbas * LBA as usize && d.len() % LBA as usize == 0);
-            let off = at as usize * LBA as usize;
-            disk.bytes[off..off + d.len()].copy_from_slice(d);
-            disk.writes.push((at, d.len() as u64 / LBA as u64));
-            Ok(())
-        });
+        let r = write_stream(
+            &mut input,
+            (&ns(size), LBA as u64),
+            start,
+            &mut piece,
+            &mut |at, d| {
+                assert!(d.len() <= piece_lbas * LBA as usize && d.len() % LBA as usize == 0);
+                let off = at as usize * LBA as usize;
+                disk.bytes[off..off + d.len()].copy_from_slice(d);
+                disk.writes.push((at, d.len() as u64 / LBA as u64));
+                Ok(())
+            },
+        );
         (r, disk)
     }
 
@@ -875,13 +990,19 @@ mod tests {
         let mut input = stdin_of(data(12 * 512), 4096, None);
         let mut piece = vec![0u8; 4 * 512];
         let mut calls = 0;
-        let r = write_stream(&mut input, &ns(64), 3, &mut piece, &mut |_, _| {
-            calls += 1;
-            if calls == 2 {
-                anyhow::bail!("Write failed: LBA Out of Range");
-            }
-            Ok(())
-        });
+        let r = write_stream(
+            &mut input,
+            (&ns(64), LBA as u64),
+            3,
+            &mut piece,
+            &mut |_, _| {
+                calls += 1;
+                if calls == 2 {
+                    anyhow::bail!("Write failed: LBA Out of Range");
+                }
+                Ok(())
+            },
+        );
         let e = r.unwrap_err();
         assert_eq!(
             crate::cmd::error_line(&e),

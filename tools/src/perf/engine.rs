@@ -149,6 +149,8 @@ impl Shared {
 /// One I/O in flight (or ready to go): its buffer and what it is doing.
 struct Slot {
     buf: DmaBuffer,
+    /// The separate metadata buffer, on namespaces that keep metadata apart.
+    meta: Option<DmaBuffer>,
     lba: u64,
     read: bool,
     submitted: Ticks,
@@ -172,7 +174,13 @@ struct PieceT {
 struct NsWork {
     label: String,
     nsid: u32,
+    /// Bytes of the data buffer per LBA (the block, and its metadata on an extended-LBA
+    /// format).
     lba_size: u32,
+    /// Bytes of the separate metadata buffer per LBA (0: none).
+    ms: u32,
+    /// Bytes of logical block data per I/O (the -o size: metadata not counted).
+    io_bytes: u64,
     blocks: u32,
     pieces: Vec<PieceT>,
     gen: OffsetGen,
@@ -232,23 +240,34 @@ impl NsWork {
                 byte_off: p.offset as usize,
             })
             .collect();
+        let stride = plan.layout.data_per_lba;
+        let ms = plan.layout.metadata_per_lba;
+        let data_bytes = plan.blocks_per_io as usize * stride as usize;
         // The data written is this fill, with each LBA's first 16 bytes stamped.
         let fill: Vec<u8> = {
             let mut r = Rng::new(cfg.seed ^ 0x5eed);
-            (0..plan.io_size as usize)
-                .map(|_| r.next_u64() as u8)
-                .collect()
+            (0..data_bytes).map(|_| r.next_u64() as u8).collect()
         };
         let now = Ticks::now();
         let mut slots = Vec::with_capacity(depth);
         for i in 0..depth {
             let buf = target
                 .ctrl
-                .alloc(plan.io_size as usize)
+                .alloc(data_bytes)
                 .map_err(|e| PerfError::device(&plan.label, e))?;
             buf.write_bytes(0, &fill);
+            let meta = match ms {
+                0 => None,
+                _ => Some(
+                    target
+                        .ctrl
+                        .alloc(plan.blocks_per_io as usize * ms as usize)
+                        .map_err(|e| PerfError::device(&plan.label, e))?,
+                ),
+            };
             slots.push(Slot {
                 buf,
+                meta,
                 lba: 0,
                 read: true,
                 submitted: now,
@@ -261,7 +280,9 @@ impl NsWork {
         Ok(NsWork {
             label: plan.label.clone(),
             nsid: plan.nsid,
-            lba_size: plan.lba_size,
+            lba_size: stride,
+            ms,
+            io_bytes: plan.io_size as u64,
             blocks: plan.blocks_per_io,
             pieces,
             gen,
@@ -307,7 +328,12 @@ impl NsWork {
     fn commands<'a>(
         &'a self,
         i: usize,
-        mut f: impl FnMut(SqEntry, rnvme_driver::dma::DmaSlice<'a>, u64),
+        mut f: impl FnMut(
+            SqEntry,
+            rnvme_driver::dma::DmaSlice<'a>,
+            Option<rnvme_driver::dma::DmaSlice<'a>>,
+            u64,
+        ),
     ) {
         let s = &self.slots[i];
         for (p, piece) in self.pieces.iter().enumerate() {
@@ -321,7 +347,11 @@ impl NsWork {
                 piece.byte_off,
                 piece.blocks as usize * self.lba_size as usize,
             );
-            f(cmd, seg, ((i as u64) << 16) | p as u64);
+            let meta = s.meta.as_ref().map(|m| {
+                let ms = self.ms as usize;
+                m.segment_at(piece.lba_off as usize * ms, piece.blocks as usize * ms)
+            });
+            f(cmd, seg, meta, ((i as u64) << 16) | p as u64);
         }
     }
 
@@ -397,8 +427,7 @@ impl NsWork {
         }
         if clock.phase != Phase::Stop {
             let lat = clock.rate.nanos(now.since(s.submitted));
-            self.acc
-                .record(lat, self.blocks as u64 * lba_size as u64, s.read);
+            self.acc.record(lat, self.io_bytes, s.read);
         }
         Some(i)
     }
@@ -456,9 +485,13 @@ fn setup<T>(shared: &Shared, f: impl FnOnce() -> Result<T, PerfError>) -> Option
 #[inline]
 fn submit_slot(w: &NsWork, i: usize, qp: &mut IoQueuePair) -> Result<(), PerfError> {
     let mut err = None;
-    w.commands(i, |cmd, seg, tag| {
+    w.commands(i, |cmd, seg, meta, tag| {
         if err.is_none() {
-            if let Err(e) = qp.submit(cmd, &[seg], tag) {
+            let r = match meta {
+                Some(m) => qp.submit_with_metadata(cmd, &[seg], m, tag),
+                None => qp.submit(cmd, &[seg], tag),
+            };
+            if let Err(e) = r {
                 err = Some(e);
             }
         }
@@ -609,7 +642,7 @@ fn direct_worker(ctx: &Ctx, shared: &Shared, thread: usize) -> Option<WorkerResu
                         continue;
                     };
                     totals.ios += 1;
-                    totals.bytes += w.blocks as u64 * w.lba_size as u64;
+                    totals.bytes += w.io_bytes;
                     if clock.phase != Phase::Stop {
                         // The slot's queue is the one it completed on.
                         w.prepare(i, &mut rng, now);
@@ -676,11 +709,12 @@ fn slot_requests(
     mut send: impl FnMut(IoRequest),
 ) {
     let queue = Some(queue_base + w.slots[i].queue);
-    w.commands(i, |cmd, seg, tag| {
+    w.commands(i, |cmd, seg, meta, tag| {
         send(IoRequest {
             cmd,
             data: IoData::Segment(seg.lease()),
             tag: ((t as u64) << TARGET_SHIFT) | tag,
+            metadata: meta.map(|m| m.lease()),
             queue,
         })
     });
@@ -831,7 +865,7 @@ fn reactor_client(
                 continue;
             };
             totals.ios += 1;
-            totals.bytes += w.blocks as u64 * w.lba_size as u64;
+            totals.bytes += w.io_bytes;
             if clock.phase != Phase::Stop && fatal.is_none() {
                 w.prepare(i, &mut rng, now);
                 queue_slot(&mut outgoing, t, w, i, queue_base[t]);
@@ -921,7 +955,7 @@ impl Completer for CbInner {
             return;
         };
         st.totals.ios += 1;
-        st.totals.bytes += st.works[t].blocks as u64 * st.works[t].lba_size as u64;
+        st.totals.bytes += st.works[t].io_bytes;
         if st.clock.phase != Phase::Stop && st.fatal.is_none() {
             let CbState { works, rng, .. } = st;
             works[t].prepare(i, rng, now);

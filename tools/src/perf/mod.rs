@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use rnvme_driver::affinity::CpuList;
 use rnvme_driver::controller::Controller;
-use rnvme_driver::identify::NamespaceInfo;
+use rnvme_driver::identify::{DataLayout, NamespaceInfo};
 use rnvme_driver::io::{split_transfer, Piece};
 use rnvme_driver::spec::MAX_NLB;
 
@@ -448,6 +448,9 @@ pub struct TargetPlan {
     pub nsid: u32,
     /// Its LBA size.
     pub lba_size: u32,
+    /// How its blocks move: bytes of the data buffer and of the separate metadata buffer
+    /// per LBA (an extended-LBA format carries each block's metadata in the data).
+    pub layout: DataLayout,
     /// Bytes per I/O.
     pub io_size: u32,
     /// LBAs per I/O.
@@ -480,6 +483,11 @@ pub fn plan_target(
         ));
     }
     let blocks = cfg.io_size / lba;
+    let layout = match ns.layout() {
+        Ok(l) => l,
+        Err(why) => return bad(why),
+    };
+    let stride = layout.data_per_lba;
     let range = cfg.range.unwrap_or(LbaRange {
         start: 0,
         lbas: ns.size_lbas,
@@ -505,8 +513,8 @@ pub fn plan_target(
             range.lbas, cfg.io_size
         ));
     }
-    let max_transfer = (limits.max_transfer as u64).min(MAX_NLB as u64 * lba as u64) as u32;
-    let pieces: Vec<Piece> = split_transfer(0, blocks as u64, lba, max_transfer).collect();
+    let max_transfer = (limits.max_transfer as u64).min(MAX_NLB as u64 * stride as u64) as u32;
+    let pieces: Vec<Piece> = split_transfer(0, blocks as u64, stride, max_transfer).collect();
     let q = cfg.queues_per_thread;
     let per_queue = if cfg.reactor {
         cfg.threads as u64 * (cfg.depth as u64).div_ceil(q as u64)
@@ -535,6 +543,7 @@ pub fn plan_target(
         label: label.to_string(),
         nsid: ns.nsid,
         lba_size: lba,
+        layout,
         io_size: cfg.io_size,
         blocks_per_io: blocks,
         slots: range.lbas / blocks as u64,
