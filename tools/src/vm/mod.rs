@@ -154,6 +154,14 @@ pub struct NamespaceSpec {
     pub image: Option<PathBuf>,
     /// Fault-injection rules; non-empty puts the image behind QEMU's `blkdebug` driver.
     pub blkdebug: Vec<BlkdebugRule>,
+    /// Metadata bytes per logical block (QEMU `nvme-ns` `ms=`; 0 for none). QEMU keeps it
+    /// in the image after the data, so the namespace has size / (LBA size + ms) blocks.
+    pub metadata: u16,
+    /// Metadata interleaved with each block (extended LBAs, `mset=1`) rather than in a
+    /// separate buffer.
+    pub extended: bool,
+    /// Protection information type (`pi=`, 0 to 3; needs 8 bytes of metadata or more).
+    pub pi: u8,
 }
 
 impl Default for NamespaceSpec {
@@ -163,6 +171,9 @@ impl Default for NamespaceSpec {
             lba_size: 512,
             image: None,
             blkdebug: Vec::new(),
+            metadata: 0,
+            extended: false,
+            pi: 0,
         }
     }
 }

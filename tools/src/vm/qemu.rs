@@ -245,8 +245,16 @@ pub(crate) fn args(config: &VmConfig, paths: &Paths) -> Vec<String> {
                 "file={file},if=none,id=ns{drive},format=raw,discard=unmap{aio}"
             ));
             a.push("-device".into());
+            let meta = if ns.metadata > 0 {
+                format!(
+                    ",ms={},mset={},pi={}",
+                    ns.metadata, ns.extended as u8, ns.pi
+                )
+            } else {
+                String::new()
+            };
             a.push(format!(
-                "nvme-ns,drive=ns{drive},bus=c{c},nsid={},logical_block_size={l},physical_block_size={l}",
+                "nvme-ns,drive=ns{drive},bus=c{c},nsid={},logical_block_size={l},physical_block_size={l}{meta}",
                 n + 1,
                 l = ns.lba_size
             ));

@@ -10,6 +10,10 @@ Controller SPEC: comma-separated KEY=VALUE, all optional:
   ns=N           namespaces on this controller (default 1)
   size=SIZE      size of each namespace: MiB, or with a suffix M, G or T (default 256M)
   lba=BYTES      logical block size of each namespace, 512 or 4096 (default 512)
+  ms=BYTES       metadata bytes per logical block (default 0), kept in the image
+  mset=0|1       metadata interleaved with each block (1, extended LBAs) or in a separate
+                 buffer (0, the default)
+  pi=0..3        protection information type (default 0; needs ms=8 or more)
   mdts=M         maximum data transfer size, 2^M pages (QEMU default 7)
   qpairs=Q       maximum number of I/O queue pairs (QEMU default 64)
   serial=S       serial number (default rnvme<i>)
@@ -119,6 +123,27 @@ pub fn parse_controller_spec(spec: &str) -> Result<ControllerSpec, String> {
                     .filter(|l: &u32| l.is_power_of_two() && (512..=65536).contains(l))
                     .ok_or_else(|| num("expected a power of two from 512, such as 512 or 4096"))?;
             }
+            "ms" => {
+                template.metadata = value
+                    .parse()
+                    .ok()
+                    .filter(|m: &u16| *m <= 128)
+                    .ok_or_else(|| num("expected metadata bytes per block from 0 to 128"))?;
+            }
+            "mset" => {
+                template.extended = match value {
+                    "0" => false,
+                    "1" => true,
+                    _ => return Err(num("expected 0 (separate buffer) or 1 (extended LBAs)")),
+                }
+            }
+            "pi" => {
+                template.pi = value
+                    .parse()
+                    .ok()
+                    .filter(|p: &u8| *p <= 3)
+                    .ok_or_else(|| num("expected a protection information type from 0 to 3"))?;
+            }
             "mdts" => {
                 ctrl.mdts = Some(
                     value
@@ -165,13 +190,22 @@ pub fn parse_controller_spec(spec: &str) -> Result<ControllerSpec, String> {
             }
             _ => {
                 return Err(format!(
-                "unknown key {key:?} (expected ns, size, lba, mdts, qpairs, serial, image, fail or aio)"
+                "unknown key {key:?} (expected ns, size, lba, ms, mset, pi, mdts, qpairs, serial, image, fail or aio)"
             ))
             }
         }
     }
     if ctrl.aio.is_some() && !template.blkdebug.is_empty() {
         return Err("aio= cannot be combined with fail= (fault injection uses QEMU's blkdebug, which takes no aio=)".into());
+    }
+    if template.pi != 0 && template.metadata < 8 {
+        return Err(format!(
+            "pi={} needs ms=8 or more: protection information takes 8 bytes of metadata",
+            template.pi
+        ));
+    }
+    if template.extended && template.metadata == 0 {
+        return Err("mset=1 needs ms= above 0: there is no metadata to interleave".into());
     }
     if template.image.is_some() && ns_count != 1 {
         return Err("image= can only be used with ns=1".into());
@@ -276,6 +310,20 @@ mod tests {
     #[test]
     fn aio_modes_and_not_with_fault_injection() {
         assert_eq!(parse_controller_spec("").unwrap().aio, None);
+        let c = parse_controller_spec("ms=8,mset=1,pi=1,lba=4096").unwrap();
+        let ns = &c.namespaces[0];
+        assert_eq!((ns.metadata, ns.extended, ns.pi), (8, true, 1));
+        for (spec, needle) in [
+            ("pi=1", "ms=8"),
+            ("ms=4,pi=2", "ms=8"),
+            ("mset=1", "ms= above 0"),
+            ("mset=2,ms=8", "expected 0"),
+            ("pi=4,ms=8", "0 to 3"),
+            ("ms=300", "0 to 128"),
+        ] {
+            let e = parse_controller_spec(spec).unwrap_err();
+            assert!(e.contains(needle), "{spec}: {e}");
+        }
         let c = parse_controller_spec("aio=io_uring,ns=2").unwrap();
         assert_eq!(c.aio, Some(DriveAio::IoUring));
         assert_eq!(
