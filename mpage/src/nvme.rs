@@ -28,6 +28,31 @@ impl NvmeBlockIo {
         }
     }
 
+    /// Drive namespace `nsid` through `qp`, if the page cache can: blocks of plain data (no
+    /// metadata, or protection information the controller inserts and strips). A namespace
+    /// with extended LBAs or a separate metadata buffer is refused with the reason.
+    pub fn for_namespace(qp: IoQueuePair, nsid: u32) -> Result<NvmeBlockIo, Error> {
+        let layout = qp.layout(nsid)?;
+        // Block sizes are powers of two: what an extended-LBA block has beyond one is metadata.
+        let block = 1u32 << (31 - layout.data_per_lba.leading_zeros());
+        let (bytes, how) = if layout.metadata_per_lba != 0 {
+            (layout.metadata_per_lba, "in a separate buffer")
+        } else {
+            (layout.data_per_lba - block, "interleaved with the data")
+        };
+        if bytes != 0 {
+            return Err(Error::Unsupported {
+                dev: format!("namespace {nsid}"),
+                why: format!(
+                    "it carries {bytes} bytes of metadata per block {how}; the page cache works \
+                     on namespaces without metadata (or with protection information the \
+                     controller inserts and strips)"
+                ),
+            });
+        }
+        Ok(NvmeBlockIo::new(qp, nsid, layout.data_per_lba))
+    }
+
     /// The queue pair (for its counters).
     pub fn queue(&self) -> &IoQueuePair {
         &self.qp

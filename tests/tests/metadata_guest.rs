@@ -78,6 +78,9 @@ step p_w rnvme write $NVME0 --ns 3 --lba 8 --in /tmp/d/p
 step p_r rnvme read $NVME0 --ns 3 --lba 8 --count 16 --out /tmp/d/p.out
 step p_cmp same /tmp/d/p /tmp/d/p.out
 {p_perf}
+step e_cache rnvme mpage bench $NVME0 --ns 1 --lba 0 --mib 1 --rounds 1
+step s_cache rnvme mpage bench $NVME0 --ns 2 --lba 0 --mib 1 --rounds 1
+step p_cache rnvme mpage bench $NVME0 --ns 3 --lba 2048 --mib 4 --rounds 1 --json
 step dmar sh -c 'dmesg | grep -c "DMAR: DRHD: handling fault" || true'
 # Back to the kernel.
 step reset rnvme reset $NVME0
@@ -143,6 +146,12 @@ true
         let mixed = s.ok(&format!("{name}_p4")).json();
         assert_eq!(mixed["errors"].as_u64(), Some(0), "{name}: {mixed}");
     }
+    // The page cache takes plain blocks only; the controller's PI insertion makes them plain.
+    s.failed("e_cache", 1)
+        .stderr_has(&["8 bytes of metadata per block interleaved", "page cache"]);
+    s.failed("s_cache", 1)
+        .stderr_has(&["8 bytes of metadata per block in a separate buffer"]);
+    s.ok("p_cache");
     assert_eq!(s.ok("dmar").text().trim(), "0", "the IOMMU saw stray DMA");
 
     s.ok("reset");

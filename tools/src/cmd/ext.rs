@@ -93,7 +93,7 @@ impl Session {
             .cloned()
             .map_err(|e| UsageError(e.to_string()))?;
         let qp = ctrl.create_io_qpair(ctrl.max_queue_entries().min(64))?;
-        let io = NvmeBlockIo::new(qp, ns.nsid, ns.lba_size);
+        let io = NvmeBlockIo::for_namespace(qp, ns.nsid)?;
         let pool = PagePool::new(ctrl.pool(), POOL_FRAMES)
             .context("take DMA memory for the page cache (is `rnvme setup` done?)")?;
         let shared = SharedDevice::new(io);

@@ -302,7 +302,7 @@ impl Device {
     /// A fresh I/O queue pair on the namespace.
     fn block_io(&self) -> Result<NvmeBlockIo> {
         let qp = self.ctrl.create_io_qpair(self.entries)?;
-        Ok(NvmeBlockIo::new(qp, self.ns.nsid, self.ns.lba_size))
+        Ok(NvmeBlockIo::for_namespace(qp, self.ns.nsid)?)
     }
 
     /// Page frames for a cache of `mib` MiB.
