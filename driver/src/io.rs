@@ -398,7 +398,9 @@ impl IoQueuePair {
     /// below give up on a stuck device after three times as long.
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.qp.set_command_timeout(timeout);
-        self.timeout = timeout * 3 + Duration::from_secs(1);
+        self.timeout = timeout
+            .saturating_mul(3)
+            .saturating_add(Duration::from_secs(1));
     }
 
     /// Largest transfer of one command for LBAs of `lba_size` bytes.

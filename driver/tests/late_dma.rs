@@ -296,3 +296,14 @@ fn a_queue_pair_whose_queues_could_not_be_deleted_quarantines_its_rings() {
     assert_eq!(late.completions, 2);
     assert_eq!(hit(&c), 0);
 }
+
+#[test]
+fn a_huge_deadline_is_taken_as_it_is() {
+    let (model, ctrl) = open();
+    let mut qp = ctrl.create_io_qpair(8).unwrap();
+    qp.set_timeout(Duration::MAX);
+    model.write_ns(1, 2, &[2; 4096]);
+    let buf = ctrl.alloc(4096).unwrap();
+    qp.read(1, 2, 1, &buf).unwrap();
+    assert_eq!(buf.to_vec(), vec![2; 4096]);
+}
