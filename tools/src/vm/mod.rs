@@ -395,7 +395,8 @@ impl Drop for QemuGuard {
     }
 }
 
-/// A guest that has not started its script this long after QEMU started is booted again
+/// A guest that has not started its script this long after QEMU started, or whose QEMU died
+/// of a signal before it, is booted again
 /// (normal boots take 4-20 s), up to `BOOT_ATTEMPTS` boots in all.
 const BOOT_LIMIT: Duration = Duration::from_secs(75);
 const BOOT_ATTEMPTS: u32 = 2;
@@ -536,7 +537,20 @@ pub fn run(config: &VmConfig, script: &str) -> Result<VmOutput, VmError> {
                     finished_at = Some(Instant::now());
                 }
             }
-            if exited.is_some() {
+            if let Some(st) = exited {
+                // QEMU under TCG on a loaded host now and then dies of a signal in early boot
+                // (SIGSEGV in the firmware's first steps): nothing of the test ran, so boot
+                // again, like a stalled boot.
+                let signal = std::os::unix::process::ExitStatusExt::signal(&st);
+                if boot_to_script.is_none() && attempt < BOOT_ATTEMPTS && signal.is_some() {
+                    log::warn!(
+                        "QEMU died of signal {} before the guest reached its script (last \
+                         console line: {}); booting it again",
+                        signal.unwrap_or(0),
+                        last_line(&read_console(&console_log))
+                    );
+                    continue 'boot;
+                }
                 break exited;
             }
             if boot_to_script.is_none() && attempt < BOOT_ATTEMPTS && started.elapsed() > BOOT_LIMIT
