@@ -1,16 +1,16 @@
 //! Controller bring-up, admin commands, I/O queue pair creation and clean shutdown.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::dma::DmaSlice;
-use crate::dma::{Backing, DmaBuffer, DmaPool};
+use crate::dma::{Backing, DmaBuffer, DmaPool, DmaWords};
 use crate::error::{Error, Result};
 use crate::hw::Hardware;
 use crate::identify::{ControllerInfo, ErrorLogEntry, NamespaceInfo, SglSupport, SmartLog};
 use crate::io::IoQueuePair;
-use crate::queue::{DataPointerMode, QueuePair, Recovery};
+use crate::queue::{DataPointerMode, QueuePair, Recovery, Shadow};
 use crate::spec::{
     admin_op, cc, cns, csts, feature, log_page, reg, Cap, SqEntry, MAX_NLB, PAGE_SIZE,
 };
@@ -31,6 +31,10 @@ pub struct ControllerOptions {
     /// Data pointers for I/O queue pairs: by default chosen per command (SGLs where PRPs
     /// would need a list); SGL and the per-command choice fall back to PRP when unsupported.
     pub data_pointer: DataPointerMode,
+    /// Use shadow doorbells when the controller offers them (Doorbell Buffer Config, OACS
+    /// bit 8): queue tails and heads go to memory, and an MMIO doorbell is written only when
+    /// the controller's event index asks for one. On by default.
+    pub shadow_doorbells: bool,
 }
 
 impl Default for ControllerOptions {
@@ -42,6 +46,7 @@ impl Default for ControllerOptions {
             io_queues: 64,
             admin_timeout: Duration::from_secs(10),
             data_pointer: DataPointerMode::Auto,
+            shadow_doorbells: true,
         }
     }
 }
@@ -73,6 +78,12 @@ pub(crate) struct Shared {
     quiesces: AtomicU64,
     /// One reset at a time.
     reset_lock: Mutex<()>,
+    /// The shadow doorbell and event index pages, when the controller offers them and they
+    /// are wanted. Lent to the controller while it is enabled.
+    dbbuf: Option<(Arc<DmaWords>, Arc<DmaWords>)>,
+    /// Whether the controller took them (Doorbell Buffer Config succeeded since its last
+    /// enable).
+    dbbuf_on: AtomicBool,
 }
 
 /// A controller brought up and ready: identify data, namespaces, admin commands, and a
@@ -215,6 +226,16 @@ impl Controller {
             None,
         )?;
         let granted = ((dw0 & 0xffff).min(dw0 >> 16) + 1).min(options.io_queues as u32) as u16;
+        let dbbuf = if options.shadow_doorbells
+            && info.oacs & crate::spec::OACS_DOORBELL_BUFFER_CONFIG != 0
+        {
+            Some((
+                Arc::new(DmaWords::new(pool.alloc(PAGE_SIZE)?)),
+                Arc::new(DmaWords::new(pool.alloc(PAGE_SIZE)?)),
+            ))
+        } else {
+            None
+        };
         let shared = Shared {
             hw: hw.clone(),
             pool,
@@ -231,7 +252,10 @@ impl Controller {
             generation: Arc::new(AtomicU64::new(0)),
             quiesces: AtomicU64::new(0),
             reset_lock: Mutex::new(()),
+            dbbuf,
+            dbbuf_on: AtomicBool::new(false),
         };
+        shared.configure_dbbuf();
         log::info!(
             "{dev}: ready: {} / {}, {} namespace(s), {granted} I/O queue pair(s), max transfer {} bytes",
             shared.info.model,
@@ -301,6 +325,12 @@ impl Controller {
     /// The hardware below.
     pub fn hardware(&self) -> &Arc<dyn Hardware> {
         &self.shared.hw
+    }
+
+    /// Whether queue pairs use shadow doorbells now (the controller offers them, they were
+    /// not turned off in the options, and it took the pages since its last reset).
+    pub fn shadow_doorbells(&self) -> bool {
+        self.shared.dbbuf_on.load(Ordering::Acquire)
     }
 
     /// Whether the controller accepts SGLs for NVM I/O commands.
@@ -681,6 +711,7 @@ impl Recovery for Shared {
         let want = (self.io_queues_granted - 1) as u32;
         self.admin
             .set_features(feature::NUMBER_OF_QUEUES, want | (want << 16), None)?;
+        self.configure_dbbuf();
         let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         log::warn!("{}: controller reset done (reset #{g})", hw.name());
         Ok(g)
@@ -697,9 +728,45 @@ impl Recovery for Shared {
     fn quiesces(&self) -> u64 {
         self.quiesces.load(Ordering::Acquire)
     }
+
+    fn shadow(&self, qid: u16) -> Option<Shadow> {
+        if !self.dbbuf_on.load(Ordering::Acquire) {
+            return None;
+        }
+        let (dbs, eis) = self.dbbuf.as_ref()?;
+        Some(Shadow::new(dbs.clone(), eis.clone(), qid, self.cap.dstrd()))
+    }
 }
 
 impl Shared {
+    /// Give the controller the shadow doorbell pages (after every enable: a reset forgets
+    /// them), and the admin queue its shadow doorbells. Without them, or if the controller
+    /// refuses, everything rings MMIO doorbells.
+    fn configure_dbbuf(&self) {
+        self.dbbuf_on.store(false, Ordering::Release);
+        let Some((dbs, eis)) = &self.dbbuf else {
+            return;
+        };
+        let admin_shadow = Shadow::new(dbs.clone(), eis.clone(), 0, self.cap.dstrd());
+        {
+            let mut q = self.admin.lock();
+            // The admin queue always rings MMIO too (controllers differ on whether its
+            // doorbells are shadowed), and keeps the shadow current for those that read it.
+            q.set_always_mmio();
+            q.set_shadow(Some(admin_shadow));
+        }
+        let mut c = SqEntry::new(admin_op::DOORBELL_BUFFER_CONFIG, 0);
+        c.dptr1 = dbs.iova().0;
+        c.dptr2 = eis.iova().0;
+        match self.admin.admin_cmd(c, None, "Doorbell Buffer Config") {
+            Ok(_) => self.dbbuf_on.store(true, Ordering::Release),
+            Err(e) => {
+                log::warn!("{}: shadow doorbells not used: {e}", self.hw.name());
+                self.admin.lock().set_shadow(None);
+            }
+        }
+    }
+
     /// Stop the controller: disable it and wait for CSTS.RDY = 0; if it does not get there,
     /// reset the PCI function. Either way, once this returns `Ok` no command of before can
     /// still touch memory, and [`Recovery::quiesces`] says so.
@@ -742,5 +809,11 @@ impl Drop for Shared {
             );
         }
         self.admin.lock().retire(stopped, stopped);
+        if !stopped {
+            if let Some((dbs, eis)) = &self.dbbuf {
+                dbs.quarantine();
+                eis.quarantine();
+            }
+        }
     }
 }

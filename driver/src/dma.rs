@@ -657,6 +657,78 @@ impl DmaLease {
     }
 }
 
+/// Dwords of DMA memory shared by threads, each of which reads and writes dwords of its own:
+/// the shadow doorbell and event index pages, where every queue pair keeps its tail and head
+/// and the controller its event indexes. Accesses are single volatile 32-bit loads and stores;
+/// ordering against other memory is the caller's (fences).
+pub struct DmaWords {
+    mem: Arc<Mem>,
+}
+
+impl std::fmt::Debug for DmaWords {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DmaWords")
+            .field("iova", &self.mem.iova)
+            .field("len", &self.mem.len)
+            .finish()
+    }
+}
+
+impl DmaWords {
+    /// `buf` as shared dwords, zeroed.
+    pub fn new(buf: DmaBuffer) -> DmaWords {
+        buf.fill(0);
+        DmaWords { mem: buf.mem }
+    }
+
+    /// Where the device sees the first byte.
+    pub fn iova(&self) -> Iova {
+        self.mem.iova
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.mem.len
+    }
+
+    /// Whether there are no bytes (never).
+    pub fn is_empty(&self) -> bool {
+        self.mem.len == 0
+    }
+
+    #[inline(always)]
+    fn word(&self, offset: usize) -> vm_memory::volatile_memory::VolatileRef<'_, u32> {
+        assert!(
+            offset.is_multiple_of(4) && offset + 4 <= self.mem.len,
+            "dword at {offset} outside {} bytes",
+            self.mem.len
+        );
+        // SAFETY: offset..offset+4 lies inside the memory (checked above), which stays
+        // allocated and mapped while the Mem lives; it is reached only through volatile
+        // accesses, never a Rust reference.
+        unsafe {
+            vm_memory::volatile_memory::VolatileRef::new(self.mem.ptr.as_ptr().add(offset).cast())
+        }
+    }
+
+    /// The little-endian dword at byte `offset`.
+    #[inline(always)]
+    pub fn load(&self, offset: usize) -> u32 {
+        u32::from_le(self.word(offset).load())
+    }
+
+    /// Store a little-endian dword at byte `offset`.
+    #[inline(always)]
+    pub fn store(&self, offset: usize, value: u32) {
+        self.word(offset).store(value.to_le());
+    }
+
+    /// The device may still use these dwords: never give them back to the pool.
+    pub(crate) fn quarantine(&self) {
+        self.mem.quarantine();
+    }
+}
+
 impl DmaBuffer {
     fn new(mem: Mem) -> DmaBuffer {
         DmaBuffer {

@@ -218,7 +218,10 @@ impl IoQueuePair {
             (entries as u16, cq_entries as u16),
             shared.cap.dstrd(),
         )
-        .and_then(|qp| shared.create_queues(&qp).map(|_| qp));
+        .and_then(|mut qp| {
+            qp.set_shadow(Recovery::shadow(shared.as_ref(), qid));
+            shared.create_queues(&qp).map(|_| qp)
+        });
         let mut qp = match made {
             Ok(qp) => qp,
             Err(e) => {

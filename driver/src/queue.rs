@@ -15,7 +15,7 @@ use std::time::Duration;
 use vm_memory::VolatileMemory;
 
 use crate::clock::{self, Ticks};
-use crate::dma::{DmaBuffer, DmaPool, DmaSlice, Mem};
+use crate::dma::{DmaBuffer, DmaPool, DmaSlice, DmaWords, Mem};
 use crate::error::{Error, Result};
 use crate::hw::Hardware;
 use crate::prp::{build_prp, ListPages};
@@ -105,6 +105,11 @@ pub struct QueueStats {
     pub quarantined: u64,
     /// Submissions refused because their data was quarantined memory.
     pub quarantined_refused: u64,
+    /// Submission queue tails written to the shadow doorbell (each may or may not have needed
+    /// an MMIO doorbell as well: those are counted in `sq_doorbells`).
+    pub sq_shadow_writes: u64,
+    /// Completion queue heads written to the shadow doorbell.
+    pub cq_shadow_writes: u64,
 }
 
 /// What a queue pair needs from its controller to recover from a lost command, a fatal
@@ -120,6 +125,9 @@ pub(crate) trait Recovery: Send + Sync {
     fn generation(&self) -> u64;
     /// Create this queue pair's queues again on the controller (after a reset).
     fn recreate(&self, qp: &QueuePair) -> Result<()>;
+    /// This queue pair's shadow doorbells, if the controller uses them now (asked again after
+    /// every reset).
+    fn shadow(&self, qid: u16) -> Option<Shadow>;
     /// How many times the controller was seen stopped: disabled with CSTS.RDY read 0, or
     /// through a function level reset. A command outstanding before it can no longer be
     /// touching memory.
@@ -229,6 +237,44 @@ impl ListPages for SlotLists<'_> {
     }
 }
 
+/// Whether a doorbell moving from `old` to `new` passes the controller's event index `event`,
+/// so that the controller asked to be told by an MMIO write (NVMe Doorbell Buffer Config;
+/// Linux's `nvme_dbbuf_need_event`): `event` lies in `[old, new)`, modulo 2^16.
+#[inline(always)]
+pub fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+/// A queue pair's shadow doorbells: its dwords in the controller's shadow doorbell page and
+/// event index page (Doorbell Buffer Config).
+#[derive(Clone)]
+pub(crate) struct Shadow {
+    pub(crate) dbs: Arc<DmaWords>,
+    pub(crate) eis: Arc<DmaWords>,
+    /// Byte offsets of this queue pair's submission tail and completion head dwords.
+    sq: usize,
+    cq: usize,
+}
+
+impl Shadow {
+    pub(crate) fn new(dbs: Arc<DmaWords>, eis: Arc<DmaWords>, qid: u16, dstrd: u8) -> Shadow {
+        Shadow {
+            sq: reg::sq_tail_doorbell(qid, dstrd) - reg::DOORBELL_BASE,
+            cq: reg::cq_head_doorbell(qid, dstrd) - reg::DOORBELL_BASE,
+            dbs,
+            eis,
+        }
+    }
+
+    /// Start from zero, as a newly created queue does (before the controller is told of it).
+    pub(crate) fn clear(&self) {
+        for w in [&self.dbs, &self.eis] {
+            w.store(self.sq, 0);
+            w.store(self.cq, 0);
+        }
+    }
+}
+
 /// Write `cmd` at the tail of the submission queue ring `sq` of `entries` entries.
 #[inline]
 fn push_entry(sq: &DmaBuffer, tail: &mut u16, entries: u16, cmd: &SqEntry) {
@@ -260,6 +306,15 @@ pub struct QueuePair {
     phase: bool,
     sq_db: usize,
     cq_db: usize,
+    /// Shadow doorbells, when the controller has them configured.
+    shadow: Option<Shadow>,
+    /// Ring at every submission rather than once per batch.
+    ring_each: bool,
+    /// Ring the MMIO doorbells whatever the event index says (the admin queue: controllers
+    /// differ on whether its doorbells are shadowed).
+    always_mmio: bool,
+    /// The completion queue head last written to the shadow doorbell.
+    shadow_cq_head: u16,
     hw: Arc<dyn Hardware>,
     pool: DmaPool,
     slots: Box<[Slot]>,
@@ -353,6 +408,10 @@ impl QueuePair {
             phase: true,
             sq_db: reg::sq_tail_doorbell(qid, dstrd),
             cq_db: reg::cq_head_doorbell(qid, dstrd),
+            shadow: None,
+            ring_each: false,
+            always_mmio: false,
+            shadow_cq_head: 0,
             hw,
             pool: pool.clone(),
             slots,
@@ -599,6 +658,9 @@ impl QueuePair {
         slot.aborted = false;
         push_entry(&self.sq, &mut self.sq_tail, self.entries, &cmd);
         self.stats.submitted += 1;
+        if self.ring_each {
+            self.ring();
+        }
         Ok(CommandId(cid))
     }
 
@@ -640,16 +702,58 @@ impl QueuePair {
         Error::QueueFull
     }
 
-    /// Ring the submission doorbell if anything was queued since the last ring.
+    /// Ring the submission doorbell if anything was queued since the last ring. With shadow
+    /// doorbells the tail goes to the shadow doorbell, and the MMIO doorbell is written only
+    /// when the controller's event index asks for it.
     #[inline]
     pub fn ring(&mut self) {
         if self.sq_tail != self.rung_tail {
             // The entries must be visible in memory before the device learns of them.
             fence(Ordering::Release);
-            self.hw.write32(self.sq_db, self.sq_tail as u32);
+            let mmio = match &self.shadow {
+                None => true,
+                Some(sh) => {
+                    sh.dbs.store(sh.sq, self.sq_tail as u32);
+                    self.stats.sq_shadow_writes += 1;
+                    // The shadow tail must be visible before the event index is read: a
+                    // controller that stops polling writes its index, then reads the tail.
+                    fence(Ordering::SeqCst);
+                    let event = sh.eis.load(sh.sq) as u16;
+                    self.always_mmio || need_event(event, self.sq_tail, self.rung_tail)
+                }
+            };
+            if mmio {
+                self.hw.write32(self.sq_db, self.sq_tail as u32);
+                self.stats.sq_doorbells += 1;
+            }
             self.rung_tail = self.sq_tail;
-            self.stats.sq_doorbells += 1;
         }
+    }
+
+    /// Whether each submission rings (see [`QueuePair::ring`]), so that a controller reading
+    /// shadow doorbells picks commands up as they come, or only [`QueuePair::ring`] and
+    /// [`QueuePair::poll`] do, once per batch (the default).
+    pub fn set_ring_each(&mut self, each: bool) {
+        self.ring_each = each;
+    }
+
+    /// Whether the queue pair uses shadow doorbells.
+    pub fn shadow_doorbells(&self) -> bool {
+        self.shadow.is_some()
+    }
+
+    /// Use `shadow` doorbells from now on (None: MMIO only). Its dwords are cleared: call this
+    /// before the controller is told of the queues.
+    pub(crate) fn set_shadow(&mut self, shadow: Option<Shadow>) {
+        if let Some(sh) = &shadow {
+            sh.clear();
+        }
+        self.shadow = shadow;
+        self.shadow_cq_head = 0;
+    }
+
+    pub(crate) fn set_always_mmio(&mut self) {
+        self.always_mmio = true;
     }
 
     /// Reap up to `max` completions, calling `f` for each; rings the submission doorbell
@@ -768,7 +872,8 @@ impl QueuePair {
             // Fewer than `cq_entries` (at most 4096) completions are reaped per call: no
             // overflow.
             self.cq_unrung += n as u16;
-            if self.cq_unrung > self.cq_entries - self.entries {
+            // A shadow head costs a memory write: the controller sees freed entries at once.
+            if self.shadow.is_some() || self.cq_unrung > self.cq_entries - self.entries {
                 self.ring_cq_head();
             }
         } else if handed == 0 {
@@ -780,8 +885,21 @@ impl QueuePair {
     /// Tell the controller every completion reaped so far.
     #[inline(always)]
     fn ring_cq_head(&mut self) {
-        self.hw.write32(self.cq_db, self.cq_head as u32);
-        self.stats.cq_doorbells += 1;
+        let mmio = match &self.shadow {
+            None => true,
+            Some(sh) => {
+                sh.dbs.store(sh.cq, self.cq_head as u32);
+                self.stats.cq_shadow_writes += 1;
+                fence(Ordering::SeqCst);
+                let event = sh.eis.load(sh.cq) as u16;
+                let old = std::mem::replace(&mut self.shadow_cq_head, self.cq_head);
+                self.always_mmio || need_event(event, self.cq_head, old)
+            }
+        };
+        if mmio {
+            self.hw.write32(self.cq_db, self.cq_head as u32);
+            self.stats.cq_doorbells += 1;
+        }
         self.cq_unrung = 0;
     }
 
@@ -946,6 +1064,7 @@ impl QueuePair {
         // touch memory. The check stays, for a reset some other way than ours.
         let stopped = self.stopped_since_seen(rec);
         self.cancel_all(NvmeStatus::ABORTED_BY_RESET, stopped, f);
+        self.set_shadow(rec.shadow(self.qid));
         if let Err(e) = rec.recreate(self) {
             log::error!(
                 "{}: queue {} could not be created again after a reset: {e}",
@@ -1023,6 +1142,10 @@ impl QueuePair {
         self.cq_unrung = 0;
         self.phase = true;
         self.cq.fill(0);
+        self.shadow_cq_head = 0;
+        if let Some(sh) = &self.shadow {
+            sh.clear();
+        }
         lost
     }
 
@@ -1076,5 +1199,24 @@ impl Drop for QueuePair {
         // An owner that did not say otherwise knows nothing of the controller: assume it may
         // still use everything live.
         self.retire(false, false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::need_event;
+
+    #[test]
+    fn event_index_arithmetic() {
+        // The event index inside [old, new) asks for a doorbell; outside it does not.
+        assert!(need_event(5, 6, 5));
+        assert!(need_event(5, 9, 3));
+        assert!(!need_event(9, 9, 3), "new itself is not passed");
+        assert!(!need_event(2, 9, 3), "before old");
+        assert!(!need_event(5, 5, 5), "no movement");
+        // Across the 16-bit wrap.
+        assert!(need_event(0xffff, 2, 0xfffe));
+        assert!(need_event(0, 2, 0xfffe));
+        assert!(!need_event(3, 2, 0xfffe));
     }
 }

@@ -116,7 +116,11 @@ pub mod admin_op {
     pub const ABORT: u8 = 0x08;
     pub const SET_FEATURES: u8 = 0x09;
     pub const GET_FEATURES: u8 = 0x0a;
+    pub const DOORBELL_BUFFER_CONFIG: u8 = 0x7c;
 }
+
+/// Identify Controller OACS bit 8: the controller supports Doorbell Buffer Config.
+pub const OACS_DOORBELL_BUFFER_CONFIG: u16 = 1 << 8;
 
 /// NVM command set I/O opcodes.
 pub mod io_op {

@@ -310,16 +310,34 @@ fn the_completion_doorbell_is_rung_once_per_many_completions() {
 #[test]
 fn a_queue_as_deep_as_the_controller_allows_rings_after_every_poll() {
     // The model allows 1024 entries: a queue of 1024 has no spare completion entries.
-    let (model, ctrl) = open(config(5));
-    let mut qp = ctrl.create_io_qpair(1024).unwrap();
-    assert_eq!(qp.cq_entries(), 1024);
-    let buf = ctrl.alloc(4096).unwrap();
-    let before = model.stats().cq_doorbells;
-    for i in 0..5u64 {
-        qp.submit(read_cmd(1, i, 1), &[buf.segment()], i).unwrap();
-        while qp.poll(8, |c| assert!(c.status.is_success())) == 0 {}
+    for shadow in [false, true] {
+        let model = Model::new(config(5));
+        let ctrl = Controller::init(
+            model.clone(),
+            ControllerOptions {
+                shadow_doorbells: shadow,
+                ..options()
+            },
+        )
+        .unwrap();
+        assert_eq!(ctrl.shadow_doorbells(), shadow);
+        let mut qp = ctrl.create_io_qpair(1024).unwrap();
+        assert_eq!(qp.cq_entries(), 1024);
+        let buf = ctrl.alloc(4096).unwrap();
+        let before = model.stats().cq_doorbells;
+        for i in 0..5u64 {
+            qp.submit(read_cmd(1, i, 1), &[buf.segment()], i).unwrap();
+            while qp.poll(8, |c| assert!(c.status.is_success())) == 0 {}
+        }
+        if shadow {
+            // Every head goes to the shadow doorbell; the controller's event index (0: it
+            // never wrote one) asks for an MMIO doorbell only as the head passes it.
+            assert_eq!(qp.stats().cq_shadow_writes, 5);
+            assert_eq!(model.stats().cq_doorbells - before, 1);
+        } else {
+            assert_eq!(model.stats().cq_doorbells - before, 5);
+        }
     }
-    assert_eq!(model.stats().cq_doorbells - before, 5);
 }
 
 #[test]
@@ -608,4 +626,91 @@ fn data_that_does_not_match_the_lba_count_is_refused() {
         qp.poll(8, |c| got.push(c));
     }
     assert_eq!((got[0].tag, got[0].status), (2, NvmeStatus::SUCCESS));
+}
+
+#[test]
+fn shadow_doorbells_are_set_up_and_set_up_again_after_a_reset() {
+    let (model, ctrl) = open(config(5));
+    assert!(ctrl.shadow_doorbells() && model.shadow_doorbells_on());
+    let mut qp = ctrl.create_io_qpair(8).unwrap();
+    assert!(qp.shadow_doorbells());
+    let buf = ctrl.alloc(4096).unwrap();
+    model.write_ns(1, 3, &[3; 4096]);
+    qp.read(1, 3, 1, &buf).unwrap();
+    assert_eq!(buf.to_vec(), vec![3; 4096]);
+    assert!(qp.stats().sq_shadow_writes > 0);
+    ctrl.reset().unwrap();
+    assert!(
+        model.shadow_doorbells_on(),
+        "configured again after the reset"
+    );
+    // The idle queue pair learns of the reset at its next submission, clears its shadow
+    // doorbells and creates its queues again: the read goes through.
+    model.write_ns(1, 4, &[4; 4096]);
+    qp.read(1, 4, 1, &buf).unwrap();
+    assert_eq!(buf.to_vec(), vec![4; 4096]);
+    assert_eq!(qp.stats().resets, 1);
+    // Turned off: MMIO doorbells only, and the controller is never given the pages.
+    let model = Model::new(config(5));
+    let ctrl = Controller::init(
+        model.clone(),
+        ControllerOptions {
+            shadow_doorbells: false,
+            ..options()
+        },
+    )
+    .unwrap();
+    assert!(!ctrl.shadow_doorbells() && !model.shadow_doorbells_on());
+    let mut qp = ctrl.create_io_qpair(8).unwrap();
+    qp.read(1, 3, 1, &buf_of(&ctrl)).unwrap();
+    assert_eq!(qp.stats().sq_shadow_writes, 0);
+    assert_eq!(qp.stats().sq_doorbells, 1);
+}
+
+fn buf_of(ctrl: &Controller) -> rnvme_driver::dma::DmaBuffer {
+    ctrl.alloc(4096).unwrap()
+}
+
+#[test]
+fn a_controller_that_reads_shadow_doorbells_lazily_is_rung_rarely_and_loses_nothing() {
+    let (model, ctrl) = open(config(5));
+    let mut qp = ctrl.create_io_qpair(64).unwrap();
+    model.set_shadow_lazy(true);
+    let bufs: Vec<_> = (0..20)
+        .map(|i| {
+            model.write_ns(1, i, &[i as u8; 4096]);
+            ctrl.alloc(4096).unwrap()
+        })
+        .collect();
+    let before = model.stats();
+    for (i, b) in bufs.iter().enumerate() {
+        qp.submit(read_cmd(1, i as u64, 1), &[b.segment()], i as u64)
+            .unwrap();
+        qp.ring();
+    }
+    let mmio = model.stats().sq_doorbells - before.sq_doorbells;
+    assert!(
+        mmio < 20,
+        "{mmio} MMIO doorbells for 20 rings: the event index was not respected"
+    );
+    // The commands the host announced only in the shadow doorbell are fetched when the
+    // controller polls it.
+    let mut done = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while done.len() < 20 {
+        qp.poll(64, |c| done.push(c));
+        if done.len() < 20 {
+            model.poll_shadows();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "commands lost: {} of 20",
+            done.len()
+        );
+    }
+    assert!(done.iter().all(|c| c.status.is_success()));
+    for (i, b) in bufs.iter().enumerate() {
+        assert_eq!(b.to_vec(), vec![i as u8; 4096], "block {i}");
+    }
+    assert!(model.stats().sq_shadow_fetches > 0);
 }

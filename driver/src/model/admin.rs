@@ -73,6 +73,9 @@ impl Inner {
             admin_op::DELETE_IO_SQ => self.delete_sq(e),
             admin_op::DELETE_IO_CQ => self.delete_cq(e),
             admin_op::ABORT => self.abort(e),
+            admin_op::DOORBELL_BUFFER_CONFIG if self.cfg.shadow_doorbells => {
+                self.doorbell_buffer_config(e)
+            }
             ASYNC_EVENT_REQUEST => {
                 if self.aers.len() >= AER_LIMIT {
                     bad(
@@ -163,7 +166,13 @@ impl Inner {
         put(b, 78, &0u16.to_le_bytes()); // CNTLID
         put(b, 80, &VERSION.to_le_bytes());
         b[111] = 1; // CNTRLTYPE: I/O controller
-        put(b, 256, &0u16.to_le_bytes()); // OACS: no optional admin commands
+                    // OACS: Doorbell Buffer Config, when configured; no other optional admin command.
+        let oacs: u16 = if c.shadow_doorbells {
+            crate::spec::OACS_DOORBELL_BUFFER_CONFIG
+        } else {
+            0
+        };
+        put(b, 256, &oacs.to_le_bytes());
         b[258] = 3; // ACL: four concurrent Aborts
         b[259] = (AER_LIMIT - 1) as u8; // AERL
         b[260] = 1 << 1; // FRMW: one slot

@@ -76,6 +76,8 @@ pub struct ModelConfig {
     pub dstrd: u8,
     /// Advertise SGL support for I/O commands (Identify Controller SGLS bit 0).
     pub sgl: bool,
+    /// Offer shadow doorbells (Doorbell Buffer Config, OACS bit 8), as QEMU's controller does.
+    pub shadow_doorbells: bool,
     /// With `sgl`: advertise SGLS = 10b, SGL data only at dword-aligned addresses in whole
     /// dwords (the model refuses other SGL data).
     pub sgl_dword: bool,
@@ -107,6 +109,7 @@ impl Default for ModelConfig {
             dstrd: 0,
             sgl: true,
             sgl_dword: false,
+            shadow_doorbells: true,
             vwc: true,
             serial: "RNVME-MODEL-0001".into(),
             model: "rnvme controller model".into(),
@@ -218,6 +221,8 @@ pub struct ModelStats {
     pub cid_conflicts: u64,
     /// PRP list pages read.
     pub prp_list_pages: u64,
+    /// Times a shadow submission tail announced commands (no MMIO doorbell needed for them).
+    pub sq_shadow_fetches: u64,
     /// SGL descriptors examined.
     pub sgl_descriptors: u64,
     /// Bytes transferred to the host by Read commands.
@@ -410,6 +415,11 @@ struct Inner {
     parked: Vec<ParkedCommand>,
     /// Function level resets done.
     flrs: u32,
+    /// Shadow doorbell and event index pages (Doorbell Buffer Config), until the next reset.
+    dbbuf: Option<(u64, u64)>,
+    /// Event indexes are written only by [`Model::poll_shadows`]: a controller that reads the
+    /// shadow doorbells lazily, so the host skips MMIO doorbells for long stretches.
+    shadow_lazy: bool,
     iommu: IovaTable,
     /// By queue identifier, 0 = admin.
     sqs: Vec<Option<Sq>>,
@@ -543,6 +553,8 @@ impl Model {
             late: LateDma::Off,
             parked: Vec::new(),
             flrs: 0,
+            dbbuf: None,
+            shadow_lazy: false,
             iommu: IovaTable::default(),
             sqs: (0..queues).map(|_| None).collect(),
             cqs: (0..queues).map(|_| None).collect(),
@@ -595,6 +607,33 @@ impl Model {
     /// stays set, and parked commands can still DMA. A function level reset cures it.
     pub fn set_stuck_enabled(&self, on: bool) {
         self.lock().stuck_enabled = on;
+    }
+
+    /// Whether the model reads shadow doorbells lazily (while `on`): it writes its event
+    /// indexes only in [`Model::poll_shadows`], so the host rings MMIO doorbells rarely, and
+    /// commands it queues are fetched at the next MMIO doorbell or poll.
+    pub fn set_shadow_lazy(&self, on: bool) {
+        self.lock().shadow_lazy = on;
+    }
+
+    /// What a controller polling its shadow doorbells does: fetch every command the shadow
+    /// tails announce, take the shadow heads, and set each event index to the value read.
+    /// Returns how many commands were fetched.
+    pub fn poll_shadows(&self) -> u64 {
+        let mut g = self.lock();
+        let before = g.stats.io_commands + g.stats.admin_commands;
+        for qid in 0..g.sqs.len() as u16 {
+            g.shadow_sq(qid, true);
+        }
+        for qid in 0..g.cqs.len() as u16 {
+            g.shadow_cq(qid, true);
+        }
+        g.stats.io_commands + g.stats.admin_commands - before
+    }
+
+    /// Whether shadow doorbells are configured (Doorbell Buffer Config since the last reset).
+    pub fn shadow_doorbells_on(&self) -> bool {
+        self.lock().dbbuf.is_some()
     }
 
     /// Whether a function level reset fails (while `on`).
@@ -1056,6 +1095,7 @@ impl Inner {
     /// more DMA.
     fn reset(&mut self) {
         self.parked.clear();
+        self.dbbuf = None;
         if !self.shut_down && self.csts & csts::RDY != 0 {
             self.unsafe_shutdowns += 1;
         }
@@ -1135,6 +1175,13 @@ impl Inner {
         }
         sq.tail = value;
         self.stats.sq_doorbells += 1;
+        self.run_sq(qid);
+        let lazy = self.shadow_lazy;
+        self.shadow_sq(qid, !lazy);
+    }
+
+    /// Fetch and run commands from submission queue `qid` up to `sq.tail`.
+    fn run_sq(&mut self, qid: u16) {
         loop {
             if !self.running() {
                 break;
@@ -1161,6 +1208,131 @@ impl Inner {
         while let Some(c) = self.reordered.pop() {
             self.post(c);
         }
+    }
+
+    /// Byte offsets of queue `qid`'s submission tail and completion head dwords in the
+    /// shadow pages.
+    fn shadow_offsets(&self, qid: u16) -> (u64, u64) {
+        let stride = 4u64 << self.cfg.dstrd;
+        (2 * qid as u64 * stride, (2 * qid as u64 + 1) * stride)
+    }
+
+    fn read_dword(&self, iova: u64) -> Option<u32> {
+        let mut b = [0u8; 4];
+        self.iommu.read(iova, &mut b).ok()?;
+        Some(u32::from_le_bytes(b))
+    }
+
+    fn write_dword(&mut self, iova: u64, value: u32) {
+        if let Err(f) = self.iommu.write(iova, &value.to_le_bytes()) {
+            self.fatal(&format!("cannot write the shadow page at {iova:#x}: {f}"));
+        }
+    }
+
+    /// With shadow doorbells: keep fetching while the shadow tail of SQ `qid` moves; then,
+    /// with `arm`, set its event index to the tail read, asking for an MMIO doorbell for
+    /// whatever comes next.
+    fn shadow_sq(&mut self, qid: u16, arm: bool) {
+        let Some((dbs, eis)) = self.dbbuf else {
+            return;
+        };
+        let (sq_off, _) = self.shadow_offsets(qid);
+        loop {
+            let Some(size) = self.sqs[qid as usize].as_ref().map(|q| q.size) else {
+                return;
+            };
+            let Some(tail) = self.read_dword(dbs + sq_off) else {
+                self.fatal("cannot read the shadow doorbell page");
+                return;
+            };
+            if tail >= size {
+                self.fatal(&format!(
+                    "shadow tail {tail} of SQ {qid} is not below the queue size {size}"
+                ));
+                return;
+            }
+            let sq = self.sqs[qid as usize].as_mut().expect("checked above");
+            if tail == sq.tail {
+                if arm {
+                    self.write_dword(eis + sq_off, tail);
+                }
+                return;
+            }
+            sq.tail = tail;
+            self.stats.sq_shadow_fetches += 1;
+            self.run_sq(qid);
+        }
+    }
+
+    /// With shadow doorbells: take the shadow head of CQ `qid` (posting what waited for room);
+    /// with `arm`, set its event index to it.
+    fn shadow_cq(&mut self, qid: u16, arm: bool) {
+        let Some((dbs, eis)) = self.dbbuf else {
+            return;
+        };
+        let (_, cq_off) = self.shadow_offsets(qid);
+        let Some(cq) = self.cqs[qid as usize].as_ref() else {
+            return;
+        };
+        let (size, old, used) = (cq.size, cq.head, cq.used());
+        let Some(head) = self.read_dword(dbs + cq_off) else {
+            self.fatal("cannot read the shadow doorbell page");
+            return;
+        };
+        if head >= size || (head + size - old) % size > used {
+            self.fatal(&format!(
+                "shadow head {head} of CQ {qid} is invalid (size {size}, head {old}, {used} \
+                 entries posted and not consumed)"
+            ));
+            return;
+        }
+        if arm {
+            self.write_dword(eis + cq_off, head);
+        }
+        if head == old {
+            return;
+        }
+        self.cqs[qid as usize].as_mut().expect("checked above").head = head;
+        while self.running() {
+            let Some(cq) = self.cqs[qid as usize].as_mut() else {
+                break;
+            };
+            if cq.full() {
+                break;
+            }
+            let Some(c) = cq.waiting.pop_front() else {
+                break;
+            };
+            self.write_cqe(c);
+        }
+    }
+
+    /// Doorbell Buffer Config: PRP1 the shadow doorbells, PRP2 the event indexes.
+    pub(super) fn doorbell_buffer_config(&mut self, e: &SqEntry) -> Result<u32, Failure> {
+        let (dbs, eis) = (e.dptr1, e.dptr2);
+        if dbs == 0 || eis == 0 || dbs % self.page_size != 0 || eis % self.page_size != 0 {
+            return bad(
+                NvmeStatus::INVALID_FIELD,
+                format!("shadow pages {dbs:#x} / {eis:#x} must be nonzero and page aligned"),
+            );
+        }
+        for at in [dbs, eis] {
+            if let Err(f) = self.iommu.check(at, self.page_size) {
+                return bad(NvmeStatus::DATA_TRANSFER_ERROR, f.to_string());
+            }
+        }
+        self.dbbuf = Some((dbs, eis));
+        // As QEMU does: the current tails and heads go to the shadow doorbells.
+        for qid in 0..self.sqs.len() as u16 {
+            let (sq_off, cq_off) = self.shadow_offsets(qid);
+            if let Some(t) = self.sqs[qid as usize].as_ref().map(|q| q.tail) {
+                self.write_dword(dbs + sq_off, t);
+            }
+            if let Some(h) = self.cqs[qid as usize].as_ref().map(|q| q.head) {
+                self.write_dword(dbs + cq_off, h);
+            }
+        }
+        Ok(0)
     }
 
     fn cq_doorbell(&mut self, qid: u16, value: u32) {
@@ -1342,6 +1514,14 @@ impl Inner {
                 "model: completion of CID {} (SQ {}) dropped: CQ {} no longer exists",
                 c.cid, c.sqid, c.cqid
             );
+            return;
+        };
+        if self.dbbuf.is_some() && (!cq.waiting.is_empty() || cq.full()) {
+            // A controller with shadow doorbells reads the host's head before it gives up.
+            let lazy = self.shadow_lazy;
+            self.shadow_cq(c.cqid, !lazy);
+        }
+        let Some(cq) = self.cqs.get_mut(c.cqid as usize).and_then(Option::as_mut) else {
             return;
         };
         if !cq.waiting.is_empty() || cq.full() {
