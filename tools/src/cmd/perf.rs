@@ -112,6 +112,12 @@ pub struct PerfArgs {
     /// Seed of the random offsets
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Ring MMIO doorbells only, even where the controller offers shadow doorbells
+    #[arg(long)]
+    pub no_shadow_doorbells: bool,
+    /// Ring at every submission instead of once per batch of submissions
+    #[arg(long)]
+    pub ring_each: bool,
 }
 
 /// `BDF` or `BDF/NSID`.
@@ -174,6 +180,8 @@ impl PerfArgs {
             stop_on_error: self.stop_on_error,
             latency_histogram: self.latency_histogram,
             seed: self.seed,
+            shadow_doorbells: !self.no_shadow_doorbells,
+            ring_each: self.ring_each,
         }
     }
 
@@ -222,6 +230,7 @@ fn open(args: &PerfArgs, cfg: &PerfConfig) -> Result<Vec<Target>> {
                         },
                         data_pointer: forced.unwrap_or(DEFAULT_DATA_POINTER),
                         initial_chunks: chunks,
+                        shadow_doorbells: cfg.shadow_doorbells,
                         ..ControllerOptions::default()
                     },
                 )?;

@@ -567,6 +567,10 @@ fn direct_worker(ctx: &Ctx, shared: &Shared, thread: usize) -> Option<WorkerResu
                     target
                         .ctrl
                         .create_io_qpair(plan.queue_entries)
+                        .map(|mut qp| {
+                            qp.set_ring_each(cfg.ring_each);
+                            qp
+                        })
                         .map_err(|e| PerfError::device(&plan.label, e))?,
                 );
             }
@@ -1088,6 +1092,10 @@ pub(crate) fn execute(
                     target
                         .ctrl
                         .create_io_qpair(plan.queue_entries)
+                        .map(|mut qp| {
+                            qp.set_ring_each(cfg.ring_each);
+                            qp
+                        })
                         .map_err(|e| PerfError::device(&plan.label, e))?,
                 );
             }

@@ -221,6 +221,10 @@ pub struct PerfConfig {
     pub latency_histogram: bool,
     /// Seed of the offset and read/write choices.
     pub seed: u64,
+    /// Use shadow doorbells where the controller offers them.
+    pub shadow_doorbells: bool,
+    /// Ring at every submission instead of once per batch.
+    pub ring_each: bool,
 }
 
 impl Default for PerfConfig {
@@ -245,6 +249,8 @@ impl Default for PerfConfig {
             stop_on_error: false,
             latency_histogram: false,
             seed: 1,
+            shadow_doorbells: true,
+            ring_each: false,
         }
     }
 }
@@ -277,6 +283,8 @@ impl PerfConfig {
             reactor_cpu: self.reactor.then(|| self.reactor_cpu()).flatten(),
             verify: self.verify,
             seed: self.seed,
+            shadow_doorbells: self.shadow_doorbells,
+            ring_each: self.ring_each,
         }
     }
 

@@ -233,6 +233,10 @@ pub struct WorkloadInfo {
     pub verify: bool,
     /// Seed of the offset generators.
     pub seed: u64,
+    /// Shadow doorbells asked for (used where the controller offers them).
+    pub shadow_doorbells: bool,
+    /// Every submission rings (instead of once per batch).
+    pub ring_each: bool,
 }
 
 /// One namespace's result (in a thread, or over all threads).
@@ -280,6 +284,12 @@ pub struct Counters {
     pub idle_polls: u64,
     /// Submission doorbell writes per command.
     pub sq_doorbells_per_cmd: f64,
+    /// Completion doorbell writes per command.
+    pub cq_doorbells_per_cmd: f64,
+    /// Submission tails written to shadow doorbells (0 without them).
+    pub sq_shadow_writes: u64,
+    /// Completion heads written to shadow doorbells.
+    pub cq_shadow_writes: u64,
     /// Completions per poll that found any.
     pub completions_per_busy_poll: f64,
     /// With a reactor: requests it took, loop turns that submitted, most commands in one turn,
@@ -313,7 +323,10 @@ impl Counters {
         self.cq_doorbells += s.cq_doorbells;
         self.polls += s.polls;
         self.idle_polls += s.idle_polls;
+        self.sq_shadow_writes += s.sq_shadow_writes;
+        self.cq_shadow_writes += s.cq_shadow_writes;
         self.sq_doorbells_per_cmd = ratio(self.sq_doorbells, self.submitted);
+        self.cq_doorbells_per_cmd = ratio(self.cq_doorbells, self.submitted);
         self.completions_per_busy_poll = ratio(self.completed, self.polls - self.idle_polls);
     }
 }
@@ -466,9 +479,10 @@ impl PerfReport {
         let c = &self.counters;
         let _ = writeln!(
             s,
-            "\n{} commands, {:.3} submission doorbells per command, {:.2} completions per busy poll, {:.1} % of polls idle",
+            "\n{} commands, {:.3} submission and {:.3} completion MMIO doorbells per command, {:.2} completions per busy poll, {:.1} % of polls idle",
             c.submitted,
             c.sq_doorbells_per_cmd,
+            c.cq_doorbells_per_cmd,
             c.completions_per_busy_poll,
             100.0 * ratio(c.idle_polls, c.polls)
         );
