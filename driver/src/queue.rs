@@ -872,9 +872,14 @@ impl QueuePair {
             // Fewer than `cq_entries` (at most 4096) completions are reaped per call: no
             // overflow.
             self.cq_unrung += n as u16;
-            // A shadow head costs a memory write: the controller sees freed entries at once.
-            if self.shadow.is_some() || self.cq_unrung > self.cq_entries - self.entries {
+            if self.cq_unrung > self.cq_entries - self.entries {
                 self.ring_cq_head();
+            } else if let Some(sh) = &self.shadow {
+                // A shadow head costs a memory write: a controller that reads it sees freed
+                // entries at once. The MMIO doorbell waits for the surplus to run out, as
+                // without shadows: the controller never finds the queue full before that.
+                sh.dbs.store(sh.cq, self.cq_head as u32);
+                self.stats.cq_shadow_writes += 1;
             }
         } else if handed == 0 {
             self.stats.idle_polls += 1;
@@ -893,7 +898,11 @@ impl QueuePair {
                 fence(Ordering::SeqCst);
                 let event = sh.eis.load(sh.cq) as u16;
                 let old = std::mem::replace(&mut self.shadow_cq_head, self.cq_head);
-                self.always_mmio || need_event(event, self.cq_head, old)
+                // Past the surplus the controller may be about to find the queue full:
+                // ring whatever the event index says.
+                self.always_mmio
+                    || self.cq_unrung > self.cq_entries - self.entries
+                    || need_event(event, self.cq_head, old)
             }
         };
         if mmio {

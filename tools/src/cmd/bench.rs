@@ -48,6 +48,41 @@ pub struct CompareArgs {
     /// Print the guest's output and console as well
     #[arg(long, short)]
     pub verbose: bool,
+    /// The emulated device's back end, one guest boot and table each: threads (an image
+    /// through QEMU's default thread pool), io_uring (an image through io_uring) or null
+    /// (QEMU's null-co: no storage, so what remains is the drivers' and the emulated
+    /// controller's cost). Repeatable; default all three
+    #[arg(long, value_enum)]
+    pub backend: Vec<DeviceBackend>,
+}
+
+/// The emulated device's back end in a comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceBackend {
+    /// An image file through QEMU's default `aio=threads`.
+    Threads,
+    /// An image file through `aio=io_uring`.
+    IoUring,
+    /// QEMU's `null-co` block driver.
+    Null,
+}
+
+impl DeviceBackend {
+    /// All of them, in the order they run.
+    pub const ALL: [DeviceBackend; 3] = [
+        DeviceBackend::Threads,
+        DeviceBackend::IoUring,
+        DeviceBackend::Null,
+    ];
+
+    fn describe(self) -> &'static str {
+        match self {
+            DeviceBackend::Threads => "a 1 GiB image through QEMU's default aio=threads",
+            DeviceBackend::IoUring => "a 1 GiB image through aio=io_uring",
+            DeviceBackend::Null => "QEMU's null-co back end (no storage)",
+        }
+    }
 }
 
 /// One workload, run the same way by every engine.
@@ -474,6 +509,8 @@ pub struct TargetCheck {
 pub struct Comparison {
     /// UTC date of the run.
     pub date: String,
+    /// The emulated device's back end.
+    pub backend: DeviceBackend,
     /// Host, QEMU and guest facts.
     pub setup: Vec<String>,
     /// Seconds per measurement.
@@ -855,69 +892,91 @@ fn compare(a: CompareArgs) -> Result<ExitCode> {
             .sum::<usize>();
     let switches = 2 * rounds as usize * workloads.len();
     let rnvme = super::vm::static_rnvme()?;
-    let config = VmConfig {
-        controllers: vec![ControllerSpec {
-            namespaces: vec![NamespaceSpec {
-                size_mib: 1024,
-                lba_size: 4096,
-                ..NamespaceSpec::default()
+    let backends = if a.backend.is_empty() {
+        DeviceBackend::ALL.to_vec()
+    } else {
+        a.backend.clone()
+    };
+    let mut all = Vec::new();
+    let mut failed = None;
+    for backend in backends {
+        let config = VmConfig {
+            controllers: vec![ControllerSpec {
+                namespaces: vec![NamespaceSpec {
+                    size_mib: 1024,
+                    lba_size: 4096,
+                    null: backend == DeviceBackend::Null,
+                    ..NamespaceSpec::default()
+                }],
+                aio: match backend {
+                    DeviceBackend::IoUring => Some(DriveAio::IoUring),
+                    DeviceBackend::Threads | DeviceBackend::Null => None,
+                },
+                ..ControllerSpec::default()
             }],
-            // QEMU's default thread pool adds a thread hop to every command and made the
-            // emulated device, not either driver, the ceiling.
-            aio: Some(DriveAio::IoUring),
-            ..ControllerSpec::default()
-        }],
-        host_binaries: vec!["fio".into()],
-        files: vec![(rnvme, "/usr/local/bin/rnvme".into())],
-        kernel_args: vec!["nvme.poll_queues=2".into()],
-        hugepages: 128,
-        // Each measurement takes its time, a warm-up and a start; each hand-over of the device
-        // between the kernel and rnvme a few seconds more.
-        timeout: Duration::from_secs(
-            120 + measurements as u64 * (seconds as u64 + 6) + switches as u64 * 15,
-        ),
-        ..VmConfig::default()
-    };
-    eprintln!(
-        "rnvme: booting one guest for {measurements} measurements of {seconds} s each (about {} min)...",
-        (measurements as u64 * (seconds as u64 + 3) + switches as u64 * 4 + 30).div_ceil(60)
-    );
-    let out = vm::run(&config, &script(&workloads, seconds, rounds))?;
-    if a.verbose {
-        eprintln!("--- guest output ---\n{}\n---", out.output.trim_end());
+            host_binaries: vec!["fio".into()],
+            files: vec![(rnvme.clone(), "/usr/local/bin/rnvme".into())],
+            kernel_args: vec!["nvme.poll_queues=2".into()],
+            hugepages: 128,
+            // Each measurement takes its time, a warm-up and a start; each hand-over of the
+            // device between the kernel and rnvme a few seconds more.
+            timeout: Duration::from_secs(
+                120 + measurements as u64 * (seconds as u64 + 6) + switches as u64 * 15,
+            ),
+            ..VmConfig::default()
+        };
+        eprintln!(
+            "rnvme: booting one guest ({}) for {measurements} measurements of {seconds} s each \
+             (about {} min)...",
+            backend.describe(),
+            (measurements as u64 * (seconds as u64 + 3) + switches as u64 * 4 + 30).div_ceil(60)
+        );
+        let begin = Instant::now();
+        let out = vm::run(&config, &script(&workloads, seconds, rounds))?;
+        if a.verbose {
+            eprintln!("--- guest output ---\n{}\n---", out.output.trim_end());
+        }
+        let (lines, info) = collect(&out.output, &workloads);
+        let mut setup = host_facts();
+        setup.push(format!("device: {}", backend.describe()));
+        setup.extend(info.iter().map(|i| format!("guest {i}")));
+        let date = utc(SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()));
+        let targets = check_targets(&lines);
+        let c = Comparison {
+            date,
+            backend,
+            setup,
+            seconds,
+            rounds,
+            lines,
+            targets,
+            wall_s: begin.elapsed().as_secs_f64(),
+        };
+        // The guest's status and the failures decide the status even when nobody reads the
+        // table.
+        allow_closed_stdout(out!("{}\n", table(&c)))?;
+        if out.exit_code != 0 {
+            failed.get_or_insert(format!(
+                "the guest script failed with {} (exit status {}); its last lines: {}",
+                backend.describe(),
+                out.exit_code,
+                vm::tail_lines(&out.output, 5)
+            ));
+        } else if c.lines.iter().any(|l| !l.failures.is_empty()) {
+            failed.get_or_insert("some measurements failed (see the table)".to_string());
+        }
+        all.push(c);
     }
-    let (lines, info) = collect(&out.output, &workloads);
-    let mut setup = host_facts();
-    setup.extend(info.iter().map(|i| format!("guest {i}")));
-    let date = utc(SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs()));
-    let targets = check_targets(&lines);
-    let c = Comparison {
-        date,
-        setup,
-        seconds,
-        rounds,
-        lines,
-        targets,
-        wall_s: begin.elapsed().as_secs_f64(),
-    };
-    // The guest's status and the failures decide the status even when nobody reads the table.
-    allow_closed_stdout(out!("{}", table(&c)))?;
     if let Some(path) = &a.json {
-        std::fs::write(path, serde_json::to_string_pretty(&c)? + "\n")
+        std::fs::write(path, serde_json::to_string_pretty(&all)? + "\n")
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    if out.exit_code != 0 {
-        bail!(
-            "the guest script failed (exit status {}); its last lines: {}",
-            out.exit_code,
-            vm::tail_lines(&out.output, 5)
-        );
+    if let Some(why) = failed {
+        bail!("{why}");
     }
-    if c.lines.iter().any(|l| !l.failures.is_empty()) {
-        bail!("some measurements failed (see the table)");
-    }
+    eprintln!("rnvme: done in {:.0} s", begin.elapsed().as_secs_f64());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -1030,6 +1089,7 @@ mod tests {
         assert_eq!(qd1.met, Some(true));
         assert_eq!(t[1].met, None, "no randwrite line");
         let c = Comparison {
+            backend: DeviceBackend::Threads,
             date: utc(0),
             setup: vec!["x".into()],
             seconds: 5,

@@ -162,6 +162,10 @@ pub struct NamespaceSpec {
     pub extended: bool,
     /// Protection information type (`pi=`, 0 to 3; needs 8 bytes of metadata or more).
     pub pi: u8,
+    /// No image at all: QEMU's `null-co` block driver, which completes every request at once
+    /// (reads return zeros, writes are dropped). What remains is the cost of the drivers and
+    /// of the emulated controller.
+    pub null: bool,
 }
 
 impl Default for NamespaceSpec {
@@ -174,6 +178,7 @@ impl Default for NamespaceSpec {
             metadata: 0,
             extended: false,
             pi: 0,
+            null: false,
         }
     }
 }
@@ -449,7 +454,9 @@ pub fn run(config: &VmConfig, script: &str) -> Result<VmOutput, VmError> {
                 Some(p) => p.clone(),
                 None => dir.join(format!("c{c}n{}.img", n + 1)),
             };
-            prepare_image(&image, ns.size_mib)?;
+            if !ns.null {
+                prepare_image(&image, ns.size_mib)?;
+            }
             let rules = if ns.blkdebug.is_empty() {
                 None
             } else {

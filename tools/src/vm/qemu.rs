@@ -241,9 +241,16 @@ pub(crate) fn args(config: &VmConfig, paths: &Paths) -> Vec<String> {
                 (Some(aio), None) => format!(",aio={}", aio.name()),
                 _ => String::new(),
             };
-            a.push(format!(
-                "file={file},if=none,id=ns{drive},format=raw,discard=unmap{aio}"
-            ));
+            if ns.null {
+                a.push(format!(
+                    "driver=null-co,size={},read-zeroes=on,if=none,id=ns{drive}",
+                    ns.size_mib << 20
+                ));
+            } else {
+                a.push(format!(
+                    "file={file},if=none,id=ns{drive},format=raw,discard=unmap{aio}"
+                ));
+            }
             a.push("-device".into());
             let meta = if ns.metadata > 0 {
                 format!(
@@ -324,6 +331,45 @@ mod tests {
         assert_eq!(value_after(&a, "-device"), ["intel-iommu,intremap=on"]);
         assert!(a.contains(&"-no-reboot".to_string()));
         assert!(a.contains(&"-nographic".to_string()));
+    }
+
+    #[test]
+    fn metadata_and_null_namespaces() {
+        let cfg = VmConfig {
+            controllers: vec![ControllerSpec {
+                namespaces: vec![
+                    NamespaceSpec {
+                        lba_size: 4096,
+                        metadata: 8,
+                        extended: true,
+                        pi: 1,
+                        ..NamespaceSpec::default()
+                    },
+                    NamespaceSpec {
+                        size_mib: 64,
+                        null: true,
+                        ..NamespaceSpec::default()
+                    },
+                ],
+                ..ControllerSpec::default()
+            }],
+            ..VmConfig::default()
+        };
+        let p = paths(2);
+        let a = args(&cfg, &p);
+        let devices = value_after(&a, "-device");
+        assert!(
+            devices
+                .iter()
+                .any(|d| d.starts_with("nvme-ns,drive=ns0") && d.ends_with(",ms=8,mset=1,pi=1")),
+            "{devices:?}"
+        );
+        let drives = value_after(&a, "-drive");
+        assert_eq!(
+            drives[1],
+            "driver=null-co,size=67108864,read-zeroes=on,if=none,id=ns1"
+        );
+        assert!(drives[0].starts_with("file=/c/run/0.img,"), "{drives:?}");
     }
 
     #[test]

@@ -14,6 +14,8 @@ Controller SPEC: comma-separated KEY=VALUE, all optional:
   mset=0|1       metadata interleaved with each block (1, extended LBAs) or in a separate
                  buffer (0, the default)
   pi=0..3        protection information type (default 0; needs ms=8 or more)
+  backend=B      file (an image, the default) or null (QEMU's null-co: no storage, reads
+                 return zeros, writes are dropped; for measuring the drivers alone)
   mdts=M         maximum data transfer size, 2^M pages (QEMU default 7)
   qpairs=Q       maximum number of I/O queue pairs (QEMU default 64)
   serial=S       serial number (default rnvme<i>)
@@ -123,6 +125,13 @@ pub fn parse_controller_spec(spec: &str) -> Result<ControllerSpec, String> {
                     .filter(|l: &u32| l.is_power_of_two() && (512..=65536).contains(l))
                     .ok_or_else(|| num("expected a power of two from 512, such as 512 or 4096"))?;
             }
+            "backend" => {
+                template.null = match value {
+                    "file" => false,
+                    "null" => true,
+                    _ => return Err(num("expected file or null")),
+                }
+            }
             "ms" => {
                 template.metadata = value
                     .parse()
@@ -190,13 +199,18 @@ pub fn parse_controller_spec(spec: &str) -> Result<ControllerSpec, String> {
             }
             _ => {
                 return Err(format!(
-                "unknown key {key:?} (expected ns, size, lba, ms, mset, pi, mdts, qpairs, serial, image, fail or aio)"
+                "unknown key {key:?} (expected ns, size, lba, ms, mset, pi, backend, mdts, qpairs, serial, image, fail or aio)"
             ))
             }
         }
     }
     if ctrl.aio.is_some() && !template.blkdebug.is_empty() {
         return Err("aio= cannot be combined with fail= (fault injection uses QEMU's blkdebug, which takes no aio=)".into());
+    }
+    if template.null && (template.image.is_some() || !template.blkdebug.is_empty()) {
+        return Err(
+            "backend=null keeps no image: it cannot be combined with image= or fail=".into(),
+        );
     }
     if template.pi != 0 && template.metadata < 8 {
         return Err(format!(
@@ -319,6 +333,8 @@ mod tests {
             ("mset=1", "ms= above 0"),
             ("mset=2,ms=8", "expected 0"),
             ("pi=4,ms=8", "0 to 3"),
+            ("backend=tape", "file or null"),
+            ("backend=null,fail=read:5", "image= or fail="),
             ("ms=300", "0 to 128"),
         ] {
             let e = parse_controller_spec(spec).unwrap_err();
