@@ -27,10 +27,14 @@ fn script(seconds: u32) -> String {
 step() {{ echo; echo "== $*"; }}
 step "the emulated controller, on the kernel's nvme driver"
 nvme list
-step "fio through the kernel (io_uring), 4 KiB random read, depth 32, {seconds} s"
+step "fill the first 64 MiB through the kernel, so that both drivers read data, not holes"
+dd if=/dev/urandom of=/dev/nvme0n1 bs=1M count=64 oflag=direct status=none
+step "fio through the kernel (io_uring), 4 KiB random read, depth 32, 1 s warm-up, {seconds} s"
 fio --name=kernel --filename=/dev/nvme0n1 --direct=1 --ioengine=io_uring --rw=randread --bs=4k \
-    --iodepth=32 --time_based --runtime={seconds} --size=256m --output-format=terse --terse-version=3 \
-    | awk -F';' '{{ printf "kernel io_uring: %d IOPS, %.1f MiB/s, mean latency %.1f us\n", $8, $7/1024, $40 }}'
+    --iodepth=32 --time_based --ramp_time=1 --runtime={seconds} --size=64m --norandommap \
+    --randrepeat=0 --output-format=terse --terse-version=3 >/tmp/fio.terse
+awk -F';' '{{ printf "kernel io_uring: %d IOPS, %.1f MiB/s, mean latency %.1f us\n", $8, $7/1024, $40 }}' /tmp/fio.terse
+awk -F';' '{{ print $8 }}' /tmp/fio.terse >/tmp/kernel.iops
 step "rnvme setup $NVME0: unbind from nvme, bind to vfio-pci, reserve hugepages"
 rnvme setup $NVME0
 step "rnvme identify $NVME0"
@@ -40,8 +44,11 @@ head -c 4194304 /dev/urandom > /tmp/data
 rnvme write $NVME0 --ns 1 --lba 256 --in /tmp/data --fua
 rnvme read $NVME0 --ns 1 --lba 256 --count 1024 --out /tmp/back
 cmp /tmp/data /tmp/back && echo "rnvme read back exactly what it wrote"
-step "rnvme perf: 4 KiB random read, depth 32, {seconds} s"
-rnvme perf $NVME0 -q 32 -o 4096 -w randread -t {seconds}
+step "rnvme perf: the same workload (4 KiB random read, depth 32, same 64 MiB, 1 s warm-up, {seconds} s)"
+rnvme perf $NVME0 -q 32 -o 4096 -w randread -t {seconds} --warmup 1 --range 0:16384 --json >/tmp/perf.json
+rnvme_iops=$(tr -d '\n ' </tmp/perf.json | sed -E 's/^.*"elapsed_s":[0-9.]+,"iops":([0-9.]+).*$/\1/')
+awk -v r="$rnvme_iops" -v k="$(cat /tmp/kernel.iops)" \
+    'BEGIN {{ printf "rnvme: %d IOPS, %.1f times the kernel driver with io_uring on the same device\n", r, r / k }}'
 step "SMART / health log"
 rnvme log $NVME0 smart
 step "rnvme reset $NVME0: back to the kernel, which reads the same data"
