@@ -223,6 +223,9 @@ pub struct ModelStats {
     pub prp_list_pages: u64,
     /// Times a shadow submission tail announced commands (no MMIO doorbell needed for them).
     pub sq_shadow_fetches: u64,
+    /// Times the host moved a shadow submission tail past the event index the model wrote
+    /// without ringing the MMIO doorbell it asked for: a protocol error of the host.
+    pub missed_doorbells: u64,
     /// SGL descriptors examined.
     pub sgl_descriptors: u64,
     /// Bytes transferred to the host by Read commands.
@@ -623,7 +626,7 @@ impl Model {
         let mut g = self.lock();
         let before = g.stats.io_commands + g.stats.admin_commands;
         for qid in 0..g.sqs.len() as u16 {
-            g.shadow_sq(qid, true);
+            g.shadow_sq(qid, true, true);
         }
         for qid in 0..g.cqs.len() as u16 {
             g.shadow_cq(qid, true);
@@ -1177,7 +1180,7 @@ impl Inner {
         self.stats.sq_doorbells += 1;
         self.run_sq(qid);
         let lazy = self.shadow_lazy;
-        self.shadow_sq(qid, !lazy);
+        self.shadow_sq(qid, !lazy, false);
     }
 
     /// Fetch and run commands from submission queue `qid` up to `sq.tail`.
@@ -1231,8 +1234,9 @@ impl Inner {
 
     /// With shadow doorbells: keep fetching while the shadow tail of SQ `qid` moves; then,
     /// with `arm`, set its event index to the tail read, asking for an MMIO doorbell for
-    /// whatever comes next.
-    fn shadow_sq(&mut self, qid: u16, arm: bool) {
+    /// whatever comes next. `polled`: no MMIO doorbell brought the model here, so a tail that
+    /// passed the event index is a doorbell the host should have rung (counted).
+    fn shadow_sq(&mut self, qid: u16, arm: bool, polled: bool) {
         let Some((dbs, eis)) = self.dbbuf else {
             return;
         };
@@ -1254,9 +1258,22 @@ impl Inner {
             let sq = self.sqs[qid as usize].as_mut().expect("checked above");
             if tail == sq.tail {
                 if arm {
+                    sq.event_index = Some(tail as u16);
                     self.write_dword(eis + sq_off, tail);
                 }
                 return;
+            }
+            if polled
+                && sq
+                    .event_index
+                    .is_some_and(|e| crate::queue::need_event(e, tail as u16, sq.tail as u16))
+            {
+                warn!(
+                    "model: the shadow tail of SQ {qid} moved from {} to {tail} past the event \
+                     index {:?} without an MMIO doorbell",
+                    sq.tail, sq.event_index
+                );
+                self.stats.missed_doorbells += 1;
             }
             sq.tail = tail;
             self.stats.sq_shadow_fetches += 1;

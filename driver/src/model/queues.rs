@@ -35,6 +35,8 @@ pub(super) struct Sq {
     pub cqid: u16,
     /// CIDs fetched and not completed yet.
     pub outstanding: CidSet,
+    /// The event index last written for this queue (shadow doorbells).
+    pub event_index: Option<u16>,
 }
 
 impl Sq {
@@ -46,6 +48,7 @@ impl Sq {
             tail: 0,
             cqid,
             outstanding: CidSet::new(),
+            event_index: None,
         }
     }
 }
