@@ -43,6 +43,8 @@ fn main() {
         model,
         ControllerOptions {
             backing: Backing::SmallPages,
+            // RNVME_SHADOW=0 measures the driver with MMIO doorbells only.
+            shadow_doorbells: std::env::var("RNVME_SHADOW").map_or(true, |v| v != "0"),
             ..Default::default()
         },
     )
@@ -56,11 +58,13 @@ fn main() {
     let n = black_box(workload(&mut qp, &bufs, ios));
     let s = qp.stats();
     println!(
-        "ios={} submitted={} sq_doorbells={} cq_doorbells={} polls={} idle_polls={}",
+        "ios={} submitted={} shadow={} sq_doorbells={} cq_doorbells={} sq_shadow_writes={} polls={} idle_polls={}",
         n + 1000,
         s.submitted,
+        qp.shadow_doorbells(),
         s.sq_doorbells,
         s.cq_doorbells,
+        s.sq_shadow_writes,
         s.polls,
         s.idle_polls
     );
