@@ -266,6 +266,17 @@ impl Shadow {
         }
     }
 
+    /// Write `value` (moving from `old`) to the doorbell dword at `offset`, and say whether the
+    /// controller's event index asks for the MMIO doorbell as well. The store must be visible
+    /// before the index is read: a controller that stops polling writes its index, then reads
+    /// the doorbell.
+    #[inline(always)]
+    fn update(&self, offset: usize, value: u16, old: u16) -> bool {
+        self.dbs.store(offset, value as u32);
+        fence(Ordering::SeqCst);
+        need_event(self.eis.load(offset) as u16, value, old)
+    }
+
     /// Start from zero, as a newly created queue does (before the controller is told of it).
     pub(crate) fn clear(&self) {
         for w in [&self.dbs, &self.eis] {
@@ -713,13 +724,9 @@ impl QueuePair {
             let mmio = match &self.shadow {
                 None => true,
                 Some(sh) => {
-                    sh.dbs.store(sh.sq, self.sq_tail as u32);
                     self.stats.sq_shadow_writes += 1;
-                    // The shadow tail must be visible before the event index is read: a
-                    // controller that stops polling writes its index, then reads the tail.
-                    fence(Ordering::SeqCst);
-                    let event = sh.eis.load(sh.sq) as u16;
-                    self.always_mmio || need_event(event, self.sq_tail, self.rung_tail)
+                    let asked = sh.update(sh.sq, self.sq_tail, self.rung_tail);
+                    self.always_mmio || asked
                 }
             };
             if mmio {
@@ -893,16 +900,12 @@ impl QueuePair {
         let mmio = match &self.shadow {
             None => true,
             Some(sh) => {
-                sh.dbs.store(sh.cq, self.cq_head as u32);
                 self.stats.cq_shadow_writes += 1;
-                fence(Ordering::SeqCst);
-                let event = sh.eis.load(sh.cq) as u16;
                 let old = std::mem::replace(&mut self.shadow_cq_head, self.cq_head);
+                let asked = sh.update(sh.cq, self.cq_head, old);
                 // Past the surplus the controller may be about to find the queue full:
                 // ring whatever the event index says.
-                self.always_mmio
-                    || self.cq_unrung > self.cq_entries - self.entries
-                    || need_event(event, self.cq_head, old)
+                self.always_mmio || self.cq_unrung > self.cq_entries - self.entries || asked
             }
         };
         if mmio {

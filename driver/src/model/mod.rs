@@ -1310,6 +1310,11 @@ impl Inner {
             return;
         }
         self.cqs[qid as usize].as_mut().expect("checked above").head = head;
+        self.post_waiting(qid);
+    }
+
+    /// Post the completions that waited for room in CQ `qid`, as far as there is room now.
+    fn post_waiting(&mut self, qid: u16) {
         while self.running() {
             let Some(cq) = self.cqs[qid as usize].as_mut() else {
                 break;
@@ -1371,18 +1376,7 @@ impl Inner {
         }
         cq.head = value;
         self.stats.cq_doorbells += 1;
-        while self.running() {
-            let Some(cq) = self.cqs[qid as usize].as_mut() else {
-                break;
-            };
-            if cq.full() {
-                break;
-            }
-            let Some(c) = cq.waiting.pop_front() else {
-                break;
-            };
-            self.write_cqe(c);
-        }
+        self.post_waiting(qid);
     }
 
     // ----- commands -----
