@@ -61,7 +61,7 @@ fn identify_hook(bdf: &str) -> Option<(String, String)> {
 
 /// Whether rnvme can open the controller: the driver's own readiness check, then opening the
 /// VFIO device nodes (permissions, another process holding the group).
-fn access(sys: &Sysfs, bdf: &str) -> Access {
+pub fn access(sys: &Sysfs, bdf: &str) -> Access {
     match rnvme_driver::vfio::probe(bdf).and_then(|p| p.check()) {
         Ok(()) => sys.access(bdf),
         Err(e) => Access {

@@ -8,6 +8,7 @@ pub mod list;
 pub mod mpage;
 pub mod perf;
 pub mod setup;
+pub mod status;
 pub mod verify;
 pub mod vm;
 
