@@ -7,8 +7,10 @@
 //! - [`sysfs`]: finds NVMe controllers and moves them between the kernel's `nvme` driver and
 //!   `vfio-pci` (`rnvme setup`, `rnvme reset`, `rnvme list`);
 //! - [`status`]: hugepages per NUMA node, the locked-memory limit and every controller in one
-//!   view (`rnvme status`).
+//!   view (`rnvme status`);
+//! - [`nvmecli`]: Identify data and log pages in nvme-cli's JSON (`-o json`).
 
+pub mod nvmecli;
 pub mod perf;
 pub mod status;
 pub mod sysfs;

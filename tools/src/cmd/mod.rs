@@ -66,6 +66,16 @@ macro_rules! outln {
 
 pub(crate) use {out, outln};
 
+/// `-o, --output-format` of the commands that also speak nvme-cli's JSON.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// rnvme's text
+    #[default]
+    Normal,
+    /// nvme-cli's JSON: its keys, shapes and values (see also --json, rnvme's own)
+    Json,
+}
+
 /// A usage error found after argument parsing (exit status 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
