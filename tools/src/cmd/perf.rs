@@ -81,7 +81,7 @@ pub struct PerfArgs {
     /// Worker threads
     #[arg(long, default_value_t = 1, value_name = "T")]
     pub threads: u32,
-    /// SPDK's core mask (0x3, or a list such as [0-1,4]): one worker thread pinned on each
+    /// SPDK's core mask (0x3, or a list such as [0-1,4]): one worker thread pinned to each core
     #[arg(short = 'c', long = "core-mask", value_name = "MASK", value_parser = core_mask_arg, conflicts_with_all = ["threads", "cpus"])]
     pub core_mask: Option<CpuList>,
     /// I/O queue pairs per thread and namespace (with --reactor: per namespace)
