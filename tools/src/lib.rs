@@ -5,8 +5,13 @@
 //! - [`perf`]: the engine of `rnvme perf`, a throughput and latency benchmark that runs on any
 //!   brought-up controller (a device, or the in-process model);
 //! - [`sysfs`]: finds NVMe controllers and moves them between the kernel's `nvme` driver and
-//!   `vfio-pci` (`rnvme setup`, `rnvme reset`, `rnvme list`).
+//!   `vfio-pci` (`rnvme setup`, `rnvme reset`, `rnvme list`);
+//! - [`status`]: hugepages per NUMA node, the locked-memory limit and every controller in one
+//!   view (`rnvme status`);
+//! - [`nvmecli`]: Identify data and log pages in nvme-cli's JSON (`-o json`).
 
+pub mod nvmecli;
 pub mod perf;
+pub mod status;
 pub mod sysfs;
 pub mod vm;

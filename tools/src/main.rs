@@ -28,6 +28,9 @@ enum Command {
     Setup(cmd::setup::SetupArgs),
     /// Give controllers back to the kernel's nvme driver
     Reset(cmd::setup::ResetArgs),
+    /// Hugepages per NUMA node, the locked-memory limit, and every NVMe controller: ids, node,
+    /// driver, IOMMU group, block devices and mounts, whether rnvme can open it
+    Status(cmd::status::StatusArgs),
     /// List the NVMe controllers on the PCI bus and whether rnvme can open them
     List(cmd::list::ListArgs),
     /// Identify a controller and its namespaces
@@ -96,6 +99,7 @@ fn run(cli: Cli) -> ExitCode {
         Command::Demo(a) => cmd::demo::demo(a),
         Command::Setup(a) => cmd::setup::setup(a),
         Command::Reset(a) => cmd::setup::reset(a),
+        Command::Status(a) => cmd::status::status(a),
         Command::List(a) => cmd::list::list(a),
         Command::Identify(a) => cmd::device::identify(a),
         Command::Read(a) => cmd::device::read(a),

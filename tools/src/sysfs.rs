@@ -4,7 +4,8 @@
 //! - `/sys/…` lives under the sysfs root: `/sys`, or `$RNVME_SYSFS_ROOT` (the same variable, with
 //!   the same meaning, as in `rnvme_driver::vfio`);
 //! - the other paths (`/proc/self/mountinfo`, `/proc/self/mounts`, `/proc/swaps`,
-//!   `/proc/sys/vm/nr_hugepages`, `/dev/vfio`, `/etc/passwd`) live under the system root, `/`.
+//!   `/proc/sys/vm/nr_hugepages`, `/proc/self/limits`, `/proc/self/status`, `/dev/vfio`,
+//!   `/etc/passwd`, and [`BOUND_RECORD`]) live under the system root, `/`.
 //!
 //! [`Sysfs::new`] puts both under one directory (`DIR/sys`, `DIR/proc`, …) for tests.
 
@@ -23,6 +24,14 @@ pub const NVME_DRIVER: &str = "nvme";
 /// Extra locked memory, beyond the hugepages, that a process driving a controller may pin
 /// (queues and PRP lists allocated outside the hugepage pool).
 pub const MEMLOCK_HEADROOM_MIB: u64 = 64;
+
+/// The hugepage size rnvme allocates DMA memory from, KiB.
+pub const HUGEPAGE_KIB: u64 = 2048;
+/// The controllers `rnvme setup` bound to vfio-pci, one address a line: what `rnvme reset`
+/// without addresses gives back. Under `/run`, which is emptied at boot, as the bindings are.
+pub const BOUND_RECORD: &str = "/run/rnvme/bound";
+/// Linux capability that exempts a process from the locked-memory limit (CAP_IPC_LOCK).
+const CAP_IPC_LOCK: u32 = 14;
 
 /// How long to wait for the kernel to finish a rebind (driver link, `/dev/vfio` node).
 const SETTLE: Duration = Duration::from_secs(3);
@@ -94,6 +103,22 @@ pub enum SysfsError {
     /// Unknown user name.
     #[error("unknown user {0:?} (not in /etc/passwd; a numeric uid works too)")]
     UnknownUser(String),
+    /// No such NUMA node.
+    #[error("NUMA node {node} does not exist (nodes: {})", if .nodes.is_empty() { "none in sysfs".to_string() } else { .nodes.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ") })]
+    NoNode {
+        /// The node asked for.
+        node: u32,
+        /// The nodes there are.
+        nodes: Vec<u32>,
+    },
+    /// A PCI_ALLOWED or PCI_BLOCKED entry that is not a PCI address.
+    #[error("{var}: {value:?} is not a PCI address (DDDD:BB:DD.F or BB:DD.F)")]
+    BadFilter {
+        /// The variable.
+        var: &'static str,
+        /// The entry.
+        value: String,
+    },
 }
 
 type Result<T> = std::result::Result<T, SysfsError>;
@@ -135,6 +160,8 @@ pub struct PciDevice {
     pub iommu_group: Option<u32>,
     /// `driver_override`, if set.
     pub driver_override: Option<String>,
+    /// NUMA node the device is attached to (`None`: the kernel does not know, or no NUMA).
+    pub numa_node: Option<u32>,
 }
 
 /// A kernel NVMe controller (`/sys/class/nvme/nvmeN`) of a PCI device bound to `nvme`.
@@ -161,6 +188,46 @@ pub struct BlockDev {
     pub dir: PathBuf,
 }
 
+/// What a namespace block device (or partition) is used for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct BlockUsage {
+    /// `nvme0n1`, `nvme0n1p1`, …
+    pub name: String,
+    /// Where it is mounted.
+    pub mounts: Vec<String>,
+    /// It is used as swap.
+    pub swap: bool,
+    /// Devices stacked on it (`dm-0`, `md0`).
+    pub holders: Vec<String>,
+}
+
+impl BlockUsage {
+    /// Whether anything uses it.
+    pub fn in_use(&self) -> bool {
+        !self.mounts.is_empty() || self.swap || !self.holders.is_empty()
+    }
+
+    /// What uses it, one sentence each ("nvme0n1p1 is mounted on /data").
+    pub fn reasons(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .mounts
+            .iter()
+            .map(|p| format!("{} is mounted on {p}", self.name))
+            .collect();
+        if self.swap {
+            v.push(format!("{} is used as swap", self.name));
+        }
+        if !self.holders.is_empty() {
+            v.push(format!(
+                "{} is held by {}",
+                self.name,
+                self.holders.join(", ")
+            ));
+        }
+        v
+    }
+}
+
 /// NVMe controllers split by whether they are in use.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Selection {
@@ -168,6 +235,8 @@ pub struct Selection {
     pub free: Vec<String>,
     /// Controllers in use, with what uses them.
     pub busy: Vec<(String, Vec<String>)>,
+    /// Controllers `PCI_ALLOWED` or `PCI_BLOCKED` leave out, with which.
+    pub excluded: Vec<(String, &'static str)>,
 }
 
 /// Result of binding a controller to vfio-pci.
@@ -185,6 +254,8 @@ pub struct BindReport {
     pub group_node: PathBuf,
     /// Usage found and ignored because of `force`.
     pub forced_past: Vec<String>,
+    /// Why the binding could not be written to [`BOUND_RECORD`], if it could not.
+    pub record_error: Option<String>,
 }
 
 /// Result of giving a controller back to the kernel.
@@ -209,6 +280,92 @@ pub struct Hugepages {
     pub after: u64,
 }
 
+/// Hugepages of one size, on one NUMA node or system-wide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct HugepagePool {
+    /// The NUMA node; `None` where sysfs has no NUMA nodes (the counts are system-wide).
+    pub node: Option<u32>,
+    /// Page size, KiB.
+    pub size_kib: u64,
+    /// Pages reserved.
+    pub total: u64,
+    /// Of which not in use.
+    pub free: u64,
+}
+
+/// The locked-memory limit of this process, which VFIO charges every DMA page against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Memlock {
+    /// The soft limit in bytes; `None` for unlimited.
+    pub limit_bytes: Option<u64>,
+    /// The process has CAP_IPC_LOCK (root has), which VFIO lets pin memory beyond the limit.
+    pub privileged: bool,
+}
+
+impl Memlock {
+    /// Whether `bytes` can be pinned.
+    pub fn allows(&self, bytes: u64) -> bool {
+        self.privileged || self.limit_bytes.is_none_or(|l| l >= bytes)
+    }
+}
+
+/// The controllers a set-up or reset may touch, from `PCI_ALLOWED` and `PCI_BLOCKED` (lists of
+/// PCI addresses separated by spaces or commas, as SPDK's `setup.sh` reads them): when
+/// `PCI_ALLOWED` is set and not empty only the controllers it names, never those
+/// `PCI_BLOCKED` names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PciFilter {
+    allowed: Option<Vec<String>>,
+    blocked: Vec<String>,
+}
+
+impl PciFilter {
+    /// The filter of the environment.
+    pub fn from_env() -> Result<PciFilter> {
+        let var = |n: &str| std::env::var(n).ok();
+        PciFilter::new(var("PCI_ALLOWED").as_deref(), var("PCI_BLOCKED").as_deref())
+    }
+
+    /// The filter of these values of `PCI_ALLOWED` and `PCI_BLOCKED`.
+    pub fn new(allowed: Option<&str>, blocked: Option<&str>) -> Result<PciFilter> {
+        let list = |var: &'static str, v: &str| -> Result<Vec<String>> {
+            v.split(|c: char| c.is_whitespace() || c == ',')
+                .filter(|t| !t.is_empty())
+                .map(|t| {
+                    let full = if t.len() == 7 {
+                        format!("0000:{t}")
+                    } else {
+                        t.to_string()
+                    };
+                    parse_bdf(&full).map_err(|_| SysfsError::BadFilter {
+                        var,
+                        value: t.to_string(),
+                    })
+                })
+                .collect()
+        };
+        let allowed = match allowed {
+            Some(v) => Some(list("PCI_ALLOWED", v)?).filter(|l| !l.is_empty()),
+            None => None,
+        };
+        Ok(PciFilter {
+            allowed,
+            blocked: list("PCI_BLOCKED", blocked.unwrap_or(""))?,
+        })
+    }
+
+    /// Why `bdf` is left alone, or `None` when it may be touched.
+    pub fn excludes(&self, bdf: &str) -> Option<&'static str> {
+        if self.blocked.iter().any(|b| b == bdf) {
+            return Some("listed in PCI_BLOCKED");
+        }
+        match &self.allowed {
+            Some(a) if !a.iter().any(|b| b == bdf) => Some("not listed in PCI_ALLOWED"),
+            _ => None,
+        }
+    }
+}
+
 /// Whether rnvme can open a controller, and if not, why.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Access {
@@ -216,6 +373,16 @@ pub struct Access {
     pub usable: bool,
     /// Why not, or how it is reachable.
     pub reason: String,
+}
+
+/// 2 MiB hugepages for `HUGEMEM`, the hugepage memory in MiB that SPDK's `setup.sh` reads
+/// (rounded up to whole pages).
+pub fn hugemem_pages(value: &str) -> std::result::Result<u64, String> {
+    let mib: u64 = value
+        .trim()
+        .parse()
+        .map_err(|_| format!("HUGEMEM={value:?} is not a number of MiB (such as 2048)"))?;
+    Ok(mib.div_ceil(HUGEPAGE_KIB / 1024))
 }
 
 /// Locked memory (KiB, the unit of `ulimit -l`) a process needs to map `hugepages` 2 MiB pages
@@ -428,6 +595,10 @@ impl Sysfs {
             driver_override: self
                 .read_opt(&dir.join("driver_override"))
                 .filter(|s| !s.is_empty() && s != "(null)"),
+            // -1 where the platform does not say.
+            numa_node: self
+                .read_opt(&dir.join("numa_node"))
+                .and_then(|n| n.parse().ok()),
         })
     }
 
@@ -508,13 +679,13 @@ impl Sysfs {
         out
     }
 
-    /// What keeps the controller's namespaces busy: mounts, swap, holders. Empty when free.
-    pub fn usage(&self, bdf: &str) -> Vec<String> {
+    /// What each block device of the controller's namespaces (partitions included) is used
+    /// for: mount points, swap, holders (device-mapper, md, …).
+    pub fn block_usage(&self, bdf: &str) -> Vec<BlockUsage> {
         let devs = self.block_devices(bdf);
         if devs.is_empty() {
             return Vec::new();
         }
-        let mut reasons = Vec::new();
         let mountinfo = self
             .read_opt(&self.path("/proc/self/mountinfo"))
             .unwrap_or_default();
@@ -522,53 +693,69 @@ impl Sysfs {
             .read_opt(&self.path("/proc/self/mounts"))
             .unwrap_or_default();
         let swaps = self.read_opt(&self.path("/proc/swaps")).unwrap_or_default();
-        for b in &devs {
-            let node = format!("/dev/{}", b.name);
-            let mut points = Vec::new();
-            for line in mountinfo.lines() {
-                let f: Vec<&str> = line.split_whitespace().collect();
-                if f.len() > 4 && b.dev.as_deref() == Some(f[2]) {
-                    points.push(unescape_mount(f[4]));
+        devs.into_iter()
+            .map(|b| {
+                let node = format!("/dev/{}", b.name);
+                let mut points = Vec::new();
+                for line in mountinfo.lines() {
+                    let f: Vec<&str> = line.split_whitespace().collect();
+                    if f.len() > 4 && b.dev.as_deref() == Some(f[2]) {
+                        points.push(unescape_mount(f[4]));
+                    }
                 }
-            }
-            for line in mounts.lines() {
-                let f: Vec<&str> = line.split_whitespace().collect();
-                if f.len() > 1 && f[0] == node {
-                    points.push(unescape_mount(f[1]));
+                for line in mounts.lines() {
+                    let f: Vec<&str> = line.split_whitespace().collect();
+                    if f.len() > 1 && f[0] == node {
+                        points.push(unescape_mount(f[1]));
+                    }
                 }
-            }
-            points.sort();
-            points.dedup();
-            for p in points {
-                reasons.push(format!("{} is mounted on {p}", b.name));
-            }
-            if swaps
-                .lines()
-                .skip(1)
-                .filter_map(|l| l.split_whitespace().next())
-                .any(|s| unescape_mount(s) == node)
-            {
-                reasons.push(format!("{} is used as swap", b.name));
-            }
-            let mut holders: Vec<String> = fs::read_dir(b.dir.join("holders"))
-                .map(|it| {
-                    it.filter_map(|e| e.ok())
-                        .map(|e| e.file_name().to_string_lossy().into_owned())
-                        .collect()
-                })
-                .unwrap_or_default();
-            holders.sort();
-            if !holders.is_empty() {
-                reasons.push(format!("{} is held by {}", b.name, holders.join(", ")));
-            }
-        }
-        reasons
+                points.sort();
+                points.dedup();
+                let swap = swaps
+                    .lines()
+                    .skip(1)
+                    .filter_map(|l| l.split_whitespace().next())
+                    .any(|s| unescape_mount(s) == node);
+                let mut holders: Vec<String> = fs::read_dir(b.dir.join("holders"))
+                    .map(|it| {
+                        it.filter_map(|e| e.ok())
+                            .map(|e| e.file_name().to_string_lossy().into_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                holders.sort();
+                BlockUsage {
+                    name: b.name,
+                    mounts: points,
+                    swap,
+                    holders,
+                }
+            })
+            .collect()
+    }
+
+    /// What keeps the controller's namespaces busy: mounts, swap, holders. Empty when free.
+    pub fn usage(&self, bdf: &str) -> Vec<String> {
+        self.block_usage(bdf)
+            .iter()
+            .flat_map(BlockUsage::reasons)
+            .collect()
     }
 
     /// Every NVMe controller not in use (see [`Sysfs::usage`]), and those left out with why.
     pub fn select_all(&self) -> Result<Selection> {
+        self.select(&PciFilter::default())
+    }
+
+    /// Every NVMe controller `filter` lets through and that is not in use; those in use and
+    /// those the filter leaves out, with why.
+    pub fn select(&self, filter: &PciFilter) -> Result<Selection> {
         let mut sel = Selection::default();
         for bdf in self.nvme_controllers()? {
+            if let Some(why) = filter.excludes(&bdf) {
+                sel.excluded.push((bdf, why));
+                continue;
+            }
             let u = self.usage(&bdf);
             if u.is_empty() {
                 sel.free.push(bdf);
@@ -646,6 +833,7 @@ impl Sysfs {
                 group,
                 group_node,
                 forced_past: usage,
+                record_error: None,
             });
         }
         self.ensure_vfio_driver()?;
@@ -676,6 +864,10 @@ impl Sysfs {
                 }),
             };
         }
+        let record_error = self
+            .record_bound(bdf, true)
+            .err()
+            .map(|e| format!("`rnvme reset` without addresses will not know it: {e}"));
         if !self.settle(|| group_node.exists()) {
             return Err(SysfsError::NoGroupNode {
                 bdf: bdf.to_string(),
@@ -689,6 +881,7 @@ impl Sysfs {
             group,
             group_node,
             forced_past: usage,
+            record_error,
         })
     }
 
@@ -719,6 +912,9 @@ impl Sysfs {
             self.settle(|| self.link_name(&dir.join("driver")).is_some());
             driver = self.link_name(&dir.join("driver"));
         }
+        if driver.as_deref() != Some(VFIO_DRIVER) && self.bound_record().iter().any(|b| b == bdf) {
+            self.record_bound(bdf, false)?;
+        }
         Ok(ResetReport {
             bdf: bdf.to_string(),
             previous_driver: dev.driver,
@@ -728,18 +924,175 @@ impl Sysfs {
 
     /// Raises the number of reserved 2 MiB hugepages to `pages` (never lowers it).
     pub fn reserve_hugepages(&self, pages: u64) -> Result<Hugepages> {
-        let path = self.path("/proc/sys/vm/nr_hugepages");
-        let parse = |s: String| s.parse::<u64>().unwrap_or(0);
-        let before = parse(self.read(&path)?);
-        if before < pages {
-            self.write(&path, &pages.to_string())?;
+        self.raise_count(&self.path("/proc/sys/vm/nr_hugepages"), pages)
+    }
+
+    /// Raises the number of 2 MiB hugepages reserved on NUMA node `node` to `pages` (never
+    /// lowers it).
+    pub fn reserve_node_hugepages(&self, node: u32, pages: u64) -> Result<Hugepages> {
+        let nodes = self.numa_nodes();
+        if !nodes.contains(&node) {
+            return Err(SysfsError::NoNode { node, nodes });
         }
-        let after = parse(self.read(&path)?);
+        self.raise_count(
+            &self.path(&format!(
+                "/sys/devices/system/node/node{node}/hugepages/hugepages-{HUGEPAGE_KIB}kB/nr_hugepages"
+            )),
+            pages,
+        )
+    }
+
+    /// Writes `pages` to the count at `path` if it holds fewer; the count before and after.
+    fn raise_count(&self, path: &Path, pages: u64) -> Result<Hugepages> {
+        let parse = |s: String| s.parse::<u64>().unwrap_or(0);
+        let before = parse(self.read(path)?);
+        if before < pages {
+            self.write(path, &pages.to_string())?;
+        }
+        let after = parse(self.read(path)?);
         Ok(Hugepages {
             before,
             requested: pages,
             after,
         })
+    }
+
+    /// The NUMA nodes sysfs knows (`/sys/devices/system/node/nodeN`), sorted; empty on a
+    /// kernel without NUMA.
+    pub fn numa_nodes(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = fs::read_dir(self.path("/sys/devices/system/node"))
+            .map(|it| {
+                it.filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        e.file_name()
+                            .to_string_lossy()
+                            .strip_prefix("node")
+                            .and_then(|n| n.parse().ok())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort_unstable();
+        v
+    }
+
+    /// The hugepage pools (free and reserved pages of each size) of every NUMA node, or the
+    /// system-wide ones where sysfs has no nodes; by node, then size.
+    pub fn hugepages(&self) -> Vec<HugepagePool> {
+        let sizes = |dir: PathBuf, node: Option<u32>| -> Vec<HugepagePool> {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                return Vec::new();
+            };
+            entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let size_kib = name
+                        .strip_prefix("hugepages-")?
+                        .strip_suffix("kB")?
+                        .parse()
+                        .ok()?;
+                    let count = |f: &str| {
+                        self.read_opt(&e.path().join(f))
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0)
+                    };
+                    Some(HugepagePool {
+                        node,
+                        size_kib,
+                        total: count("nr_hugepages"),
+                        free: count("free_hugepages"),
+                    })
+                })
+                .collect()
+        };
+        let nodes = self.numa_nodes();
+        let mut v: Vec<HugepagePool> = if nodes.is_empty() {
+            sizes(self.path("/sys/kernel/mm/hugepages"), None)
+        } else {
+            nodes
+                .iter()
+                .flat_map(|&n| {
+                    sizes(
+                        self.path(&format!("/sys/devices/system/node/node{n}/hugepages")),
+                        Some(n),
+                    )
+                })
+                .collect()
+        };
+        v.sort_by_key(|p| (p.node, p.size_kib));
+        v
+    }
+
+    /// This process's locked-memory limit (`/proc/self/limits`) and whether it has
+    /// CAP_IPC_LOCK (`/proc/self/status`); `None` when the limit cannot be read.
+    pub fn memlock(&self) -> Option<Memlock> {
+        let limits = self.read_opt(&self.path("/proc/self/limits"))?;
+        let line = limits
+            .lines()
+            .find_map(|l| l.strip_prefix("Max locked memory"))?;
+        let soft = line.split_whitespace().next()?;
+        let limit_bytes = match soft {
+            "unlimited" => None,
+            n => Some(n.parse().ok()?),
+        };
+        let privileged = self
+            .read_opt(&self.path("/proc/self/status"))
+            .and_then(|st| {
+                st.lines()
+                    .find_map(|l| l.strip_prefix("CapEff:"))
+                    .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+            })
+            .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0);
+        Some(Memlock {
+            limit_bytes,
+            privileged,
+        })
+    }
+
+    /// The controllers in [`BOUND_RECORD`].
+    fn bound_record(&self) -> Vec<String> {
+        self.read_opt(&self.path(BOUND_RECORD))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| parse_bdf(l.trim()).ok())
+            .collect()
+    }
+
+    /// Adds `bdf` to [`BOUND_RECORD`] (`bound`) or takes it out.
+    fn record_bound(&self, bdf: &str, bound: bool) -> Result<()> {
+        let mut v = self.bound_record();
+        v.retain(|b| b != bdf);
+        if bound {
+            v.push(bdf.to_string());
+        }
+        v.sort();
+        let path = self.path(BOUND_RECORD);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(|source| SysfsError::Io {
+                what: "create",
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        let text: String = v.iter().map(|b| format!("{b}\n")).collect();
+        fs::write(&path, text).map_err(|source| SysfsError::Io {
+            what: "write",
+            path,
+            source,
+        })
+    }
+
+    /// The controllers `rnvme setup` bound to vfio-pci that still are: what `rnvme reset`
+    /// without addresses gives back.
+    pub fn bound_by_rnvme(&self) -> Vec<String> {
+        self.bound_record()
+            .into_iter()
+            .filter(|b| {
+                self.device(b)
+                    .is_ok_and(|d| d.driver.as_deref() == Some(VFIO_DRIVER))
+            })
+            .collect()
     }
 
     /// Resolves a user name (from `/etc/passwd`) or a numeric uid to (uid, gid).
@@ -943,6 +1296,19 @@ pub(crate) mod fake {
             }
         }
 
+        /// Hugepages of `size_kib` on NUMA node `node` (`None`: the system-wide pool of a
+        /// kernel without NUMA).
+        pub fn hugepool(&self, node: Option<u32>, size_kib: u64, total: u64, free: u64) {
+            let d = match node {
+                Some(n) => {
+                    format!("/sys/devices/system/node/node{n}/hugepages/hugepages-{size_kib}kB")
+                }
+                None => format!("/sys/kernel/mm/hugepages/hugepages-{size_kib}kB"),
+            };
+            self.write(&format!("{d}/nr_hugepages"), &format!("{total}\n"));
+            self.write(&format!("{d}/free_hugepages"), &format!("{free}\n"));
+        }
+
         /// A block device with `dev` numbers and optional partitions `(name, dev)`.
         pub fn block(&self, name: &str, dev: &str, parts: &[(&str, &str)]) {
             let d = format!("/sys/block/{name}");
@@ -1032,6 +1398,7 @@ mod tests {
                 driver: Some("nvme".into()),
                 iommu_group: Some(2),
                 driver_override: None,
+                numa_node: None,
             }
         );
         assert!(matches!(
@@ -1142,11 +1509,16 @@ mod tests {
         f.device(NIC, 0x020000, Some("e1000e"), Some(0));
         // Already on vfio-pci, no kernel namespaces: free.
         f.device("0000:00:07.0", NVME_CLASS, Some("vfio-pci"), Some(4));
-        let Selection { free, busy } = f.sys.select_all().unwrap();
+        let Selection { free, busy, .. } = f.sys.select_all().unwrap();
         assert_eq!(free, [C, "0000:00:07.0"]);
         let busy_bdfs: Vec<&str> = busy.iter().map(|(b, _)| b.as_str()).collect();
         assert_eq!(busy_bdfs, [A, B]);
         assert_eq!(busy[0].1, ["nvme0n1p1 is mounted on /mnt/my data"]);
+        let filter = PciFilter::new(None, Some(C)).unwrap();
+        let sel = f.sys.select(&filter).unwrap();
+        assert_eq!(sel.free, ["0000:00:07.0"]);
+        assert_eq!(sel.excluded, [(C.to_string(), "listed in PCI_BLOCKED")]);
+        assert_eq!(sel.busy.len(), 2);
     }
 
     #[test]
@@ -1297,6 +1669,14 @@ mod tests {
     }
 
     #[test]
+    fn hugemem_in_mib() {
+        assert_eq!(hugemem_pages("2048"), Ok(1024));
+        assert_eq!(hugemem_pages("3"), Ok(2));
+        assert_eq!(hugemem_pages("0"), Ok(0));
+        assert!(hugemem_pages("2G").unwrap_err().contains("HUGEMEM"));
+    }
+
+    #[test]
     fn memlock_need() {
         assert_eq!(memlock_needed_kib(512), (1024 + 64) * 1024);
         assert_eq!(memlock_needed_kib(0), 64 * 1024);
@@ -1341,6 +1721,181 @@ mod tests {
         let c = f.sys.access(C);
         assert!(!c.usable);
         assert!(c.reason.contains("0000:00:08.0 (e1000e)"), "{}", c.reason);
+    }
+
+    #[test]
+    fn block_usage_per_device() {
+        let f = busy_tree();
+        let u = f.sys.block_usage(A);
+        assert_eq!(
+            u,
+            [
+                BlockUsage {
+                    name: "nvme0n1".into(),
+                    ..BlockUsage::default()
+                },
+                BlockUsage {
+                    name: "nvme0n1p1".into(),
+                    mounts: vec!["/mnt/my data".into()],
+                    ..BlockUsage::default()
+                },
+            ]
+        );
+        assert!(!u[0].in_use() && u[1].in_use());
+        let b = f.sys.block_usage(B);
+        assert!(b[0].swap && b[0].holders.is_empty());
+        assert_eq!(b[1].holders, ["dm-0"]);
+        assert!(f.sys.block_usage(C).iter().all(|b| !b.in_use()));
+    }
+
+    #[test]
+    fn hugepages_per_node_and_size() {
+        let f = FakeSys::new();
+        // No NUMA in sysfs: the system-wide pools.
+        f.hugepool(None, 2048, 64, 60);
+        assert_eq!(f.sys.numa_nodes(), Vec::<u32>::new());
+        assert_eq!(
+            f.sys.hugepages(),
+            [HugepagePool {
+                node: None,
+                size_kib: 2048,
+                total: 64,
+                free: 60
+            }]
+        );
+        f.hugepool(Some(1), 2048, 8, 8);
+        f.hugepool(Some(0), 1048576, 1, 0);
+        f.hugepool(Some(0), 2048, 512, 500);
+        fs::create_dir_all(f.p("/sys/devices/system/node/power")).unwrap();
+        assert_eq!(f.sys.numa_nodes(), [0, 1]);
+        let pools: Vec<(Option<u32>, u64, u64, u64)> = f
+            .sys
+            .hugepages()
+            .iter()
+            .map(|p| (p.node, p.size_kib, p.total, p.free))
+            .collect();
+        assert_eq!(
+            pools,
+            [
+                (Some(0), 2048, 512, 500),
+                (Some(0), 1048576, 1, 0),
+                (Some(1), 2048, 8, 8)
+            ]
+        );
+        // Per node: raised, never lowered, on that node only.
+        let h = f.sys.reserve_node_hugepages(1, 100).unwrap();
+        assert_eq!((h.before, h.requested, h.after), (8, 100, 100));
+        let h = f.sys.reserve_node_hugepages(0, 100).unwrap();
+        assert_eq!((h.before, h.after), (512, 512));
+        assert_eq!(
+            f.read("/sys/devices/system/node/node1/hugepages/hugepages-2048kB/nr_hugepages"),
+            "100"
+        );
+        assert_eq!(
+            f.read("/sys/devices/system/node/node0/hugepages/hugepages-2048kB/nr_hugepages"),
+            "512\n"
+        );
+        assert_eq!(f.read("/proc/sys/vm/nr_hugepages"), "0\n");
+        let e = f.sys.reserve_node_hugepages(2, 1).unwrap_err();
+        assert_eq!(e.to_string(), "NUMA node 2 does not exist (nodes: 0, 1)");
+    }
+
+    #[test]
+    fn numa_node_of_a_device() {
+        let f = FakeSys::new();
+        f.device(A, NVME_CLASS, Some("nvme"), Some(1));
+        assert_eq!(f.sys.device(A).unwrap().numa_node, None);
+        f.write(&format!("/sys/bus/pci/devices/{A}/numa_node"), "-1\n");
+        assert_eq!(f.sys.device(A).unwrap().numa_node, None);
+        f.write(&format!("/sys/bus/pci/devices/{A}/numa_node"), "1\n");
+        assert_eq!(f.sys.device(A).unwrap().numa_node, Some(1));
+    }
+
+    #[test]
+    fn memlock_limit_and_capability() {
+        let f = FakeSys::new();
+        assert_eq!(f.sys.memlock(), None);
+        f.write(
+            "/proc/self/limits",
+            "Limit                     Soft Limit           Hard Limit           Units\n\
+             Max open files            1024                 4096                 files\n\
+             Max locked memory         8388608              16777216             bytes\n",
+        );
+        f.write(
+            "/proc/self/status",
+            "Name:\trnvme\nCapEff:\t0000000000000000\n",
+        );
+        let m = f.sys.memlock().unwrap();
+        assert_eq!(
+            m,
+            Memlock {
+                limit_bytes: Some(8 << 20),
+                privileged: false
+            }
+        );
+        assert!(m.allows(8 << 20) && !m.allows((8 << 20) + 1));
+        // Root: CAP_IPC_LOCK (bit 14) among all the capabilities.
+        f.write("/proc/self/status", "CapEff:\t000001ffffffffff\n");
+        assert!(f.sys.memlock().unwrap().allows(u64::MAX));
+        f.write(
+            "/proc/self/limits",
+            "Max locked memory         unlimited            unlimited            bytes\n",
+        );
+        f.write("/proc/self/status", "CapEff:\t0000000000000000\n");
+        let m = f.sys.memlock().unwrap();
+        assert_eq!(m.limit_bytes, None);
+        assert!(m.allows(u64::MAX));
+    }
+
+    #[test]
+    fn pci_allowed_and_blocked() {
+        let all = PciFilter::new(None, None).unwrap();
+        assert_eq!(all.excludes(A), None);
+        assert_eq!(PciFilter::new(Some(""), Some(" ")).unwrap(), all);
+        let f = PciFilter::new(
+            Some("0000:00:04.0 00:05.0"),
+            Some("0000:00:05.0,0000:00:06.0"),
+        )
+        .unwrap();
+        assert_eq!(f.excludes(A), None);
+        assert_eq!(f.excludes(B), Some("listed in PCI_BLOCKED"));
+        assert_eq!(f.excludes(C), Some("listed in PCI_BLOCKED"));
+        assert_eq!(
+            f.excludes("0000:00:07.0"),
+            Some("not listed in PCI_ALLOWED")
+        );
+        let f = PciFilter::new(None, Some("0000:00:05.0")).unwrap();
+        assert_eq!((f.excludes(A), f.excludes(B).is_some()), (None, true));
+        let e = PciFilter::new(Some("0000:00:04.0 nvme0"), None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "PCI_ALLOWED: \"nvme0\" is not a PCI address (DDDD:BB:DD.F or BB:DD.F)"
+        );
+    }
+
+    #[test]
+    fn the_record_of_bound_controllers() {
+        let f = FakeSys::new();
+        f.device(A, NVME_CLASS, Some("vfio-pci"), Some(1));
+        f.device(B, NVME_CLASS, Some("nvme"), Some(2));
+        f.device(C, NVME_CLASS, Some("vfio-pci"), Some(3));
+        assert!(f.sys.bound_by_rnvme().is_empty());
+        f.sys.record_bound(A, true).unwrap();
+        f.sys.record_bound(B, true).unwrap();
+        f.sys.record_bound(A, true).unwrap();
+        assert_eq!(f.read(BOUND_RECORD), format!("{A}\n{B}\n"));
+        // B went back to nvme by other means; C was bound by someone else.
+        assert_eq!(f.sys.bound_by_rnvme(), [A]);
+        // A reset that leaves the controller on vfio-pci keeps it recorded; one that gives it
+        // back takes it out.
+        f.sys.reset(A).unwrap();
+        assert_eq!(f.sys.bound_by_rnvme(), [A]);
+        f.set_driver(A, Some("nvme"));
+        f.sys.reset(A).unwrap();
+        assert_eq!(f.read(BOUND_RECORD), format!("{B}\n"));
+        // A controller already on vfio-pci is not recorded by a set-up.
+        assert!(f.sys.bind_vfio(C, false).unwrap().already_bound);
+        assert_eq!(f.read(BOUND_RECORD), format!("{B}\n"));
     }
 
     #[test]

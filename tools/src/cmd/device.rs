@@ -13,9 +13,11 @@ use rnvme_driver::dma::Backing;
 use rnvme_driver::identify::{NamespaceInfo, SglSupport};
 use rnvme_driver::io::IoQueuePair;
 use rnvme_driver::queue::DataPointerMode;
+use rnvme_driver::spec::{admin_op, cns, log_page, SqEntry};
+use rnvme_tools::nvmecli;
 use serde::Serialize;
 
-use super::{outln, UsageError};
+use super::{outln, OutputFormat, UsageError};
 
 /// Bytes moved per step by `read` (the driver splits further at the max transfer; `write`
 /// streams pieces of the max transfer).
@@ -60,18 +62,63 @@ impl DeviceArgs {
     }
 }
 
-/// Namespace and LBA range arguments.
+/// Namespace and LBA range arguments, in rnvme's spelling and in nvme-cli's.
 #[derive(Args, Debug, Clone)]
 pub struct RangeArgs {
     /// Namespace id
-    #[arg(long = "ns", default_value_t = 1)]
+    #[arg(
+        short = 'n',
+        long = "ns",
+        visible_alias = "namespace-id",
+        default_value_t = 1
+    )]
     pub nsid: u32,
     /// First LBA
-    #[arg(long)]
+    #[arg(short = 's', long, visible_alias = "start-block")]
     pub lba: Option<u64>,
     /// Number of LBAs
-    #[arg(long)]
+    #[arg(long, conflicts_with = "block_count")]
     pub count: Option<u64>,
+    /// Number of LBAs less one, as nvme-cli counts (-c 7 is 8 LBAs)
+    #[arg(short = 'c', long = "block-count", value_name = "N")]
+    pub block_count: Option<u64>,
+}
+
+impl RangeArgs {
+    /// The number of LBAs, from --count or the zero-based --block-count.
+    pub fn count(&self) -> Result<Option<u64>> {
+        match (self.count, self.block_count) {
+            (_, Some(c)) => c
+                .checked_add(1)
+                .map(Some)
+                .ok_or_else(|| UsageError(format!("--block-count {c} is too large")).into()),
+            (c, None) => Ok(c),
+        }
+    }
+}
+
+/// The number of LBAs of a read or write: `count` (from --count or --block-count), or
+/// `data_size` (nvme-cli's --data-size, bytes) over `per_lba` bytes per LBA; when both are
+/// given they must agree.
+fn resolve_count(count: Option<u64>, data_size: Option<u64>, per_lba: u64) -> Result<Option<u64>> {
+    let Some(bytes) = data_size else {
+        return Ok(count);
+    };
+    if bytes == 0 || !bytes.is_multiple_of(per_lba) {
+        return Err(UsageError(format!(
+            "--data-size {bytes} is not a positive multiple of the namespace's {per_lba}-byte LBAs"
+        ))
+        .into());
+    }
+    let lbas = bytes / per_lba;
+    match count {
+        Some(c) if c != lbas => Err(UsageError(format!(
+            "--data-size {bytes} is {lbas} LBAs of {per_lba} bytes, but the count asks for {c} \
+             (--block-count is the count less one)"
+        ))
+        .into()),
+        _ => Ok(Some(lbas)),
+    }
 }
 
 /// Check a range against the namespace, as a usage error that says what is valid.
@@ -104,12 +151,36 @@ fn qpair(ctrl: &Controller) -> Result<IoQueuePair> {
 
 /// `rnvme identify`
 #[derive(Args, Debug)]
+#[command(after_help = "\
+-o json prints what `nvme id-ctrl -o json` prints (nvme-cli's keys, shapes and values), or with \
+--ns what `nvme id-ns -o json` prints for that namespace. --json prints rnvme's own summary.")]
 pub struct IdentifyArgs {
     #[command(flatten)]
     pub dev: DeviceArgs,
-    /// Print JSON
+    /// Print rnvme's JSON: the controller and every namespace
     #[arg(long)]
     pub json: bool,
+    /// normal, or json for nvme-cli's JSON (id-ctrl, or id-ns with --ns)
+    #[arg(
+        short = 'o',
+        long = "output-format",
+        value_enum,
+        default_value_t,
+        conflicts_with = "json"
+    )]
+    pub output_format: OutputFormat,
+    /// Only this namespace (with -o json: its Identify Namespace data)
+    #[arg(short = 'n', long = "ns", value_name = "NSID")]
+    pub nsid: Option<u32>,
+}
+
+/// An Identify data structure (`cns`) as the controller returns it.
+fn identify_raw(ctrl: &Controller, cns: u32, nsid: u32, what: &'static str) -> Result<Vec<u8>> {
+    let buf = ctrl.alloc(nvmecli::IDENTIFY_LEN)?;
+    let mut c = SqEntry::new(admin_op::IDENTIFY, nsid);
+    c.cdw10 = cns;
+    ctrl.admin(c, Some(&buf), what)?;
+    Ok(buf.to_vec())
 }
 
 #[derive(Serialize)]
@@ -153,6 +224,27 @@ struct NamespaceJson {
 
 pub fn identify(a: IdentifyArgs) -> Result<ExitCode> {
     let ctrl = a.dev.open()?;
+    if let Some(nsid) = a.nsid {
+        namespace(&ctrl, nsid)?;
+    }
+    if a.output_format == OutputFormat::Json {
+        let v = match a.nsid {
+            Some(nsid) => nvmecli::id_ns(&identify_raw(
+                &ctrl,
+                cns::NAMESPACE,
+                nsid,
+                "Identify Namespace",
+            )?),
+            None => nvmecli::id_ctrl(&identify_raw(
+                &ctrl,
+                cns::CONTROLLER,
+                0,
+                "Identify Controller",
+            )?),
+        };
+        outln!("{}", serde_json::to_string_pretty(&v)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let i = ctrl.info();
     let v = IdentifyJson {
         bdf: ctrl.name().to_string(),
@@ -189,6 +281,7 @@ pub fn identify(a: IdentifyArgs) -> Result<ExitCode> {
         namespaces: ctrl
             .namespaces()
             .iter()
+            .filter(|n| a.nsid.is_none_or(|id| id == n.nsid))
             .map(|n| NamespaceJson {
                 nsid: n.nsid,
                 size_lbas: n.size_lbas,
@@ -280,8 +373,11 @@ pub struct ReadArgs {
     pub dev: DeviceArgs,
     #[command(flatten)]
     pub range: RangeArgs,
+    /// Bytes to read, a multiple of the LBA size (nvme-cli's data size; instead of a count)
+    #[arg(short = 'z', long = "data-size", value_name = "BYTES")]
+    pub data_size: Option<u64>,
     /// Write the data to this file instead of standard output
-    #[arg(long)]
+    #[arg(short = 'd', long, visible_alias = "data")]
     pub out: Option<PathBuf>,
     /// Write the metadata to this file (namespaces that keep it in a separate buffer; on an
     /// extended-LBA format it is part of each block of the data)
@@ -290,11 +386,19 @@ pub struct ReadArgs {
 }
 
 pub fn read(a: ReadArgs) -> Result<ExitCode> {
-    let (Some(lba), Some(count)) = (a.range.lba, a.range.count) else {
-        return Err(UsageError("read needs --lba and --count".into()).into());
+    let wanted = a.range.count()?;
+    let (Some(lba), true) = (a.range.lba, wanted.is_some() || a.data_size.is_some()) else {
+        return Err(UsageError(
+            "read needs --lba and --count (or nvme-cli's -s, and -c or -z)".into(),
+        )
+        .into());
     };
     let ctrl = a.dev.open()?;
     let ns = namespace(&ctrl, a.range.nsid)?;
+    let per_lba = ns
+        .layout()
+        .map_or(u64::from(ns.lba_size), |l| u64::from(l.data_per_lba));
+    let count = resolve_count(wanted, a.data_size, per_lba)?.unwrap_or(0);
     check_range(&ns, lba, count)?;
     let mut out: Box<dyn Write> = match &a.out {
         Some(p) => {
@@ -353,13 +457,26 @@ pub struct WriteArgs {
     #[command(flatten)]
     pub dev: DeviceArgs,
     /// Namespace id
-    #[arg(long = "ns", default_value_t = 1)]
+    #[arg(
+        short = 'n',
+        long = "ns",
+        visible_alias = "namespace-id",
+        default_value_t = 1
+    )]
     pub nsid: u32,
     /// First LBA
-    #[arg(long)]
-    pub lba: u64,
+    #[arg(short = 's', long, visible_alias = "start-block")]
+    pub lba: Option<u64>,
+    /// Number of LBAs less one, as nvme-cli counts: the input must hold that many LBAs, and
+    /// only they are written
+    #[arg(short = 'c', long = "block-count", value_name = "N")]
+    pub block_count: Option<u64>,
+    /// Bytes to write, a multiple of the LBA size (nvme-cli's data size): the input must hold
+    /// that many, and only they are written
+    #[arg(short = 'z', long = "data-size", value_name = "BYTES")]
+    pub data_size: Option<u64>,
     /// Read the data from this file instead of standard input
-    #[arg(long = "in")]
+    #[arg(short = 'd', long = "in", visible_alias = "data")]
     pub input: Option<PathBuf>,
     /// Force Unit Access: the data is on stable media when each write completes
     #[arg(long)]
@@ -442,6 +559,26 @@ impl Input {
             name: p.display().to_string(),
             len,
         })
+    }
+}
+
+impl Input {
+    /// Reads no more than `bytes`; a file must hold that many (checked before anything is
+    /// written).
+    fn limit(&mut self, bytes: u64) -> Result<()> {
+        if let Some(len) = self.len {
+            if len < bytes {
+                return Err(UsageError(format!(
+                    "{} holds {len} bytes, fewer than the {bytes} asked for; nothing was written",
+                    self.name
+                ))
+                .into());
+            }
+            self.len = Some(bytes);
+        }
+        let reader = std::mem::replace(&mut self.reader, Box::new(std::io::empty()));
+        self.reader = Box::new(reader.take(bytes));
+        Ok(())
     }
 }
 
@@ -546,6 +683,9 @@ fn write_stream(
 }
 
 pub fn write(a: WriteArgs) -> Result<ExitCode> {
+    let Some(start) = a.lba else {
+        return Err(UsageError("write needs --lba (or nvme-cli's -s)".into()).into());
+    };
     let mut input = Input::open(a.input.as_deref())?;
     let ctrl = a.dev.open()?;
     let ns = namespace(&ctrl, a.nsid)?;
@@ -553,6 +693,17 @@ pub fn write(a: WriteArgs) -> Result<ExitCode> {
     let layout = qp.layout(ns.nsid)?;
     let lba_size = layout.data_per_lba as u64;
     let ms = layout.metadata_per_lba as u64;
+    let counted = RangeArgs {
+        nsid: a.nsid,
+        lba: a.lba,
+        count: None,
+        block_count: a.block_count,
+    }
+    .count()?;
+    let expected = resolve_count(counted, a.data_size, lba_size)?;
+    if let Some(n) = expected {
+        input.limit(n * lba_size)?;
+    }
     let mut meta_in = metadata_file(&ns, layout.metadata_per_lba, a.metadata.as_deref(), false)?;
     if let (Some((f, p)), Some(len)) = (meta_in.as_ref(), input.len) {
         let have = f
@@ -579,9 +730,9 @@ pub fn write(a: WriteArgs) -> Result<ExitCode> {
                 ))
                 .into());
             }
-            check_range(&ns, a.lba, len / lba_size)?;
+            check_range(&ns, start, len / lba_size)?;
         }
-        None => check_range(&ns, a.lba, 1)?,
+        None => check_range(&ns, start, 1)?,
     }
     // One DMA buffer of the largest transfer: one command per piece.
     let per_piece = (qp.max_transfer_for(layout.data_per_lba) as u64 / lba_size).max(1);
@@ -596,7 +747,7 @@ pub fn write(a: WriteArgs) -> Result<ExitCode> {
     let count = write_stream(
         &mut input,
         (&ns, lba_size),
-        a.lba,
+        start,
         &mut host,
         &mut |at, data| {
             let lbas = data.len() as u64 / lba_size;
@@ -619,10 +770,17 @@ pub fn write(a: WriteArgs) -> Result<ExitCode> {
             Ok(())
         },
     )?;
+    if let Some(n) = expected.filter(|&n| count < n) {
+        return Err(UsageError(format!(
+            "{} ended after {count} of the {n} LBAs asked for; {}",
+            input.name,
+            written(start, count)
+        ))
+        .into());
+    }
     eprintln!(
-        "wrote {count} LBAs ({} bytes) at LBA {} of namespace {}",
+        "wrote {count} LBAs ({} bytes) at LBA {start} of namespace {}",
         count * lba_size,
-        a.lba,
         ns.nsid
     );
     Ok(ExitCode::SUCCESS)
@@ -679,7 +837,7 @@ impl RangeOp {
 /// or `--all` is.
 fn requested_range(a: &ZeroArgs, op: RangeOp) -> Result<Option<(u64, u64)>> {
     let name = op.name();
-    match (a.all, a.range.lba, a.range.count) {
+    match (a.all, a.range.lba, a.range.count()?) {
         (true, None, None) => Ok(None),
         (true, _, _) => Err(UsageError(format!(
             "{name}: --all is the whole namespace; give either --all or --lba and --count, not both"
@@ -744,19 +902,52 @@ pub enum LogKind {
 
 /// `rnvme log`
 #[derive(Args, Debug)]
+#[command(after_help = "\
+-o json prints what `nvme smart-log -o json` or `nvme error-log -o json` prints (nvme-cli's keys \
+and shapes; the error log with every entry the controller keeps, up to 64, empty ones too). \
+--json prints rnvme's own decoding.")]
 pub struct LogArgs {
     #[command(flatten)]
     pub dev: DeviceArgs,
     /// Which log page
     #[arg(value_enum)]
     pub kind: LogKind,
-    /// Print JSON
+    /// Print rnvme's JSON
     #[arg(long)]
     pub json: bool,
+    /// normal, or json for nvme-cli's JSON (smart-log, error-log)
+    #[arg(
+        short = 'o',
+        long = "output-format",
+        value_enum,
+        default_value_t,
+        conflicts_with = "json"
+    )]
+    pub output_format: OutputFormat,
 }
 
 pub fn log(a: LogArgs) -> Result<ExitCode> {
     let ctrl = a.dev.open()?;
+    if a.output_format == OutputFormat::Json {
+        let v = match a.kind {
+            // The controller's log, as `nvme smart-log` asks for it (all namespaces).
+            LogKind::Smart => nvmecli::smart_log(&ctrl.get_log_page(
+                log_page::SMART,
+                u32::MAX,
+                nvmecli::SMART_LEN,
+            )?),
+            LogKind::Errors => {
+                let entries = nvmecli::error_log_entries(ctrl.info().elpe);
+                nvmecli::error_log(&ctrl.get_log_page(
+                    log_page::ERROR,
+                    0,
+                    entries * nvmecli::ERROR_ENTRY_LEN,
+                )?)
+            }
+        };
+        outln!("{}", serde_json::to_string_pretty(&v)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     match a.kind {
         LogKind::Smart => {
             let s = ctrl.smart_log()?;
@@ -1008,6 +1199,61 @@ mod tests {
             crate::cmd::error_line(&e),
             "write LBAs 7..11 (LBAs 3..7 are written): Write failed: LBA Out of Range"
         );
+    }
+
+    #[test]
+    fn nvme_cli_counts_and_data_sizes() {
+        let r = |count, block_count| RangeArgs {
+            nsid: 1,
+            lba: Some(0),
+            count,
+            block_count,
+        };
+        assert_eq!(r(Some(8), None).count().unwrap(), Some(8));
+        // nvme-cli's block count is zero-based.
+        assert_eq!(r(None, Some(7)).count().unwrap(), Some(8));
+        assert_eq!(r(None, Some(0)).count().unwrap(), Some(1));
+        assert_eq!(r(None, None).count().unwrap(), None);
+        assert!(r(None, Some(u64::MAX)).count().is_err());
+        assert_eq!(resolve_count(Some(8), None, 512).unwrap(), Some(8));
+        assert_eq!(resolve_count(None, Some(4096), 512).unwrap(), Some(8));
+        assert_eq!(resolve_count(Some(8), Some(4096), 512).unwrap(), Some(8));
+        assert_eq!(resolve_count(None, None, 512).unwrap(), None);
+        for (count, size) in [(Some(7), Some(4096)), (None, Some(4000)), (None, Some(0))] {
+            let e = resolve_count(count, size, 512).unwrap_err();
+            assert!(e.downcast_ref::<UsageError>().is_some(), "{e}");
+        }
+        assert_eq!(
+            resolve_count(Some(7), Some(4096), 512)
+                .unwrap_err()
+                .to_string(),
+            "--data-size 4096 is 8 LBAs of 512 bytes, but the count asks for 7 \
+             (--block-count is the count less one)"
+        );
+    }
+
+    #[test]
+    fn a_limit_takes_that_much_of_the_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("in");
+        std::fs::write(&p, data(6 * 512)).unwrap();
+        let mut input = Input::open(Some(&p)).unwrap();
+        input.limit(4 * 512).unwrap();
+        assert_eq!(input.len, Some(4 * 512));
+        let (r, disk) = stream(input, 64, 0, 3);
+        assert_eq!(r.unwrap(), 4);
+        assert_eq!(disk.writes, [(0, 3), (3, 1)]);
+        let mut input = Input::open(Some(&p)).unwrap();
+        let e = input.limit(8 * 512).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("holds 3072 bytes, fewer than the 4096"),
+            "{e}"
+        );
+        let mut input = stdin_of(data(6 * 512), 700, None);
+        input.limit(2 * 512).unwrap();
+        let (r, _) = stream(input, 64, 0, 4);
+        assert_eq!(r.unwrap(), 2);
     }
 
     #[test]

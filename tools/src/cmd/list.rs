@@ -9,14 +9,29 @@ use clap::Args;
 use rnvme_tools::sysfs::{Access, Sysfs};
 use serde::Serialize;
 
-use super::{out, outln};
+use rnvme_tools::nvmecli::{self, ListItem};
+
+use super::{out, outln, OutputFormat};
 
 /// Arguments of `rnvme list`.
 #[derive(Debug, Args)]
+#[command(after_help = "\
+-o json prints `nvme list -o json`'s {\"Devices\": [...]} for the namespaces of the controllers rnvme \
+can open, which nvme-cli cannot see: each with the same keys, DevicePath being the BDF/NSID that \
+rnvme's commands take. The kernel's namespaces are in nvme-cli's own listing.")]
 pub struct ListArgs {
-    /// Print a JSON array instead of a table
+    /// Print rnvme's JSON array (every controller) instead of a table
     #[arg(long)]
     pub json: bool,
+    /// normal, or json for nvme-cli's JSON of the namespaces rnvme can reach
+    #[arg(
+        short = 'o',
+        long = "output-format",
+        value_enum,
+        default_value_t,
+        conflicts_with = "json"
+    )]
+    pub output_format: OutputFormat,
 }
 
 /// One controller in the listing.
@@ -40,17 +55,24 @@ pub struct Entry {
     pub reason: String,
 }
 
+/// A controller the kernel does not drive, brought up through the userspace driver (only for
+/// one rnvme can open: bound to vfio-pci and not held by another process). DMA memory comes
+/// from ordinary pages, so this works before any hugepage is reserved.
+fn open_small(bdf: &str) -> rnvme_driver::Result<Controller> {
+    Controller::open(
+        bdf,
+        ControllerOptions {
+            backing: Backing::SmallPages,
+            io_queues: 1,
+            ..ControllerOptions::default()
+        },
+    )
+}
+
 /// Serial and model of a controller the kernel does not drive, read with Identify Controller
-/// through the userspace driver (only for a controller rnvme can open: bound to vfio-pci and
-/// not held by another process). DMA memory comes from ordinary pages, so this works before
-/// any hugepage is reserved.
+/// through the userspace driver.
 fn identify_hook(bdf: &str) -> Option<(String, String)> {
-    let options = ControllerOptions {
-        backing: Backing::SmallPages,
-        io_queues: 1,
-        ..ControllerOptions::default()
-    };
-    match Controller::open(bdf, options) {
+    match open_small(bdf) {
         Ok(c) => Some((c.info().serial.clone(), c.info().model.clone())),
         Err(e) => {
             log::info!("{bdf}: cannot identify: {e}");
@@ -59,9 +81,40 @@ fn identify_hook(bdf: &str) -> Option<(String, String)> {
     }
 }
 
+/// The namespaces of the controllers rnvme can open, for `-o json`.
+fn nvme_cli_items(sys: &Sysfs) -> anyhow::Result<Vec<ListItem>> {
+    let mut items = Vec::new();
+    for bdf in sys.nvme_controllers().context("list NVMe controllers")? {
+        if !sys.kernel_controllers(&bdf).is_empty() || !access(sys, &bdf).usable {
+            continue;
+        }
+        let ctrl = match open_small(&bdf) {
+            Ok(c) => c,
+            Err(e) => {
+                log::info!("{bdf}: cannot identify: {e}");
+                continue;
+            }
+        };
+        let i = ctrl.info();
+        for n in ctrl.namespaces() {
+            items.push(ListItem {
+                nsid: n.nsid,
+                device_path: format!("{bdf}/{}", n.nsid),
+                firmware: i.firmware.clone(),
+                model: i.model.clone(),
+                serial: i.serial.clone(),
+                nuse: n.utilization_lbas,
+                nsze: n.size_lbas,
+                lba_size: n.lba_size,
+            });
+        }
+    }
+    Ok(items)
+}
+
 /// Whether rnvme can open the controller: the driver's own readiness check, then opening the
 /// VFIO device nodes (permissions, another process holding the group).
-fn access(sys: &Sysfs, bdf: &str) -> Access {
+pub fn access(sys: &Sysfs, bdf: &str) -> Access {
     match rnvme_driver::vfio::probe(bdf).and_then(|p| p.check()) {
         Ok(()) => sys.access(bdf),
         Err(e) => Access {
@@ -149,6 +202,11 @@ pub fn table(entries: &[Entry]) -> String {
 /// `rnvme list`.
 pub fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     let sys = Sysfs::from_env();
+    if args.output_format == OutputFormat::Json {
+        let v = nvmecli::list(&nvme_cli_items(&sys)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let e = entries(&sys)?;
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&e)?)?;

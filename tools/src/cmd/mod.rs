@@ -8,6 +8,7 @@ pub mod list;
 pub mod mpage;
 pub mod perf;
 pub mod setup;
+pub mod status;
 pub mod verify;
 pub mod vm;
 
@@ -64,6 +65,16 @@ macro_rules! outln {
 }
 
 pub(crate) use {out, outln};
+
+/// `-o, --output-format` of the commands that also speak nvme-cli's JSON.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// rnvme's text
+    #[default]
+    Normal,
+    /// nvme-cli's JSON: its keys, shapes and values (see also --json, rnvme's own)
+    Json,
+}
 
 /// A usage error found after argument parsing (exit status 2).
 #[derive(Debug, thiserror::Error)]

@@ -4,37 +4,54 @@
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use clap::{ArgGroup, Args};
-use rnvme_tools::sysfs::{memlock_needed_kib, Selection, Sysfs, MEMLOCK_HEADROOM_MIB, NVME_DRIVER};
+use clap::Args;
+use rnvme_tools::sysfs::{
+    hugemem_pages, memlock_needed_kib, Hugepages, PciFilter, Selection, Sysfs,
+    MEMLOCK_HEADROOM_MIB, NVME_DRIVER,
+};
 
 use super::{bdf_arg, outln, UsageError};
 
+/// Hugepages reserved when neither --hugepages nor HUGEMEM says how many.
+const DEFAULT_HUGEPAGES: u64 = 512;
+
 /// Arguments of `rnvme setup`.
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("which").required(true).args(["all", "bdfs"])))]
+#[command(after_help = "\
+Without addresses every NVMe controller whose namespaces are not in use is bound, as SPDK's \
+setup.sh does. Its variables are read too: PCI_ALLOWED and PCI_BLOCKED (addresses separated by \
+spaces) limit which controllers are touched, also when addresses are given; HUGEMEM (MiB) is the \
+hugepage memory when --hugepages is not given.")]
 pub struct SetupArgs {
-    /// 2 MiB hugepages to reserve (never lowers the current number; 0 leaves it alone)
-    #[arg(long, default_value_t = 512, value_name = "N")]
-    pub hugepages: u64,
+    /// 2 MiB hugepages to reserve: in all, or on each --node (never lowers the current
+    /// number; 0 leaves it alone) [default: 512, or HUGEMEM / 2]
+    #[arg(long, value_name = "N")]
+    pub hugepages: Option<u64>,
+    /// Reserve the hugepages on these NUMA nodes (0,1), N on each, instead of in all
+    #[arg(long = "node", value_name = "NODE", value_delimiter = ',')]
+    pub nodes: Vec<u32>,
     /// Give this user (name or uid) the VFIO group devices and print the locked-memory limit it needs
     #[arg(long, value_name = "NAME")]
     pub user: Option<String>,
     /// Take controllers even if their namespaces are mounted, used as swap or held
     #[arg(long)]
     pub force: bool,
-    /// Every NVMe controller whose namespaces are not in use
-    #[arg(long)]
+    /// Every NVMe controller whose namespaces are not in use (the default without addresses)
+    #[arg(long, conflicts_with = "bdfs")]
     pub all: bool,
-    /// Controllers by full PCI address, such as 0000:00:04.0
+    /// Controllers by full PCI address, such as 0000:00:04.0 (default: every one not in use)
     #[arg(value_name = "BDF", value_parser = bdf_arg)]
     pub bdfs: Vec<String>,
 }
 
 /// Arguments of `rnvme reset`.
 #[derive(Debug, Args)]
+#[command(after_help = "\
+Without addresses every controller `rnvme setup` bound to vfio-pci is given back. PCI_ALLOWED \
+and PCI_BLOCKED limit which controllers are touched, as for setup.")]
 pub struct ResetArgs {
-    /// Controllers by full PCI address, such as 0000:00:04.0
-    #[arg(value_name = "BDF", required = true, value_parser = bdf_arg)]
+    /// Controllers by full PCI address, such as 0000:00:04.0 (default: those rnvme set up)
+    #[arg(value_name = "BDF", value_parser = bdf_arg)]
     pub bdfs: Vec<String>,
 }
 
@@ -42,20 +59,95 @@ fn driver_name(d: &Option<String>) -> &str {
     d.as_deref().unwrap_or("no driver")
 }
 
+/// PCI_ALLOWED and PCI_BLOCKED; a bad entry is a usage error.
+fn filter() -> anyhow::Result<PciFilter> {
+    PciFilter::from_env().map_err(|e| UsageError(e.to_string()).into())
+}
+
+/// The hugepages to reserve: --hugepages, else HUGEMEM, else the default.
+fn hugepages_wanted(args: &SetupArgs, hugemem: Option<&str>) -> anyhow::Result<u64> {
+    match (args.hugepages, hugemem) {
+        (Some(n), _) => Ok(n),
+        (None, Some(v)) if !v.trim().is_empty() => {
+            hugemem_pages(v).map_err(|e| UsageError(e).into())
+        }
+        _ => Ok(DEFAULT_HUGEPAGES),
+    }
+}
+
+/// One line on a hugepage reservation (`what`: "hugepages" or "hugepages on node 1").
+fn report_hugepages(what: &str, h: &Hugepages) -> anyhow::Result<()> {
+    if h.after >= h.requested {
+        outln!(
+            "{what}: {} reserved ({} MiB){}",
+            h.after,
+            h.after * 2,
+            if h.before >= h.requested {
+                ", unchanged"
+            } else {
+                ""
+            }
+        )
+    } else {
+        outln!(
+            "{what}: warning: only {} of {} reserved ({} MiB); memory is short or fragmented: free some, or reserve them at boot (hugepages= on the kernel command line)",
+            h.after,
+            h.requested,
+            h.after * 2
+        )
+    }
+}
+
 /// `rnvme setup`.
 pub fn setup(args: SetupArgs) -> anyhow::Result<ExitCode> {
     let sys = Sysfs::from_env();
-    let targets = if args.all {
-        let Selection { free, busy } = sys.select_all().context("list NVMe controllers")?;
+    let filter = filter()?;
+    let pages = hugepages_wanted(&args, std::env::var("HUGEMEM").ok().as_deref())?;
+    let nodes = sys.numa_nodes();
+    if let Some(n) = args.nodes.iter().find(|n| !nodes.contains(n)) {
+        return Err(UsageError(format!(
+            "--node {n}: no such NUMA node (nodes: {})",
+            if nodes.is_empty() {
+                "none in sysfs".to_string()
+            } else {
+                nodes
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        ))
+        .into());
+    }
+    let targets = if args.bdfs.is_empty() {
+        let Selection {
+            free,
+            busy,
+            excluded,
+        } = sys.select(&filter).context("list NVMe controllers")?;
+        for (bdf, why) in &excluded {
+            outln!("{bdf}: skipped, {why}")?;
+        }
         for (bdf, reasons) in &busy {
             outln!("{bdf}: skipped, in use: {}", reasons.join("; "))?;
         }
         if free.is_empty() {
-            bail!("no NVMe controller to set up ({} found in use)", busy.len());
+            bail!(
+                "no NVMe controller to set up ({} in use, {} left out by PCI_ALLOWED / PCI_BLOCKED)",
+                busy.len(),
+                excluded.len()
+            );
         }
         free
     } else {
-        args.bdfs.clone()
+        let mut v = Vec::new();
+        for bdf in &args.bdfs {
+            match filter.excludes(bdf) {
+                Some(why) => outln!("{bdf}: skipped, {why}")?,
+                None => v.push(bdf.clone()),
+            }
+        }
+        v
     };
     let owner = match &args.user {
         Some(u) => Some((
@@ -86,41 +178,38 @@ pub fn setup(args: SetupArgs) -> anyhow::Result<ExitCode> {
                 r.group_node.display()
             )?;
         }
+        if let Some(e) = &r.record_error {
+            outln!("{bdf}: warning: {e}")?;
+        }
         if let Some((name, (uid, gid))) = owner {
             sys.chown_group_node(&r.group_node, uid, gid)?;
             outln!("{bdf}: {} now belongs to {name}", r.group_node.display())?;
         }
     }
-    // With --hugepages 0 this only reads the current number.
-    let h = sys
-        .reserve_hugepages(args.hugepages)
-        .context("reserve hugepages")?;
-    if args.hugepages > 0 {
-        if h.after >= h.requested {
-            outln!(
-                "hugepages: {} reserved ({} MiB){}",
-                h.after,
-                h.after * 2,
-                if h.before >= h.requested {
-                    ", unchanged"
-                } else {
-                    ""
-                }
-            )?;
-        } else {
-            outln!(
-                "hugepages: warning: only {} of {} reserved ({} MiB); memory is short or fragmented: free some, or reserve them at boot (hugepages= on the kernel command line)",
-                h.after,
-                h.requested,
-                h.after * 2
-            )?;
+    // With 0 pages this only reads the current numbers.
+    let reserved = if args.nodes.is_empty() {
+        let h = sys.reserve_hugepages(pages).context("reserve hugepages")?;
+        if pages > 0 {
+            report_hugepages("hugepages", &h)?;
         }
-    }
+        h.after
+    } else {
+        let mut sum = 0;
+        for &n in &args.nodes {
+            let h = sys
+                .reserve_node_hugepages(n, pages)
+                .with_context(|| format!("reserve hugepages on node {n}"))?;
+            if pages > 0 {
+                report_hugepages(&format!("hugepages on node {n}"), &h)?;
+            }
+            sum += h.after;
+        }
+        sum
+    };
     if let Some((name, _)) = owner {
-        let kib = memlock_needed_kib(h.after);
+        let kib = memlock_needed_kib(reserved);
         outln!(
-            "memlock: {name} needs `ulimit -l` of at least {kib} KiB ({} hugepages x 2 MiB + {MEMLOCK_HEADROOM_MIB} MiB for queues); for example add \"{name} - memlock {kib}\" to /etc/security/limits.conf",
-            h.after
+            "memlock: {name} needs `ulimit -l` of at least {kib} KiB ({reserved} hugepages x 2 MiB + {MEMLOCK_HEADROOM_MIB} MiB for queues); for example add \"{name} - memlock {kib}\" to /etc/security/limits.conf"
         )?;
     }
     Ok(ExitCode::SUCCESS)
@@ -129,7 +218,24 @@ pub fn setup(args: SetupArgs) -> anyhow::Result<ExitCode> {
 /// `rnvme reset`.
 pub fn reset(args: ResetArgs) -> anyhow::Result<ExitCode> {
     let sys = Sysfs::from_env();
-    for bdf in &args.bdfs {
+    let filter = filter()?;
+    let candidates = if args.bdfs.is_empty() {
+        let bound = sys.bound_by_rnvme();
+        if bound.is_empty() {
+            outln!("no controller to give back: none that `rnvme setup` bound is on vfio-pci")?;
+        }
+        bound
+    } else {
+        args.bdfs.clone()
+    };
+    let mut targets = Vec::new();
+    for bdf in candidates {
+        match filter.excludes(&bdf) {
+            Some(why) => outln!("{bdf}: skipped, {why}")?,
+            None => targets.push(bdf),
+        }
+    }
+    for bdf in &targets {
         let r = sys.reset(bdf)?;
         match &r.driver {
             Some(d) => outln!("{bdf}: {} -> {d}", driver_name(&r.previous_driver))?,
@@ -139,4 +245,41 @@ pub fn reset(args: ResetArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct T {
+        #[command(flatten)]
+        a: SetupArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<SetupArgs, clap::Error> {
+        T::try_parse_from(std::iter::once("setup").chain(args.iter().copied())).map(|t| t.a)
+    }
+
+    #[test]
+    fn hugepages_from_the_flag_then_hugemem_then_the_default() {
+        let a = parse(&[]).unwrap();
+        assert!(a.bdfs.is_empty() && !a.all);
+        assert_eq!(hugepages_wanted(&a, None).unwrap(), DEFAULT_HUGEPAGES);
+        assert_eq!(hugepages_wanted(&a, Some("")).unwrap(), DEFAULT_HUGEPAGES);
+        assert_eq!(hugepages_wanted(&a, Some("4096")).unwrap(), 2048);
+        let e = hugepages_wanted(&a, Some("lots")).unwrap_err();
+        assert!(e.downcast_ref::<UsageError>().is_some(), "{e}");
+        let a = parse(&["--hugepages", "64", "--node", "0,1", "--node", "3"]).unwrap();
+        assert_eq!(hugepages_wanted(&a, Some("4096")).unwrap(), 64);
+        assert_eq!(a.nodes, [0, 1, 3]);
+        let a = parse(&["0000:00:04.0", "0000:00:05.0"]).unwrap();
+        assert_eq!(a.bdfs.len(), 2);
+        assert_eq!(
+            parse(&["--all", "0000:00:04.0"]).unwrap_err().exit_code(),
+            2
+        );
+        assert_eq!(parse(&["--node", "x"]).unwrap_err().exit_code(), 2);
+    }
 }

@@ -14,87 +14,79 @@ pub const PERCENTILES: [f64; 9] = [1.0, 10.0, 25.0, 50.0, 75.0, 90.0, 99.0, 99.9
 /// Highest latency the histogram tells apart (longer ones count as this): 100 s.
 const HIST_MAX_NS: u64 = 100_000_000_000;
 
-/// What one thread counted for one namespace. Updated on the I/O path: no allocation, no lock.
+/// The percentiles fio reports by default, which the `read` and `write` objects carry.
+pub const FIO_PERCENTILES: [f64; 17] = [
+    1.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95,
+    99.99,
+];
+
+/// The fractions SPDK perf's `-L` prints the latency at.
+pub const SPDK_CUTOFFS: [f64; 15] = [
+    0.01, 0.10, 0.25, 0.50, 0.75, 0.90, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999, 0.99999, 0.999999,
+    0.9999999,
+];
+
+/// What one thread counted for one namespace in one direction (reads or writes). Updated on
+/// the I/O path: no allocation, no lock.
 #[derive(Clone, Debug)]
-pub struct Acc {
+pub struct DirAcc {
     /// I/Os that completed successfully inside the measured window.
     pub ios: u64,
-    /// Of which reads.
-    pub reads: u64,
-    /// Of which writes.
-    pub writes: u64,
     /// Bytes they moved.
     pub bytes: u64,
-    /// Commands that completed with an error status (over the whole run, warm-up included).
-    pub errors: u64,
-    /// Reads whose data did not carry the stamp of their LBA (`--verify`).
-    pub verify_errors: u64,
     lat_sum_ns: u128,
+    lat_sq_sum_ns: u128,
     lat_min_ns: u64,
     lat_max_ns: u64,
     hist: Histogram<u64>,
 }
 
-impl Default for Acc {
+impl Default for DirAcc {
     fn default() -> Self {
-        Acc::new()
+        DirAcc::new()
     }
 }
 
-impl Acc {
+impl DirAcc {
     /// Nothing counted yet.
-    pub fn new() -> Acc {
-        Acc {
+    pub fn new() -> DirAcc {
+        DirAcc {
             ios: 0,
-            reads: 0,
-            writes: 0,
             bytes: 0,
-            errors: 0,
-            verify_errors: 0,
             lat_sum_ns: 0,
+            lat_sq_sum_ns: 0,
             lat_min_ns: u64::MAX,
             lat_max_ns: 0,
             hist: Histogram::new_with_bounds(1, HIST_MAX_NS, 3).expect("valid histogram bounds"),
         }
     }
 
-    /// One I/O of `bytes` that took `lat_ns`.
     #[inline]
-    pub fn record(&mut self, lat_ns: u64, bytes: u64, read: bool) {
+    fn record(&mut self, lat_ns: u64, bytes: u64) {
         self.ios += 1;
-        if read {
-            self.reads += 1;
-        } else {
-            self.writes += 1;
-        }
         self.bytes += bytes;
         self.lat_sum_ns += lat_ns as u128;
+        self.lat_sq_sum_ns += (lat_ns as u128) * (lat_ns as u128);
         self.lat_min_ns = self.lat_min_ns.min(lat_ns);
         self.lat_max_ns = self.lat_max_ns.max(lat_ns);
         self.hist.saturating_record(lat_ns.max(1));
     }
 
-    /// Forget the I/Os counted so far (the end of the warm-up); errors stay counted.
-    pub fn reset_window(&mut self) {
+    fn reset(&mut self) {
         self.ios = 0;
-        self.reads = 0;
-        self.writes = 0;
         self.bytes = 0;
         self.lat_sum_ns = 0;
+        self.lat_sq_sum_ns = 0;
         self.lat_min_ns = u64::MAX;
         self.lat_max_ns = 0;
         self.hist.reset();
     }
 
-    /// Add another accumulator's counts.
-    pub fn merge(&mut self, o: &Acc) {
+    fn merge(&mut self, o: &DirAcc) {
         self.ios += o.ios;
-        self.reads += o.reads;
-        self.writes += o.writes;
         self.bytes += o.bytes;
-        self.errors += o.errors;
-        self.verify_errors += o.verify_errors;
         self.lat_sum_ns += o.lat_sum_ns;
+        self.lat_sq_sum_ns += o.lat_sq_sum_ns;
         self.lat_min_ns = self.lat_min_ns.min(o.lat_min_ns);
         self.lat_max_ns = self.lat_max_ns.max(o.lat_max_ns);
         self.hist
@@ -102,12 +94,117 @@ impl Acc {
             .expect("histograms of equal bounds merge");
     }
 
-    fn percentile_us(&self, p: f64) -> f64 {
+    fn mean_ns(&self) -> f64 {
         if self.ios == 0 {
             0.0
         } else {
-            self.hist.value_at_quantile(p / 100.0) as f64 / 1000.0
+            self.lat_sum_ns as f64 / self.ios as f64
         }
+    }
+
+    /// Population standard deviation of the latencies, ns (fio's stddev).
+    fn stddev_ns(&self) -> f64 {
+        if self.ios == 0 {
+            return 0.0;
+        }
+        let n = self.ios as f64;
+        let mean = self.mean_ns();
+        (self.lat_sq_sum_ns as f64 / n - mean * mean)
+            .max(0.0)
+            .sqrt()
+    }
+
+    fn min_ns(&self) -> u64 {
+        if self.ios == 0 {
+            0
+        } else {
+            self.lat_min_ns
+        }
+    }
+
+    fn percentile_ns(&self, p: f64) -> u64 {
+        if self.ios == 0 {
+            0
+        } else {
+            self.hist.value_at_quantile(p / 100.0)
+        }
+    }
+
+    /// The histogram's buckets that hold I/Os, as (from µs, to µs, I/Os, cumulative %): the
+    /// layout of SPDK perf's `-LL`.
+    pub fn buckets(&self) -> Vec<(f64, f64, u64, f64)> {
+        let mut out = Vec::new();
+        let mut so_far = 0u64;
+        let mut from = 0u64;
+        for v in self.hist.iter_recorded() {
+            let count = v.count_since_last_iteration();
+            so_far += count;
+            let to = self.hist.highest_equivalent(v.value_iterated_to());
+            out.push((
+                from as f64 / 1000.0,
+                to as f64 / 1000.0,
+                count,
+                100.0 * so_far as f64 / self.ios.max(1) as f64,
+            ));
+            from = to + 1;
+        }
+        out
+    }
+}
+
+/// What one thread counted for one namespace: reads and writes apart.
+#[derive(Clone, Debug, Default)]
+pub struct Acc {
+    /// Reads.
+    pub read: DirAcc,
+    /// Writes.
+    pub write: DirAcc,
+    /// Commands that completed with an error status (over the whole run, warm-up included).
+    pub errors: u64,
+    /// Reads whose data did not carry the stamp of their LBA (`--verify`).
+    pub verify_errors: u64,
+}
+
+impl Acc {
+    /// Nothing counted yet.
+    pub fn new() -> Acc {
+        Acc::default()
+    }
+
+    /// One I/O of `bytes` that took `lat_ns`.
+    #[inline]
+    pub fn record(&mut self, lat_ns: u64, bytes: u64, read: bool) {
+        if read {
+            self.read.record(lat_ns, bytes);
+        } else {
+            self.write.record(lat_ns, bytes);
+        }
+    }
+
+    /// I/Os counted, reads and writes.
+    pub fn ios(&self) -> u64 {
+        self.read.ios + self.write.ios
+    }
+
+    /// Forget the I/Os counted so far (the end of the warm-up); errors stay counted.
+    pub fn reset_window(&mut self) {
+        self.read.reset();
+        self.write.reset();
+    }
+
+    /// Add another accumulator's counts.
+    pub fn merge(&mut self, o: &Acc) {
+        self.read.merge(&o.read);
+        self.write.merge(&o.write);
+        self.errors += o.errors;
+        self.verify_errors += o.verify_errors;
+    }
+
+    /// Reads and writes together.
+    pub fn both(&self) -> DirAcc {
+        let mut d = self.read.clone();
+        d.merge(&self.write);
+        d
     }
 }
 
@@ -126,6 +223,78 @@ pub struct Latency {
     pub p99: f64,
     /// 99.9th percentile.
     pub p999: f64,
+}
+
+/// Latency in nanoseconds, shaped like fio's `lat_ns`.
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct FioLatency {
+    /// Fastest.
+    pub min: u64,
+    /// Slowest.
+    pub max: u64,
+    /// Mean.
+    pub mean: f64,
+    /// Standard deviation.
+    pub stddev: f64,
+    /// Samples.
+    #[serde(rename = "N")]
+    pub n: u64,
+    /// fio's percentiles ("99.000000" → ns), when there are samples.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub percentile: Option<BTreeMap<String, u64>>,
+}
+
+/// One direction's figures, shaped like fio's `read` and `write` objects.
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct FioDir {
+    /// Bytes moved.
+    pub io_bytes: u64,
+    /// KiB per second.
+    pub bw: f64,
+    /// Bytes per second.
+    pub bw_bytes: f64,
+    /// I/Os per second.
+    pub iops: f64,
+    /// Measured time, ms.
+    pub runtime: u64,
+    /// I/Os completed.
+    pub total_ios: u64,
+    /// Latency, submission to completion.
+    pub lat_ns: FioLatency,
+}
+
+impl FioDir {
+    /// The figures of `d` over `elapsed`.
+    pub fn new(d: &DirAcc, elapsed: Duration) -> FioDir {
+        let secs = elapsed.as_secs_f64();
+        let rate = |v: f64| if secs > 0.0 { v / secs } else { 0.0 };
+        FioDir {
+            io_bytes: d.bytes,
+            bw: rate(d.bytes as f64 / 1024.0),
+            bw_bytes: rate(d.bytes as f64),
+            iops: rate(d.ios as f64),
+            runtime: elapsed.as_millis() as u64,
+            total_ios: d.ios,
+            lat_ns: FioLatency {
+                min: d.min_ns(),
+                max: d.lat_max_ns,
+                mean: d.mean_ns(),
+                stddev: d.stddev_ns(),
+                n: d.ios,
+                percentile: (d.ios > 0).then(|| {
+                    FIO_PERCENTILES
+                        .iter()
+                        .map(|&p| (format!("{p:.6}"), d.percentile_ns(p)))
+                        .collect()
+                }),
+            },
+        }
+    }
+
+    /// MiB per second.
+    pub fn mib_s(&self) -> f64 {
+        self.bw_bytes / (1 << 20) as f64
+    }
 }
 
 /// Rates and latencies of a set of I/Os.
@@ -150,44 +319,69 @@ pub struct Summary {
     /// With `--latency-histogram`: percentile (as text, "99.9") → µs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub percentiles_us: Option<BTreeMap<String, f64>>,
+    /// The reads alone, as fio reports them.
+    pub read: FioDir,
+    /// The writes alone, as fio reports them.
+    pub write: FioDir,
+    /// With `--latency-histogram`: the latency histogram's buckets (reads and writes), for
+    /// SPDK's `-LL` layout.
+    #[serde(skip)]
+    pub buckets: Vec<(f64, f64, u64, f64)>,
+    /// With `--latency-histogram`: (fraction, µs) at SPDK perf's cutoffs, for its `-L` layout.
+    #[serde(skip)]
+    pub cutoffs_us: Vec<(f64, f64)>,
+    /// With `--latency-histogram`: the reads' and the writes' percentiles, as
+    /// `percentiles_us` (the JSON has them in `read` and `write`, at fio's percentiles).
+    #[serde(skip)]
+    pub dir_percentiles_us: Option<[BTreeMap<String, f64>; 2]>,
 }
 
 impl Summary {
     /// The summary of `acc` over `elapsed`.
     pub fn new(acc: &Acc, elapsed: Duration, percentiles: bool) -> Summary {
+        let both = acc.both();
         let secs = elapsed.as_secs_f64();
         let rate = |v: f64| if secs > 0.0 { v / secs } else { 0.0 };
-        let avg = if acc.ios == 0 {
-            0.0
-        } else {
-            acc.lat_sum_ns as f64 / acc.ios as f64 / 1000.0
+        let us = |ns: u64| ns as f64 / 1000.0;
+        let ours = |d: &DirAcc| -> BTreeMap<String, f64> {
+            PERCENTILES
+                .iter()
+                .map(|&p| (percentile_name(p), us(d.percentile_ns(p))))
+                .collect()
         };
         Summary {
-            iops: rate(acc.ios as f64),
-            mib_s: rate(acc.bytes as f64 / (1 << 20) as f64),
+            iops: rate(both.ios as f64),
+            mib_s: rate(both.bytes as f64 / (1 << 20) as f64),
             lat_us: Latency {
-                avg,
-                min: if acc.ios == 0 {
-                    0.0
-                } else {
-                    acc.lat_min_ns as f64 / 1000.0
-                },
-                max: acc.lat_max_ns as f64 / 1000.0,
-                p50: acc.percentile_us(50.0),
-                p99: acc.percentile_us(99.0),
-                p999: acc.percentile_us(99.9),
+                avg: both.mean_ns() / 1000.0,
+                min: us(both.min_ns()),
+                max: us(both.lat_max_ns),
+                p50: us(both.percentile_ns(50.0)),
+                p99: us(both.percentile_ns(99.0)),
+                p999: us(both.percentile_ns(99.9)),
             },
-            ios: acc.ios,
-            reads: acc.reads,
-            writes: acc.writes,
+            ios: both.ios,
+            reads: acc.read.ios,
+            writes: acc.write.ios,
             errors: acc.errors,
             verify_errors: acc.verify_errors,
-            percentiles_us: percentiles.then(|| {
-                PERCENTILES
+            percentiles_us: percentiles.then(|| ours(&both)),
+            dir_percentiles_us: percentiles.then(|| [ours(&acc.read), ours(&acc.write)]),
+            read: FioDir::new(&acc.read, elapsed),
+            write: FioDir::new(&acc.write, elapsed),
+            buckets: if percentiles {
+                both.buckets()
+            } else {
+                Vec::new()
+            },
+            cutoffs_us: if percentiles {
+                SPDK_CUTOFFS
                     .iter()
-                    .map(|&p| (percentile_name(p), acc.percentile_us(p)))
+                    .map(|&c| (c, us(both.percentile_ns(c * 100.0))))
                     .collect()
-            }),
+            } else {
+                Vec::new()
+            },
         }
     }
 }
@@ -455,6 +649,32 @@ impl PerfReport {
             }
         }
         row(&mut s, "total", "", "", &self.total);
+        let mix = matches!(w.pattern.as_str(), "rw" | "randrw");
+        if mix {
+            let _ = writeln!(s, "\nreads and writes apart:");
+            let dir_row = |s: &mut String, who: &str, target: &str, d: &FioDir| {
+                let _ = writeln!(
+                    s,
+                    "{:<7} {:<17} {:>4} {:>11.1} {:>10.2} {:>10.1} {:>10.1} {:>10.1}",
+                    who,
+                    target,
+                    "",
+                    d.iops,
+                    d.mib_s(),
+                    d.lat_ns.mean / 1000.0,
+                    d.lat_ns.min as f64 / 1000.0,
+                    d.lat_ns.max as f64 / 1000.0
+                );
+            };
+            for n in &self.namespaces {
+                dir_row(&mut s, "read", &n.target, &n.summary.read);
+                dir_row(&mut s, "write", &n.target, &n.summary.write);
+            }
+            if self.namespaces.len() > 1 {
+                dir_row(&mut s, "read", "total", &self.total.read);
+                dir_row(&mut s, "write", "total", &self.total.write);
+            }
+        }
         if percentiles {
             let _ = writeln!(s, "\nlatency percentiles, us:");
             let _ = write!(s, "{:<25}", "namespace");
@@ -475,6 +695,15 @@ impl PerfReport {
                 line(&n.target, &n.summary);
             }
             line("total", &self.total);
+            if let (true, Some([r, w])) = (mix, &self.total.dir_percentiles_us) {
+                for (name, ps) in [("total reads", r), ("total writes", w)] {
+                    let _ = write!(s, "{name:<25}");
+                    for p in PERCENTILES {
+                        let _ = write!(s, " {:>9.1}", ps[&percentile_name(p)]);
+                    }
+                    s.push('\n');
+                }
+            }
         }
         let c = &self.counters;
         let _ = writeln!(
@@ -506,6 +735,127 @@ impl PerfReport {
                     e.thread, e.target, e.op, e.lba, e.blocks, e.error
                 );
             }
+        }
+        s
+    }
+}
+
+impl PerfReport {
+    /// The latency histogram of every I/O (reads and writes, all threads): the buckets that
+    /// hold I/Os, with the cumulative share (needs `--latency-histogram`).
+    pub fn histogram_table(&self) -> String {
+        let mut s = String::from(
+            "\nlatency histogram, us:\n       from          to   cumulative        I/Os\n",
+        );
+        for (from, to, count, cum) in &self.total.buckets {
+            let _ = writeln!(s, "{from:>11.3} {to:>11.3} {cum:>11.4}% {count:>11}");
+        }
+        s
+    }
+
+    /// The result in SPDK perf's layout: one row per namespace and worker ("from core N": the
+    /// CPU the worker was pinned to, else its number), the total, and with `latency` 1 (`-L`)
+    /// the latency at SPDK's cutoffs, with 2 (`-LL`) also the histogram's buckets. `name`
+    /// gives a target's SPDK name (`PCIE (0000:00:04.0) NSID 1`) from its `BDF/nsid`.
+    pub fn spdk_table(&self, latency: u8, name: &dyn Fn(&str) -> String) -> String {
+        let cpus: Vec<usize> = self
+            .workload
+            .cpus
+            .as_deref()
+            .and_then(|c| c.parse::<rnvme_driver::affinity::CpuList>().ok())
+            .map(|c| c.cpus().to_vec())
+            .unwrap_or_default();
+        let core = |t: usize| {
+            if cpus.is_empty() {
+                t
+            } else {
+                cpus[t % cpus.len()]
+            }
+        };
+        let rows: Vec<(String, usize, &Summary)> = self
+            .threads
+            .iter()
+            .flat_map(|t| {
+                t.namespaces
+                    .iter()
+                    .map(move |n| (name(&n.target), core(t.thread), &n.summary))
+            })
+            .collect();
+        let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "========================================================"
+        );
+        let _ = writeln!(s, "{:>width$}", "Latency(us)", width = w + 60);
+        let _ = writeln!(
+            s,
+            "{:<width$}: {:>10} {:>10} {:>10} {:>10} {:>10}",
+            "Device Information",
+            "IOPS",
+            "MiB/s",
+            "Average",
+            "min",
+            "max",
+            width = w + 13
+        );
+        let (mut iops, mut mib, mut ios, mut lat_sum) = (0.0, 0.0, 0u64, 0.0);
+        let (mut min, mut max) = (f64::MAX, 0.0f64);
+        for (n, c, m) in rows.iter().filter(|r| r.2.ios > 0) {
+            let _ = writeln!(
+                s,
+                "{n:<w$} from core {c:>2}: {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2}",
+                m.iops, m.mib_s, m.lat_us.avg, m.lat_us.min, m.lat_us.max
+            );
+            iops += m.iops;
+            mib += m.mib_s;
+            ios += m.ios;
+            lat_sum += m.lat_us.avg * m.ios as f64;
+            min = min.min(m.lat_us.min);
+            max = max.max(m.lat_us.max);
+        }
+        if ios > 0 {
+            let _ = writeln!(
+                s,
+                "========================================================"
+            );
+            let _ = writeln!(
+                s,
+                "{:<width$}: {iops:>10.2} {mib:>10.2} {:>10.2} {min:>10.2} {max:>10.2}",
+                "Total",
+                lat_sum / ios as f64,
+                width = w + 13
+            );
+            let _ = writeln!(s);
+        }
+        if latency == 0 || ios == 0 {
+            return s;
+        }
+        for (n, c, m) in &rows {
+            let _ = writeln!(s, "Summary latency data for {n:<43.43} from core {c}:");
+            let _ = writeln!(
+                s,
+                "================================================================================="
+            );
+            for (cut, v) in &m.cutoffs_us {
+                let _ = writeln!(s, "{:9.5}% : {v:9.3}us", cut * 100.0);
+            }
+            let _ = writeln!(s);
+        }
+        if latency < 2 {
+            return s;
+        }
+        for (n, c, m) in &rows {
+            let _ = writeln!(s, "Latency histogram for {n:<43.43} from core {c}:");
+            let _ = writeln!(
+                s,
+                "=============================================================================="
+            );
+            let _ = writeln!(s, "       Range in us     Cumulative    IO count");
+            for (from, to, count, cum) in &m.buckets {
+                let _ = writeln!(s, "{from:9.3} - {to:9.3}: {cum:9.4}%  ({count:9})");
+            }
+            let _ = writeln!(s);
         }
         s
     }
@@ -557,7 +907,7 @@ mod tests {
         assert!(p.contains_key("99.99") && p.contains_key("1"));
         assert!((p["50"] - 100.0).abs() < 0.1, "{p:?}");
         a.reset_window();
-        assert_eq!((a.ios, a.bytes, a.errors), (0, 0, 2));
+        assert_eq!((a.ios(), a.read.bytes, a.errors), (0, 0, 2));
         a.record(5000, 1, false);
         let s = Summary::new(&a, Duration::from_secs(1), false);
         assert_eq!(
@@ -565,6 +915,210 @@ mod tests {
             (1, 1, 5.0, 5.0)
         );
         assert!((s.lat_us.p50 - 5.0).abs() < 0.01);
+    }
+
+    #[test]
+    fn reads_and_writes_apart_add_up_to_the_total() {
+        let mut a = Acc::new();
+        for l in [10u64, 20, 30] {
+            a.record(l * 1000, 4096, true);
+        }
+        a.record(100_000, 8192, false);
+        let s = Summary::new(&a, Duration::from_secs(2), false);
+        assert_eq!((s.ios, s.reads, s.writes), (4, 3, 1));
+        assert_eq!((s.read.total_ios, s.write.total_ios), (3, 1));
+        assert_eq!(s.read.iops + s.write.iops, s.iops);
+        assert_eq!(s.read.io_bytes + s.write.io_bytes, 3 * 4096 + 8192);
+        assert_eq!(s.read.mib_s() + s.write.mib_s(), s.mib_s);
+        assert_eq!(s.read.bw_bytes, 3.0 * 4096.0 / 2.0);
+        assert_eq!(s.read.bw, 3.0 * 4.0 / 2.0);
+        assert_eq!(s.read.runtime, 2000);
+        let r = &s.read.lat_ns;
+        assert_eq!((r.min, r.max, r.mean, r.n), (10_000, 30_000, 20_000.0, 3));
+        // Population standard deviation of 10, 20 and 30 µs.
+        assert!((r.stddev - 8164.97).abs() < 0.01, "{}", r.stddev);
+        let p = r.percentile.as_ref().unwrap();
+        assert_eq!(p.len(), 17);
+        assert!((p["50.000000"] as f64 - 20_000.0).abs() < 20.0, "{p:?}");
+        assert!((p["99.000000"] as f64 - 30_000.0).abs() < 40.0, "{p:?}");
+        assert_eq!(s.write.lat_ns.min, 100_000);
+        assert_eq!(s.write.lat_ns.stddev, 0.0);
+        assert_eq!(s.lat_us.min, 10.0);
+        assert_eq!(s.lat_us.max, 100.0);
+        // The JSON: fio's shape beside the existing keys.
+        let v = serde_json::to_value(&s).unwrap();
+        for key in [
+            "iops", "mib_s", "lat_us", "ios", "reads", "writes", "read", "write",
+        ] {
+            assert!(v.get(key).is_some(), "{key}: {v}");
+        }
+        assert!(
+            v["read"]["lat_ns"]["percentile"]["99.990000"].is_u64(),
+            "{v}"
+        );
+        assert_eq!(v["read"]["lat_ns"]["N"], 3);
+        assert!(v["read"]["bw_bytes"].is_f64());
+        // No writes: zeros, and no percentiles, as fio.
+        let r = Summary::new(&acc_with(&[5], 512), Duration::from_secs(1), false);
+        let w = serde_json::to_value(&r.write).unwrap();
+        assert_eq!(w["total_ios"], 0);
+        assert_eq!(w["lat_ns"]["min"], 0);
+        assert!(w["lat_ns"].get("percentile").is_none());
+    }
+
+    #[test]
+    fn buckets_count_every_io() {
+        let a = acc_with(&[10, 10, 20, 400], 512);
+        let s = Summary::new(&a, Duration::from_secs(1), true);
+        let b = &s.buckets;
+        assert_eq!(b.iter().map(|x| x.2).sum::<u64>(), 4);
+        assert_eq!(b.last().unwrap().3, 100.0);
+        assert!(b.windows(2).all(|w| w[0].1 < w[1].0 + 0.002), "{b:?}");
+        assert!(b[0].0 <= 10.0 && b[0].1 >= 10.0 && b[0].2 == 2, "{b:?}");
+        assert!(Summary::new(&a, Duration::from_secs(1), false)
+            .buckets
+            .is_empty());
+    }
+
+    /// A report of two threads on one namespace, as the engine assembles it.
+    fn report(pattern: &str, cpus: Option<&str>, percentiles: bool) -> PerfReport {
+        let second = Duration::from_secs(1);
+        let mut accs = [Acc::new(), Acc::new()];
+        for l in [10u64, 20, 30, 40] {
+            accs[0].record(l * 1000, 4096, true);
+            accs[1].record(l * 2000, 4096, pattern != "rw");
+        }
+        let mut total = Acc::new();
+        let threads = accs
+            .iter()
+            .enumerate()
+            .map(|(t, a)| {
+                total.merge(a);
+                let summary = Summary::new(a, second, percentiles);
+                ThreadReport {
+                    thread: t,
+                    elapsed_s: 1.0,
+                    summary: summary.clone(),
+                    namespaces: vec![NsReport {
+                        target: "0000:00:04.0/1".into(),
+                        data_pointer: "PRP".into(),
+                        range: (0, 1000),
+                        summary,
+                    }],
+                }
+            })
+            .collect();
+        let t = Summary::new(&total, second, percentiles);
+        PerfReport {
+            workload: WorkloadInfo {
+                pattern: pattern.into(),
+                io_size: 4096,
+                depth: 4,
+                read_percent: 50,
+                threads: 2,
+                queues_per_thread: 1,
+                duration_s: 1.0,
+                warmup_s: 0.0,
+                zipf: None,
+                fua: false,
+                reactor: false,
+                reactor_callbacks: false,
+                cpus: cpus.map(String::from),
+                reactor_cpu: None,
+                verify: false,
+                seed: 1,
+                shadow_doorbells: true,
+                ring_each: false,
+            },
+            elapsed_s: 1.0,
+            total: t.clone(),
+            threads,
+            namespaces: vec![NsReport {
+                target: "0000:00:04.0/1".into(),
+                data_pointer: "PRP".into(),
+                range: (0, 1000),
+                summary: t,
+            }],
+            counters: Counters::default(),
+            first_errors: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_mixed_run_shows_reads_and_writes_apart() {
+        let r = report("rw", None, true);
+        let t = r.table(true);
+        assert!(t.contains("reads and writes apart:"), "{t}");
+        let read = t.lines().find(|l| l.starts_with("read ")).unwrap();
+        // 4 reads in a second, of 4096 bytes, 10 to 40 µs.
+        assert!(
+            read.contains("0000:00:04.0/1")
+                && read.contains("        4.0       0.02       25.0       10.0       40.0"),
+            "{t}"
+        );
+        let write = t.lines().find(|l| l.starts_with("write ")).unwrap();
+        assert!(write.contains("       50.0       20.0       80.0"), "{t}");
+        assert!(t.contains("\ntotal reads  "), "{t}");
+        assert!(t.contains("\ntotal writes  "), "{t}");
+        let plain = report("randread", None, false).table(false);
+        assert!(!plain.contains("reads and writes apart"), "{plain}");
+    }
+
+    #[test]
+    fn spdk_layout() {
+        let r = report("randread", Some("2,5"), true);
+        let name = |t: &str| format!("PCIE ({}) NSID {}", &t[..12], &t[13..]);
+        let t = r.spdk_table(0, &name);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            lines[0],
+            "========================================================"
+        );
+        // The name is 26 characters: "Latency(us)" right-aligned at 86, the header's label
+        // padded to 39.
+        assert_eq!(lines[1], format!("{:>86}", "Latency(us)"));
+        assert_eq!(
+            lines[2],
+            "Device Information                     :       IOPS      MiB/s    Average        min        max"
+        );
+        assert_eq!(
+            lines[3],
+            "PCIE (0000:00:04.0) NSID 1 from core  2:       4.00       0.02      25.00      10.00      40.00"
+        );
+        assert_eq!(
+            lines[4],
+            "PCIE (0000:00:04.0) NSID 1 from core  5:       4.00       0.02      50.00      20.00      80.00"
+        );
+        assert_eq!(
+            lines[6],
+            "Total                                  :       8.00       0.03      37.50      10.00      80.00"
+        );
+        assert_eq!(lines.len(), 8);
+        let t = r.spdk_table(1, &name);
+        assert!(t.contains("Summary latency data for PCIE (0000:00:04.0) NSID 1                  from core 2:\n"), "{t}");
+        // hdrhistogram keeps 3 significant digits: 20 µs reads as its bucket's top, 20.015.
+        assert!(t.contains(" 50.00000% :    20.015us\n"), "{t}");
+        assert_eq!(t.matches("% : ").count(), 2 * SPDK_CUTOFFS.len());
+        assert!(!t.contains("Latency histogram"));
+        let t = r.spdk_table(2, &name);
+        assert!(
+            t.contains(
+                "Latency histogram for PCIE (0000:00:04.0) NSID 1                  from core 5:\n"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("       Range in us     Cumulative    IO count\n"),
+            "{t}"
+        );
+        assert!(t.contains(":  100.0000%  (        1)\n"), "{t}");
+        let h = r.histogram_table();
+        assert!(h.starts_with("\nlatency histogram, us:\n"), "{h}");
+        assert!(h.trim_end().ends_with("100.0000%           1"), "{h}");
+        assert_eq!(h.lines().count(), 3 + r.total.buckets.len());
+        // Without pinning, the worker's number.
+        let t = report("randread", None, false).spdk_table(0, &name);
+        assert!(t.contains("NSID 1 from core  1:"), "{t}");
     }
 
     #[test]

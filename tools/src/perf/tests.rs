@@ -566,9 +566,31 @@ fn mixed_workload_with_zipf_and_several_threads_queues_and_namespaces() {
     let reads = r.total.reads as f64 / n;
     let tol = (4.0 * (0.7f64 * 0.3 / n).sqrt()).max(0.02);
     assert!((reads - 0.7).abs() < tol, "read share {reads} of {n} I/Os");
+    // Reads and writes apart add up to the total, in every view.
+    let t = &r.total;
+    assert_eq!(t.read.total_ios, t.reads);
+    assert_eq!(t.write.total_ios, t.writes);
+    assert_eq!(t.read.total_ios + t.write.total_ios, t.ios);
+    assert!((t.read.iops + t.write.iops - t.iops).abs() < 1e-6 * t.iops);
+    assert!((t.read.mib_s() + t.write.mib_s() - t.mib_s).abs() < 1e-6 * t.mib_s);
+    assert_eq!(t.read.io_bytes, t.read.total_ios * 4096);
+    let (rl, wl) = (&t.read.lat_ns, &t.write.lat_ns);
+    assert!(rl.min.min(wl.min) as f64 / 1000.0 == t.lat_us.min);
+    assert!(rl.max.max(wl.max) as f64 / 1000.0 == t.lat_us.max);
+    let mean = (rl.mean * rl.n as f64 + wl.mean * wl.n as f64) / (rl.n + wl.n) as f64;
+    assert!((mean / 1000.0 - t.lat_us.avg).abs() < 1e-6 * t.lat_us.avg);
+    for th in &r.threads {
+        let s = &th.summary;
+        assert_eq!(s.read.total_ios + s.write.total_ios, s.ios);
+    }
     let table = r.table(true);
     assert!(
         table.contains("99.99%") && table.contains("all "),
+        "{table}"
+    );
+    assert!(table.contains("reads and writes apart:"), "{table}");
+    assert!(
+        table.contains("total reads") && table.contains("total writes"),
         "{table}"
     );
 }
