@@ -862,9 +862,7 @@ fn host_facts() -> Vec<String> {
     vec![
         format!("host: {cpus} CPU(s), {model}"),
         format!("{qemu}, TCG, q35, intel-iommu, -smp 2, 2 GiB"),
-        "device: QEMU NVMe, 1 namespace of 1 GiB with 4 KiB LBAs (filled before measuring), \
-         image file read and written with aio=io_uring"
-            .into(),
+        "device: QEMU NVMe, 1 namespace of 1 GiB with 4 KiB LBAs (filled before measuring)".into(),
         format!("kernel side: {fio} on /dev/nvme0n1, direct=1, nvme.poll_queues=2"),
     ]
 }
@@ -938,7 +936,7 @@ fn compare(a: CompareArgs) -> Result<ExitCode> {
         }
         let (lines, info) = collect(&out.output, &workloads);
         let mut setup = host_facts();
-        setup.push(format!("device: {}", backend.describe()));
+        setup.push(format!("back end: {}", backend.describe()));
         setup.extend(info.iter().map(|i| format!("guest {i}")));
         let date = utc(SystemTime::now()
             .duration_since(UNIX_EPOCH)
