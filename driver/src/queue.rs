@@ -167,7 +167,37 @@ struct Slot {
     /// Shares of the memory the command's data lives in, held until its completion is
     /// reaped (or the controller was stopped): the owner dropping its buffer meanwhile does
     /// not give the memory back to the pool.
-    leases: Vec<Arc<Mem>>,
+    leases: Leases,
+}
+
+/// The shares of memory one command holds: almost always one buffer, kept inline.
+#[derive(Default)]
+struct Leases {
+    first: Option<Arc<Mem>>,
+    more: Vec<Arc<Mem>>,
+}
+
+impl Leases {
+    #[inline(always)]
+    fn push(&mut self, m: Arc<Mem>) {
+        if self.first.is_none() {
+            self.first = Some(m);
+        } else {
+            self.more.push(m);
+        }
+    }
+
+    #[inline(always)]
+    fn clear(&mut self) {
+        self.first = None;
+        if !self.more.is_empty() {
+            self.more.clear();
+        }
+    }
+
+    fn drain(&mut self) -> impl Iterator<Item = Arc<Mem>> + '_ {
+        self.first.take().into_iter().chain(self.more.drain(..))
+    }
 }
 
 impl Slot {
@@ -181,7 +211,7 @@ impl Slot {
     /// pages), and give the slot fresh list pages. Returns false if the slot cannot be used
     /// again (no memory for a new list page).
     fn quarantine(&mut self, pool: &DmaPool) -> bool {
-        for m in self.leases.drain(..) {
+        for m in self.leases.drain() {
             m.quarantine();
         }
         self.list.quarantine();
@@ -396,7 +426,7 @@ impl QueuePair {
                     gen: 0,
                     list: pool.alloc(PAGE_SIZE)?,
                     extra: Vec::new(),
-                    leases: Vec::new(),
+                    leases: Leases::default(),
                 })
             })
             .collect::<Result<Vec<_>>>()?
@@ -1180,7 +1210,7 @@ impl QueuePair {
             for slot in self.slots.iter_mut().filter(|s| s.busy) {
                 slot.busy = false;
                 self.stats.quarantined += 1;
-                for m in slot.leases.drain(..) {
+                for m in slot.leases.drain() {
                     m.quarantine();
                 }
                 slot.list.quarantine();
