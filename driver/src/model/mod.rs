@@ -1266,7 +1266,7 @@ impl Inner {
             if polled
                 && sq
                     .event_index
-                    .is_some_and(|e| crate::queue::need_event(e, tail as u16, sq.tail as u16))
+                    .is_some_and(|e| crate::doorbell::need_event(e, tail as u16, sq.tail as u16))
             {
                 warn!(
                     "model: the shadow tail of SQ {qid} moved from {} to {tail} past the event \
