@@ -94,6 +94,11 @@ pub trait BlockIo {
     /// Largest data transfer of one command in bytes (`u32::MAX` for no limit).
     fn max_transfer(&self) -> u32;
 
+    /// Most commands the device takes at once (sizes readahead); 64 unless told.
+    fn queue_depth(&self) -> usize {
+        64
+    }
+
     /// Queue a command under `tag`. It need not reach the device before [`BlockIo::kick`] or
     /// [`BlockIo::poll`]. [`IoError::QueueFull`] means: poll, then try again.
     fn submit(&mut self, req: &IoRequest<'_>, tag: u64) -> Result<(), IoError>;
@@ -114,6 +119,9 @@ impl<B: BlockIo + ?Sized> BlockIo for Box<B> {
     }
     fn max_transfer(&self) -> u32 {
         (**self).max_transfer()
+    }
+    fn queue_depth(&self) -> usize {
+        (**self).queue_depth()
     }
     fn submit(&mut self, req: &IoRequest<'_>, tag: u64) -> Result<(), IoError> {
         (**self).submit(req, tag)

@@ -19,7 +19,7 @@
 //! is dropped silently; a page whose write keeps failing stays in the cache.
 
 use std::cell::Cell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{Duration, Instant};
@@ -56,8 +56,13 @@ pub struct CacheOptions {
     pub force_per_block: bool,
     /// First automatic readahead window, in pages.
     pub readahead_initial: u64,
-    /// Largest automatic readahead window, in pages (windows double up to it).
+    /// Largest automatic readahead window, in pages (windows double up to it); 0 for the
+    /// device's largest command (its max transfer).
     pub readahead_max: u64,
+    /// Most readahead windows kept in flight ahead of a sequential reader; 0 to cover half
+    /// the device's queue with commands (at most 16). Readahead never takes more than a
+    /// quarter of the cache, and backs off when its pages are evicted before they are read.
+    pub readahead_depth: u64,
     /// How long to wait without any completion before giving up on the device.
     pub io_timeout: Duration,
     /// Most pages cached at once; None for every frame of the pool.
@@ -69,7 +74,8 @@ impl Default for CacheOptions {
         CacheOptions {
             force_per_block: false,
             readahead_initial: 4,
-            readahead_max: 64,
+            readahead_max: 0,
+            readahead_depth: 0,
             io_timeout: Duration::from_secs(30),
             capacity: None,
         }
@@ -99,6 +105,9 @@ pub struct CacheStats {
     pub map_calls: u64,
     /// Automatic readahead windows started.
     pub readahead_windows: u64,
+    /// Read-ahead pages evicted before anyone read them (each one shrinks the file's
+    /// readahead: the cache is thrashing).
+    pub readahead_thrashed: u64,
     /// Clean pages evicted to make room.
     pub evictions: u64,
     /// Dirty pages written back because the cache ran short.
@@ -159,6 +168,8 @@ pub(crate) struct Page {
     pub(crate) pending_error: Option<Box<PageError>>,
     /// Reaching this page starts the next readahead window.
     pub(crate) ra_mark: bool,
+    /// Read ahead and not read by anyone yet.
+    pub(crate) ra_unused: bool,
     /// The file and page index this page caches.
     file: FileId,
     index: u64,
@@ -182,6 +193,7 @@ impl Page {
             pending: 0,
             pending_error: None,
             ra_mark: false,
+            ra_unused: false,
             file,
             index,
         }
@@ -235,6 +247,18 @@ pub(crate) struct Readahead {
     pub(crate) size: u64,
     /// Last page a read_at returned.
     pub(crate) prev: Option<u64>,
+    /// Most pages read ahead of the reader now: the cache's depth in windows of the
+    /// largest size (within a quarter of the cache), halved when read-ahead pages are
+    /// evicted unread and grown back by the first window's size each window; 0 until the
+    /// first window.
+    pub(crate) limit: u64,
+    /// Pages were evicted unread since the last window: the next one is half the size.
+    pub(crate) thrashed: bool,
+    /// Three quarters of the limit the last time pages were evicted unread: below it the
+    /// limit grows by a small window each window, above it by one page (as TCP grows its
+    /// window past the point where it last lost packets), so a file that thrashed once does
+    /// not keep thrashing; 0 before any thrashing.
+    pub(crate) ceiling: u64,
 }
 
 pub(crate) struct FileState {
@@ -434,6 +458,10 @@ pub struct PageCache<D: BlockIo> {
     pub(crate) max_cmd_bytes: u64,
     /// Most pages cached at once.
     capacity: usize,
+    /// Largest readahead window in pages ([`CacheOptions::readahead_max`] resolved).
+    ra_window_max: u64,
+    /// Most readahead windows in flight ([`CacheOptions::readahead_depth`] resolved).
+    ra_depth: u64,
     pub(crate) files: Vec<Option<FileState>>,
     inflight: HashMap<u64, InFlight>,
     next_tag: u64,
@@ -450,7 +478,7 @@ pub struct PageCache<D: BlockIo> {
     cached: usize,
     /// Frames of evicted pages, kept for the next pages instead of going back to the pool
     /// (returned to it when a file is closed and when the cache is dropped).
-    spare: Vec<FrameId>,
+    spare: VecDeque<FrameId>,
     pub(crate) stats: CacheStats,
     flush_results: HashMap<u64, Result<(), IoError>>,
     /// Pages of failed multi-page reads, to read again one by one.
@@ -477,6 +505,15 @@ impl<D: BlockIo> PageCache<D> {
             .max(1);
         let frames = pool.frames();
         let slots = (0..frames).map(|_| None).collect();
+        let cmd_pages = (max_cmd_bytes / PAGE).clamp(1, 512);
+        let ra_window_max = match opts.readahead_max {
+            0 => cmd_pages,
+            n => n,
+        };
+        let ra_depth = match opts.readahead_depth {
+            0 => (dev.queue_depth() as u64 / 2).clamp(1, 16),
+            n => n,
+        };
         Ok(PageCache {
             dev,
             pool,
@@ -484,6 +521,8 @@ impl<D: BlockIo> PageCache<D> {
             lba_size,
             max_cmd_bytes,
             capacity,
+            ra_window_max,
+            ra_depth,
             files: Vec::new(),
             inflight: HashMap::new(),
             next_tag: 1,
@@ -493,7 +532,7 @@ impl<D: BlockIo> PageCache<D> {
             lru_prev: vec![NIL; frames],
             lru_next: vec![NIL; frames],
             cached: 0,
-            spare: Vec::new(),
+            spare: VecDeque::new(),
             stats: CacheStats::default(),
             flush_results: HashMap::new(),
             retry: Vec::new(),
@@ -531,6 +570,16 @@ impl<D: BlockIo> PageCache<D> {
     /// Pages in the largest command (for sizing the lists of a command being built).
     pub(crate) fn cmd_pages(&self) -> usize {
         (self.max_cmd_bytes / PAGE).clamp(1, 512) as usize
+    }
+
+    /// The largest readahead window in pages, as resolved from the options and the device.
+    pub fn readahead_window_max(&self) -> u64 {
+        self.ra_window_max
+    }
+
+    /// Readahead windows kept in flight ahead of a sequential reader, as resolved.
+    pub fn readahead_depth(&self) -> u64 {
+        self.ra_depth
     }
 
     /// Counters.
@@ -778,16 +827,31 @@ impl<D: BlockIo> PageCache<D> {
     fn evict(&mut self, want: usize) -> usize {
         let mut victims: Vec<(FileId, u64)> = Vec::with_capacity(want);
         let mut fr = self.lru_head;
+        let mut thrashed = Vec::new();
         while fr != NIL && victims.len() < want {
             let pg = self.slot(fr);
             if pg.evictable() {
                 victims.push((pg.file, pg.index));
+                if pg.ra_unused {
+                    thrashed.push(pg.file);
+                }
             }
             fr = self.lru_next[fr as usize];
         }
+        // Read ahead and thrown away unread: that file's readahead runs too far ahead of its
+        // reader for this cache. Halve what it may keep in flight.
+        self.stats.readahead_thrashed += thrashed.len() as u64;
+        thrashed.dedup();
+        for f in thrashed {
+            if let Some(fs) = self.files[f.0 as usize].as_mut() {
+                fs.ra.ceiling = (fs.ra.limit * 3 / 4).max(1);
+                fs.ra.limit = (fs.ra.limit / 2).max(1);
+                fs.ra.thrashed = true;
+            }
+        }
         for &(f, p) in &victims {
             if let Some(frame) = self.detach_page(f, p) {
-                self.spare.push(frame);
+                self.spare.push_back(frame);
             }
         }
         self.stats.evictions += victims.len() as u64;
@@ -798,13 +862,13 @@ impl<D: BlockIo> PageCache<D> {
     /// None when every page is busy or dirty and stays so.
     pub(crate) fn alloc_frame(&mut self) -> Result<Option<FrameId>, MpageError> {
         if self.cached < self.capacity {
-            if let Some(fr) = self.spare.pop().or_else(|| self.pool.alloc()) {
+            if let Some(fr) = self.spare.pop_front().or_else(|| self.pool.alloc()) {
                 return Ok(Some(fr));
             }
         }
         let batch = (self.capacity / 16).clamp(1, EVICT_BATCH);
         if self.evict(batch) > 0 {
-            return Ok(self.spare.pop());
+            return Ok(self.spare.pop_front());
         }
         // Short of clean pages: write dirty ones back, then evict them.
         let mut written = 0;
@@ -822,7 +886,7 @@ impl<D: BlockIo> PageCache<D> {
             self.wait_idle()?;
         }
         if self.evict(batch) > 0 {
-            return Ok(self.spare.pop());
+            return Ok(self.spare.pop_front());
         }
         Ok(None)
     }
@@ -1295,11 +1359,18 @@ impl<D: BlockIo> PageCache<D> {
                 .map(|pg| (pg.uptodate, pg.busy(), pg.error.is_some(), pg.ra_mark));
             match state {
                 Some((true, _, _, mark)) => {
-                    if mark {
-                        self.page_mut(f, p).ra_mark = false;
-                        self.readahead_async(f)?;
+                    if !mark {
+                        return Ok(());
                     }
-                    return Ok(());
+                    self.page_mut(f, p).ra_mark = false;
+                    self.touch(f, p);
+                    self.readahead_async(f, p)?;
+                    // The window's frames may have come from evicting this very page in a
+                    // small cache: then go round again and read it.
+                    if self.page_ref(f, p).is_some_and(|pg| pg.uptodate) {
+                        return Ok(());
+                    }
+                    reads += 1;
                 }
                 Some((false, true, _, _)) => self.wait_page(f, p)?,
                 Some((false, false, true, _)) if reads > 0 => return self.page_result(f, p),
@@ -1320,13 +1391,19 @@ impl<D: BlockIo> PageCache<D> {
         (self.capacity as u64 / 4).max(1)
     }
 
+    /// Most pages read ahead of one reader: `depth` windows of the largest size, within a
+    /// quarter of the cache.
+    fn readahead_limit(&self) -> u64 {
+        (self.ra_depth * self.ra_window_max)
+            .min(self.readahead_cap())
+            .max(1)
+    }
+
     /// A reader missed page `p`: read it, and a window beyond it if the reader is sequential.
     fn readahead_miss(&mut self, f: FileId, p: u64, last: u64) -> Result<(), MpageError> {
         let cap = self.readahead_cap();
-        let (initial, max) = (
-            self.opts.readahead_initial.max(1),
-            self.opts.readahead_max.max(1),
-        );
+        let initial = self.opts.readahead_initial.max(1);
+        let limit = self.readahead_limit();
         let fs = self.file_mut(f)?;
         let eof_page = fs.size.div_ceil(PAGE).max(p + 1);
         let want = last - p + 1;
@@ -1336,10 +1413,11 @@ impl<D: BlockIo> PageCache<D> {
             Some(q) => q + 1 == p || q == p || (ra.size > 0 && p == ra.start + ra.size),
         };
         let len = if sequential {
-            let size = if ra.size == 0 {
-                initial
+            let size = if ra.size == 0 { initial } else { ra.size };
+            let size = if ra.limit == 0 {
+                size
             } else {
-                (ra.size * 2).min(max)
+                size.min(ra.limit)
             };
             size.max(want).min(cap.max(want))
         } else {
@@ -1349,6 +1427,10 @@ impl<D: BlockIo> PageCache<D> {
         if sequential {
             fs.ra.start = p;
             fs.ra.size = len;
+            fs.ra.thrashed = false;
+            if fs.ra.limit == 0 {
+                fs.ra.limit = limit;
+            }
             self.stats.readahead_windows += 1;
         } else {
             fs.ra.size = 0;
@@ -1357,9 +1439,14 @@ impl<D: BlockIo> PageCache<D> {
         if self.page_ref(f, p).is_none() {
             return Err(self.cache_full());
         }
-        if sequential && len > want {
-            self.set_ra_mark(f, p + len - len / 2);
+        if sequential {
+            // The next window starts when the reader reaches the middle of this one; when
+            // the reader asked for the whole window at once, as soon as it has the first page
+            // (the kernel's async size: all of the window).
+            let mark = if len > want { p + len - len / 2 } else { p };
+            self.set_ra_mark(f, mark);
         }
+        self.mark_unused(f, &batch, Some(p..=last));
         self.read_batch(f, &batch)?;
         self.dev.kick();
         Ok(())
@@ -1374,26 +1461,74 @@ impl<D: BlockIo> PageCache<D> {
         }
     }
 
-    /// The reader reached the marked page of the current window: start the next, larger one.
-    fn readahead_async(&mut self, f: FileId) -> Result<(), MpageError> {
-        let cap = self.readahead_cap();
-        let max = self.opts.readahead_max.max(1);
+    /// Flag the pages of a readahead batch that nobody asked for yet.
+    fn mark_unused(
+        &mut self,
+        f: FileId,
+        batch: &[u64],
+        asked: Option<std::ops::RangeInclusive<u64>>,
+    ) {
+        for &q in batch {
+            if !asked.as_ref().is_some_and(|a| a.contains(&q)) {
+                self.page_mut(f, q).ra_unused = true;
+            }
+        }
+    }
+
+    /// The reader reached a marked page `at`: keep windows in flight ahead of it, each
+    /// twice the last up to the largest window, as many as the depth allows (the kernel
+    /// keeps one; a queue of many commands is busy only with several). What is read ahead
+    /// stays within the file's limit, which shrinks when its pages are evicted unread
+    /// (thrashing) and grows back by a small window each time none were.
+    fn readahead_async(&mut self, f: FileId, at: u64) -> Result<(), MpageError> {
+        let (depth, window_max) = (self.ra_depth.max(1), self.ra_window_max.max(1));
+        let (initial, max_limit) = (self.opts.readahead_initial.max(1), self.readahead_limit());
         let fs = self.file_mut(f)?;
-        let ra = fs.ra;
-        let eof_page = fs.size.div_ceil(PAGE);
-        let start = ra.start + ra.size;
-        if ra.size == 0 || start >= eof_page {
-            return Ok(());
+        if !fs.ra.thrashed {
+            let ra = &mut fs.ra;
+            let step = if ra.ceiling == 0 || ra.limit < ra.ceiling {
+                initial
+            } else {
+                1
+            };
+            ra.limit = (ra.limit + step).min(max_limit);
         }
-        let len = (ra.size * 2).min(max).min(cap).min(eof_page - start).max(1);
-        fs.ra.start = start;
-        fs.ra.size = len;
-        self.stats.readahead_windows += 1;
-        let (batch, _) = self.prepare_batch(f, start, start + len)?;
-        if len > 1 {
-            self.set_ra_mark(f, start + len - len / 2);
+        fs.ra.thrashed = false;
+        let mut issued = false;
+        loop {
+            let fs = self.file(f)?;
+            let ra = fs.ra;
+            let eof_page = fs.size.div_ceil(PAGE);
+            let start = ra.start + ra.size;
+            if ra.size == 0 || start >= eof_page {
+                break;
+            }
+            let ahead = start.saturating_sub(at);
+            // Within the limit, one window at least (the reader asked for it by reaching the
+            // mark), more while fewer than `depth` windows of the last one's size are ahead.
+            if ahead >= ra.limit || (issued && ahead >= depth * ra.size) {
+                break;
+            }
+            let len = (ra.size * 2)
+                .min(window_max)
+                .min(ra.limit)
+                .min(eof_page - start)
+                .max(1);
+            let fs = self.file_mut(f)?;
+            fs.ra.start = start;
+            fs.ra.size = len;
+            self.stats.readahead_windows += 1;
+            let (batch, next) = self.prepare_batch(f, start, start + len)?;
+            self.set_ra_mark(f, start + len - len.div_ceil(2));
+            self.mark_unused(f, &batch, None);
+            self.read_batch(f, &batch)?;
+            issued = true;
+            if next < start + len {
+                // No frames for the rest: the window ends here.
+                self.file_mut(f)?.ra.size = next - start;
+                break;
+            }
         }
-        self.read_batch(f, &batch)?;
         self.dev.kick();
         Ok(())
     }
@@ -1421,7 +1556,16 @@ impl<D: BlockIo> PageCache<D> {
             let in_page = ((offset + done as u64) % PAGE) as usize;
             let len = (PAGE_SIZE - in_page).min(n - done);
             self.pool.read(fr, in_page, &mut buf[done..done + len]);
-            self.touch_frame(fr.index() as u32);
+            // Use-once, as the kernel's LRU does: the first read of a read-ahead page leaves
+            // it where readahead put it, so a stream's consumed pages go before the pages
+            // read ahead of it; a page read again becomes the most recently used.
+            let i = fr.index() as u32;
+            let pg = self.slot_mut(i);
+            if pg.ra_unused {
+                pg.ra_unused = false;
+            } else {
+                self.touch_frame(i);
+            }
             done += len;
         }
         self.file_mut(f)?.ra.prev = Some(last);

@@ -77,6 +77,10 @@ impl BlockIo for NvmeBlockIo {
         self.max_transfer
     }
 
+    fn queue_depth(&self) -> usize {
+        self.qp.capacity()
+    }
+
     fn submit(&mut self, req: &IoRequest<'_>, tag: u64) -> Result<(), IoError> {
         let cmd = match req.op {
             IoOp::Read => read_cmd(self.nsid, req.slba, req.lbas),

@@ -7,6 +7,7 @@
 //! may write a frame at any time while a command is in flight, so no Rust reference into one
 //! is ever handed out.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rnvme_driver::dma::{DmaBuffer, DmaError, DmaLease, DmaPool, DmaSlice};
@@ -81,8 +82,10 @@ struct PoolInner {
 
 struct PoolState {
     buffers: Vec<DmaBuffer>,
-    /// Free frames, popped from the end (lowest numbers first when the pool is fresh).
-    free: Vec<u32>,
+    /// Free frames, taken from the front and given back at the end: frames freed in order
+    /// (a file's pages, closed or evicted in LRU order) come back in order, so the pages
+    /// of a run keep landing in consecutive frames and a command's data stays one piece.
+    free: VecDeque<u32>,
 }
 
 impl std::fmt::Debug for PagePool {
@@ -123,7 +126,7 @@ impl PagePool {
             .map(|(i, b)| (b.iova(), i))
             .collect();
         by_iova.sort_unstable();
-        let free = (0..frames as u32).rev().collect();
+        let free = (0..frames as u32).collect();
         Ok(PagePool {
             inner: Arc::new(PoolInner {
                 iovas,
@@ -153,14 +156,14 @@ impl PagePool {
 
     /// Take a free frame (its contents are whatever it last held).
     pub fn alloc(&self) -> Option<FrameId> {
-        self.lock().free.pop().map(FrameId)
+        self.lock().free.pop_front().map(FrameId)
     }
 
     /// Give a frame back. The caller must not use it afterwards.
     pub fn free(&self, frame: FrameId) {
         let mut st = self.lock();
         debug_assert!(!st.free.contains(&frame.0), "frame {} freed twice", frame.0);
-        st.free.push(frame.0);
+        st.free.push_back(frame.0);
     }
 
     /// Where the device finds the frame.
@@ -296,8 +299,16 @@ mod tests {
         let last = FrameId(1023);
         assert_eq!(p.iova(last).0 % (2 << 20), 511 * 4096);
         assert_eq!(p.free_frames(), 1022);
+        p.free(b);
         p.free(a);
-        assert_eq!(p.alloc(), Some(a), "freed frames are reused first");
+        // Frames come back in the order they were freed, after those never used: a run
+        // freed in order is handed out in order again.
+        let rest: Vec<usize> = std::iter::from_fn(|| p.alloc())
+            .map(FrameId::index)
+            .collect();
+        assert_eq!(rest.len(), 1024);
+        assert_eq!(rest[..3], [2, 3, 4]);
+        assert_eq!(rest[1022..], [1, 0]);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::backend::{BlockIo, IoOp};
 use crate::cache::{full_mask, FileId, Geo, PageCache, Target};
 use crate::error::{MpageError, PageError};
 use crate::map::{MapError, MapFlags, Mapping};
-use crate::pool::{FrameId, PAGE_SIZE};
+use crate::pool::{FrameId, FRAMES_PER_CHUNK, PAGE_SIZE};
 
 /// A mapping answer kept for the blocks after the one asked for.
 #[derive(Copy, Clone, Debug)]
@@ -98,9 +98,19 @@ impl Building {
     }
 
     pub(crate) fn add(&mut self, page: u64, frame: FrameId, seg: Segment, lbas: u32) {
+        // Frames that follow one another in one buffer make one segment: fewer pieces for
+        // the command's data (and one lookup of their buffer instead of one per page).
+        let same_buffer = self.frames.last().is_some_and(|&prev| {
+            prev as usize / FRAMES_PER_CHUNK == frame.index() / FRAMES_PER_CHUNK
+        });
+        match self.segs.last_mut() {
+            Some(last) if same_buffer && last.iova.0 + last.len as u64 == seg.iova.0 => {
+                last.len += seg.len
+            }
+            _ => self.segs.push(seg),
+        }
         self.pages.push(page);
         self.frames.push(frame.index() as u32);
-        self.segs.push(seg);
         self.lbas += lbas;
         self.bytes += seg.len as u64;
     }

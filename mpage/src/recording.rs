@@ -443,6 +443,10 @@ impl BlockIo for RecordingDevice {
         self.max_transfer
     }
 
+    fn queue_depth(&self) -> usize {
+        self.queue_depth
+    }
+
     fn submit(&mut self, req: &IoRequest<'_>, tag: u64) -> Result<(), IoError> {
         if self.queue.len() >= self.queue_depth {
             return Err(IoError::QueueFull);

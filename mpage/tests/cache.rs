@@ -252,7 +252,15 @@ fn a_failing_block_on_the_per_block_path_fails_its_page() {
 
 #[test]
 fn sequential_readers_get_a_growing_readahead_window() {
-    let mut c = cache(4096, CacheOptions::default());
+    // One window in flight, at most 64 pages: the kernel's scheme.
+    let mut c = cache(
+        4096,
+        CacheOptions {
+            readahead_max: 64,
+            readahead_depth: 1,
+            ..CacheOptions::default()
+        },
+    );
     let f = linear(&mut c, 300);
     let mut b = vec![0u8; 4096];
     for p in 0..200 {
@@ -496,4 +504,88 @@ fn an_unmapped_answer_to_create_is_an_error_not_a_write() {
         "no write with a made-up LBA"
     );
     assert_eq!(c.dirty_pages(f).unwrap(), 2);
+}
+
+/// A cache of 1024 frames whose device takes commands of at most 16 pages, 16 at a time.
+fn small_commands(opts: CacheOptions) -> Cache {
+    let dma = DmaPool::new(Arc::new(MemoryOnly), Backing::SmallPages, 0).unwrap();
+    let pool = PagePool::new(&dma, 1024).unwrap();
+    let mut dev = RecordingDevice::new(pool.clone(), 4096, 1 << 30);
+    dev.set_fill(DiskFill::Pattern);
+    dev.set_max_transfer(16 * 4096);
+    dev.set_queue_depth(16);
+    PageCache::new(dev, pool, opts).unwrap()
+}
+
+/// Highest page read from the device so far (+1), for a linear file at block 1000.
+fn read_frontier(c: &Cache) -> u64 {
+    c.device()
+        .commands()
+        .iter()
+        .filter(|r| r.op == IoOp::Read)
+        .map(|r| r.slba + r.lbas as u64 - 1000)
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn readahead_windows_are_sized_by_the_device_and_cover_its_queue() {
+    // Auto: windows of one command (16 pages), half the queue (8 windows) in flight.
+    let mut c = small_commands(CacheOptions::default());
+    let f = linear(&mut c, 1000);
+    let mut b = vec![0u8; 4096];
+    let mut most_ahead = 0;
+    for p in 0..600 {
+        c.read_at(f, p * 4096, &mut b).unwrap();
+        assert_eq!(b, disk((1000 + p) * 4096, 4096), "page {p}");
+        let ahead = read_frontier(&c) - p;
+        assert!(ahead <= 10 * 16, "page {p}: {ahead} pages read ahead");
+        if p > 100 {
+            assert!(ahead >= 6 * 16, "page {p}: only {ahead} pages read ahead");
+            // Completions are reaped only when needed: what is ahead is in flight.
+            most_ahead = most_ahead.max(c.outstanding());
+        }
+    }
+    assert!(most_ahead >= 6, "{most_ahead} commands in flight at most");
+    let sizes = read_sizes(&c);
+    assert!(sizes.iter().all(|&n| n <= 16), "{sizes:?}");
+    assert!(
+        sizes.iter().filter(|&&n| n == 16).count() >= sizes.len() - 5,
+        "full-size commands once the window has grown: {sizes:?}"
+    );
+    assert_eq!(c.stats().readahead_thrashed, 0);
+}
+
+#[test]
+fn readahead_backs_off_when_its_pages_are_evicted_unread() {
+    // Six readers take turns, page by page, in a cache of 128 pages: each may read up to
+    // a quarter of the cache ahead, more than the cache holds for all of them.
+    let opts = CacheOptions {
+        capacity: Some(128),
+        ..CacheOptions::default()
+    };
+    let mut c = small_commands(opts);
+    let files: Vec<FileId> = (0..6)
+        .map(|i| {
+            c.open(Box::new(Linear::new(4096, 1000 + i * 400, 400)), 400 * 4096)
+                .unwrap()
+        })
+        .collect();
+    let mut b = vec![0u8; 4096];
+    for p in 0..400u64 {
+        for (i, &f) in files.iter().enumerate() {
+            c.read_at(f, p * 4096, &mut b).unwrap();
+            assert_eq!(b, disk((1000 + i as u64 * 400 + p) * 4096, 4096));
+        }
+    }
+    let s = c.stats();
+    assert!(s.readahead_thrashed > 0, "{s:?}");
+    // Backing off keeps the waste small: without it (windows as large as a quarter of the
+    // cache for every reader) over twice the pages consumed are read.
+    let consumed = 6 * 400;
+    assert!(
+        s.pages_read < consumed * 5 / 4,
+        "{} pages read for {consumed} consumed",
+        s.pages_read
+    );
 }

@@ -33,8 +33,9 @@ use super::{allow_closed_stdout, outln, UsageError};
 const READ_CHUNK: usize = 1 << 20;
 /// Bytes handed to each `write_at` of a write pass.
 const WRITE_CHUNK: usize = 1 << 20;
-/// Largest automatic readahead window of the device commands, in pages, unless told.
-pub const DEFAULT_READAHEAD_MAX: u64 = 512;
+/// Largest automatic readahead window in pages, unless told: 0, one command of the
+/// controller's max transfer.
+pub const DEFAULT_READAHEAD_MAX: u64 = 0;
 /// Largest command of the raw pass in bytes (each command in flight has its own frames).
 const RAW_PIECE_MAX: usize = CHUNK_BYTES;
 /// Bytes per `IoQueuePair::read` call of the synchronous raw pass (as `rnvme read` does).
@@ -108,9 +109,12 @@ pub struct ReadArgs {
     /// Send every page down the per-block path (one command per block)
     #[arg(long)]
     pub per_block: bool,
-    /// Largest readahead window in pages
+    /// Largest readahead window in pages (0: the controller's max transfer)
     #[arg(long, default_value_t = DEFAULT_READAHEAD_MAX, value_name = "PAGES")]
     pub readahead_max: u64,
+    /// Readahead windows in flight (0: half the queue's entries, at most 16)
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub readahead_depth: u64,
     /// Print every cache counter to stderr
     #[arg(long)]
     pub stats: bool,
@@ -153,9 +157,12 @@ pub struct BenchArgs {
     /// Size of the file in MiB
     #[arg(long, default_value_t = 64)]
     pub mib: u64,
-    /// Largest readahead window of the cache pass in pages
+    /// Largest readahead window of the cache pass in pages (0: the controller's max transfer)
     #[arg(long, default_value_t = DEFAULT_READAHEAD_MAX, value_name = "PAGES")]
     pub readahead_max: u64,
+    /// Readahead windows in flight (0: half the queue's entries, at most 16)
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub readahead_depth: u64,
     /// Most commands in flight in the raw pass (default: as many as the queue holds)
     #[arg(long, value_name = "N")]
     pub depth: Option<usize>,
@@ -266,6 +273,9 @@ impl<D: BlockIo> BlockIo for Limited<D> {
     }
     fn max_transfer(&self) -> u32 {
         self.io.max_transfer().min(self.max)
+    }
+    fn queue_depth(&self) -> usize {
+        self.io.queue_depth()
     }
     fn submit(&mut self, req: &IoRequest<'_>, tag: u64) -> Result<(), IoError> {
         self.io.submit(req, tag)
@@ -482,12 +492,21 @@ pub fn raw_read<D: BlockIo>(
             })?);
         }
         let mut segs: Vec<Segment> = Vec::new();
+        let mut prev: Option<rnvme_mpage::FrameId> = None;
         for &fr in &frames {
             let iova = pool.iova(fr);
+            // Adjacent in IOVA and in the same 2 MiB buffer: a segment never spans buffers.
+            let same_buffer = prev.is_some_and(|p| {
+                p.index() / rnvme_mpage::FRAMES_PER_CHUNK
+                    == fr.index() / rnvme_mpage::FRAMES_PER_CHUNK
+            });
             match segs.last_mut() {
-                Some(s) if s.iova.add(s.len as u64) == iova => s.len += PAGE_SIZE as u32,
+                Some(s) if same_buffer && s.iova.add(s.len as u64) == iova => {
+                    s.len += PAGE_SIZE as u32
+                }
                 _ => segs.push(Segment::new(iova, PAGE_SIZE as u32)),
             }
+            prev = Some(fr);
         }
         slots.push((frames, segs));
     }
@@ -725,6 +744,7 @@ pub fn read(a: ReadArgs) -> Result<ExitCode> {
     let opts = CacheOptions {
         force_per_block: a.per_block,
         readahead_max: a.readahead_max,
+        readahead_depth: a.readahead_depth,
         ..CacheOptions::default()
     };
     let mut cache = PageCache::new(io, d.pool(a.cache.cache_mib)?, opts)?;
@@ -813,6 +833,8 @@ struct BenchJson {
     max_transfer: u32,
     queue_entries: u32,
     readahead_max: u64,
+    /// Readahead windows in flight (resolved).
+    readahead_depth: u64,
     /// Rounds run; each figure is the fastest of its pass.
     rounds: u32,
     /// Through the cache, with readahead.
@@ -924,15 +946,18 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     let pool = d.pool(a.cache.cache_mib)?;
     let opts = CacheOptions {
         readahead_max: a.readahead_max,
+        readahead_depth: a.readahead_depth,
         ..CacheOptions::default()
     };
     let mut digests = Vec::new();
     let mut best: Option<(PassReport, PassReport, RawReport, RawReport)> = None;
     let mut max_transfer = 0;
+    let mut ra = (0, 0);
     for _ in 0..a.rounds {
         let mut dg = [Digest::default(); 4];
         let mut cache = PageCache::new(d.block_io()?, pool.clone(), opts.clone())?;
         max_transfer = cache.device().max_transfer();
+        ra = (cache.readahead_window_max(), cache.readahead_depth());
         let cached = read_pass(&mut cache, linear(), bytes, READ_CHUNK, |o, b| {
             dg[0].add(o, b);
             Ok(())
@@ -976,7 +1001,8 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         block_size: PAGE_SIZE as u32,
         max_transfer,
         queue_entries: d.entries,
-        readahead_max: a.readahead_max,
+        readahead_max: ra.0,
+        readahead_depth: ra.1,
         rounds: a.rounds,
         cache: cached,
         per_block,
@@ -1020,8 +1046,8 @@ fn faster<T>(a: T, b: T, key: impl Fn(&T) -> f64) -> T {
 fn print_bench(r: &BenchJson) -> Result<()> {
     let met = |b: bool| if b { "met" } else { "missed" };
     outln!(
-        "sequential read of {} MiB at LBA {} of namespace {} ({}-byte LBAs, {}-byte blocks, max transfer {} bytes, {} queue entries, readahead up to {} pages; fastest of {} rounds)",
-        r.mib, r.lba, r.nsid, r.lba_size, r.block_size, r.max_transfer, r.queue_entries, r.readahead_max, r.rounds
+        "sequential read of {} MiB at LBA {} of namespace {} ({}-byte LBAs, {}-byte blocks, max transfer {} bytes, {} queue entries, readahead windows up to {} pages, {} in flight; fastest of {} rounds)",
+        r.mib, r.lba, r.nsid, r.lba_size, r.block_size, r.max_transfer, r.queue_entries, r.readahead_max, r.readahead_depth, r.rounds
     )?;
     for (name, p) in [("cache", &r.cache), ("per-block", &r.per_block)] {
         outln!(
