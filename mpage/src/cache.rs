@@ -120,6 +120,46 @@ pub struct CacheStats {
     pub write_errors: u64,
 }
 
+impl CacheStats {
+    /// Add `o`'s counts to these.
+    pub fn add(&mut self, o: &CacheStats) {
+        let CacheStats {
+            pages_read,
+            pages_zeroed,
+            pages_written,
+            commands,
+            read_commands,
+            write_commands,
+            flush_commands,
+            fallback_commands,
+            map_calls,
+            readahead_windows,
+            readahead_thrashed,
+            evictions,
+            writebacks,
+            read_retries,
+            read_errors,
+            write_errors,
+        } = *o;
+        self.pages_read += pages_read;
+        self.pages_zeroed += pages_zeroed;
+        self.pages_written += pages_written;
+        self.commands += commands;
+        self.read_commands += read_commands;
+        self.write_commands += write_commands;
+        self.flush_commands += flush_commands;
+        self.fallback_commands += fallback_commands;
+        self.map_calls += map_calls;
+        self.readahead_windows += readahead_windows;
+        self.readahead_thrashed += readahead_thrashed;
+        self.evictions += evictions;
+        self.writebacks += writebacks;
+        self.read_retries += read_retries;
+        self.read_errors += read_errors;
+        self.write_errors += write_errors;
+    }
+}
+
 /// Validity and dirtiness of each block of a page (bit i = block i).
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct BlockBits {

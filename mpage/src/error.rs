@@ -103,4 +103,15 @@ pub enum MpageError {
     /// The page pool could not be made.
     #[error(transparent)]
     Pool(#[from] PoolError),
+    /// A shared cache was given no device queue, too many, or a shard it does not have.
+    #[error(
+        "a shared page cache takes 1 to {max} device queues (one per shard); {given} asked for"
+    )]
+    Shards { given: usize, max: usize },
+    /// A thread panicked while it used a shard of a shared cache.
+    #[error("shard {shard} of the page cache is unusable: a thread panicked while using it")]
+    Poisoned { shard: usize },
+    /// A shard of a shared cache has as many files open as file ids can number.
+    #[error("a shard of a shared page cache holds at most {max} open files")]
+    TooManyFiles { max: usize },
 }

@@ -6,6 +6,7 @@
 //! - [`PageCache`]: (file, page) → frame with per-page and per-block state, LRU eviction of
 //!   clean pages, write-back of dirty ones when short, and the file API (`read_at`,
 //!   `write_at`, `sync`, `set_len`, `readahead`).
+//! - [`SharedCache`]: the cache shared by threads, in shards of one device queue each.
 //! - [`BlockMap`]: where a file's blocks are (the `get_block` role), with [`Linear`] and
 //!   [`ExtentMap`] built in; [`MapSpec`] loads an extent map from MAP.json.
 //! - [`BlockIo`]: the asynchronous device interface, implemented by [`NvmeBlockIo`] (a driver
@@ -25,6 +26,7 @@ mod nvme;
 mod pool;
 mod read;
 mod recording;
+mod shared;
 mod spec;
 pub mod trace;
 mod write;
@@ -39,6 +41,7 @@ pub use recording::{
     fill_pattern, pattern_byte, CommandRecord, DiskFill, EventLog, LoggedMap, RecordingDevice,
     TraceEvent, MAX_LBAS_PER_COMMAND,
 };
+pub use shared::{SharedCache, MAX_SHARDS};
 pub use spec::{check_block_size, MapSpec, SpecError};
 pub use trace::{
     parse_ops, run_trace, trace, PageReport, TraceError, TraceOp, TraceReport, WRITE_SEED,

@@ -198,6 +198,15 @@ fn walk_prps(
     Ok(out)
 }
 
+/// What a [`RecordingDevice`]'s disk holds.
+#[derive(Default)]
+struct Disk {
+    /// LBAs written so far (the disk is sparse).
+    written: HashMap<u64, Box<[u8]>>,
+    /// LBAs whose commands fail.
+    fail: BTreeSet<u64>,
+}
+
 /// An in-memory disk of `lbas` LBAs that records every command.
 pub struct RecordingDevice {
     name: String,
@@ -208,9 +217,8 @@ pub struct RecordingDevice {
     queue_depth: usize,
     per_poll: usize,
     fill: DiskFill,
-    /// LBAs written so far (the disk is sparse).
-    written: HashMap<u64, Box<[u8]>>,
-    fail: BTreeSet<u64>,
+    /// The disk, shared with the other queues of the same device ([`RecordingDevice::queue`]).
+    disk: Arc<Mutex<Disk>>,
     fail_flush: bool,
     queue: VecDeque<Queued>,
     records: Vec<CommandRecord>,
@@ -230,13 +238,37 @@ impl RecordingDevice {
             queue_depth: 64,
             per_poll: usize::MAX,
             fill: DiskFill::Zeros,
-            written: HashMap::new(),
-            fail: BTreeSet::new(),
+            disk: Arc::default(),
             fail_flush: false,
             queue: VecDeque::new(),
             records: Vec::new(),
             events: None,
         }
+    }
+
+    /// Another queue of the same disk, for another thread: same settings, same data and
+    /// failing LBAs, its own commands in flight and its own record of commands.
+    pub fn queue(&self) -> RecordingDevice {
+        RecordingDevice {
+            name: self.name.clone(),
+            pool: self.pool.clone(),
+            lba_size: self.lba_size,
+            lbas: self.lbas,
+            max_transfer: self.max_transfer,
+            queue_depth: self.queue_depth,
+            per_poll: self.per_poll,
+            fill: self.fill,
+            disk: self.disk.clone(),
+            fail_flush: self.fail_flush,
+            queue: VecDeque::new(),
+            records: Vec::new(),
+            events: self.events.clone(),
+        }
+    }
+
+    fn disk(&self) -> std::sync::MutexGuard<'_, Disk> {
+        // Every update is one insert or remove: a panic cannot leave the disk half changed.
+        self.disk.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// What unwritten LBAs hold.
@@ -261,12 +293,12 @@ impl RecordingDevice {
 
     /// Fail every command touching `lba` (Unrecovered Read Error / Write Fault).
     pub fn fail_lba(&mut self, lba: u64) {
-        self.fail.insert(lba);
+        self.disk().fail.insert(lba);
     }
 
     /// Stop failing commands at `lba`.
     pub fn heal_lba(&mut self, lba: u64) {
-        self.fail.remove(&lba);
+        self.disk().fail.remove(&lba);
     }
 
     /// Fail Flush commands.
@@ -296,7 +328,7 @@ impl RecordingDevice {
 
     /// The contents of one LBA.
     pub fn read_lba(&self, lba: u64) -> Vec<u8> {
-        match self.written.get(&lba) {
+        match self.disk().written.get(&lba) {
             Some(d) => d.to_vec(),
             None => {
                 let mut v = vec![0; self.lba_size as usize];
@@ -334,14 +366,14 @@ impl RecordingDevice {
             let from = (pos % ls) as usize;
             let n = (data.len() - done).min(block.len() - from);
             block[from..from + n].copy_from_slice(&data[done..done + n]);
-            self.written.insert(lba, block.into_boxed_slice());
+            self.disk().written.insert(lba, block.into_boxed_slice());
             done += n;
         }
     }
 
     /// LBAs written by commands or [`RecordingDevice::write_bytes`], ascending.
     pub fn written_lbas(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self.written.keys().copied().collect();
+        let mut v: Vec<u64> = self.disk().written.keys().copied().collect();
         v.sort_unstable();
         v
     }
@@ -403,7 +435,13 @@ impl RecordingDevice {
         {
             return Err(IoError::Status(NvmeStatus::LBA_OUT_OF_RANGE));
         }
-        if self.fail.range(slba..slba + lbas as u64).next().is_some() {
+        if self
+            .disk()
+            .fail
+            .range(slba..slba + lbas as u64)
+            .next()
+            .is_some()
+        {
             return Err(IoError::Status(if op == IoOp::Read {
                 NvmeStatus::UNRECOVERED_READ_ERROR
             } else {
