@@ -210,6 +210,8 @@ pub(crate) struct Page {
     pub(crate) ra_mark: bool,
     /// Read ahead and not read by anyone yet.
     pub(crate) ra_unused: bool,
+    /// A call is about to hand this page's data out: not to be evicted meanwhile.
+    pub(crate) held: bool,
     /// The file and page index this page caches.
     file: FileId,
     index: u64,
@@ -234,6 +236,7 @@ impl Page {
             pending_error: None,
             ra_mark: false,
             ra_unused: false,
+            held: false,
             file,
             index,
         }
@@ -244,7 +247,7 @@ impl Page {
     }
 
     fn evictable(&self) -> bool {
-        !self.busy() && !self.dirty
+        !self.busy() && !self.dirty && !self.held
     }
 
     /// The per-block bits, derived from the page state when it has none.
@@ -1402,15 +1405,18 @@ impl<D: BlockIo> PageCache<D> {
                     if !mark {
                         return Ok(());
                     }
-                    self.page_mut(f, p).ra_mark = false;
-                    self.touch(f, p);
-                    self.readahead_async(f, p)?;
-                    // The window's frames may have come from evicting this very page in a
-                    // small cache: then go round again and read it.
-                    if self.page_ref(f, p).is_some_and(|pg| pg.uptodate) {
-                        return Ok(());
+                    // The window's frames must not come from evicting this very page.
+                    let pg = self.page_mut(f, p);
+                    pg.ra_mark = false;
+                    pg.held = true;
+                    let r = self.readahead_async(f, p);
+                    if let Some(fr) = self.files[f.0 as usize]
+                        .as_ref()
+                        .and_then(|fs| fs.pages.get(p))
+                    {
+                        self.slot_mut(fr).held = false;
                     }
-                    reads += 1;
+                    return r;
                 }
                 Some((false, true, _, _)) => self.wait_page(f, p)?,
                 Some((false, false, true, _)) if reads > 0 => return self.page_result(f, p),
