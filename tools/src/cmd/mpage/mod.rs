@@ -12,36 +12,31 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use rnvme_driver::controller::Controller;
 use rnvme_driver::identify::NamespaceInfo;
-use rnvme_driver::Segment;
 use rnvme_mpage::{
-    BlockIo, BlockMap, CacheOptions, CacheStats, Extent, ExtentMap, FileId, IoError, IoOp,
-    IoRequest, Linear, MapError, MapSpec, Mapping, NvmeBlockIo, PageCache, PagePool, TraceError,
-    TraceOp, CHUNK_BYTES, PAGE_SIZE,
+    BlockIo, BlockMap, CacheOptions, CacheStats, Extent, ExtentMap, IoError, IoRequest, MapError,
+    MapSpec, Mapping, NvmeBlockIo, PageCache, PagePool, TraceError, TraceOp, PAGE_SIZE,
 };
 use serde::Serialize;
 
+mod bench;
+mod passes;
+
+pub use bench::bench;
+pub use passes::{read_pass, write_pass, PassReport};
+
 use super::device::DeviceArgs;
-use super::{allow_closed_stdout, outln, UsageError};
+use super::{outln, UsageError};
 
 /// Bytes asked for by each `read_at` of a sequential pass (large, so readahead runs ahead).
-const READ_CHUNK: usize = 1 << 20;
-/// Bytes handed to each `write_at` of a write pass.
-const WRITE_CHUNK: usize = 1 << 20;
+pub(super) const READ_CHUNK: usize = 1 << 20;
 /// Largest automatic readahead window in pages, unless told: 0, one command of the
 /// controller's max transfer.
 pub const DEFAULT_READAHEAD_MAX: u64 = 0;
-/// Largest command of the raw pass in bytes (each command in flight has its own frames).
-const RAW_PIECE_MAX: usize = CHUNK_BYTES;
-/// Bytes per `IoQueuePair::read` call of the synchronous raw pass (as `rnvme read` does).
-const SYNC_STEP: u64 = 8 << 20;
-/// How long the raw pass waits without any completion before giving up.
-const RAW_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `rnvme mpage ...`
 #[derive(Debug, Subcommand)]
@@ -289,14 +284,14 @@ impl<D: BlockIo> BlockIo for Limited<D> {
 }
 
 /// A controller and one of its namespaces.
-struct Device {
-    ctrl: Controller,
-    ns: NamespaceInfo,
-    entries: u32,
+pub(super) struct Device {
+    pub(super) ctrl: Controller,
+    pub(super) ns: NamespaceInfo,
+    pub(super) entries: u32,
 }
 
 impl Device {
-    fn open(dev: &DeviceArgs, args: &CacheArgs) -> Result<Device> {
+    pub(super) fn open(dev: &DeviceArgs, args: &CacheArgs) -> Result<Device> {
         if args.queue_entries < 2 {
             return Err(UsageError("--queue-entries must be at least 2".into()).into());
         }
@@ -310,13 +305,13 @@ impl Device {
     }
 
     /// A fresh I/O queue pair on the namespace.
-    fn block_io(&self) -> Result<NvmeBlockIo> {
+    pub(super) fn block_io(&self) -> Result<NvmeBlockIo> {
         let qp = self.ctrl.create_io_qpair(self.entries)?;
         Ok(NvmeBlockIo::for_namespace(qp, self.ns.nsid)?)
     }
 
     /// Page frames for a cache of `mib` MiB.
-    fn pool(&self, mib: u64) -> Result<PagePool> {
+    pub(super) fn pool(&self, mib: u64) -> Result<PagePool> {
         if mib == 0 {
             return Err(UsageError("--cache-mib must be at least 1".into()).into());
         }
@@ -331,355 +326,6 @@ impl Device {
             )
         })
     }
-}
-
-// ---- passes ----------------------------------------------------------------------------
-
-/// What one pass over a file did.
-#[derive(Clone, Debug, Serialize)]
-pub struct PassReport {
-    /// Bytes read or written.
-    pub bytes: u64,
-    /// Time spent in the cache (or the device) only: not in the caller's use of the data.
-    pub seconds: f64,
-    /// `bytes` over `seconds`.
-    pub mib_per_s: f64,
-    /// The cache's counters for the pass.
-    #[serde(flatten)]
-    pub stats: CacheStats,
-}
-
-fn mib_per_s(bytes: u64, d: Duration) -> f64 {
-    let s = d.as_secs_f64();
-    if s > 0.0 {
-        bytes as f64 / (1 << 20) as f64 / s
-    } else {
-        f64::INFINITY
-    }
-}
-
-impl PassReport {
-    fn new(bytes: u64, busy: Duration, stats: CacheStats) -> PassReport {
-        PassReport {
-            bytes,
-            seconds: busy.as_secs_f64(),
-            mib_per_s: mib_per_s(bytes, busy),
-            stats,
-        }
-    }
-}
-
-/// Open `map` as a file of `size` bytes, read it from start to end in `chunk`-byte `read_at`
-/// calls (sequential, so readahead runs ahead of the reader), hand each piece to `sink`, and
-/// close it again. Only the time spent in the cache is counted.
-pub fn read_pass<D: BlockIo>(
-    cache: &mut PageCache<D>,
-    map: Box<dyn BlockMap>,
-    size: u64,
-    chunk: usize,
-    mut sink: impl FnMut(u64, &[u8]) -> Result<()>,
-) -> Result<PassReport> {
-    let f = cache.open(map, size)?;
-    cache.reset_stats();
-    let mut buf = vec![0u8; chunk.max(1)];
-    let mut off = 0u64;
-    let mut busy = Duration::ZERO;
-    while off < size {
-        let t = Instant::now();
-        let n = cache
-            .read_at(f, off, &mut buf)
-            .with_context(|| format!("reading the file at byte {off} through the page cache"))?;
-        busy += t.elapsed();
-        anyhow::ensure!(
-            n > 0,
-            "the page cache returned no data at byte {off} of a {size}-byte file"
-        );
-        sink(off, &buf[..n])?;
-        off += n as u64;
-    }
-    let stats = cache.stats();
-    close(cache, f)?;
-    Ok(PassReport::new(off, busy, stats))
-}
-
-/// Open `map` as a file of `size` bytes, write `data` at offset 0, sync (write back and
-/// Flush) and close it. Returns the report and the file size after the write.
-pub fn write_pass<D: BlockIo>(
-    cache: &mut PageCache<D>,
-    map: Box<dyn BlockMap>,
-    size: u64,
-    data: &[u8],
-) -> Result<(PassReport, u64)> {
-    let f = cache.open(map, size)?;
-    cache.reset_stats();
-    let t = Instant::now();
-    let mut off = 0usize;
-    for piece in data.chunks(WRITE_CHUNK) {
-        cache
-            .write_at(f, off as u64, piece)
-            .with_context(|| format!("writing at byte {off} through the page cache"))?;
-        off += piece.len();
-    }
-    cache.sync(f).context("syncing the file")?;
-    let busy = t.elapsed();
-    let stats = cache.stats();
-    let new_size = cache.file_size(f)?;
-    close(cache, f)?;
-    Ok((PassReport::new(off as u64, busy, stats), new_size))
-}
-
-fn close<D: BlockIo>(cache: &mut PageCache<D>, f: FileId) -> Result<()> {
-    cache.close(f).context("closing the file")
-}
-
-/// What the raw pass did.
-#[derive(Clone, Debug, Serialize)]
-pub struct RawReport {
-    /// Bytes read.
-    pub bytes: u64,
-    /// Time from the first submission to the last copy.
-    pub seconds: f64,
-    /// `bytes` over `seconds`.
-    pub mib_per_s: f64,
-    /// Read commands issued.
-    pub commands: u64,
-    /// Bytes per command (the last may be shorter).
-    pub command_bytes: u64,
-    /// Most commands in flight at once.
-    pub max_in_flight: usize,
-}
-
-/// Read `lbas` LBAs at `slba` straight from `dev`, no cache and no map: commands of the max
-/// transfer (at most 2 MiB), up to `depth` in flight, each into frames of `pool` of its own.
-/// Each completed command's data is copied out of the frames (as any reader must) and handed
-/// to `sink` with its byte offset, in completion order; the time `sink` takes is not counted.
-pub fn raw_read<D: BlockIo>(
-    dev: &mut D,
-    pool: &PagePool,
-    slba: u64,
-    lbas: u64,
-    depth: usize,
-    mut sink: impl FnMut(u64, &[u8]),
-) -> Result<RawReport> {
-    let lba = dev.lba_size() as usize;
-    let per_cmd = (dev.max_transfer() as usize)
-        .min(65536 * lba)
-        .min(RAW_PIECE_MAX);
-    let piece = per_cmd / PAGE_SIZE * PAGE_SIZE;
-    anyhow::ensure!(
-        piece >= PAGE_SIZE,
-        "{}: a max transfer of {per_cmd} bytes is less than a page",
-        dev.name()
-    );
-    let total = lbas * lba as u64;
-    let frames_per = piece / PAGE_SIZE;
-    let depth = depth
-        .max(1)
-        .min(total.div_ceil(piece as u64).max(1) as usize)
-        .min(pool.free_frames() / frames_per);
-    anyhow::ensure!(
-        depth > 0,
-        "the page pool has {} free frames, too few for one command of {piece} bytes",
-        pool.free_frames()
-    );
-    // Each slot's frames, merged into segments where they are adjacent in IOVA.
-    let mut slots: Vec<(Vec<rnvme_mpage::FrameId>, Vec<Segment>)> = Vec::with_capacity(depth);
-    for _ in 0..depth {
-        let mut frames = Vec::with_capacity(frames_per);
-        for _ in 0..frames_per {
-            frames.push(pool.alloc().ok_or_else(|| {
-                anyhow::anyhow!("the page pool ran out of frames for the raw pass")
-            })?);
-        }
-        let mut segs: Vec<Segment> = Vec::new();
-        let mut prev: Option<rnvme_mpage::FrameId> = None;
-        for &fr in &frames {
-            let iova = pool.iova(fr);
-            // Adjacent in IOVA and in the same 2 MiB buffer: a segment never spans buffers.
-            let same_buffer = prev.is_some_and(|p| {
-                p.index() / rnvme_mpage::FRAMES_PER_CHUNK
-                    == fr.index() / rnvme_mpage::FRAMES_PER_CHUNK
-            });
-            match segs.last_mut() {
-                Some(s) if same_buffer && s.iova.add(s.len as u64) == iova => {
-                    s.len += PAGE_SIZE as u32
-                }
-                _ => segs.push(Segment::new(iova, PAGE_SIZE as u32)),
-            }
-            prev = Some(fr);
-        }
-        slots.push((frames, segs));
-    }
-    let result = raw_loop(dev, pool, &slots, slba, total, piece, &mut sink);
-    for (frames, _) in slots {
-        for fr in frames {
-            pool.free(fr);
-        }
-    }
-    result
-}
-
-/// The segments of a slot cut to `len` bytes.
-fn cut(segs: &[Segment], len: usize) -> Vec<Segment> {
-    let mut out = Vec::new();
-    let mut left = len;
-    for s in segs {
-        if left == 0 {
-            break;
-        }
-        let n = (s.len as usize).min(left);
-        out.push(Segment::new(s.iova, n as u32));
-        left -= n;
-    }
-    out
-}
-
-#[allow(clippy::type_complexity)]
-fn raw_loop<D: BlockIo>(
-    dev: &mut D,
-    pool: &PagePool,
-    slots: &[(Vec<rnvme_mpage::FrameId>, Vec<Segment>)],
-    slba: u64,
-    total: u64,
-    piece: usize,
-    sink: &mut impl FnMut(u64, &[u8]),
-) -> Result<RawReport> {
-    let lba = dev.lba_size() as u64;
-    let mut free: Vec<usize> = (0..slots.len()).rev().collect();
-    // Byte offset and length of the piece each slot holds.
-    let mut holds = vec![(0u64, 0usize); slots.len()];
-    let mut host = vec![0u8; piece];
-    let (mut next, mut done, mut commands, mut in_flight, mut max_in_flight) = (0u64, 0, 0, 0, 0);
-    let mut outside = Duration::ZERO;
-    let mut completed: Vec<(u64, Result<(), IoError>)> = Vec::new();
-    let start = Instant::now();
-    let mut last_progress = start;
-    while done < total {
-        while next < total {
-            let Some(s) = free.pop() else { break };
-            let len = (piece as u64).min(total - next) as usize;
-            let segs = cut(&slots[s].1, len)
-                .into_iter()
-                .map(|seg| pool.slice_of(seg))
-                .collect::<Result<Vec<_>, _>>()?;
-            let req = IoRequest {
-                op: IoOp::Read,
-                slba: slba + next / lba,
-                lbas: (len as u64 / lba) as u32,
-                segments: &segs,
-                pages: &[],
-                fallback: false,
-            };
-            match dev.submit(&req, s as u64) {
-                Ok(()) => {
-                    holds[s] = (next, len);
-                    next += len as u64;
-                    commands += 1;
-                    in_flight += 1;
-                    max_in_flight = max_in_flight.max(in_flight);
-                }
-                Err(IoError::QueueFull) if in_flight > 0 => {
-                    free.push(s);
-                    break;
-                }
-                Err(e) => {
-                    return Err(anyhow::Error::from(e).context(format!(
-                        "{}: raw Read of {len} bytes at LBA {} not submitted",
-                        dev.name(),
-                        req.slba
-                    )))
-                }
-            }
-        }
-        dev.kick();
-        completed.clear();
-        dev.poll(&mut |tag, r| completed.push((tag, r)));
-        if completed.is_empty() {
-            if last_progress.elapsed() > RAW_TIMEOUT {
-                anyhow::bail!(
-                    "{}: no raw Read completed in {} s ({in_flight} outstanding)",
-                    dev.name(),
-                    RAW_TIMEOUT.as_secs()
-                );
-            }
-            continue;
-        }
-        last_progress = Instant::now();
-        for (tag, r) in completed.drain(..) {
-            let s = tag as usize;
-            let (off, len) = holds[s];
-            r.with_context(|| {
-                format!(
-                    "{}: raw Read of {len} bytes at LBA {} failed",
-                    dev.name(),
-                    slba + off / lba
-                )
-            })?;
-            for (i, &fr) in slots[s].0.iter().enumerate() {
-                let from = i * PAGE_SIZE;
-                if from >= len {
-                    break;
-                }
-                let n = PAGE_SIZE.min(len - from);
-                pool.read(fr, 0, &mut host[from..from + n]);
-            }
-            let t = Instant::now();
-            sink(off, &host[..len]);
-            outside += t.elapsed();
-            done += len as u64;
-            in_flight -= 1;
-            free.push(s);
-        }
-    }
-    let busy = start.elapsed().saturating_sub(outside);
-    Ok(RawReport {
-        bytes: total,
-        seconds: busy.as_secs_f64(),
-        mib_per_s: mib_per_s(total, busy),
-        commands,
-        command_bytes: piece as u64,
-        max_in_flight,
-    })
-}
-
-/// An order-independent digest of data by position: pieces may be added in any order and
-/// any split, as long as every piece starts at a multiple of 8 bytes. It is the wrapping sum,
-/// over the little-endian 8-byte words of the data (the last one padded with zeros), of
-/// `mix(word index, word)` with `x = word ^ index * 0x9E3779B97F4A7C15; x ^= x >> 31;
-/// x *= 0xBF58476D1CE4E5B9; x ^ (x >> 29)` (wrapping arithmetic).
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
-pub struct Digest(u64);
-
-impl Digest {
-    /// Add `data`, found at byte `offset`.
-    pub fn add(&mut self, offset: u64, data: &[u8]) {
-        debug_assert!(offset.is_multiple_of(8), "pieces start at 8-byte multiples");
-        let mut word = offset / 8;
-        let mut chunks = data.chunks_exact(8);
-        for c in chunks.by_ref() {
-            let v = u64::from_le_bytes(c.try_into().expect("8 bytes"));
-            self.0 = self.0.wrapping_add(mix(word, v));
-            word += 1;
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut b = [0u8; 8];
-            b[..rest.len()].copy_from_slice(rest);
-            self.0 = self.0.wrapping_add(mix(word, u64::from_le_bytes(b)));
-        }
-    }
-
-    /// The digest value.
-    pub fn value(self) -> u64 {
-        self.0
-    }
-}
-
-fn mix(word: u64, v: u64) -> u64 {
-    let mut x = v ^ word.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    x ^= x >> 31;
-    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x ^ (x >> 29)
 }
 
 // ---- commands --------------------------------------------------------------------------
@@ -822,270 +468,6 @@ pub fn write(a: WriteArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// What `bench` prints with `--json`.
-#[derive(Serialize)]
-struct BenchJson {
-    nsid: u32,
-    lba: u64,
-    mib: u64,
-    lba_size: u32,
-    block_size: u32,
-    max_transfer: u32,
-    queue_entries: u32,
-    readahead_max: u64,
-    /// Readahead windows in flight (resolved).
-    readahead_depth: u64,
-    /// Rounds run; each figure is the fastest of its pass.
-    rounds: u32,
-    /// Through the cache, with readahead.
-    cache: PassReport,
-    /// Through the cache, every page on the per-block path.
-    per_block: PassReport,
-    /// Raw, pipelined on a queue pair.
-    raw: RawReport,
-    /// Raw, `IoQueuePair::read` in 8 MiB steps (what `rnvme read` does).
-    raw_sync: RawReport,
-    /// Cache MiB/s over the faster raw pass.
-    cache_vs_raw: f64,
-    /// Cache MiB/s over per-block MiB/s.
-    cache_vs_per_block: f64,
-    /// All four passes read the same bytes.
-    data_matches: bool,
-    /// The [`Digest`] of what the cache pass read (hex), for checking against the source.
-    digest: String,
-    /// The cache is within 20 % of raw.
-    raw_target_met: bool,
-    /// The cache is at least 4 times the per-block path.
-    per_block_target_met: bool,
-}
-
-/// The synchronous raw pass: `IoQueuePair::read` of `SYNC_STEP` at a time into one buffer,
-/// copied out after each step, as `rnvme read` does.
-fn sync_read(
-    d: &Device,
-    slba: u64,
-    lbas: u64,
-    mut sink: impl FnMut(u64, &[u8]),
-) -> Result<RawReport> {
-    let mut qp = d.ctrl.create_io_qpair(d.entries)?;
-    let lba = d.ns.lba_size as u64;
-    let step = (SYNC_STEP / lba).max(1);
-    let buf = d.ctrl.alloc((step.min(lbas) * lba) as usize)?;
-    let mut host = vec![0u8; buf.len()];
-    let max = qp.max_transfer_for(d.ns.lba_size) as u64;
-    let before = qp.stats().submitted;
-    let mut outside = Duration::ZERO;
-    let start = Instant::now();
-    let mut done = 0;
-    while done < lbas {
-        let n = step.min(lbas - done);
-        qp.read(d.ns.nsid, slba + done, n, &buf)?;
-        let bytes = (n * lba) as usize;
-        buf.read_bytes(0, &mut host[..bytes]);
-        let t = Instant::now();
-        sink(done * lba, &host[..bytes]);
-        outside += t.elapsed();
-        done += n;
-    }
-    let busy = start.elapsed().saturating_sub(outside);
-    Ok(RawReport {
-        bytes: lbas * lba,
-        seconds: busy.as_secs_f64(),
-        mib_per_s: mib_per_s(lbas * lba, busy),
-        commands: qp.stats().submitted - before,
-        command_bytes: max,
-        max_in_flight: (step.min(lbas) * lba)
-            .div_ceil(max)
-            .min(qp.capacity() as u64) as usize,
-    })
-}
-
-pub fn bench(a: BenchArgs) -> Result<ExitCode> {
-    let usage = |m: String| anyhow::Error::from(UsageError(m));
-    if a.mib == 0 {
-        return Err(usage("--mib must be at least 1".into()));
-    }
-    let Some(bytes) = a.mib.checked_mul(1 << 20) else {
-        return Err(usage(format!("--mib {} is too large", a.mib)));
-    };
-    if a.rounds == 0 {
-        return Err(usage("--rounds must be at least 1".into()));
-    }
-    if a.depth == Some(0) {
-        return Err(usage("--depth must be at least 1".into()));
-    }
-    let d = Device::open(&a.dev, &a.cache)?;
-    let (nsid, lba_size) = (d.ns.nsid, d.ns.lba_size as u64);
-    let page = PAGE_SIZE as u64;
-    if lba_size > page {
-        return Err(usage(format!(
-            "namespace {nsid} has {lba_size}-byte LBAs; the page cache needs LBAs of at most {page} bytes"
-        )));
-    }
-    if !a.lba.is_multiple_of(page / lba_size) {
-        return Err(usage(format!(
-            "--lba {} is not 4 KiB aligned: give a multiple of {}",
-            a.lba,
-            page / lba_size
-        )));
-    }
-    let lbas = bytes / lba_size;
-    if a.lba.saturating_add(lbas) > d.ns.size_lbas {
-        return Err(usage(format!(
-            "{} MiB at LBA {} reach past namespace {nsid}, which has {} LBAs",
-            a.mib, a.lba, d.ns.size_lbas
-        )));
-    }
-    let linear = || {
-        Box::new(Linear::new(
-            PAGE_SIZE as u32,
-            a.lba * lba_size / page,
-            bytes / page,
-        ))
-    };
-    let pool = d.pool(a.cache.cache_mib)?;
-    let opts = CacheOptions {
-        readahead_max: a.readahead_max,
-        readahead_depth: a.readahead_depth,
-        ..CacheOptions::default()
-    };
-    let mut digests = Vec::new();
-    let mut best: Option<(PassReport, PassReport, RawReport, RawReport)> = None;
-    let mut max_transfer = 0;
-    let mut ra = (0, 0);
-    for _ in 0..a.rounds {
-        let mut dg = [Digest::default(); 4];
-        let mut cache = PageCache::new(d.block_io()?, pool.clone(), opts.clone())?;
-        max_transfer = cache.device().max_transfer();
-        ra = (cache.readahead_window_max(), cache.readahead_depth());
-        let cached = read_pass(&mut cache, linear(), bytes, READ_CHUNK, |o, b| {
-            dg[0].add(o, b);
-            Ok(())
-        })?;
-        cache.set_force_per_block(true);
-        let per_block = read_pass(&mut cache, linear(), bytes, READ_CHUNK, |o, b| {
-            dg[1].add(o, b);
-            Ok(())
-        })?;
-        drop(cache);
-        let mut io = d.block_io()?;
-        let depth = a.depth.unwrap_or(usize::MAX).min(io.queue().capacity());
-        let raw = raw_read(&mut io, &pool, a.lba, lbas, depth, |o, b| dg[2].add(o, b))?;
-        drop(io);
-        let raw_sync = sync_read(&d, a.lba, lbas, |o, b| dg[3].add(o, b))?;
-        digests.extend(dg);
-        best = Some(match best {
-            None => (cached, per_block, raw, raw_sync),
-            Some((c, p, r, s)) => (
-                faster(c, cached, |x| x.mib_per_s),
-                faster(p, per_block, |x| x.mib_per_s),
-                faster(r, raw, |x| x.mib_per_s),
-                faster(s, raw_sync, |x| x.mib_per_s),
-            ),
-        });
-    }
-    let (cached, per_block, raw, raw_sync) = best.expect("at least one round");
-    let fastest_raw = raw.mib_per_s.max(raw_sync.mib_per_s);
-    let cache_vs_raw = cached.mib_per_s / fastest_raw;
-    let cache_vs_per_block = cached.mib_per_s / per_block.mib_per_s;
-    let data_matches = digests.iter().all(|x| *x == digests[0]);
-    let digest_values: Vec<String> = digests
-        .iter()
-        .map(|x| format!("{:#x}", x.value()))
-        .collect();
-    let r = BenchJson {
-        nsid,
-        lba: a.lba,
-        mib: a.mib,
-        lba_size: lba_size as u32,
-        block_size: PAGE_SIZE as u32,
-        max_transfer,
-        queue_entries: d.entries,
-        readahead_max: ra.0,
-        readahead_depth: ra.1,
-        rounds: a.rounds,
-        cache: cached,
-        per_block,
-        raw,
-        raw_sync,
-        cache_vs_raw,
-        cache_vs_per_block,
-        data_matches,
-        digest: format!("{:#018x}", digests[0].value()),
-        raw_target_met: cache_vs_raw >= 0.8,
-        per_block_target_met: cache_vs_per_block >= 4.0,
-    };
-    let printed = if a.json {
-        serde_json::to_string(&r)
-            .map_err(anyhow::Error::from)
-            .and_then(|j| outln!("{j}"))
-    } else {
-        print_bench(&r)
-    };
-    // The data check decides the status even when nobody reads the figures.
-    allow_closed_stdout(printed)?;
-    if !data_matches {
-        anyhow::bail!(
-            "{}: the passes read different data (digests of cache, per-block, raw and raw sync passes, by round: {})",
-            d.ctrl.name(),
-            digest_values.join(" ")
-        );
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// The one of `a` and `b` with the larger `key`.
-fn faster<T>(a: T, b: T, key: impl Fn(&T) -> f64) -> T {
-    if key(&b) > key(&a) {
-        b
-    } else {
-        a
-    }
-}
-
-fn print_bench(r: &BenchJson) -> Result<()> {
-    let met = |b: bool| if b { "met" } else { "missed" };
-    outln!(
-        "sequential read of {} MiB at LBA {} of namespace {} ({}-byte LBAs, {}-byte blocks, max transfer {} bytes, {} queue entries, readahead windows up to {} pages, {} in flight; fastest of {} rounds)",
-        r.mib, r.lba, r.nsid, r.lba_size, r.block_size, r.max_transfer, r.queue_entries, r.readahead_max, r.readahead_depth, r.rounds
-    )?;
-    for (name, p) in [("cache", &r.cache), ("per-block", &r.per_block)] {
-        outln!(
-            "  {name:<10} {:>9.1} MiB/s  {:>7} commands ({} per-block), {} map calls, {} readahead windows",
-            p.mib_per_s,
-            p.stats.read_commands,
-            p.stats.fallback_commands,
-            p.stats.map_calls,
-            p.stats.readahead_windows
-        )?;
-    }
-    for (name, p) in [("raw", &r.raw), ("raw sync", &r.raw_sync)] {
-        outln!(
-            "  {name:<10} {:>9.1} MiB/s  {:>7} commands of up to {} bytes, up to {} in flight",
-            p.mib_per_s,
-            p.commands,
-            p.command_bytes,
-            p.max_in_flight
-        )?;
-    }
-    outln!(
-        "  cache / raw = {:.2} (target >= 0.80: {}), cache / per-block = {:.2} (target >= 4: {})",
-        r.cache_vs_raw,
-        met(r.raw_target_met),
-        r.cache_vs_per_block,
-        met(r.per_block_target_met)
-    )?;
-    outln!(
-        "  data: {}",
-        if r.data_matches {
-            "all passes read the same bytes"
-        } else {
-            "the passes read DIFFERENT bytes"
-        }
-    )?;
-    Ok(())
-}
-
 // ---- trace -----------------------------------------------------------------------------
 
 /// The operations in command-line order. clap keeps each flag's values in order but not the
@@ -1145,10 +527,11 @@ fn trace(a: TraceArgs, raw: Vec<String>) -> Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
+    use super::passes::{raw_read, Digest};
     use super::*;
     use rnvme_driver::dma::{Backing, DmaPool};
     use rnvme_driver::hw::MemoryOnly;
-    use rnvme_mpage::{DiskFill, RecordingDevice};
+    use rnvme_mpage::{DiskFill, Linear, RecordingDevice};
 
     fn args(s: &str) -> Vec<String> {
         s.split_whitespace().map(String::from).collect()

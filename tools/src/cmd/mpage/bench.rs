@@ -1,0 +1,281 @@
+//! `rnvme mpage bench`: a contiguous file read through the cache, on the per-block path and
+//! raw, side by side; with `--threads`, several files by several threads at once; and random
+//! page reads through the cache against the same reads raw.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use rnvme_mpage::{BlockIo, CacheOptions, Linear, PageCache, PAGE_SIZE};
+use serde::Serialize;
+
+use super::passes::{mib_per_s, raw_read, read_pass, Digest, PassReport, RawReport};
+use super::{BenchArgs, Device, READ_CHUNK};
+use crate::cmd::{allow_closed_stdout, outln, UsageError};
+
+/// Bytes per `IoQueuePair::read` call of the synchronous raw pass (as `rnvme read` does).
+const SYNC_STEP: u64 = 8 << 20;
+
+/// What `bench` prints with `--json`.
+#[derive(Serialize)]
+struct BenchJson {
+    nsid: u32,
+    lba: u64,
+    mib: u64,
+    lba_size: u32,
+    block_size: u32,
+    max_transfer: u32,
+    queue_entries: u32,
+    readahead_max: u64,
+    /// Readahead windows in flight (resolved).
+    readahead_depth: u64,
+    /// Rounds run; each figure is the fastest of its pass.
+    rounds: u32,
+    /// Through the cache, with readahead.
+    cache: PassReport,
+    /// Through the cache, every page on the per-block path.
+    per_block: PassReport,
+    /// Raw, pipelined on a queue pair.
+    raw: RawReport,
+    /// Raw, `IoQueuePair::read` in 8 MiB steps (what `rnvme read` does).
+    raw_sync: RawReport,
+    /// Cache MiB/s over the faster raw pass.
+    cache_vs_raw: f64,
+    /// Cache MiB/s over per-block MiB/s.
+    cache_vs_per_block: f64,
+    /// All four passes read the same bytes.
+    data_matches: bool,
+    /// The [`Digest`] of what the cache pass read (hex), for checking against the source.
+    digest: String,
+    /// The cache is within 20 % of raw.
+    raw_target_met: bool,
+    /// The cache is at least 4 times the per-block path.
+    per_block_target_met: bool,
+}
+
+/// The synchronous raw pass: `IoQueuePair::read` of `SYNC_STEP` at a time into one buffer,
+/// copied out after each step, as `rnvme read` does.
+fn sync_read(
+    d: &Device,
+    slba: u64,
+    lbas: u64,
+    mut sink: impl FnMut(u64, &[u8]),
+) -> Result<RawReport> {
+    let mut qp = d.ctrl.create_io_qpair(d.entries)?;
+    let lba = d.ns.lba_size as u64;
+    let step = (SYNC_STEP / lba).max(1);
+    let buf = d.ctrl.alloc((step.min(lbas) * lba) as usize)?;
+    let mut host = vec![0u8; buf.len()];
+    let max = qp.max_transfer_for(d.ns.lba_size) as u64;
+    let before = qp.stats().submitted;
+    let mut outside = Duration::ZERO;
+    let start = Instant::now();
+    let mut done = 0;
+    while done < lbas {
+        let n = step.min(lbas - done);
+        qp.read(d.ns.nsid, slba + done, n, &buf)?;
+        let bytes = (n * lba) as usize;
+        buf.read_bytes(0, &mut host[..bytes]);
+        let t = Instant::now();
+        sink(done * lba, &host[..bytes]);
+        outside += t.elapsed();
+        done += n;
+    }
+    let busy = start.elapsed().saturating_sub(outside);
+    Ok(RawReport {
+        bytes: lbas * lba,
+        seconds: busy.as_secs_f64(),
+        mib_per_s: mib_per_s(lbas * lba, busy),
+        commands: qp.stats().submitted - before,
+        command_bytes: max,
+        max_in_flight: (step.min(lbas) * lba)
+            .div_ceil(max)
+            .min(qp.capacity() as u64) as usize,
+    })
+}
+
+pub fn bench(a: BenchArgs) -> Result<ExitCode> {
+    let usage = |m: String| anyhow::Error::from(UsageError(m));
+    if a.mib == 0 {
+        return Err(usage("--mib must be at least 1".into()));
+    }
+    let Some(bytes) = a.mib.checked_mul(1 << 20) else {
+        return Err(usage(format!("--mib {} is too large", a.mib)));
+    };
+    if a.rounds == 0 {
+        return Err(usage("--rounds must be at least 1".into()));
+    }
+    if a.depth == Some(0) {
+        return Err(usage("--depth must be at least 1".into()));
+    }
+    let d = Device::open(&a.dev, &a.cache)?;
+    let (nsid, lba_size) = (d.ns.nsid, d.ns.lba_size as u64);
+    let page = PAGE_SIZE as u64;
+    if lba_size > page {
+        return Err(usage(format!(
+            "namespace {nsid} has {lba_size}-byte LBAs; the page cache needs LBAs of at most {page} bytes"
+        )));
+    }
+    if !a.lba.is_multiple_of(page / lba_size) {
+        return Err(usage(format!(
+            "--lba {} is not 4 KiB aligned: give a multiple of {}",
+            a.lba,
+            page / lba_size
+        )));
+    }
+    let lbas = bytes / lba_size;
+    if a.lba.saturating_add(lbas) > d.ns.size_lbas {
+        return Err(usage(format!(
+            "{} MiB at LBA {} reach past namespace {nsid}, which has {} LBAs",
+            a.mib, a.lba, d.ns.size_lbas
+        )));
+    }
+    let linear = || {
+        Box::new(Linear::new(
+            PAGE_SIZE as u32,
+            a.lba * lba_size / page,
+            bytes / page,
+        ))
+    };
+    let pool = d.pool(a.cache.cache_mib)?;
+    let opts = CacheOptions {
+        readahead_max: a.readahead_max,
+        readahead_depth: a.readahead_depth,
+        ..CacheOptions::default()
+    };
+    let mut digests = Vec::new();
+    let mut best: Option<(PassReport, PassReport, RawReport, RawReport)> = None;
+    let mut max_transfer = 0;
+    let mut ra = (0, 0);
+    for _ in 0..a.rounds {
+        let mut dg = [Digest::default(); 4];
+        let mut cache = PageCache::new(d.block_io()?, pool.clone(), opts.clone())?;
+        max_transfer = cache.device().max_transfer();
+        ra = (cache.readahead_window_max(), cache.readahead_depth());
+        let cached = read_pass(&mut cache, linear(), bytes, READ_CHUNK, |o, b| {
+            dg[0].add(o, b);
+            Ok(())
+        })?;
+        cache.set_force_per_block(true);
+        let per_block = read_pass(&mut cache, linear(), bytes, READ_CHUNK, |o, b| {
+            dg[1].add(o, b);
+            Ok(())
+        })?;
+        drop(cache);
+        let mut io = d.block_io()?;
+        let depth = a.depth.unwrap_or(usize::MAX).min(io.queue().capacity());
+        let raw = raw_read(&mut io, &pool, a.lba, lbas, depth, |o, b| dg[2].add(o, b))?;
+        drop(io);
+        let raw_sync = sync_read(&d, a.lba, lbas, |o, b| dg[3].add(o, b))?;
+        digests.extend(dg);
+        best = Some(match best {
+            None => (cached, per_block, raw, raw_sync),
+            Some((c, p, r, s)) => (
+                faster(c, cached, |x| x.mib_per_s),
+                faster(p, per_block, |x| x.mib_per_s),
+                faster(r, raw, |x| x.mib_per_s),
+                faster(s, raw_sync, |x| x.mib_per_s),
+            ),
+        });
+    }
+    let (cached, per_block, raw, raw_sync) = best.expect("at least one round");
+    let fastest_raw = raw.mib_per_s.max(raw_sync.mib_per_s);
+    let cache_vs_raw = cached.mib_per_s / fastest_raw;
+    let cache_vs_per_block = cached.mib_per_s / per_block.mib_per_s;
+    let data_matches = digests.iter().all(|x| *x == digests[0]);
+    let digest_values: Vec<String> = digests
+        .iter()
+        .map(|x| format!("{:#x}", x.value()))
+        .collect();
+    let r = BenchJson {
+        nsid,
+        lba: a.lba,
+        mib: a.mib,
+        lba_size: lba_size as u32,
+        block_size: PAGE_SIZE as u32,
+        max_transfer,
+        queue_entries: d.entries,
+        readahead_max: ra.0,
+        readahead_depth: ra.1,
+        rounds: a.rounds,
+        cache: cached,
+        per_block,
+        raw,
+        raw_sync,
+        cache_vs_raw,
+        cache_vs_per_block,
+        data_matches,
+        digest: format!("{:#018x}", digests[0].value()),
+        raw_target_met: cache_vs_raw >= 0.8,
+        per_block_target_met: cache_vs_per_block >= 4.0,
+    };
+    let printed = if a.json {
+        serde_json::to_string(&r)
+            .map_err(anyhow::Error::from)
+            .and_then(|j| outln!("{j}"))
+    } else {
+        print_bench(&r)
+    };
+    // The data check decides the status even when nobody reads the figures.
+    allow_closed_stdout(printed)?;
+    if !data_matches {
+        anyhow::bail!(
+            "{}: the passes read different data (digests of cache, per-block, raw and raw sync passes, by round: {})",
+            d.ctrl.name(),
+            digest_values.join(" ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The one of `a` and `b` with the larger `key`.
+fn faster<T>(a: T, b: T, key: impl Fn(&T) -> f64) -> T {
+    if key(&b) > key(&a) {
+        b
+    } else {
+        a
+    }
+}
+
+fn print_bench(r: &BenchJson) -> Result<()> {
+    let met = |b: bool| if b { "met" } else { "missed" };
+    outln!(
+        "sequential read of {} MiB at LBA {} of namespace {} ({}-byte LBAs, {}-byte blocks, max transfer {} bytes, {} queue entries, readahead windows up to {} pages, {} in flight; fastest of {} rounds)",
+        r.mib, r.lba, r.nsid, r.lba_size, r.block_size, r.max_transfer, r.queue_entries, r.readahead_max, r.readahead_depth, r.rounds
+    )?;
+    for (name, p) in [("cache", &r.cache), ("per-block", &r.per_block)] {
+        outln!(
+            "  {name:<10} {:>9.1} MiB/s  {:>7} commands ({} per-block), {} map calls, {} readahead windows",
+            p.mib_per_s,
+            p.stats.read_commands,
+            p.stats.fallback_commands,
+            p.stats.map_calls,
+            p.stats.readahead_windows
+        )?;
+    }
+    for (name, p) in [("raw", &r.raw), ("raw sync", &r.raw_sync)] {
+        outln!(
+            "  {name:<10} {:>9.1} MiB/s  {:>7} commands of up to {} bytes, up to {} in flight",
+            p.mib_per_s,
+            p.commands,
+            p.command_bytes,
+            p.max_in_flight
+        )?;
+    }
+    outln!(
+        "  cache / raw = {:.2} (target >= 0.80: {}), cache / per-block = {:.2} (target >= 4: {})",
+        r.cache_vs_raw,
+        met(r.raw_target_met),
+        r.cache_vs_per_block,
+        met(r.per_block_target_met)
+    )?;
+    outln!(
+        "  data: {}",
+        if r.data_matches {
+            "all passes read the same bytes"
+        } else {
+            "the passes read DIFFERENT bytes"
+        }
+    )?;
+    Ok(())
+}

@@ -1,0 +1,364 @@
+//! The passes of `rnvme mpage read`, `write` and `bench`: a file through the cache, and the
+//! same bytes read raw from the device, each reporting its figures.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use rnvme_driver::Segment;
+use rnvme_mpage::{
+    BlockIo, BlockMap, CacheStats, FileId, IoError, IoOp, IoRequest, PageCache, PagePool,
+    CHUNK_BYTES, FRAMES_PER_CHUNK, PAGE_SIZE,
+};
+use serde::Serialize;
+
+/// Bytes handed to each `write_at` of a write pass.
+const WRITE_CHUNK: usize = 1 << 20;
+/// Largest command of the raw pass in bytes (each command in flight has its own frames).
+const RAW_PIECE_MAX: usize = CHUNK_BYTES;
+/// How long the raw pass waits without any completion before giving up.
+const RAW_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What one pass over a file did.
+#[derive(Clone, Debug, Serialize)]
+pub struct PassReport {
+    /// Bytes read or written.
+    pub bytes: u64,
+    /// Time spent in the cache (or the device) only: not in the caller's use of the data.
+    pub seconds: f64,
+    /// `bytes` over `seconds`.
+    pub mib_per_s: f64,
+    /// The cache's counters for the pass.
+    #[serde(flatten)]
+    pub stats: CacheStats,
+}
+
+pub(super) fn mib_per_s(bytes: u64, d: Duration) -> f64 {
+    let s = d.as_secs_f64();
+    if s > 0.0 {
+        bytes as f64 / (1 << 20) as f64 / s
+    } else {
+        f64::INFINITY
+    }
+}
+
+impl PassReport {
+    pub(super) fn new(bytes: u64, busy: Duration, stats: CacheStats) -> PassReport {
+        PassReport {
+            bytes,
+            seconds: busy.as_secs_f64(),
+            mib_per_s: mib_per_s(bytes, busy),
+            stats,
+        }
+    }
+}
+
+/// Open `map` as a file of `size` bytes, read it from start to end in `chunk`-byte `read_at`
+/// calls (sequential, so readahead runs ahead of the reader), hand each piece to `sink`, and
+/// close it again. Only the time spent in the cache is counted.
+pub fn read_pass<D: BlockIo>(
+    cache: &mut PageCache<D>,
+    map: Box<dyn BlockMap>,
+    size: u64,
+    chunk: usize,
+    mut sink: impl FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<PassReport> {
+    let f = cache.open(map, size)?;
+    cache.reset_stats();
+    let mut buf = vec![0u8; chunk.max(1)];
+    let mut off = 0u64;
+    let mut busy = Duration::ZERO;
+    while off < size {
+        let t = Instant::now();
+        let n = cache
+            .read_at(f, off, &mut buf)
+            .with_context(|| format!("reading the file at byte {off} through the page cache"))?;
+        busy += t.elapsed();
+        anyhow::ensure!(
+            n > 0,
+            "the page cache returned no data at byte {off} of a {size}-byte file"
+        );
+        sink(off, &buf[..n])?;
+        off += n as u64;
+    }
+    let stats = cache.stats();
+    close(cache, f)?;
+    Ok(PassReport::new(off, busy, stats))
+}
+
+/// Open `map` as a file of `size` bytes, write `data` at offset 0, sync (write back and
+/// Flush) and close it. Returns the report and the file size after the write.
+pub fn write_pass<D: BlockIo>(
+    cache: &mut PageCache<D>,
+    map: Box<dyn BlockMap>,
+    size: u64,
+    data: &[u8],
+) -> Result<(PassReport, u64)> {
+    let f = cache.open(map, size)?;
+    cache.reset_stats();
+    let t = Instant::now();
+    let mut off = 0usize;
+    for piece in data.chunks(WRITE_CHUNK) {
+        cache
+            .write_at(f, off as u64, piece)
+            .with_context(|| format!("writing at byte {off} through the page cache"))?;
+        off += piece.len();
+    }
+    cache.sync(f).context("syncing the file")?;
+    let busy = t.elapsed();
+    let stats = cache.stats();
+    let new_size = cache.file_size(f)?;
+    close(cache, f)?;
+    Ok((PassReport::new(off as u64, busy, stats), new_size))
+}
+
+fn close<D: BlockIo>(cache: &mut PageCache<D>, f: FileId) -> Result<()> {
+    cache.close(f).context("closing the file")
+}
+
+/// What the raw pass did.
+#[derive(Clone, Debug, Serialize)]
+pub struct RawReport {
+    /// Bytes read.
+    pub bytes: u64,
+    /// Time from the first submission to the last copy.
+    pub seconds: f64,
+    /// `bytes` over `seconds`.
+    pub mib_per_s: f64,
+    /// Read commands issued.
+    pub commands: u64,
+    /// Bytes per command (the last may be shorter).
+    pub command_bytes: u64,
+    /// Most commands in flight at once.
+    pub max_in_flight: usize,
+}
+
+/// Read `lbas` LBAs at `slba` straight from `dev`, no cache and no map: commands of the max
+/// transfer (at most 2 MiB), up to `depth` in flight, each into frames of `pool` of its own.
+/// Each completed command's data is copied out of the frames (as any reader must) and handed
+/// to `sink` with its byte offset, in completion order; the time `sink` takes is not counted.
+pub fn raw_read<D: BlockIo>(
+    dev: &mut D,
+    pool: &PagePool,
+    slba: u64,
+    lbas: u64,
+    depth: usize,
+    mut sink: impl FnMut(u64, &[u8]),
+) -> Result<RawReport> {
+    let lba = dev.lba_size() as usize;
+    let per_cmd = (dev.max_transfer() as usize)
+        .min(65536 * lba)
+        .min(RAW_PIECE_MAX);
+    let piece = per_cmd / PAGE_SIZE * PAGE_SIZE;
+    anyhow::ensure!(
+        piece >= PAGE_SIZE,
+        "{}: a max transfer of {per_cmd} bytes is less than a page",
+        dev.name()
+    );
+    let total = lbas * lba as u64;
+    let frames_per = piece / PAGE_SIZE;
+    let depth = depth
+        .max(1)
+        .min(total.div_ceil(piece as u64).max(1) as usize)
+        .min(pool.free_frames() / frames_per);
+    anyhow::ensure!(
+        depth > 0,
+        "the page pool has {} free frames, too few for one command of {piece} bytes",
+        pool.free_frames()
+    );
+    // Each slot's frames, merged into segments where they are adjacent in IOVA.
+    let mut slots: Vec<(Vec<rnvme_mpage::FrameId>, Vec<Segment>)> = Vec::with_capacity(depth);
+    for _ in 0..depth {
+        let mut frames = Vec::with_capacity(frames_per);
+        for _ in 0..frames_per {
+            frames.push(pool.alloc().ok_or_else(|| {
+                anyhow::anyhow!("the page pool ran out of frames for the raw pass")
+            })?);
+        }
+        let mut segs: Vec<Segment> = Vec::new();
+        let mut prev: Option<rnvme_mpage::FrameId> = None;
+        for &fr in &frames {
+            let iova = pool.iova(fr);
+            // Adjacent in IOVA and in the same 2 MiB buffer: a segment never spans buffers.
+            let same_buffer =
+                prev.is_some_and(|p| p.index() / FRAMES_PER_CHUNK == fr.index() / FRAMES_PER_CHUNK);
+            match segs.last_mut() {
+                Some(s) if same_buffer && s.iova.add(s.len as u64) == iova => {
+                    s.len += PAGE_SIZE as u32
+                }
+                _ => segs.push(Segment::new(iova, PAGE_SIZE as u32)),
+            }
+            prev = Some(fr);
+        }
+        slots.push((frames, segs));
+    }
+    let result = raw_loop(dev, pool, &slots, slba, total, piece, &mut sink);
+    for (frames, _) in slots {
+        for fr in frames {
+            pool.free(fr);
+        }
+    }
+    result
+}
+
+/// The segments of a slot cut to `len` bytes.
+fn cut(segs: &[Segment], len: usize) -> Vec<Segment> {
+    let mut out = Vec::new();
+    let mut left = len;
+    for s in segs {
+        if left == 0 {
+            break;
+        }
+        let n = (s.len as usize).min(left);
+        out.push(Segment::new(s.iova, n as u32));
+        left -= n;
+    }
+    out
+}
+
+#[allow(clippy::type_complexity)]
+fn raw_loop<D: BlockIo>(
+    dev: &mut D,
+    pool: &PagePool,
+    slots: &[(Vec<rnvme_mpage::FrameId>, Vec<Segment>)],
+    slba: u64,
+    total: u64,
+    piece: usize,
+    sink: &mut impl FnMut(u64, &[u8]),
+) -> Result<RawReport> {
+    let lba = dev.lba_size() as u64;
+    let mut free: Vec<usize> = (0..slots.len()).rev().collect();
+    // Byte offset and length of the piece each slot holds.
+    let mut holds = vec![(0u64, 0usize); slots.len()];
+    let mut host = vec![0u8; piece];
+    let (mut next, mut done, mut commands, mut in_flight, mut max_in_flight) = (0u64, 0, 0, 0, 0);
+    let mut outside = Duration::ZERO;
+    let mut completed: Vec<(u64, Result<(), IoError>)> = Vec::new();
+    let start = Instant::now();
+    let mut last_progress = start;
+    while done < total {
+        while next < total {
+            let Some(s) = free.pop() else { break };
+            let len = (piece as u64).min(total - next) as usize;
+            let segs = cut(&slots[s].1, len)
+                .into_iter()
+                .map(|seg| pool.slice_of(seg))
+                .collect::<Result<Vec<_>, _>>()?;
+            let req = IoRequest {
+                op: IoOp::Read,
+                slba: slba + next / lba,
+                lbas: (len as u64 / lba) as u32,
+                segments: &segs,
+                pages: &[],
+                fallback: false,
+            };
+            match dev.submit(&req, s as u64) {
+                Ok(()) => {
+                    holds[s] = (next, len);
+                    next += len as u64;
+                    commands += 1;
+                    in_flight += 1;
+                    max_in_flight = max_in_flight.max(in_flight);
+                }
+                Err(IoError::QueueFull) if in_flight > 0 => {
+                    free.push(s);
+                    break;
+                }
+                Err(e) => {
+                    return Err(anyhow::Error::from(e).context(format!(
+                        "{}: raw Read of {len} bytes at LBA {} not submitted",
+                        dev.name(),
+                        req.slba
+                    )))
+                }
+            }
+        }
+        dev.kick();
+        completed.clear();
+        dev.poll(&mut |tag, r| completed.push((tag, r)));
+        if completed.is_empty() {
+            if last_progress.elapsed() > RAW_TIMEOUT {
+                anyhow::bail!(
+                    "{}: no raw Read completed in {} s ({in_flight} outstanding)",
+                    dev.name(),
+                    RAW_TIMEOUT.as_secs()
+                );
+            }
+            continue;
+        }
+        last_progress = Instant::now();
+        for (tag, r) in completed.drain(..) {
+            let s = tag as usize;
+            let (off, len) = holds[s];
+            r.with_context(|| {
+                format!(
+                    "{}: raw Read of {len} bytes at LBA {} failed",
+                    dev.name(),
+                    slba + off / lba
+                )
+            })?;
+            for (i, &fr) in slots[s].0.iter().enumerate() {
+                let from = i * PAGE_SIZE;
+                if from >= len {
+                    break;
+                }
+                let n = PAGE_SIZE.min(len - from);
+                pool.read(fr, 0, &mut host[from..from + n]);
+            }
+            let t = Instant::now();
+            sink(off, &host[..len]);
+            outside += t.elapsed();
+            done += len as u64;
+            in_flight -= 1;
+            free.push(s);
+        }
+    }
+    let busy = start.elapsed().saturating_sub(outside);
+    Ok(RawReport {
+        bytes: total,
+        seconds: busy.as_secs_f64(),
+        mib_per_s: mib_per_s(total, busy),
+        commands,
+        command_bytes: piece as u64,
+        max_in_flight,
+    })
+}
+
+/// An order-independent digest of data by position: pieces may be added in any order and
+/// any split, as long as every piece starts at a multiple of 8 bytes. It is the wrapping sum,
+/// over the little-endian 8-byte words of the data (the last one padded with zeros), of
+/// `mix(word index, word)` with `x = word ^ index * 0x9E3779B97F4A7C15; x ^= x >> 31;
+/// x *= 0xBF58476D1CE4E5B9; x ^ (x >> 29)` (wrapping arithmetic).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Digest(u64);
+
+impl Digest {
+    /// Add `data`, found at byte `offset`.
+    pub fn add(&mut self, offset: u64, data: &[u8]) {
+        debug_assert!(offset.is_multiple_of(8), "pieces start at 8-byte multiples");
+        let mut word = offset / 8;
+        let mut chunks = data.chunks_exact(8);
+        for c in chunks.by_ref() {
+            let v = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+            self.0 = self.0.wrapping_add(mix(word, v));
+            word += 1;
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut b = [0u8; 8];
+            b[..rest.len()].copy_from_slice(rest);
+            self.0 = self.0.wrapping_add(mix(word, u64::from_le_bytes(b)));
+        }
+    }
+
+    /// The digest value.
+    pub fn value(self) -> u64 {
+        self.0
+    }
+}
+
+fn mix(word: u64, v: u64) -> u64 {
+    let mut x = v ^ word.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^= x >> 31;
+    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^ (x >> 29)
+}
