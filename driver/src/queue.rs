@@ -486,9 +486,22 @@ impl QueuePair {
     ///
     /// The command holds a share of each buffer in `data` until its completion is reaped (or
     /// the controller was stopped): dropping a buffer meanwhile does not free its memory.
+    ///
+    /// The data and metadata pointers of `cmd` (DPTR, MPTR) are the driver's: built from
+    /// `data` (and the metadata buffer of [`QueuePair::submit_with_metadata`]), and cleared
+    /// where there is none, so that a command reaches only memory it holds a share of. (A
+    /// vendor specific command that carries addresses in other dwords is beyond what the
+    /// driver can check.)
     #[inline(always)]
     pub fn submit(&mut self, cmd: SqEntry, data: &[DmaSlice<'_>], tag: u64) -> Result<CommandId> {
-        self.submit_inner(cmd, data, None, tag)
+        self.submit_inner(cmd, data, None, false, tag)
+    }
+
+    /// Queue `cmd` as it is, data pointer included, without data: for the controller's own
+    /// commands that hand it queue rings and doorbell pages, memory that is never viewable
+    /// and outlives the commands.
+    pub(crate) fn submit_raw(&mut self, cmd: SqEntry, tag: u64) -> Result<CommandId> {
+        self.submit_inner(cmd, &[], None, true, tag)
     }
 
     /// [`QueuePair::submit`] with a separate metadata buffer: `metadata` goes into the
@@ -510,15 +523,18 @@ impl QueuePair {
         if metadata.mem().is_quarantined() {
             return Err(self.quarantined_data(metadata.segment()));
         }
-        self.submit_inner(cmd, data, Some(metadata), tag)
+        self.submit_inner(cmd, data, Some(metadata), false, tag)
     }
 
+    /// `raw`: keep the data and metadata pointers of a command without `data` or `metadata`
+    /// as they are (see [`QueuePair::submit_raw`]); otherwise they are cleared.
     #[inline(always)]
     fn submit_inner(
         &mut self,
         mut cmd: SqEntry,
         data: &[DmaSlice<'_>],
         metadata: Option<DmaSlice<'_>>,
+        raw: bool,
         tag: u64,
     ) -> Result<CommandId> {
         if self.generation_now.load(Ordering::Relaxed) != self.generation {
@@ -594,8 +610,14 @@ impl QueuePair {
                     return Err(e);
                 }
             }
+        } else if !raw {
+            cmd.dptr1 = 0;
+            cmd.dptr2 = 0;
         }
         let slot = &mut self.slots[index as usize];
+        if metadata.is_none() && !raw {
+            cmd.mptr = 0;
+        }
         if let Some(m) = metadata {
             slot.leases.push(m.mem().clone());
             if m.mem().is_viewable() && device_writes(cmd.opcode()) {

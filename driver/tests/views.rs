@@ -409,3 +409,64 @@ fn admin_commands_that_return_data_respect_views() {
         ctrl.info().serial
     );
 }
+
+#[test]
+fn a_command_cannot_point_the_device_at_memory_by_hand() {
+    let (model, ctrl) = open();
+    let mut qp = ctrl.create_io_qpair(8).unwrap();
+    model.write_ns(1, 2, &[0xee; 4096]);
+    let buf = viewable(&ctrl, 1);
+    let v = buf.view(0, 4096).unwrap();
+    // A read with the viewed page's address written into its data pointer, and no data.
+    let mut c = read_cmd(1, 2, 1);
+    c.dptr1 = buf.iova().0;
+    c.mptr = buf.iova().0;
+    let raw: &mut QueuePair = &mut qp;
+    raw.submit(c, &[], 1).unwrap();
+    let done = wait(&mut qp, 1);
+    assert!(
+        !done[0].status.is_success(),
+        "the pointers were cleared: the read had nowhere to go"
+    );
+    assert_eq!(&v[..], &[0; 4096][..], "the device did not write the view");
+}
+
+#[test]
+fn admin_commands_that_keep_memory_are_refused() {
+    let (_model, ctrl) = open();
+    let buf = viewable(&ctrl, 1);
+    let mut create_cq = SqEntry::new(admin_op::CREATE_IO_CQ, 0);
+    create_cq.cdw10 = 7 | (15 << 16);
+    create_cq.cdw11 = 1;
+    let mut hmb = SqEntry::new(admin_op::SET_FEATURES, 0);
+    hmb.cdw10 = 0x0d;
+    hmb.cdw11 = 1;
+    for (c, what) in [
+        (create_cq, "Create I/O Completion Queue"),
+        (
+            SqEntry::new(admin_op::CREATE_IO_SQ, 0),
+            "Create I/O Submission Queue",
+        ),
+        (
+            SqEntry::new(admin_op::DOORBELL_BUFFER_CONFIG, 0),
+            "Doorbell Buffer Config",
+        ),
+        (hmb, "Set Features (Host Memory Buffer)"),
+    ] {
+        let e = ctrl.admin(c, Some(&buf), what).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+        assert!(
+            e.to_string().contains("goes on using") && e.to_string().contains(what),
+            "{e}"
+        );
+    }
+    // Other features are set as before.
+    let mut vwc = SqEntry::new(admin_op::SET_FEATURES, 0);
+    vwc.cdw10 = 0x06;
+    vwc.cdw11 = 1;
+    ctrl.admin(vwc, None, "Set Features (Volatile Write Cache)")
+        .unwrap();
+    // And the driver still creates its queues.
+    let mut qp = ctrl.create_io_qpair(8).unwrap();
+    qp.read(1, 0, 1, &buf).unwrap();
+}
