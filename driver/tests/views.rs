@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rnvme_driver::controller::{Controller, ControllerOptions};
-use rnvme_driver::dma::{Backing, DmaBuffer, DmaError};
+use rnvme_driver::dma::{Backing, DmaBuffer, DmaError, DmaView};
 use rnvme_driver::io::{read_cmd, write_cmd, IoQueuePair};
 use rnvme_driver::model::{LateDma, Model, ModelConfig};
 use rnvme_driver::queue::{Completion, QueuePair};
@@ -332,6 +332,8 @@ fn dropping_the_views_lets_reads_in_again() {
 
 #[test]
 fn views_are_read_on_other_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<DmaView>();
     let (model, ctrl) = open();
     let mut qp = ctrl.create_io_qpair(8).unwrap();
     let data: Vec<u8> = (0..8192).map(|i| (i * 7 % 251) as u8).collect();
