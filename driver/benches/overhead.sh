@@ -15,7 +15,7 @@ N1=${N1:-20000}
 N2=${N2:-60000}
 command -v valgrind >/dev/null || { echo "valgrind is needed: apt-get install valgrind" >&2; exit 1; }
 cargo build --release -q -p rnvme-driver --features test-utils --example overhead
-bin=target/release/examples/overhead
+bin=${CARGO_TARGET_DIR:-target}/release/examples/overhead
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 

@@ -354,7 +354,21 @@ impl Controller {
     }
 
     /// Run an admin command with an optional data buffer; returns completion DW0.
+    ///
+    /// The command's data pointer is `data`'s, and cleared without it (see
+    /// [`QueuePair::submit`]). Commands that hand the controller memory it goes on using after
+    /// they complete are refused: Create I/O Submission or Completion Queue, Doorbell Buffer
+    /// Config, and Set Features Host Memory Buffer. The driver manages queues and doorbell
+    /// pages itself, and a command holds its memory only until its completion.
     pub fn admin(&self, cmd: SqEntry, data: Option<&DmaBuffer>, what: &'static str) -> Result<u32> {
+        if keeps_memory(&cmd) {
+            return Err(Error::InvalidArgument(format!(
+                "{what}: admin opcode {:#04x} would hand the controller memory it goes on using \
+                 after the command completes (queues, doorbell buffers, a host memory buffer); \
+                 the driver manages those itself",
+                cmd.opcode()
+            )));
+        }
         self.shared.admin.admin_cmd(cmd, data, what)
     }
 
@@ -445,15 +459,45 @@ impl Controller {
     }
 }
 
+/// Set Features feature identifier of the Host Memory Buffer.
+const FEATURE_HOST_MEMORY_BUFFER: u32 = 0x0d;
+
+/// Whether admin command `cmd` makes the controller use host memory after it completes.
+fn keeps_memory(cmd: &SqEntry) -> bool {
+    match cmd.opcode() {
+        admin_op::CREATE_IO_SQ | admin_op::CREATE_IO_CQ | admin_op::DOORBELL_BUFFER_CONFIG => true,
+        admin_op::SET_FEATURES => cmd.cdw10 & 0xff == FEATURE_HOST_MEMORY_BUFFER,
+        _ => false,
+    }
+}
+
 impl Admin {
     fn lock(&self) -> MutexGuard<'_, QueuePair> {
         self.qp.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Run `cmd` with `data`; its data and metadata pointers are the queue pair's (see
+    /// [`QueuePair::submit`]).
     pub(crate) fn admin_cmd(
         &self,
         cmd: SqEntry,
         data: Option<&DmaBuffer>,
+        what: &'static str,
+    ) -> Result<u32> {
+        self.run(cmd, data, false, what)
+    }
+
+    /// Run `cmd` with the data pointer it carries: for the commands that hand the controller
+    /// queue rings and doorbell pages (see [`QueuePair::submit_raw`]).
+    fn admin_cmd_raw(&self, cmd: SqEntry, what: &'static str) -> Result<u32> {
+        self.run(cmd, None, true, what)
+    }
+
+    fn run(
+        &self,
+        cmd: SqEntry,
+        data: Option<&DmaBuffer>,
+        raw: bool,
         what: &'static str,
     ) -> Result<u32> {
         let seg;
@@ -465,7 +509,11 @@ impl Admin {
             None => &[],
         };
         let mut q = self.lock();
-        let cid = q.submit(cmd, segs, 0)?;
+        let cid = if raw {
+            q.submit_raw(cmd, 0)?
+        } else {
+            q.submit(cmd, segs, 0)?
+        };
         q.ring();
         let timeout = self.timeout;
         let deadline = Instant::now() + timeout;
@@ -599,13 +647,12 @@ impl Shared {
         c.dptr1 = qp.cq_iova().0;
         c.cdw10 = qid | ((qp.cq_entries() as u32 - 1) << 16);
         c.cdw11 = 1; // physically contiguous, interrupts off
-        self.admin
-            .admin_cmd(c, None, "Create I/O Completion Queue")?;
+        self.admin.admin_cmd_raw(c, "Create I/O Completion Queue")?;
         let mut c = SqEntry::new(admin_op::CREATE_IO_SQ, 0);
         c.dptr1 = qp.sq_iova().0;
         c.cdw10 = qid | size;
         c.cdw11 = 1 | (qid << 16); // physically contiguous, its CQ
-        if let Err(e) = self.admin.admin_cmd(c, None, "Create I/O Submission Queue") {
+        if let Err(e) = self.admin.admin_cmd_raw(c, "Create I/O Submission Queue") {
             let _ = self.delete_cq(qp.qid());
             return Err(e);
         }
@@ -758,7 +805,7 @@ impl Shared {
         let mut c = SqEntry::new(admin_op::DOORBELL_BUFFER_CONFIG, 0);
         c.dptr1 = dbs.iova().0;
         c.dptr2 = eis.iova().0;
-        match self.admin.admin_cmd(c, None, "Doorbell Buffer Config") {
+        match self.admin.admin_cmd_raw(c, "Doorbell Buffer Config") {
             Ok(_) => self.dbbuf_on.store(true, Ordering::Release),
             Err(e) => {
                 log::warn!("{}: shadow doorbells not used: {e}", self.hw.name());

@@ -1,14 +1,18 @@
 //! DMA memory: a pool of 2 MiB hugepages, each mapped once into the IOMMU at an IOVA chosen
 //! by [`IovaAllocator`], carved into 4 KiB-aligned buffers.
 //!
-//! The device may read and write this memory at any time, so the CPU never holds a Rust
-//! reference into it: [`DmaBuffer`] gives access only through `vm_memory`'s volatile types
-//! and copying helpers. Mapping happens when the pool grows (start-up, or a rare refill), never
-//! per I/O. Everything is unmapped and freed when the last buffer and the pool are gone.
+//! The device may read and write this memory at any time, so the CPU holds no Rust reference
+//! into it: [`DmaBuffer`] gives access through `vm_memory`'s volatile types and copying
+//! helpers. The one exception is a [`DmaView`] of a buffer made with
+//! [`DmaPool::alloc_viewable`]: a `&[u8]` of pages that per-page counters keep free of every
+//! writer (commands that make the device write them, and CPU writes) for as long as the view
+//! lives. Mapping happens when the pool grows (start-up, or a rare refill), never per I/O.
+//! Everything is unmapped and freed when the last buffer and the pool are gone.
 
 use std::alloc::Layout;
+use std::ops::Range;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vm_memory::{VolatileMemory, VolatileSlice};
@@ -69,6 +73,45 @@ pub enum DmaError {
     /// A zero-sized or absurd request.
     #[error("invalid DMA allocation of {0} bytes")]
     InvalidSize(usize),
+    /// A view of a buffer that does not keep count of its views.
+    #[error(
+        "this DMA buffer cannot be read in place: only buffers from DmaPool::alloc_viewable \
+         hand out views"
+    )]
+    NotViewable,
+    /// A range that is not inside the buffer.
+    #[error("range {offset}+{len} is outside a DMA buffer of {size} bytes")]
+    OutOfRange {
+        offset: usize,
+        len: usize,
+        size: usize,
+    },
+    /// A view of quarantined memory.
+    #[error(
+        "the DMA memory at IOVA {iova}+{len} is quarantined (a command that used it may still \
+         be running in the device): it is never read in place"
+    )]
+    Quarantined { iova: Iova, len: usize },
+    /// A view of memory that a command in flight may make the device write, or that the CPU
+    /// is writing.
+    #[error(
+        "the DMA memory at IOVA {iova}+{len} is being written (a command in flight makes the \
+         device write it, or the CPU is writing it): it can be read in place once the command's \
+         completion is reaped"
+    )]
+    BeingWritten { iova: Iova, len: usize },
+    /// A CPU write to memory that is being read in place.
+    #[error(
+        "the DMA memory at IOVA {iova}+{len} is being read in place (a DmaView of it is held): \
+         it cannot be written until the view is dropped"
+    )]
+    Viewed { iova: Iova, len: usize },
+    /// A page already counts the most views, or writers, it can.
+    #[error(
+        "the 4 KiB page of DMA memory at IOVA {iova} already has 65535 views or writers: no \
+         more can be counted"
+    )]
+    Saturated { iova: Iova },
 }
 
 /// Counters describing the pool.
@@ -257,10 +300,32 @@ impl DmaPool {
     /// Buffers up to 2 MiB come from the mapped chunks (no system call unless the pool must
     /// grow); larger ones get a region of their own, contiguous in IOVA.
     pub fn alloc(&self, len: usize) -> Result<DmaBuffer, DmaError> {
+        self.alloc_with(len, false)
+    }
+
+    /// [`DmaPool::alloc`] for a buffer that can be read in place: it keeps a count of views
+    /// and writers per 4 KiB page (4 bytes of ordinary memory per page), so that
+    /// [`DmaBuffer::view`] can hand out `&[u8]`s of it. While a page is viewed, commands that
+    /// make the device write it are refused, and so are CPU writes to it
+    /// ([`DmaBuffer::try_write_bytes`]; [`DmaBuffer::write_bytes`] panics), and
+    /// [`DmaBuffer::volatile`] is not available for such a buffer at all.
+    pub fn alloc_viewable(&self, len: usize) -> Result<DmaBuffer, DmaError> {
+        self.alloc_with(len, true)
+    }
+
+    /// [`DmaPool::alloc`] for memory that is never read in place (queue rings): see
+    /// [`PlainBuffer`].
+    pub(crate) fn alloc_plain(&self, len: usize) -> Result<PlainBuffer, DmaError> {
+        Ok(PlainBuffer(self.alloc_with(len, false)?))
+    }
+
+    fn alloc_with(&self, len: usize, viewable: bool) -> Result<DmaBuffer, DmaError> {
         if len == 0 || len > (1 << 40) {
             return Err(DmaError::InvalidSize(len));
         }
         let pages = len.div_ceil(PAGE_SIZE);
+        let views = viewable.then(|| (0..pages).map(|_| AtomicU32::new(0)).collect());
+        let flags = AtomicU8::new(if viewable { VIEWABLE } else { 0 });
         let mut st = self.inner.lock();
         if pages <= PAGES_PER_CHUNK {
             let (chunk, first) = match st.find_pages(pages) {
@@ -288,7 +353,8 @@ impl DmaPool {
                     first,
                     pages,
                 },
-                quarantined: AtomicBool::new(false),
+                flags,
+                views,
             });
             drop(st);
             buf.fill(0);
@@ -303,7 +369,8 @@ impl DmaPool {
                 iova,
                 pool: self.inner.clone(),
                 origin: Origin::Region(Some(mem)),
-                quarantined: AtomicBool::new(false),
+                flags,
+                views,
             }))
         }
     }
@@ -329,8 +396,8 @@ impl PoolInner {
             .alloc(size as u64, CHUNK_SIZE as u64)
             .ok_or(DmaError::IovaExhausted(size))?;
         // SAFETY: the region stays allocated until it is unmapped (Chunk/DmaBuffer drop
-        // unmap before freeing), and no Rust reference into it is ever created: all CPU
-        // access goes through VolatileSlice.
+        // unmap before freeing), and the CPU reaches it only through VolatileSlice, or through
+        // a `DmaView` of pages that no command may make the device write while it lives.
         if let Err(e) = unsafe { self.hw.dma_map(mem.ptr.as_ptr(), size, iova) } {
             st.iova.free(iova, size as u64);
             return Err(e.into());
@@ -459,20 +526,112 @@ pub(crate) struct Mem {
     iova: Iova,
     pool: Arc<PoolInner>,
     origin: Origin,
-    quarantined: AtomicBool,
+    /// [`QUARANTINED`] and [`VIEWABLE`]: one load tells a queue pair that a buffer needs no
+    /// more than a share.
+    flags: AtomicU8,
+    /// Buffers from [`DmaPool::alloc_viewable`]: one counter per 4 KiB page, the low half
+    /// counting views ([`DmaView`]) of the page, the high half writers (commands that may
+    /// make the device write it, and CPU writes under way). A page never has both.
+    views: Option<Box<[AtomicU32]>>,
 }
 
-// SAFETY: a Mem is ownership of pages of the pool plus their addresses. The CPU reaches the
+/// [`Mem::flags`]: the memory was quarantined.
+const QUARANTINED: u8 = 1;
+/// [`Mem::flags`]: the memory counts views and writers per page.
+const VIEWABLE: u8 = 2;
+
+/// One view of a page, in a page's counter.
+const VIEW: u32 = 1;
+/// The views half of a page's counter.
+const VIEWS: u32 = 0xffff;
+/// One writer of a page, in a page's counter.
+const WRITER: u32 = 1 << 16;
+/// The writers half of a page's counter.
+const WRITERS: u32 = 0xffff << 16;
+
+/// What kept a page from being claimed.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Busy {
+    /// A view of the page is held (a writer was asked for).
+    Viewed,
+    /// A writer of the page is under way (a view was asked for).
+    Written,
+    /// The page counts the most claims of the kind asked for that it can.
+    Saturated,
+}
+
+/// Claim `pages` of `counters` for views (`one` = [`VIEW`]) or writers (`one` = [`WRITER`]):
+/// all of them, or none. A view needs a page without writers; a writer a page without views.
+/// Returns the first page that could not be claimed, and why.
+fn claim(counters: &[AtomicU32], pages: Range<usize>, one: u32) -> Result<(), (usize, Busy)> {
+    let (own, other) = if one == VIEW {
+        (VIEWS, WRITERS)
+    } else {
+        (WRITERS, VIEWS)
+    };
+    for p in pages.clone() {
+        // Acquire: what the last holder of the other kind did to the page (a CPU copy, the
+        // device's writes made visible by the completion) happens before this claim's use.
+        let claimed = counters[p].fetch_update(Ordering::Acquire, Ordering::Relaxed, |v| {
+            // Lazily: on a saturated half the sum would overflow.
+            (v & other == 0 && v & own != own).then(|| v + one)
+        });
+        if let Err(v) = claimed {
+            unclaim(counters, pages.start..p, one);
+            let why = if v & other != 0 {
+                if one == VIEW {
+                    Busy::Written
+                } else {
+                    Busy::Viewed
+                }
+            } else {
+                Busy::Saturated
+            };
+            return Err((p, why));
+        }
+    }
+    Ok(())
+}
+
+/// Let go of claims made by [`claim`].
+fn unclaim(counters: &[AtomicU32], pages: Range<usize>, one: u32) {
+    for p in pages {
+        // Release: this holder's use of the page happens before the next claim of the other
+        // kind.
+        let before = counters[p].fetch_sub(one, Ordering::Release);
+        debug_assert!(
+            before & (if one == VIEW { VIEWS } else { WRITERS }) != 0,
+            "unclaimed a page that was not claimed"
+        );
+    }
+}
+
+/// The 4 KiB pages `len` bytes at `offset` touch (none for no bytes).
+#[inline]
+fn page_range(offset: usize, len: usize) -> Range<usize> {
+    if len == 0 {
+        0..0
+    } else {
+        offset / PAGE_SIZE..(offset + len).div_ceil(PAGE_SIZE)
+    }
+}
+
+// SAFETY: a Mem is ownership of pages of the pool plus their addresses. The CPU writes the
 // pages only through the one `DmaBuffer` that owns a Mem (which is `!Sync`); the other holders
-// (commands in flight, `DmaLease`s) use only the addresses, never the memory.
+// (commands in flight, `DmaLease`s) use only the addresses. The exception is a `DmaView`,
+// which may live on any thread and reads its pages through a `&[u8]`: that is fine because
+// the page counters, updated atomically, keep every writer (the owning buffer's CPU writes,
+// and commands that may make the device write) off those pages for as long as it lives, and
+// the memory itself stays allocated and mapped while any holder keeps the Mem.
 unsafe impl Send for Mem {}
-// SAFETY: see `Send`: shared holders read only the immutable fields and the atomic flag.
+// SAFETY: see `Send`: shared holders read the immutable fields, update the atomic flags and
+// page counters, and read memory only through views the counters protect from every writer.
 unsafe impl Sync for Mem {}
 
 impl Mem {
     /// Never give this memory back to the pool: the device may still touch it.
     pub(crate) fn quarantine(&self) {
-        if !self.quarantined.swap(true, Ordering::AcqRel) {
+        if self.flags.fetch_or(QUARANTINED, Ordering::AcqRel) & QUARANTINED == 0 {
             log::error!(
                 "{}: quarantining {} bytes of DMA memory at IOVA {}: a command that used it may \
                  still be running in the device; it will never be reused",
@@ -486,14 +645,143 @@ impl Mem {
     /// Whether the memory was quarantined.
     #[inline]
     pub(crate) fn is_quarantined(&self) -> bool {
-        self.quarantined.load(Ordering::Relaxed)
+        self.flags.load(Ordering::Relaxed) & QUARANTINED != 0
+    }
+
+    /// Whether the memory was quarantined or counts views: a queue pair's one test for
+    /// whether lending it to a command takes more than a share.
+    #[inline(always)]
+    pub(crate) fn quarantined_or_viewable(&self) -> bool {
+        self.flags.load(Ordering::Relaxed) != 0
+    }
+
+    /// Whether the memory counts views and writers per page.
+    #[inline]
+    pub(crate) fn is_viewable(&self) -> bool {
+        self.views.is_some()
+    }
+
+    /// Count a command that may make the device write `seg` (inside this memory) as a writer
+    /// of the pages it covers, so that no view of them is handed out until
+    /// [`Mem::release_device_write`]. Returns the first page and the number of pages; for
+    /// memory that does not count views, claims nothing. Refused if a page is viewed: returns
+    /// where the first page that could not be claimed is, and why.
+    pub(crate) fn claim_device_write(&self, seg: Segment) -> Result<(u32, u32), (Iova, Busy)> {
+        let Some(counters) = &self.views else {
+            return Ok((0, 0));
+        };
+        let offset = (seg.iova.0 - self.iova.0) as usize;
+        let pages = page_range(offset, seg.len as usize);
+        claim(counters, pages.clone(), WRITER)
+            .map_err(|(p, why)| (self.iova.add((p * PAGE_SIZE) as u64), why))?;
+        // Pages of a buffer shorter than 1 TiB: they fit.
+        Ok((pages.start as u32, pages.len() as u32))
+    }
+
+    /// Let go of a claim made by [`Mem::claim_device_write`]: the device will not write the
+    /// pages for that command any more.
+    pub(crate) fn release_device_write(&self, first: u32, pages: u32) {
+        if let Some(counters) = &self.views {
+            unclaim(
+                counters,
+                first as usize..first as usize + pages as usize,
+                WRITER,
+            );
+        }
+    }
+
+    fn check_range(&self, offset: usize, len: usize) -> Result<(), DmaError> {
+        if offset.checked_add(len).is_some_and(|e| e <= self.len) {
+            Ok(())
+        } else {
+            Err(DmaError::OutOfRange {
+                offset,
+                len,
+                size: self.len,
+            })
+        }
+    }
+
+    /// A view of `len` bytes at `offset` (see [`DmaBuffer::view`]).
+    fn view(self: &Arc<Mem>, offset: usize, len: usize) -> Result<DmaView, DmaError> {
+        let counters = self.views.as_ref().ok_or(DmaError::NotViewable)?;
+        self.check_range(offset, len)?;
+        let iova = self.iova.add(offset as u64);
+        if self.is_quarantined() {
+            return Err(DmaError::Quarantined { iova, len });
+        }
+        let pages = page_range(offset, len);
+        claim(counters, pages.clone(), VIEW).map_err(|(p, why)| match why {
+            Busy::Saturated => DmaError::Saturated {
+                iova: self.iova.add((p * PAGE_SIZE) as u64),
+            },
+            _ => DmaError::BeingWritten { iova, len },
+        })?;
+        // Memory quarantined meanwhile is still not written where the view is (the command
+        // that could not be accounted for keeps its writer claims forever), but it is never
+        // read in place: refuse it all the same.
+        if self.is_quarantined() {
+            unclaim(counters, pages, VIEW);
+            return Err(DmaError::Quarantined { iova, len });
+        }
+        Ok(DmaView {
+            mem: self.clone(),
+            offset,
+            len,
+        })
+    }
+
+    /// Whether a page of `len` bytes at `offset` is viewed.
+    fn is_viewed(&self, offset: usize, len: usize) -> bool {
+        let Some(counters) = &self.views else {
+            return false;
+        };
+        page_range(offset, len).any(|p| counters[p].load(Ordering::Relaxed) & VIEWS != 0)
+    }
+
+    /// Count a CPU write of `len` bytes at `offset` (inside the memory) as a writer of the
+    /// pages it touches, until the guard is dropped. Refused if a page is viewed.
+    #[inline]
+    fn write_guard(&self, offset: usize, len: usize) -> Result<WriteGuard<'_>, DmaError> {
+        let Some(counters) = &self.views else {
+            return Ok(WriteGuard {
+                counters: &[],
+                pages: 0..0,
+            });
+        };
+        let pages = page_range(offset, len);
+        claim(counters, pages.clone(), WRITER).map_err(|(p, why)| match why {
+            Busy::Saturated => DmaError::Saturated {
+                iova: self.iova.add((p * PAGE_SIZE) as u64),
+            },
+            _ => DmaError::Viewed {
+                iova: self.iova.add(offset as u64),
+                len,
+            },
+        })?;
+        Ok(WriteGuard { counters, pages })
+    }
+}
+
+/// A CPU write under way: its pages count it as a writer until it is dropped.
+struct WriteGuard<'a> {
+    counters: &'a [AtomicU32],
+    pages: Range<usize>,
+}
+
+impl Drop for WriteGuard<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        if !self.pages.is_empty() {
+            unclaim(self.counters, self.pages.clone(), WRITER);
+        }
     }
 }
 
 impl Drop for Mem {
     fn drop(&mut self) {
         let mut st = self.pool.lock();
-        let quarantined = *self.quarantined.get_mut();
+        let quarantined = *self.flags.get_mut() & QUARANTINED != 0;
         if quarantined {
             st.stats.quarantined_buffers += 1;
             st.stats.quarantined_bytes += self.len as u64;
@@ -524,7 +812,8 @@ impl Drop for Mem {
 }
 
 /// A buffer of DMA memory: known to the device at [`DmaBuffer::iova`], reached by the CPU
-/// only through volatile accesses.
+/// through volatile accesses, or, for a buffer from [`DmaPool::alloc_viewable`], also read in
+/// place through [`DmaView`]s.
 ///
 /// Lending it to a command ([`DmaBuffer::segment`] passed to a queue pair) gives the command
 /// a share of its memory: dropping the buffer while the command runs does not free the
@@ -543,6 +832,27 @@ impl std::fmt::Debug for DmaBuffer {
             .field("iova", &self.mem.iova)
             .field("len", &self.mem.len)
             .finish()
+    }
+}
+
+/// A [`DmaBuffer`] that is not viewable, by construction ([`DmaPool::alloc_plain`]): volatile
+/// access to it needs no test (queue rings, reached at every submission and poll).
+pub(crate) struct PlainBuffer(DmaBuffer);
+
+impl PlainBuffer {
+    /// Volatile access to the memory, for reading and writing (see [`DmaBuffer::volatile`]).
+    #[inline(always)]
+    pub(crate) fn volatile(&self) -> VolatileSlice<'_> {
+        // No view of this memory can exist: it was allocated without page counters.
+        self.0.raw()
+    }
+}
+
+impl std::ops::Deref for PlainBuffer {
+    type Target = DmaBuffer;
+    #[inline(always)]
+    fn deref(&self) -> &DmaBuffer {
+        &self.0
     }
 }
 
@@ -655,6 +965,72 @@ impl DmaLease {
     pub(crate) fn quarantine(&self) {
         self.mem.quarantine();
     }
+
+    /// The whole range read in place: see [`DmaBuffer::view`].
+    pub fn view(&self) -> Result<DmaView, DmaError> {
+        let offset = (self.seg.iova.0 - self.mem.iova.0) as usize;
+        self.mem.view(offset, self.seg.len as usize)
+    }
+}
+
+/// Bytes of a viewable [`DmaBuffer`] read in place, without copying: a `&[u8]` of DMA memory
+/// (through `Deref`). Made by [`DmaBuffer::view`] or [`DmaLease::view`].
+///
+/// While a view lives, the pages it covers are counted as viewed: a command that would make
+/// the device write any of them is refused by the queue pair, and so are CPU writes through
+/// the buffer, so the bytes cannot change under the reference. The view holds a share of the
+/// memory, which stays allocated and mapped until the last holder lets go; it can go to other
+/// threads and be read there. Dropping it lets go of the pages.
+pub struct DmaView {
+    mem: Arc<Mem>,
+    offset: usize,
+    len: usize,
+}
+
+impl DmaView {
+    /// Where the device sees the first byte of the view.
+    pub fn iova(&self) -> Iova {
+        self.mem.iova.add(self.offset as u64)
+    }
+}
+
+impl std::ops::Deref for DmaView {
+    type Target = [u8];
+    #[inline]
+    fn deref(&self) -> &[u8] {
+        // SAFETY: offset..offset+len lies inside the memory (checked when the view was made),
+        // which stays allocated and mapped as long as the Mem lives, and this view holds a
+        // share of it. The view is counted on every page it covers, for its whole lifetime:
+        // the page counters refuse, while it is counted, every command that may make the
+        // device write those pages and every CPU write through the buffer (and a viewable
+        // buffer hands out no writable `VolatileSlice`, nor can it become `DmaWords`), so
+        // nothing mutates the bytes while the returned reference, bounded by `&self`, lives.
+        unsafe { std::slice::from_raw_parts(self.mem.ptr.as_ptr().add(self.offset), self.len) }
+    }
+}
+
+impl AsRef<[u8]> for DmaView {
+    #[inline]
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl std::fmt::Debug for DmaView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DmaView")
+            .field("iova", &self.iova())
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl Drop for DmaView {
+    fn drop(&mut self) {
+        if let Some(counters) = &self.mem.views {
+            unclaim(counters, page_range(self.offset, self.len), VIEW);
+        }
+    }
 }
 
 /// Dwords of DMA memory shared by threads, each of which reads and writes dwords of its own:
@@ -676,7 +1052,15 @@ impl std::fmt::Debug for DmaWords {
 
 impl DmaWords {
     /// `buf` as shared dwords, zeroed.
+    ///
+    /// # Panics
+    /// If `buf` is viewable ([`DmaPool::alloc_viewable`]): dwords are stored without counting
+    /// writers, so views of them could change under the reader.
     pub fn new(buf: DmaBuffer) -> DmaWords {
+        assert!(
+            !buf.mem.is_viewable(),
+            "DmaWords need a buffer from DmaPool::alloc, not alloc_viewable"
+        );
         buf.fill(0);
         DmaWords { mem: buf.mem }
     }
@@ -705,7 +1089,7 @@ impl DmaWords {
         );
         // SAFETY: offset..offset+4 lies inside the memory (checked above), which stays
         // allocated and mapped while the Mem lives; it is reached only through volatile
-        // accesses, never a Rust reference.
+        // accesses, never a Rust reference (the buffer was not viewable: see `new`).
         unsafe {
             vm_memory::volatile_memory::VolatileRef::new(self.mem.ptr.as_ptr().add(offset).cast())
         }
@@ -807,11 +1191,61 @@ impl DmaBuffer {
         self.segment_at(offset, len).lease()
     }
 
-    /// Volatile view of the memory.
+    /// Whether the buffer can be read in place ([`DmaPool::alloc_viewable`]).
+    pub fn is_viewable(&self) -> bool {
+        self.mem.is_viewable()
+    }
+
+    /// `len` bytes at `offset` read in place, without copying: a [`DmaView`] that derefs to
+    /// `&[u8]`, which may go to other threads. While it lives, commands that would make the
+    /// device write its pages are refused by queue pairs, and CPU writes to them through this
+    /// buffer are refused ([`DmaBuffer::try_write_bytes`]) or panic
+    /// ([`DmaBuffer::write_bytes`]). Pages are 4 KiB: a view of part of a page keeps writers
+    /// off the whole page.
+    ///
+    /// Refused if the buffer is not viewable, the range is not inside it, it is quarantined,
+    /// or a page of the range is being written: a command in flight may make the device write
+    /// it (until its completion is reaped) or the CPU is writing it.
+    pub fn view(&self, offset: usize, len: usize) -> Result<DmaView, DmaError> {
+        self.mem.view(offset, len)
+    }
+
+    /// Whether a 4 KiB page touched by `len` bytes at `offset` is viewed (never for a buffer
+    /// that is not viewable).
+    ///
+    /// # Panics
+    /// If the range is not inside the buffer.
+    pub fn is_viewed(&self, offset: usize, len: usize) -> bool {
+        if let Err(e) = self.mem.check_range(offset, len) {
+            panic!("{e}");
+        }
+        self.mem.is_viewed(offset, len)
+    }
+
+    /// Volatile access to the memory, for reading and writing.
+    ///
+    /// # Panics
+    /// If the buffer is viewable ([`DmaPool::alloc_viewable`]): writes through the slice could
+    /// not be kept off pages that are viewed now or later. Use the copying helpers
+    /// ([`DmaBuffer::read_bytes`], [`DmaBuffer::try_write_bytes`], ...) for those.
     #[inline]
     pub fn volatile(&self) -> VolatileSlice<'_> {
+        assert!(
+            !self.mem.is_viewable(),
+            "DmaBuffer::volatile is not available for a viewable buffer (its views would see \
+             writes through it): use read_bytes/try_write_bytes"
+        );
+        self.raw()
+    }
+
+    /// Volatile access to the memory, for reading, or for writing under a [`WriteGuard`].
+    #[inline(always)]
+    fn raw(&self) -> VolatileSlice<'_> {
         // SAFETY: ptr..ptr+len is allocated and mapped for as long as the Mem lives (the
-        // pool outlives it through the Arc), and no Rust reference to it exists.
+        // pool outlives it through the Arc). The slice holds no Rust reference to the bytes.
+        // Views hold shared references to pages of viewable buffers: this buffer's methods
+        // write through the slice only under a writer claim of the pages they write, which
+        // viewed pages refuse, and `volatile` does not hand it out for viewable buffers.
         unsafe { VolatileSlice::new(self.mem.ptr.as_ptr(), self.mem.len) }
     }
 
@@ -821,7 +1255,7 @@ impl DmaBuffer {
     /// If the range is not inside the buffer.
     pub fn read_bytes(&self, offset: usize, buf: &mut [u8]) {
         let s = self
-            .volatile()
+            .raw()
             .subslice(offset, buf.len())
             .expect("read range inside the DMA buffer");
         s.copy_to(buf);
@@ -830,13 +1264,30 @@ impl DmaBuffer {
     /// Copy `data` into the buffer at `offset`.
     ///
     /// # Panics
-    /// If the range is not inside the buffer.
+    /// If the range is not inside the buffer, or (viewable buffers) a page it touches is
+    /// viewed: writing memory that is being read in place is a programming error. See
+    /// [`DmaBuffer::try_write_bytes`].
     pub fn write_bytes(&self, offset: usize, data: &[u8]) {
+        if let Err(e) = self.try_write_bytes(offset, data) {
+            panic!("DmaBuffer::write_bytes: {e}");
+        }
+    }
+
+    /// Copy `data` into the buffer at `offset`; refused if the range is not inside the buffer,
+    /// or (viewable buffers) a 4 KiB page it touches is viewed. For the copy, the pages count
+    /// it as a writer, so no view of them can be made meanwhile.
+    pub fn try_write_bytes(&self, offset: usize, data: &[u8]) -> Result<(), DmaError> {
         let s = self
-            .volatile()
+            .raw()
             .subslice(offset, data.len())
-            .expect("write range inside the DMA buffer");
+            .map_err(|_| DmaError::OutOfRange {
+                offset,
+                len: data.len(),
+                size: self.mem.len,
+            })?;
+        let _writing = self.mem.write_guard(offset, data.len())?;
         s.copy_from(data);
+        Ok(())
     }
 
     /// The whole buffer copied into a vector.
@@ -847,30 +1298,49 @@ impl DmaBuffer {
     }
 
     /// Set every byte to `byte`.
+    ///
+    /// # Panics
+    /// If the buffer is viewable and a page of it is viewed (nothing is written then).
     pub fn fill(&self, byte: u8) {
+        let _writing = match self.mem.write_guard(0, self.mem.len) {
+            Ok(g) => g,
+            Err(e) => panic!("DmaBuffer::fill: {e}"),
+        };
         let block = [byte; 4096];
+        let mem = self.raw();
         let mut off = 0;
         while off < self.mem.len {
             let n = (self.mem.len - off).min(block.len());
-            self.write_bytes(off, &block[..n]);
+            mem.subslice(off, n)
+                .expect("inside the DMA buffer")
+                .copy_from(&block[..n]);
             off += n;
         }
     }
 
     /// Write a little-endian u64 at `offset` (used for PRP list and SGL pages).
+    ///
+    /// # Panics
+    /// If the qword is not inside the buffer, or the buffer is viewable and its page is
+    /// viewed.
     #[inline]
     pub fn write_u64(&self, offset: usize, value: u64) {
-        self.volatile()
+        let mem = self.raw();
+        let r = mem
             .get_ref::<u64>(offset)
-            .expect("qword inside the DMA buffer")
-            .store(value.to_le());
+            .expect("qword inside the DMA buffer");
+        let _writing = match self.mem.write_guard(offset, 8) {
+            Ok(g) => g,
+            Err(e) => panic!("DmaBuffer::write_u64: {e}"),
+        };
+        r.store(value.to_le());
     }
 
     /// Read a little-endian u64 at `offset`.
     #[inline]
     pub fn read_u64(&self, offset: usize) -> u64 {
         u64::from_le(
-            self.volatile()
+            self.raw()
                 .get_ref::<u64>(offset)
                 .expect("qword inside the DMA buffer")
                 .load(),
@@ -1028,5 +1498,210 @@ mod tests {
                 assert_eq!(b.len(), 4096);
             }
         }
+    }
+
+    /// What the page counters must hold: views and writers per page.
+    #[derive(Clone, Debug, Default, PartialEq)]
+    struct Expected {
+        views: u32,
+        writers: u32,
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        View(Range<usize>),
+        Write(Range<usize>),
+        /// Let go of the held claim with this index (modulo how many are held).
+        Release(usize),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        let range = (0usize..8, 0usize..4).prop_map(|(a, n)| a..(a + n).min(8));
+        prop_oneof![
+            range.clone().prop_map(Op::View),
+            range.prop_map(Op::Write),
+            any::<usize>().prop_map(Op::Release),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Claims are all or nothing: a view gets every page of its range or none, a writer
+        /// likewise, and no page ever counts views and writers at once.
+        #[test]
+        fn page_claims_are_all_or_nothing_and_views_exclude_writers(
+            ops in proptest::collection::vec(op(), 1..60)
+        ) {
+            let counters: Vec<AtomicU32> = (0..8).map(|_| AtomicU32::new(0)).collect();
+            let mut want = vec![Expected::default(); 8];
+            let mut held: Vec<(Range<usize>, u32)> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::View(r) | Op::Write(r) if r.is_empty() => {
+                        let one = VIEW;
+                        proptest::prop_assert!(claim(&counters, r, one).is_ok());
+                    }
+                    Op::View(r) => {
+                        let free = want[r.clone()].iter().all(|e| e.writers == 0);
+                        let got = claim(&counters, r.clone(), VIEW);
+                        proptest::prop_assert_eq!(got.is_ok(), free, "{:?} {:?}", r, want);
+                        match got {
+                            Ok(()) => {
+                                want[r.clone()].iter_mut().for_each(|e| e.views += 1);
+                                held.push((r, VIEW));
+                            }
+                            Err((p, why)) => {
+                                proptest::prop_assert_eq!(why, Busy::Written);
+                                proptest::prop_assert!(want[p].writers > 0);
+                                proptest::prop_assert!(want[r.start..p].iter().all(|e| e.writers == 0));
+                            }
+                        }
+                    }
+                    Op::Write(r) => {
+                        let free = want[r.clone()].iter().all(|e| e.views == 0);
+                        let got = claim(&counters, r.clone(), WRITER);
+                        proptest::prop_assert_eq!(got.is_ok(), free, "{:?} {:?}", r, want);
+                        match got {
+                            Ok(()) => {
+                                want[r.clone()].iter_mut().for_each(|e| e.writers += 1);
+                                held.push((r, WRITER));
+                            }
+                            Err((p, why)) => {
+                                proptest::prop_assert_eq!(why, Busy::Viewed);
+                                proptest::prop_assert!(want[p].views > 0);
+                            }
+                        }
+                    }
+                    Op::Release(i) => {
+                        if !held.is_empty() {
+                            let (r, one) = held.swap_remove(i % held.len());
+                            unclaim(&counters, r.clone(), one);
+                            for e in &mut want[r] {
+                                if one == VIEW { e.views -= 1 } else { e.writers -= 1 }
+                            }
+                        }
+                    }
+                }
+                for (c, e) in counters.iter().zip(&want) {
+                    let v = c.load(Ordering::Relaxed);
+                    proptest::prop_assert_eq!(v & VIEWS, e.views);
+                    proptest::prop_assert_eq!(v >> 16, e.writers);
+                    proptest::prop_assert!(e.views == 0 || e.writers == 0);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_page_counts_at_most_65535_claims_of_a_kind() {
+        let counters: Vec<AtomicU32> = (0..2).map(|_| AtomicU32::new(0)).collect();
+        counters[1].store(VIEWS, Ordering::Relaxed);
+        assert_eq!(claim(&counters, 0..2, VIEW), Err((1, Busy::Saturated)));
+        assert_eq!(counters[0].load(Ordering::Relaxed), 0, "undone");
+        assert_eq!(claim(&counters, 0..2, WRITER), Err((1, Busy::Viewed)));
+        counters[1].store(WRITERS, Ordering::Relaxed);
+        assert_eq!(claim(&counters, 1..2, WRITER), Err((1, Busy::Saturated)));
+        assert_eq!(
+            counters[1].load(Ordering::Relaxed),
+            WRITERS,
+            "nothing carried over"
+        );
+    }
+
+    #[test]
+    fn page_ranges_cover_the_pages_touched() {
+        assert_eq!(page_range(0, 0), 0..0);
+        assert_eq!(page_range(5000, 0), 0..0);
+        assert_eq!(page_range(0, 1), 0..1);
+        assert_eq!(page_range(4095, 2), 0..2);
+        assert_eq!(page_range(4096, 4096), 1..2);
+        assert_eq!(page_range(100, 8192), 0..3);
+    }
+
+    #[test]
+    fn views_of_chunk_and_region_buffers() {
+        let (_model, pool) = pool(1);
+        for len in [3 * 4096 + 1, 3 << 20] {
+            let b = pool.alloc_viewable(len).unwrap();
+            assert!(b.is_viewable());
+            b.write_bytes(4096, &[9; 4096]);
+            let v = b.view(4096, 4096).unwrap();
+            assert_eq!(&v[..], &[9; 4096][..]);
+            assert_eq!(v.iova(), b.iova().add(4096));
+            assert!(b.is_viewed(4096, 1) && b.is_viewed(0, 4097) && !b.is_viewed(0, 4096));
+            assert!(matches!(
+                b.try_write_bytes(8000, &[1; 10]),
+                Err(DmaError::Viewed { .. })
+            ));
+            b.write_bytes(0, &[1; 4096]);
+            b.write_bytes(8192, &[2; 10]);
+            let w = b.view(4000, 200).unwrap();
+            assert_eq!(&w[..96], &[1; 96][..]);
+            assert_eq!(&w[96..], &[9; 104][..]);
+            drop((v, w));
+            assert!(!b.is_viewed(0, len));
+            b.fill(3);
+            let all = b.view(0, len).unwrap();
+            assert!(all.iter().all(|&x| x == 3));
+            assert!(b.view(len, 0).unwrap().is_empty());
+            assert!(matches!(
+                b.view(len - 1, 2),
+                Err(DmaError::OutOfRange { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn a_view_keeps_the_memory_out_of_the_pool() {
+        let (_model, pool) = pool(1);
+        let b = pool.alloc_viewable(8192).unwrap();
+        b.write_bytes(0, b"kept");
+        let v = b.lease(0, 4096).view().unwrap();
+        let used = pool.stats().pages_in_use;
+        drop(b);
+        assert_eq!(pool.stats().pages_in_use, used, "the view holds the pages");
+        assert_eq!(&v[..4], b"kept");
+        drop(v);
+        assert_eq!(pool.stats().pages_in_use, used - 2);
+    }
+
+    #[test]
+    fn plain_buffers_have_no_views() {
+        let (_model, pool) = pool(1);
+        let b = pool.alloc(4096).unwrap();
+        assert!(!b.is_viewable());
+        assert!(matches!(b.view(0, 4096), Err(DmaError::NotViewable)));
+        assert!(matches!(
+            b.lease(0, 4096).view(),
+            Err(DmaError::NotViewable)
+        ));
+        assert!(!b.is_viewed(0, 4096));
+        let e = DmaError::NotViewable.to_string();
+        assert!(e.contains("alloc_viewable"), "{e}");
+    }
+
+    #[test]
+    #[should_panic(expected = "not available for a viewable buffer")]
+    fn viewable_buffers_give_no_volatile_slice() {
+        let (_model, pool) = pool(1);
+        let _ = pool.alloc_viewable(4096).unwrap().volatile();
+    }
+
+    #[test]
+    #[should_panic(expected = "not alloc_viewable")]
+    fn viewable_buffers_do_not_become_shared_dwords() {
+        let (_model, pool) = pool(1);
+        let _ = DmaWords::new(pool.alloc_viewable(4096).unwrap());
+    }
+
+    #[test]
+    #[should_panic(expected = "being read in place")]
+    fn filling_a_viewed_buffer_panics() {
+        let (_model, pool) = pool(1);
+        let b = pool.alloc_viewable(8192).unwrap();
+        let _v = b.view(4096, 1).unwrap();
+        b.fill(0);
     }
 }

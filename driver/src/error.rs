@@ -5,6 +5,7 @@ use crate::hw::HwError;
 use crate::prp::PrpError;
 use crate::sgl::SglError;
 use crate::status::NvmeStatus;
+use crate::types::Iova;
 use crate::vfio::VfioSetupError;
 
 /// Result with the driver's [`Error`].
@@ -75,6 +76,13 @@ pub enum Error {
     /// The SGL builder refused a buffer.
     #[error("cannot describe the buffer with SGLs: {0}")]
     Sgl(#[from] SglError),
+    /// A command that may make the device write host memory was given memory that is being
+    /// read in place: a [`DmaView`](crate::dma::DmaView) of it is held.
+    #[error(
+        "the data at IOVA {iova}+{len} is being read in place (a DmaView of it is held): the \
+         device may not write it; drop the view, or read into another buffer"
+    )]
+    BufferViewed { iova: Iova, len: u32 },
     /// The submission queue has no free slot: poll for completions and try again.
     #[error("queue full: poll for completions, then submit again")]
     QueueFull,

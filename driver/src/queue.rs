@@ -15,7 +15,7 @@ use std::time::Duration;
 use vm_memory::VolatileMemory;
 
 use crate::clock::{self, Ticks};
-use crate::dma::{DmaBuffer, DmaPool, DmaSlice, Mem};
+use crate::dma::{Busy, DmaError, DmaPool, DmaSlice, Mem, PlainBuffer};
 pub use crate::doorbell::need_event;
 pub(crate) use crate::doorbell::Shadow;
 use crate::error::{Error, Result};
@@ -50,6 +50,77 @@ fn fits_two_prps(data: &[DmaSlice<'_>]) -> bool {
         [s] => (s.iova.0 & (PAGE_SIZE as u64 - 1)) + s.len as u64 <= 2 * PAGE_SIZE as u64,
         _ => false,
     }
+}
+
+/// Whether a command with `opcode` may make the device write host memory. Bits 1:0 of an
+/// NVMe opcode give its data transfer direction: 01b is host to controller (the device only
+/// reads the data); 10b (controller to host) and 11b (both ways) write it, and 00b (no data)
+/// is taken to write it too, should such a command come with data.
+#[inline]
+fn device_writes(opcode: u8) -> bool {
+    opcode & 3 != 0b01
+}
+
+/// Why memory given to a submission was refused.
+#[derive(Copy, Clone, Debug)]
+enum Refusal {
+    /// The data is quarantined memory.
+    Quarantined(Segment),
+    /// The command may make the device write data that is being read in place.
+    Viewed(Segment),
+    /// A page of the data (at this IOVA) already counts the most writers it can.
+    Saturated(Iova),
+}
+
+/// Lend quarantined or viewable memory to a command: `d` is the first slice of a run of
+/// slices of one such buffer in `data`. Quarantined memory is refused. If the command (its
+/// `opcode`) may make the device write its data, the first run of a viewable buffer claims
+/// the pages of every slice of that buffer in `data` for it: a viewed page refuses the
+/// command. Claims made before a refusal stay in `leases`, which the caller clears.
+#[cold]
+#[inline(never)]
+fn lend_special(
+    leases: &mut Leases,
+    d: &DmaSlice<'_>,
+    opcode: u8,
+    data: &[DmaSlice<'_>],
+) -> std::result::Result<(), Refusal> {
+    let m = d.mem();
+    if m.is_quarantined() {
+        return Err(Refusal::Quarantined(d.segment()));
+    }
+    if !device_writes(opcode) {
+        return Ok(());
+    }
+    let mut first_run = false;
+    for s in data {
+        first_run |= std::ptr::eq(s, d);
+        if Arc::ptr_eq(s.mem(), m) {
+            if !first_run {
+                // An earlier run of this buffer claimed all of its slices.
+                return Ok(());
+            }
+            claim_device_writes(leases, std::slice::from_ref(s))?;
+        }
+    }
+    Ok(())
+}
+
+/// Count a command as a writer of the pages of every viewable slice of `data`, in `leases`.
+/// Claims made before a refusal stay in `leases`, which the caller clears.
+fn claim_device_writes(
+    leases: &mut Leases,
+    data: &[DmaSlice<'_>],
+) -> std::result::Result<(), Refusal> {
+    for d in data.iter().filter(|d| d.mem().is_viewable()) {
+        leases
+            .claim_device_write(d.mem(), d.segment())
+            .map_err(|(page, why)| match why {
+                Busy::Saturated => Refusal::Saturated(page),
+                Busy::Viewed | Busy::Written => Refusal::Viewed(d.segment()),
+            })?;
+    }
+    Ok(())
 }
 
 /// One completed command.
@@ -110,6 +181,9 @@ pub struct QueueStats {
     pub quarantined: u64,
     /// Submissions refused because their data was quarantined memory.
     pub quarantined_refused: u64,
+    /// Submissions refused because the device would have written memory that is being read
+    /// in place (a [`DmaView`](crate::dma::DmaView) of it is held).
+    pub viewed_refused: u64,
     /// Submission queue tails written to the shadow doorbell (each may or may not have needed
     /// an MMIO doorbell as well: those are counted in `sq_doorbells`).
     pub sq_shadow_writes: u64,
@@ -156,7 +230,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Write `cmd` at the tail of the submission queue ring `sq` of `entries` entries.
 #[inline]
-fn push_entry(sq: &DmaBuffer, tail: &mut u16, entries: u16, cmd: &SqEntry) {
+fn push_entry(sq: &PlainBuffer, tail: &mut u16, entries: u16, cmd: &SqEntry) {
     let off = *tail as usize * std::mem::size_of::<SqEntry>();
     sq.volatile()
         .get_ref::<SqEntry>(off)
@@ -176,8 +250,8 @@ pub struct QueuePair {
     /// `cq_entries - entries`. The controller then always sees room for every command that can
     /// be outstanding (at most `entries - 1`), so it never waits for the doorbell.
     cq_unrung: u16,
-    sq: DmaBuffer,
-    cq: DmaBuffer,
+    sq: PlainBuffer,
+    cq: PlainBuffer,
     sq_tail: u16,
     sq_head: u16,
     rung_tail: u16,
@@ -250,8 +324,8 @@ impl QueuePair {
                  it needs {entries} to {MAX_QUEUE_ENTRIES}"
             )));
         }
-        let sq = pool.alloc(entries as usize * std::mem::size_of::<SqEntry>())?;
-        let cq = pool.alloc(cq_entries as usize * std::mem::size_of::<CqEntry>())?;
+        let sq = pool.alloc_plain(entries as usize * std::mem::size_of::<SqEntry>())?;
+        let cq = pool.alloc_plain(cq_entries as usize * std::mem::size_of::<CqEntry>())?;
         let slots = (0..entries - 1)
             .map(|_| {
                 Ok(Slot {
@@ -412,9 +486,22 @@ impl QueuePair {
     ///
     /// The command holds a share of each buffer in `data` until its completion is reaped (or
     /// the controller was stopped): dropping a buffer meanwhile does not free its memory.
+    ///
+    /// The data and metadata pointers of `cmd` (DPTR, MPTR) are the driver's: built from
+    /// `data` (and the metadata buffer of [`QueuePair::submit_with_metadata`]), and cleared
+    /// where there is none, so that a command reaches only memory it holds a share of. (A
+    /// vendor specific command that carries addresses in other dwords is beyond what the
+    /// driver can check.)
     #[inline(always)]
     pub fn submit(&mut self, cmd: SqEntry, data: &[DmaSlice<'_>], tag: u64) -> Result<CommandId> {
-        self.submit_inner(cmd, data, None, tag)
+        self.submit_inner(cmd, data, None, false, tag)
+    }
+
+    /// Queue `cmd` as it is, data pointer included, without data: for the controller's own
+    /// commands that hand it queue rings and doorbell pages, memory that is never viewable
+    /// and outlives the commands.
+    pub(crate) fn submit_raw(&mut self, cmd: SqEntry, tag: u64) -> Result<CommandId> {
+        self.submit_inner(cmd, &[], None, true, tag)
     }
 
     /// [`QueuePair::submit`] with a separate metadata buffer: `metadata` goes into the
@@ -436,15 +523,18 @@ impl QueuePair {
         if metadata.mem().is_quarantined() {
             return Err(self.quarantined_data(metadata.segment()));
         }
-        self.submit_inner(cmd, data, Some(metadata), tag)
+        self.submit_inner(cmd, data, Some(metadata), false, tag)
     }
 
+    /// `raw`: keep the data and metadata pointers of a command without `data` or `metadata`
+    /// as they are (see [`QueuePair::submit_raw`]); otherwise they are cleared.
     #[inline(always)]
     fn submit_inner(
         &mut self,
         mut cmd: SqEntry,
         data: &[DmaSlice<'_>],
         metadata: Option<DmaSlice<'_>>,
+        raw: bool,
         tag: u64,
     ) -> Result<CommandId> {
         if self.generation_now.load(Ordering::Relaxed) != self.generation {
@@ -459,50 +549,50 @@ impl QueuePair {
             // One share per buffer: consecutive slices of one buffer (a page cache's run)
             // take one.
             let mut last: *const Mem = std::ptr::null();
-            let mut refused = None;
             for d in data {
                 let m = d.mem();
                 if Arc::as_ptr(m) != last {
-                    if m.is_quarantined() {
-                        refused = Some(d.segment());
-                        break;
+                    // One test for plain memory; quarantined or viewable memory is rare.
+                    if m.quarantined_or_viewable() {
+                        if let Err(r) = lend_special(&mut slot.leases, d, cmd.opcode(), data) {
+                            slot.leases.clear();
+                            self.free.push(index);
+                            return Err(self.refused(r));
+                        }
                     }
                     last = Arc::as_ptr(m);
                     slot.leases.push(m.clone());
                 }
             }
-            let built = match refused {
-                Some(seg) => Err(self.quarantined_data(seg)),
-                None => {
-                    let mut lists = SlotLists {
-                        first: &slot.list,
-                        extra: &mut slot.extra,
-                        pool: &self.pool,
-                    };
-                    let sgl = match self.mode {
-                        DataPointerMode::Prp => false,
-                        DataPointerMode::Sgl => true,
-                        // A controller that wants dword-aligned SGL data gets PRPs for the
-                        // rest (they check alignment themselves).
-                        DataPointerMode::Auto => {
-                            !fits_two_prps(data) && (!self.sgl_dword || dword_aligned(data))
-                        }
-                    };
-                    if sgl && self.sgl_dword && !dword_aligned(data) {
-                        Err(Error::InvalidArgument(
-                            "this controller takes SGL data only at dword-aligned addresses in \
-                             whole dwords (Identify SGLS = 10b): align the buffer, or use PRPs"
-                                .into(),
-                        ))
-                    } else if sgl {
-                        build_sgl(data, &mut lists)
-                            .map(|d| (d.to_dptr(), true))
-                            .map_err(Error::from)
-                    } else {
-                        build_prp(data, &mut lists)
-                            .map(|p| ((p.prp1, p.prp2), false))
-                            .map_err(Error::from)
+            let built = {
+                let mut lists = SlotLists {
+                    first: &slot.list,
+                    extra: &mut slot.extra,
+                    pool: &self.pool,
+                };
+                let sgl = match self.mode {
+                    DataPointerMode::Prp => false,
+                    DataPointerMode::Sgl => true,
+                    // A controller that wants dword-aligned SGL data gets PRPs for the
+                    // rest (they check alignment themselves).
+                    DataPointerMode::Auto => {
+                        !fits_two_prps(data) && (!self.sgl_dword || dword_aligned(data))
                     }
+                };
+                if sgl && self.sgl_dword && !dword_aligned(data) {
+                    Err(Error::InvalidArgument(
+                        "this controller takes SGL data only at dword-aligned addresses in \
+                         whole dwords (Identify SGLS = 10b): align the buffer, or use PRPs"
+                            .into(),
+                    ))
+                } else if sgl {
+                    build_sgl(data, &mut lists)
+                        .map(|d| (d.to_dptr(), true))
+                        .map_err(Error::from)
+                } else {
+                    build_prp(data, &mut lists)
+                        .map(|p| ((p.prp1, p.prp2), false))
+                        .map_err(Error::from)
                 }
             };
             let slot = &mut self.slots[index as usize];
@@ -520,10 +610,23 @@ impl QueuePair {
                     return Err(e);
                 }
             }
+        } else if !raw {
+            cmd.dptr1 = 0;
+            cmd.dptr2 = 0;
         }
         let slot = &mut self.slots[index as usize];
+        if metadata.is_none() && !raw {
+            cmd.mptr = 0;
+        }
         if let Some(m) = metadata {
             slot.leases.push(m.mem().clone());
+            if m.mem().is_viewable() && device_writes(cmd.opcode()) {
+                if let Err(r) = claim_device_writes(&mut slot.leases, std::slice::from_ref(&m)) {
+                    slot.leases.clear();
+                    self.free.push(index);
+                    return Err(self.refused(r));
+                }
+            }
             cmd.mptr = m.iova.0;
         }
         slot.gen = (slot.gen + 1) & 0xf;
@@ -541,6 +644,22 @@ impl QueuePair {
             self.ring();
         }
         Ok(CommandId(cid))
+    }
+
+    /// The error for memory a submission refused.
+    #[cold]
+    fn refused(&mut self, r: Refusal) -> Error {
+        match r {
+            Refusal::Quarantined(seg) => self.quarantined_data(seg),
+            Refusal::Viewed(seg) => {
+                self.stats.viewed_refused += 1;
+                Error::BufferViewed {
+                    iova: seg.iova,
+                    len: seg.len,
+                }
+            }
+            Refusal::Saturated(page) => Error::Dma(DmaError::Saturated { iova: page }),
+        }
     }
 
     #[cold]

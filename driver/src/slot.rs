@@ -6,10 +6,10 @@
 use std::sync::Arc;
 
 use crate::clock::Ticks;
-use crate::dma::{DmaBuffer, DmaPool, Mem};
+use crate::dma::{Busy, DmaBuffer, DmaPool, Mem};
 use crate::prp::ListPages;
 use crate::spec::{SqEntry, PAGE_SIZE};
-use crate::types::Iova;
+use crate::types::{Iova, Segment};
 
 pub(crate) struct Slot {
     pub(crate) tag: u64,
@@ -33,10 +33,27 @@ pub(crate) struct Slot {
 }
 
 /// The shares of memory one command holds: almost always one buffer, kept inline.
+///
+/// A command that may make the device write viewable memory ([`DmaPool::alloc_viewable`])
+/// also holds writer claims on the pages it may write, so that no view of them is made until
+/// the device is done; memory that is not viewable has none, and costs nothing more.
 #[derive(Default)]
 pub(crate) struct Leases {
     first: Option<Arc<Mem>>,
-    more: Vec<Arc<Mem>>,
+    /// Further shares and the writer claims: empty in the common case, which clears with one
+    /// test (and keeps the slot small).
+    more: Vec<More>,
+}
+
+/// A share beyond the first, or a writer claim, of one command.
+enum More {
+    Share(Arc<Mem>),
+    /// Writer claims on viewable memory: `pages` pages from `first` (a share too).
+    Claim {
+        mem: Arc<Mem>,
+        first: u32,
+        pages: u32,
+    },
 }
 
 impl Leases {
@@ -45,20 +62,69 @@ impl Leases {
         if self.first.is_none() {
             self.first = Some(m);
         } else {
-            self.more.push(m);
+            self.more.push(More::Share(m));
         }
     }
 
+    /// Count the command as a writer of the pages `seg` of `m` covers (see
+    /// [`Mem::claim_device_write`]), until the leases are cleared. Refused if a page is viewed:
+    /// returns where the page is, and why.
+    pub(crate) fn claim_device_write(
+        &mut self,
+        m: &Arc<Mem>,
+        seg: Segment,
+    ) -> Result<(), (Iova, Busy)> {
+        let (first, pages) = m.claim_device_write(seg)?;
+        if pages > 0 {
+            self.more.push(More::Claim {
+                mem: m.clone(),
+                first,
+                pages,
+            });
+        }
+        Ok(())
+    }
+
+    /// The device will not touch the memory again: let go of the shares and claims.
     #[inline(always)]
     pub(crate) fn clear(&mut self) {
         self.first = None;
         if !self.more.is_empty() {
-            self.more.clear();
+            self.clear_more();
         }
     }
 
-    pub(crate) fn drain(&mut self) -> impl Iterator<Item = Arc<Mem>> + '_ {
-        self.first.take().into_iter().chain(self.more.drain(..))
+    #[cold]
+    fn clear_more(&mut self) {
+        for m in self.more.drain(..) {
+            if let More::Claim { mem, first, pages } = m {
+                mem.release_device_write(first, pages);
+            }
+        }
+    }
+
+    /// The device may still touch the memory: quarantine all of it. The writer claims are
+    /// kept forever (forgotten without being released): the pages may still be written, so
+    /// they must never be viewed.
+    pub(crate) fn quarantine(&mut self) {
+        if let Some(m) = self.first.take() {
+            m.quarantine();
+        }
+        for m in self.more.drain(..) {
+            match m {
+                More::Share(mem) | More::Claim { mem, .. } => mem.quarantine(),
+            }
+        }
+    }
+}
+
+impl Drop for Leases {
+    /// A slot dropped with its command's memory neither released nor quarantined: the owner
+    /// of the queue pair said the controller was stopped
+    /// ([`QueuePair::retire`](crate::queue::QueuePair::retire)), so the device no longer
+    /// writes it.
+    fn drop(&mut self) {
+        self.clear();
     }
 }
 
@@ -73,9 +139,7 @@ impl Slot {
     /// pages), and give the slot fresh list pages. Returns false if the slot cannot be used
     /// again (no memory for a new list page).
     pub(crate) fn quarantine(&mut self, pool: &DmaPool) -> bool {
-        for m in self.leases.drain() {
-            m.quarantine();
-        }
+        self.leases.quarantine();
         self.list.quarantine();
         for b in self.extra.drain(..) {
             b.quarantine();

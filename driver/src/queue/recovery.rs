@@ -278,9 +278,7 @@ impl QueuePair {
             for slot in self.slots.iter_mut().filter(|s| s.busy) {
                 slot.busy = false;
                 self.stats.quarantined += 1;
-                for m in slot.leases.drain() {
-                    m.quarantine();
-                }
+                slot.leases.quarantine();
                 slot.list.quarantine();
                 for b in &slot.extra {
                     b.quarantine();
