@@ -24,13 +24,13 @@ use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{Duration, Instant};
 
-use rnvme_driver::dma::DmaSlice;
+use rnvme_driver::dma::{DmaSlice, DmaView};
 use rnvme_driver::Segment;
 
 use crate::backend::{BlockIo, IoError, IoOp, IoRequest};
 use crate::error::{MpageError, PageError};
 use crate::map::{BlockMap, MapError, Mapping};
-use crate::pool::{FrameId, PagePool, PAGE_SIZE};
+use crate::pool::{FrameId, PagePool, FRAMES_PER_CHUNK, PAGE_SIZE};
 use crate::recording::MAX_LBAS_PER_COMMAND;
 use crate::spec::check_block_size;
 
@@ -157,6 +157,37 @@ impl CacheStats {
         self.read_retries += read_retries;
         self.read_errors += read_errors;
         self.write_errors += write_errors;
+    }
+}
+
+/// A page of a file read in place ([`PageCache::page`]): derefs to its bytes up to the end
+/// of the file, without a copy. While it lives the page is not evicted, no command may make
+/// the device write its frame, and the cache refuses to change it ([`MpageError::PageHeld`]);
+/// a page dropped from the file meanwhile (truncation, close) keeps its frame until the
+/// `PageRef` goes. It may be sent to and read on other threads.
+#[derive(Debug)]
+pub struct PageRef {
+    view: DmaView,
+    page: u64,
+}
+
+impl PageRef {
+    /// The page's index in its file.
+    pub fn index(&self) -> u64 {
+        self.page
+    }
+}
+
+impl std::ops::Deref for PageRef {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.view
+    }
+}
+
+impl AsRef<[u8]> for PageRef {
+    fn as_ref(&self) -> &[u8] {
+        &self.view
     }
 }
 
@@ -522,6 +553,9 @@ pub struct PageCache<D: BlockIo> {
     /// Frames of evicted pages, kept for the next pages instead of going back to the pool
     /// (returned to it when a file is closed and when the cache is dropped).
     spare: VecDeque<FrameId>,
+    /// Frames of pages dropped from the cache while a [`PageRef`] still held them: they go
+    /// back to the pool once nobody views them.
+    viewed_out: Vec<FrameId>,
     pub(crate) stats: CacheStats,
     flush_results: HashMap<u64, Result<(), IoError>>,
     /// Pages of failed multi-page reads, to read again one by one.
@@ -576,6 +610,7 @@ impl<D: BlockIo> PageCache<D> {
             lru_next: vec![NIL; frames],
             cached: 0,
             spare: VecDeque::new(),
+            viewed_out: Vec::new(),
             stats: CacheStats::default(),
             flush_results: HashMap::new(),
             retry: Vec::new(),
@@ -843,11 +878,28 @@ impl<D: BlockIo> PageCache<D> {
         self.lru_push(fr);
     }
 
-    /// Drop a page from the cache and give its frame back to the pool.
+    /// Drop a page from the cache and give its frame back to the pool (once no
+    /// [`PageRef`] holds it).
     pub(crate) fn remove_page(&mut self, f: FileId, p: u64) {
         if let Some(frame) = self.detach_page(f, p) {
-            self.pool.free(frame);
+            if self.pool.is_viewed(frame) {
+                self.viewed_out.push(frame);
+            } else {
+                self.pool.free(frame);
+            }
         }
+    }
+
+    /// Give back the frames of dropped pages that nobody views any more.
+    fn reap_viewed_out(&mut self) {
+        let pool = &self.pool;
+        self.viewed_out.retain(|&fr| {
+            let viewed = pool.is_viewed(fr);
+            if !viewed {
+                pool.free(fr);
+            }
+            viewed
+        });
     }
 
     /// Drop a page from the cache; returns its frame, now unused.
@@ -865,6 +917,7 @@ impl<D: BlockIo> PageCache<D> {
         for frame in self.spare.drain(..) {
             self.pool.free(frame);
         }
+        self.reap_viewed_out();
     }
 
     fn evict(&mut self, want: usize) -> usize {
@@ -873,7 +926,7 @@ impl<D: BlockIo> PageCache<D> {
         let mut thrashed = Vec::new();
         while fr != NIL && victims.len() < want {
             let pg = self.slot(fr);
-            if pg.evictable() {
+            if pg.evictable() && !self.pool.is_viewed(pg.frame) {
                 victims.push((pg.file, pg.index));
                 if pg.ra_unused {
                     thrashed.push(pg.file);
@@ -904,6 +957,9 @@ impl<D: BlockIo> PageCache<D> {
     /// A free frame, evicting clean pages and writing back dirty ones if the pool is empty.
     /// None when every page is busy or dirty and stays so.
     pub(crate) fn alloc_frame(&mut self) -> Result<Option<FrameId>, MpageError> {
+        if !self.viewed_out.is_empty() {
+            self.reap_viewed_out();
+        }
         if self.cached < self.capacity {
             if let Some(fr) = self.spare.pop_front().or_else(|| self.pool.alloc()) {
                 return Ok(Some(fr));
@@ -1605,17 +1661,106 @@ impl<D: BlockIo> PageCache<D> {
             // Use-once, as the kernel's LRU does: the first read of a read-ahead page leaves
             // it where readahead put it, so a stream's consumed pages go before the pages
             // read ahead of it; a page read again becomes the most recently used.
-            let i = fr.index() as u32;
-            let pg = self.slot_mut(i);
-            if pg.ra_unused {
-                pg.ra_unused = false;
-            } else {
-                self.touch_frame(i);
-            }
+            self.consume(fr);
             done += len;
         }
         self.file_mut(f)?.ra.prev = Some(last);
         Ok(n)
+    }
+
+    /// A page of a file in place, without a copy: see [`PageRef`]. Sequential callers get
+    /// readahead as with [`PageCache::read_at`]. None at or past the end of the file.
+    pub fn page(&mut self, f: FileId, p: u64) -> Result<Option<PageRef>, MpageError> {
+        let size = self.file(f)?.size;
+        let Some(start) = p.checked_mul(PAGE).filter(|&o| o < size) else {
+            return Ok(None);
+        };
+        self.ensure_uptodate(f, p, p)?;
+        let len = (size - start).min(PAGE) as usize;
+        let frame = self.page_ref(f, p).expect("uptodate page is cached").frame;
+        self.consume(frame);
+        self.file_mut(f)?.ra.prev = Some(p);
+        let view = self.pool.view(frame, 0, len)?;
+        Ok(Some(PageRef { view, page: p }))
+    }
+
+    /// Hand `visit` the bytes of the file from `offset`, up to `len` of them, in place: each
+    /// call gets a run of pages that lie one after the other in memory (up to 2 MiB), with
+    /// its file offset. Like [`PageCache::read_at`] without the copy into a caller's buffer;
+    /// the runs are views that end before the call returns. Returns how many bytes were
+    /// visited (0 at or past the end).
+    pub fn read_with(
+        &mut self,
+        f: FileId,
+        offset: u64,
+        len: usize,
+        mut visit: impl FnMut(u64, &[u8]),
+    ) -> Result<usize, MpageError> {
+        let size = self.file(f)?.size;
+        if offset >= size || len == 0 {
+            return Ok(0);
+        }
+        let n = (len as u64).min(size - offset) as usize;
+        let (first, last) = (offset / PAGE, (offset + n as u64 - 1) / PAGE);
+        // The run being gathered: first frame, offset in it, file offset, bytes.
+        let mut run: Option<(FrameId, usize, u64, usize)> = None;
+        let mut done = 0usize;
+        for p in first..=last {
+            let fr = match self.page_ref(f, p) {
+                Some(pg) if pg.uptodate && !pg.ra_mark => pg.frame,
+                _ => {
+                    // Waiting may evict pages: show the run before.
+                    self.visit_run(run.take(), &mut visit)?;
+                    self.ensure_uptodate(f, p, last)?;
+                    self.page_ref(f, p).expect("uptodate page is cached").frame
+                }
+            };
+            let in_page = ((offset + done as u64) % PAGE) as usize;
+            let take = (PAGE_SIZE - in_page).min(n - done);
+            run = match run {
+                // The next frame of the same buffer, and the run so far ends at a page end.
+                Some((f0, o0, at, bytes))
+                    if in_page == 0
+                        && (o0 + bytes).is_multiple_of(PAGE_SIZE)
+                        && fr.index() == f0.index() + (o0 + bytes) / PAGE_SIZE
+                        && fr.index() / FRAMES_PER_CHUNK == f0.index() / FRAMES_PER_CHUNK =>
+                {
+                    Some((f0, o0, at, bytes + take))
+                }
+                other => {
+                    self.visit_run(other, &mut visit)?;
+                    Some((fr, in_page, offset + done as u64, take))
+                }
+            };
+            self.consume(fr);
+            done += take;
+        }
+        self.visit_run(run, &mut visit)?;
+        self.file_mut(f)?.ra.prev = Some(last);
+        Ok(n)
+    }
+
+    fn visit_run(
+        &self,
+        run: Option<(FrameId, usize, u64, usize)>,
+        visit: &mut impl FnMut(u64, &[u8]),
+    ) -> Result<(), MpageError> {
+        if let Some((frame, in_page, at, bytes)) = run {
+            let view = self.pool.view(frame, in_page, bytes)?;
+            visit(at, &view);
+        }
+        Ok(())
+    }
+
+    /// A reader took the page in frame `fr`: use-once LRU (see [`PageCache::read_at`]).
+    fn consume(&mut self, fr: FrameId) {
+        let i = fr.index() as u32;
+        let pg = self.slot_mut(i);
+        if pg.ra_unused {
+            pg.ra_unused = false;
+        } else {
+            self.touch_frame(i);
+        }
     }
 
     // ---- writing ----------------------------------------------------------------------
@@ -1623,9 +1768,20 @@ impl<D: BlockIo> PageCache<D> {
     /// Have page `p` cached and idle, taking a frame if needed.
     fn page_for_write(&mut self, f: FileId, p: u64) -> Result<(), MpageError> {
         self.wait_page(f, p)?;
-        if self.page_ref(f, p).is_none() {
-            let frame = self.alloc_frame()?.ok_or_else(|| self.cache_full())?;
-            self.insert_page(f, p, frame);
+        match self.page_ref(f, p).map(|pg| pg.frame) {
+            Some(frame) => self.check_not_viewed(f, p, frame)?,
+            None => {
+                let frame = self.alloc_frame()?.ok_or_else(|| self.cache_full())?;
+                self.insert_page(f, p, frame);
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuse to change a page a [`PageRef`] holds: its holder reads the bytes in place.
+    fn check_not_viewed(&self, f: FileId, p: u64, frame: FrameId) -> Result<(), MpageError> {
+        if self.pool.is_viewed(frame) {
+            return Err(MpageError::PageHeld { file: f, page: p });
         }
         Ok(())
     }
@@ -1902,6 +2058,7 @@ impl<D: BlockIo> PageCache<D> {
             } else {
                 self.wait_page(f, p)?;
                 if let Some(frame) = self.page_ref(f, p).map(|pg| pg.frame) {
+                    self.check_not_viewed(f, p, frame)?;
                     self.pool.zero(frame, tail, PAGE_SIZE - tail);
                 }
             }

@@ -103,6 +103,9 @@ pub enum MpageError {
     /// The page pool could not be made.
     #[error(transparent)]
     Pool(#[from] PoolError),
+    /// A page to be changed is held in place by a [`crate::PageRef`].
+    #[error("page {page} of file {file} is held in place by a PageRef: drop it before changing the page")]
+    PageHeld { file: FileId, page: u64 },
     /// A shared cache was given no device queue, too many, or a shard it does not have.
     #[error(
         "a shared page cache takes 1 to {max} device queues (one per shard); {given} asked for"

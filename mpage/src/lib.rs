@@ -32,7 +32,7 @@ pub mod trace;
 mod write;
 
 pub use backend::{BlockIo, IoError, IoOp, IoRequest};
-pub use cache::{BlockBits, CacheOptions, CacheStats, FileId, PageCache, PageState};
+pub use cache::{BlockBits, CacheOptions, CacheStats, FileId, PageCache, PageRef, PageState};
 pub use error::{MpageError, PageError};
 pub use map::{BlockMap, Extent, ExtentError, ExtentMap, Linear, MapError, MapFlags, Mapping};
 pub use nvme::NvmeBlockIo;

@@ -3,14 +3,15 @@
 //!
 //! A frame is a (buffer, offset) pair; the device reaches it at `buffer.iova() + offset`. The
 //! buffers are mapped for DMA when the pool is made, so the I/O path never maps anything. The
-//! CPU touches frames only through copies ([`PagePool::read`], [`PagePool::write`]): the device
-//! may write a frame at any time while a command is in flight, so no Rust reference into one
-//! is ever handed out.
+//! CPU touches frames through copies ([`PagePool::read`], [`PagePool::write`]) or through
+//! views ([`PagePool::view`]): shared references to frame bytes that the driver hands out
+//! only while no command may make the device write them, and that keep any such command from
+//! being submitted (and the CPU from writing them) while they live.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use rnvme_driver::dma::{DmaBuffer, DmaError, DmaLease, DmaPool, DmaSlice};
+use rnvme_driver::dma::{DmaBuffer, DmaError, DmaLease, DmaPool, DmaSlice, DmaView};
 use rnvme_driver::{Iova, Segment};
 
 /// Bytes in a page (and in a frame).
@@ -56,6 +57,14 @@ pub enum PoolError {
     /// The driver handed out a buffer that is not 4 KiB aligned in IOVA.
     #[error("the DMA pool returned a buffer at IOVA {0}, which is not 4 KiB aligned")]
     Misaligned(Iova),
+    /// A frame could not be viewed in place (a command may be writing it, or the memory was
+    /// quarantined).
+    #[error("frame {frame} cannot be read in place: {source}")]
+    View {
+        frame: usize,
+        #[source]
+        source: DmaError,
+    },
     /// A device addressed memory outside the pool.
     #[error("IOVA range {iova}+{len} is not inside one frame of the page pool")]
     NotInPool { iova: Iova, len: usize },
@@ -107,11 +116,13 @@ impl PagePool {
         let chunks = frames.div_ceil(FRAMES_PER_CHUNK);
         let mut buffers = Vec::with_capacity(chunks);
         for chunk in 0..chunks {
-            let buf = dma.alloc(CHUNK_BYTES).map_err(|source| PoolError::Dma {
-                chunk,
-                chunks,
-                source,
-            })?;
+            let buf = dma
+                .alloc_viewable(CHUNK_BYTES)
+                .map_err(|source| PoolError::Dma {
+                    chunk,
+                    chunks,
+                    source,
+                })?;
             if buf.iova().0 % PAGE_SIZE as u64 != 0 {
                 return Err(PoolError::Misaligned(buf.iova()));
             }
@@ -230,6 +241,29 @@ impl PagePool {
             data.len()
         );
         self.lock().buffers[frame.chunk()].write_bytes(frame.offset() + offset, data);
+    }
+
+    /// `len` bytes from `offset` of `frames` consecutive frames from `frame` (in one 2 MiB
+    /// buffer) in place, without a copy: while the view lives, no command may make the
+    /// device write them and the CPU may not write them (both are refused).
+    pub fn view(&self, frame: FrameId, offset: usize, len: usize) -> Result<DmaView, PoolError> {
+        let start = frame.offset() + offset;
+        assert!(
+            start + len <= CHUNK_BYTES,
+            "view {offset}+{len} from frame {} leaves its buffer",
+            frame.0
+        );
+        self.lock().buffers[frame.chunk()]
+            .view(start, len)
+            .map_err(|source| PoolError::View {
+                frame: frame.index(),
+                source,
+            })
+    }
+
+    /// Whether a view of the frame is held.
+    pub fn is_viewed(&self, frame: FrameId) -> bool {
+        self.lock().buffers[frame.chunk()].is_viewed(frame.offset(), PAGE_SIZE)
     }
 
     /// Zero `len` bytes of a frame from `offset`.

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::backend::BlockIo;
-use crate::cache::{CacheOptions, CacheStats, FileId, PageCache, PageState};
+use crate::cache::{CacheOptions, CacheStats, FileId, PageCache, PageRef, PageState};
 use crate::error::MpageError;
 use crate::map::BlockMap;
 use crate::pool::PagePool;
@@ -167,6 +167,22 @@ impl<D: BlockIo> SharedCache<D> {
     /// [`PageCache::read_at`].
     pub fn read_at(&self, f: FileId, offset: u64, buf: &mut [u8]) -> Result<usize, MpageError> {
         self.with(f, |c, l| c.read_at(l, offset, buf))
+    }
+
+    /// [`PageCache::read_with`]: the shard stays locked while `visit` runs.
+    pub fn read_with(
+        &self,
+        f: FileId,
+        offset: u64,
+        len: usize,
+        visit: impl FnMut(u64, &[u8]),
+    ) -> Result<usize, MpageError> {
+        self.with(f, |c, l| c.read_with(l, offset, len, visit))
+    }
+
+    /// [`PageCache::page`]: the page is held in place, the shard is not locked meanwhile.
+    pub fn page(&self, f: FileId, page: u64) -> Result<Option<PageRef>, MpageError> {
+        self.with(f, |c, l| c.page(l, page))
     }
 
     /// [`PageCache::write_at`].

@@ -17,7 +17,7 @@ use crate::backend::{BlockIo, IoOp};
 use crate::cache::{full_mask, BlockBits, FileId, Geo, PageCache, Target};
 use crate::error::{MpageError, PageError};
 use crate::map::{MapError, Mapping};
-use crate::pool::PAGE_SIZE;
+use crate::pool::{FrameId, PAGE_SIZE};
 use crate::read::{Run, Walk};
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -72,7 +72,7 @@ impl<D: BlockIo> PageCache<D> {
             page.blocks = None;
             page.uptodate = true;
             page.zeroed_from = Some(0);
-            self.pool.zero(frame, 0, PAGE_SIZE);
+            self.zero_unless_viewed(frame, 0);
             return Ok(());
         }
         if self.opts.force_per_block {
@@ -141,7 +141,16 @@ impl<D: BlockIo> PageCache<D> {
         let page = self.page_mut(f, p);
         let frame = page.frame;
         page.zeroed_from = Some(from as u32);
-        self.pool.zero(frame, from, PAGE_SIZE - from);
+        self.zero_unless_viewed(frame, from);
+    }
+
+    /// Zero a frame from `from` to its end, the part beyond the end of the file, unless a
+    /// [`crate::PageRef`] holds it: its holder sees the page only up to the end of the file,
+    /// and `set_len` zeroes (or refuses to grow over) that part before it becomes file data.
+    fn zero_unless_viewed(&mut self, frame: FrameId, from: usize) {
+        if !self.pool.is_viewed(frame) {
+            self.pool.zero(frame, from, PAGE_SIZE - from);
+        }
     }
 
     fn write_confused(

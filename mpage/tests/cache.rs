@@ -589,3 +589,98 @@ fn readahead_backs_off_when_its_pages_are_evicted_unread() {
         s.pages_read
     );
 }
+
+#[test]
+fn read_with_shows_what_read_at_reads_in_runs_of_frames() {
+    let mut c = cache(512, CacheOptions::default());
+    let f = linear(&mut c, 300);
+    for (off, len) in [
+        (0u64, 300 * 4096),
+        (5, 4091),
+        (4000, 20_000),
+        (123_457, 777_777),
+    ] {
+        let mut want = vec![0u8; len];
+        let n = c.read_at(f, off, &mut want).unwrap();
+        let mut got = Vec::new();
+        let mut visits = 0;
+        let m = c
+            .read_with(f, off, len, |at, bytes| {
+                assert_eq!(at, off + got.len() as u64, "runs come in file order");
+                got.extend_from_slice(bytes);
+                visits += 1;
+            })
+            .unwrap();
+        assert_eq!((m, &got[..]), (n, &want[..n]), "{off}+{len}");
+        if len > 100_000 {
+            assert!(
+                visits * 16 < n / 4096,
+                "{visits} runs for {} pages",
+                n / 4096
+            );
+        }
+    }
+    assert_eq!(c.read_with(f, 300 * 4096, 10, |_, _| panic!()).unwrap(), 0);
+}
+
+#[test]
+fn a_held_page_stays_put_and_refuses_changes() {
+    let mut c = cache(4096, with_capacity(8));
+    let f = linear(&mut c, 64);
+    let held = c.page(f, 3).unwrap().unwrap();
+    assert_eq!((held.index(), &held[..]), (3, &disk(1003 * 4096, 4096)[..]));
+    // Read far more than the cache holds: page 3 is never evicted, its bytes never change.
+    let mut b = vec![0u8; 4096];
+    for p in (8..64).chain(0..3) {
+        c.read_at(f, p * 4096, &mut b).unwrap();
+    }
+    assert!(c.page_state(f, 3).is_some(), "a held page is not evicted");
+    assert_eq!(&held[..], &disk(1003 * 4096, 4096)[..]);
+    // The cache refuses to change it while held.
+    match c.write_at(f, 3 * 4096 + 10, b"x") {
+        Err(MpageError::PageHeld { page: 3, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    // Another thread may read it.
+    let sum: u64 = std::thread::scope(|s| {
+        s.spawn(|| held.iter().map(|&x| x as u64).sum())
+            .join()
+            .unwrap()
+    });
+    assert_eq!(
+        sum,
+        disk(1003 * 4096, 4096)
+            .iter()
+            .map(|&x| x as u64)
+            .sum::<u64>()
+    );
+    drop(held);
+    c.write_at(f, 3 * 4096 + 10, b"x").unwrap();
+    // The last page stops at the end of the file; past it there is none.
+    c.set_len(f, 10 * 4096 + 100).unwrap();
+    assert_eq!(c.page(f, 10).unwrap().unwrap().len(), 100);
+    assert!(c.page(f, 11).unwrap().is_none());
+}
+
+#[test]
+fn held_pages_fill_the_cache_cleanly_and_outlive_truncation() {
+    let mut c = cache(4096, with_capacity(4));
+    let f = linear(&mut c, 64);
+    let held: Vec<_> = (0..4).map(|p| c.page(f, p).unwrap().unwrap()).collect();
+    let mut b = vec![0u8; 4096];
+    match c.read_at(f, 10 * 4096, &mut b) {
+        Err(MpageError::CacheFull { .. }) => {}
+        other => panic!("every frame is held: {other:?}"),
+    }
+    // Truncation drops the pages from the file; their holders keep what they saw.
+    c.set_len(f, 4096).unwrap();
+    assert!(c.page_state(f, 2).is_none());
+    assert_eq!(&held[2][..], &disk(1002 * 4096, 4096)[..]);
+    drop(held);
+    c.close(f).unwrap();
+    assert_eq!(
+        c.pool().free_frames(),
+        c.pool().frames(),
+        "frames of dropped pages go back once unheld"
+    );
+}

@@ -164,6 +164,14 @@ pub struct BenchArgs {
     /// Run every pass this many times and report the fastest of each
     #[arg(long, default_value_t = 3, value_name = "N")]
     pub rounds: u32,
+    /// Also read N files of --mib each (one after the other from --lba) by N threads at
+    /// once through a shared cache of one queue pair per thread, against one thread
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub threads: usize,
+    /// Random 4 KiB page reads of the file, one at a time, through a cold cache and raw
+    /// (0: no random pass)
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    pub random: u64,
     /// Print the figures as JSON on stdout
     #[arg(long)]
     pub json: bool,

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use rnvme_driver::Segment;
 use rnvme_mpage::{
     BlockIo, BlockMap, CacheStats, FileId, IoError, IoOp, IoRequest, PageCache, PagePool,
-    CHUNK_BYTES, FRAMES_PER_CHUNK, PAGE_SIZE,
+    SharedCache, CHUNK_BYTES, FRAMES_PER_CHUNK, PAGE_SIZE,
 };
 use serde::Serialize;
 
@@ -361,4 +361,150 @@ fn mix(word: u64, v: u64) -> u64 {
     x ^= x >> 31;
     x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x ^ (x >> 29)
+}
+
+/// What `threads` threads reading a file each at once through a [`SharedCache`] did.
+#[derive(Clone, Debug, Serialize)]
+pub struct ThreadedReport {
+    /// Threads, each reading its own file from start to end.
+    pub threads: usize,
+    /// Bytes read by all of them.
+    pub bytes: u64,
+    /// From the moment they all started to the moment the last one finished.
+    pub seconds: f64,
+    /// `bytes` over `seconds`.
+    pub mib_per_s: f64,
+    /// Each thread's own MiB/s (its bytes over its own time).
+    pub per_thread_mib_per_s: Vec<f64>,
+    /// Read commands issued (all shards).
+    pub read_commands: u64,
+}
+
+/// Open `files` in `cache` (file `t` in shard `t` modulo the shards), read each from start to
+/// end in `chunk`-byte `read_at` calls by a thread of its own, all at once, and close them.
+/// With `digests`, each thread also digests what it read (the time for it is then counted
+/// too: use it to check data, not for figures). Returns the report and the digests.
+pub fn threaded_read<D: BlockIo + Send>(
+    cache: &SharedCache<D>,
+    files: Vec<(Box<dyn BlockMap>, u64)>,
+    chunk: usize,
+    digests: bool,
+) -> Result<(ThreadedReport, Vec<Digest>)> {
+    let shards = cache.shards();
+    let ids = files
+        .into_iter()
+        .enumerate()
+        .map(|(t, (map, size))| Ok((cache.open_in(t % shards, map, size)?, size)))
+        .collect::<Result<Vec<_>>>()?;
+    cache.reset_stats()?;
+    let start = std::sync::Barrier::new(ids.len());
+    let t0 = Instant::now();
+    let results: Vec<Result<(Duration, Digest)>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = ids
+            .iter()
+            .map(|&(f, size)| {
+                let start = &start;
+                sc.spawn(move || -> Result<(Duration, Digest)> {
+                    let mut buf = vec![0u8; chunk.max(1)];
+                    let mut dg = Digest::default();
+                    start.wait();
+                    let began = Instant::now();
+                    let mut off = 0u64;
+                    while off < size {
+                        let n = cache.read_at(f, off, &mut buf).with_context(|| {
+                            format!("reading file {f} at byte {off} through the shared cache")
+                        })?;
+                        anyhow::ensure!(n > 0, "the shared cache returned no data at byte {off}");
+                        if digests {
+                            dg.add(off, &buf[..n]);
+                        }
+                        off += n as u64;
+                    }
+                    Ok((began.elapsed(), dg))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a reader thread panicked")))
+            })
+            .collect()
+    });
+    let wall = t0.elapsed();
+    let stats = cache.stats()?;
+    let mut per_thread = Vec::new();
+    let mut out = Vec::new();
+    for (r, &(f, size)) in results.into_iter().zip(&ids) {
+        let (busy, dg) = r?;
+        per_thread.push(mib_per_s(size, busy));
+        out.push(dg);
+        cache
+            .close(f)
+            .context("closing a file of the shared cache")?;
+    }
+    let bytes: u64 = ids.iter().map(|&(_, s)| s).sum();
+    Ok((
+        ThreadedReport {
+            threads: ids.len(),
+            bytes,
+            seconds: wall.as_secs_f64(),
+            mib_per_s: mib_per_s(bytes, wall),
+            per_thread_mib_per_s: per_thread,
+            read_commands: stats.read_commands,
+        },
+        out,
+    ))
+}
+
+/// What a pass of random page reads did.
+#[derive(Clone, Debug, Serialize)]
+pub struct RandomReport {
+    /// Pages read, one `read_at` (or one command) each, one at a time.
+    pub reads: u64,
+    /// Time spent reading.
+    pub seconds: f64,
+    /// `reads` over `seconds`.
+    pub iops: f64,
+    /// Read commands issued.
+    pub commands: u64,
+}
+
+impl RandomReport {
+    pub(super) fn new(reads: u64, busy: Duration, commands: u64) -> RandomReport {
+        let s = busy.as_secs_f64();
+        RandomReport {
+            reads,
+            seconds: s,
+            iops: if s > 0.0 { reads as f64 / s } else { 0.0 },
+            commands,
+        }
+    }
+}
+
+/// Open `map` as a file of `size` bytes in a cold cache and read the pages `pages`, in that
+/// order, one 4 KiB `read_at` each; hand each page to `sink`.
+pub fn random_pass<D: BlockIo>(
+    cache: &mut PageCache<D>,
+    map: Box<dyn BlockMap>,
+    size: u64,
+    pages: &[u64],
+    mut sink: impl FnMut(u64, &[u8]),
+) -> Result<RandomReport> {
+    let f = cache.open(map, size)?;
+    cache.reset_stats();
+    let mut buf = vec![0u8; PAGE_SIZE];
+    let mut busy = Duration::ZERO;
+    for &p in pages {
+        let t = Instant::now();
+        let n = cache
+            .read_at(f, p * PAGE_SIZE as u64, &mut buf)
+            .with_context(|| format!("reading page {p} through the page cache"))?;
+        busy += t.elapsed();
+        sink(p * PAGE_SIZE as u64, &buf[..n]);
+    }
+    let commands = cache.stats().read_commands;
+    close(cache, f)?;
+    Ok(RandomReport::new(pages.len() as u64, busy, commands))
 }
