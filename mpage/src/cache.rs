@@ -24,17 +24,19 @@ use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{Duration, Instant};
 
-use rnvme_driver::dma::{DmaSlice, DmaView};
+use rnvme_driver::dma::DmaSlice;
 use rnvme_driver::Segment;
 
 use crate::backend::{BlockIo, IoError, IoOp, IoRequest};
 use crate::error::{MpageError, PageError};
 use crate::map::{BlockMap, MapError, Mapping};
-use crate::pool::{FrameId, PagePool, FRAMES_PER_CHUNK, PAGE_SIZE};
+use crate::pool::{FrameId, FrameView, PagePool, FRAMES_PER_CHUNK, PAGE_SIZE};
 use crate::recording::MAX_LBAS_PER_COMMAND;
 use crate::spec::check_block_size;
 
 const PAGE: u64 = PAGE_SIZE as u64;
+/// Most frames taken from the pool at once.
+const STASH_BATCH: usize = 64;
 /// Most clean pages evicted at once when a frame is needed.
 const EVICT_BATCH: usize = 32;
 
@@ -167,7 +169,7 @@ impl CacheStats {
 /// `PageRef` goes. It may be sent to and read on other threads.
 #[derive(Debug)]
 pub struct PageRef {
-    view: DmaView,
+    view: FrameView,
     page: u64,
 }
 
@@ -553,6 +555,9 @@ pub struct PageCache<D: BlockIo> {
     /// Frames of evicted pages, kept for the next pages instead of going back to the pool
     /// (returned to it when a file is closed and when the cache is dropped).
     spare: VecDeque<FrameId>,
+    /// Frames taken from the pool in a batch and not used yet (in pool order, next last):
+    /// one lock of the pool per batch rather than per page.
+    stash: Vec<FrameId>,
     /// Frames of pages dropped from the cache while a [`PageRef`] still held them: they go
     /// back to the pool once nobody views them.
     viewed_out: Vec<FrameId>,
@@ -610,6 +615,7 @@ impl<D: BlockIo> PageCache<D> {
             lru_next: vec![NIL; frames],
             cached: 0,
             spare: VecDeque::new(),
+            stash: Vec::new(),
             viewed_out: Vec::new(),
             stats: CacheStats::default(),
             flush_results: HashMap::new(),
@@ -917,6 +923,9 @@ impl<D: BlockIo> PageCache<D> {
         for frame in self.spare.drain(..) {
             self.pool.free(frame);
         }
+        for frame in self.stash.drain(..).rev() {
+            self.pool.free(frame);
+        }
         self.reap_viewed_out();
     }
 
@@ -961,7 +970,16 @@ impl<D: BlockIo> PageCache<D> {
             self.reap_viewed_out();
         }
         if self.cached < self.capacity {
-            if let Some(fr) = self.spare.pop_front().or_else(|| self.pool.alloc()) {
+            if let Some(fr) = self.spare.pop_front() {
+                return Ok(Some(fr));
+            }
+            if self.stash.is_empty() {
+                let want = (self.capacity - self.cached).min(STASH_BATCH);
+                if self.pool.alloc_many(want, &mut self.stash) > 0 {
+                    self.stash.reverse();
+                }
+            }
+            if let Some(fr) = self.stash.pop() {
                 return Ok(Some(fr));
             }
         }
@@ -1639,30 +1657,75 @@ impl<D: BlockIo> PageCache<D> {
     /// Sequential readers get readahead windows that double up to
     /// [`CacheOptions::readahead_max`].
     pub fn read_at(&mut self, f: FileId, offset: u64, buf: &mut [u8]) -> Result<usize, MpageError> {
+        // One copy per run of pages in consecutive frames, not one per page.
+        self.walk_runs(f, offset, buf.len(), |c, frame, in_page, at, bytes| {
+            let from = (at - offset) as usize;
+            c.pool
+                .read_run(frame, in_page, &mut buf[from..from + bytes]);
+            Ok(())
+        })
+    }
+
+    /// Make bytes `offset..offset + len` of a file (up to its end) uptodate and hand them to
+    /// `each` in runs of pages that lie in consecutive frames of one buffer, in file order:
+    /// (first frame, offset in it, file offset, bytes). A run is handed over before anything
+    /// that could evict its pages (waiting for a page), so its frames are the file's while
+    /// `each` runs. Returns the bytes walked (0 at or past the end).
+    fn walk_runs(
+        &mut self,
+        f: FileId,
+        offset: u64,
+        len: usize,
+        mut each: impl FnMut(&Self, FrameId, usize, u64, usize) -> Result<(), MpageError>,
+    ) -> Result<usize, MpageError> {
         let size = self.file(f)?.size;
-        if offset >= size || buf.is_empty() {
+        if offset >= size || len == 0 {
             return Ok(0);
         }
-        let n = (buf.len() as u64).min(size - offset) as usize;
+        let n = (len as u64).min(size - offset) as usize;
         let (first, last) = (offset / PAGE, (offset + n as u64 - 1) / PAGE);
+        let mut run: Option<(FrameId, usize, u64, usize)> = None;
         let mut done = 0usize;
         for p in first..=last {
             // Fast path: an uptodate page that starts no readahead, found with one lookup.
             let fr = match self.page_ref(f, p) {
                 Some(pg) if pg.uptodate && !pg.ra_mark => pg.frame,
                 _ => {
+                    // Waiting may evict pages: hand the run over first.
+                    if let Some((fr, o, at, b)) = run.take() {
+                        each(self, fr, o, at, b)?;
+                    }
                     self.ensure_uptodate(f, p, last)?;
                     self.page_ref(f, p).expect("uptodate page is cached").frame
                 }
             };
             let in_page = ((offset + done as u64) % PAGE) as usize;
-            let len = (PAGE_SIZE - in_page).min(n - done);
-            self.pool.read(fr, in_page, &mut buf[done..done + len]);
+            let take = (PAGE_SIZE - in_page).min(n - done);
+            run = match run {
+                // The next frame of the same buffer, and the run so far ends at a page end.
+                Some((f0, o0, at, bytes))
+                    if in_page == 0
+                        && (o0 + bytes).is_multiple_of(PAGE_SIZE)
+                        && fr.index() == f0.index() + (o0 + bytes) / PAGE_SIZE
+                        && fr.index() / FRAMES_PER_CHUNK == f0.index() / FRAMES_PER_CHUNK =>
+                {
+                    Some((f0, o0, at, bytes + take))
+                }
+                other => {
+                    if let Some((fr, o, at, b)) = other {
+                        each(self, fr, o, at, b)?;
+                    }
+                    Some((fr, in_page, offset + done as u64, take))
+                }
+            };
             // Use-once, as the kernel's LRU does: the first read of a read-ahead page leaves
             // it where readahead put it, so a stream's consumed pages go before the pages
             // read ahead of it; a page read again becomes the most recently used.
             self.consume(fr);
-            done += len;
+            done += take;
+        }
+        if let Some((fr, o, at, b)) = run {
+            each(self, fr, o, at, b)?;
         }
         self.file_mut(f)?.ra.prev = Some(last);
         Ok(n)
@@ -1696,60 +1759,11 @@ impl<D: BlockIo> PageCache<D> {
         len: usize,
         mut visit: impl FnMut(u64, &[u8]),
     ) -> Result<usize, MpageError> {
-        let size = self.file(f)?.size;
-        if offset >= size || len == 0 {
-            return Ok(0);
-        }
-        let n = (len as u64).min(size - offset) as usize;
-        let (first, last) = (offset / PAGE, (offset + n as u64 - 1) / PAGE);
-        // The run being gathered: first frame, offset in it, file offset, bytes.
-        let mut run: Option<(FrameId, usize, u64, usize)> = None;
-        let mut done = 0usize;
-        for p in first..=last {
-            let fr = match self.page_ref(f, p) {
-                Some(pg) if pg.uptodate && !pg.ra_mark => pg.frame,
-                _ => {
-                    // Waiting may evict pages: show the run before.
-                    self.visit_run(run.take(), &mut visit)?;
-                    self.ensure_uptodate(f, p, last)?;
-                    self.page_ref(f, p).expect("uptodate page is cached").frame
-                }
-            };
-            let in_page = ((offset + done as u64) % PAGE) as usize;
-            let take = (PAGE_SIZE - in_page).min(n - done);
-            run = match run {
-                // The next frame of the same buffer, and the run so far ends at a page end.
-                Some((f0, o0, at, bytes))
-                    if in_page == 0
-                        && (o0 + bytes).is_multiple_of(PAGE_SIZE)
-                        && fr.index() == f0.index() + (o0 + bytes) / PAGE_SIZE
-                        && fr.index() / FRAMES_PER_CHUNK == f0.index() / FRAMES_PER_CHUNK =>
-                {
-                    Some((f0, o0, at, bytes + take))
-                }
-                other => {
-                    self.visit_run(other, &mut visit)?;
-                    Some((fr, in_page, offset + done as u64, take))
-                }
-            };
-            self.consume(fr);
-            done += take;
-        }
-        self.visit_run(run, &mut visit)?;
-        self.file_mut(f)?.ra.prev = Some(last);
-        Ok(n)
-    }
-
-    fn visit_run(
-        &self,
-        run: Option<(FrameId, usize, u64, usize)>,
-        visit: &mut impl FnMut(u64, &[u8]),
-    ) -> Result<(), MpageError> {
-        if let Some((frame, in_page, at, bytes)) = run {
-            let view = self.pool.view(frame, in_page, bytes)?;
+        self.walk_runs(f, offset, len, |c, frame, in_page, at, bytes| {
+            let view = c.pool.view(frame, in_page, bytes)?;
             visit(at, &view);
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// A reader took the page in frame `fr`: use-once LRU (see [`PageCache::read_at`]).

@@ -36,7 +36,7 @@ pub use cache::{BlockBits, CacheOptions, CacheStats, FileId, PageCache, PageRef,
 pub use error::{MpageError, PageError};
 pub use map::{BlockMap, Extent, ExtentError, ExtentMap, Linear, MapError, MapFlags, Mapping};
 pub use nvme::NvmeBlockIo;
-pub use pool::{FrameId, PagePool, PoolError, CHUNK_BYTES, FRAMES_PER_CHUNK, PAGE_SIZE};
+pub use pool::{FrameId, FrameView, PagePool, PoolError, CHUNK_BYTES, FRAMES_PER_CHUNK, PAGE_SIZE};
 pub use recording::{
     fill_pattern, pattern_byte, CommandRecord, DiskFill, EventLog, LoggedMap, RecordingDevice,
     TraceEvent, MAX_LBAS_PER_COMMAND,

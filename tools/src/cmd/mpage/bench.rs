@@ -13,8 +13,8 @@ use rnvme_mpage::{
 use serde::Serialize;
 
 use super::passes::{
-    mib_per_s, random_pass, raw_read, read_pass, threaded_read, Digest, PassReport, RandomReport,
-    RawReport, ThreadedReport,
+    mib_per_s, random_pass, raw_read, raw_read_in_place, read_pass, read_pass_in_place,
+    threaded_read, Digest, PassReport, RandomReport, RawReport, ThreadedReport,
 };
 use super::{BenchArgs, Device, READ_CHUNK};
 use crate::cmd::{allow_closed_stdout, outln, UsageError};
@@ -45,6 +45,12 @@ struct BenchJson {
     raw: RawReport,
     /// Raw, `IoQueuePair::read` in 8 MiB steps (what `rnvme read` does).
     raw_sync: RawReport,
+    /// Through the cache, the bytes used in place (`read_with`), no copy.
+    cache_in_place: PassReport,
+    /// Raw, pipelined, the bytes used in place in the frames the device wrote, no copy.
+    raw_in_place: RawReport,
+    /// In-place cache MiB/s over in-place raw MiB/s.
+    in_place_cache_vs_raw: f64,
     /// Cache MiB/s over the faster raw pass.
     cache_vs_raw: f64,
     /// Cache MiB/s over per-block MiB/s.
@@ -190,17 +196,28 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         ..CacheOptions::default()
     };
     let mut digests = Vec::new();
-    let mut best: Option<(PassReport, PassReport, RawReport, RawReport)> = None;
+    #[allow(clippy::type_complexity)]
+    let mut best: Option<(
+        PassReport,
+        PassReport,
+        RawReport,
+        RawReport,
+        PassReport,
+        RawReport,
+    )> = None;
     let mut max_transfer = 0;
     let mut ra = (0, 0);
     for _ in 0..a.rounds {
-        let mut dg = [Digest::default(); 4];
+        let mut dg = [Digest::default(); 6];
         let mut cache = PageCache::new(d.block_io()?, pool.clone(), opts.clone())?;
         max_transfer = cache.device().max_transfer();
         ra = (cache.readahead_window_max(), cache.readahead_depth());
         let cached = read_pass(&mut cache, linear(), bytes, READ_CHUNK, |o, b| {
             dg[0].add(o, b);
             Ok(())
+        })?;
+        let in_place = read_pass_in_place(&mut cache, linear(), bytes, READ_CHUNK, |o, b| {
+            dg[4].add(o, b)
         })?;
         cache.set_force_per_block(true);
         let per_block = read_pass(&mut cache, linear(), bytes, READ_CHUNK, |o, b| {
@@ -211,20 +228,26 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         let mut io = d.block_io()?;
         let depth = a.depth.unwrap_or(usize::MAX).min(io.queue().capacity());
         let raw = raw_read(&mut io, &pool, a.lba, lbas, depth, |o, b| dg[2].add(o, b))?;
+        let raw_in_place =
+            raw_read_in_place(&mut io, &pool, a.lba, lbas, depth, |o, b| dg[5].add(o, b))?;
         drop(io);
         let raw_sync = sync_read(&d, a.lba, lbas, |o, b| dg[3].add(o, b))?;
         digests.extend(dg);
         best = Some(match best {
-            None => (cached, per_block, raw, raw_sync),
-            Some((c, p, r, s)) => (
+            None => (cached, per_block, raw, raw_sync, in_place, raw_in_place),
+            Some((c, p, r, s, ci, ri)) => (
                 faster(c, cached, |x| x.mib_per_s),
                 faster(p, per_block, |x| x.mib_per_s),
                 faster(r, raw, |x| x.mib_per_s),
                 faster(s, raw_sync, |x| x.mib_per_s),
+                faster(ci, in_place, |x| x.mib_per_s),
+                faster(ri, raw_in_place, |x| x.mib_per_s),
             ),
         });
     }
-    let (cached, per_block, raw, raw_sync) = best.expect("at least one round");
+    let (cached, per_block, raw, raw_sync, cache_in_place, raw_in_place) =
+        best.expect("at least one round");
+    let in_place_cache_vs_raw = cache_in_place.mib_per_s / raw_in_place.mib_per_s;
     let threads = if a.threads > 1 {
         Some(threads_passes(&d, &a, &pool, &opts)?)
     } else {
@@ -258,6 +281,9 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         per_block,
         raw,
         raw_sync,
+        cache_in_place,
+        raw_in_place,
+        in_place_cache_vs_raw,
         cache_vs_raw,
         cache_vs_per_block,
         data_matches,
@@ -292,7 +318,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     }
     if !data_matches {
         anyhow::bail!(
-            "{}: the passes read different data (digests of cache, per-block, raw and raw sync passes, by round: {})",
+            "{}: the passes read different data (digests of cache, per-block, raw, raw sync, cache in place and raw in place passes, by round: {})",
             d.ctrl.name(),
             digest_values.join(" ")
         );
@@ -334,6 +360,13 @@ fn print_bench(r: &BenchJson) -> Result<()> {
             p.max_in_flight
         )?;
     }
+    outln!(
+        "  in place   {:>9.1} MiB/s  through the cache without a copy ({} commands); raw in place {:.1} MiB/s; cache / raw = {:.2}",
+        r.cache_in_place.mib_per_s,
+        r.cache_in_place.stats.read_commands,
+        r.raw_in_place.mib_per_s,
+        r.in_place_cache_vs_raw
+    )?;
     outln!(
         "  cache / raw = {:.2} (target >= 0.9: {}), cache / per-block = {:.2} (target >= 4: {})",
         r.cache_vs_raw,

@@ -85,6 +85,40 @@ pub fn read_pass<D: BlockIo>(
     Ok(PassReport::new(off, busy, stats))
 }
 
+/// [`read_pass`] without the copy: `read_with` hands `sink` the bytes in place, in runs of
+/// frames. The time `sink` takes is not counted.
+pub fn read_pass_in_place<D: BlockIo>(
+    cache: &mut PageCache<D>,
+    map: Box<dyn BlockMap>,
+    size: u64,
+    chunk: usize,
+    mut sink: impl FnMut(u64, &[u8]),
+) -> Result<PassReport> {
+    let f = cache.open(map, size)?;
+    cache.reset_stats();
+    let mut off = 0u64;
+    let mut outside = Duration::ZERO;
+    let start = Instant::now();
+    while off < size {
+        let n = cache
+            .read_with(f, off, chunk.max(1), |at, bytes| {
+                let t = Instant::now();
+                sink(at, bytes);
+                outside += t.elapsed();
+            })
+            .with_context(|| format!("reading the file at byte {off} through the page cache"))?;
+        anyhow::ensure!(
+            n > 0,
+            "the page cache returned no data at byte {off} of a {size}-byte file"
+        );
+        off += n as u64;
+    }
+    let busy = start.elapsed().saturating_sub(outside);
+    let stats = cache.stats();
+    close(cache, f)?;
+    Ok(PassReport::new(off, busy, stats))
+}
+
 /// Open `map` as a file of `size` bytes, write `data` at offset 0, sync (write back and
 /// Flush) and close it. Returns the report and the file size after the write.
 pub fn write_pass<D: BlockIo>(
@@ -142,6 +176,32 @@ pub fn raw_read<D: BlockIo>(
     slba: u64,
     lbas: u64,
     depth: usize,
+    sink: impl FnMut(u64, &[u8]),
+) -> Result<RawReport> {
+    raw_read_as(dev, pool, slba, lbas, depth, false, sink)
+}
+
+/// [`raw_read`] without the copy: each completed command's frames are handed to `sink` in
+/// place (a view per run of adjacent frames), as a reader that uses the data where the
+/// device put it would.
+pub fn raw_read_in_place<D: BlockIo>(
+    dev: &mut D,
+    pool: &PagePool,
+    slba: u64,
+    lbas: u64,
+    depth: usize,
+    sink: impl FnMut(u64, &[u8]),
+) -> Result<RawReport> {
+    raw_read_as(dev, pool, slba, lbas, depth, true, sink)
+}
+
+fn raw_read_as<D: BlockIo>(
+    dev: &mut D,
+    pool: &PagePool,
+    slba: u64,
+    lbas: u64,
+    depth: usize,
+    in_place: bool,
     mut sink: impl FnMut(u64, &[u8]),
 ) -> Result<RawReport> {
     let lba = dev.lba_size() as usize;
@@ -191,7 +251,7 @@ pub fn raw_read<D: BlockIo>(
         }
         slots.push((frames, segs));
     }
-    let result = raw_loop(dev, pool, &slots, slba, total, piece, &mut sink);
+    let result = raw_loop(dev, pool, &slots, slba, total, piece, in_place, &mut sink);
     for (frames, _) in slots {
         for fr in frames {
             pool.free(fr);
@@ -215,7 +275,7 @@ fn cut(segs: &[Segment], len: usize) -> Vec<Segment> {
     out
 }
 
-#[allow(clippy::type_complexity)]
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
 fn raw_loop<D: BlockIo>(
     dev: &mut D,
     pool: &PagePool,
@@ -223,6 +283,7 @@ fn raw_loop<D: BlockIo>(
     slba: u64,
     total: u64,
     piece: usize,
+    in_place: bool,
     sink: &mut impl FnMut(u64, &[u8]),
 ) -> Result<RawReport> {
     let lba = dev.lba_size() as u64;
@@ -296,17 +357,31 @@ fn raw_loop<D: BlockIo>(
                     slba + off / lba
                 )
             })?;
-            for (i, &fr) in slots[s].0.iter().enumerate() {
-                let from = i * PAGE_SIZE;
-                if from >= len {
-                    break;
+            if in_place {
+                // One view per segment (a run of adjacent frames in one buffer).
+                let mut at = 0usize;
+                let mut i = 0usize;
+                for seg in cut(&slots[s].1, len) {
+                    let view = pool.view(slots[s].0[i], 0, seg.len as usize)?;
+                    let t = Instant::now();
+                    sink(off + at as u64, &view);
+                    outside += t.elapsed();
+                    at += seg.len as usize;
+                    i += (seg.len as usize).div_ceil(PAGE_SIZE);
                 }
-                let n = PAGE_SIZE.min(len - from);
-                pool.read(fr, 0, &mut host[from..from + n]);
+            } else {
+                // One copy per segment (a run of adjacent frames in one buffer).
+                let (mut at, mut i) = (0usize, 0usize);
+                for seg in cut(&slots[s].1, len) {
+                    let n = seg.len as usize;
+                    pool.read_run(slots[s].0[i], 0, &mut host[at..at + n]);
+                    at += n;
+                    i += n.div_ceil(PAGE_SIZE);
+                }
+                let t = Instant::now();
+                sink(off, &host[..len]);
+                outside += t.elapsed();
             }
-            let t = Instant::now();
-            sink(off, &host[..len]);
-            outside += t.elapsed();
             done += len as u64;
             in_flight -= 1;
             free.push(s);
