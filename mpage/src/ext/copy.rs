@@ -26,21 +26,28 @@ pub enum CopyError {
 }
 
 /// Read the open file `f` from start to end through `cache`, [`COPY_CHUNK`] bytes at a
-/// time, writing everything to `out`. Returns the bytes copied.
+/// time, writing everything to `out` straight from the cache's frames (no copy into a buffer
+/// of our own: [`PageCache::read_with`]). Returns the bytes copied.
 pub fn copy_file<D: BlockIo>(
     cache: &mut PageCache<D>,
     f: FileId,
     out: &mut dyn Write,
 ) -> Result<u64, CopyError> {
     let size = cache.file_size(f)?;
-    let mut buf = vec![0u8; COPY_CHUNK];
     let mut done = 0u64;
+    let mut failed = None;
     while done < size {
-        let n = cache.read_at(f, done, &mut buf)?;
+        let n = cache.read_with(f, done, COPY_CHUNK, |_, bytes| {
+            if failed.is_none() {
+                failed = out.write_all(bytes).err();
+            }
+        })?;
+        if let Some(e) = failed {
+            return Err(CopyError::Write(e));
+        }
         if n == 0 {
             return Err(CopyError::Short { got: done, size });
         }
-        out.write_all(&buf[..n]).map_err(CopyError::Write)?;
         done += n as u64;
     }
     Ok(done)
