@@ -670,8 +670,10 @@ fn bench_passes_read_the_pattern_and_bad_requests_are_refused() {
          DEV=$(blk $NVME0 1)\n\
          step fill kwrite $DEV {d}/data 1048576\n\
          step setup rnvme setup --hugepages 0 $NVME0\n\
-         step bench rnvme mpage bench $NVME0 --lba 2048 --mib 8 --rounds 1 --json\n\
-         step human rnvme mpage bench $NVME0 --lba 2048 --mib 2 --rounds 1 --depth 2\n\
+         step bench rnvme mpage bench $NVME0 --lba 2048 --mib 8 --rounds 1 --threads 2 --random 64 --json\n\
+         step human rnvme mpage bench $NVME0 --lba 2048 --mib 2 --rounds 1 --depth 2 --threads 2 --random 8\n\
+         step no_threads rnvme mpage bench $NVME0 --lba 2048 --mib 1 --threads 0\n\
+         step many_threads rnvme mpage bench $NVME0 --lba 2048 --mib 8 --threads 9\n\
          step unaligned rnvme mpage bench $NVME0 --lba 3 --mib 1\n\
          step beyond rnvme mpage bench $NVME0 --lba 0 --mib 65\n\
          step bad_lba rnvme mpage read $NVME0 --map {d}/bad_lba.json\n\
@@ -728,16 +730,40 @@ fn bench_passes_read_the_pattern_and_bad_requests_are_refused() {
     assert_eq!(counter(raw, "commands"), pages / per_cmd, "{what}");
     assert_eq!(counter(sync, "commands"), pages / per_cmd, "{what}");
     assert!(counter(raw, "max_in_flight") > 1, "{what}");
-    for pass in [cache, per_block, raw, sync] {
+    let (in_place, raw_in_place) = (&v["cache_in_place"], &v["raw_in_place"]);
+    assert_eq!(counter(in_place, "pages_read"), pages, "{what}");
+    assert_eq!(counter(raw_in_place, "commands"), pages / per_cmd, "{what}");
+    for pass in [cache, per_block, raw, sync, in_place, raw_in_place] {
         assert!(pass["mib_per_s"].as_f64().unwrap() > 0.0, "{what}");
     }
+    // Two threads, a file each (the second one 8 MiB further), each read what raw reads of it.
+    let t = &v["threads"];
+    assert_eq!(t["data_matches"], json!(true), "{what}");
+    assert_eq!((counter(&t["one"], "threads"), counter(&t["many"], "threads")), (1, 2));
+    assert!(counter(&t["many"], "read_commands") >= 2 * pages / per_cmd, "{what}");
+    // 64 distinct random pages, through a cold cache and raw: the same bytes.
+    let r = &v["random"];
+    assert_eq!(r["data_matches"], json!(true), "{what}");
+    assert_eq!((counter(&r["cache"], "reads"), counter(&r["raw"], "reads")), (64, 64));
+    assert!((1..=64).contains(&counter(&r["cache"], "commands")), "{what}");
     let human = s.ok("human");
-    for needle in ["cache /", "per-block", "raw sync", "up to 2 in flight"] {
+    for needle in [
+        "cache /",
+        "per-block",
+        "raw sync",
+        "up to 2 in flight",
+        "in place",
+        "2 threads on 2 files",
+        "data matches raw",
+        "8 distinct 4 KiB pages",
+    ] {
         assert!(human.stdout.contains(needle), "{}", human.describe());
     }
     let usage = [
         ("unaligned", "not 4 KiB aligned"),
         ("beyond", "reach past namespace 1"),
+        ("no_threads", "--threads must be 1 to"),
+        ("many_threads", "9 file(s) of 8 MiB"),
         ("bad_lba", "namespace 1 has 512-byte LBAs"),
         ("too_far", "extents[0]"),
         ("bad_alloc", "allocate_from"),
