@@ -739,13 +739,28 @@ fn bench_passes_read_the_pattern_and_bad_requests_are_refused() {
     // Two threads, a file each (the second one 8 MiB further), each read what raw reads of it.
     let t = &v["threads"];
     assert_eq!(t["data_matches"], json!(true), "{what}");
-    assert_eq!((counter(&t["one"], "threads"), counter(&t["many"], "threads")), (1, 2));
-    assert!(counter(&t["many"], "read_commands") >= 2 * pages / per_cmd, "{what}");
+    assert_eq!(
+        (
+            counter(&t["one"], "threads"),
+            counter(&t["many"], "threads")
+        ),
+        (1, 2)
+    );
+    assert!(
+        counter(&t["many"], "read_commands") >= 2 * pages / per_cmd,
+        "{what}"
+    );
     // 64 distinct random pages, through a cold cache and raw: the same bytes.
     let r = &v["random"];
     assert_eq!(r["data_matches"], json!(true), "{what}");
-    assert_eq!((counter(&r["cache"], "reads"), counter(&r["raw"], "reads")), (64, 64));
-    assert!((1..=64).contains(&counter(&r["cache"], "commands")), "{what}");
+    assert_eq!(
+        (counter(&r["cache"], "reads"), counter(&r["raw"], "reads")),
+        (64, 64)
+    );
+    assert!(
+        (1..=64).contains(&counter(&r["cache"], "commands")),
+        "{what}"
+    );
     let human = s.ok("human");
     for needle in [
         "cache /",
