@@ -19,23 +19,31 @@
 
 mod backend;
 mod cache;
+mod completion;
 mod error;
 pub mod ext;
+mod index;
+mod lru;
 mod map;
 mod nvme;
+mod page;
 mod pool;
 mod read;
+mod readahead;
+mod reader;
 mod recording;
 mod shared;
 mod spec;
 pub mod trace;
 mod write;
+mod writer;
 
 pub use backend::{BlockIo, IoError, IoOp, IoRequest};
-pub use cache::{BlockBits, CacheOptions, CacheStats, FileId, PageCache, PageRef, PageState};
+pub use cache::{CacheOptions, CacheStats, FileId, PageCache};
 pub use error::{MpageError, PageError};
 pub use map::{BlockMap, Extent, ExtentError, ExtentMap, Linear, MapError, MapFlags, Mapping};
 pub use nvme::NvmeBlockIo;
+pub use page::{BlockBits, PageRef, PageState};
 pub use pool::{FrameId, FrameView, PagePool, PoolError, CHUNK_BYTES, FRAMES_PER_CHUNK, PAGE_SIZE};
 pub use recording::{
     fill_pattern, pattern_byte, CommandRecord, DiskFill, EventLog, LoggedMap, RecordingDevice,

@@ -18,9 +18,10 @@
 use rnvme_driver::Segment;
 
 use crate::backend::{BlockIo, IoOp};
-use crate::cache::{full_mask, FileId, Geo, PageCache, Target};
+use crate::cache::{FileId, Geo, PageCache, Target};
 use crate::error::{MpageError, PageError};
 use crate::map::{MapError, MapFlags, Mapping};
+use crate::page::full_mask;
 use crate::pool::{FrameId, FRAMES_PER_CHUNK, PAGE_SIZE};
 
 /// A mapping answer kept for the blocks after the one asked for.

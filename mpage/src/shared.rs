@@ -23,9 +23,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::backend::BlockIo;
-use crate::cache::{CacheOptions, CacheStats, FileId, PageCache, PageRef, PageState};
+use crate::cache::{CacheOptions, CacheStats, FileId, PageCache};
 use crate::error::MpageError;
 use crate::map::BlockMap;
+use crate::page::{PageRef, PageState};
 use crate::pool::PagePool;
 
 /// Bits of a [`FileId`] that number the file inside its shard; the bits above name the shard.

@@ -14,9 +14,10 @@
 use rnvme_driver::Segment;
 
 use crate::backend::{BlockIo, IoOp};
-use crate::cache::{full_mask, BlockBits, FileId, Geo, PageCache, Target};
+use crate::cache::{FileId, Geo, PageCache, Target};
 use crate::error::{MpageError, PageError};
 use crate::map::{MapError, Mapping};
+use crate::page::{full_mask, BlockBits};
 use crate::pool::{FrameId, PAGE_SIZE};
 use crate::read::{Run, Walk};
 

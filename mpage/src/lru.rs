@@ -1,0 +1,207 @@
+//! Pages, frames and the LRU list: putting pages in frames, taking them out, and finding
+//! frames for new pages (from the pool in batches, or by evicting the least recently used
+//! clean pages, writing dirty ones back when there are none).
+
+use crate::backend::BlockIo;
+use crate::cache::{FileId, PageCache, EVICT_BATCH, STASH_BATCH};
+use crate::error::MpageError;
+use crate::page::{Page, NIL};
+use crate::pool::FrameId;
+impl<D: BlockIo> PageCache<D> {
+    // ---- pages, frames, LRU -----------------------------------------------------------
+
+    pub(crate) fn lru_unlink(&mut self, fr: u32) {
+        let (prev, next) = (self.lru_prev[fr as usize], self.lru_next[fr as usize]);
+        match prev {
+            NIL => self.lru_head = next,
+            q => self.lru_next[q as usize] = next,
+        }
+        match next {
+            NIL => self.lru_tail = prev,
+            n => self.lru_prev[n as usize] = prev,
+        }
+    }
+
+    pub(crate) fn lru_push(&mut self, fr: u32) {
+        let tail = self.lru_tail;
+        self.lru_prev[fr as usize] = tail;
+        self.lru_next[fr as usize] = NIL;
+        match tail {
+            NIL => self.lru_head = fr,
+            t => self.lru_next[t as usize] = fr,
+        }
+        self.lru_tail = fr;
+    }
+
+    /// Make the page in frame `fr` the most recently used.
+    pub(crate) fn touch_frame(&mut self, fr: u32) {
+        if self.lru_tail != fr {
+            self.lru_unlink(fr);
+            self.lru_push(fr);
+        }
+    }
+
+    pub(crate) fn touch(&mut self, f: FileId, p: u64) {
+        if let Some(fr) = self.files[f.0 as usize]
+            .as_ref()
+            .and_then(|fs| fs.pages.get(p))
+        {
+            self.touch_frame(fr);
+        }
+    }
+
+    /// Put a new page into the cache (most recently used).
+    pub(crate) fn insert_page(&mut self, f: FileId, p: u64, frame: FrameId) {
+        let fr = frame.index() as u32;
+        let fs = self.files[f.0 as usize].as_mut().expect("open file");
+        let old = fs.pages.insert(p, fr);
+        debug_assert!(old.is_none(), "page {p} inserted twice");
+        debug_assert!(self.slots[fr as usize].is_none(), "frame {fr} in use");
+        self.slots[fr as usize] = Some(Page::new(frame, f, p));
+        self.cached += 1;
+        self.lru_push(fr);
+    }
+
+    /// Drop a page from the cache and give its frame back to the pool (once no
+    /// [`PageRef`] holds it).
+    pub(crate) fn remove_page(&mut self, f: FileId, p: u64) {
+        if let Some(frame) = self.detach_page(f, p) {
+            if self.pool.is_viewed(frame) {
+                self.viewed_out.push(frame);
+            } else {
+                self.pool.free(frame);
+            }
+        }
+    }
+
+    /// Give back the frames of dropped pages that nobody views any more.
+    pub(crate) fn reap_viewed_out(&mut self) {
+        let pool = &self.pool;
+        self.viewed_out.retain(|&fr| {
+            let viewed = pool.is_viewed(fr);
+            if !viewed {
+                pool.free(fr);
+            }
+            viewed
+        });
+    }
+
+    /// Drop a page from the cache; returns its frame, now unused.
+    pub(crate) fn detach_page(&mut self, f: FileId, p: u64) -> Option<FrameId> {
+        let fr = self.files[f.0 as usize].as_mut()?.pages.remove(p)?;
+        debug_assert!(!self.slot(fr).busy(), "page {p} removed with I/O in flight");
+        self.lru_unlink(fr);
+        let page = self.slots[fr as usize].take().expect("frame holds a page");
+        self.cached -= 1;
+        Some(page.frame)
+    }
+
+    /// Give the frames kept from evictions back to the pool.
+    pub(crate) fn release_spare(&mut self) {
+        for frame in self.spare.drain(..) {
+            self.pool.free(frame);
+        }
+        for frame in self.stash.drain(..).rev() {
+            self.pool.free(frame);
+        }
+        self.reap_viewed_out();
+    }
+
+    pub(crate) fn evict(&mut self, want: usize) -> usize {
+        let mut victims: Vec<(FileId, u64)> = Vec::with_capacity(want);
+        let mut fr = self.lru_head;
+        let mut thrashed = Vec::new();
+        while fr != NIL && victims.len() < want {
+            let pg = self.slot(fr);
+            if pg.evictable() && !self.pool.is_viewed(pg.frame) {
+                victims.push((pg.file, pg.index));
+                if pg.ra_unused {
+                    thrashed.push(pg.file);
+                }
+            }
+            fr = self.lru_next[fr as usize];
+        }
+        // Read ahead and thrown away unread: that file's readahead runs too far ahead of its
+        // reader for this cache. Halve what it may keep in flight.
+        self.stats.readahead_thrashed += thrashed.len() as u64;
+        thrashed.dedup();
+        for f in thrashed {
+            if let Some(fs) = self.files[f.0 as usize].as_mut() {
+                fs.ra.ceiling = (fs.ra.limit * 3 / 4).max(1);
+                fs.ra.limit = (fs.ra.limit / 2).max(1);
+                fs.ra.thrashed = true;
+            }
+        }
+        for &(f, p) in &victims {
+            if let Some(frame) = self.detach_page(f, p) {
+                self.spare.push_back(frame);
+            }
+        }
+        self.stats.evictions += victims.len() as u64;
+        victims.len()
+    }
+
+    /// A free frame, evicting clean pages and writing back dirty ones if the pool is empty.
+    /// None when every page is busy or dirty and stays so.
+    pub(crate) fn alloc_frame(&mut self) -> Result<Option<FrameId>, MpageError> {
+        if !self.viewed_out.is_empty() {
+            self.reap_viewed_out();
+        }
+        if self.cached < self.capacity {
+            if let Some(fr) = self.spare.pop_front() {
+                return Ok(Some(fr));
+            }
+            if self.stash.is_empty() {
+                let want = (self.capacity - self.cached).min(STASH_BATCH);
+                if self.pool.alloc_many(want, &mut self.stash) > 0 {
+                    self.stash.reverse();
+                }
+            }
+            if let Some(fr) = self.stash.pop() {
+                return Ok(Some(fr));
+            }
+        }
+        let batch = (self.capacity / 16).clamp(1, EVICT_BATCH);
+        if self.evict(batch) > 0 {
+            return Ok(self.spare.pop_front());
+        }
+        // Short of clean pages: write dirty ones back, then evict them.
+        let mut written = 0;
+        for i in 0..self.files.len() {
+            if self.files[i].is_some() {
+                written += self.start_writeback(FileId(i as u32))?;
+            }
+        }
+        self.stats.writebacks += written as u64;
+        if written > 0 || !self.inflight.is_empty() {
+            log::debug!(
+                "{}: cache full, wrote back {written} dirty page(s)",
+                self.dev.name()
+            );
+            self.wait_idle()?;
+        }
+        if self.evict(batch) > 0 {
+            return Ok(self.spare.pop_front());
+        }
+        Ok(None)
+    }
+
+    pub(crate) fn cache_full(&self) -> MpageError {
+        let dirty = self
+            .files
+            .iter()
+            .flatten()
+            .map(|fs| {
+                fs.pages
+                    .iter()
+                    .filter(|&(_, fr)| self.slot(fr).dirty)
+                    .count()
+            })
+            .sum();
+        MpageError::CacheFull {
+            dev: self.dev.name().to_string(),
+            capacity: self.capacity,
+            dirty,
+        }
+    }
+}

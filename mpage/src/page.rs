@@ -1,0 +1,159 @@
+//! One cached page: its state (the role of Linux's `struct page` flags and buffer heads), a
+//! snapshot of it for callers, and a page held in place.
+
+use crate::cache::FileId;
+use crate::error::PageError;
+use crate::pool::{FrameId, FrameView};
+/// A page of a file read in place ([`PageCache::page`]): derefs to its bytes up to the end
+/// of the file, without a copy. While it lives the page is not evicted, no command may make
+/// the device write its frame, and the cache refuses to change it ([`MpageError::PageHeld`]);
+/// a page dropped from the file meanwhile (truncation, close) keeps its frame until the
+/// `PageRef` goes. It may be sent to and read on other threads.
+#[derive(Debug)]
+pub struct PageRef {
+    pub(crate) view: FrameView,
+    pub(crate) page: u64,
+}
+
+impl PageRef {
+    /// The page's index in its file.
+    pub fn index(&self) -> u64 {
+        self.page
+    }
+}
+
+impl std::ops::Deref for PageRef {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.view
+    }
+}
+
+impl AsRef<[u8]> for PageRef {
+    fn as_ref(&self) -> &[u8] {
+        &self.view
+    }
+}
+
+/// Validity and dirtiness of each block of a page (bit i = block i).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlockBits {
+    /// Blocks whose data is in the frame.
+    pub uptodate: u8,
+    /// Blocks the disk does not have yet.
+    pub dirty: u8,
+}
+
+/// A snapshot of one cached page.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageState {
+    /// The frame holds the file's data.
+    pub uptodate: bool,
+    /// The frame holds data the disk does not have.
+    pub dirty: bool,
+    /// A read is in flight.
+    pub locked: bool,
+    /// A write is in flight.
+    pub writeback: bool,
+    /// All blocks were found mapped to disk.
+    pub mapped_to_disk: bool,
+    /// Why the last read or write of the page failed.
+    pub error: Option<PageError>,
+    /// The page was zeroed from this byte to its end (a hole or the end of the file).
+    pub zeroed_from: Option<u32>,
+    /// Per-block state, when the blocks differ.
+    pub blocks: Option<BlockBits>,
+    /// The frame holding it.
+    pub frame: FrameId,
+}
+
+pub(crate) struct Page {
+    pub(crate) frame: FrameId,
+    pub(crate) uptodate: bool,
+    pub(crate) dirty: bool,
+    pub(crate) locked: bool,
+    pub(crate) writeback: bool,
+    pub(crate) mapped_to_disk: bool,
+    /// Boxed: errors are rare, and a small page is cheap to move.
+    pub(crate) error: Option<Box<PageError>>,
+    pub(crate) zeroed_from: Option<u32>,
+    pub(crate) blocks: Option<BlockBits>,
+    /// Per-block commands in flight, plus one while they are being issued.
+    pub(crate) pending: u16,
+    pub(crate) pending_error: Option<Box<PageError>>,
+    /// Reaching this page starts the next readahead window.
+    pub(crate) ra_mark: bool,
+    /// Read ahead and not read by anyone yet.
+    pub(crate) ra_unused: bool,
+    /// A call is about to hand this page's data out: not to be evicted meanwhile.
+    pub(crate) held: bool,
+    /// The file and page index this page caches.
+    pub(crate) file: FileId,
+    pub(crate) index: u64,
+}
+
+/// No frame: the end of the LRU list.
+pub(crate) const NIL: u32 = u32::MAX;
+
+impl Page {
+    pub(crate) fn new(frame: FrameId, file: FileId, index: u64) -> Page {
+        Page {
+            frame,
+            uptodate: false,
+            dirty: false,
+            locked: false,
+            writeback: false,
+            mapped_to_disk: false,
+            error: None,
+            zeroed_from: None,
+            blocks: None,
+            pending: 0,
+            pending_error: None,
+            ra_mark: false,
+            ra_unused: false,
+            held: false,
+            file,
+            index,
+        }
+    }
+
+    pub(crate) fn busy(&self) -> bool {
+        self.locked || self.writeback || self.pending > 0
+    }
+
+    pub(crate) fn evictable(&self) -> bool {
+        !self.busy() && !self.dirty && !self.held
+    }
+
+    /// The per-block bits, derived from the page state when it has none.
+    pub(crate) fn bits(&self, bpp: u64) -> BlockBits {
+        self.blocks.unwrap_or(BlockBits {
+            uptodate: if self.uptodate { full_mask(bpp) } else { 0 },
+            dirty: if self.dirty { full_mask(bpp) } else { 0 },
+        })
+    }
+
+    /// Bring page flags in line with the block bits; drop the bits once they say nothing
+    /// the page flags do not.
+    pub(crate) fn normalize(&mut self, bpp: u64) {
+        if let Some(b) = self.blocks {
+            let full = full_mask(bpp);
+            if b.uptodate == full {
+                self.uptodate = true;
+            }
+            self.dirty = b.dirty != 0;
+            if self.uptodate && (b.dirty == 0 || b.dirty == full) {
+                self.blocks = None;
+            }
+        }
+    }
+}
+
+/// Bits for all blocks of a page.
+pub(crate) fn full_mask(bpp: u64) -> u8 {
+    if bpp >= 8 {
+        0xFF
+    } else {
+        (1u8 << bpp) - 1
+    }
+}
