@@ -212,23 +212,42 @@ impl<D: BlockIo> PageCache<D> {
     /// Read the locked, not-uptodate pages `pages` (ascending) of a file: the
     /// `mpage_readahead` walk. Returns once the commands are submitted.
     pub(crate) fn read_batch(&mut self, f: FileId, pages: &[u64]) -> Result<(), MpageError> {
-        let Some(&last) = pages.last() else {
+        let framed: Vec<(u64, u32)> = pages
+            .iter()
+            .map(|&p| {
+                let fr = self.file(f)?.pages.get(p).expect("a locked page is cached");
+                Ok((p, fr))
+            })
+            .collect::<Result<_, MpageError>>()?;
+        self.read_framed(f, &framed)
+    }
+
+    /// [`PageCache::read_batch`] for pages whose frames the caller has at hand (as
+    /// `prepare_batch` does): no lookup per page.
+    pub(crate) fn read_framed(
+        &mut self,
+        f: FileId,
+        pages: &[(u64, u32)],
+    ) -> Result<(), MpageError> {
+        let Some(&(last, _)) = pages.last() else {
             return Ok(());
         };
         let geo = self.geo(f)?;
         // Ask the map for runs reaching the end of the batch, not beyond.
         let batch_end = (last + 1) * geo.bpp;
         let mut walk = Walk::default();
-        for &p in pages {
-            self.read_one(f, p, &geo, batch_end, &mut walk)?;
+        for &(p, fr) in pages {
+            self.read_one(f, p, fr, &geo, batch_end, &mut walk)?;
         }
         self.send(f, IoOp::Read, &mut walk.cmd)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn read_one(
         &mut self,
         f: FileId,
         p: u64,
+        fr: u32,
         geo: &Geo,
         batch_end: u64,
         w: &mut Walk,
@@ -237,7 +256,8 @@ impl<D: BlockIo> PageCache<D> {
             return self.read_confused(f, p, geo, w, Confused::Forced);
         }
         let (per_block_state, frame) = {
-            let pg = self.page_mut(f, p);
+            let pg = self.slot_mut(fr);
+            debug_assert!(pg.file == f && pg.index == p, "frame {fr} holds page {p}");
             (pg.blocks.is_some(), pg.frame)
         };
         if per_block_state {

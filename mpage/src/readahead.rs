@@ -44,7 +44,7 @@ impl<D: BlockIo> PageCache<D> {
         f: FileId,
         start: u64,
         end: u64,
-    ) -> Result<(Vec<u64>, u64), MpageError> {
+    ) -> Result<(Vec<(u64, u32)>, u64), MpageError> {
         let mut out = Vec::with_capacity(end.saturating_sub(start).min(1024) as usize);
         for p in start..end {
             match self.file(f)?.pages.get(p) {
@@ -53,14 +53,15 @@ impl<D: BlockIo> PageCache<D> {
                     if !pg.uptodate && !pg.busy() {
                         pg.locked = true;
                         pg.error = None;
-                        out.push(p);
+                        out.push((p, fr));
                     }
                 }
                 None => match self.alloc_frame()? {
                     Some(frame) => {
+                        let fr = frame.index() as u32;
                         self.insert_page(f, p, frame);
-                        self.slot_mut(frame.index() as u32).locked = true;
-                        out.push(p);
+                        self.slot_mut(fr).locked = true;
+                        out.push((p, fr));
                     }
                     None => return Ok((out, p)),
                 },
@@ -85,7 +86,7 @@ impl<D: BlockIo> PageCache<D> {
                 self.wait_idle()?;
                 continue;
             }
-            self.read_batch(f, &batch)?;
+            self.read_framed(f, &batch)?;
             p = next;
         }
         self.dev.kick();
@@ -241,8 +242,8 @@ impl<D: BlockIo> PageCache<D> {
             let mark = if len > want { p + len - len / 2 } else { p };
             self.set_ra_mark(f, mark);
         }
-        self.mark_unused(f, &batch, Some(p..=last));
-        self.read_batch(f, &batch)?;
+        self.mark_unused(&batch, Some(p..=last));
+        self.read_framed(f, &batch)?;
         self.dev.kick();
         Ok(())
     }
@@ -259,13 +260,12 @@ impl<D: BlockIo> PageCache<D> {
     /// Flag the pages of a readahead batch that nobody asked for yet.
     pub(crate) fn mark_unused(
         &mut self,
-        f: FileId,
-        batch: &[u64],
+        batch: &[(u64, u32)],
         asked: Option<std::ops::RangeInclusive<u64>>,
     ) {
-        for &q in batch {
+        for &(q, fr) in batch {
             if !asked.as_ref().is_some_and(|a| a.contains(&q)) {
-                self.page_mut(f, q).ra_unused = true;
+                self.slot_mut(fr).ra_unused = true;
             }
         }
     }
@@ -315,8 +315,8 @@ impl<D: BlockIo> PageCache<D> {
             self.stats.readahead_windows += 1;
             let (batch, next) = self.prepare_batch(f, start, start + len)?;
             self.set_ra_mark(f, start + len - len.div_ceil(2));
-            self.mark_unused(f, &batch, None);
-            self.read_batch(f, &batch)?;
+            self.mark_unused(&batch, None);
+            self.read_framed(f, &batch)?;
             issued = true;
             if next < start + len {
                 // No frames for the rest: the window ends here.
