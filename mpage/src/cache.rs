@@ -464,6 +464,20 @@ impl<D: BlockIo> PageCache<D> {
         Ok(self.file(f)?.pages.iter().map(|(p, _)| p).collect())
     }
 
+    /// Dirty pages of all files.
+    pub(crate) fn dirty_total(&self) -> usize {
+        self.files
+            .iter()
+            .flatten()
+            .map(|fs| {
+                fs.pages
+                    .iter()
+                    .filter(|&(_, fr)| self.slot(fr).dirty)
+                    .count()
+            })
+            .sum()
+    }
+
     /// Number of dirty pages of a file.
     pub fn dirty_pages(&self, f: FileId) -> Result<usize, MpageError> {
         let fs = self.file(f)?;
@@ -670,17 +684,7 @@ impl<D: BlockIo> Drop for PageCache<D> {
                 self.dev.name()
             );
         }
-        let dirty: usize = self
-            .files
-            .iter()
-            .flatten()
-            .map(|fs| {
-                fs.pages
-                    .iter()
-                    .filter(|&(_, fr)| self.slot(fr).dirty)
-                    .count()
-            })
-            .sum();
+        let dirty = self.dirty_total();
         if dirty > 0 {
             log::warn!(
                 "{}: dropping the page cache with {dirty} dirty page(s) never synced",

@@ -187,17 +187,7 @@ impl<D: BlockIo> PageCache<D> {
     }
 
     pub(crate) fn cache_full(&self) -> MpageError {
-        let dirty = self
-            .files
-            .iter()
-            .flatten()
-            .map(|fs| {
-                fs.pages
-                    .iter()
-                    .filter(|&(_, fr)| self.slot(fr).dirty)
-                    .count()
-            })
-            .sum();
+        let dirty = self.dirty_total();
         MpageError::CacheFull {
             dev: self.dev.name().to_string(),
             capacity: self.capacity,

@@ -119,13 +119,16 @@ struct PoolInner {
     by_iova: Vec<(Iova, usize)>,
     frames: usize,
     state: Mutex<PoolState>,
+    /// The buffers, each behind a lock of its own (a `DmaBuffer` is used by one thread at a
+    /// time): copies from different buffers, by the shards of a shared cache, run side by
+    /// side.
+    buffers: Vec<Mutex<DmaBuffer>>,
     /// Views of frames alive ([`FrameView`]s): while none is, no frame is viewed and
     /// [`PagePool::is_viewed`] answers without the lock.
     views: AtomicUsize,
 }
 
 struct PoolState {
-    buffers: Vec<DmaBuffer>,
     /// Free frames, taken from the front and given back at the end: frames freed in order
     /// (a file's pages, closed or evicted in LRU order) come back in order, so the pages
     /// of a run keep landing in consecutive frames and a command's data stays one piece.
@@ -179,10 +182,20 @@ impl PagePool {
                 leases,
                 by_iova,
                 frames,
-                state: Mutex::new(PoolState { buffers, free }),
+                state: Mutex::new(PoolState { free }),
+                buffers: buffers.into_iter().map(Mutex::new).collect(),
                 views: AtomicUsize::new(0),
             }),
         })
+    }
+
+    /// Buffer `chunk`.
+    fn buffer(&self, chunk: usize) -> MutexGuard<'_, DmaBuffer> {
+        // A copy in or out cannot be left half done by a panic in a way that matters to
+        // the lock: the buffer itself has no state beyond its bytes.
+        self.inner.buffers[chunk]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock(&self) -> MutexGuard<'_, PoolState> {
@@ -272,7 +285,8 @@ impl PagePool {
             "read {offset}+{} leaves the frame",
             buf.len()
         );
-        self.lock().buffers[frame.chunk()].read_bytes(frame.offset() + offset, buf);
+        self.buffer(frame.chunk())
+            .read_bytes(frame.offset() + offset, buf);
     }
 
     /// Copy bytes out of consecutive frames from `frame` (one 2 MiB buffer), starting at
@@ -290,8 +304,7 @@ impl PagePool {
             buf.len(),
             frame.0
         );
-        let st = self.lock();
-        let b = &st.buffers[frame.chunk()];
+        let b = self.buffer(frame.chunk());
         let mut done = 0;
         while done < buf.len() {
             let at = start + done;
@@ -311,7 +324,8 @@ impl PagePool {
             "write {offset}+{} leaves the frame",
             data.len()
         );
-        self.lock().buffers[frame.chunk()].write_bytes(frame.offset() + offset, data);
+        self.buffer(frame.chunk())
+            .write_bytes(frame.offset() + offset, data);
     }
 
     /// `len` bytes from `offset` of `frame` and the frames after it (in one 2 MiB buffer)
@@ -329,7 +343,7 @@ impl PagePool {
         );
         // Counted before the view exists, so that a view is never alive uncounted.
         self.inner.views.fetch_add(1, Ordering::AcqRel);
-        let view = self.lock().buffers[frame.chunk()].view(start, len);
+        let view = self.buffer(frame.chunk()).view(start, len);
         match view {
             Ok(view) => Ok(FrameView {
                 view: Some(view),
@@ -350,7 +364,8 @@ impl PagePool {
         if self.inner.views.load(Ordering::Acquire) == 0 {
             return false;
         }
-        self.lock().buffers[frame.chunk()].is_viewed(frame.offset(), PAGE_SIZE)
+        self.buffer(frame.chunk())
+            .is_viewed(frame.offset(), PAGE_SIZE)
     }
 
     /// Zero `len` bytes of a frame from `offset`.
@@ -385,14 +400,14 @@ impl PagePool {
     /// Device-side read of memory at `iova` (what a controller does for a Write command).
     pub fn dma_read(&self, iova: Iova, buf: &mut [u8]) -> Result<(), PoolError> {
         let (chunk, offset) = self.locate(iova, buf.len())?;
-        self.lock().buffers[chunk].read_bytes(offset, buf);
+        self.buffer(chunk).read_bytes(offset, buf);
         Ok(())
     }
 
     /// Device-side write of memory at `iova` (what a controller does for a Read command).
     pub fn dma_write(&self, iova: Iova, data: &[u8]) -> Result<(), PoolError> {
         let (chunk, offset) = self.locate(iova, data.len())?;
-        self.lock().buffers[chunk].write_bytes(offset, data);
+        self.buffer(chunk).write_bytes(offset, data);
         Ok(())
     }
 }

@@ -14,20 +14,10 @@ impl<D: BlockIo> PageCache<D> {
         // One copy per run of pages in consecutive frames, not one per page.
         self.walk_runs(f, offset, buf.len(), |c, frame, in_page, at, bytes| {
             let from = (at - offset) as usize;
-            let dst = &mut buf[from..from + bytes];
-            // Through a view, the copy runs without the pool's lock, which the caches of
-            // other threads share; page by page (see `PagePool::read_run`).
-            match c.pool.view(frame, in_page, bytes) {
-                Ok(view) => {
-                    let mut done = 0;
-                    while done < bytes {
-                        let n = (PAGE_SIZE - (in_page + done) % PAGE_SIZE).min(bytes - done);
-                        dst[done..done + n].copy_from_slice(&view[done..done + n]);
-                        done += n;
-                    }
-                }
-                Err(_) => c.pool.read_run(frame, in_page, dst),
-            }
+            // One lock of the run's buffer (not of the whole pool: the shards of a shared
+            // cache copy from different buffers side by side).
+            c.pool
+                .read_run(frame, in_page, &mut buf[from..from + bytes]);
             Ok(())
         })
     }
