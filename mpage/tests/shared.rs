@@ -229,3 +229,28 @@ fn files_spread_over_shards_and_errors_name_the_callers_file() {
     let e = SharedCache::<RecordingDevice>::new(Vec::new(), pool, CacheOptions::default());
     assert!(matches!(e, Err(MpageError::Shards { given: 0, .. })));
 }
+
+#[test]
+fn a_thread_that_panics_in_a_shard_leaves_it_refused_and_the_others_working() {
+    let (cache, _dev) = setup(2, 64);
+    let a = cache
+        .open_in(0, Box::new(Linear::new(4096, 1000, 16)), 16 * 4096)
+        .unwrap();
+    let b = cache
+        .open_in(1, Box::new(Linear::new(4096, 2000, 16)), 16 * 4096)
+        .unwrap();
+    std::thread::scope(|s| {
+        let r = s
+            .spawn(|| cache.with_file(a, |_, _| -> Result<(), MpageError> { panic!("boom") }))
+            .join();
+        assert!(r.is_err(), "the thread panicked");
+    });
+    let mut buf = [0u8; 16];
+    match cache.read_at(a, 0, &mut buf) {
+        Err(MpageError::Poisoned { shard: 0 }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(cache.stats(), Err(MpageError::Poisoned { shard: 0 })));
+    cache.read_at(b, 4096, &mut buf).unwrap();
+    assert_eq!(buf[..], disk_bytes(2001 * 4096, 16)[..]);
+}
