@@ -19,11 +19,11 @@
 //! is dropped silently; a page whose write keeps failing stays in the cache.
 
 use std::collections::{HashMap, VecDeque};
-use std::fmt;
 use std::time::Duration;
 
 use crate::backend::{BlockIo, IoError, IoOp};
 use crate::error::{MpageError, PageError};
+pub use crate::id::FileId;
 use crate::index::PageIndex;
 use crate::map::BlockMap;
 use crate::page::{Page, PageState, NIL};
@@ -37,16 +37,6 @@ pub(crate) const PAGE: u64 = PAGE_SIZE as u64;
 pub(crate) const STASH_BATCH: usize = 64;
 /// Most clean pages evicted at once when a frame is needed.
 pub(crate) const EVICT_BATCH: usize = 32;
-
-/// A file open in a [`PageCache`].
-#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct FileId(pub(crate) u32);
-
-impl fmt::Display for FileId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "#{}", self.0)
-    }
-}
 
 /// Tuning of a [`PageCache`].
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,7 +1,7 @@
 //! Errors of the page cache.
 
 use crate::backend::{IoError, IoOp};
-use crate::cache::FileId;
+use crate::id::FileId;
 use crate::map::MapError;
 use crate::pool::PoolError;
 

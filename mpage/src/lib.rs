@@ -22,6 +22,7 @@ mod cache;
 mod completion;
 mod error;
 pub mod ext;
+mod id;
 mod index;
 mod lru;
 mod map;

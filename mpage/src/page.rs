@@ -1,12 +1,12 @@
 //! One cached page: its state (the role of Linux's `struct page` flags and buffer heads), a
 //! snapshot of it for callers, and a page held in place.
 
-use crate::cache::FileId;
 use crate::error::PageError;
+use crate::id::FileId;
 use crate::pool::{FrameId, FrameView};
-/// A page of a file read in place ([`PageCache::page`]): derefs to its bytes up to the end
+/// A page of a file read in place ([`crate::PageCache::page`]): derefs to its bytes up to the end
 /// of the file, without a copy. While it lives the page is not evicted, no command may make
-/// the device write its frame, and the cache refuses to change it ([`MpageError::PageHeld`]);
+/// the device write its frame, and the cache refuses to change it ([`crate::MpageError::PageHeld`]);
 /// a page dropped from the file meanwhile (truncation, close) keeps its frame until the
 /// `PageRef` goes. It may be sent to and read on other threads.
 #[derive(Debug)]

@@ -9,7 +9,7 @@ use crate::pool::{FrameId, FRAMES_PER_CHUNK, PAGE_SIZE};
 impl<D: BlockIo> PageCache<D> {
     /// Read up to `buf.len()` bytes at `offset`; returns how many (0 at or past the end).
     /// Sequential readers get readahead windows that double up to
-    /// [`CacheOptions::readahead_max`].
+    /// [`crate::CacheOptions::readahead_max`].
     pub fn read_at(&mut self, f: FileId, offset: u64, buf: &mut [u8]) -> Result<usize, MpageError> {
         // One copy per run of pages in consecutive frames, not one per page.
         self.walk_runs(f, offset, buf.len(), |c, frame, in_page, at, bytes| {

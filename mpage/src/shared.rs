@@ -1,23 +1,4 @@
-//! A page cache shared by threads.
-//!
-//! [`SharedCache`] is `Sync`: any thread calls any operation through `&self`. It is made of
-//! shards, each a [`PageCache`] with a device queue of its own (one I/O queue pair each,
-//! never shared) and its own LRU and dirty pages, behind its own lock; a file lives in one
-//! shard, chosen when it is opened (the one with the fewest open files, or the one asked
-//! for). So:
-//!
-//! - threads working on files of different shards never wait for each other: each submits
-//!   on its shard's queue pair and reaps its own completions, with nothing shared on the
-//!   I/O path but the frame pool's free list;
-//! - calls on the files of one shard take turns, one call at a time, whole (the way a file
-//!   system serialises calls on one inode): a page is never read while its I/O is in flight
-//!   nor written by two threads at once, and each call sees the effects of every call that
-//!   finished before it, whichever thread made it;
-//! - the cache's pages are split evenly between the shards (as sharded caches such as
-//!   RocksDB's split their capacity): each shard evicts from its own LRU.
-//!
-//! Give it as many queues as threads that work at once, and open at least as many files:
-//! with one shard per thread, threads on different files run side by side.
+//! A page cache shared by threads: [`SharedCache`].
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -31,7 +12,7 @@ use crate::pool::PagePool;
 
 /// Bits of a [`FileId`] that number the file inside its shard; the bits above name the shard.
 const LOCAL_BITS: u32 = 24;
-/// Most shards: what the bits above [`LOCAL_BITS`] can name.
+/// Most shards: what the top 8 bits of a [`FileId`] can name.
 pub const MAX_SHARDS: usize = 1 << (32 - LOCAL_BITS);
 
 struct Shard<D: BlockIo> {
@@ -40,7 +21,26 @@ struct Shard<D: BlockIo> {
     files: AtomicUsize,
 }
 
-/// A page cache that threads share: see the [module documentation](self).
+/// A page cache shared by threads.
+///
+/// [`SharedCache`] is `Sync`: any thread calls any operation through `&self`. It is made of
+/// shards, each a [`PageCache`] with a device queue of its own (one I/O queue pair each,
+/// never shared) and its own LRU and dirty pages, behind its own lock; a file lives in one
+/// shard, chosen when it is opened (the one with the fewest open files, or the one asked
+/// for). So:
+///
+/// - threads working on files of different shards never wait for each other: each submits
+///   on its shard's queue pair and reaps its own completions, with nothing shared on the
+///   I/O path but the frame pool's free list;
+/// - calls on the files of one shard take turns, one call at a time, whole (the way a file
+///   system serialises calls on one inode): a page is never read while its I/O is in flight
+///   nor written by two threads at once, and each call sees the effects of every call that
+///   finished before it, whichever thread made it;
+/// - the cache's pages are split evenly between the shards (as sharded caches such as
+///   RocksDB's split their capacity): each shard evicts from its own LRU.
+///
+/// Give it as many queues as threads that work at once, and open at least as many files:
+/// with one shard per thread, threads on different files run side by side.
 pub struct SharedCache<D: BlockIo> {
     shards: Box<[Shard<D>]>,
 }

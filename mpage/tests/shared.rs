@@ -250,7 +250,10 @@ fn a_thread_that_panics_in_a_shard_leaves_it_refused_and_the_others_working() {
         Err(MpageError::Poisoned { shard: 0 }) => {}
         other => panic!("{other:?}"),
     }
-    assert!(matches!(cache.stats(), Err(MpageError::Poisoned { shard: 0 })));
+    assert!(matches!(
+        cache.stats(),
+        Err(MpageError::Poisoned { shard: 0 })
+    ));
     cache.read_at(b, 4096, &mut buf).unwrap();
     assert_eq!(buf[..], disk_bytes(2001 * 4096, 16)[..]);
 }
