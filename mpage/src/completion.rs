@@ -70,19 +70,29 @@ impl<D: BlockIo> PageCache<D> {
         let pool = self.pool.clone();
         let one;
         let many: Vec<DmaSlice<'_>>;
-        let data: &[DmaSlice<'_>] = match segs {
-            [] => &[],
-            [s] => {
-                one = [pool.slice_of(*s).map_err(MpageError::from)?];
-                &one
-            }
-            _ => {
-                many = segs
-                    .iter()
-                    .map(|s| pool.slice_of(*s))
-                    .collect::<Result<_, _>>()
-                    .map_err(MpageError::from)?;
-                &many
+        let sliced: Result<&[DmaSlice<'_>], _> = match segs {
+            [] => Ok(&[]),
+            [s] => match pool.slice_of(*s) {
+                Ok(x) => {
+                    one = [x];
+                    Ok(&one)
+                }
+                Err(e) => Err(e),
+            },
+            _ => match segs.iter().map(|s| pool.slice_of(*s)).collect() {
+                Ok(v) => {
+                    many = v;
+                    Ok(&many)
+                }
+                Err(e) => Err(e),
+            },
+        };
+        let data = match sliced {
+            Ok(d) => d,
+            Err(e) => {
+                let e = MpageError::from(e);
+                self.unsubmitted(tag, &e);
+                return Err(e);
             }
         };
         let req = IoRequest {
@@ -103,7 +113,11 @@ impl<D: BlockIo> PageCache<D> {
                     if self.poll_once() == 0 {
                         idle += 1;
                         if idle.is_multiple_of(256) {
-                            self.check_timeout(started)?;
+                            if let Err(e) = self.check_timeout(started) {
+                                // Never submitted: its pages must not wait for it.
+                                self.unsubmitted(tag, &e);
+                                return Err(e);
+                            }
                         }
                     }
                 }
@@ -227,6 +241,20 @@ impl<D: BlockIo> PageCache<D> {
     }
 
     pub(crate) fn complete(&mut self, tag: u64, result: Result<(), IoError>) {
+        self.complete_as(tag, result, true)
+    }
+
+    /// A command recorded under `tag` never reached the device: end it now with `why`, its
+    /// pages unlocked (or out of write-back) with the error, and no page-by-page retry.
+    fn unsubmitted(&mut self, tag: u64, why: &MpageError) {
+        let e = IoError::Rejected {
+            dev: self.dev.name().to_string(),
+            reason: format!("not submitted: {why}"),
+        };
+        self.complete_as(tag, Err(e), false)
+    }
+
+    fn complete_as(&mut self, tag: u64, result: Result<(), IoError>, retry: bool) {
         let Some(inf) = self.inflight.remove(&tag) else {
             log::warn!(
                 "{}: completion for unknown tag {tag} ignored",
@@ -251,7 +279,7 @@ impl<D: BlockIo> PageCache<D> {
         let Ok(geo) = self.geo(f) else { return };
         match (inf.op, inf.target) {
             (IoOp::Read, Target::Pages { pages, frames }) => {
-                if err.is_some() && pages.len() > 1 {
+                if retry && err.is_some() && pages.len() > 1 {
                     // Find out which pages are bad: read each again on its own.
                     self.stats.read_retries += 1;
                     self.retry.push((f, pages));

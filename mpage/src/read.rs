@@ -236,10 +236,29 @@ impl<D: BlockIo> PageCache<D> {
         // Ask the map for runs reaching the end of the batch, not beyond.
         let batch_end = (last + 1) * geo.bpp;
         let mut walk = Walk::default();
-        for &(p, fr) in pages {
-            self.read_one(f, p, fr, &geo, batch_end, &mut walk)?;
+        for (i, &(p, fr)) in pages.iter().enumerate() {
+            if let Err(e) = self.read_one(f, p, fr, &geo, batch_end, &mut walk) {
+                // The command being built, this page and the pages after it never went out
+                // (a page that did has been ended with the error already).
+                self.release_unsent(&mut walk, &pages[i..]);
+                return Err(e);
+            }
         }
         self.send(f, IoOp::Read, &mut walk.cmd)
+    }
+
+    /// After a failed walk: unlock (or take out of write-back) the pages of the command
+    /// being built and `rest`, pages locked for this walk that no command in flight carries
+    /// (pages with per-block commands in flight keep their state until those complete).
+    pub(crate) fn release_unsent(&mut self, walk: &mut Walk, rest: &[(u64, u32)]) {
+        let built = walk.cmd.take().map(|c| c.frames).unwrap_or_default();
+        for fr in built.into_iter().chain(rest.iter().map(|&(_, fr)| fr)) {
+            let pg = self.slot_mut(fr);
+            if pg.pending == 0 {
+                pg.locked = false;
+                pg.writeback = false;
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -377,6 +396,7 @@ impl<D: BlockIo> PageCache<D> {
         let mut mapped = bits.uptodate;
         let mut issued = false;
         let mut failed: Option<PageError> = None;
+        let mut submit_err: Option<MpageError> = None;
         for i in 0..bpp {
             let bit = 1u8 << i;
             if want & bit == 0 {
@@ -422,7 +442,7 @@ impl<D: BlockIo> PageCache<D> {
                             page: p,
                             block: i as u32,
                         };
-                        self.submit_cmd(
+                        if let Err(e) = self.submit_cmd(
                             f,
                             IoOp::Read,
                             disk_block * geo.lpb,
@@ -430,7 +450,12 @@ impl<D: BlockIo> PageCache<D> {
                             &[seg],
                             target,
                             true,
-                        )?;
+                        ) {
+                            // The block's own command was ended with the error; end the page's
+                            // issuing below, so that nothing stays pending.
+                            submit_err = Some(e);
+                            break;
+                        }
                     }
                 }
             }
@@ -460,6 +485,9 @@ impl<D: BlockIo> PageCache<D> {
             page.pending_error.get_or_insert_with(|| Box::new(e));
         }
         self.end_block_io(f, p, IoOp::Read, geo.bpp);
-        Ok(())
+        match submit_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }

@@ -216,6 +216,7 @@ pub struct RecordingDevice {
     max_transfer: u32,
     queue_depth: usize,
     per_poll: usize,
+    stalled: bool,
     fill: DiskFill,
     /// The disk, shared with the other queues of the same device ([`RecordingDevice::queue`]).
     disk: Arc<Mutex<Disk>>,
@@ -237,6 +238,7 @@ impl RecordingDevice {
             max_transfer: u32::MAX,
             queue_depth: 64,
             per_poll: usize::MAX,
+            stalled: false,
             fill: DiskFill::Zeros,
             disk: Arc::default(),
             fail_flush: false,
@@ -257,6 +259,7 @@ impl RecordingDevice {
             max_transfer: self.max_transfer,
             queue_depth: self.queue_depth,
             per_poll: self.per_poll,
+            stalled: self.stalled,
             fill: self.fill,
             disk: self.disk.clone(),
             fail_flush: self.fail_flush,
@@ -284,6 +287,11 @@ impl RecordingDevice {
     /// Hold at most `depth` commands (at least 1); more are [`IoError::QueueFull`].
     pub fn set_queue_depth(&mut self, depth: usize) {
         self.queue_depth = depth.max(1);
+    }
+
+    /// Complete nothing while stalled (a hung controller); commands stay queued.
+    pub fn set_stalled(&mut self, stalled: bool) {
+        self.stalled = stalled;
     }
 
     /// Complete at most `n` commands per poll (at least 1).
@@ -510,6 +518,9 @@ impl BlockIo for RecordingDevice {
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(u64, Result<(), IoError>)) -> usize {
+        if self.stalled {
+            return 0;
+        }
         let mut n = 0;
         while n < self.per_poll {
             let Some(q) = self.queue.pop_front() else {

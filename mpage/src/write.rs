@@ -55,7 +55,18 @@ impl<D: BlockIo> PageCache<D> {
         let geo = self.geo(f)?;
         let mut walk = Walk::default();
         for &p in pages {
-            self.write_one(f, p, &geo, &mut walk)?;
+            if let Err(e) = self.write_one(f, p, &geo, &mut walk) {
+                // The command being built and this page never went out: they stay dirty.
+                let this: Vec<(u64, u32)> = self
+                    .file(f)?
+                    .pages
+                    .get(p)
+                    .map(|fr| (p, fr))
+                    .into_iter()
+                    .collect();
+                self.release_unsent(&mut walk, &this);
+                return Err(e);
+            }
         }
         self.send(f, IoOp::Write, &mut walk.cmd)?;
         self.dev.kick();
@@ -178,6 +189,7 @@ impl<D: BlockIo> PageCache<D> {
         page.pending = 1;
         page.pending_error = None;
         let mut failed: Option<PageError> = None;
+        let mut submit_err: Option<MpageError> = None;
         let mut mapped = 0u8;
         for i in 0..geo.bpp as usize {
             let bit = 1u8 << i;
@@ -211,7 +223,7 @@ impl<D: BlockIo> PageCache<D> {
                         page: p,
                         block: i as u32,
                     };
-                    self.submit_cmd(
+                    if let Err(e) = self.submit_cmd(
                         f,
                         IoOp::Write,
                         disk_block * geo.lpb,
@@ -219,7 +231,12 @@ impl<D: BlockIo> PageCache<D> {
                         &[seg],
                         target,
                         true,
-                    )?;
+                    ) {
+                        // The block's own command was ended with the error; end the page's
+                        // issuing below, so that nothing stays pending.
+                        submit_err = Some(e);
+                        break;
+                    }
                 }
             }
         }
@@ -231,6 +248,9 @@ impl<D: BlockIo> PageCache<D> {
             page.pending_error.get_or_insert_with(|| Box::new(e));
         }
         self.end_block_io(f, p, IoOp::Write, geo.bpp);
-        Ok(())
+        match submit_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }

@@ -684,3 +684,62 @@ fn held_pages_fill_the_cache_cleanly_and_outlive_truncation() {
         "frames of dropped pages go back once unheld"
     );
 }
+
+/// A cache whose device holds 2 commands of at most 8 pages and that gives up after 50 ms.
+fn impatient() -> Cache {
+    let dma = DmaPool::new(Arc::new(MemoryOnly), Backing::SmallPages, 0).unwrap();
+    let pool = PagePool::new(&dma, 512).unwrap();
+    let mut dev = RecordingDevice::new(pool.clone(), 4096, 1 << 30);
+    dev.set_fill(DiskFill::Pattern);
+    dev.set_max_transfer(8 * 4096);
+    dev.set_queue_depth(2);
+    let opts = CacheOptions {
+        io_timeout: std::time::Duration::from_millis(50),
+        readahead_depth: 1,
+        ..CacheOptions::default()
+    };
+    PageCache::new(dev, pool, opts).unwrap()
+}
+
+#[test]
+fn a_read_that_times_out_leaves_no_page_locked_for_a_command_never_sent() {
+    let mut c = impatient();
+    let f = linear(&mut c, 64);
+    c.device_mut().set_stalled(true);
+    match c.readahead(f, 0, 64) {
+        Err(MpageError::Timeout { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    c.device_mut().set_stalled(false);
+    // Only what reached the device is waited for; nothing else is left locked.
+    c.wait_idle().unwrap();
+    for p in c.cached_pages(f).unwrap() {
+        assert!(!c.page_state(f, p).unwrap().locked, "page {p} stuck");
+    }
+    let mut b = vec![0u8; 64 * 4096];
+    c.read_at(f, 0, &mut b).unwrap();
+    assert_eq!(b, disk(1000 * 4096, 64 * 4096));
+}
+
+#[test]
+fn a_write_back_that_times_out_leaves_no_page_under_write_back() {
+    let mut c = impatient();
+    let f = linear(&mut c, 64);
+    c.write_at(f, 0, &vec![0x5A; 64 * 4096]).unwrap();
+    c.device_mut().set_stalled(true);
+    assert!(matches!(c.sync(f), Err(MpageError::Timeout { .. })));
+    c.device_mut().set_stalled(false);
+    c.wait_idle().unwrap();
+    for p in 0..64 {
+        assert!(!c.page_state(f, p).unwrap().writeback, "page {p} stuck");
+    }
+    // The next sync writes everything and reports the write the timeout cut off (the caller
+    // has not seen it yet); the one after is clean.
+    assert!(matches!(c.sync(f), Err(MpageError::Write { .. })));
+    assert_eq!(c.dirty_pages(f).unwrap(), 0);
+    c.sync(f).unwrap();
+    assert_eq!(
+        c.device().read_bytes(1000 * 4096, 64 * 4096),
+        vec![0x5A; 64 * 4096]
+    );
+}
