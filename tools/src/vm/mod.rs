@@ -264,6 +264,8 @@ pub enum VmError {
     GuestFailed {
         /// QEMU's exit status.
         status: String,
+        /// The signal QEMU died of, if it did: the emulator crashed, whatever the guest did.
+        signal: Option<i32>,
         /// QEMU's own stderr.
         qemu_stderr: String,
         /// The kernel console.
@@ -280,6 +282,15 @@ impl VmError {
             VmError::Timeout { console, .. } | VmError::GuestFailed { console, .. } => {
                 Some(console)
             }
+            _ => None,
+        }
+    }
+
+    /// The signal QEMU died of while the guest ran (not a kill of ours): a crash of the
+    /// emulator itself.
+    pub fn qemu_signal(&self) -> Option<i32> {
+        match self {
+            VmError::GuestFailed { signal, .. } => *signal,
             _ => None,
         }
     }
@@ -596,6 +607,7 @@ pub fn run(config: &VmConfig, script: &str) -> Result<VmOutput, VmError> {
     let Some((output, exit_code)) = markers.parse(&raw) else {
         return Err(VmError::GuestFailed {
             status: status.map_or_else(|| "killed".to_string(), |s| s.to_string()),
+            signal: status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s)),
             qemu_stderr: read_lossy(&qemu_stderr_path),
             console,
             output: markers.partial(&raw),
