@@ -33,6 +33,16 @@ pub fn rnvme_binary() -> PathBuf {
         .unwrap_or_else(|e| panic!("cannot build the static rnvme for the guest: {e}"))
 }
 
+/// The fio engine, `librnvme_fio.so`, built once per test binary for the fio installed here
+/// (which the guest runs too).
+pub fn fio_engine() -> PathBuf {
+    static ENGINE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| vm::fio_engine(&workspace_root()).map_err(|e| e.to_string()))
+        .clone()
+        .unwrap_or_else(|e| panic!("cannot build the fio engine: {e}"))
+}
+
 /// The statically linked workspace binary `name` (such as `two_controllers`), built once per
 /// test binary.
 pub fn test_binary(name: &str) -> PathBuf {

@@ -17,6 +17,7 @@ pub mod guest;
 pub mod steps;
 
 pub use guest::{
-    rnvme_binary, run_guest, test_binary, workspace_root, GuestRun, MAX_PARALLEL_GUESTS, PRELUDE,
+    fio_engine, rnvme_binary, run_guest, test_binary, workspace_root, GuestRun,
+    MAX_PARALLEL_GUESTS, PRELUDE,
 };
 pub use steps::{Step, Steps};

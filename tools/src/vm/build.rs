@@ -69,6 +69,25 @@ fn build(root: &Path, package: Option<&str>, bin: &str) -> Result<PathBuf, VmErr
     Ok(path)
 }
 
+/// Builds the fio engine, `librnvme_fio.so` (release), against the source of the fio installed
+/// here (`tools/fio-source` fetches and configures it first), and returns its path. The guest
+/// runs the host's fio, so the engine built for it loads there too.
+pub fn fio_engine(workspace_root: &Path) -> Result<PathBuf, VmError> {
+    run_command(Command::new(workspace_root.join("tools/fio-source")).current_dir(workspace_root))?;
+    let target_dir = workspace_root.join("target/fio");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    log::info!("building the fio engine in {}", target_dir.display());
+    run_command(
+        Command::new(cargo)
+            .args(["build", "--release", "-p", "rnvme-fio", "--target-dir"])
+            .arg(&target_dir)
+            .current_dir(workspace_root)
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("CARGO_BUILD_TARGET"),
+    )?;
+    Ok(target_dir.join("release/librnvme_fio.so"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

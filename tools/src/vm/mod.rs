@@ -39,7 +39,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-pub use build::{build_static_rnvme, static_binary};
+pub use build::{build_static_rnvme, fio_engine, static_binary};
 pub use host::{cache_dir, ensure_host, ensure_kernel, fetch_kernel, is_static_elf, Kernel};
 pub use spec::{parse_controller_spec, SPEC_HELP};
 

@@ -1,0 +1,410 @@
+/*
+ * fio's side of the rnvme engine: struct ioengine_ops, compiled against the headers of the
+ * fio that loads it (see build.rs). It reads fio's structures and calls the Rust side
+ * (src/ffi.rs) with plain values; the Rust side never sees a fio structure.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <errno.h>
+
+#include "fio.h"
+#include "optgroup.h"
+
+#define ERRLEN 512
+
+/* src/ffi.rs */
+int rnvme_fio_file_info(const char *name, int hugepages, uint64_t bs_min, uint64_t bs_max,
+			uint64_t *size, uint32_t *lba, char *err, size_t errlen);
+void *rnvme_fio_job_new(uint32_t depth, uint64_t max_bs, int dptr, int fua, char *err,
+			size_t errlen);
+int rnvme_fio_job_add_file(void *job, uint32_t fileno, const char *name, int hugepages,
+			   char *err, size_t errlen);
+int rnvme_fio_job_start(void *job, char *err, size_t errlen);
+void *rnvme_fio_iomem_alloc(void *job, size_t len, char *err, size_t errlen);
+void rnvme_fio_iomem_free(void *job);
+int rnvme_fio_queue(void *job, uint32_t fileno, int op, uint64_t offset, uint64_t len,
+		    const void *buf, uint32_t index, char *err, size_t errlen);
+void rnvme_fio_commit(void *job);
+int rnvme_fio_getevents(void *job, uint32_t min, uint32_t max, int64_t timeout_ns);
+int64_t rnvme_fio_event(void *job, uint32_t i, int *error);
+int rnvme_fio_errdetails(void *job, uint32_t index, char *buf, size_t len);
+void rnvme_fio_job_free(void *job);
+void rnvme_fio_exit(void);
+
+/* The engine options of a job file. fio's convention: the first member is a pointer. */
+struct rnvme_options {
+	void *pad;
+	unsigned int dptr;
+	unsigned int hugepages;
+	unsigned int fua;
+};
+
+static struct fio_option options[] = {
+	{
+		.name	= "rnvme_dptr",
+		.lname	= "rnvme data pointer",
+		.type	= FIO_OPT_STR,
+		.off1	= offsetof(struct rnvme_options, dptr),
+		.help	= "How commands point at their data",
+		.def	= "auto",
+		.posval = {
+			  { .ival = "auto", .oval = 0,
+			    .help = "PRPs when two entries do, SGLs otherwise (PRPs if no SGL support)" },
+			  { .ival = "prp", .oval = 1, .help = "PRP entries and lists" },
+			  { .ival = "sgl", .oval = 2, .help = "Scatter-gather lists" },
+		},
+		.category = FIO_OPT_C_ENGINE,
+		.group	= FIO_OPT_G_INVALID,
+	},
+	{
+		.name	= "rnvme_hugepages",
+		.lname	= "rnvme hugepages",
+		.type	= FIO_OPT_BOOL,
+		.off1	= offsetof(struct rnvme_options, hugepages),
+		.help	= "DMA memory from 2 MiB hugepages (0: ordinary pages, pinned)",
+		.def	= "1",
+		.category = FIO_OPT_C_ENGINE,
+		.group	= FIO_OPT_G_INVALID,
+	},
+	{
+		.name	= "rnvme_fua",
+		.lname	= "rnvme force unit access",
+		.type	= FIO_OPT_BOOL,
+		.off1	= offsetof(struct rnvme_options, fua),
+		.help	= "Writes with Force Unit Access",
+		.def	= "0",
+		.category = FIO_OPT_C_ENGINE,
+		.group	= FIO_OPT_G_INVALID,
+	},
+	{ .name = NULL, },
+};
+
+struct rnvme_td;
+/* fio asks for error details with the io_u alone, on the job's thread, after event(). */
+static __thread struct rnvme_td *current_job;
+
+/* What a job keeps in td->io_ops_data. */
+struct rnvme_td {
+	void *job;
+	/* io_us by index, for event(). */
+	struct io_u **by_index;
+	unsigned int depth;
+	/* io_us queued since the last commit, for fio's issue-time accounting. */
+	struct io_u **queued;
+	unsigned int nr_queued;
+};
+
+/*
+ * The engine reads fio's structures as laid out by the headers it was built with: in any
+ * other fio it would misread them. Refuse that at once.
+ */
+static int same_fio(void)
+{
+	if (strcmp(fio_version_string, RNVME_FIO_VERSION) != 0) {
+		log_err("rnvme: this engine was built for %s but runs in %s: rebuild it against "
+			"that fio's source (tools/fio-source, then cargo build -p rnvme-fio)\n",
+			RNVME_FIO_VERSION, fio_version_string);
+		return 0;
+	}
+	return 1;
+}
+
+static int need_threads(struct thread_data *td)
+{
+	if (!td->o.use_thread) {
+		log_err("rnvme: %s: set thread=1 (a controller is opened once per process and "
+			"its jobs run as threads of it)\n", td->o.name);
+		return 0;
+	}
+	return 1;
+}
+
+static unsigned long long bs_extreme(struct thread_data *td, int largest)
+{
+	unsigned long long v = largest ? 0 : ~0ULL;
+	int d;
+	unsigned int i;
+
+	for (d = 0; d < DDIR_RWDIR_CNT; d++) {
+		if (td->o.min_bs[d] == 0)
+			continue;
+		if (largest) {
+			if (td->o.max_bs[d] > v)
+				v = td->o.max_bs[d];
+		} else if (td->o.min_bs[d] < v)
+			v = td->o.min_bs[d];
+		for (i = 0; i < td->o.bssplit_nr[d]; i++) {
+			unsigned long long bs = td->o.bssplit[d][i].bs;
+
+			if (bs == 0)
+				continue;
+			if (largest ? bs > v : bs < v)
+				v = bs;
+		}
+	}
+	return v == ~0ULL ? 0 : v;
+}
+
+/* Also any bssplit size that is not a whole number of LBAs is caught: its gcd with the LBA. */
+static unsigned long long bs_odd(struct thread_data *td, uint32_t lba)
+{
+	int d;
+	unsigned int i;
+
+	for (d = 0; d < DDIR_RWDIR_CNT; d++) {
+		if (td->o.min_bs[d] % lba)
+			return td->o.min_bs[d];
+		if (td->o.max_bs[d] % lba)
+			return td->o.max_bs[d];
+		for (i = 0; i < td->o.bssplit_nr[d]; i++)
+			if (td->o.bssplit[d][i].bs % lba)
+				return td->o.bssplit[d][i].bs;
+	}
+	return 0;
+}
+
+static int rnvme_setup(struct thread_data *td)
+{
+	struct rnvme_options *o = td->eo;
+	struct fio_file *f;
+	unsigned int i;
+	char err[ERRLEN];
+
+	if (!same_fio() || !need_threads(td))
+		return 1;
+	for_each_file(td, f, i) {
+		uint64_t size;
+		uint32_t lba;
+		unsigned long long odd;
+
+		if (rnvme_fio_file_info(f->file_name, o->hugepages, bs_extreme(td, 0),
+					bs_extreme(td, 1), &size, &lba, err, ERRLEN)) {
+			log_err("rnvme: %s\n", err);
+			return 1;
+		}
+		odd = bs_odd(td, lba);
+		if (odd) {
+			log_err("rnvme: %s: block size %llu is not a multiple of the namespace's "
+				"%u-byte LBA\n", f->file_name, odd, lba);
+			return 1;
+		}
+		f->real_file_size = size;
+		f->filetype = FIO_TYPE_BLOCK;
+		fio_file_set_size_known(f);
+	}
+	return 0;
+}
+
+static void rnvme_cleanup(struct thread_data *td)
+{
+	struct rnvme_td *r = td->io_ops_data;
+
+	if (!r)
+		return;
+	rnvme_fio_job_free(r->job);
+	free(r->by_index);
+	free(r->queued);
+	free(r);
+	td->io_ops_data = NULL;
+}
+
+static int rnvme_init(struct thread_data *td)
+{
+	struct rnvme_options *o = td->eo;
+	struct rnvme_td *r;
+	struct fio_file *f;
+	unsigned int i;
+	char err[ERRLEN];
+
+	if (!same_fio() || !need_threads(td))
+		return 1;
+	r = calloc(1, sizeof(*r));
+	if (!r)
+		return 1;
+	td->io_ops_data = r;
+	r->depth = td->o.iodepth;
+	r->by_index = calloc(r->depth, sizeof(*r->by_index));
+	r->queued = calloc(r->depth, sizeof(*r->queued));
+	if (!r->by_index || !r->queued)
+		goto fail_quiet;
+	r->job = rnvme_fio_job_new(r->depth, bs_extreme(td, 1), o->dptr, o->fua, err, ERRLEN);
+	if (!r->job)
+		goto fail;
+	for_each_file(td, f, i) {
+		if (rnvme_fio_job_add_file(r->job, f->fileno, f->file_name, o->hugepages, err,
+					   ERRLEN))
+			goto fail;
+	}
+	if (rnvme_fio_job_start(r->job, err, ERRLEN))
+		goto fail;
+	return 0;
+fail:
+	log_err("rnvme: %s\n", err);
+fail_quiet:
+	rnvme_cleanup(td);
+	return 1;
+}
+
+static int rnvme_iomem_alloc(struct thread_data *td, size_t total_mem)
+{
+	struct rnvme_td *r = td->io_ops_data;
+	char err[ERRLEN];
+
+	td->orig_buffer = rnvme_fio_iomem_alloc(r->job, total_mem, err, ERRLEN);
+	if (!td->orig_buffer) {
+		log_err("rnvme: I/O buffers of %zu bytes: %s\n", total_mem, err);
+		return 1;
+	}
+	return 0;
+}
+
+static void rnvme_iomem_free(struct thread_data *td)
+{
+	struct rnvme_td *r = td->io_ops_data;
+
+	if (r)
+		rnvme_fio_iomem_free(r->job);
+}
+
+static int rnvme_open_file(struct thread_data *td, struct fio_file *f)
+{
+	return 0;
+}
+
+static int rnvme_close_file(struct thread_data *td, struct fio_file *f)
+{
+	return 0;
+}
+
+static enum fio_q_status rnvme_queue(struct thread_data *td, struct io_u *io_u)
+{
+	struct rnvme_td *r = td->io_ops_data;
+	char err[ERRLEN];
+	int op, ret;
+
+	fio_ro_check(td, io_u);
+	switch (io_u->ddir) {
+	case DDIR_READ:
+		op = 0;
+		break;
+	case DDIR_WRITE:
+		op = 1;
+		break;
+	case DDIR_TRIM:
+		op = 2;
+		break;
+	case DDIR_SYNC:
+	case DDIR_DATASYNC:
+		op = 3;
+		break;
+	default:
+		log_err("rnvme: %s is not served (read, write, trim, fsync, fdatasync are)\n",
+			io_ddir_name(io_u->ddir));
+		io_u->error = EINVAL;
+		return FIO_Q_COMPLETED;
+	}
+	if (io_u->index >= r->depth) {
+		io_u->error = EINVAL;
+		return FIO_Q_COMPLETED;
+	}
+	ret = rnvme_fio_queue(r->job, io_u->file->fileno, op, io_u->offset, io_u->xfer_buflen,
+			      io_u->xfer_buf, io_u->index, err, ERRLEN);
+	if (ret == 1)
+		return FIO_Q_BUSY;
+	if (ret < 0) {
+		log_err("rnvme: %s\n", err);
+		io_u->error = -ret;
+		return FIO_Q_COMPLETED;
+	}
+	r->by_index[io_u->index] = io_u;
+	if (r->nr_queued < r->depth)
+		r->queued[r->nr_queued++] = io_u;
+	return FIO_Q_QUEUED;
+}
+
+static int rnvme_commit(struct thread_data *td)
+{
+	struct rnvme_td *r = td->io_ops_data;
+	struct timespec now;
+	unsigned int i;
+
+	if (!r->nr_queued)
+		return 0;
+	rnvme_fio_commit(r->job);
+	if (!td->o.disable_slat)
+		fio_gettime(&now, NULL);
+	for (i = 0; i < r->nr_queued; i++) {
+		if (!td->o.disable_slat) {
+			memcpy(&r->queued[i]->issue_time, &now, sizeof(now));
+			io_u_queued(td, r->queued[i]);
+		}
+	}
+	r->nr_queued = 0;
+	return 0;
+}
+
+static int rnvme_getevents(struct thread_data *td, unsigned int min, unsigned int max,
+			   const struct timespec *t)
+{
+	struct rnvme_td *r = td->io_ops_data;
+	int64_t ns = t ? (int64_t)t->tv_sec * 1000000000LL + t->tv_nsec : -1;
+
+	return rnvme_fio_getevents(r->job, min, max, ns);
+}
+
+static struct io_u *rnvme_event(struct thread_data *td, int ev)
+{
+	struct rnvme_td *r = td->io_ops_data;
+	int error = 0;
+	int64_t index = rnvme_fio_event(r->job, ev, &error);
+	struct io_u *io_u;
+
+	if (index < 0 || index >= r->depth)
+		return NULL;
+	io_u = r->by_index[index];
+	io_u->error = error;
+	current_job = r;
+	return io_u;
+}
+
+static char *rnvme_errdetails(struct io_u *io_u)
+{
+	char buf[ERRLEN];
+
+	if (!current_job || io_u->index >= current_job->depth ||
+	    rnvme_fio_errdetails(current_job->job, io_u->index, buf, ERRLEN))
+		return strdup("rnvme: no details");
+	return strdup(buf);
+}
+
+static struct ioengine_ops ioengine = {
+	.name			= "rnvme",
+	.version		= FIO_IOOPS_VERSION,
+	.flags			= FIO_RAWIO | FIO_NOEXTEND | FIO_NODISKUTIL | FIO_MEMALIGN,
+	.setup			= rnvme_setup,
+	.init			= rnvme_init,
+	.queue			= rnvme_queue,
+	.commit			= rnvme_commit,
+	.getevents		= rnvme_getevents,
+	.event			= rnvme_event,
+	.errdetails		= rnvme_errdetails,
+	.cleanup		= rnvme_cleanup,
+	.open_file		= rnvme_open_file,
+	.close_file		= rnvme_close_file,
+	.iomem_alloc		= rnvme_iomem_alloc,
+	.iomem_free		= rnvme_iomem_free,
+	.option_struct_size	= sizeof(struct rnvme_options),
+	.options		= options,
+};
+
+/* fio unloads the engine after its jobs: the controllers are shut down then. */
+static void __attribute__((destructor)) rnvme_unload(void)
+{
+	rnvme_fio_exit();
+}
+
+/* The ops, for get_ioengine (src/ffi.rs): the symbol fio looks up in an external engine. */
+struct ioengine_ops *rnvme_fio_ops(void)
+{
+	return &ioengine;
+}
