@@ -193,6 +193,12 @@ impl Job {
         Ok(addr)
     }
 
+    /// The buffers of [`Job::iomem_alloc`], for copies in and out of them (tests; tools that
+    /// drive a job without fio).
+    pub fn io_buffer(&self) -> Option<&DmaBuffer> {
+        self.buf.as_ref().map(|b| &b.0)
+    }
+
     /// Gives fio's I/O buffers back. Commands still holding them keep their memory until
     /// their completions are reaped (or quarantine it); fio no longer uses the address.
     pub fn iomem_free(&mut self) {
