@@ -93,6 +93,19 @@ pub(crate) fn static_rnvme() -> anyhow::Result<PathBuf> {
     Ok(vm::build_static_rnvme(&root)?)
 }
 
+/// The fio engine, `librnvme_fio.so`, built from the source tree this rnvme was built from,
+/// against the installed fio's source (see `tools/fio-source`).
+pub(crate) fn fio_engine() -> anyhow::Result<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    if !root.join("fio/Cargo.toml").is_file() {
+        anyhow::bail!(
+            "the fio engine is built from rnvme's source tree, and {} is gone",
+            root.display()
+        );
+    }
+    Ok(vm::fio_engine(&root)?)
+}
+
 /// The config for `args`.
 fn config(args: &RunArgs) -> anyhow::Result<VmConfig> {
     if args.timeout == 0 {
