@@ -36,6 +36,7 @@ fn main() {
         );
         std::process::exit(1);
     };
+    println!("cargo:rustc-env=RNVME_FIO_VERSION={version}");
     cc::Build::new()
         .file("c/engine.c")
         .include(&src)
@@ -45,7 +46,6 @@ fn main() {
         .define("_GNU_SOURCE", None)
         .define("_LARGEFILE_SOURCE", None)
         .define("_FILE_OFFSET_BITS", "64")
-        .define("RNVME_FIO_VERSION", format!("\"{version}\"").as_str())
         .flag_if_supported("-Wno-unused-parameter")
         .warnings(true)
         .compile("rnvme_fio_engine");

@@ -30,6 +30,7 @@ int64_t rnvme_fio_event(void *job, uint32_t i, int *error);
 int rnvme_fio_errdetails(void *job, uint32_t index, char *buf, size_t len);
 void rnvme_fio_job_free(void *job);
 void rnvme_fio_exit(void);
+int rnvme_fio_check_version(const char *running, char *err, size_t errlen);
 
 /* The engine options of a job file. fio's convention: the first member is a pointer. */
 struct rnvme_options {
@@ -100,10 +101,10 @@ struct rnvme_td {
  */
 static int same_fio(void)
 {
-	if (strcmp(fio_version_string, RNVME_FIO_VERSION) != 0) {
-		log_err("rnvme: this engine was built for %s but runs in %s: rebuild it against "
-			"that fio's source (tools/fio-source, then cargo build -p rnvme-fio)\n",
-			RNVME_FIO_VERSION, fio_version_string);
+	char err[ERRLEN];
+
+	if (rnvme_fio_check_version(fio_version_string, err, ERRLEN)) {
+		log_err("rnvme: %s\n", err);
 		return 0;
 	}
 	return 1;

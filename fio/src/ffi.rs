@@ -45,12 +45,12 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, EngineErr
 /// `s` is a NUL-terminated string that lives for the call.
 unsafe fn text<'a>(s: *const c_char) -> Result<&'a str, EngineError> {
     if s.is_null() {
-        return Err(EngineError::msg("no filename"));
+        return Err(EngineError::msg("no text where one was expected"));
     }
     // SAFETY: the caller promises a NUL-terminated string.
     unsafe { CStr::from_ptr(s) }
         .to_str()
-        .map_err(|_| EngineError::msg("the filename is not UTF-8"))
+        .map_err(|_| EngineError::msg("text that is not UTF-8"))
 }
 
 /// The job behind the opaque pointer `engine.c` keeps in `td->io_ops_data`.
@@ -61,6 +61,26 @@ unsafe fn text<'a>(s: *const c_char) -> Result<&'a str, EngineError> {
 unsafe fn job<'a>(job: *mut c_void) -> &'a mut Job {
     // SAFETY: as promised by the caller.
     unsafe { &mut *job.cast::<Job>() }
+}
+
+/// 0 if the engine runs in the fio it was built for (`running` is that fio's
+/// `fio_version_string`), an errno with the reason in `err` otherwise.
+///
+/// # Safety
+/// `running` is a NUL-terminated string; `err` has `errlen` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn rnvme_fio_check_version(
+    running: *const c_char,
+    err: *mut c_char,
+    errlen: usize,
+) -> c_int {
+    // SAFETY: `running` is a NUL-terminated string (caller).
+    let r = unsafe { text(running) }.and_then(|v| match crate::version_mismatch(v) {
+        None => Ok(()),
+        Some(why) => Err(EngineError::msg(why)),
+    });
+    // SAFETY: `err` has `errlen` bytes (caller).
+    unsafe { status(r, err, errlen) }
 }
 
 /// Setup of fio's file `name`: opens its controller (shared by the process), checks that the

@@ -272,20 +272,25 @@ impl Job {
                         "io_u {index}'s buffer is not inside the engine's DMA memory"
                     )));
                 }
-                let pieces: Vec<_> =
-                    split_transfer(offset / lba, len / lba, file.lba_size, self.max_transfer)
-                        .collect();
-                if pieces.len() > qp.free_slots() {
+                let pieces =
+                    || split_transfer(offset / lba, len / lba, file.lba_size, self.max_transfer);
+                // Counted first (no allocation on the I/O path): all of an io_u's commands
+                // go in, or none.
+                let count = if len <= self.max_transfer as u64 && len / lba <= 1 << 16 {
+                    1
+                } else {
+                    pieces().count()
+                };
+                if count > qp.free_slots() {
                     if qp.outstanding() == 0 {
                         return Err(EngineError::invalid(format!(
-                            "{len} bytes need {} commands, more than the queue pair holds",
-                            pieces.len()
+                            "{len} bytes need {count} commands, more than the queue pair holds"
                         )));
                     }
                     return Ok(Queued::Busy);
                 }
                 let fua = self.params.fua;
-                for (n, p) in pieces.iter().enumerate() {
+                for (n, p) in pieces().enumerate() {
                     let cmd = match op {
                         Op::Read => read_cmd(file.nsid, p.slba, p.blocks),
                         _ => write_cmd(file.nsid, p.slba, p.blocks, fua),

@@ -16,6 +16,21 @@ pub mod job;
 pub mod name;
 pub mod registry;
 
+/// The fio this engine was built for (`fio-3.33`): its source's version.
+pub const BUILT_FOR: &str = env!("RNVME_FIO_VERSION");
+
+/// Why the engine cannot run in the fio whose version string is `running`: it reads fio's
+/// structures as the headers it was built with lay them out, which differ between versions.
+pub fn version_mismatch(running: &str) -> Option<String> {
+    (running != BUILT_FOR).then(|| {
+        format!(
+            "this engine was built for {BUILT_FOR} but is loaded into {running}: rebuild it \
+             against that fio's source (tools/fio-source, or RNVME_FIO_SRC, then cargo build -p \
+             rnvme-fio)"
+        )
+    })
+}
+
 /// Why the engine refused or failed something: one line for fio's log.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -46,5 +61,21 @@ impl EngineError {
             EngineError::Message(_) => 22, // EINVAL
             EngineError::Driver(_) => 5,   // EIO
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn another_fio_is_refused_by_name() {
+        assert_eq!(version_mismatch(BUILT_FOR), None);
+        let why = version_mismatch("fio-3.36").unwrap();
+        assert!(why.contains(&format!(
+            "built for {BUILT_FOR} but is loaded into fio-3.36"
+        )));
+        assert!(version_mismatch("").is_some());
+        assert!(BUILT_FOR.starts_with("fio-"), "{BUILT_FOR}");
     }
 }

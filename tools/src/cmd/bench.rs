@@ -267,7 +267,10 @@ pub fn job_file(wl: &Workload, seconds: u32) -> String {
     let kernel = "filename=/dev/nvme0n1\ndirect=1\n";
     let sections = [
         ("io_uring", format!("ioengine=io_uring\n{kernel}")),
-        ("io_uring-hipri", format!("ioengine=io_uring\nhipri\n{kernel}")),
+        (
+            "io_uring-hipri",
+            format!("ioengine=io_uring\nhipri\n{kernel}"),
+        ),
         ("libaio", format!("ioengine=libaio\n{kernel}")),
         ("psync", format!("ioengine=psync\niodepth=1\n{kernel}")),
         (
@@ -1258,7 +1261,9 @@ mod tests {
         assert!(first_perf < second_wl_fio);
         // One job file per workload, written once, every engine a section of it.
         assert_eq!(
-            three.matches(&format!("cat >/tmp/jobs/{}.fio", WORKLOADS[2].name)).count(),
+            three
+                .matches(&format!("cat >/tmp/jobs/{}.fio", WORKLOADS[2].name))
+                .count(),
             1
         );
         let job = job_file(&WORKLOADS[2], 5);
