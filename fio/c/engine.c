@@ -277,6 +277,12 @@ static int rnvme_close_file(struct thread_data *td, struct fio_file *f)
 	return 0;
 }
 
+/* No page cache between fio and the device: nothing to invalidate. */
+static int rnvme_invalidate(struct thread_data *td, struct fio_file *f)
+{
+	return 0;
+}
+
 static enum fio_q_status rnvme_queue(struct thread_data *td, struct io_u *io_u)
 {
 	struct rnvme_td *r = td->io_ops_data;
@@ -332,13 +338,15 @@ static int rnvme_commit(struct thread_data *td)
 	if (!r->nr_queued)
 		return 0;
 	rnvme_fio_commit(r->job);
-	if (!td->o.disable_slat)
+	/* One clock reading for the batch, as fio's io_uring and libaio engines do. */
+	if (fio_fill_issue_time(td)) {
 		fio_gettime(&now, NULL);
-	for (i = 0; i < r->nr_queued; i++) {
-		if (!td->o.disable_slat) {
+		for (i = 0; i < r->nr_queued; i++) {
 			memcpy(&r->queued[i]->issue_time, &now, sizeof(now));
 			io_u_queued(td, r->queued[i]);
 		}
+		if (td->o.read_iolog_file)
+			memcpy(&td->last_issue, &now, sizeof(now));
 	}
 	r->nr_queued = 0;
 	return 0;
@@ -381,7 +389,8 @@ static char *rnvme_errdetails(struct io_u *io_u)
 static struct ioengine_ops ioengine = {
 	.name			= "rnvme",
 	.version		= FIO_IOOPS_VERSION,
-	.flags			= FIO_RAWIO | FIO_NOEXTEND | FIO_NODISKUTIL | FIO_MEMALIGN,
+	.flags			= FIO_RAWIO | FIO_NOEXTEND | FIO_NODISKUTIL | FIO_MEMALIGN |
+				  FIO_ASYNCIO_SETS_ISSUE_TIME,
 	.setup			= rnvme_setup,
 	.init			= rnvme_init,
 	.queue			= rnvme_queue,
@@ -392,6 +401,7 @@ static struct ioengine_ops ioengine = {
 	.cleanup		= rnvme_cleanup,
 	.open_file		= rnvme_open_file,
 	.close_file		= rnvme_close_file,
+	.invalidate		= rnvme_invalidate,
 	.iomem_alloc		= rnvme_iomem_alloc,
 	.iomem_free		= rnvme_iomem_free,
 	.option_struct_size	= sizeof(struct rnvme_options),

@@ -72,6 +72,12 @@ fn report(s: &Steps, name: &str) -> Value {
             step.describe()
         )
     });
+    // The engine answers fio's cache invalidation (no cache to drop) and anything else fio asks.
+    assert!(
+        !step.stderr.contains("failed") && !step.stdout.contains("cache invalidation"),
+        "{name}: {}",
+        step.describe()
+    );
     let jobs = v["jobs"].as_array().expect("jobs");
     assert!(!jobs.is_empty(), "{name}: no jobs");
     for j in jobs {

@@ -226,6 +226,10 @@ pub const KERNEL_ENGINES: [(&str, &str); 5] = [
 /// rnvme through fio: the result's name and its job file section.
 pub const RNVME_FIO: (&str, &str) = ("rnvme fio engine", "rnvme");
 
+/// fio alone, with its null engine: what one of fio's I/Os costs with no device behind it,
+/// the ceiling of any engine in this guest.
+pub const FIO_NULL: (&str, &str) = ("fio null engine (no device)", "null");
+
 /// Where the guest finds the fio engine.
 pub const GUEST_ENGINE: &str = "/usr/local/lib/librnvme_fio.so";
 
@@ -257,7 +261,10 @@ pub fn job_file(wl: &Workload, seconds: u32) -> String {
          norandommap\n\
          randrepeat=0\n\
          lat_percentiles=1\n\
-         percentile_list=50:99:99.9\n",
+         percentile_list=50:99:99.9\n\
+         ; the guest's kernel clock is an emulated HPET (a VM exit per reading); rnvme perf\n\
+         ; reads the TSC, and so does fio here\n\
+         clocksource=cpu\n",
         name = wl.name,
         rw = wl.rw,
         bs = wl.bs,
@@ -266,6 +273,10 @@ pub fn job_file(wl: &Workload, seconds: u32) -> String {
     );
     let kernel = "filename=/dev/nvme0n1\ndirect=1\n";
     let sections = [
+        (
+            "null",
+            "ioengine=null\nfilename=null\nsize=1g\n".to_string(),
+        ),
         ("io_uring", format!("ioengine=io_uring\n{kernel}")),
         (
             "io_uring-hipri",
@@ -372,7 +383,7 @@ pub fn script(workloads: &[Workload], seconds: u32, rounds: u32) -> String {
     };
     for round in 1..=rounds {
         for (k, wl) in workloads.iter().enumerate() {
-            for (name, section) in KERNEL_ENGINES {
+            for (name, section) in std::iter::once(FIO_NULL).chain(KERNEL_ENGINES) {
                 run(
                     &mut s,
                     &format!("{name}|{}", wl.name),
@@ -607,7 +618,10 @@ pub fn collect(output: &str, workloads: &[Workload]) -> (Vec<Line>, Vec<String>)
     for wl in workloads {
         let mut results = Vec::new();
         let mut failures = Vec::new();
-        let mut engines: Vec<String> = KERNEL_ENGINES.iter().map(|(n, _)| n.to_string()).collect();
+        let mut engines: Vec<String> = std::iter::once(FIO_NULL)
+            .chain(KERNEL_ENGINES)
+            .map(|(n, _)| n.to_string())
+            .collect();
         engines.push(RNVME_FIO.0.to_string());
         engines.extend(
             std::iter::once("")
@@ -618,7 +632,7 @@ pub fn collect(output: &str, workloads: &[Workload]) -> (Vec<Line>, Vec<String>)
             let key = format!("{engine}|{}", wl.name);
             let mut rounds = Vec::new();
             for (round, (_, body)) in (1..).zip(secs.iter().filter(|(k, _)| *k == key)) {
-                let parsed = if engine.starts_with("fio") || engine == RNVME_FIO.0 {
+                let parsed = if engine.starts_with("fio ") || engine == RNVME_FIO.0 {
                     parse_fio(&engine, body)
                 } else {
                     parse_rnvme(&engine, body)
@@ -649,7 +663,7 @@ pub fn collect(output: &str, workloads: &[Workload]) -> (Vec<Line>, Vec<String>)
         // (the lowest latency alone would often be psync's, which runs at depth 1).
         let best = results
             .iter()
-            .filter(|m| m.engine.starts_with("fio"))
+            .filter(|m| KERNEL_ENGINES.iter().any(|(n, _)| *n == m.engine))
             .max_by(|a, b| a.iops.total_cmp(&b.iops))
             .cloned();
         let ours = results.iter().find(|m| m.engine == "rnvme").cloned();
@@ -990,7 +1004,7 @@ fn compare(a: CompareArgs) -> Result<ExitCode> {
     let measurements: usize = rounds as usize
         * workloads
             .iter()
-            .map(|w| KERNEL_ENGINES.len() + 2 + w.extra.len())
+            .map(|w| KERNEL_ENGINES.len() + 3 + w.extra.len())
             .sum::<usize>();
     let switches = 2 * rounds as usize * workloads.len();
     let rnvme = super::vm::static_rnvme()?;
@@ -1142,6 +1156,7 @@ mod tests {
             ("fio psync", 4000.0, 200.0),
             ("fio io_uring_cmd", 8500.0, 110.0),
             ("rnvme fio engine", 28000.0, 31.0),
+            ("fio null engine (no device)", 99000.0, 3.0),
         ] {
             for w in &wl {
                 let body = FIO_JSON
@@ -1185,7 +1200,7 @@ mod tests {
         assert_eq!(l.failures[1], "rnvme --reactor --cpus 0: no output");
         assert_eq!(l.failures[2], "rnvme --reactor --callbacks: no output");
         // The second line misses its extra rnvme variants.
-        assert_eq!(lines[1].results.len(), 7);
+        assert_eq!(lines[1].results.len(), 8);
         assert_eq!(lines[1].failures.len(), 4);
         let t = check_targets(&lines);
         let qd32 = &t[0];
@@ -1225,8 +1240,12 @@ mod tests {
         );
         assert!(text.contains("NOT MET") || text.contains("met"));
         let v = serde_json::to_value(&c).unwrap();
-        assert_eq!(v["lines"][0]["results"][5]["engine"], "rnvme fio engine");
-        assert!(v["lines"][0]["results"][6]["counters"]["submitted"].is_u64());
+        assert_eq!(
+            v["lines"][0]["results"][0]["engine"],
+            "fio null engine (no device)"
+        );
+        assert_eq!(v["lines"][0]["results"][6]["engine"], "rnvme fio engine");
+        assert!(v["lines"][0]["results"][7]["counters"]["submitted"].is_u64());
         assert_eq!(v["lines"][0]["workload"]["depth"], 1);
     }
 
@@ -1236,7 +1255,7 @@ mod tests {
         let begins = s.matches(BEGIN).count();
         let want: usize = WORKLOADS
             .iter()
-            .map(|w| KERNEL_ENGINES.len() + 2 + w.extra.len())
+            .map(|w| KERNEL_ENGINES.len() + 3 + w.extra.len())
             .sum();
         assert_eq!(begins, want);
         assert_eq!(s.matches("rnvme reset $NVME0").count(), WORKLOADS.len() - 1);
@@ -1254,7 +1273,7 @@ mod tests {
             "back to the kernel after each workload but the last"
         );
         // Each workload's rnvme variants follow its fio runs.
-        let first_perf = three.find("rnvme perf").unwrap();
+        let first_perf = three.find("rnvme perf $NVME0").unwrap();
         let second_wl_fio = three
             .find(&format!("fio /tmp/jobs/{}.fio", WORKLOADS[1].name))
             .unwrap();
@@ -1270,6 +1289,8 @@ mod tests {
         assert!(s.contains(&job));
         for want in [
             "[global]\nrw=randread\nbs=4096\niodepth=32\nnumjobs=2\nthread\n",
+            "\nclocksource=cpu\n",
+            "\n[null]\nioengine=null\nfilename=null\nsize=1g\n",
             "\n[io_uring-hipri]\nioengine=io_uring\nhipri\nfilename=/dev/nvme0n1\ndirect=1\n",
             "\n[psync]\nioengine=psync\niodepth=1\n",
             "\n[io_uring_cmd]\nioengine=io_uring_cmd\ncmd_type=nvme\nfilename=/dev/ng0n1\nfixedbufs\nregisterfiles\nhipri\n",
@@ -1285,9 +1306,9 @@ mod tests {
         assert!(s.contains("--json --yes --reactor"));
         let setup = s.find("rnvme setup").unwrap();
         let fio = s.match_indices("fio /tmp/jobs/").map(|(i, _)| i);
-        assert_eq!(fio.filter(|&i| i < setup).count(), KERNEL_ENGINES.len());
+        assert_eq!(fio.filter(|&i| i < setup).count(), KERNEL_ENGINES.len() + 1);
         let engine = s.find("--section=rnvme ").unwrap();
-        assert!(engine > setup && s.find("rnvme perf").unwrap() > engine);
+        assert!(engine > setup && s.find("rnvme perf $NVME0").unwrap() > engine);
         assert!(s.contains("--json --yes --reactor --cpus 0"));
     }
 
