@@ -12,25 +12,42 @@
 //! - [`queue`]: submission/completion queue pairs;
 //! - [`controller`]: bring-up, admin commands, I/O queue pair creation, shutdown.
 
+// The unsafe boundary: register access and DMA mapping (`hw`, `vfio`), DMA memory (`dma`),
+// the time-stamp counter (`clock`), CPU affinity (`affinity`), the spec's plain-data structures
+// (`spec`) and the controller model's host memory (`model`). Every other module forbids
+// unsafe code.
 pub mod affinity;
 pub mod clock;
+#[forbid(unsafe_code)]
 pub mod controller;
 pub mod dma;
+#[forbid(unsafe_code)]
 pub mod doorbell;
+#[forbid(unsafe_code)]
 pub mod error;
 pub mod hw;
+#[forbid(unsafe_code)]
 pub mod identify;
+#[forbid(unsafe_code)]
 pub mod io;
+#[forbid(unsafe_code)]
 pub mod iova;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod model;
+#[forbid(unsafe_code)]
 pub mod prp;
+#[forbid(unsafe_code)]
 pub mod queue;
+#[forbid(unsafe_code)]
 pub mod reactor;
+#[forbid(unsafe_code)]
 pub mod sgl;
+#[forbid(unsafe_code)]
 mod slot;
 pub mod spec;
+#[forbid(unsafe_code)]
 pub mod status;
+#[forbid(unsafe_code)]
 pub mod types;
 pub mod vfio;
 

@@ -20,11 +20,17 @@
 //! Everything sits behind one mutex; data is copied between DMA memory and the namespaces
 //! through `vm_memory::VolatileSlice`s without heap allocation on the I/O path.
 
+// Unsafe code here only for the model's host memory (`iommu`, and the tests' buffers).
+#[forbid(unsafe_code)]
 mod admin;
+#[forbid(unsafe_code)]
 mod dptr;
+#[forbid(unsafe_code)]
 mod io;
 mod iommu;
+#[forbid(unsafe_code)]
 mod queues;
+#[forbid(unsafe_code)]
 mod storage;
 #[cfg(test)]
 mod tests;

@@ -71,22 +71,11 @@ pub(super) fn open_error(
     }
 }
 
-/// The RLIMIT_MEMLOCK soft limit in bytes (`u64::MAX` when unlimited), if it can be read.
+/// The RLIMIT_MEMLOCK soft limit in bytes (`u64::MAX` when unlimited). (rustix, already in the
+/// dependency tree, reads it safely; nix would add a crate for the same call.)
 pub(super) fn memlock_limit() -> Option<u64> {
-    let mut rlim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit into the valid, exclusively borrowed `rlim`.
-    let r = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut rlim) };
-    if r != 0 {
-        return None;
-    }
-    Some(if rlim.rlim_cur == libc::RLIM_INFINITY {
-        u64::MAX
-    } else {
-        rlim.rlim_cur
-    })
+    let l = rustix::process::getrlimit(rustix::process::Resource::Memlock);
+    Some(l.current.unwrap_or(u64::MAX))
 }
 
 pub(super) fn format_ranges(ranges: &[Range<u64>]) -> String {

@@ -39,9 +39,16 @@ use vfio_bindings::bindings::vfio::{
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioError, VfioOps, VfioRegionInfoCap};
 use vmm_sys_util::eventfd::EventFd;
 
+// Unsafe code here only where the kernel's VFIO interface needs it: mapping and unmapping DMA
+// (`mod`), region and BAR access (`regions`), the IOMMU's ranges (`ranges`), the release of a
+// removed device (`removal`).
+#[forbid(unsafe_code)]
 mod bdf;
+#[forbid(unsafe_code)]
 mod checks;
+#[forbid(unsafe_code)]
 mod config;
+#[forbid(unsafe_code)]
 mod diagnose;
 mod ranges;
 mod regions;
