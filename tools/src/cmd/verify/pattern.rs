@@ -3,74 +3,6 @@
 
 use super::*;
 
-/// CRC-32 as in IEEE 802.3, zlib and gzip (reflected polynomial 0xEDB88320), slicing by 8.
-pub(super) mod crc32 {
-    const POLY: u32 = 0xedb8_8320;
-
-    const fn tables() -> [[u32; 256]; 8] {
-        let mut t = [[0u32; 256]; 8];
-        let mut i = 0;
-        while i < 256 {
-            let mut c = i as u32;
-            let mut k = 0;
-            while k < 8 {
-                c = if c & 1 != 0 { POLY ^ (c >> 1) } else { c >> 1 };
-                k += 1;
-            }
-            t[0][i] = c;
-            i += 1;
-        }
-        let mut i = 0;
-        while i < 256 {
-            let mut s = 1;
-            while s < 8 {
-                let prev = t[s - 1][i];
-                t[s][i] = (prev >> 8) ^ t[0][(prev & 0xff) as usize];
-                s += 1;
-            }
-            i += 1;
-        }
-        t
-    }
-
-    static T: [[u32; 256]; 8] = tables();
-
-    /// Continue a CRC (start with [`start`], finish with [`finish`]).
-    pub fn update(mut crc: u32, data: &[u8]) -> u32 {
-        let mut chunks = data.chunks_exact(8);
-        for c in &mut chunks {
-            let lo = u32::from_le_bytes([c[0], c[1], c[2], c[3]]) ^ crc;
-            let hi = u32::from_le_bytes([c[4], c[5], c[6], c[7]]);
-            crc = T[7][(lo & 0xff) as usize]
-                ^ T[6][((lo >> 8) & 0xff) as usize]
-                ^ T[5][((lo >> 16) & 0xff) as usize]
-                ^ T[4][(lo >> 24) as usize]
-                ^ T[3][(hi & 0xff) as usize]
-                ^ T[2][((hi >> 8) & 0xff) as usize]
-                ^ T[1][((hi >> 16) & 0xff) as usize]
-                ^ T[0][(hi >> 24) as usize];
-        }
-        for &b in chunks.remainder() {
-            crc = (crc >> 8) ^ T[0][((crc ^ b as u32) & 0xff) as usize];
-        }
-        crc
-    }
-
-    pub const fn start() -> u32 {
-        u32::MAX
-    }
-
-    pub const fn finish(crc: u32) -> u32 {
-        !crc
-    }
-
-    /// The CRC-32 of `data`.
-    #[cfg(test)]
-    pub fn of(data: &[u8]) -> u32 {
-        finish(update(start(), data))
-    }
-}
-
 // ----- the pattern -----
 
 /// splitmix64's finaliser.
@@ -119,8 +51,11 @@ pub(super) fn u32_at(b: &[u8], at: usize) -> u32 {
 
 /// The CRC a block should carry: of everything but the CRC field itself.
 pub(super) fn block_crc(block: &[u8]) -> u32 {
-    let c = crc32::update(crc32::start(), &block[..CRC_AT]);
-    crc32::finish(crc32::update(c, &block[HEADER_LEN..]))
+    // CRC-32 as in IEEE 802.3, zlib and gzip (crc32fast: table-driven or SIMD, as the CPU allows).
+    let mut h = crc32fast::Hasher::new();
+    h.update(&block[..CRC_AT]);
+    h.update(&block[HEADER_LEN..]);
+    h.finalize()
 }
 
 /// Fill `block` (one LBA: at least [`HEADER_LEN`] bytes, a multiple of 8) with the pattern of
