@@ -205,15 +205,21 @@ impl Sysfs {
             .collect()
     }
 
-    /// Resolves a user name (from `/etc/passwd`) or a numeric uid to (uid, gid).
+    /// Resolves a user name or a numeric uid to (uid, gid): through the system's name service
+    /// (nix: `/etc/passwd`, LDAP, SSSD, whatever NSS is configured with) on the real system;
+    /// from the `/etc/passwd` of a system root given in its place (tests describe a system so).
     pub fn lookup_user(&self, user: &str) -> Result<(u32, u32)> {
-        let passwd = self.read_opt(&self.path("/etc/passwd")).unwrap_or_default();
-        let entry = passwd.lines().find_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            (f.len() > 3 && (f[0] == user || f[2] == user))
-                .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
-                .flatten()
-        });
+        let entry = if self.root == Path::new("/") {
+            nss_user(user)?
+        } else {
+            let passwd = self.read_opt(&self.path("/etc/passwd")).unwrap_or_default();
+            passwd.lines().find_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                (f.len() > 3 && (f[0] == user || f[2] == user))
+                    .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+                    .flatten()
+            })
+        };
         match entry {
             Some(ids) => Ok(ids),
             None => match user.parse::<u32>() {
@@ -301,5 +307,22 @@ impl Sysfs {
                 _ => no(format!("cannot open {}: {e}", node.display())),
             },
         }
+    }
+}
+
+/// `user` (a name, or a uid) in the system's user database.
+fn nss_user(user: &str) -> Result<Option<(u32, u32)>> {
+    use nix::unistd::{Uid, User};
+    let found = match user.parse::<u32>() {
+        Ok(uid) => User::from_uid(Uid::from_raw(uid)),
+        Err(_) => User::from_name(user),
+    };
+    match found {
+        Ok(u) => Ok(u.map(|u| (u.uid.as_raw(), u.gid.as_raw()))),
+        Err(e) => Err(SysfsError::Io {
+            what: "look up the user",
+            path: PathBuf::from("/etc/nsswitch.conf"),
+            source: std::io::Error::from(e),
+        }),
     }
 }

@@ -105,7 +105,7 @@ pub enum SysfsError {
         path: PathBuf,
     },
     /// Unknown user name.
-    #[error("unknown user {0:?} (not in /etc/passwd; a numeric uid works too)")]
+    #[error("unknown user {0:?} (not in the system's user database; a numeric uid works too)")]
     UnknownUser(String),
     /// No such NUMA node.
     #[error("NUMA node {node} does not exist (nodes: {})", if .nodes.is_empty() { "none in sysfs".to_string() } else { .nodes.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ") })]
@@ -1020,6 +1020,17 @@ mod tests {
         assert_eq!(f.sys.lookup_user("2000").unwrap(), (2000, 2000));
         assert!(matches!(
             f.sys.lookup_user("bob"),
+            Err(SysfsError::UnknownUser(_))
+        ));
+    }
+
+    #[test]
+    fn users_of_the_real_system_come_from_its_name_service() {
+        let sys = Sysfs::new("/");
+        assert_eq!(sys.lookup_user("root").unwrap(), (0, 0));
+        assert_eq!(sys.lookup_user("0").unwrap(), (0, 0));
+        assert!(matches!(
+            sys.lookup_user("no-such-user-rnvme"),
             Err(SysfsError::UnknownUser(_))
         ));
     }
