@@ -1,7 +1,6 @@
 //! One submission slot of a queue pair: the command it carries, its list pages, and the
 //! shares of memory the command holds until the device is done with it.
 
-#![forbid(unsafe_code)]
 
 use std::sync::Arc;
 
