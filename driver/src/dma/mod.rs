@@ -234,7 +234,9 @@ impl Drop for Region {
     }
 }
 
-/// The default hugepage size in KiB, or None without hugetlb.
+/// The default hugepage size in KiB, or None without hugetlb. (Three fields of
+/// `/proc/meminfo` are read by hand: procfs-core would parse the whole file into 60 fields and
+/// bring chrono into the driver for them.)
 fn default_hugepage_kib() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     parse_hugepage_kib(&meminfo)

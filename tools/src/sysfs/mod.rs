@@ -396,6 +396,11 @@ pub fn memlock_needed_kib(hugepages: u64) -> u64 {
 }
 
 /// Octal escapes of `/proc` mount tables (`\040` for a space).
+///
+/// Kept by hand, with the line-tolerant readers of `/proc/self/mountinfo`, `/proc/self/mounts`
+/// and `/proc/swaps` in `devices`: procfs-core's parsers refuse a whole table for one line they
+/// cannot read, and a controller whose namespace is mounted must never look free because of
+/// it. (procfs-core also has no reader of `/proc/swaps`.)
 fn unescape_mount(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
