@@ -1,7 +1,6 @@
 //! Shadow doorbells (NVMe Doorbell Buffer Config): where a queue pair writes its tails and
 //! heads in host memory, and when the controller's event index still asks for an MMIO doorbell.
 
-
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 

@@ -1,7 +1,6 @@
 //! One submission slot of a queue pair: the command it carries, its list pages, and the
 //! shares of memory the command holds until the device is done with it.
 
-
 use std::sync::Arc;
 
 use crate::clock::Ticks;

@@ -1,35 +1,28 @@
 //! Where the next I/O goes: sequential, uniformly random or Zipf-distributed offsets inside an
 //! LBA range, always aligned to the I/O size, and whether it reads or writes.
 //!
-//! Everything here is pure and cheap: one xorshift step and a multiply per random offset, no
+//! Everything here is pure and cheap: one xoshiro step and a multiply per random offset, no
 //! allocation, no system call.
 
-/// xorshift64* (Vigna), seeded through splitmix64 so that nearby seeds give unrelated streams.
+use rand_distr::Distribution;
+use rand_xoshiro::rand_core::{Rng as _, SeedableRng};
+use rand_xoshiro::Xoshiro256PlusPlus;
+
+/// The workers' random numbers: xoshiro256++ (Blackman and Vigna), seeded through splitmix64
+/// so that nearby seeds give unrelated streams; one per thread, never shared.
 #[derive(Clone, Debug)]
-pub struct Rng {
-    state: u64,
-}
+pub struct Rng(Xoshiro256PlusPlus);
 
 impl Rng {
     /// A generator for `seed` (any value, zero included).
     pub fn new(seed: u64) -> Rng {
-        // splitmix64 of the seed; never zero, which xorshift cannot leave.
-        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        Rng { state: z | 1 }
+        Rng(Xoshiro256PlusPlus::seed_from_u64(seed))
     }
 
     /// The next 64 random bits.
     #[inline]
     pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.state;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.state = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        self.0.next_u64()
     }
 
     /// Uniform in `0..n` (`n > 0`), by a 128-bit multiply: the bias is below n / 2^64.
@@ -45,19 +38,13 @@ impl Rng {
     }
 }
 
-/// Zipf distribution over ranks `1..=n` with exponent `theta > 0`: P(k) ∝ k^-theta.
-///
-/// Sampled by rejection-inversion (W. Hörmann and G. Derflinger, "Rejection-inversion to
-/// generate variates from monotone discrete distributions", 1996): O(1) per sample for any
-/// `n`, with no table and no zeta sum, so a terabyte namespace costs what a megabyte one does.
+/// Zipf distribution over ranks `1..=n` with exponent `theta > 0`: P(k) ∝ k^-theta
+/// (`rand_distr::Zipf`: O(1) per sample for any `n`, no table and no zeta sum, so a terabyte
+/// namespace costs what a megabyte one does).
 #[derive(Clone, Debug)]
 pub struct Zipf {
-    n: f64,
+    d: rand_distr::Zipf<f64>,
     last: u64,
-    theta: f64,
-    h_integral_x1: f64,
-    h_integral_n: f64,
-    s: f64,
 }
 
 impl Zipf {
@@ -71,66 +58,17 @@ impl Zipf {
             theta.is_finite() && theta > 0.0,
             "zipf exponent {theta} is not positive"
         );
-        let h_integral_x1 = h_integral(1.5, theta) - 1.0;
-        let h_integral_n = h_integral(n as f64 + 0.5, theta);
-        let s = 2.0 - h_integral_inverse(h_integral(2.5, theta) - h(2.0, theta), theta);
         Zipf {
-            n: n as f64,
+            d: rand_distr::Zipf::new(n as f64, theta).expect("n >= 1 and theta > 0"),
             last: n,
-            theta,
-            h_integral_x1,
-            h_integral_n,
-            s,
         }
     }
 
     /// A rank in `1..=n`; rank 1 is the most frequent.
+    #[inline]
     pub fn sample(&self, rng: &mut Rng) -> u64 {
-        loop {
-            let u = self.h_integral_n + rng.unit() * (self.h_integral_x1 - self.h_integral_n);
-            let x = h_integral_inverse(u, self.theta);
-            let k = (x + 0.5).floor().clamp(1.0, self.n);
-            if k - x <= self.s || u >= h_integral(k + 0.5, self.theta) - h(k, self.theta) {
-                // n as f64 may round above n.
-                return (k as u64).clamp(1, self.last);
-            }
-        }
-    }
-}
-
-/// h(x) = x^-theta.
-fn h(x: f64, theta: f64) -> f64 {
-    (-theta * x.ln()).exp()
-}
-
-/// H(x) = (x^(1-theta) - 1) / (1 - theta), continuous at theta = 1 (where it is ln x).
-fn h_integral(x: f64, theta: f64) -> f64 {
-    let log_x = x.ln();
-    expm1_over_x((1.0 - theta) * log_x) * log_x
-}
-
-/// The inverse of [`h_integral`].
-fn h_integral_inverse(x: f64, theta: f64) -> f64 {
-    // Rounding can push t just below -1, where log1p is undefined.
-    let t = (x * (1.0 - theta)).max(-1.0);
-    (log1p_over_x(t) * x).exp()
-}
-
-/// ln(1 + x) / x, accurate near 0.
-fn log1p_over_x(x: f64) -> f64 {
-    if x.abs() > 1e-8 {
-        x.ln_1p() / x
-    } else {
-        1.0 - x * (0.5 - x * (1.0 / 3.0 - 0.25 * x))
-    }
-}
-
-/// (e^x - 1) / x, accurate near 0.
-fn expm1_over_x(x: f64) -> f64 {
-    if x.abs() > 1e-8 {
-        x.exp_m1() / x
-    } else {
-        1.0 + x * 0.5 * (1.0 + x / 3.0 * (1.0 + 0.25 * x))
+        // n as f64 may round above n.
+        (self.d.sample(&mut rng.0) as u64).clamp(1, self.last)
     }
 }
 
