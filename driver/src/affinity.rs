@@ -1,4 +1,5 @@
-//! Pinning threads to CPUs, as polling drivers do with their reactors and workers.
+//! Pinning threads to CPUs, as polling drivers do with their reactors and workers (through
+//! rustix's safe wrappers of the affinity system calls).
 //!
 //! Where threads that hand work to each other sit matters as much as how fast each one is: a
 //! thread woken on another CPU that sleeps (halted) costs that CPU's wake-up, which on some
@@ -73,7 +74,7 @@ impl fmt::Display for CpuList {
 }
 
 /// The most CPUs a list may name.
-const MAX_CPU: usize = libc::CPU_SETSIZE as usize - 1;
+const MAX_CPU: usize = rustix::thread::CpuSet::MAX_CPU - 1;
 
 impl FromStr for CpuList {
     type Err = String;
@@ -111,22 +112,11 @@ impl FromStr for CpuList {
 
 /// The CPUs the calling thread may run on.
 pub fn allowed_cpus() -> Result<CpuList, AffinityError> {
-    // SAFETY: cpu_set_t is plain data for which all zeroes is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid, writable cpu_set_t of the size passed; pid 0 is this thread.
-    let rc =
-        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
-    if rc != 0 {
-        return Err(AffinityError::Os {
-            what: "read this thread's CPU affinity",
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    let is_set = |c: usize| {
-        // SAFETY: CPU_ISSET reads the initialised set, for CPU numbers below CPU_SETSIZE only.
-        unsafe { libc::CPU_ISSET(c, &set) }
-    };
-    Ok(CpuList((0..=MAX_CPU).filter(|&c| is_set(c)).collect()))
+    let set = rustix::thread::sched_getaffinity(None).map_err(|e| AffinityError::Os {
+        what: "read this thread's CPU affinity",
+        source: e.into(),
+    })?;
+    Ok(CpuList((0..=MAX_CPU).filter(|&c| set.is_set(c)).collect()))
 }
 
 /// Run the calling thread on `cpu` only, which must be one of [`allowed_cpus`].
@@ -135,20 +125,12 @@ pub fn pin_current_thread(cpu: usize) -> Result<(), AffinityError> {
     if !allowed.contains(cpu) {
         return Err(AffinityError::NotAllowed { cpu, allowed });
     }
-    // SAFETY: all zeroes is the empty cpu_set_t.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `cpu` is below CPU_SETSIZE (it came out of `allowed_cpus`), so CPU_SET writes
-    // inside `set`.
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is this thread.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-    if rc != 0 {
-        return Err(AffinityError::Os {
-            what: "pin this thread to a CPU",
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(())
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    rustix::thread::sched_setaffinity(None, &set).map_err(|e| AffinityError::Os {
+        what: "pin this thread to a CPU",
+        source: e.into(),
+    })
 }
 
 #[cfg(test)]

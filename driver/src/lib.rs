@@ -13,9 +13,9 @@
 //! - [`controller`]: bring-up, admin commands, I/O queue pair creation, shutdown.
 
 // The unsafe boundary: register access and DMA mapping (`hw`, `vfio`), DMA memory (`dma`),
-// the time-stamp counter (`clock`), CPU affinity (`affinity`), the spec's plain-data structures
-// (`spec`) and the controller model's host memory (`model`). Every other module forbids
-// unsafe code.
+// the time-stamp counter (`clock`), the spec's plain-data structures (`spec`) and the
+// controller model's host memory (`model`). Every other module forbids unsafe code.
+#[forbid(unsafe_code)]
 pub mod affinity;
 pub mod clock;
 #[forbid(unsafe_code)]
