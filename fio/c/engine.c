@@ -15,8 +15,8 @@
 /* src/ffi.rs */
 int rnvme_fio_file_info(const char *name, int hugepages, uint64_t bs_min, uint64_t bs_max,
 			uint64_t *size, uint32_t *lba, char *err, size_t errlen);
-void *rnvme_fio_job_new(uint32_t depth, uint64_t max_bs, int dptr, int fua, char *err,
-			size_t errlen);
+void *rnvme_fio_job_new(uint32_t depth, uint64_t max_bs, int dptr, int fua, int ring_at_commit,
+			char *err, size_t errlen);
 int rnvme_fio_job_add_file(void *job, uint32_t fileno, const char *name, int hugepages,
 			   char *err, size_t errlen);
 int rnvme_fio_job_start(void *job, char *err, size_t errlen);
@@ -38,6 +38,7 @@ struct rnvme_options {
 	unsigned int dptr;
 	unsigned int hugepages;
 	unsigned int fua;
+	unsigned int ring;
 };
 
 static struct fio_option options[] = {
@@ -74,6 +75,21 @@ static struct fio_option options[] = {
 		.off1	= offsetof(struct rnvme_options, fua),
 		.help	= "Writes with Force Unit Access",
 		.def	= "0",
+		.category = FIO_OPT_C_ENGINE,
+		.group	= FIO_OPT_G_INVALID,
+	},
+	{
+		.name	= "rnvme_ring",
+		.lname	= "rnvme doorbell",
+		.type	= FIO_OPT_STR,
+		.off1	= offsetof(struct rnvme_options, ring),
+		.help	= "When queued commands are announced to the controller",
+		.def	= "reap",
+		.posval = {
+			  { .ival = "reap", .oval = 0,
+			    .help = "At fio's next reap: one doorbell for all it queued before" },
+			  { .ival = "commit", .oval = 1, .help = "At each of fio's commits" },
+		},
 		.category = FIO_OPT_C_ENGINE,
 		.group	= FIO_OPT_G_INVALID,
 	},
@@ -228,7 +244,8 @@ static int rnvme_init(struct thread_data *td)
 	r->queued = calloc(r->depth, sizeof(*r->queued));
 	if (!r->by_index || !r->queued)
 		goto fail_quiet;
-	r->job = rnvme_fio_job_new(r->depth, bs_extreme(td, 1), o->dptr, o->fua, err, ERRLEN);
+	r->job = rnvme_fio_job_new(r->depth, bs_extreme(td, 1), o->dptr, o->fua, o->ring, err,
+				   ERRLEN);
 	if (!r->job)
 		goto fail;
 	for_each_file(td, f, i) {

@@ -133,7 +133,8 @@ pub unsafe extern "C" fn rnvme_fio_file_info(
 }
 
 /// A new job: `depth` io_us of at most `max_bs` bytes; `dptr` 0 auto, 1 PRP, 2 SGL; `fua`
-/// for writes. Null with the reason in `err` on failure.
+/// for writes; `ring_at_commit` to ring the doorbell at fio's commit rather than at its next
+/// reap. Null with the reason in `err` on failure.
 ///
 /// # Safety
 /// `err` has `errlen` bytes.
@@ -143,6 +144,7 @@ pub unsafe extern "C" fn rnvme_fio_job_new(
     max_bs: u64,
     dptr: c_int,
     fua: c_int,
+    ring_at_commit: c_int,
     err: *mut c_char,
     errlen: usize,
 ) -> *mut c_void {
@@ -158,6 +160,7 @@ pub unsafe extern "C" fn rnvme_fio_job_new(
             max_bs,
             dptr,
             fua: fua != 0,
+            ring_at_commit: ring_at_commit != 0,
         })
     });
     match r {

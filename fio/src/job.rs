@@ -2,8 +2,9 @@
 //! in DMA memory, and the io_us in flight. Owned by the job's thread.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use rnvme_driver::clock::Ticks;
 use rnvme_driver::controller::Controller;
 use rnvme_driver::dma::DmaBuffer;
 use rnvme_driver::io::{
@@ -37,6 +38,8 @@ pub struct JobParams {
     pub dptr: DataPointerMode,
     /// `rnvme_fua`: writes with Force Unit Access.
     pub fua: bool,
+    /// `rnvme_ring=commit`: ring the doorbell at fio's commit rather than at its next reap.
+    pub ring_at_commit: bool,
 }
 
 /// The outcome of [`Job::queue`].
@@ -163,6 +166,7 @@ impl Job {
         let pieces = |mt: u64| self.params.max_bs.div_ceil(mt.max(1)).max(1);
         let want = self.params.depth as u64 * pieces(ctrl.max_transfer_bytes() as u64) + 1;
         let entries = want.clamp(2, ctrl.max_queue_entries() as u64) as u32;
+        rnvme_driver::clock::start_learning_rate();
         let mut qp = ctrl.create_io_qpair(entries).map_err(EngineError::Driver)?;
         qp.set_data_pointer_mode(self.params.dptr)
             .map_err(EngineError::Driver)?;
@@ -346,10 +350,15 @@ impl Job {
         Ok(Queued::Queued)
     }
 
-    /// Rings the doorbell for what was queued since the last commit.
+    /// fio's commit: the doorbell is rung by the next [`Job::getevents`] instead (its poll
+    /// rings first), so that everything fio queued before it waits for completions goes out
+    /// under one doorbell, as `rnvme perf` and SPDK's delayed submission do. With
+    /// `ring_at_commit`, commit rings at once.
     pub fn commit(&mut self) {
-        if let Some(qp) = self.qp.as_mut() {
-            qp.ring();
+        if self.params.ring_at_commit {
+            if let Some(qp) = self.qp.as_mut() {
+                qp.ring();
+            }
         }
     }
 
@@ -360,7 +369,13 @@ impl Job {
         let Some(qp) = self.qp.as_mut() else {
             return 0;
         };
-        let start = timeout.map(|_| Instant::now());
+        // The deadline in time-stamp counter ticks: no clock read while polling (a guest whose
+        // clock source is an emulated HPET pays a VM exit for each). A zero timeout, and any
+        // before the tick rate is known, means one pass.
+        let deadline = timeout.map(|t| match rnvme_driver::clock::learned_rate() {
+            Some(rate) if !t.is_zero() => Ticks::now().after(rate.ticks(t)),
+            _ => Ticks(0),
+        });
         while self.events.len() < max {
             let room = max - self.events.len();
             let (slots, events) = (&mut self.slots, &mut self.events);
@@ -368,10 +383,8 @@ impl Job {
             if self.events.len() >= min {
                 break;
             }
-            if let (Some(t), Some(s)) = (timeout, start) {
-                if s.elapsed() >= t {
-                    break;
-                }
+            if deadline.is_some_and(|d| Ticks::now() >= d) {
+                break;
             }
             if qp.outstanding() == 0 {
                 break;

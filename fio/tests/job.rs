@@ -49,6 +49,7 @@ fn job(ctrl: &Arc<Controller>, depth: u32, max_bs: u64, dptr: DataPointerMode) -
         max_bs,
         dptr,
         fua: false,
+        ring_at_commit: false,
     })
     .unwrap();
     j.add_file(0, &parse("0000.00.04.0/1").unwrap(), ctrl.clone())
@@ -240,6 +241,7 @@ fn files_must_exist_fit_the_block_size_and_share_the_controller() {
         max_bs: 2048,
         dptr: DataPointerMode::Auto,
         fua: false,
+        ring_at_commit: false,
     })
     .unwrap();
     let t = |n: u32| Target {
@@ -265,7 +267,8 @@ fn files_must_exist_fit_the_block_size_and_share_the_controller() {
         depth: 0,
         max_bs: 4096,
         dptr: DataPointerMode::Auto,
-        fua: false
+        fua: false,
+        ring_at_commit: false
     })
     .is_err());
 }
@@ -280,6 +283,8 @@ fn dropping_a_job_with_commands_in_flight_keeps_their_memory_out_of_the_pool() {
     model.set_late_dma(LateDma::Io);
     j.queue(0, Op::Read, 0, 4096, base, 0).unwrap();
     j.commit();
+    // A reap that waits for nothing rings the doorbell.
+    assert_eq!(j.getevents(0, 1, None), 0);
     let before = ctrl.pool().stats();
     // fio gives the buffers back and ends the job with the read in flight.
     j.iomem_free();
@@ -298,5 +303,45 @@ fn dropping_a_job_with_commands_in_flight_keeps_their_memory_out_of_the_pool() {
     assert_eq!(late.commands, 1);
     for b in &fresh {
         assert!(b.to_vec().iter().all(|&x| x == 0x55));
+    }
+}
+
+#[test]
+fn commands_go_out_at_the_next_reap_or_at_commit_when_asked() {
+    for at_commit in [false, true] {
+        let (model, ctrl) = model(0, false);
+        let mut j = Job::new(JobParams {
+            depth: 4,
+            max_bs: 4096,
+            dptr: DataPointerMode::Prp,
+            fua: false,
+            ring_at_commit: at_commit,
+        })
+        .unwrap();
+        j.add_file(0, &parse("0000.00.04.0/1").unwrap(), ctrl.clone())
+            .unwrap();
+        j.start().unwrap();
+        let base = j.iomem_alloc(4 * 4096).unwrap();
+        for i in 0..4u32 {
+            j.queue(
+                0,
+                Op::Read,
+                i as u64 * 4096,
+                4096,
+                base + i as usize * 4096,
+                i,
+            )
+            .unwrap();
+            j.commit();
+        }
+        // The model runs commands when their doorbell is written.
+        let seen = model.stats().reads;
+        assert_eq!(
+            seen,
+            if at_commit { 4 } else { 0 },
+            "ring at commit: {at_commit}"
+        );
+        assert_eq!(reap_all(&mut j, 4).len(), 4);
+        assert_eq!(model.stats().reads, 4);
     }
 }
