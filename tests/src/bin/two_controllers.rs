@@ -48,9 +48,22 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
-fn parse_u64(what: &str, s: &str) -> Result<u64, String> {
-    s.parse()
-        .map_err(|_| format!("{what} {s:?} is not a number of bytes"))
+/// `two_controllers BDF0 BDF1 OFFSET LEN OUT0 OUT1`
+#[derive(Debug, clap::Parser)]
+#[command(name = "two_controllers")]
+struct Args {
+    /// The first controller (bound to vfio-pci)
+    bdf0: String,
+    /// The second controller
+    bdf1: String,
+    /// Byte offset on namespace 1 of each (a multiple of the LBA size)
+    offset: u64,
+    /// Bytes to write and read back (a positive multiple of the LBA size)
+    len: u64,
+    /// Where to save the data written to the first controller
+    out0: String,
+    /// Where to save the data written to the second controller
+    out1: String,
 }
 
 fn qpair(side: &Side) -> Result<IoQueuePair, String> {
@@ -100,12 +113,16 @@ fn verify(side: &Side, offset: u64) -> Result<(), String> {
     Ok(())
 }
 
-fn run(args: &[String]) -> Result<String, String> {
-    let [bdf0, bdf1, offset, len, out0, out1] = args else {
-        return Err("usage: two_controllers BDF0 BDF1 OFFSET LEN OUT0 OUT1".into());
-    };
-    let offset = parse_u64("OFFSET", offset)?;
-    let len = parse_u64("LEN", len)?;
+fn run(args: &Args) -> Result<String, String> {
+    let Args {
+        bdf0,
+        bdf1,
+        offset,
+        len,
+        out0,
+        out1,
+    } = args;
+    let (offset, len) = (*offset, *len);
     if len == 0 {
         return Err("LEN must be positive".into());
     }
@@ -203,7 +220,8 @@ fn run(args: &[String]) -> Result<String, String> {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    // Usage errors: clap's message and exit status 2.
+    let args = <Args as clap::Parser>::parse();
     match run(&args) {
         Ok(line) => {
             println!("{line}");
