@@ -8,8 +8,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
 
-use super::initramfs::{module_name, VFIO_MODULES};
 use super::VmError;
+
+/// Modules the guest loads, named as in `modules.dep`; their dependencies come along.
+pub(crate) const VFIO_MODULES: &[&str] = &["vfio_iommu_type1", "vfio_pci"];
+
+/// `kernel/drivers/vfio/pci/vfio-pci.ko.xz` → `vfio_pci`.
+pub(crate) fn module_name(path: &str) -> String {
+    let base = path.rsplit('/').next().unwrap_or(path);
+    let base = base.split(".ko").next().unwrap_or(base);
+    base.replace('-', "_")
+}
 
 /// Host programs the runner and guests need, and the Debian package providing each.
 const HOST_TOOLS: &[(&str, &str)] = &[

@@ -8,11 +8,8 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use super::host::{find_binary, run_command};
+use super::host::{find_binary, module_name, run_command, VFIO_MODULES};
 use super::{Kernel, Markers, VmError};
-
-/// Modules the guest loads, named as in `modules.dep`; their dependencies come along.
-pub(crate) const VFIO_MODULES: &[&str] = &["vfio_iommu_type1", "vfio_pci"];
 
 /// Where the script lives in the guest.
 const GUEST_SCRIPT: &str = "/rnvme/script.sh";
@@ -30,13 +27,6 @@ pub(crate) struct ModInfo {
     pub path: String,
     /// Paths of every module it needs (the full closure, as depmod writes it).
     pub deps: Vec<String>,
-}
-
-/// `kernel/drivers/vfio/pci/vfio-pci.ko.xz` → `vfio_pci`.
-pub(crate) fn module_name(path: &str) -> String {
-    let base = path.rsplit('/').next().unwrap_or(path);
-    let base = base.split(".ko").next().unwrap_or(base);
-    base.replace('-', "_")
 }
 
 /// Parses `modules.dep` into modules keyed by normalised name.
