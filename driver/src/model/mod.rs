@@ -46,6 +46,7 @@ use queues::{Completion, Cq, Sq};
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 use storage::Storage;
 use vm_memory::ByteValued;
 
@@ -146,6 +147,10 @@ pub enum CompletionMode {
     Deferred,
     /// Held like [`CompletionMode::Deferred`], then released newest first.
     Reversed,
+    /// Held, and posted by the model's own completer thread ([`Model::complete_from_thread`])
+    /// a short while later: the host reads completion queues while another thread writes them,
+    /// as with a real controller.
+    Threaded,
 }
 
 /// Which commands the model parks to DMA into later, as a controller that runs late would
@@ -735,6 +740,34 @@ impl Model {
             done += 1;
         }
         done
+    }
+
+    /// From now on I/O completions are posted by a thread of the model's own, every `delay`
+    /// or so after their commands ran ([`CompletionMode::Threaded`]), until another mode is
+    /// set or the model is dropped. Data still moves while the doorbell write is processed;
+    /// only the completion entries come from the other thread, written as a controller writes
+    /// them (the phase tag last, after a release fence).
+    pub fn complete_from_thread(self: &Arc<Self>, delay: Duration) {
+        {
+            let mut g = self.lock();
+            if g.mode == CompletionMode::Threaded {
+                return;
+            }
+            g.mode = CompletionMode::Threaded;
+        }
+        let weak = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("model-completer".into())
+            .spawn(move || loop {
+                std::thread::sleep(delay);
+                let Some(m) = weak.upgrade() else { return };
+                if m.lock().mode != CompletionMode::Threaded {
+                    // Held completions wait for release() as in the other holding modes.
+                    return;
+                }
+                m.release_all();
+            })
+            .expect("spawn the model's completer thread");
     }
 
     /// Post all held completions; see [`Model::release`].
