@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::Ticks;
-use crate::controller::Shared;
 use crate::dma::DmaBuffer;
 use crate::error::{Error, Result};
 use crate::identify::{DataLayout, NamespaceInfo};
 use crate::queue::{DataPointerMode, QueuePair, Recovery};
+use crate::shared::Shared;
 use crate::spec::{io_op, SqEntry, CDW12_FUA, MAX_NLB};
 use crate::status::NvmeStatus;
 

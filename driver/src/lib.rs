@@ -43,6 +43,8 @@ pub mod reactor;
 #[forbid(unsafe_code)]
 pub mod sgl;
 #[forbid(unsafe_code)]
+mod shared;
+#[forbid(unsafe_code)]
 mod slot;
 pub mod spec;
 #[forbid(unsafe_code)]
