@@ -13,8 +13,8 @@
 //! - [`controller`]: bring-up, admin commands, I/O queue pair creation, shutdown.
 
 // The unsafe boundary: register access and DMA mapping (`hw`, `vfio`), DMA memory (`dma`),
-// the time-stamp counter (`clock`), the spec's plain-data structures (`spec`) and the
-// controller model's host memory (`model`). Every other module forbids unsafe code.
+// the time-stamp counter (`clock`) and the controller model's host memory (`model`). Every
+// other module forbids unsafe code (the spec's structures are bytes through zerocopy).
 #[forbid(unsafe_code)]
 pub mod affinity;
 pub mod clock;
@@ -46,6 +46,7 @@ pub mod sgl;
 mod shared;
 #[forbid(unsafe_code)]
 mod slot;
+#[forbid(unsafe_code)]
 pub mod spec;
 #[forbid(unsafe_code)]
 pub mod status;

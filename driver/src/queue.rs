@@ -232,10 +232,12 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 #[inline]
 fn push_entry(sq: &PlainBuffer, tail: &mut u16, entries: u16, cmd: &SqEntry) {
     let off = *tail as usize * std::mem::size_of::<SqEntry>();
+    // One 64-byte volatile store, as eight qwords (zerocopy checks the sizes match).
+    let qwords: [u64; 8] = zerocopy::transmute!(*cmd);
     sq.volatile()
-        .get_ref::<SqEntry>(off)
+        .get_ref::<[u64; 8]>(off)
         .expect("SQ slot inside the ring")
-        .store(*cmd);
+        .store(qwords);
     *tail = if *tail + 1 == entries { 0 } else { *tail + 1 };
 }
 
@@ -798,10 +800,11 @@ impl QueuePair {
             }
             // The phase tag says the entry is complete; read the rest only after it.
             fence(Ordering::Acquire);
-            let e = cq
-                .get_ref::<CqEntry>(off)
+            let dwords = cq
+                .get_ref::<[u32; 4]>(off)
                 .expect("CQ entry inside the ring")
                 .load();
+            let e: CqEntry = zerocopy::transmute!(dwords);
             self.cq_head += 1;
             if self.cq_head == self.cq_entries {
                 self.cq_head = 0;

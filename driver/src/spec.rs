@@ -1,7 +1,7 @@
 //! Structures and constants from the NVM Express Base Specification 2.x and the NVM Command
 //! Set Specification. Everything here is plain data: no pointers, no device access.
 
-use vm_memory::ByteValued;
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// Controller register offsets in BAR0 (Base spec §3.1.4).
 pub mod reg {
@@ -160,7 +160,9 @@ pub const CDW12_FUA: u32 = 1 << 30;
 
 /// A submission queue entry (Base spec §4.2, Figure 88). 64 bytes.
 #[repr(C)]
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[derive(
+    Copy, Clone, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct SqEntry {
     /// Opcode 7:0, fused 9:8, PSDT 15:14, CID 31:16.
     pub cdw0: u32,
@@ -181,10 +183,6 @@ pub struct SqEntry {
 }
 
 const _: () = assert!(std::mem::size_of::<SqEntry>() == 64);
-
-// SAFETY: SqEntry is repr(C), made only of integers, has no padding (64 bytes of fields
-// checked above) and every bit pattern is a valid value.
-unsafe impl ByteValued for SqEntry {}
 
 impl SqEntry {
     /// A command with this opcode and namespace, everything else zero.
@@ -241,7 +239,9 @@ impl SqEntry {
 
 /// A completion queue entry (Base spec §4.2.1, Figure 89). 16 bytes.
 #[repr(C)]
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[derive(
+    Copy, Clone, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct CqEntry {
     /// Command specific.
     pub dw0: u32,
@@ -254,9 +254,6 @@ pub struct CqEntry {
 }
 
 const _: () = assert!(std::mem::size_of::<CqEntry>() == 16);
-
-// SAFETY: CqEntry is repr(C), four u32 with no padding; every bit pattern is valid.
-unsafe impl ByteValued for CqEntry {}
 
 impl CqEntry {
     /// SQ head pointer reported by the controller.
@@ -304,7 +301,9 @@ impl CqEntry {
 
 /// An SGL descriptor (Base spec §4.1.2). 16 bytes.
 #[repr(C)]
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[derive(
+    Copy, Clone, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct SglDescriptor {
     pub addr: u64,
     pub len: u32,
@@ -314,10 +313,6 @@ pub struct SglDescriptor {
 }
 
 const _: () = assert!(std::mem::size_of::<SglDescriptor>() == 16);
-
-// SAFETY: repr(C) integers and bytes with no padding (16 bytes checked above); every bit
-// pattern is valid.
-unsafe impl ByteValued for SglDescriptor {}
 
 /// SGL descriptor types (identifier bits 7:4).
 pub mod sgl_type {

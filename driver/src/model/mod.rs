@@ -48,7 +48,7 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use storage::Storage;
-use vm_memory::ByteValued;
+use zerocopy::IntoBytes;
 
 /// The Version register value: NVMe 2.0.
 const VERSION: u32 = 0x0002_0000;
@@ -1239,7 +1239,7 @@ impl Inner {
             sq.head = (sq.head + 1) % sq.size;
             let head = sq.head as u16;
             let mut entry = SqEntry::default();
-            if let Err(f) = self.iommu.read(at, entry.as_mut_slice()) {
+            if let Err(f) = self.iommu.read(at, entry.as_mut_bytes()) {
                 self.fatal(&format!(
                     "cannot fetch the entry of SQ {qid} at {at:#x}: {f}"
                 ));
@@ -1593,7 +1593,7 @@ impl Inner {
             .expect("posting to an existing CQ");
         let entry = crate::spec::CqEntry::build(c.dw0, sq_head, c.sqid, c.cid, cq.phase, c.status);
         let at = cq.base + cq.tail as u64 * 16;
-        let bytes: [u8; 16] = entry.as_slice().try_into().expect("16-byte entry");
+        let bytes: [u8; 16] = zerocopy::transmute!(entry);
         if let Err(f) = self.iommu.write_cqe(at, &bytes) {
             let why = format!(
                 "cannot write the completion of CID {} to CQ {}: {f}",

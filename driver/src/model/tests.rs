@@ -60,12 +60,13 @@ impl Mem {
         v
     }
 
-    fn put<T: ByteValued>(&self, off: usize, v: T) {
-        self.slice().write_obj(v, off).unwrap();
+    fn put<T: zerocopy::IntoBytes + zerocopy::Immutable>(&self, off: usize, v: T) {
+        self.slice().write_slice(v.as_bytes(), off).unwrap();
     }
 
-    fn get<T: ByteValued>(&self, off: usize) -> T {
-        self.slice().read_obj(off).unwrap()
+    fn get<T: zerocopy::FromBytes>(&self, off: usize) -> T {
+        let bytes = self.read(off, std::mem::size_of::<T>());
+        T::read_from_bytes(&bytes).unwrap()
     }
 
     fn at(&self, off: usize) -> u64 {
