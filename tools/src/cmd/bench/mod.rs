@@ -3,7 +3,7 @@
 //!
 //! The guest gets one emulated controller with a 1 GiB namespace of 4 KiB LBAs and boots with
 //! `nvme.poll_queues=2`, so that fio's `hipri` polls. The namespace is filled once; every
-//! workload is one fio job file ([`job_file`]) with a section per engine: the kernel through
+//! workload is one fio job file ([`workloads::job_file`]) with a section per engine: the kernel through
 //! io_uring, io_uring with `hipri`, libaio, psync and io_uring_cmd passthrough on the generic
 //! char device; then the controller moves to vfio-pci (`rnvme setup`) and the same file runs
 //! on rnvme through its fio engine (`librnvme_fio.so`), and `rnvme perf` runs the workload
