@@ -13,8 +13,8 @@
 #define ERRLEN 512
 
 /* src/ffi.rs */
-int rnvme_fio_file_info(const char *name, int hugepages, uint64_t bs_min, uint64_t bs_max,
-			uint64_t *size, uint32_t *lba, char *err, size_t errlen);
+int rnvme_fio_file_info(const char *name, int hugepages, uint64_t *size, uint32_t *lba,
+			char *err, size_t errlen);
 void *rnvme_fio_job_new(uint32_t depth, uint64_t max_bs, int dptr, int fua, int ring_at_commit,
 			char *err, size_t errlen);
 int rnvme_fio_job_add_file(void *job, uint32_t fileno, const char *name, int hugepages,
@@ -136,33 +136,24 @@ static int need_threads(struct thread_data *td)
 	return 1;
 }
 
-static unsigned long long bs_extreme(struct thread_data *td, int largest)
+/* The largest block size of any data direction, bssplit included. */
+static unsigned long long bs_largest(struct thread_data *td)
 {
-	unsigned long long v = largest ? 0 : ~0ULL;
+	unsigned long long v = 0;
 	int d;
 	unsigned int i;
 
 	for (d = 0; d < DDIR_RWDIR_CNT; d++) {
-		if (td->o.min_bs[d] == 0)
-			continue;
-		if (largest) {
-			if (td->o.max_bs[d] > v)
-				v = td->o.max_bs[d];
-		} else if (td->o.min_bs[d] < v)
-			v = td->o.min_bs[d];
-		for (i = 0; i < td->o.bssplit_nr[d]; i++) {
-			unsigned long long bs = td->o.bssplit[d][i].bs;
-
-			if (bs == 0)
-				continue;
-			if (largest ? bs > v : bs < v)
-				v = bs;
-		}
+		if (td->o.max_bs[d] > v)
+			v = td->o.max_bs[d];
+		for (i = 0; i < td->o.bssplit_nr[d]; i++)
+			if (td->o.bssplit[d][i].bs > v)
+				v = td->o.bssplit[d][i].bs;
 	}
-	return v == ~0ULL ? 0 : v;
+	return v;
 }
 
-/* Also any bssplit size that is not a whole number of LBAs is caught: its gcd with the LBA. */
+/* A block size of the job (min, max or bssplit, any direction) that is not whole LBAs, or 0. */
 static unsigned long long bs_odd(struct thread_data *td, uint32_t lba)
 {
 	int d;
@@ -194,8 +185,7 @@ static int rnvme_setup(struct thread_data *td)
 		uint32_t lba;
 		unsigned long long odd;
 
-		if (rnvme_fio_file_info(f->file_name, o->hugepages, bs_extreme(td, 0),
-					bs_extreme(td, 1), &size, &lba, err, ERRLEN)) {
+		if (rnvme_fio_file_info(f->file_name, o->hugepages, &size, &lba, err, ERRLEN)) {
 			log_err("rnvme: %s\n", err);
 			return 1;
 		}
@@ -244,7 +234,7 @@ static int rnvme_init(struct thread_data *td)
 	r->queued = calloc(r->depth, sizeof(*r->queued));
 	if (!r->by_index || !r->queued)
 		goto fail_quiet;
-	r->job = rnvme_fio_job_new(r->depth, bs_extreme(td, 1), o->dptr, o->fua, o->ring, err,
+	r->job = rnvme_fio_job_new(r->depth, bs_largest(td), o->dptr, o->fua, o->ring, err,
 				   ERRLEN);
 	if (!r->job)
 		goto fail;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use rnvme_driver::queue::DataPointerMode;
 
-use crate::job::{check_block_size, Job, JobParams, Op, Queued};
+use crate::job::{Job, JobParams, Op, Queued};
 use crate::{name, registry, EngineError};
 
 /// Copies `msg` into the C buffer `err` of `len` bytes, NUL-terminated, cut if needed.
@@ -83,10 +83,10 @@ pub unsafe extern "C" fn rnvme_fio_check_version(
     unsafe { status(r, err, errlen) }
 }
 
-/// Setup of fio's file `name`: opens its controller (shared by the process), checks that the
-/// namespace exists and that `bs_min`/`bs_max`, fio's smallest and largest block sizes, are
-/// whole LBAs; writes the namespace's size in bytes and its LBA size. 0 on success, an errno
-/// with the reason in `err` otherwise.
+/// Setup of fio's file `name`: opens its controller (shared by the process) and checks that
+/// the namespace exists; writes the namespace's size in bytes and its LBA size (`engine.c`
+/// checks the job's block sizes against it). 0 on success, an errno with the reason in `err`
+/// otherwise.
 ///
 /// # Safety
 /// `name` is a NUL-terminated string; `size` and `lba` are writable; `err` has `errlen` bytes.
@@ -94,8 +94,6 @@ pub unsafe extern "C" fn rnvme_fio_check_version(
 pub unsafe extern "C" fn rnvme_fio_file_info(
     name: *const c_char,
     hugepages: c_int,
-    bs_min: u64,
-    bs_max: u64,
     size: *mut u64,
     lba: *mut u32,
     err: *mut c_char,
@@ -111,8 +109,6 @@ pub unsafe extern "C" fn rnvme_fio_file_info(
                 ctrl.namespaces().len()
             ))
         })?;
-        check_block_size(&t, bs_min, ns.lba_size, "block size")?;
-        check_block_size(&t, bs_max, ns.lba_size, "block size")?;
         Ok((ns.size_lbas * ns.lba_size as u64, ns.lba_size))
     });
     match r {

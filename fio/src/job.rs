@@ -437,7 +437,7 @@ fn list(ids: impl Iterator<Item = u32>) -> String {
 }
 
 /// Refuses a block size that is not a whole number of the namespace's LBAs.
-pub fn check_block_size(target: &Target, bs: u64, lba: u32, what: &str) -> Result<(), EngineError> {
+fn check_block_size(target: &Target, bs: u64, lba: u32, what: &str) -> Result<(), EngineError> {
     if !bs.is_multiple_of(lba as u64) {
         return Err(EngineError::invalid(format!(
             "{target}: {what} {bs} is not a multiple of the namespace's {lba}-byte LBA"
