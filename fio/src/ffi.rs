@@ -103,12 +103,7 @@ pub unsafe extern "C" fn rnvme_fio_file_info(
         // SAFETY: `name` is a NUL-terminated string (caller).
         let t = name::parse(unsafe { text(name) }?).map_err(EngineError::Message)?;
         let ctrl = registry::controller(&t.bdf, hugepages != 0)?;
-        let ns = ctrl.namespace(t.nsid).map_err(|_| {
-            EngineError::msg(format!(
-                "{t}: no such active namespace (the controller has {} namespace(s))",
-                ctrl.namespaces().len()
-            ))
-        })?;
+        let ns = crate::job::namespace(&ctrl, &t)?;
         Ok((ns.size_lbas * ns.lba_size as u64, ns.lba_size))
     });
     match r {

@@ -123,12 +123,7 @@ impl Job {
                 )));
             }
         }
-        let ns = ctrl.namespace(target.nsid).map_err(|_| {
-            EngineError::msg(format!(
-                "{target}: no such active namespace (the controller has {})",
-                list(ctrl.namespaces().iter().map(|n| n.nsid))
-            ))
-        })?;
+        let ns = namespace(&ctrl, target)?;
         let file = JobFile {
             nsid: ns.nsid,
             lba_size: ns.lba_size,
@@ -434,6 +429,19 @@ fn list(ids: impl Iterator<Item = u32>) -> String {
     } else {
         format!("namespace(s) {}", v.join(", "))
     }
+}
+
+/// The namespace `target` names on `ctrl`, or why there is none.
+pub fn namespace<'a>(
+    ctrl: &'a Controller,
+    target: &Target,
+) -> Result<&'a rnvme_driver::identify::NamespaceInfo, EngineError> {
+    ctrl.namespace(target.nsid).map_err(|_| {
+        EngineError::msg(format!(
+            "{target}: no such active namespace (the controller has {})",
+            list(ctrl.namespaces().iter().map(|n| n.nsid))
+        ))
+    })
 }
 
 /// Refuses a block size that is not a whole number of the namespace's LBAs.
