@@ -211,27 +211,7 @@ pub fn run_guest(mut config: VmConfig, test_bins: &[&str], script: &str) -> Gues
     let full = format!("{PRELUDE}\n{script}\n");
     let result = {
         let _slot = Slot::take();
-        let mut result = vm::run(&config, &full);
-        // QEMU 7.2 under TCG now and then dies of SIGSEGV however far the guest got (seen in
-        // the firmware's first steps and in the middle of scripts, never reproducibly): the
-        // emulator crashed, not the code under test. Such a run proved nothing either way, so
-        // it is run once more from scratch (fresh images) — unless the caller keeps images the
-        // first run may have changed. A second crash fails the test.
-        let fresh_images = config
-            .controllers
-            .iter()
-            .flat_map(|c| &c.namespaces)
-            .all(|n| n.image.is_none());
-        if let Err(e) = &result {
-            if let Some(sig) = e.qemu_signal().filter(|_| fresh_images) {
-                eprintln!(
-                    "warning: QEMU died of signal {sig} during the guest run ({e}); running the \
-                     guest again from scratch"
-                );
-                result = vm::run(&config, &full);
-            }
-        }
-        result
+        vm::run(&config, &full)
     };
     let output = match result {
         Ok(o) => o,
