@@ -1,18 +1,14 @@
 //! The engine loaded by the fio installed here (the one it was built for), with no device:
 //! fio finds it, lists its options, and every refusal before any I/O is one line and a failed
-//! fio. (I/O through the engine is proven in a guest: tests/tests/fio_guest.rs.)
+//! fio. (I/O through the engine is proven in a guest: fio_guest.rs.)
 
 use std::path::PathBuf;
 use std::process::Command;
 
-/// `librnvme_fio.so` beside this test's own directory (target/<profile>/deps/..).
+/// `librnvme_fio.so`, built for the fio installed here by a cargo of its own (`target/fio`):
+/// `cargo test` builds the crate's rlib for its tests, not the cdylib fio loads.
 fn engine() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let so = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .unwrap()
-        .join("librnvme_fio.so");
+    let so = rnvme_tests::fio_engine();
     assert!(so.is_file(), "{} was not built", so.display());
     so
 }
