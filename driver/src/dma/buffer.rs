@@ -545,3 +545,90 @@ impl DmaBuffer {
         )
     }
 }
+
+/// One part of a [`send_vectored`]: plain bytes, or `len` bytes of a DMA buffer from `offset`.
+#[derive(Copy, Clone, Debug)]
+pub enum SendPart<'a> {
+    /// Ordinary memory.
+    Bytes(&'a [u8]),
+    /// A range of DMA memory, sent from where it is (no copy in this process).
+    Dma(&'a DmaBuffer, usize, usize),
+}
+
+impl SendPart<'_> {
+    /// The part's length in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            SendPart::Bytes(b) => b.len(),
+            SendPart::Dma(_, _, len) => *len,
+        }
+    }
+
+    /// Whether the part is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Most parts one [`send_vectored`] passes to the kernel (the rest wait for the next call).
+pub const SEND_PARTS_MAX: usize = 64;
+
+/// Writes `parts`, in order, to the socket or file `fd` with one `writev(2)`: DMA memory goes
+/// to the kernel straight from its pages, with the headers around it in the same system call.
+/// Returns the bytes written, which may be fewer than asked (a non-blocking socket's send
+/// buffer was full): the caller resumes from there.
+///
+/// Reading DMA memory the device may be writing at the same moment (a buffer lent for a
+/// command) gives unspecified bytes but is not unsound; callers send memory whose command
+/// completed.
+///
+/// # Panics
+/// If a DMA range is not inside its buffer.
+pub fn send_vectored(
+    fd: std::os::fd::BorrowedFd<'_>,
+    parts: &[SendPart<'_>],
+) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut iov: [libc::iovec; SEND_PARTS_MAX] = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; SEND_PARTS_MAX];
+    let mut n = 0;
+    for p in parts.iter().filter(|p| !p.is_empty()).take(SEND_PARTS_MAX) {
+        iov[n] = match *p {
+            SendPart::Bytes(b) => libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            },
+            SendPart::Dma(buf, offset, len) => {
+                assert!(
+                    offset.checked_add(len).is_some_and(|end| end <= buf.len()),
+                    "send_vectored: {len} bytes at {offset} are outside a {}-byte DMA buffer",
+                    buf.len()
+                );
+                libc::iovec {
+                    iov_base: buf.raw().ptr_guard().as_ptr().wrapping_add(offset)
+                        as *mut libc::c_void,
+                    iov_len: len,
+                }
+            }
+        };
+        n += 1;
+    }
+    if n == 0 {
+        return Ok(0);
+    }
+    loop {
+        // SAFETY: each of the first `n` iovecs describes memory that stays allocated and
+        // mapped for this call: plain slices borrowed by `parts`, and ranges inside DMA
+        // buffers borrowed by `parts` (checked above). writev only reads that memory.
+        let r = unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), n as libc::c_int) };
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}

@@ -23,7 +23,9 @@ use crate::types::{Iova, Segment};
 mod buffer;
 
 pub(crate) use buffer::PlainBuffer;
-pub use buffer::{DmaBuffer, DmaLease, DmaSlice, DmaView, DmaWords};
+pub use buffer::{
+    send_vectored, DmaBuffer, DmaLease, DmaSlice, DmaView, DmaWords, SendPart, SEND_PARTS_MAX,
+};
 
 /// The size of one hugepage, and of each chunk the pool maps.
 pub const CHUNK_SIZE: usize = 2 << 20;

@@ -10,8 +10,10 @@ use std::sync::Mutex;
 
 use super::VmError;
 
-/// Modules the guest loads, named as in `modules.dep`; their dependencies come along.
-pub(crate) const VFIO_MODULES: &[&str] = &["vfio_iommu_type1", "vfio_pci"];
+/// Modules the guest loads, named as in `modules.dep`; their dependencies come along: VFIO,
+/// and NVMe over TCP both ways (the kernel's initiator, and its target as `rnvme serve`'s peer).
+pub(crate) const KERNEL_MODULES: &[&str] =
+    &["vfio_iommu_type1", "vfio_pci", "nvme_tcp", "nvmet_tcp"];
 
 /// `kernel/drivers/vfio/pci/vfio-pci.ko.xz` → `vfio_pci`.
 pub(crate) fn module_name(path: &str) -> String {
@@ -233,7 +235,14 @@ impl Kernel {
             vmlinuz: dir.join("vmlinuz"),
             modules: dir.join("modules"),
         };
-        (k.vmlinuz.is_file() && k.modules.join("modules.dep").is_file()).then_some(k)
+        let dep = fs::read_to_string(k.modules.join("modules.dep")).ok()?;
+        let kept: BTreeSet<String> = dep
+            .lines()
+            .filter_map(|l| l.split(':').next())
+            .map(module_name)
+            .collect();
+        // A kernel kept by an older runner, with fewer modules, is fetched again.
+        (k.vmlinuz.is_file() && KERNEL_MODULES.iter().all(|m| kept.contains(*m))).then_some(k)
     }
 }
 
@@ -367,7 +376,7 @@ pub fn fetch_kernel(cache: &Path) -> Result<Kernel, VmError> {
         .map_err(|e| VmError::io(format!("copy {}", vmlinuz.display()), e))?;
     // The package ships no modules.dep (depmod makes it on installation): follow the
     // `depends=` of each module's .modinfo instead, and write a modules.dep for the kept ones.
-    let mut pending: Vec<String> = VFIO_MODULES.iter().map(|m| m.replace('-', "_")).collect();
+    let mut pending: Vec<String> = KERNEL_MODULES.iter().map(|m| m.replace('-', "_")).collect();
     let mut kept: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
     while let Some(name) = pending.pop() {
         if kept.contains_key(&name) {
@@ -403,6 +412,11 @@ pub fn fetch_kernel(cache: &Path) -> Result<Kernel, VmError> {
     }
     fs::write(staged_mods.join("modules.dep"), dep_out)
         .map_err(|e| VmError::io("write modules.dep", e))?;
+    if dest.exists() && Kernel::at(&dest).is_none() {
+        // Kept by an older runner with fewer modules.
+        fs::remove_dir_all(&dest)
+            .map_err(|e| VmError::io(format!("remove the stale {}", dest.display()), e))?;
+    }
     match fs::rename(&staged, &dest) {
         Ok(()) => {}
         // Another runner finished first: use its copy.

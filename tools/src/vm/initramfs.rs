@@ -8,7 +8,7 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use super::host::{find_binary, module_name, run_command, VFIO_MODULES};
+use super::host::{find_binary, module_name, run_command, KERNEL_MODULES};
 use super::{Kernel, Markers, VmError};
 
 /// Where the script lives in the guest.
@@ -155,6 +155,11 @@ pub(crate) fn init_script(p: &Params<'_>, module_paths: &[String]) -> String {
             "insmod {m} || echo \"rnvme-init: insmod {m} failed\"\n"
         ));
     }
+    // NVMe over TCP in the guest: the loopback interface, and configfs for the kernel's target.
+    s.push_str(
+        "ip link set lo up || echo \"rnvme-init: no loopback interface\"\n\
+         mount -t configfs configfs /sys/kernel/config 2>/dev/null\n",
+    );
     if p.hugepages > 0 {
         s.push_str(&format!(
             "echo {n} > /proc/sys/vm/nr_hugepages\n\
@@ -354,7 +359,7 @@ pub(crate) fn build(
     let dep_path = kernel.modules.join("modules.dep");
     let dep_text = fs::read_to_string(&dep_path).map_err(io_err("read", &dep_path))?;
     let deps = parse_modules_dep(&dep_text);
-    let mods = module_closure(&deps, VFIO_MODULES)
+    let mods = module_closure(&deps, KERNEL_MODULES)
         .map_err(|e| VmError::Kernel(format!("{}: {e}", kernel.release)))?;
     let mut module_paths = Vec::new();
     for m in mods {
@@ -452,7 +457,7 @@ kernel/drivers/net/dummy.ko.xz:
     fn closure_puts_dependencies_first() {
         let deps = parse_modules_dep(DEP);
         assert_eq!(deps.len(), 7);
-        let order = module_closure(&deps, VFIO_MODULES).unwrap();
+        let order = module_closure(&deps, &["vfio_iommu_type1", "vfio_pci"]).unwrap();
         let n = names(&order);
         assert_eq!(
             n,

@@ -1,0 +1,454 @@
+//! The running target: listeners, poll threads (each with its own queue pair on every device
+//! and its share of the connections), shutdown, and counters.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use rnvme_driver::io::IoQueuePair;
+use rnvme_driver::queue::Completion;
+
+use crate::conn::{untag, Conn, ConnStats, End, Io};
+use crate::target::Target;
+use crate::Error;
+
+/// How a target runs.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// Addresses to listen on (I/O and discovery controllers alike).
+    pub listen: Vec<SocketAddr>,
+    /// Poll threads, pinned to these CPUs (empty: one thread, not pinned).
+    pub cpus: Vec<usize>,
+    /// Entries of each poll thread's queue pair on each device.
+    pub device_queue_entries: u32,
+    /// Connections at most (more are closed at once).
+    pub max_connections: usize,
+    /// Busy polling goes on this long after the last work before a thread sleeps in poll(2).
+    pub spin: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> ServeOptions {
+        ServeOptions {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 4420))],
+            cpus: Vec::new(),
+            device_queue_entries: 1024,
+            max_connections: 1024,
+            spin: Duration::from_millis(1),
+        }
+    }
+}
+
+/// A connection's counters, for reports.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ConnReport {
+    pub thread: usize,
+    pub peer: String,
+    pub cntlid: Option<u16>,
+    pub qid: Option<u16>,
+    #[serde(flatten)]
+    pub stats: ConnStats,
+}
+
+/// Counters of the whole target.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Report {
+    pub connections_accepted: u64,
+    pub connections_refused: u64,
+    pub controllers: usize,
+    pub connections: Vec<ConnReport>,
+}
+
+struct Shared {
+    stop: AtomicBool,
+    accepted: AtomicU64,
+    refused: AtomicU64,
+    live: AtomicU64,
+    /// Per thread: its connections' counters, refreshed every 100 ms.
+    reports: Mutex<Vec<Vec<ConnReport>>>,
+}
+
+/// A target serving its subsystems.
+pub struct Server {
+    target: Arc<Target>,
+    shared: Arc<Shared>,
+    local: Vec<SocketAddr>,
+    threads: Vec<JoinHandle<()>>,
+    acceptors: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Listens, and starts the poll threads (each creates its device queue pairs first: an
+    /// error there is returned here).
+    pub fn start(target: Arc<Target>, opts: &ServeOptions) -> Result<Server, Error> {
+        let mut listeners = Vec::new();
+        let mut local = Vec::new();
+        for a in &opts.listen {
+            let l = TcpListener::bind(a).map_err(|e| Error::Listen(*a, e))?;
+            local.push(l.local_addr().map_err(|e| Error::Listen(*a, e))?);
+            l.set_nonblocking(true).map_err(|e| Error::Listen(*a, e))?;
+            listeners.push(l);
+        }
+        *target.listen.lock().unwrap_or_else(|e| e.into_inner()) = local.clone();
+        let nthreads = opts.cpus.len().max(1);
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            accepted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            live: AtomicU64::new(0),
+            reports: Mutex::new(vec![Vec::new(); nthreads]),
+        });
+        let mut senders = Vec::new();
+        let mut threads = Vec::new();
+        let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), Error>>(nthreads);
+        for t in 0..nthreads {
+            let (tx, rx) = crossbeam_channel::unbounded::<(TcpStream, SocketAddr)>();
+            senders.push(tx);
+            let target = target.clone();
+            let shared = shared.clone();
+            let cpu = opts.cpus.get(t).copied();
+            let entries = opts.device_queue_entries;
+            let spin = opts.spin;
+            let ready = ready_tx.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("rnvme-serve-{t}"))
+                .spawn(move || {
+                    if let Some(c) = cpu {
+                        if let Err(e) = rnvme_driver::affinity::pin_current_thread(c) {
+                            log::warn!("poll thread {t}: cannot pin to CPU {c}: {e}");
+                        }
+                    }
+                    let mut qps = Vec::new();
+                    for d in &target.devices {
+                        let want = entries.min(d.max_queue_entries());
+                        match d.create_io_qpair(want) {
+                            Ok(q) => qps.push(q),
+                            Err(e) => {
+                                let _ = ready.send(Err(Error::Device(d.name().to_string(), e)));
+                                return;
+                            }
+                        }
+                    }
+                    let _ = ready.send(Ok(()));
+                    Poller {
+                        thread: t,
+                        target,
+                        shared,
+                        qps,
+                        conns: Vec::new(),
+                        incoming: rx,
+                        spin,
+                    }
+                    .run();
+                })
+                .map_err(Error::Thread)?;
+            threads.push(h);
+        }
+        drop(ready_tx);
+        let mut failure = None;
+        for _ in 0..nthreads {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failure = Some(e),
+                Err(_) => {
+                    failure = Some(Error::Thread(std::io::Error::other("a poll thread died")))
+                }
+            }
+        }
+        let mut acceptors = Vec::new();
+        if failure.is_none() {
+            for l in listeners {
+                let shared = shared.clone();
+                let senders = senders.clone();
+                let max = opts.max_connections as u64;
+                acceptors.push(
+                    std::thread::Builder::new()
+                        .name("rnvme-accept".into())
+                        .spawn(move || accept_loop(l, senders, shared, max))
+                        .map_err(Error::Thread)?,
+                );
+            }
+        }
+        let server = Server {
+            target,
+            shared,
+            local,
+            threads,
+            acceptors,
+        };
+        if let Some(e) = failure {
+            server.stop();
+            return Err(e);
+        }
+        Ok(server)
+    }
+
+    /// The addresses listened on (a port 0 asked for is the one the system gave).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local
+    }
+
+    /// The target.
+    pub fn target(&self) -> &Arc<Target> {
+        &self.target
+    }
+
+    /// Counters now.
+    pub fn report(&self) -> Report {
+        let reports = self
+            .shared
+            .reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        Report {
+            connections_accepted: self.shared.accepted.load(Ordering::Relaxed),
+            connections_refused: self.shared.refused.load(Ordering::Relaxed),
+            controllers: self.target.ctrl_count(),
+            connections: reports.iter().flatten().cloned().collect(),
+        }
+    }
+
+    /// Whether a poll thread has ended on its own (it should not before [`Server::stop`]).
+    pub fn is_running(&self) -> bool {
+        self.threads.iter().all(|t| !t.is_finished())
+    }
+
+    /// Stops: no new connections or commands; commands at the devices complete and are
+    /// answered; every namespace is flushed; connections close. Returns when all is done.
+    pub fn stop(self) {
+        self.shared.stop.store(true, Ordering::Release);
+        for a in self.acceptors {
+            let _ = a.join();
+        }
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn accept_loop(
+    l: TcpListener,
+    senders: Vec<Sender<(TcpStream, SocketAddr)>>,
+    shared: Arc<Shared>,
+    max: u64,
+) {
+    let mut next = 0;
+    while !shared.stop.load(Ordering::Acquire) {
+        match l.accept() {
+            Ok((s, peer)) => {
+                if shared.live.load(Ordering::Acquire) >= max {
+                    log::warn!("{peer}: refused, {max} connections already");
+                    shared.refused.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                shared.accepted.fetch_add(1, Ordering::Relaxed);
+                shared.live.fetch_add(1, Ordering::AcqRel);
+                let _ = senders[next % senders.len()].send((s, peer));
+                next += 1;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let fds = [PollFd::new(l.as_fd(), PollFlags::POLLIN)];
+                let _ = poll(&mut fds.clone(), PollTimeout::from(100u16));
+            }
+            Err(e) => {
+                log::warn!("accept: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+struct Poller {
+    thread: usize,
+    target: Arc<Target>,
+    shared: Arc<Shared>,
+    qps: Vec<IoQueuePair>,
+    conns: Vec<Option<Conn>>,
+    incoming: Receiver<(TcpStream, SocketAddr)>,
+    spin: Duration,
+}
+
+impl Poller {
+    fn run(mut self) {
+        let mut completions: Vec<Completion> = Vec::with_capacity(256);
+        let mut last_work = Instant::now();
+        let mut last_report = Instant::now();
+        let mut stopping: Option<Instant> = None;
+        loop {
+            let mut progress = false;
+            let stop = self.shared.stop.load(Ordering::Acquire);
+            if stop && stopping.is_none() {
+                stopping = Some(Instant::now());
+                for c in self.conns.iter_mut().flatten() {
+                    c.quiesce();
+                    c.abort_held();
+                }
+            }
+            if !stop {
+                while let Ok((s, peer)) = self.incoming.try_recv() {
+                    match Conn::new(s, peer, self.target.clone()) {
+                        Ok(c) => {
+                            log::info!("{peer}: connection on poll thread {}", self.thread);
+                            match self.conns.iter().position(|c| c.is_none()) {
+                                Some(i) => self.conns[i] = Some(c),
+                                None => self.conns.push(Some(c)),
+                            }
+                        }
+                        Err(e) => {
+                            log::warn!("{peer}: {e}");
+                            self.shared.live.fetch_sub(1, Ordering::AcqRel);
+                        }
+                    }
+                    progress = true;
+                }
+            }
+            let now = Instant::now();
+            for (slot, c) in self.conns.iter_mut().enumerate() {
+                let Some(c) = c else { continue };
+                if !stop {
+                    let mut io = Io {
+                        qps: &mut self.qps,
+                        slot,
+                    };
+                    progress |= c.poll_rx(&mut io);
+                    c.submit(&mut io);
+                    c.check(now);
+                }
+            }
+            for qp in &mut self.qps {
+                completions.clear();
+                qp.poll(256, |c| completions.push(c));
+                for c in &completions {
+                    let (slot, req) = untag(c.tag);
+                    if let Some(Some(conn)) = self.conns.get_mut(slot) {
+                        conn.on_completion(req, c);
+                    }
+                }
+                progress |= !completions.is_empty();
+            }
+            for slot in 0..self.conns.len() {
+                let Some(c) = self.conns[slot].as_mut() else {
+                    continue;
+                };
+                progress |= c.flush();
+                let drained = stop && c.in_flight() == 0 && !c.wants_write();
+                if c.finished() || drained {
+                    if drained && c.ending().is_none() {
+                        c.end(End::Closed);
+                    }
+                    log::info!("{}: closed", c.peer);
+                    let _ = c.socket().shutdown(std::net::Shutdown::Both);
+                    self.conns[slot] = None;
+                    self.shared.live.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+            if now.duration_since(last_report) > Duration::from_millis(100) {
+                self.publish();
+                last_report = now;
+            }
+            if let Some(since) = stopping {
+                let busy = self.conns.iter().flatten().any(|c| c.in_flight() > 0);
+                if !busy || since.elapsed() > Duration::from_secs(30) {
+                    break;
+                }
+            }
+            if progress {
+                last_work = now;
+                continue;
+            }
+            let outstanding: usize = self.qps.iter().map(|q| q.outstanding()).sum();
+            if outstanding == 0 && now.duration_since(last_work) > self.spin {
+                self.sleep();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        self.finish();
+    }
+
+    /// Waits in poll(2) for any socket (or 10 ms, to see new connections and timers).
+    fn sleep(&mut self) {
+        let mut fds: Vec<PollFd<'_>> = self
+            .conns
+            .iter()
+            .flatten()
+            .map(|c| {
+                let mut f = PollFlags::POLLIN;
+                if c.wants_write() {
+                    f |= PollFlags::POLLOUT;
+                }
+                PollFd::new(c.socket().as_fd(), f)
+            })
+            .collect();
+        let _ = poll(&mut fds, PollTimeout::from(10u16));
+    }
+
+    fn publish(&self) {
+        let list: Vec<ConnReport> = self
+            .conns
+            .iter()
+            .flatten()
+            .map(|c| ConnReport {
+                thread: self.thread,
+                peer: c.peer.to_string(),
+                cntlid: c.cntlid(),
+                qid: c.qid(),
+                stats: c.stats.clone(),
+            })
+            .collect();
+        if let Some(r) = self
+            .shared
+            .reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(self.thread)
+        {
+            *r = list;
+        }
+    }
+
+    /// The end: everything answered is sent, the namespaces are flushed, the connections close.
+    fn finish(mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && self.conns.iter().flatten().any(|c| c.wants_write()) {
+            for c in self.conns.iter_mut().flatten() {
+                c.flush();
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if self.thread == 0 {
+            for s in &self.target.subsystems {
+                if s.read_only {
+                    continue;
+                }
+                for n in &s.namespaces {
+                    if let Err(e) = self.qps[n.dev].flush(n.dev_nsid) {
+                        log::warn!(
+                            "flush of namespace {} of {}: {e}",
+                            n.dev_nsid,
+                            self.target.devices[n.dev].name()
+                        );
+                    }
+                }
+            }
+        }
+        for c in self.conns.iter_mut().flatten() {
+            let _ = c.socket().shutdown(std::net::Shutdown::Both);
+        }
+        self.publish();
+        for c in self.conns.iter_mut().flatten() {
+            if c.in_flight() > 0 {
+                log::warn!(
+                    "{}: {} commands still at the device at shutdown: their memory stays quarantined",
+                    c.peer,
+                    c.in_flight()
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! The target against the in-process controller model, driven by the crate's own small host
+//! over loopback TCP: admin bring-up, I/O both ways (in the capsule and by R2T), digests,
+//! refusals, and hostile PDUs that end one connection and never the target.
+
+use std::sync::Arc;
+
+use rnvme_driver::controller::{Controller, ControllerOptions};
+use rnvme_driver::dma::Backing;
+use rnvme_driver::hw::Hardware;
+use rnvme_driver::model::{Model, ModelConfig, ModelNamespace};
+use rnvme_driver::NvmeStatus;
+use rnvme_nvmf::client::{sqe, Client, ClientError};
+use rnvme_nvmf::cmd::status;
+use rnvme_nvmf::pdu::{fes, CommonHeader};
+use rnvme_nvmf::{Limits, Namespace, ServeOptions, Server, Subsystem, Target, DISCOVERY_NQN};
+
+const NQN: &str = "nqn.2026-12.io.rnvme:test";
+const HOST: &str = "nqn.2026-12.io.rnvme:host-a";
+
+fn serve(read_only: bool, allowed: &[&str]) -> (Server, String) {
+    let model = Model::new(ModelConfig {
+        namespaces: vec![ModelNamespace {
+            nsid: 1,
+            lba_size: 512,
+            blocks: 1 << 14,
+        }],
+        mdts: 5,
+        sgl: true,
+        ..ModelConfig::default()
+    });
+    let hw: Arc<dyn Hardware> = model;
+    let ctrl = Arc::new(
+        Controller::init(
+            hw,
+            ControllerOptions {
+                backing: Backing::SmallPages,
+                ..ControllerOptions::default()
+            },
+        )
+        .unwrap(),
+    );
+    let sub = Subsystem {
+        nqn: NQN.into(),
+        serial: "rnvme-test".into(),
+        namespaces: vec![Namespace {
+            nsid: 1,
+            dev: 0,
+            dev_nsid: 1,
+            lba_size: 512,
+            blocks: 1 << 14,
+        }],
+        allowed_hosts: allowed.iter().map(|s| s.to_string()).collect(),
+        read_only,
+    };
+    let target = Arc::new(Target::new(
+        vec![ctrl],
+        vec![sub],
+        Limits {
+            in_capsule: 4096,
+            max_h2c_data: 8192,
+            ..Limits::default()
+        },
+    ));
+    let server = Server::start(
+        target,
+        &ServeOptions {
+            listen: vec!["127.0.0.1:0".parse().unwrap()],
+            device_queue_entries: 64,
+            ..ServeOptions::default()
+        },
+    )
+    .unwrap();
+    let addr = server.local_addrs()[0].to_string();
+    (server, addr)
+}
+
+fn io_queue(addr: &str, cntlid: u16, hd: bool, dd: bool) -> Client {
+    let mut q = Client::connect(addr, hd, dd).unwrap();
+    let c = q.fabrics_connect(1, 63, cntlid, NQN, HOST, 0).unwrap();
+    assert!(c.status.is_success(), "{}", c.status);
+    q
+}
+
+fn rw(q: &mut Client, write: bool, slba: u64, data: &[u8], blocks: u32) -> (NvmeStatus, Vec<u8>) {
+    let op = if write { 0x01 } else { 0x02 };
+    let s = sqe(
+        op,
+        1,
+        [slba as u32, (slba >> 32) as u32, blocks - 1, 0, 0, 0],
+    );
+    let (c, d) = if write {
+        q.command(s, data, 0).unwrap()
+    } else {
+        q.command(s, &[], blocks * 512).unwrap()
+    };
+    (c.status, d)
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn bring_up_identify_and_io_both_ways() {
+    let (server, addr) = serve(false, &[]);
+    for (hd, dd) in [(false, false), (true, true)] {
+        let mut admin = Client::connect(&addr, hd, dd).unwrap();
+        let cntlid = admin.admin_setup(NQN, HOST, 2).unwrap();
+        let cap = admin.property_get(0).unwrap();
+        assert_eq!(cap & 0xffff, 127, "MQES");
+        assert_ne!(cap & 1 << 37, 0, "NVM command set");
+        let (c, id) = admin
+            .command(sqe(0x06, 0, [1, 0, 0, 0, 0, 0]), &[], 4096)
+            .unwrap();
+        assert!(c.status.is_success());
+        assert_eq!(&id[768..768 + NQN.len()], NQN.as_bytes());
+        assert_eq!(u16::from_le_bytes([id[78], id[79]]), cntlid);
+        let ioccsz = u32::from_le_bytes(id[1792..1796].try_into().unwrap());
+        assert_eq!(ioccsz, (64 + 4096) / 16);
+        let (c, list) = admin
+            .command(sqe(0x06, 0, [2, 0, 0, 0, 0, 0]), &[], 4096)
+            .unwrap();
+        assert!(c.status.is_success());
+        assert_eq!(&list[..8], &[1, 0, 0, 0, 0, 0, 0, 0]);
+        let (c, ns) = admin
+            .command(sqe(0x06, 1, [0, 0, 0, 0, 0, 0]), &[], 4096)
+            .unwrap();
+        assert!(c.status.is_success());
+        assert_eq!(u64::from_le_bytes(ns[0..8].try_into().unwrap()), 1 << 14);
+        let (c, smart) = admin
+            .command(
+                sqe(0x02, u32::MAX, [0x02 | 127 << 16, 0, 0, 0, 0, 0]),
+                &[],
+                512,
+            )
+            .unwrap();
+        assert!(c.status.is_success());
+        assert_eq!(smart.len(), 512);
+        let (c, _) = admin.command(sqe(0x18, 0, [0; 6]), &[], 0).unwrap();
+        assert!(c.status.is_success(), "keep alive");
+
+        let mut q = io_queue(&addr, cntlid, hd, dd);
+        q.in_capsule = 4096;
+        // In the capsule (4 KiB), by R2T over several H2CData PDUs (64 KiB), and reads back.
+        for (slba, len) in [(0u64, 4096usize), (100, 65536), (16383, 512)] {
+            let data = pattern(len, slba as u8);
+            let (s, _) = rw(&mut q, true, slba, &data, (len / 512) as u32);
+            assert!(s.is_success(), "write {len} at {slba}: {s}");
+            let (s, back) = rw(&mut q, false, slba, &[], (len / 512) as u32);
+            assert!(s.is_success(), "read: {s}");
+            assert!(back == data, "{len} bytes at {slba} read back differently");
+        }
+        // Beyond the end, a bad namespace, an unknown opcode, flush.
+        let (c, _) = q
+            .command(sqe(0x02, 1, [16383, 0, 1, 0, 0, 0]), &[], 1024)
+            .unwrap();
+        assert_eq!(c.status, status::LBA_OUT_OF_RANGE);
+        let (c, _) = q
+            .command(sqe(0x02, 9, [0, 0, 0, 0, 0, 0]), &[], 512)
+            .unwrap();
+        assert_eq!(c.status, status::INVALID_NAMESPACE);
+        let (c, _) = q.command(sqe(0x7e, 1, [0; 6]), &[], 0).unwrap();
+        assert_eq!(c.status, status::INVALID_OPCODE);
+        let (c, _) = q.command(sqe(0x00, 1, [0; 6]), &[], 0).unwrap();
+        assert!(c.status.is_success(), "flush: {}", c.status);
+        // Write zeroes and deallocate.
+        let (c, _) = q.command(sqe(0x08, 1, [0, 0, 7, 0, 0, 0]), &[], 0).unwrap();
+        assert!(c.status.is_success(), "write zeroes: {}", c.status);
+        let (_, back) = rw(&mut q, false, 0, &[], 8);
+        assert!(back.iter().all(|&b| b == 0));
+        let mut range = vec![0u8; 16];
+        range[4..8].copy_from_slice(&8u32.to_le_bytes());
+        range[8..16].copy_from_slice(&100u64.to_le_bytes());
+        let (c, _) = q
+            .command(sqe(0x09, 1, [0, 1 << 2, 0, 0, 0, 0]), &range, 0)
+            .unwrap();
+        assert!(c.status.is_success(), "deallocate: {}", c.status);
+        // The second I/O queue, and a queue that was not granted.
+        let mut q2 = Client::connect(&addr, hd, dd).unwrap();
+        let c = q2.fabrics_connect(2, 63, cntlid, NQN, HOST, 0).unwrap();
+        assert!(c.status.is_success());
+        let mut q3 = Client::connect(&addr, hd, dd).unwrap();
+        let c = q3.fabrics_connect(3, 63, cntlid, NQN, HOST, 0).unwrap();
+        assert_eq!(c.status, status::CONNECT_INVALID_PARAMETERS);
+        assert_eq!(c.dw0, 42, "the offending field: QID");
+        let mut q4 = Client::connect(&addr, hd, dd).unwrap();
+        let c = q4
+            .fabrics_connect(1, 63, cntlid.wrapping_add(100), NQN, HOST, 0)
+            .unwrap();
+        assert_eq!(c.status, status::CONNECT_INVALID_PARAMETERS);
+        assert_eq!(c.dw0, 1 << 16 | 16, "the offending field: CNTLID");
+    }
+    assert!(server.is_running());
+    server.stop();
+}
+
+#[test]
+fn discovery_lists_the_subsystem_for_allowed_hosts_only() {
+    let (server, addr) = serve(false, &[HOST]);
+    let port = addr.rsplit(':').next().unwrap().to_string();
+    for (host, entries) in [(HOST, 1u64), ("nqn.2026-12.io.rnvme:other", 0)] {
+        let mut d = Client::connect(&addr, false, false).unwrap();
+        d.admin_setup(DISCOVERY_NQN, host, 0).unwrap();
+        let (c, log) = d
+            .command(sqe(0x02, 0, [0x70 | 1023 << 16, 0, 0, 0, 0, 0]), &[], 4096)
+            .unwrap();
+        assert!(c.status.is_success());
+        assert_eq!(u64::from_le_bytes(log[8..16].try_into().unwrap()), entries);
+        if entries == 1 {
+            let e = &log[1024..2048];
+            assert_eq!(e[0], 3, "TCP");
+            assert_eq!(std::str::from_utf8(&e[32..64]).unwrap().trim(), port);
+            assert_eq!(&e[256..256 + NQN.len()], NQN.as_bytes());
+            assert_eq!(
+                std::str::from_utf8(&e[512..768]).unwrap().trim(),
+                "127.0.0.1"
+            );
+        }
+    }
+    server.stop();
+}
+
+#[test]
+fn refusals_hosts_subsystems_and_read_only() {
+    let (server, addr) = serve(true, &[HOST]);
+    let mut a = Client::connect(&addr, false, false).unwrap();
+    let c = a
+        .fabrics_connect(0, 31, 0xffff, NQN, "nqn.2026-12.io.rnvme:intruder", 0)
+        .unwrap();
+    assert_eq!(c.status, status::CONNECT_INVALID_HOST);
+    assert_eq!(c.dw0, 1 << 16 | 512);
+    let c = a
+        .fabrics_connect(0, 31, 0xffff, "nqn.2026-12.io.rnvme:nothing", HOST, 0)
+        .unwrap();
+    assert_eq!(c.status, status::CONNECT_INVALID_PARAMETERS);
+    assert_eq!(c.dw0, 1 << 16 | 256);
+    // Commands before Connect.
+    let (c, _) = a
+        .command(sqe(0x06, 0, [1, 0, 0, 0, 0, 0]), &[], 4096)
+        .unwrap();
+    assert_eq!(c.status, status::COMMAND_SEQUENCE_ERROR);
+    let cntlid = a.admin_setup(NQN, HOST, 1).unwrap();
+    let mut q = io_queue(&addr, cntlid, false, false);
+    q.in_capsule = 4096;
+    let (s, _) = rw(&mut q, true, 0, &[1u8; 512], 1);
+    assert_eq!(s, status::NS_WRITE_PROTECTED);
+    let (s, _) = rw(&mut q, false, 0, &[], 1);
+    assert!(s.is_success(), "reads of a read-only export: {s}");
+    server.stop();
+}
+
+/// A hostile PDU ends its connection with a termination request; the target goes on serving.
+#[test]
+fn hostile_pdus_end_their_connection_only() {
+    let (server, addr) = serve(false, &[]);
+    let mut admin = Client::connect(&addr, false, false).unwrap();
+    let cntlid = admin.admin_setup(NQN, HOST, 4).unwrap();
+    let hdr = |ptype: u8, flags: u8, hlen: u8, pdo: u8, plen: u32| {
+        CommonHeader {
+            ptype,
+            flags,
+            hlen,
+            pdo,
+            plen,
+        }
+        .encode()
+        .to_vec()
+    };
+    let mut cases: Vec<(&str, Vec<u8>, u16, bool)> = vec![
+        (
+            "unknown type",
+            hdr(0x42, 0, 24, 0, 24),
+            fes::INVALID_HEADER_FIELD,
+            true,
+        ),
+        (
+            "bad header length",
+            hdr(0x04, 0, 60, 0, 72),
+            fes::INVALID_HEADER_FIELD,
+            true,
+        ),
+        (
+            "capsule beyond in-capsule size",
+            hdr(0x04, 0, 72, 72, 72 + (1 << 20)),
+            fes::DATA_LIMIT_EXCEEDED,
+            true,
+        ),
+        (
+            "H2CData with no R2T",
+            {
+                let mut h = hdr(0x06, 0, 24, 24, 24 + 512);
+                h.extend_from_slice(&[0; 16]);
+                h
+            },
+            fes::INVALID_HEADER_FIELD,
+            true,
+        ),
+        (
+            "a target's PDU type",
+            hdr(0x05, 0, 24, 0, 24),
+            fes::INVALID_HEADER_FIELD,
+            true,
+        ),
+    ];
+    // A digest that does not match.
+    cases.push((
+        "header digest",
+        {
+            let mut h = hdr(0x04, 1, 72, 0, 76);
+            h.extend_from_slice(&[0; 64]);
+            h.extend_from_slice(&[1, 2, 3, 4]);
+            h
+        },
+        fes::HEADER_DIGEST_ERROR,
+        false,
+    ));
+    for (what, bytes, want, plain) in cases {
+        let mut c = Client::connect(&addr, !plain, false).unwrap();
+        c.send_raw(&bytes).unwrap();
+        match c.read_pdu() {
+            Err(ClientError::Terminated { fes, .. }) => assert_eq!(fes, want, "{what}"),
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    // Data beyond what the R2T granted.
+    let mut q = io_queue(&addr, cntlid, false, false);
+    let mut s = sqe(0x01, 1, [0, 0, 15, 0, 0, 0]);
+    s[2] = 9;
+    s[32..36].copy_from_slice(&8192u32.to_le_bytes());
+    s[39] = 0x5a;
+    let mut pdu = hdr(0x04, 0, 72, 0, 72);
+    pdu.extend_from_slice(&s);
+    q.send_raw(&pdu).unwrap();
+    let (ch, h, _) = q.read_pdu().unwrap();
+    assert_eq!(ch.ptype, 0x09, "R2T");
+    let ttag = u16::from_le_bytes([h[10], h[11]]);
+    match q
+        .h2c_data(9, ttag, 4096, &[0u8; 8192], true)
+        .and_then(|_| q.read_pdu().map(|_| ()))
+    {
+        Err(ClientError::Terminated { fes: f, .. }) => assert_eq!(f, fes::DATA_OUT_OF_RANGE),
+        other => panic!("data beyond the R2T: {other:?}"),
+    }
+    // A Connect for a queue that does not exist.
+    let mut q = Client::connect(&addr, false, false).unwrap();
+    let c = q.fabrics_connect(9, 63, cntlid, NQN, HOST, 0).unwrap();
+    assert_eq!(c.status, status::CONNECT_INVALID_PARAMETERS);
+    // Garbage, then the target still serves.
+    let mut g = Client::connect(&addr, false, false).unwrap();
+    g.send_raw(&[0xff; 300]).unwrap();
+    assert!(matches!(g.read_pdu(), Err(ClientError::Terminated { .. })));
+    let mut q = io_queue(&addr, cntlid, false, false);
+    let (s, _) = rw(&mut q, false, 0, &[], 8);
+    assert!(s.is_success());
+    assert!(server.is_running());
+    server.stop();
+}
