@@ -65,13 +65,21 @@ impl From<Fatal> for End {
     }
 }
 
-/// Counters of a connection.
+/// Counters of a connection, and what it holds now.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct ConnStats {
     pub commands: u64,
     pub read_bytes: u64,
     pub written_bytes: u64,
     pub errors: u64,
+    /// Commands at the device now.
+    pub at_device: usize,
+    /// Commands waiting for their data from the host.
+    pub awaiting_data: usize,
+    /// Commands waiting for room on the device queue pair.
+    pub queued: usize,
+    /// Bytes waiting to be sent.
+    pub unsent: usize,
 }
 
 /// Where a PDU's data goes.
@@ -189,7 +197,7 @@ pub struct Conn {
     in_flight: usize,
     created: Instant,
     ending: Option<End>,
-    pub stats: ConnStats,
+    stats: ConnStats,
 }
 
 impl Conn {
@@ -259,6 +267,21 @@ impl Conn {
                     self.ending,
                     Some(End::Io(_)) | Some(End::Closed) | Some(End::HostTerminated(_))
                 ))
+    }
+
+    /// The counters, and what the connection holds now.
+    pub fn stats(&self) -> ConnStats {
+        let mut s = self.stats.clone();
+        s.at_device = self.in_flight;
+        s.awaiting_data = self
+            .reqs
+            .iter()
+            .flatten()
+            .filter(|r| r.stage == Stage::HostData)
+            .count();
+        s.queued = self.pending.len();
+        s.unsent = self.tx.iter().map(Out::len).sum::<usize>() - self.tx_off;
+        s
     }
 
     /// Whether there is something to send.

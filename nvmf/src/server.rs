@@ -71,6 +71,9 @@ struct Shared {
     live: AtomicU64,
     /// Per thread: its connections' counters, refreshed every 100 ms.
     reports: Mutex<Vec<Vec<ConnReport>>>,
+    /// Per thread: when it last went round its loop (milliseconds since `epoch`).
+    heartbeats: Vec<AtomicU64>,
+    epoch: Instant,
 }
 
 /// A target serving its subsystems.
@@ -102,6 +105,8 @@ impl Server {
             refused: AtomicU64::new(0),
             live: AtomicU64::new(0),
             reports: Mutex::new(vec![Vec::new(); nthreads]),
+            heartbeats: (0..nthreads).map(|_| AtomicU64::new(0)).collect(),
+            epoch: Instant::now(),
         });
         let mut senders = Vec::new();
         let mut threads = Vec::new();
@@ -216,6 +221,19 @@ impl Server {
     /// Whether a poll thread has ended on its own (it should not before [`Server::stop`]).
     pub fn is_running(&self) -> bool {
         self.threads.iter().all(|t| !t.is_finished())
+    }
+
+    /// Poll threads that have not gone round their loop for `age`: stopped without ending
+    /// (a thread the kernel killed, as an oops does, leaves no trace but this).
+    pub fn stalled_threads(&self, age: Duration) -> Vec<usize> {
+        let now = self.shared.epoch.elapsed().as_millis() as u64;
+        self.shared
+            .heartbeats
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| now.saturating_sub(h.load(Ordering::Relaxed)) > age.as_millis() as u64)
+            .map(|(i, _)| i)
+            .collect()
     }
 
     /// Stops: no new connections or commands; commands at the devices complete and are
@@ -349,6 +367,10 @@ impl Poller {
             }
             if now.duration_since(last_report) > Duration::from_millis(100) {
                 self.publish();
+                self.shared.heartbeats[self.thread].store(
+                    now.duration_since(self.shared.epoch).as_millis() as u64,
+                    Ordering::Relaxed,
+                );
                 last_report = now;
             }
             if let Some(since) = stopping {
@@ -398,7 +420,7 @@ impl Poller {
                 peer: c.peer.to_string(),
                 cntlid: c.cntlid(),
                 qid: c.qid(),
-                stats: c.stats.clone(),
+                stats: c.stats(),
             })
             .collect();
         if let Some(r) = self

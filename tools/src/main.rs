@@ -58,6 +58,8 @@ enum Command {
     /// Write a self-describing pattern and read it back, or check a range written earlier;
     /// reports misdirected, stale, torn, zeroed and corrupt blocks
     Verify(cmd::verify::VerifyArgs),
+    /// Export namespaces over NVMe/TCP: any NVMe/TCP initiator (the kernel's nvme-tcp) uses them
+    Serve(cmd::serve::ServeArgs),
     /// Benchmarks: the kernel driver (fio) and rnvme side by side in one QEMU guest
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -113,6 +115,7 @@ fn run(cli: Cli) -> ExitCode {
         Command::Cp(a) => cmd::ext::cp(a),
         Command::Perf(a) => cmd::perf::perf(a),
         Command::Verify(a) => cmd::verify::verify(a),
+        Command::Serve(a) => cmd::serve::serve(a),
         Command::Bench(c) => cmd::bench::bench(c),
         Command::Mpage(c) => cmd::mpage::mpage(c),
         Command::Vm(c) => cmd::vm::vm(c),

@@ -7,6 +7,7 @@ pub mod ext;
 pub mod list;
 pub mod mpage;
 pub mod perf;
+pub mod serve;
 pub mod setup;
 pub mod status;
 pub mod verify;

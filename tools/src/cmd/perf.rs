@@ -244,7 +244,7 @@ fn core_mask_arg(s: &str) -> Result<CpuList, String> {
 }
 
 /// `BDF` or `BDF/NSID`.
-fn target_arg(s: &str) -> Result<(String, Option<u32>), String> {
+pub(crate) fn target_arg(s: &str) -> Result<(String, Option<u32>), String> {
     let (bdf, ns) = match s.split_once('/') {
         Some((b, n)) => {
             let nsid = n

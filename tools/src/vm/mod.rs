@@ -86,6 +86,15 @@ impl Default for VmConfig {
     }
 }
 
+/// The kernel argument guests need to run an NVMe/TCP initiator and a userspace target in one
+/// kernel: Linux 6.1's `nvme-tcp` sends the pages of a request's multi-page bio_vecs without
+/// copying, and over loopback such a fragment can span two compound pages (a transparent
+/// hugepage's end and the next); hardened usercopy then takes the receiving `recv()` of the
+/// target for a kernel memory exposure and kills the thread with a BUG (`usercopy: Kernel
+/// memory exposure attempt detected from page alloc`). The kernel's own target receives
+/// without that check. Initiators on other machines are not affected.
+pub const LOOPBACK_NVME_TCP_ARG: &str = "hardened_usercopy=off";
+
 /// One emulated NVMe controller (`-device nvme`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ControllerSpec {
