@@ -357,3 +357,102 @@ fn hostile_pdus_end_their_connection_only() {
     assert!(server.is_running());
     server.stop();
 }
+
+/// An admin queue that asked for a keep alive timeout and then says nothing is closed, and its
+/// controller with it.
+#[test]
+fn silent_hosts_time_out_by_keep_alive() {
+    let (server, addr) = serve(false, &[]);
+    let mut a = Client::connect(&addr, false, false).unwrap();
+    let c = a.fabrics_connect(0, 31, 0xffff, NQN, HOST, 300).unwrap();
+    assert!(c.status.is_success());
+    assert_eq!(server.target().ctrl_count(), 1);
+    let start = std::time::Instant::now();
+    // The target closes the connection: the read ends (no PDU comes).
+    assert!(a.read_pdu().is_err(), "the connection stays open");
+    assert!(start.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(server.target().ctrl_count(), 0, "the controller ended");
+    server.stop();
+}
+
+/// Compare: equal data succeeds, different data fails with Compare Failure.
+#[test]
+fn compare_checks_the_data() {
+    let (server, addr) = serve(false, &[]);
+    let mut a = Client::connect(&addr, false, false).unwrap();
+    let cntlid = a.admin_setup(NQN, HOST, 1).unwrap();
+    let mut q = io_queue(&addr, cntlid, false, false);
+    q.in_capsule = 4096;
+    let data = pattern(8192, 7);
+    assert!(rw(&mut q, true, 40, &data, 16).0.is_success());
+    let (c, _) = q
+        .command(sqe(0x05, 1, [40, 0, 15, 0, 0, 0]), &data, 0)
+        .unwrap();
+    assert!(c.status.is_success(), "compare of equal data: {}", c.status);
+    let mut other = data.clone();
+    other[5000] ^= 1;
+    let (c, _) = q
+        .command(sqe(0x05, 1, [40, 0, 15, 0, 0, 0]), &other, 0)
+        .unwrap();
+    assert_eq!(
+        (c.status.sct, c.status.sc),
+        (2, 0x85),
+        "compare failure: {}",
+        c.status
+    );
+    server.stop();
+}
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// Any bytes after a good ICReq: the connection ends or answers, the target serves on.
+        #[test]
+        fn any_bytes_leave_the_target_serving(bytes in proptest::collection::vec(any::<u8>(), 1..600),
+                                              hd in any::<bool>()) {
+            let (server, addr) = serve(false, &[]);
+            let mut c = Client::connect(&addr, hd, false).unwrap();
+            c.send_raw(&bytes).unwrap();
+            // Whatever comes back (a termination request, a response), until the end.
+            for _ in 0..16 {
+                if c.read_pdu().is_err() {
+                    break;
+                }
+            }
+            let mut a = Client::connect(&addr, false, false).unwrap();
+            prop_assert!(a.admin_setup(NQN, HOST, 1).is_ok());
+            prop_assert!(server.is_running());
+            server.stop();
+        }
+
+        /// Any command on a connected admin or I/O queue gets an answer (never a crash).
+        #[test]
+        fn any_command_is_answered(raw in proptest::collection::vec(any::<u8>(), 64),
+                                   io in any::<bool>(), len in 0u32..20000) {
+            let (server, addr) = serve(false, &[]);
+            let mut a = Client::connect(&addr, false, false).unwrap();
+            let cntlid = a.admin_setup(NQN, HOST, 1).unwrap();
+            let mut q = if io { io_queue(&addr, cntlid, false, false) } else { a };
+            q.in_capsule = 4096;
+            let mut s = [0u8; 64];
+            s.copy_from_slice(&raw);
+            if !io && s[0] == 0x0c {
+                // An Asynchronous Event Request is held, not answered: another opcode.
+                s[0] = 0x0d;
+            }
+            let data = vec![0x5a; (len % 9000) as usize];
+            let r = if raw[1] & 1 == 0 { q.command(s, &[], len) } else { q.command(s, &data, 0) };
+            match r {
+                Ok(_) | Err(ClientError::Terminated { .. }) => {}
+                Err(e) => prop_assert!(false, "{e}"),
+            }
+            prop_assert!(server.is_running());
+            let mut b = Client::connect(&addr, false, false).unwrap();
+            prop_assert!(b.admin_setup(NQN, HOST, 0).is_ok());
+            server.stop();
+        }
+    }
+}

@@ -11,6 +11,7 @@
 
 mod report;
 mod results;
+mod serve;
 mod workloads;
 
 use std::path::PathBuf;
@@ -34,6 +35,10 @@ pub enum BenchCommand {
     /// --hipri, libaio, psync, io_uring_cmd passthrough) and on rnvme (its fio engine), and
     /// rnvme perf beside them, on the same emulated device; print the table and the ratios
     Compare(CompareArgs),
+    /// Boot one guest; run fio through the guest kernel's NVMe/TCP initiator against the
+    /// kernel's own target (nvmet-tcp) and against `rnvme serve`, on the same emulated
+    /// controller, rounds interleaved; print IOPS, latency and CPU time per I/O side by side
+    Serve(serve::ServeBenchArgs),
 }
 
 /// `rnvme bench compare`
@@ -268,6 +273,7 @@ fn compare(a: CompareArgs) -> Result<ExitCode> {
 pub fn bench(c: BenchCommand) -> Result<ExitCode> {
     match c {
         BenchCommand::Compare(a) => compare(a),
+        BenchCommand::Serve(a) => serve::serve_bench(a),
     }
 }
 
