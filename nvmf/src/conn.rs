@@ -39,6 +39,8 @@ const RX_BUF: usize = 64 * 1024;
 const DIRECT_MIN: usize = 2048;
 /// PDUs handled per call of [`Conn::poll_rx`], so one busy connection does not starve others.
 const PDUS_PER_POLL: usize = 64;
+/// DMA buffers a connection keeps for its next commands once theirs completed.
+const SPARE_BUFFERS: usize = 32;
 
 /// Why a connection ends.
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +124,8 @@ struct Req {
     /// Index of the namespace in the subsystem.
     ns: usize,
     buf: Option<DmaBuffer>,
+    /// The device whose memory `buf` is.
+    dev: usize,
     len: u32,
     got: u32,
     stage: Stage,
@@ -132,14 +136,15 @@ struct Req {
 
 enum Out {
     Bytes(Vec<u8>),
-    Dma(DmaBuffer, usize, usize),
+    /// `len` bytes at `offset` of a buffer of device `dev`.
+    Dma(DmaBuffer, usize, usize, usize),
 }
 
 impl Out {
     fn len(&self) -> usize {
         match self {
             Out::Bytes(b) => b.len(),
-            Out::Dma(_, _, l) => *l,
+            Out::Dma(_, _, l, _) => *l,
         }
     }
 }
@@ -193,6 +198,10 @@ pub struct Conn {
     admin: Option<AdminState>,
     reqs: Vec<Option<Req>>,
     pending: VecDeque<usize>,
+    /// DMA buffers of completed commands, for the next ones: (device, buffer). Taking one
+    /// saves the pool's lock and the zeroing of a new buffer; the data in it is always
+    /// overwritten whole (by the device for a read, by the host for a write) before use.
+    spare: Vec<(usize, DmaBuffer)>,
     /// Device commands in flight.
     in_flight: usize,
     created: Instant,
@@ -230,6 +239,7 @@ impl Conn {
             admin: None,
             reqs: Vec::new(),
             pending: VecDeque::new(),
+            spare: Vec::new(),
             in_flight: 0,
             created: Instant::now(),
             ending: None,
@@ -825,17 +835,13 @@ impl Conn {
         if self.reqs.iter().flatten().any(|r| r.sqe.cid() == sqe.cid()) {
             return Err(NvmeStatus::COMMAND_ID_CONFLICT.with_dnr(true));
         }
+        let dev = if ns_index == usize::MAX {
+            0
+        } else {
+            subsys.namespaces[ns_index].dev
+        };
         let buf = if len > 0 {
-            let dev = if ns_index == usize::MAX {
-                0
-            } else {
-                subsys.namespaces[ns_index].dev
-            };
-            Some(
-                self.target.devices[dev]
-                    .alloc(len as usize)
-                    .map_err(|_| status::TRANSIENT)?,
-            )
+            Some(self.take_buffer(dev, len as usize).ok_or(status::TRANSIENT)?)
         } else {
             None
         };
@@ -843,6 +849,7 @@ impl Conn {
         self.reqs[slot] = Some(Req {
             sqe: *sqe,
             ns: ns_index,
+            dev,
             buf,
             len,
             got: 0,
@@ -949,11 +956,14 @@ impl Conn {
             None if r.sqe.opcode() == io_op::READ => {
                 let buf = r.buf.expect("a read has a buffer");
                 self.stats.read_bytes += r.len as u64;
-                self.send_data(cid, Out::Dma(buf, 0, r.len as usize), true);
+                self.send_data(cid, Out::Dma(buf, 0, r.len as usize, r.dev), true);
             }
             None => {
                 if r.sqe.opcode() == io_op::WRITE {
                     self.stats.written_bytes += r.len as u64;
+                }
+                if let Some(b) = r.buf {
+                    self.give_buffer(r.dev, b);
                 }
                 self.respond(cid, NvmeStatus::SUCCESS, c.dw0);
             }
@@ -981,7 +991,7 @@ impl Conn {
             )
         });
         let crc = match (&data, dd) {
-            (Out::Dma(b, off, l), true) => Some(crc_of(b, *off, *l, 0)),
+            (Out::Dma(b, off, l, _), true) => Some(crc_of(b, *off, *l, 0)),
             (Out::Bytes(b), true) => Some(pdu::crc(b)),
             _ => None,
         };
@@ -1347,6 +1357,27 @@ impl Conn {
         }
     }
 
+    /// A DMA buffer of device `dev` for `len` bytes: a spare one, or a new one (None: the
+    /// device's pool has no memory now).
+    fn take_buffer(&mut self, dev: usize, len: usize) -> Option<DmaBuffer> {
+        let class = len.next_power_of_two().max(4096);
+        if let Some(i) = self
+            .spare
+            .iter()
+            .position(|(d, b)| *d == dev && b.len() == class)
+        {
+            return Some(self.spare.swap_remove(i).1);
+        }
+        self.target.devices[dev].alloc(class).ok()
+    }
+
+    /// Keeps a buffer whose command completed (and whose data was sent) for another command.
+    fn give_buffer(&mut self, dev: usize, buf: DmaBuffer) {
+        if self.spare.len() < SPARE_BUFFERS && self.ending.is_none() {
+            self.spare.push((dev, buf));
+        }
+    }
+
     // ---- sending ----
 
     fn push_bytes(&mut self, b: &[u8]) {
@@ -1372,7 +1403,7 @@ impl Conn {
                 let skip = if i == 0 { self.tx_off } else { 0 };
                 parts.push(match o {
                     Out::Bytes(b) => SendPart::Bytes(&b[skip..]),
-                    Out::Dma(buf, off, len) => SendPart::Dma(buf, off + skip, len - skip),
+                    Out::Dma(buf, off, len, _) => SendPart::Dma(buf, off + skip, len - skip),
                 });
             }
             match send_vectored(self.sock.as_fd(), &parts) {
@@ -1384,7 +1415,10 @@ impl Conn {
                         let left = front - self.tx_off;
                         if n >= left {
                             n -= left;
-                            self.tx.pop_front();
+                            if let Some(Out::Dma(b, _, _, dev)) = self.tx.pop_front() {
+                                // Sent: the kernel has its own copy.
+                                self.give_buffer(dev, b);
+                            }
                             self.tx_off = 0;
                         } else {
                             self.tx_off += n;

@@ -9,7 +9,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::poll::{poll, ppoll, PollFd, PollFlags, PollTimeout};
+use rnvme_driver::clock::Ticks;
 use rnvme_driver::io::IoQueuePair;
 use rnvme_driver::queue::Completion;
 
@@ -28,8 +29,13 @@ pub struct ServeOptions {
     pub device_queue_entries: u32,
     /// Connections at most (more are closed at once).
     pub max_connections: usize,
-    /// Busy polling goes on this long after the last work before a thread sleeps in poll(2).
+    /// Busy polling goes on this long after the last work before a thread sleeps in
+    /// ppoll(2) on its sockets.
     pub spin: Duration,
+    /// How long such a sleep lasts at most while commands are at a device (whose completions
+    /// are polled, not signalled); with none there, 10 ms. `None`: busy polling while
+    /// commands are at a device, as SPDK does on dedicated cores.
+    pub device_wait: Option<Duration>,
 }
 
 impl Default for ServeOptions {
@@ -39,7 +45,8 @@ impl Default for ServeOptions {
             cpus: Vec::new(),
             device_queue_entries: 1024,
             max_connections: 1024,
-            spin: Duration::from_millis(1),
+            spin: Duration::from_micros(20),
+            device_wait: Some(Duration::from_micros(50)),
         }
     }
 }
@@ -119,6 +126,7 @@ impl Server {
             let cpu = opts.cpus.get(t).copied();
             let entries = opts.device_queue_entries;
             let spin = opts.spin;
+            let device_wait = opts.device_wait;
             let ready = ready_tx.clone();
             let h = std::thread::Builder::new()
                 .name(format!("rnvme-serve-{t}"))
@@ -127,6 +135,11 @@ impl Server {
                         if let Err(e) = rnvme_driver::affinity::pin_current_thread(c) {
                             log::warn!("poll thread {t}: cannot pin to CPU {c}: {e}");
                         }
+                    }
+                    // Short sleeps while commands are at a device are meant as written, not
+                    // stretched by the default 50 µs of timer slack.
+                    if let Err(e) = nix::sys::prctl::set_timerslack(1) {
+                        log::warn!("poll thread {t}: timer slack: {e}");
                     }
                     let mut qps = Vec::new();
                     for d in &target.devices {
@@ -148,6 +161,7 @@ impl Server {
                         conns: Vec::new(),
                         incoming: rx,
                         spin,
+                        device_wait,
                     }
                     .run();
                 })
@@ -289,13 +303,21 @@ struct Poller {
     conns: Vec<Option<Conn>>,
     incoming: Receiver<(TcpStream, SocketAddr)>,
     spin: Duration,
+    device_wait: Option<Duration>,
 }
 
 impl Poller {
     fn run(mut self) {
         let mut completions: Vec<Completion> = Vec::with_capacity(256);
-        let mut last_work = Instant::now();
-        let mut last_report = Instant::now();
+        // Time from the time-stamp counter on the loop's path: a guest whose clock source is
+        // an emulated HPET pays a VM exit for every clock read. The wall clock (for timers
+        // and reports) is read every 256 turns, and around sleeps.
+        rnvme_driver::clock::start_learning_rate();
+        let mut last_work = Ticks::now();
+        let mut spin_ticks: Option<u64> = None;
+        let mut now = Instant::now();
+        let mut turns: u32 = 0;
+        let mut last_report = now;
         let mut stopping: Option<Instant> = None;
         loop {
             let mut progress = false;
@@ -325,7 +347,10 @@ impl Poller {
                     progress = true;
                 }
             }
-            let now = Instant::now();
+            turns = turns.wrapping_add(1);
+            if turns % 256 == 0 {
+                now = Instant::now();
+            }
             for (slot, c) in self.conns.iter_mut().enumerate() {
                 let Some(c) = c else { continue };
                 if !stop {
@@ -380,21 +405,35 @@ impl Poller {
                 }
             }
             if progress {
-                last_work = now;
+                last_work = Ticks::now();
                 continue;
             }
             let outstanding: usize = self.qps.iter().map(|q| q.outstanding()).sum();
-            if outstanding == 0 && now.duration_since(last_work) > self.spin {
-                self.sleep();
+            let wait = if outstanding == 0 {
+                Some(Duration::from_millis(10))
             } else {
-                std::hint::spin_loop();
+                self.device_wait
+            };
+            if spin_ticks.is_none() {
+                spin_ticks = rnvme_driver::clock::learned_rate().map(|r| r.ticks(self.spin));
+            }
+            // Before the counter's rate is learnt (50 ms), spin by turns.
+            let idle = Ticks::now().since(last_work);
+            let spun = spin_ticks.map_or(turns % 64 == 0, |t| idle > t);
+            match wait {
+                Some(w) if spun => {
+                    self.sleep(w);
+                    now = Instant::now();
+                }
+                _ => std::hint::spin_loop(),
             }
         }
         self.finish();
     }
 
-    /// Waits in poll(2) for any socket (or 10 ms, to see new connections and timers).
-    fn sleep(&mut self) {
+    /// Waits in ppoll(2) for any socket, at most `wait` (new connections and timers are seen
+    /// within 10 ms).
+    fn sleep(&mut self, wait: Duration) {
         let mut fds: Vec<PollFd<'_>> = self
             .conns
             .iter()
@@ -407,7 +446,8 @@ impl Poller {
                 PollFd::new(c.socket().as_fd(), f)
             })
             .collect();
-        let _ = poll(&mut fds, PollTimeout::from(10u16));
+        let t = nix::sys::time::TimeSpec::from_duration(wait);
+        let _ = ppoll(&mut fds, Some(t), None);
     }
 
     fn publish(&self) {

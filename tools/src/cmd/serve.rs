@@ -49,6 +49,13 @@ pub struct ServeArgs {
     /// Entries of each I/O queue a host may create (MAXCMD)
     #[arg(long, value_name = "N", default_value_t = 128, value_parser = clap::value_parser!(u16).range(2..=1024))]
     pub queue_size: u16,
+    /// Busy polling goes on this long (µs) after the last work before a poll thread sleeps
+    #[arg(long, value_name = "US", default_value_t = 20)]
+    pub spin_us: u64,
+    /// While commands are at the device, sleep at most this long (µs) between polls of its
+    /// completions once idle; `busy`: never sleep while commands are there (dedicated CPUs)
+    #[arg(long, value_name = "US|busy", default_value = "50")]
+    pub device_wait: String,
     /// Ring MMIO doorbells only, even where the controller offers shadow doorbells
     #[arg(long)]
     pub no_shadow_doorbells: bool,

@@ -35,6 +35,9 @@ pub struct ServeBenchArgs {
     /// Also write the results as JSON to FILE
     #[arg(long, value_name = "FILE")]
     pub json: Option<std::path::PathBuf>,
+    /// An argument for `rnvme serve` in the guest (repeatable), e.g. --serve-arg=--device-wait=busy
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    pub serve_arg: Vec<String>,
     /// Print the guest's output as well
     #[arg(long, short)]
     pub verbose: bool,
@@ -83,7 +86,8 @@ const KNQN: &str = "nqn.2014-08.io.rnvme:kernel-target";
 const RNQN: &str = "nqn.2014-08.io.rnvme:rnvme-target";
 
 /// The guest script.
-pub fn nvmf_script(seconds: u32, rounds: u32) -> String {
+pub fn nvmf_script(seconds: u32, rounds: u32, serve_args: &[String]) -> String {
+    let extra = serve_args.join(" ");
     let mut s = format!(
         r#"echo "@@INFO kernel $(uname -r)"
 echo "@@INFO cpus $(grep -c ^processor /proc/cpuinfo)"
@@ -118,7 +122,7 @@ kernel_down() {{
 measure() {{ # key pid dev rw bs depth
     b0=$(busy); p0=$(pcpu $2)
     echo "@@BEGIN $1"
-    fio --name=w --filename=$3 --ioengine=libaio --direct=1 --rw=$4 --bs=$5 --iodepth=$6 --time_based --runtime={seconds} --ramp_time=1 --clocksource=cpu --percentile_list=99 --output-format=json 2>&1 || echo "@@FAILED $?"
+    fio --name=w --filename=$3 --ioengine=libaio --direct=1 --rw=$4 --bs=$5 --iodepth=$6 --time_based --runtime={seconds} --ramp_time=1 --clocksource=cpu --lat_percentiles=1 --percentile_list=99 --output-format=json 2>&1 || echo "@@FAILED $?"
     echo "@@CPU busy=$(( $(busy) - b0 )) proc=$(( $(pcpu $2) - p0 ))"
     echo "@@END"
 }}
@@ -143,7 +147,7 @@ measure() {{ # key pid dev rw bs depth
             s,
             "nvme disconnect -n {KNQN} >/dev/null; kernel_down\n\
              rnvme setup --hugepages 0 $NVME0 >/dev/null || {{ echo \"@@INFO rnvme setup failed\"; exit 1; }}\n\
-             rnvme serve $NVME0 --nqn {RNQN} >/tmp/serve.log 2>&1 &\n\
+             rnvme serve $NVME0 {extra} --nqn {RNQN} >/tmp/serve.log 2>&1 &\n\
              SP=$!\n\
              for i in $(seq 100); do grep -q 'listening on' /tmp/serve.log && break; sleep 0.1; done\n\
              nvme connect $C -n {RNQN} -q $HQ >/dev/null || {{ echo \"@@INFO connect to rnvme serve failed\"; cat /tmp/serve.log; exit 1; }}\n\
@@ -357,7 +361,7 @@ pub fn serve_bench(a: ServeBenchArgs) -> Result<ExitCode> {
                 },
                 ..ControllerSpec::default()
             }],
-            host_binaries: vec!["fio".into()],
+            host_binaries: vec!["fio".into(), "nvme".into()],
             files: vec![(rnvme.clone(), "/usr/local/bin/rnvme".into())],
             kernel_args: vec![vm::LOOPBACK_NVME_TCP_ARG.into()],
             hugepages: 128,
@@ -369,12 +373,25 @@ pub fn serve_bench(a: ServeBenchArgs) -> Result<ExitCode> {
             backend.describe(),
             a.seconds
         );
-        let out = vm::run(&config, &nvmf_script(a.seconds, a.rounds))?;
+        let out = vm::run(&config, &nvmf_script(a.seconds, a.rounds, &a.serve_arg))?;
         if a.verbose {
             eprintln!("--- guest output ---\n{}\n---", out.output.trim_end());
         }
         let (rows, info, failures) = collect_nvmf(&out.output, a.seconds);
-        let mut setup = host_facts();
+        let mut setup: Vec<String> = host_facts().into_iter().take(2).collect();
+        setup.push(
+            "device: QEMU NVMe, 1 namespace of 512 MiB with 4 KiB LBAs (filled before measuring)"
+                .into(),
+        );
+        setup.push(format!(
+            "both sides: fio (libaio, direct=1) on the guest kernel's nvme-tcp initiator over loopback; kernel target: nvmet-tcp on /dev/nvme0n1 (the kernel's NVMe driver); rnvme serve{}: one poll thread, the controller on vfio-pci; kernel argument {}",
+            if a.serve_arg.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", a.serve_arg.join(" "))
+            },
+            vm::LOOPBACK_NVME_TCP_ARG
+        ));
         setup.push(format!("back end: {}", backend.describe()));
         setup.extend(info.iter().map(|i| format!("guest {i}")));
         let c = NvmfComparison {
