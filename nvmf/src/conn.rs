@@ -841,7 +841,10 @@ impl Conn {
             subsys.namespaces[ns_index].dev
         };
         let buf = if len > 0 {
-            Some(self.take_buffer(dev, len as usize).ok_or(status::TRANSIENT)?)
+            Some(
+                self.take_buffer(dev, len as usize)
+                    .ok_or(status::TRANSIENT)?,
+            )
         } else {
             None
         };

@@ -348,7 +348,7 @@ impl Poller {
                 }
             }
             turns = turns.wrapping_add(1);
-            if turns % 256 == 0 {
+            if turns.is_multiple_of(256) {
                 now = Instant::now();
             }
             for (slot, c) in self.conns.iter_mut().enumerate() {
@@ -419,7 +419,7 @@ impl Poller {
             }
             // Before the counter's rate is learnt (50 ms), spin by turns.
             let idle = Ticks::now().since(last_work);
-            let spun = spin_ticks.map_or(turns % 64 == 0, |t| idle > t);
+            let spun = spin_ticks.map_or(turns.is_multiple_of(64), |t| idle > t);
             match wait {
                 Some(w) if spun => {
                     self.sleep(w);

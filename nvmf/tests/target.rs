@@ -456,3 +456,97 @@ mod fuzz {
         }
     }
 }
+
+/// Two devices, each its own subsystem, served by two poll threads: queues of one controller
+/// land on both threads, and each subsystem reads back its own data.
+#[test]
+fn two_devices_two_subsystems_two_threads() {
+    let dev = || {
+        let hw: Arc<dyn Hardware> = Model::new(ModelConfig {
+            namespaces: vec![ModelNamespace {
+                nsid: 1,
+                lba_size: 512,
+                blocks: 1 << 12,
+            }],
+            ..ModelConfig::default()
+        });
+        Arc::new(
+            Controller::init(
+                hw,
+                ControllerOptions {
+                    backing: Backing::SmallPages,
+                    ..ControllerOptions::default()
+                },
+            )
+            .unwrap(),
+        )
+    };
+    let sub = |i: usize| Subsystem {
+        nqn: format!("{NQN}-{i}"),
+        serial: format!("s{i}"),
+        namespaces: vec![Namespace {
+            nsid: 1,
+            dev: i,
+            dev_nsid: 1,
+            lba_size: 512,
+            blocks: 1 << 12,
+        }],
+        allowed_hosts: Vec::new(),
+        read_only: false,
+    };
+    let target = Arc::new(Target::new(
+        vec![dev(), dev()],
+        vec![sub(0), sub(1)],
+        Limits::default(),
+    ));
+    let server = Server::start(
+        target,
+        &ServeOptions {
+            listen: vec!["127.0.0.1:0".parse().unwrap()],
+            cpus: vec![0, 0],
+            device_queue_entries: 64,
+            ..ServeOptions::default()
+        },
+    )
+    .unwrap();
+    let addr = server.local_addrs()[0].to_string();
+    let mut admins = Vec::new();
+    let mut queues = Vec::new();
+    for i in 0..2u8 {
+        let nqn = format!("{NQN}-{i}");
+        let mut a = Client::connect(&addr, false, false).unwrap();
+        let cntlid = a.admin_setup(&nqn, HOST, 3).unwrap();
+        for qid in 1..=3 {
+            let mut q = Client::connect(&addr, false, false).unwrap();
+            let c = q.fabrics_connect(qid, 31, cntlid, &nqn, HOST, 0).unwrap();
+            assert!(c.status.is_success(), "{}", c.status);
+            q.in_capsule = 8192;
+            let data = pattern(4096, i * 16 + qid as u8);
+            assert!(rw(&mut q, true, qid as u64 * 8, &data, 8).0.is_success());
+            queues.push((q, i, qid, data));
+        }
+        admins.push(a);
+    }
+    for (q, i, qid, data) in &mut queues {
+        let (s, back) = rw(q, false, *qid as u64 * 8, &[], 8);
+        assert!(s.is_success());
+        assert!(
+            back == *data,
+            "subsystem {i} queue {qid} read another's data"
+        );
+    }
+    // The counters are published every 100 ms.
+    let mut r = server.report();
+    for _ in 0..50 {
+        if r.connections.len() == 8 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        r = server.report();
+    }
+    let threads: std::collections::BTreeSet<usize> =
+        r.connections.iter().map(|c| c.thread).collect();
+    assert_eq!(threads.len(), 2, "connections on both threads: {r:?}");
+    assert_eq!(r.controllers, 2);
+    server.stop();
+}

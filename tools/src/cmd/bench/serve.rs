@@ -208,7 +208,10 @@ pub struct NvmfComparison {
 const TICK_US: f64 = 10_000.0;
 
 fn cpu_line(body: &str) -> (f64, f64) {
-    let line = body.lines().find_map(|l| l.strip_prefix("@@CPU ")).unwrap_or("");
+    let line = body
+        .lines()
+        .find_map(|l| l.strip_prefix("@@CPU "))
+        .unwrap_or("");
     let get = |k: &str| {
         line.split_whitespace()
             .find_map(|f| f.strip_prefix(k))
@@ -244,7 +247,13 @@ pub fn collect_nvmf(output: &str, seconds: u32) -> (Vec<Row>, Vec<String>, Vec<S
                 let (busy, proc_ticks) = cpu_line(body);
                 // The counters cover the warm-up second too: count its I/Os at the same rate.
                 let ios = m.iops * (seconds as f64 + 1.0);
-                let per_io = |ticks: f64| if ios > 0.0 { ticks * TICK_US / ios } else { 0.0 };
+                let per_io = |ticks: f64| {
+                    if ios > 0.0 {
+                        ticks * TICK_US / ios
+                    } else {
+                        0.0
+                    }
+                };
                 if m.errors > 0 || json_in(body).is_err() {
                     failures.push(format!("{key}: {} errors", m.errors));
                 }
@@ -350,7 +359,7 @@ pub fn serve_bench(a: ServeBenchArgs) -> Result<ExitCode> {
         let config = VmConfig {
             controllers: vec![ControllerSpec {
                 namespaces: vec![NamespaceSpec {
-                    size_mib: 512,
+                    size_mib: 1024,
                     lba_size: 4096,
                     null: backend == DeviceBackend::Null,
                     ..NamespaceSpec::default()
@@ -365,7 +374,9 @@ pub fn serve_bench(a: ServeBenchArgs) -> Result<ExitCode> {
             files: vec![(rnvme.clone(), "/usr/local/bin/rnvme".into())],
             kernel_args: vec![vm::LOOPBACK_NVME_TCP_ARG.into()],
             hugepages: 128,
-            timeout: Duration::from_secs(180 + measurements * (a.seconds as u64 + 6) + a.rounds as u64 * 40),
+            timeout: Duration::from_secs(
+                180 + measurements * (a.seconds as u64 + 6) + a.rounds as u64 * 40,
+            ),
             ..VmConfig::default()
         };
         eprintln!(
@@ -380,7 +391,7 @@ pub fn serve_bench(a: ServeBenchArgs) -> Result<ExitCode> {
         let (rows, info, failures) = collect_nvmf(&out.output, a.seconds);
         let mut setup: Vec<String> = host_facts().into_iter().take(2).collect();
         setup.push(
-            "device: QEMU NVMe, 1 namespace of 512 MiB with 4 KiB LBAs (filled before measuring)"
+            "device: QEMU NVMe, 1 namespace of 1 GiB with 4 KiB LBAs (filled before measuring)"
                 .into(),
         );
         setup.push(format!(
