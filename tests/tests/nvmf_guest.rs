@@ -7,11 +7,13 @@
 //! - fio with `verify=crc32c` through the initiator, with writes in the capsule (4 KiB) and by
 //!   R2T (128 KiB), and again with header and data digests on;
 //! - a second host NQN is refused at Connect;
+//! - hostile PDUs from a test client (`nvmf_hostile`) end their connections with termination
+//!   requests naming the fault, and the target serves on;
 //! - the target is killed (SIGKILL) under a write load and started again: the initiator
 //!   reconnects, and what it had flushed before is there;
 //! - SIGTERM stops the target cleanly (exit status 0).
 
-use rnvme_tests::{run_guest, Steps};
+use rnvme_tests::{run_guest, test_binary, Steps};
 use rnvme_tools::vm::{ControllerSpec, NamespaceSpec, VmConfig};
 
 const NQN: &str = "nqn.2014-08.io.rnvme:guest";
@@ -72,6 +74,7 @@ step digests_on sh -c "cat /sys/class/nvme-subsystem/*/nvme*/address; dmesg | gr
 step fio_digests fio --name=dig --filename=$D --ioengine=libaio --direct=1 --rw=randwrite --bsrange=4k-128k --offset=64m --size=16m --iodepth=16 $V
 step disconnect3 nvme disconnect -n $NQN
 step refused nvme connect $C -n $NQN -q $HB -I $HID
+step hostile nvmf_hostile 127.0.0.1:4420 $NQN $HA
 # SIGKILL under a write load: the data flushed before it stays.
 step connect4 conn
 D=$(fab_blk) || exit 1
@@ -130,6 +133,10 @@ fn the_kernel_initiator_uses_namespaces_served_by_rnvme() {
         }],
         host_binaries: vec!["fio".into(), "mkfs.ext4".into()],
         kernel_args: vec![rnvme_tools::vm::LOOPBACK_NVME_TCP_ARG.into()],
+        files: vec![(
+            test_binary("nvmf_hostile"),
+            "/usr/local/bin/nvmf_hostile".into(),
+        )],
         ..VmConfig::default()
     };
     let run = run_guest(config, &[], &script());
@@ -161,6 +168,20 @@ fn the_kernel_initiator_uses_namespaces_served_by_rnvme() {
     fio_ok(s, "fio_digests", 16 << 20);
     let r = s.get("refused");
     assert_ne!(r.rc, 0, "a host not allowed connected: {}", r.describe());
+    let h = s.ok("hostile");
+    for case in [
+        "unknown-type",
+        "header-digest",
+        "data-beyond-r2t",
+        "garbage",
+        "still-serving",
+    ] {
+        assert!(
+            h.stdout.contains(&format!("ok {case}")),
+            "{case}: {}",
+            h.describe()
+        );
+    }
     s.ok("connect4");
     s.ok("flushed");
     let k = s.ok("kill_under_load");
