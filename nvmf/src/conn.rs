@@ -776,13 +776,13 @@ impl Conn {
         let ctrl = self.ctrl.as_ref().expect("an I/O queue has a controller");
         let subsys = &self.target.subsystems[ctrl.subsys];
         let op = sqe.opcode();
-        let (from_host, to_host, writes) = match op {
-            io_op::READ => (false, true, false),
-            io_op::WRITE => (true, false, true),
-            io_op::COMPARE => (true, false, false),
-            io_op::DATASET_MANAGEMENT => (true, false, true),
-            io_op::WRITE_ZEROES => (false, false, true),
-            io_op::FLUSH => (false, false, false),
+        let (from_host, writes) = match op {
+            io_op::READ => (false, false),
+            io_op::WRITE => (true, true),
+            io_op::COMPARE => (true, false),
+            io_op::DATASET_MANAGEMENT => (true, true),
+            io_op::WRITE_ZEROES => (false, true),
+            io_op::FLUSH => (false, false),
             _ => return Err(status::INVALID_OPCODE),
         };
         if sqe.flags() & 0x3 != 0 {
@@ -848,7 +848,6 @@ impl Conn {
         } else {
             None
         };
-        let _ = to_host;
         self.reqs[slot] = Some(Req {
             sqe: *sqe,
             ns: ns_index,

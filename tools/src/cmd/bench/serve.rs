@@ -35,6 +35,10 @@ pub struct ServeBenchArgs {
     /// Also write the results as JSON to FILE
     #[arg(long, value_name = "FILE")]
     pub json: Option<std::path::PathBuf>,
+    /// fio on the guest's CPU 0 and rnvme serve's poll thread on CPU 1 (`--cpus 1`), for both
+    /// targets' runs (the kernel target works where the kernel schedules it)
+    #[arg(long)]
+    pub pin: bool,
     /// An argument for `rnvme serve` in the guest (repeatable), e.g. --serve-arg=--device-wait=busy
     #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
     pub serve_arg: Vec<String>,
@@ -86,8 +90,12 @@ const KNQN: &str = "nqn.2014-08.io.rnvme:kernel-target";
 const RNQN: &str = "nqn.2014-08.io.rnvme:rnvme-target";
 
 /// The guest script.
-pub fn nvmf_script(seconds: u32, rounds: u32, serve_args: &[String]) -> String {
-    let extra = serve_args.join(" ");
+pub fn nvmf_script(seconds: u32, rounds: u32, serve_args: &[String], pin: bool) -> String {
+    let mut extra = serve_args.join(" ");
+    if pin {
+        extra.push_str(" --cpus 1");
+    }
+    let fio_pin = if pin { "--cpus_allowed=0 " } else { "" };
     let mut s = format!(
         r#"echo "@@INFO kernel $(uname -r)"
 echo "@@INFO cpus $(grep -c ^processor /proc/cpuinfo)"
@@ -122,7 +130,7 @@ kernel_down() {{
 measure() {{ # key pid dev rw bs depth
     b0=$(busy); p0=$(pcpu $2)
     echo "@@BEGIN $1"
-    fio --name=w --filename=$3 --ioengine=libaio --direct=1 --rw=$4 --bs=$5 --iodepth=$6 --time_based --runtime={seconds} --ramp_time=1 --clocksource=cpu --lat_percentiles=1 --percentile_list=99 --output-format=json 2>&1 || echo "@@FAILED $?"
+    fio {fio_pin}--name=w --filename=$3 --ioengine=libaio --direct=1 --rw=$4 --bs=$5 --iodepth=$6 --time_based --runtime={seconds} --ramp_time=1 --clocksource=cpu --lat_percentiles=1 --percentile_list=99 --output-format=json 2>&1 || echo "@@FAILED $?"
     echo "@@CPU busy=$(( $(busy) - b0 )) proc=$(( $(pcpu $2) - p0 ))"
     echo "@@END"
 }}
@@ -384,7 +392,10 @@ pub fn serve_bench(a: ServeBenchArgs) -> Result<ExitCode> {
             backend.describe(),
             a.seconds
         );
-        let out = vm::run(&config, &nvmf_script(a.seconds, a.rounds, &a.serve_arg))?;
+        let out = vm::run(
+            &config,
+            &nvmf_script(a.seconds, a.rounds, &a.serve_arg, a.pin),
+        )?;
         if a.verbose {
             eprintln!("--- guest output ---\n{}\n---", out.output.trim_end());
         }
@@ -396,10 +407,16 @@ pub fn serve_bench(a: ServeBenchArgs) -> Result<ExitCode> {
         );
         setup.push(format!(
             "both sides: fio (libaio, direct=1) on the guest kernel's nvme-tcp initiator over loopback; kernel target: nvmet-tcp on /dev/nvme0n1 (the kernel's NVMe driver); rnvme serve{}: one poll thread, the controller on vfio-pci; kernel argument {}",
-            if a.serve_arg.is_empty() {
-                String::new()
-            } else {
-                format!(" {}", a.serve_arg.join(" "))
+            {
+                let mut x = a.serve_arg.join(" ");
+                if a.pin {
+                    x.push_str(" --cpus 1; fio on CPU 0");
+                }
+                if x.is_empty() {
+                    x
+                } else {
+                    format!(" ({})", x.trim())
+                }
             },
             vm::LOOPBACK_NVME_TCP_ARG
         ));
