@@ -455,3 +455,87 @@ pub fn serve_bench(a: ServeBenchArgs) -> Result<ExitCode> {
     eprintln!("rnvme: done in {:.0} s", begin.elapsed().as_secs_f64());
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fio_json(iops: f64, lat_ns: f64) -> String {
+        format!(
+            r#"{{"jobs":[{{"error":0,"read":{{"iops":{iops},"bw":{bw},"total_ios":{n},"lat_ns":{{"mean":{lat_ns},"percentile":{{"99.000000":{p99}}}}}}},"write":{{"iops":0,"bw":0,"total_ios":0}}}}]}}"#,
+            bw = iops * 4.0,
+            n = iops * 2.0,
+            p99 = lat_ns * 2.0
+        )
+    }
+
+    #[test]
+    fn the_script_runs_both_targets_every_round() {
+        let s = nvmf_script(3, 2, &["--spin-us=5".to_string()], true);
+        assert_eq!(s.matches("kernel_up ||").count(), 2);
+        assert_eq!(
+            s.matches("rnvme serve $NVME0 --spin-us=5 --cpus 1").count(),
+            2
+        );
+        for w in NVMF_WORKLOADS {
+            for round in 1..=2 {
+                assert!(s.contains(&format!("\"{KERNEL}|{}|{round}\"", w.name)));
+                assert!(s.contains(&format!("\"{RNVME}|{}|{round}\"", w.name)));
+            }
+        }
+        assert!(s.contains("--cpus_allowed=0 --name=w"));
+        assert!(s.contains("--runtime=3"));
+        assert!(!nvmf_script(3, 1, &[], false).contains("cpus_allowed"));
+    }
+
+    #[test]
+    fn rounds_are_reduced_to_their_median_with_cpu_per_io() {
+        let w = NVMF_WORKLOADS[1].name;
+        let mut out = String::new();
+        for (round, (k, r)) in [(1000.0, 3000.0), (1200.0, 2000.0), (1100.0, 2500.0)]
+            .iter()
+            .enumerate()
+        {
+            for (who, iops) in [(KERNEL, k), (RNVME, r)] {
+                out.push_str(&format!(
+                    "@@BEGIN {who}|{w}|{}\n{}\n@@CPU busy=300 proc=100\n@@END\n",
+                    round + 1,
+                    fio_json(*iops, 50_000.0)
+                ));
+            }
+        }
+        out.push_str("@@INFO kernel 6.1\n");
+        let (rows, info, failures) = collect_nvmf(&out, 2);
+        assert!(failures.is_empty(), "{failures:?}");
+        assert_eq!(info, ["kernel 6.1"]);
+        let row = rows.iter().find(|r| r.workload.name == w).unwrap();
+        let k = row.kernel.as_ref().unwrap();
+        let r = row.rnvme.as_ref().unwrap();
+        assert_eq!((k.iops, r.iops), (1100.0, 2500.0));
+        assert_eq!(r.rounds_iops, [3000.0, 2000.0, 2500.0]);
+        // 300 ticks of 10 ms over 2500 IOPS × (2 s + 1 s of warm-up).
+        assert!((r.guest_cpu_us_per_io - 300.0 * 10_000.0 / 7500.0).abs() < 1e-6);
+        assert!((r.target_cpu_us_per_io.unwrap() - 100.0 * 10_000.0 / 7500.0).abs() < 1e-6);
+        assert_eq!(k.target_cpu_us_per_io, None);
+        assert!((r.lat_mean_us - 50.0).abs() < 1e-9);
+        // Missing workloads are rows without figures, a failed fio is a failure.
+        assert!(rows
+            .iter()
+            .filter(|r| r.workload.name != w)
+            .all(|r| r.kernel.is_none()));
+        let bad = format!("@@BEGIN {RNVME}|{w}|1\n@@FAILED 1\n@@END\n");
+        let (_, _, failures) = collect_nvmf(&bad, 2);
+        assert_eq!(failures.len(), 1);
+        let c = NvmfComparison {
+            date: "d".into(),
+            backend: DeviceBackend::Null,
+            setup: vec!["s".into()],
+            seconds: 2,
+            rounds: 3,
+            rows,
+            failures: Vec::new(),
+        };
+        let t = nvmf_table(&c);
+        assert!(t.contains("2.27×"), "{t}");
+    }
+}
