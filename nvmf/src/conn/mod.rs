@@ -8,8 +8,8 @@
 //! socket when the bytes are still in the kernel. Bytes that arrived in the same `read` as the
 //! header before them are copied once from the receive buffer, as SPDK's receive pipe does.
 //!
-//! Here: the connection's state, its timers and its end; [`rx`] receives PDUs, [`io`] runs I/O
-//! commands on the device, [`admin`] answers admin and fabrics commands, [`tx`] sends.
+//! Here: the connection's state, its timers and its end; `rx` receives PDUs, `io` runs I/O
+//! commands on the device, `admin` answers admin and fabrics commands, `tx` sends.
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read};
