@@ -61,14 +61,19 @@ impl Conn {
         if sgl.len != len {
             return Err(status::SGL_LENGTH_INVALID);
         }
-        let slot = self
-            .reqs
-            .iter()
-            .position(|r| r.is_none())
-            .ok_or(NvmeStatus::COMMAND_ID_CONFLICT.with_dnr(true))?;
-        if self.reqs.iter().flatten().any(|r| r.sqe.cid() == sqe.cid()) {
-            return Err(NvmeStatus::COMMAND_ID_CONFLICT.with_dnr(true));
+        // One pass over the slots: the first free one, and no command in flight under this ID.
+        let conflict = NvmeStatus::COMMAND_ID_CONFLICT.with_dnr(true);
+        let mut free = None;
+        for (i, r) in self.reqs.iter().enumerate() {
+            match r {
+                None => {
+                    free.get_or_insert(i);
+                }
+                Some(r) if r.sqe.cid() == sqe.cid() => return Err(conflict),
+                Some(_) => {}
+            }
         }
+        let slot = free.ok_or(conflict)?;
         let dev = if ns_index == usize::MAX {
             0
         } else {
