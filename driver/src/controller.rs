@@ -8,11 +8,12 @@ use crate::error::{Error, Result};
 use crate::hw::Hardware;
 use crate::identify::{ControllerInfo, ErrorLogEntry, NamespaceInfo, SglSupport, SmartLog};
 use crate::io::IoQueuePair;
+use crate::irq::WaitMode;
 use crate::queue::{QueuePair, Recovery};
 use crate::spec::{admin_op, cc, csts, feature, log_page, reg, Cap, SqEntry, PAGE_SIZE};
 
-pub use crate::shared::ControllerOptions;
 use crate::shared::{disable, keeps_memory, wait_register, Admin, Shared};
+pub use crate::shared::{Coalescing, ControllerOptions};
 
 /// A controller brought up and ready: identify data, namespaces, admin commands, and a
 /// factory of I/O queue pairs. Shared freely between threads; shut down cleanly when the
@@ -130,6 +131,7 @@ impl Controller {
             reset_lock: Mutex::new(()),
             dbbuf,
             dbbuf_on: AtomicBool::new(false),
+            interrupts: Mutex::new(None),
         };
         shared.configure_dbbuf();
         log::info!(
@@ -222,10 +224,18 @@ impl Controller {
     /// Create an I/O queue pair with `entries` entries per queue (at most
     /// [`Controller::max_queue_entries`]), using the next free queue id.
     pub fn create_io_qpair(&self, entries: u32) -> Result<IoQueuePair> {
+        self.create_io_qpair_with(entries, WaitMode::Polled)
+    }
+
+    /// [`Controller::create_io_qpair`] waiting for completions as `wait` says. A queue pair
+    /// that waits on interrupts gets an MSI-X vector of its own (MSI-X is enabled on the
+    /// device with the first one); a device without vectors, or with too few, refuses it.
+    pub fn create_io_qpair_with(&self, entries: u32, wait: WaitMode) -> Result<IoQueuePair> {
         IoQueuePair::create(
             self.shared.clone(),
             entries,
             self.shared.options.data_pointer,
+            wait,
         )
     }
 

@@ -6,6 +6,7 @@
 
 use crate::types::Iova;
 use std::ops::Range;
+use vmm_sys_util::eventfd::EventFd;
 
 /// Why a DMA mapping could not be made or undone.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +25,9 @@ pub enum HwError {
     /// A function level reset could not be done.
     #[error("{dev}: function level reset failed: {why}")]
     Reset { dev: String, why: String },
+    /// Interrupts could not be routed to eventfds.
+    #[error("{dev}: cannot enable MSI-X interrupts: {why}")]
+    Interrupts { dev: String, why: String },
     /// The IOMMU refused to undo a mapping.
     #[error("{dev}: cannot unmap {len} bytes at IOVA {iova}: {source}")]
     Unmap {
@@ -78,6 +82,22 @@ pub trait Hardware: Send + Sync {
 
     /// Undo a mapping made by [`Hardware::dma_map`] with the same `iova` and `len`.
     fn dma_unmap(&self, iova: Iova, len: usize) -> Result<(), HwError>;
+
+    /// MSI-X vectors the function offers (its table size); 0 when it has none or they cannot
+    /// be routed here.
+    fn interrupt_vectors(&self) -> u32 {
+        0
+    }
+
+    /// Enable MSI-X with vectors `0..fds.len()`: when the device signals vector `i`, 1 is
+    /// added to `fds[i]`. Replaces an earlier routing. Completion queues created with
+    /// interrupts enabled then signal their vector's eventfd.
+    fn enable_interrupts(&self, fds: &[&EventFd]) -> Result<(), HwError> {
+        Err(HwError::Interrupts {
+            dev: self.name().to_string(),
+            why: format!("not supported by this hardware ({} eventfds)", fds.len()),
+        })
+    }
 
     /// Reset the whole PCI function (FLR) and make it answer again (memory decoding and bus
     /// mastering back on). When this returns `Ok`, the controller is in its reset state: no

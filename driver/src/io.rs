@@ -9,6 +9,7 @@ use crate::clock::Ticks;
 use crate::dma::DmaBuffer;
 use crate::error::{Error, Result};
 use crate::identify::{DataLayout, NamespaceInfo};
+use crate::irq::WaitMode;
 use crate::queue::{DataPointerMode, QueuePair, Recovery};
 use crate::shared::Shared;
 use crate::spec::{io_op, SqEntry, CDW12_FUA, MAX_NLB};
@@ -196,6 +197,7 @@ impl IoQueuePair {
         shared: Arc<Shared>,
         entries: u32,
         mode: DataPointerMode,
+        wait: WaitMode,
     ) -> Result<IoQueuePair> {
         let max = shared
             .cap
@@ -211,6 +213,17 @@ impl IoQueuePair {
         // what the controller allows.
         let cq_entries = (entries * 2).max(256).min(max);
         let qid = shared.take_qid()?;
+        let irq = if wait.needs_interrupts() {
+            match shared.interrupt_for(qid) {
+                Ok(irq) => Some(irq),
+                Err(e) => {
+                    shared.release_qid(qid);
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
         let made = QueuePair::new(
             shared.hw.clone(),
             &shared.pool,
@@ -219,6 +232,7 @@ impl IoQueuePair {
             shared.cap.dstrd(),
         )
         .and_then(|mut qp| {
+            qp.set_interrupt(irq, wait);
             qp.set_shadow(Recovery::shadow(shared.as_ref(), qid));
             shared.create_queues(&qp).map(|_| qp)
         });
@@ -656,7 +670,8 @@ impl IoQueuePair {
             if outstanding == 0 && (next == count || error.is_some()) {
                 break;
             }
-            let n = self.qp.poll(usize::MAX, |c| {
+            let polled = self.qp.wait_mode() == WaitMode::Polled;
+            let handle = |c: crate::queue::Completion| {
                 if !ours(c.tag) {
                     others.push(c);
                     return;
@@ -673,7 +688,18 @@ impl IoQueuePair {
                         }
                     });
                 }
-            });
+            };
+            let n = if polled {
+                self.qp.poll(usize::MAX, handle)
+            } else {
+                // Sleep on the vector (after the spin budget, in hybrid mode); every empty
+                // wait counts as 1024 empty polls for the checks below.
+                let n = self.qp.wait(usize::MAX, Duration::from_millis(100), handle);
+                if n == 0 {
+                    spins |= 1023;
+                }
+                n
+            };
             if n > 0 {
                 // Progress: the deadline counts from the last completion.
                 spins = 0;

@@ -10,10 +10,13 @@
 //! - [`dma`]: the DMA memory pool and its buffers ([`dma::DmaBuffer`]);
 //! - [`prp`] and [`sgl`]: pure builders of data pointers;
 //! - [`queue`]: submission/completion queue pairs;
+//! - [`irq`]: MSI-X interrupts and how a queue pair waits (polled, interrupt, hybrid);
+//! - [`aio`]: futures for I/O commands, for any async runtime;
 //! - [`controller`]: bring-up, admin commands, I/O queue pair creation, shutdown.
 
 // The unsafe boundary: register access and DMA mapping (`hw`, `vfio`), DMA memory (`dma`),
-// the time-stamp counter (`clock`) and the controller model's host memory (`model`). Every
+// the time-stamp counter (`clock`), interrupt eventfds lent to poll(2) (`irq`) and the
+// controller model's host memory (`model`). Every
 // other module forbids unsafe code (the spec's structures are bytes through zerocopy).
 #[forbid(unsafe_code)]
 pub mod affinity;
@@ -32,6 +35,7 @@ pub mod identify;
 pub mod io;
 #[forbid(unsafe_code)]
 pub mod iova;
+pub mod irq;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod model;
 #[forbid(unsafe_code)]

@@ -20,6 +20,7 @@ pub use crate::doorbell::need_event;
 pub(crate) use crate::doorbell::Shadow;
 use crate::error::{Error, Result};
 use crate::hw::Hardware;
+use crate::irq::{Interrupt, WaitMode};
 use crate::prp::build_prp;
 use crate::sgl::{build_sgl, dword_aligned};
 use crate::slot::{Leases, Slot, SlotLists};
@@ -189,6 +190,10 @@ pub struct QueueStats {
     pub sq_shadow_writes: u64,
     /// Completion queue heads written to the shadow doorbell.
     pub cq_shadow_writes: u64,
+    /// Sleeps on the interrupt vector (interrupt and hybrid modes).
+    pub sleeps: u64,
+    /// Of those, sleeps an interrupt ended (the rest ran out of time).
+    pub wakeups: u64,
 }
 
 /// What a queue pair needs from its controller to recover from a lost command, a fatal
@@ -295,6 +300,12 @@ pub struct QueuePair {
     retry_limit: u8,
     polls_to_check: u32,
     removed: bool,
+    /// How [`QueuePair::wait`] waits, and the interrupt vector it sleeps on.
+    wait_mode: WaitMode,
+    irq: Option<Arc<Interrupt>>,
+    /// Test hook: run between the last empty poll and the sleep of [`QueuePair::wait`].
+    #[cfg(any(test, feature = "test-utils"))]
+    before_sleep: Option<Box<dyn FnMut() + Send>>,
     /// Owned by one thread: Send but not Sync.
     _not_sync: PhantomData<Cell<()>>,
 }
@@ -384,6 +395,10 @@ impl QueuePair {
             retry_limit: DEFAULT_RETRIES,
             polls_to_check: CHECK_EVERY,
             removed: false,
+            wait_mode: WaitMode::Polled,
+            irq: None,
+            #[cfg(any(test, feature = "test-utils"))]
+            before_sleep: None,
             _not_sync: PhantomData,
         })
     }
@@ -882,6 +897,110 @@ impl QueuePair {
             self.stats.idle_polls += 1;
         }
         n + handed
+    }
+
+    /// The interrupt vector the completion queue signals, when it waits on interrupts.
+    pub fn interrupt(&self) -> Option<&Arc<Interrupt>> {
+        self.irq.as_ref()
+    }
+
+    /// How [`QueuePair::wait`] waits.
+    pub fn wait_mode(&self) -> WaitMode {
+        self.wait_mode
+    }
+
+    /// Give the queue pair its interrupt vector (before its queues are created).
+    pub(crate) fn set_interrupt(&mut self, irq: Option<Arc<Interrupt>>, mode: WaitMode) {
+        self.irq = irq;
+        self.wait_mode = mode;
+    }
+
+    /// Switch between waiting modes. A queue pair created polled has no interrupt vector
+    /// (its completion queue was created without interrupts) and can only stay polled; one
+    /// created for interrupts can also poll (its interrupts then just go unread).
+    pub fn set_wait_mode(&mut self, mode: WaitMode) -> Result<()> {
+        if mode.needs_interrupts() && self.irq.is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "queue {} was created polled: it has no interrupt vector for {} mode",
+                self.qid,
+                mode.name()
+            )));
+        }
+        self.wait_mode = mode;
+        Ok(())
+    }
+
+    /// Test hook: `f` runs in [`QueuePair::wait`] after its last empty poll, just before it
+    /// sleeps (to complete a command exactly in that window).
+    #[cfg(any(test, feature = "test-utils"))]
+    pub fn set_before_sleep(&mut self, f: Option<Box<dyn FnMut() + Send>>) {
+        self.before_sleep = f;
+    }
+
+    /// Wait until at least one completion is handed to `f` (at most `max`), or `timeout`
+    /// passes; returns how many were. How it waits is the queue pair's [`WaitMode`]: polling,
+    /// sleeping on the interrupt vector, or polling for the spin budget and then sleeping.
+    /// Deadlines, health checks and removal are watched as in [`QueuePair::poll`].
+    pub fn wait(&mut self, max: usize, timeout: Duration, mut f: impl FnMut(Completion)) -> usize {
+        let n = self.poll(max, &mut f);
+        if n > 0 || timeout.is_zero() {
+            return n;
+        }
+        let start = std::time::Instant::now();
+        let passed = || start.elapsed();
+        let spin = match self.wait_mode {
+            WaitMode::Polled => timeout,
+            WaitMode::Interrupt => Duration::ZERO,
+            WaitMode::Hybrid { spin } => spin.min(timeout),
+        };
+        let mut polls = 0u32;
+        while !spin.is_zero() {
+            let n = self.poll(max, &mut f);
+            if n > 0 {
+                return n;
+            }
+            polls += 1;
+            // Reading the clock costs more than a poll: every 64th.
+            if polls.is_multiple_of(64) && passed() >= spin {
+                break;
+            }
+        }
+        if self.irq.is_none() {
+            return 0;
+        }
+        loop {
+            let n = self.sleep_once(max, timeout.saturating_sub(passed()), &mut f);
+            if n > 0 || passed() >= timeout {
+                return n;
+            }
+        }
+    }
+
+    /// Arm, poll once more, and sleep on the vector (at most `left`, and at most 100 ms so
+    /// deadlines are checked); then poll. See the module documentation of [`crate::irq`].
+    fn sleep_once(&mut self, max: usize, left: Duration, f: &mut impl FnMut(Completion)) -> usize {
+        let irq = self.irq.clone().expect("a vector to sleep on");
+        irq.arm();
+        // The controller learns of every reaped entry before the host sleeps.
+        if self.cq_unrung > 0 {
+            self.ring_cq_head();
+        }
+        let n = self.poll(max, &mut *f);
+        if n > 0 {
+            return n;
+        }
+        #[cfg(any(test, feature = "test-utils"))]
+        if let Some(hook) = self.before_sleep.as_mut() {
+            hook();
+        }
+        self.stats.sleeps += 1;
+        if irq.sleep(left.min(Duration::from_millis(100))) {
+            self.stats.wakeups += 1;
+        } else {
+            // A quiet stretch: check deadlines, health and removal at this poll.
+            self.polls_to_check = 1;
+        }
+        self.poll(max, f)
     }
 
     /// Tell the controller every completion reaped so far.

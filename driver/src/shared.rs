@@ -11,6 +11,7 @@ use crate::dma::{Backing, DmaBuffer, DmaPool, DmaWords};
 use crate::error::{Error, Result};
 use crate::hw::Hardware;
 use crate::identify::{ControllerInfo, NamespaceInfo};
+use crate::irq::Interrupt;
 use crate::queue::{DataPointerMode, QueuePair, Recovery, Shadow};
 use crate::spec::{admin_op, cc, cns, csts, feature, reg, Cap, SqEntry, MAX_NLB, PAGE_SIZE};
 /// How to bring a controller up.
@@ -33,6 +34,27 @@ pub struct ControllerOptions {
     /// bit 8): queue tails and heads go to memory, and an MMIO doorbell is written only when
     /// the controller's event index asks for one. On by default.
     pub shadow_doorbells: bool,
+    /// Interrupt Coalescing (Set Features 08h) for queue pairs that wait on interrupts: set at
+    /// bring-up and after every reset when given. Off by default (one interrupt per batch of
+    /// completions the controller posts).
+    pub interrupt_coalescing: Option<Coalescing>,
+}
+
+/// Interrupt Coalescing: the controller may hold an interrupt back until `threshold + 1`
+/// completions are waiting or `time_100us` × 100 µs have passed since the first.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Coalescing {
+    /// Aggregation threshold, 0-based (0: an interrupt per completion).
+    pub threshold: u8,
+    /// Aggregation time in 100 µs units (0: no delay).
+    pub time_100us: u8,
+}
+
+impl Coalescing {
+    /// The Set Features dword 11 of feature 08h.
+    pub fn cdw11(self) -> u32 {
+        self.threshold as u32 | (self.time_100us as u32) << 8
+    }
 }
 
 impl Default for ControllerOptions {
@@ -45,6 +67,7 @@ impl Default for ControllerOptions {
             admin_timeout: Duration::from_secs(10),
             data_pointer: DataPointerMode::Auto,
             shadow_doorbells: true,
+            interrupt_coalescing: None,
         }
     }
 }
@@ -82,6 +105,10 @@ pub(crate) struct Shared {
     /// Whether the controller took them (Doorbell Buffer Config succeeded since its last
     /// enable).
     pub(crate) dbbuf_on: AtomicBool,
+    /// MSI-X vectors by queue id (vector `n` for queue `n`, 0 the admin queue's), enabled
+    /// when the first queue pair that waits on interrupts is created; then kept until the
+    /// device is closed.
+    pub(crate) interrupts: Mutex<Option<Vec<Arc<Interrupt>>>>,
 }
 
 /// Poll `cond` until it holds, failing after `ms` milliseconds; CSTS.CFS and a removed
@@ -317,13 +344,69 @@ impl Shared {
         }
     }
 
+    /// The interrupt vector of queue `qid`, enabling MSI-X on the device the first time.
+    /// Every I/O queue gets a vector of its own (a shared eventfd would let one waiter consume
+    /// another's wake-up): a queue id beyond the device's vectors is refused.
+    pub(crate) fn interrupt_for(&self, qid: u16) -> Result<Arc<Interrupt>> {
+        let dev = || self.hw.name().to_string();
+        let mut v = self.interrupts.lock().unwrap_or_else(|e| e.into_inner());
+        if v.is_none() {
+            let offered = self.hw.interrupt_vectors();
+            if offered < 2 {
+                return Err(Error::Unsupported {
+                    dev: dev(),
+                    why: format!(
+                        "no MSI-X vectors for I/O queues (the device offers {offered}): use \
+                         polled queue pairs"
+                    ),
+                });
+            }
+            let n = offered.min(self.io_queues_granted as u32 + 1) as u16;
+            let made = (0..n)
+                .map(Interrupt::new)
+                .collect::<std::io::Result<Vec<_>>>()
+                .map_err(|e| Error::InvalidArgument(format!("{}: eventfd: {e}", dev())))?;
+            let fds: Vec<_> = made.iter().map(|i| i.eventfd()).collect();
+            self.hw.enable_interrupts(&fds)?;
+            log::info!("{}: MSI-X enabled with {n} vectors", dev());
+            *v = Some(made.into_iter().map(Arc::new).collect());
+            if let Some(c) = self.options.interrupt_coalescing {
+                self.set_coalescing(c)?;
+            }
+        }
+        let vectors = v.as_ref().expect("set above");
+        vectors
+            .get(qid as usize)
+            .cloned()
+            .ok_or_else(|| Error::Unsupported {
+                dev: dev(),
+                why: format!(
+                    "queue {qid} has no interrupt vector of its own: the device offers {} MSI-X \
+                 vectors (one is the admin queue's)",
+                    vectors.len()
+                ),
+            })
+    }
+
+    /// Set Interrupt Coalescing (feature 08h).
+    pub(crate) fn set_coalescing(&self, c: Coalescing) -> Result<()> {
+        self.admin
+            .set_features(feature::INTERRUPT_COALESCING, c.cdw11(), None)
+            .map(|_| ())
+    }
+
     pub(crate) fn create_queues(&self, qp: &QueuePair) -> Result<()> {
         let qid = qp.qid() as u32;
         let size = (qp.entries() as u32 - 1) << 16;
         let mut c = SqEntry::new(admin_op::CREATE_IO_CQ, 0);
         c.dptr1 = qp.cq_iova().0;
         c.cdw10 = qid | ((qp.cq_entries() as u32 - 1) << 16);
-        c.cdw11 = 1; // physically contiguous, interrupts off
+        // Physically contiguous; interrupts enabled (IEN) on the queue's vector (IV) when the
+        // queue pair waits on them.
+        c.cdw11 = match qp.interrupt() {
+            Some(irq) => 1 | 1 << 1 | (irq.vector() as u32) << 16,
+            None => 1,
+        };
         self.admin.admin_cmd_raw(c, "Create I/O Completion Queue")?;
         let mut c = SqEntry::new(admin_op::CREATE_IO_SQ, 0);
         c.dptr1 = qp.sq_iova().0;
@@ -436,6 +519,12 @@ impl Recovery for Shared {
         self.admin
             .set_features(feature::NUMBER_OF_QUEUES, want | (want << 16), None)?;
         self.configure_dbbuf();
+        let irqs = self.interrupts.lock().map(|v| v.is_some()).unwrap_or(false);
+        if let (true, Some(c)) = (irqs, self.options.interrupt_coalescing) {
+            if let Err(e) = self.set_coalescing(c) {
+                log::warn!("{}: interrupt coalescing after the reset: {e}", hw.name());
+            }
+        }
         let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         log::warn!("{}: controller reset done (reset #{g})", hw.name());
         Ok(g)

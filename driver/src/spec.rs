@@ -143,6 +143,7 @@ pub mod cns {
 pub mod feature {
     pub const NUMBER_OF_QUEUES: u8 = 0x07;
     pub const VOLATILE_WRITE_CACHE: u8 = 0x06;
+    pub const INTERRUPT_COALESCING: u8 = 0x08;
 }
 
 /// Log page identifiers.

@@ -344,6 +344,10 @@ impl Inner {
                 self.wce = e.cdw11 & 1 != 0;
                 Ok(0)
             }
+            feature::INTERRUPT_COALESCING => {
+                self.coalescing = e.cdw11 & 0xffff;
+                Ok(0)
+            }
             _ => bad(
                 NvmeStatus::INVALID_FIELD,
                 format!("Set Features of feature {fid:#04x}"),
@@ -367,6 +371,7 @@ impl Inner {
         let supported = match fid {
             feature::NUMBER_OF_QUEUES => true,
             feature::VOLATILE_WRITE_CACHE => self.cfg.vwc,
+            feature::INTERRUPT_COALESCING => true,
             _ => false,
         };
         if !supported {
@@ -387,6 +392,8 @@ impl Inner {
             feature::NUMBER_OF_QUEUES => {
                 self.queues_dw0(self.cfg.max_io_queues, self.cfg.max_io_queues)
             }
+            feature::INTERRUPT_COALESCING if current => self.coalescing,
+            feature::INTERRUPT_COALESCING => 0,
             _ if current => self.wce as u32,
             _ => 1,
         })
@@ -404,7 +411,20 @@ impl Inner {
             );
         }
         self.check_queue_shape(e, qsize)?;
-        self.cqs[qid as usize] = Some(Cq::new(e.dptr1, qsize + 1));
+        let ien = e.cdw11 & 2 != 0;
+        let iv = (e.cdw11 >> 16) as u16;
+        if ien && iv as u32 >= self.cfg.msix_vectors {
+            return bad(
+                NvmeStatus::INVALID_INTERRUPT_VECTOR,
+                format!(
+                    "CQ {qid}: interrupt vector {iv} ({} MSI-X vectors)",
+                    self.cfg.msix_vectors
+                ),
+            );
+        }
+        let mut cq = Cq::new(e.dptr1, qsize + 1);
+        cq.vector = ien.then_some(iv);
+        self.cqs[qid as usize] = Some(cq);
         debug!(
             "model: created CQ {qid} of {} entries at {:#x}",
             qsize + 1,

@@ -96,6 +96,8 @@ pub struct ModelConfig {
     pub model: String,
     /// Firmware revision (at most 8).
     pub firmware: String,
+    /// MSI-X vectors offered (0: none, interrupts cannot be enabled).
+    pub msix_vectors: u32,
 }
 
 impl Default for ModelConfig {
@@ -121,6 +123,7 @@ impl Default for ModelConfig {
             serial: "RNVME-MODEL-0001".into(),
             model: "rnvme controller model".into(),
             firmware: "1.0".into(),
+            msix_vectors: 9,
         }
     }
 }
@@ -243,6 +246,8 @@ pub struct ModelStats {
     pub bytes_read: u64,
     /// Bytes transferred from the host by Write commands.
     pub bytes_written: u64,
+    /// MSI-X messages sent (one per completion posted to a queue with interrupts enabled).
+    pub interrupts: u64,
 }
 
 /// The NVMe controller model. See the module documentation.
@@ -466,6 +471,11 @@ struct Inner {
     granted_cqs: u16,
     /// Volatile write cache enabled (feature 06h).
     wce: bool,
+    /// Interrupt Coalescing (feature 08h), as last set. Recorded and reported; the model
+    /// signals every completion (it has no clock to bound a held interrupt by).
+    coalescing: u32,
+    /// The eventfds of the MSI-X vectors, once enabled ([`Hardware::enable_interrupts`]).
+    vectors: Vec<vmm_sys_util::eventfd::EventFd>,
     /// Scratch space reused by every command: the data segments of the current command and a
     /// byte buffer.
     segs: Vec<Seg>,
@@ -592,6 +602,8 @@ impl Model {
             granted_sqs: config.max_io_queues,
             granted_cqs: config.max_io_queues,
             wce: config.vwc,
+            coalescing: 0,
+            vectors: Vec::new(),
             segs: Vec::new(),
             buf: Vec::new(),
             cfg: config,
@@ -910,6 +922,31 @@ impl Hardware for Model {
         self.lock().write_reg(offset, value)
     }
 
+    fn interrupt_vectors(&self) -> u32 {
+        self.lock().cfg.msix_vectors
+    }
+
+    fn enable_interrupts(&self, fds: &[&vmm_sys_util::eventfd::EventFd]) -> Result<(), HwError> {
+        let mut g = self.lock();
+        let fail = |why: String| HwError::Interrupts {
+            dev: "model".into(),
+            why,
+        };
+        if fds.len() as u32 > g.cfg.msix_vectors {
+            return Err(fail(format!(
+                "{} vectors asked for, the model offers {}",
+                fds.len(),
+                g.cfg.msix_vectors
+            )));
+        }
+        g.vectors = fds
+            .iter()
+            .map(|f| f.try_clone())
+            .collect::<std::io::Result<_>>()
+            .map_err(|e| fail(e.to_string()))?;
+        Ok(())
+    }
+
     fn iova_ranges(&self) -> Vec<Range<u64>> {
         let space = iommu::IOVA_START..iommu::IOVA_END;
         vec![space]
@@ -1150,6 +1187,7 @@ impl Inner {
         self.granted_sqs = self.cfg.max_io_queues;
         self.granted_cqs = self.cfg.max_io_queues;
         self.wce = self.cfg.vwc;
+        self.coalescing = 0;
         self.ready_pending = false;
         self.shut_down = false;
         self.csts = 0;
@@ -1607,7 +1645,13 @@ impl Inner {
             cq.tail = 0;
             cq.phase = !cq.phase;
         }
+        let vector = cq.vector;
         self.stats.completions_posted += 1;
+        if let Some(fd) = vector.and_then(|v| self.vectors.get(v as usize)) {
+            // The MSI-X message: the entry is in memory before the host can see the signal.
+            let _ = fd.write(1);
+            self.stats.interrupts += 1;
+        }
         if c.frees_cid {
             if let Some(sq) = self.sqs.get_mut(c.sqid as usize).and_then(Option::as_mut) {
                 sq.outstanding.remove(c.cid);

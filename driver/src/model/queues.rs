@@ -67,6 +67,8 @@ pub(super) struct Cq {
     pub phase: bool,
     /// Completions waiting for the host to free a slot, in order.
     pub waiting: VecDeque<Completion>,
+    /// The MSI-X vector signalled when an entry is posted (IEN set at creation).
+    pub vector: Option<u16>,
 }
 
 impl Cq {
@@ -78,6 +80,7 @@ impl Cq {
             tail: 0,
             phase: true,
             waiting: VecDeque::new(),
+            vector: None,
         }
     }
     /// Entries posted and not yet consumed by the host.

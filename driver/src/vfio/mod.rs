@@ -33,8 +33,9 @@ use std::sync::{Arc, Mutex};
 use vfio_bindings::bindings::vfio::{
     vfio_info_cap_header, vfio_iommu_type1_info, vfio_iommu_type1_info_cap_iova_range,
     vfio_iova_range, VFIO_BASE, VFIO_IOMMU_INFO_CAPS, VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE,
-    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_REQ_IRQ_INDEX,
-    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE, VFIO_TYPE,
+    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
+    VFIO_PCI_REQ_IRQ_INDEX, VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ,
+    VFIO_REGION_INFO_FLAG_WRITE, VFIO_TYPE,
 };
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioError, VfioOps, VfioRegionInfoCap};
 use vmm_sys_util::eventfd::EventFd;
@@ -523,6 +524,42 @@ impl VfioHardware {
 impl Hardware for VfioHardware {
     fn name(&self) -> &str {
         &self.bdf
+    }
+
+    fn interrupt_vectors(&self) -> u32 {
+        self.device
+            .as_ref()
+            .and_then(|d| d.get_irq_info(VFIO_PCI_MSIX_IRQ_INDEX))
+            .map_or(0, |irq| irq.count)
+    }
+
+    /// `VFIO_DEVICE_SET_IRQS` on the MSI-X index: vfio-pci enables MSI-X on the function and
+    /// makes each vector's interrupt signal its eventfd.
+    fn enable_interrupts(&self, fds: &[&EventFd]) -> Result<(), HwError> {
+        let fail = |why: String| HwError::Interrupts {
+            dev: self.bdf.clone(),
+            why,
+        };
+        if self.link.is_released() {
+            return Err(fail("the device was removed".into()));
+        }
+        let device = self
+            .device
+            .as_ref()
+            .ok_or_else(|| fail("the device is closed".into()))?;
+        let have = self.interrupt_vectors();
+        if fds.len() as u32 > have {
+            return Err(fail(format!(
+                "{} vectors asked for, the device offers {have}",
+                fds.len()
+            )));
+        }
+        device.enable_msix(fds.to_vec()).map_err(|e| {
+            fail(format!(
+                "{e} (an IOMMU without interrupt remapping needs \
+                 `vfio_iommu_type1 allow_unsafe_interrupts=1`)"
+            ))
+        })
     }
 
     /// A register read: one volatile load when the register is mapped (always, for a fully

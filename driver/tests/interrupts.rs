@@ -1,0 +1,221 @@
+//! Queue pairs that wait on MSI-X interrupts, against the controller model, which signals a
+//! vector's eventfd for every completion it posts to a queue created with interrupts enabled.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rnvme_driver::controller::{Coalescing, Controller, ControllerOptions};
+use rnvme_driver::dma::Backing;
+use rnvme_driver::io::read_cmd;
+use rnvme_driver::irq::WaitMode;
+use rnvme_driver::model::{CompletionMode, Model, ModelConfig};
+use rnvme_driver::queue::Completion;
+use rnvme_driver::Error;
+
+fn open(config: ModelConfig, options: ControllerOptions) -> (Arc<Model>, Controller) {
+    let model = Model::new(config);
+    let ctrl = Controller::init(
+        model.clone(),
+        ControllerOptions {
+            backing: Backing::SmallPages,
+            ..options
+        },
+    )
+    .expect("bring-up against the model");
+    (model, ctrl)
+}
+
+fn model() -> (Arc<Model>, Controller) {
+    open(ModelConfig::default(), ControllerOptions::default())
+}
+
+const HYBRID: WaitMode = WaitMode::Hybrid {
+    spin: Duration::from_micros(20),
+};
+
+#[test]
+fn every_mode_moves_data_with_completions_from_another_thread() {
+    let (model, ctrl) = model();
+    model.complete_from_thread(Duration::from_micros(50));
+    let data: Vec<u8> = (0..256u32 << 10).map(|i| (i * 7 + 3) as u8).collect();
+    for (i, mode) in [WaitMode::Polled, WaitMode::Interrupt, HYBRID]
+        .into_iter()
+        .enumerate()
+    {
+        let before = model.stats().interrupts;
+        let mut qp = ctrl.create_io_qpair_with(16, mode).unwrap();
+        assert_eq!(qp.wait_mode(), mode);
+        assert_eq!(qp.interrupt().is_some(), mode.needs_interrupts());
+        if let Some(irq) = qp.interrupt() {
+            assert_eq!(
+                irq.vector(),
+                qp.qid(),
+                "each queue has the vector of its id"
+            );
+        }
+        let buf = ctrl.alloc(data.len()).unwrap();
+        buf.write_bytes(0, &data);
+        let lba = 64 * i as u64;
+        qp.write(1, lba, 64, &buf, false).unwrap();
+        let back = ctrl.alloc(data.len()).unwrap();
+        qp.read(1, lba, 64, &back).unwrap();
+        assert_eq!(back.to_vec(), data, "{mode:?}");
+        assert_eq!(model.read_ns(1, lba, 64), data);
+        let raised = model.stats().interrupts - before;
+        if mode.needs_interrupts() {
+            // 128 KiB per command: two writes and two reads, each signalled.
+            assert_eq!(raised, 4, "{mode:?}");
+        } else {
+            assert_eq!(raised, 0, "a polled queue is created without interrupts");
+        }
+        let st = qp.stats();
+        if mode == WaitMode::Interrupt {
+            assert!(st.sleeps > 0, "interrupt mode sleeps: {st:?}");
+            assert!(st.wakeups > 0, "and interrupts wake it: {st:?}");
+        }
+        if mode == WaitMode::Polled {
+            assert_eq!(st.sleeps, 0);
+        }
+    }
+}
+
+#[test]
+fn a_completion_between_the_last_poll_and_the_sleep_wakes_the_sleeper() {
+    let (model, ctrl) = model();
+    model.set_completion_mode(CompletionMode::Deferred);
+    let mut qp = ctrl.create_io_qpair_with(8, WaitMode::Interrupt).unwrap();
+    let buf = ctrl.alloc(4096).unwrap();
+    qp.submit(read_cmd(1, 5, 1), &[buf.segment()], 77).unwrap();
+    qp.ring();
+    // The controller posts the completion exactly after the queue pair's last empty poll and
+    // before it sleeps. Consuming the eventfd's signal after that poll (instead of before)
+    // would lose this wake-up: the sleep would run out its time instead.
+    let m = model.clone();
+    qp.set_before_sleep(Some(Box::new(move || {
+        m.release(1);
+    })));
+    let mut got: Vec<Completion> = Vec::new();
+    let n = qp.wait(usize::MAX, Duration::from_secs(30), |c| got.push(c));
+    assert_eq!(n, 1);
+    assert_eq!(got[0].tag, 77);
+    assert!(got[0].status.is_success());
+    let st = qp.stats();
+    assert_eq!(st.sleeps, 1, "{st:?}");
+    assert_eq!(
+        st.wakeups, 1,
+        "the sleep ended by the interrupt, not a timeout: {st:?}"
+    );
+
+    // And a sleep with nothing to come runs out its time and reports nothing.
+    qp.set_before_sleep(None);
+    let n = qp.wait(usize::MAX, Duration::from_millis(30), |_| unreachable!());
+    assert_eq!(n, 0);
+    let st = qp.stats();
+    assert!(st.sleeps >= 2);
+    assert_eq!(st.wakeups, 1);
+}
+
+#[test]
+fn hybrid_mode_polls_up_the_spin_budget_before_it_sleeps() {
+    let (model, ctrl) = model();
+    model.set_completion_mode(CompletionMode::Deferred);
+    let mut qp = ctrl
+        .create_io_qpair_with(
+            8,
+            WaitMode::Hybrid {
+                spin: Duration::from_millis(5),
+            },
+        )
+        .unwrap();
+    let buf = ctrl.alloc(4096).unwrap();
+    qp.submit(read_cmd(1, 5, 1), &[buf.segment()], 1).unwrap();
+    qp.ring();
+    let m = model.clone();
+    qp.set_before_sleep(Some(Box::new(move || {
+        m.release(1);
+    })));
+    let polls = qp.stats().polls;
+    let n = qp.wait(usize::MAX, Duration::from_secs(30), |_| {});
+    assert_eq!(n, 1);
+    let st = qp.stats();
+    assert!(st.polls - polls > 64, "it spun before sleeping: {st:?}");
+    assert_eq!((st.sleeps, st.wakeups), (1, 1), "{st:?}");
+}
+
+#[test]
+fn modes_switch_only_where_the_queue_has_a_vector() {
+    let (_model, ctrl) = model();
+    let mut polled = ctrl.create_io_qpair(8).unwrap();
+    let e = polled.set_wait_mode(WaitMode::Interrupt).unwrap_err();
+    assert!(e.to_string().contains("created polled"), "{e}");
+    let mut irq = ctrl.create_io_qpair_with(8, WaitMode::Interrupt).unwrap();
+    irq.set_wait_mode(WaitMode::Polled).unwrap();
+    irq.set_wait_mode(HYBRID).unwrap();
+    assert_eq!(irq.wait_mode(), HYBRID);
+}
+
+#[test]
+fn a_device_without_enough_vectors_refuses_interrupt_queues_clearly() {
+    let (_model, ctrl) = open(
+        ModelConfig {
+            msix_vectors: 0,
+            ..ModelConfig::default()
+        },
+        ControllerOptions::default(),
+    );
+    let e = ctrl
+        .create_io_qpair_with(8, WaitMode::Interrupt)
+        .err()
+        .expect("no vectors");
+    assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+    assert!(e.to_string().contains("MSI-X"), "{e}");
+    // The queue id was given back: a polled queue pair still works.
+    let mut qp = ctrl.create_io_qpair(8).unwrap();
+    assert_eq!(qp.qid(), 1);
+    qp.flush(1).unwrap();
+
+    // Two vectors: the admin queue's and queue 1's.
+    let (_model, ctrl) = open(
+        ModelConfig {
+            msix_vectors: 2,
+            ..ModelConfig::default()
+        },
+        ControllerOptions::default(),
+    );
+    let mut first = ctrl.create_io_qpair_with(8, WaitMode::Interrupt).unwrap();
+    first.flush(1).unwrap();
+    let e = ctrl
+        .create_io_qpair_with(8, WaitMode::Interrupt)
+        .err()
+        .expect("no vector left");
+    assert!(
+        e.to_string().contains("no interrupt vector of its own"),
+        "{e}"
+    );
+}
+
+#[test]
+fn coalescing_is_set_with_the_first_interrupt_queue_and_after_a_reset() {
+    let c = Coalescing {
+        threshold: 7,
+        time_100us: 2,
+    };
+    let (_model, ctrl) = open(
+        ModelConfig::default(),
+        ControllerOptions {
+            interrupt_coalescing: Some(c),
+            ..ControllerOptions::default()
+        },
+    );
+    let feature = rnvme_driver::spec::feature::INTERRUPT_COALESCING;
+    assert_eq!(ctrl.get_features(feature, 0).unwrap(), 0, "not before");
+    let mut qp = ctrl.create_io_qpair_with(8, WaitMode::Interrupt).unwrap();
+    assert_eq!(ctrl.get_features(feature, 0).unwrap(), 0x0207);
+    ctrl.reset().unwrap();
+    assert_eq!(ctrl.get_features(feature, 0).unwrap(), 0x0207, "set again");
+    // The queue pair is recreated with its vector after the reset and still sleeps on it.
+    qp.flush(1).unwrap();
+    assert_eq!(qp.stats().resets, 1);
+    let buf = ctrl.alloc(4096).unwrap();
+    qp.read(1, 0, 1, &buf).unwrap();
+}
