@@ -425,7 +425,17 @@ impl IoQueuePair {
         self.shared.max_transfer_for(lba_size)
     }
 
-    fn namespace(&self, nsid: u32) -> Result<NamespaceInfo> {
+    /// The DMA pool of the controller.
+    pub(crate) fn pool(&self) -> &crate::dma::DmaPool {
+        &self.shared.pool
+    }
+
+    /// The device's name (its PCI address, or the model's name).
+    pub fn device_name(&self) -> &str {
+        self.shared.hw.name()
+    }
+
+    pub(crate) fn namespace(&self, nsid: u32) -> Result<NamespaceInfo> {
         self.shared
             .namespace(nsid)
             .cloned()

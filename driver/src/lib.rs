@@ -20,6 +20,8 @@
 // other module forbids unsafe code (the spec's structures are bytes through zerocopy).
 #[forbid(unsafe_code)]
 pub mod affinity;
+#[forbid(unsafe_code)]
+pub mod aio;
 pub mod clock;
 #[forbid(unsafe_code)]
 pub mod controller;

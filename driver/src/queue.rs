@@ -930,6 +930,12 @@ impl QueuePair {
         Ok(())
     }
 
+    /// Check deadlines, health and removal at the next poll (after a quiet stretch spent
+    /// sleeping rather than polling).
+    pub(crate) fn check_soon(&mut self) {
+        self.polls_to_check = 1;
+    }
+
     /// Test hook: `f` runs in [`QueuePair::wait`] after its last empty poll, just before it
     /// sleeps (to complete a command exactly in that window).
     #[cfg(any(test, feature = "test-utils"))]
@@ -998,7 +1004,7 @@ impl QueuePair {
             self.stats.wakeups += 1;
         } else {
             // A quiet stretch: check deadlines, health and removal at this poll.
-            self.polls_to_check = 1;
+            self.check_soon();
         }
         self.poll(max, f)
     }

@@ -1,0 +1,541 @@
+//! Futures for the I/O commands of a queue pair, for any async runtime.
+//!
+//! An [`AsyncQueuePair`] wraps an [`IoQueuePair`]; any number of tasks (on any threads)
+//! share it through clones, and each command is a future: [`AsyncQueuePair::read`],
+//! [`write`](AsyncQueuePair::write), [`compare`](AsyncQueuePair::compare),
+//! [`flush`](AsyncQueuePair::flush), [`write_zeroes`](AsyncQueuePair::write_zeroes) and
+//! [`deallocate`](AsyncQueuePair::deallocate). A future submits its command(s) when first
+//! polled (splitting a transfer at the device's maximum) and is ready when every completion
+//! was reaped. Nothing depends on one runtime: each command keeps its task's waker, and
+//! completions are reaped by whoever gets there — the futures themselves, the queue pair's own
+//! reaper thread sleeping on its interrupt, or the runtime when the interrupt's eventfd
+//! becomes readable (see [`Drive`]).
+//!
+//! Memory: a read or write future owns its [`DmaBuffer`] and gives it back with the result. A
+//! future dropped before its completion does not take memory from the device: the queue pair
+//! holds a share of every buffer a command uses until its completion is reaped (or the
+//! controller is stopped), so dropping the buffer with the future returns nothing to the pool
+//! early — the rule of [`crate::queue`]. The command's completion is then reaped and
+//! discarded.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use crate::dma::{DmaBuffer, DmaSlice};
+use crate::error::{Error, Result};
+use crate::io::{
+    check_range, compare_cmd, deallocate_cmd, flush_cmd, read_cmd, split_transfer, write_cmd,
+    write_zeroes_cmd, IoQueuePair,
+};
+use crate::irq::{Interrupt, WaitMode};
+use crate::queue::Completion;
+use crate::spec::SqEntry;
+use crate::status::NvmeStatus;
+
+/// Who reaps completions for the futures of an [`AsyncQueuePair`].
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Drive {
+    /// The futures poll the completion queue themselves and ask to be polled again at once
+    /// while their command is outstanding: the lowest latency, the executor's thread busy.
+    /// For a polled queue pair.
+    Poll,
+    /// A thread of the queue pair's own waits as the queue pair's [`WaitMode`] says
+    /// (interrupt, or hybrid: spinning first) and reaps; futures sleep until woken. For a
+    /// queue pair created with interrupts.
+    Reaper,
+    /// The owner reaps: it calls [`AsyncQueuePair::reap_interrupt`] whenever the interrupt's
+    /// eventfd ([`AsyncQueuePair::interrupt`]) is readable, for example through tokio's
+    /// `AsyncFd`, or [`AsyncQueuePair::reap`] on its own schedule; futures sleep until woken.
+    External,
+}
+
+/// A command's progress, by its index (its commands' tag).
+#[derive(Default)]
+struct Op {
+    in_use: bool,
+    /// Commands submitted and not yet completed.
+    outstanding: u32,
+    /// Every command of the operation was submitted (or submitting stopped at an error).
+    all_submitted: bool,
+    /// The future was dropped: discard the result when the last completion comes.
+    abandoned: bool,
+    status: Option<NvmeStatus>,
+    waker: Option<Waker>,
+}
+
+impl Op {
+    fn done(&self) -> bool {
+        self.all_submitted && self.outstanding == 0
+    }
+}
+
+struct State {
+    qp: IoQueuePair,
+    ops: Vec<Op>,
+    free: Vec<usize>,
+    /// Futures waiting for a free slot in the submission queue.
+    slot_waiters: Vec<Waker>,
+}
+
+impl State {
+    fn take_op(&mut self) -> usize {
+        let i = self.free.pop().unwrap_or_else(|| {
+            self.ops.push(Op::default());
+            self.ops.len() - 1
+        });
+        self.ops[i] = Op {
+            in_use: true,
+            ..Op::default()
+        };
+        i
+    }
+
+    fn release_op(&mut self, i: usize) {
+        self.ops[i] = Op::default();
+        self.free.push(i);
+    }
+
+    /// Reap what the completion queue holds; the wakers to call once the lock is released.
+    fn reap(&mut self, wakers: &mut Vec<Waker>) -> usize {
+        let State { qp, ops, free, .. } = self;
+        let mut finished = Vec::new();
+        let n = qp.poll(usize::MAX, |c: Completion| {
+            let Some(op) = ops.get_mut(c.tag as usize).filter(|o| o.in_use) else {
+                log::warn!("async queue pair: completion with unknown tag {:#x}", c.tag);
+                return;
+            };
+            op.outstanding -= 1;
+            if !c.status.is_success() && op.status.is_none() {
+                op.status = Some(c.status);
+            }
+            if op.done() {
+                if op.abandoned {
+                    finished.push(c.tag as usize);
+                } else if let Some(w) = op.waker.take() {
+                    wakers.push(w);
+                }
+            }
+        });
+        for i in finished {
+            ops[i] = Op::default();
+            free.push(i);
+        }
+        if n > 0 {
+            wakers.append(&mut self.slot_waiters);
+        }
+        n
+    }
+}
+
+struct Inner {
+    state: Mutex<State>,
+    irq: Option<Arc<Interrupt>>,
+    drive: Drive,
+    dev: String,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn reap(&self) -> usize {
+        let mut wakers = Vec::new();
+        let n = self.lock().reap(&mut wakers);
+        wakers.into_iter().for_each(Waker::wake);
+        n
+    }
+}
+
+/// An I/O queue pair whose commands are futures; clones share it. See the module
+/// documentation.
+#[derive(Clone)]
+pub struct AsyncQueuePair {
+    inner: Arc<Inner>,
+}
+
+impl AsyncQueuePair {
+    /// Make `qp` asynchronous, its completions reaped as `drive` says. [`Drive::Reaper`]
+    /// needs a queue pair created with interrupts ([`WaitMode::Interrupt`] or
+    /// [`WaitMode::Hybrid`]; its spin budget is the reaper's), and starts the reaper thread,
+    /// which ends a little after the last clone (and future) is dropped.
+    pub fn new(qp: IoQueuePair, drive: Drive) -> Result<AsyncQueuePair> {
+        let irq = qp.interrupt().cloned();
+        if drive != Drive::Poll && irq.is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "{:?} reaping sleeps on the queue pair's interrupt: create it with \
+                 WaitMode::Interrupt or Hybrid (queue {} is polled)",
+                drive,
+                qp.qid()
+            )));
+        }
+        let spin = match qp.wait_mode() {
+            WaitMode::Hybrid { spin } => spin,
+            _ => Duration::ZERO,
+        };
+        let inner = Arc::new(Inner {
+            dev: qp.device_name().to_string(),
+            state: Mutex::new(State {
+                qp,
+                ops: Vec::new(),
+                free: Vec::new(),
+                slot_waiters: Vec::new(),
+            }),
+            irq,
+            drive,
+        });
+        if drive == Drive::Reaper {
+            let weak = Arc::downgrade(&inner);
+            let irq = inner.irq.clone().expect("checked above");
+            std::thread::Builder::new()
+                .name(format!("rnvme-reaper-{}", inner.dev))
+                .spawn(move || reaper(weak, irq, spin))
+                .map_err(|e| Error::InvalidArgument(format!("starting the reaper thread: {e}")))?;
+        }
+        Ok(AsyncQueuePair { inner })
+    }
+
+    /// The interrupt vector the completion queue signals, if it has one: for
+    /// [`Drive::External`], wait until its eventfd is readable, then call
+    /// [`AsyncQueuePair::reap_interrupt`].
+    pub fn interrupt(&self) -> Option<Arc<Interrupt>> {
+        self.inner.irq.clone()
+    }
+
+    /// Reap the completions that are there and wake their futures; how many there were.
+    pub fn reap(&self) -> usize {
+        self.inner.reap()
+    }
+
+    /// Consume the interrupt's signal, then reap (in that order, so a completion that lands
+    /// meanwhile signals the eventfd again instead of being missed).
+    pub fn reap_interrupt(&self) -> usize {
+        if let Some(irq) = &self.inner.irq {
+            irq.arm();
+        }
+        self.inner.reap()
+    }
+
+    /// Run `f` on the queue pair (its statistics, say). Completions it reaps outside this
+    /// module are not its futures': do not poll it here.
+    pub fn with_queue_pair<T>(&self, f: impl FnOnce(&mut IoQueuePair) -> T) -> T {
+        f(&mut self.inner.lock().qp)
+    }
+
+    /// Read `blocks` LBAs at `slba` of namespace `nsid` into `buf` (from its start); the buffer
+    /// comes back with the data.
+    pub fn read(&self, nsid: u32, slba: u64, blocks: u64, buf: DmaBuffer) -> IoFuture {
+        self.transfer(Kind::Read, nsid, slba, blocks, buf)
+    }
+
+    /// Write `blocks` LBAs at `slba` from `buf`; the buffer comes back.
+    pub fn write(&self, nsid: u32, slba: u64, blocks: u64, buf: DmaBuffer, fua: bool) -> IoFuture {
+        self.transfer(Kind::Write { fua }, nsid, slba, blocks, buf)
+    }
+
+    /// Compare `blocks` LBAs at `slba` with `buf`: a difference is an [`Error::Command`] with
+    /// status Compare Failure.
+    pub fn compare(&self, nsid: u32, slba: u64, blocks: u64, buf: DmaBuffer) -> IoFuture {
+        self.transfer(Kind::Compare, nsid, slba, blocks, buf)
+    }
+
+    /// Write zeroes to `blocks` LBAs at `slba`.
+    pub fn write_zeroes(&self, nsid: u32, slba: u64, blocks: u64) -> IoFuture {
+        let plan = self.plan(nsid, slba, blocks, None, |p| {
+            write_zeroes_cmd(nsid, p.slba, p.blocks)
+        });
+        IoFuture::new(self.clone(), "Write Zeroes", plan, None)
+    }
+
+    /// Flush the volatile write cache of namespace `nsid`.
+    pub fn flush(&self, nsid: u32) -> IoFuture {
+        IoFuture::new(
+            self.clone(),
+            "Flush",
+            Ok(vec![(flush_cmd(nsid), None)]),
+            None,
+        )
+    }
+
+    /// Deallocate (trim) `blocks` LBAs at `slba` (one range of up to 2^32 - 1 LBAs).
+    pub fn deallocate(&self, nsid: u32, slba: u64, blocks: u64) -> IoFuture {
+        let made = (|| {
+            let st = self.inner.lock();
+            let ns = st.qp.namespace(nsid)?;
+            check_range(&ns, slba, blocks)?;
+            if blocks > u32::MAX as u64 {
+                return Err(Error::InvalidArgument(format!(
+                    "{blocks} LBAs in one deallocate: at most {} per range",
+                    u32::MAX
+                )));
+            }
+            let buf = st.qp.pool().alloc(16)?;
+            buf.write_u64(0, blocks << 32);
+            buf.write_u64(8, slba);
+            Ok(buf)
+        })();
+        match made {
+            Ok(buf) => IoFuture::new(
+                self.clone(),
+                "Dataset Management",
+                Ok(vec![(deallocate_cmd(nsid, 1), Some((0, 16)))]),
+                Some(buf),
+            ),
+            Err(e) => IoFuture::new(self.clone(), "Dataset Management", Err(e), None),
+        }
+    }
+
+    fn transfer(&self, kind: Kind, nsid: u32, slba: u64, blocks: u64, buf: DmaBuffer) -> IoFuture {
+        let plan = self.plan(nsid, slba, blocks, Some(&buf), |p| match kind {
+            Kind::Read => read_cmd(nsid, p.slba, p.blocks),
+            Kind::Write { fua } => write_cmd(nsid, p.slba, p.blocks, fua),
+            Kind::Compare => compare_cmd(nsid, p.slba, p.blocks),
+        });
+        IoFuture::new(self.clone(), kind.name(), plan, Some(buf))
+    }
+
+    /// The commands of a transfer, split at the device's maximum, with their data ranges.
+    fn plan(
+        &self,
+        nsid: u32,
+        slba: u64,
+        blocks: u64,
+        buf: Option<&DmaBuffer>,
+        make: impl Fn(crate::io::Piece) -> SqEntry,
+    ) -> Result<Vec<Piece>> {
+        let st = self.inner.lock();
+        let ns = st.qp.namespace(nsid)?;
+        check_range(&ns, slba, blocks)?;
+        let (per, max) = match buf {
+            Some(b) => {
+                let layout = st.qp.layout(nsid)?;
+                if layout.metadata_per_lba > 0 && !layout.pract {
+                    return Err(Error::InvalidArgument(format!(
+                        "namespace {nsid} keeps metadata in a separate buffer: the async API \
+                         moves data only"
+                    )));
+                }
+                let per = layout.data_per_lba;
+                let need = blocks.saturating_mul(per as u64);
+                if (b.len() as u64) < need {
+                    return Err(Error::InvalidArgument(format!(
+                        "a buffer of {} bytes is too small for {blocks} LBAs of {per} bytes \
+                         ({need} bytes)",
+                        b.len()
+                    )));
+                }
+                (per, st.qp.max_transfer_for(per))
+            }
+            None => (ns.lba_size, u32::MAX),
+        };
+        Ok(split_transfer(slba, blocks, per, max)
+            .map(|p| {
+                let data = buf.map(|_| (p.offset as usize, p.blocks as usize * per as usize));
+                (make(p), data)
+            })
+            .collect())
+    }
+}
+
+#[derive(Copy, Clone)]
+enum Kind {
+    Read,
+    Write { fua: bool },
+    Compare,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Read => "Read",
+            Kind::Write { .. } => "Write",
+            Kind::Compare => "Compare",
+        }
+    }
+}
+
+/// A command and the range of the future's buffer it carries.
+type Piece = (SqEntry, Option<(usize, usize)>);
+
+/// One I/O operation (one or more commands) of an [`AsyncQueuePair`]. Its output is the
+/// buffer it was given back (`None` for commands without one), or the first error.
+#[must_use = "a future does nothing until polled"]
+pub struct IoFuture {
+    aqp: AsyncQueuePair,
+    what: &'static str,
+    plan: Result<Vec<Piece>>,
+    next: usize,
+    buf: Option<DmaBuffer>,
+    op: Option<usize>,
+    /// An error that stopped the submissions (commands already submitted still complete).
+    error: Option<Error>,
+}
+
+impl IoFuture {
+    fn new(
+        aqp: AsyncQueuePair,
+        what: &'static str,
+        plan: Result<Vec<Piece>>,
+        buf: Option<DmaBuffer>,
+    ) -> IoFuture {
+        IoFuture {
+            aqp,
+            what,
+            plan,
+            next: 0,
+            buf,
+            op: None,
+            error: None,
+        }
+    }
+
+    /// Submit what the queue has room for; when it is full, the waker waits for a free slot.
+    fn submit(&mut self, st: &mut State, op: usize, cx: &Context<'_>) {
+        let Ok(plan) = &self.plan else { return };
+        while self.next < plan.len() {
+            let (cmd, range) = plan[self.next];
+            let slice: [DmaSlice<'_>; 1];
+            let data: &[DmaSlice<'_>] = match (&self.buf, range) {
+                (Some(b), Some((off, len))) => {
+                    slice = [b.segment_at(off, len)];
+                    &slice
+                }
+                _ => &[],
+            };
+            match st.qp.submit(cmd, data, op as u64) {
+                Ok(_) => {
+                    st.ops[op].outstanding += 1;
+                    self.next += 1;
+                }
+                Err(Error::QueueFull) => {
+                    st.qp.ring();
+                    st.slot_waiters.push(cx.waker().clone());
+                    return;
+                }
+                Err(e) => {
+                    self.error = Some(e);
+                    break;
+                }
+            }
+        }
+        st.ops[op].all_submitted = true;
+        st.qp.ring();
+    }
+}
+
+impl Future for IoFuture {
+    type Output = Result<Option<DmaBuffer>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if this.plan.is_err() {
+            if let Err(e) = std::mem::replace(&mut this.plan, Ok(Vec::new())) {
+                return Poll::Ready(Err(e));
+            }
+        }
+        let inner = this.aqp.inner.clone();
+        let mut wakers = Vec::new();
+        let mut st = inner.lock();
+        let op = match this.op {
+            Some(op) => op,
+            None => {
+                let op = st.take_op();
+                this.op = Some(op);
+                op
+            }
+        };
+        if !st.ops[op].all_submitted {
+            this.submit(&mut st, op, cx);
+        }
+        if !st.ops[op].done() {
+            st.reap(&mut wakers);
+        }
+        let ready = if st.ops[op].done() {
+            let status = st.ops[op].status;
+            st.release_op(op);
+            this.op = None;
+            Some(status)
+        } else {
+            match inner.drive {
+                Drive::Poll => cx.waker().wake_by_ref(),
+                Drive::Reaper | Drive::External => {
+                    let w = &mut st.ops[op].waker;
+                    if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                        *w = Some(cx.waker().clone());
+                    }
+                }
+            }
+            None
+        };
+        drop(st);
+        wakers.into_iter().for_each(Waker::wake);
+        match ready {
+            None => Poll::Pending,
+            Some(status) => Poll::Ready(match (this.error.take(), status) {
+                (Some(e), _) => Err(e),
+                (None, Some(s)) if s == NvmeStatus::DEVICE_REMOVED => Err(Error::DeviceRemoved {
+                    dev: inner.dev.clone(),
+                }),
+                (None, Some(status)) => Err(Error::Command {
+                    dev: inner.dev.clone(),
+                    command: this.what,
+                    status,
+                }),
+                (None, None) => Ok(this.buf.take()),
+            }),
+        }
+    }
+}
+
+impl Drop for IoFuture {
+    fn drop(&mut self) {
+        let Some(op) = self.op.take() else { return };
+        let mut st = self.aqp.inner.lock();
+        // Nothing more is submitted; what is at the device completes into the void. Its
+        // buffer's memory stays lent (the queue pair's share) until then.
+        st.ops[op].all_submitted = true;
+        if st.ops[op].outstanding == 0 {
+            st.release_op(op);
+        } else {
+            st.ops[op].abandoned = true;
+            st.ops[op].waker = None;
+        }
+    }
+}
+
+/// The reaper thread of [`Drive::Reaper`]: reap while completions come (and for `spin`
+/// after the last), then arm the interrupt, reap once more and sleep on it. Ends when the
+/// queue pair is gone.
+fn reaper(inner_weak: Weak<Inner>, irq: Arc<Interrupt>, spin: Duration) {
+    let mut last = Instant::now();
+    loop {
+        let Some(inner) = inner_weak.upgrade() else {
+            return;
+        };
+        if inner.reap() > 0 {
+            last = Instant::now();
+            continue;
+        }
+        if !spin.is_zero() && last.elapsed() < spin {
+            std::hint::spin_loop();
+            continue;
+        }
+        irq.arm();
+        if inner.reap() > 0 {
+            last = Instant::now();
+            continue;
+        }
+        drop(inner);
+        if !irq.sleep(Duration::from_millis(100)) {
+            // A quiet stretch: let the queue pair check deadlines, health and removal at the
+            // next reap.
+            let Some(inner) = inner_weak.upgrade() else {
+                return;
+            };
+            inner.lock().qp.check_soon();
+        }
+    }
+}

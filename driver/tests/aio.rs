@@ -1,0 +1,256 @@
+//! The async API against the controller model posting completions from its own thread:
+//! tokio (current-thread and multi-thread) and a plain `futures` executor; many tasks sharing
+//! a queue pair and a queue pair per task; each way of reaping; dropped futures.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use rnvme_driver::aio::{AsyncQueuePair, Drive};
+use rnvme_driver::controller::{Controller, ControllerOptions};
+use rnvme_driver::dma::Backing;
+use rnvme_driver::irq::WaitMode;
+use rnvme_driver::model::{CompletionMode, Model, ModelConfig, ModelNamespace};
+use rnvme_driver::{Error, NvmeStatus};
+
+const BLOCKS: u64 = 8192;
+
+fn open() -> (Arc<Model>, Controller) {
+    let model = Model::new(ModelConfig {
+        namespaces: vec![ModelNamespace {
+            nsid: 1,
+            lba_size: 4096,
+            blocks: BLOCKS,
+        }],
+        // 16 KiB per command: larger transfers are split.
+        mdts: 2,
+        ..ModelConfig::default()
+    });
+    let ctrl = Controller::init(
+        model.clone(),
+        ControllerOptions {
+            backing: Backing::SmallPages,
+            ..ControllerOptions::default()
+        },
+    )
+    .expect("bring-up against the model");
+    model.complete_from_thread(Duration::from_micros(30));
+    (model, ctrl)
+}
+
+fn stamp(lba: u64, blocks: u64, pass: u8) -> Vec<u8> {
+    (0..blocks * 4096)
+        .map(|i| (i.wrapping_mul(29) ^ lba.wrapping_mul(131) ^ (pass as u64 * 7)) as u8)
+        .collect()
+}
+
+fn aqp(ctrl: &Controller, drive: Drive) -> AsyncQueuePair {
+    let mode = match drive {
+        Drive::Poll => WaitMode::Polled,
+        _ => WaitMode::Hybrid {
+            spin: Duration::from_micros(20),
+        },
+    };
+    AsyncQueuePair::new(ctrl.create_io_qpair_with(16, mode).unwrap(), drive).unwrap()
+}
+
+/// Task `t` of `tasks` writes, reads back and compares LBAs t, t + tasks, ... (runs of 1 to 6
+/// blocks: some split into two commands), then flushes.
+async fn worker(q: AsyncQueuePair, ctrl: Controller, t: u64, tasks: u64, pass: u8) {
+    let mut lba = t * 8;
+    while lba + 8 <= BLOCKS / 4 {
+        let blocks = 1 + (lba / 8) % 6;
+        let data = stamp(lba, blocks, pass);
+        let buf = ctrl.alloc(data.len()).unwrap();
+        buf.write_bytes(0, &data);
+        let buf = q.write(1, lba, blocks, buf, false).await.unwrap().unwrap();
+        buf.fill(0);
+        let buf = q.read(1, lba, blocks, buf).await.unwrap().unwrap();
+        assert_eq!(buf.to_vec(), data, "LBA {lba}");
+        q.compare(1, lba, blocks, buf).await.unwrap();
+        lba += 8 * tasks;
+    }
+    q.flush(1).await.unwrap();
+}
+
+fn check(model: &Model, pass: u8) {
+    for lba in (0..BLOCKS / 4).step_by(8).take(64) {
+        let blocks = 1 + (lba / 8) % 6;
+        assert_eq!(
+            model.read_ns(1, lba, blocks),
+            stamp(lba, blocks, pass),
+            "LBA {lba}"
+        );
+    }
+}
+
+#[test]
+fn tokio_current_thread_many_tasks_share_a_queue_pair_each_way_of_reaping() {
+    for (pass, drive) in [Drive::Poll, Drive::Reaper].into_iter().enumerate() {
+        let (model, ctrl) = open();
+        let q = aqp(&ctrl, drive);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let tasks: Vec<_> = (0..12)
+                .map(|t| tokio::spawn(worker(q.clone(), ctrl.clone(), t, 12, pass as u8)))
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+        });
+        check(&model, pass as u8);
+        let st = q.with_queue_pair(|qp| qp.stats());
+        assert_eq!(st.spurious, 0);
+        if drive == Drive::Reaper {
+            assert!(st.submitted > 500, "{st:?}");
+            assert!(model.stats().interrupts > 0);
+        }
+    }
+}
+
+#[test]
+fn tokio_multi_thread_a_queue_pair_per_task_and_a_shared_one() {
+    let (model, ctrl) = open();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // Four tasks with a queue pair each (two reaped by threads, two by their futures),
+        // and four more sharing one.
+        let shared = aqp(&ctrl, Drive::Reaper);
+        let mut tasks = Vec::new();
+        for t in 0..8u64 {
+            let q = match t {
+                0 | 1 => aqp(&ctrl, Drive::Reaper),
+                2 | 3 => aqp(&ctrl, Drive::Poll),
+                _ => shared.clone(),
+            };
+            tasks.push(tokio::spawn(worker(q, ctrl.clone(), t, 8, 9)));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    check(&model, 9);
+}
+
+#[test]
+fn tokio_async_fd_reaps_when_the_interrupt_is_readable() {
+    let (model, ctrl) = open();
+    let q = aqp(&ctrl, Drive::External);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let irq = q.interrupt().unwrap();
+        // SAFETY: the AsyncFd owns a share of the `Interrupt`, whose eventfd stays open, the
+        // same descriptor, for as long as the `Interrupt` lives.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(irq, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| e.to_string())
+        .unwrap();
+        let reaper = {
+            let q = q.clone();
+            tokio::spawn(async move {
+                loop {
+                    let mut ready = fd.readable().await.unwrap();
+                    ready.clear_ready();
+                    q.reap_interrupt();
+                }
+            })
+        };
+        let tasks: Vec<_> = (0..6)
+            .map(|t| tokio::spawn(worker(q.clone(), ctrl.clone(), t, 6, 3)))
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        reaper.abort();
+    });
+    check(&model, 3);
+}
+
+#[test]
+fn a_plain_executor_runs_the_futures_and_errors_come_back_clearly() {
+    let (model, ctrl) = open();
+    let q = aqp(&ctrl, Drive::Reaper);
+    futures::executor::block_on(async {
+        // Sixty-four reads at once through a queue of 15 slots: the rest wait for free slots.
+        let data = stamp(100, 64, 5);
+        model.write_ns(1, 100, &data);
+        let reads = (0..64u64).map(|i| {
+            let buf = ctrl.alloc(4096).unwrap();
+            q.read(1, 100 + i, 1, buf)
+        });
+        for (i, got) in join_all(reads).await.into_iter().enumerate() {
+            let got = got.unwrap().unwrap().to_vec();
+            assert_eq!(got, data[i * 4096..(i + 1) * 4096]);
+        }
+        q.write_zeroes(1, 100, 64).await.unwrap();
+        assert_eq!(model.read_ns(1, 163, 1), vec![0; 4096]);
+        q.deallocate(1, 0, 16).await.unwrap();
+
+        // Bad input: a clear error, nothing sent.
+        let e = q
+            .read(1, BLOCKS, 1, ctrl.alloc(4096).unwrap())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("LBA"), "{e}");
+        let e = q
+            .read(1, 0, 2, ctrl.alloc(4096).unwrap())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("too small"), "{e}");
+        let e = q
+            .read(7, 0, 1, ctrl.alloc(4096).unwrap())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::NoSuchNamespace { .. }), "{e}");
+        // A device error: a compare that differs.
+        let buf = ctrl.alloc(4096).unwrap();
+        buf.fill(0xee);
+        match q.compare(1, 100, 1, buf).await {
+            Err(Error::Command { status, .. }) => {
+                let want = NvmeStatus::COMPARE_FAILURE;
+                assert_eq!((status.sct, status.sc), (want.sct, want.sc), "{status}");
+            }
+            other => panic!("{other:?}"),
+        }
+    });
+}
+
+#[test]
+fn a_dropped_future_keeps_its_memory_lent_until_the_completion_is_reaped() {
+    let (model, ctrl) = open();
+    model.set_completion_mode(CompletionMode::Deferred);
+    let q = aqp(&ctrl, Drive::External);
+    let data = stamp(40, 1, 1);
+    model.write_ns(1, 40, &data);
+    let buf = ctrl.alloc(4096).unwrap();
+    let in_use = || ctrl.pool().stats().pages_in_use;
+    let before = in_use();
+    let mut fut = Box::pin(q.read(1, 40, 1, buf));
+    // Polled once: submitted, not complete.
+    let waker = futures::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    assert!(fut.as_mut().poll(&mut cx).is_pending());
+    assert_eq!(q.with_queue_pair(|qp| qp.outstanding()), 1);
+    drop(fut);
+    // The buffer was dropped with the future, but its memory is still the device's.
+    assert_eq!(in_use(), before);
+    model.release_all();
+    assert_eq!(q.reap(), 1, "the abandoned command's completion is reaped");
+    assert_eq!(q.with_queue_pair(|qp| qp.outstanding()), 0);
+    // Now it is back, and the queue pair goes on.
+    assert_eq!(in_use(), before - 1);
+    model.set_completion_mode(CompletionMode::Instant);
+    let got = futures::executor::block_on(q.read(1, 40, 1, ctrl.alloc(4096).unwrap()));
+    assert_eq!(got.unwrap().unwrap().to_vec(), data);
+}
+
+use std::future::Future;
