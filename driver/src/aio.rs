@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use crate::dma::{DmaBuffer, DmaSlice};
+use crate::dma::{DmaBuffer, DmaLease, DmaSlice};
 use crate::error::{Error, Result};
 use crate::io::{
     check_range, compare_cmd, deallocate_cmd, flush_cmd, read_cmd, split_transfer, write_cmd,
@@ -247,7 +247,7 @@ impl AsyncQueuePair {
         let plan = self.plan(nsid, slba, blocks, None, |p| {
             write_zeroes_cmd(nsid, p.slba, p.blocks)
         });
-        IoFuture::new(self.clone(), "Write Zeroes", plan, None)
+        IoFuture::new(self.clone(), "Write Zeroes", plan, Data::None)
     }
 
     /// Flush the volatile write cache of namespace `nsid`.
@@ -256,7 +256,7 @@ impl AsyncQueuePair {
             self.clone(),
             "Flush",
             Ok(vec![(flush_cmd(nsid), None)]),
-            None,
+            Data::None,
         )
     }
 
@@ -282,19 +282,46 @@ impl AsyncQueuePair {
                 self.clone(),
                 "Dataset Management",
                 Ok(vec![(deallocate_cmd(nsid, 1), Some((0, 16)))]),
-                Some(buf),
+                Data::Buffer(buf),
             ),
-            Err(e) => IoFuture::new(self.clone(), "Dataset Management", Err(e), None),
+            Err(e) => IoFuture::new(self.clone(), "Dataset Management", Err(e), Data::None),
         }
     }
 
-    fn transfer(&self, kind: Kind, nsid: u32, slba: u64, blocks: u64, buf: DmaBuffer) -> IoFuture {
-        let plan = self.plan(nsid, slba, blocks, Some(&buf), |p| match kind {
+    /// [`AsyncQueuePair::read`] into memory the caller keeps a [`DmaBuffer`] of, lent as a
+    /// [`DmaLease`] (from [`DmaBuffer::lease`]): the caller reads the data from its buffer
+    /// once the future is ready.
+    pub fn read_lease(&self, nsid: u32, slba: u64, blocks: u64, lease: DmaLease) -> IoFuture {
+        self.transfer(Kind::Read, nsid, slba, blocks, Data::Lease(lease))
+    }
+
+    /// [`AsyncQueuePair::write`] from leased memory (see [`AsyncQueuePair::read_lease`]).
+    pub fn write_lease(
+        &self,
+        nsid: u32,
+        slba: u64,
+        blocks: u64,
+        lease: DmaLease,
+        fua: bool,
+    ) -> IoFuture {
+        self.transfer(Kind::Write { fua }, nsid, slba, blocks, Data::Lease(lease))
+    }
+
+    fn transfer(
+        &self,
+        kind: Kind,
+        nsid: u32,
+        slba: u64,
+        blocks: u64,
+        buf: impl Into<Data>,
+    ) -> IoFuture {
+        let data = buf.into();
+        let plan = self.plan(nsid, slba, blocks, Some(data.len()), |p| match kind {
             Kind::Read => read_cmd(nsid, p.slba, p.blocks),
             Kind::Write { fua } => write_cmd(nsid, p.slba, p.blocks, fua),
             Kind::Compare => compare_cmd(nsid, p.slba, p.blocks),
         });
-        IoFuture::new(self.clone(), kind.name(), plan, Some(buf))
+        IoFuture::new(self.clone(), kind.name(), plan, data)
     }
 
     /// The commands of a transfer, split at the device's maximum, with their data ranges.
@@ -303,7 +330,7 @@ impl AsyncQueuePair {
         nsid: u32,
         slba: u64,
         blocks: u64,
-        buf: Option<&DmaBuffer>,
+        buf: Option<usize>,
         make: impl Fn(crate::io::Piece) -> SqEntry,
     ) -> Result<Vec<Piece>> {
         let st = self.inner.lock();
@@ -320,11 +347,10 @@ impl AsyncQueuePair {
                 }
                 let per = layout.data_per_lba;
                 let need = blocks.saturating_mul(per as u64);
-                if (b.len() as u64) < need {
+                if (b as u64) < need {
                     return Err(Error::InvalidArgument(format!(
-                        "a buffer of {} bytes is too small for {blocks} LBAs of {per} bytes \
-                         ({need} bytes)",
-                        b.len()
+                        "a buffer of {b} bytes is too small for {blocks} LBAs of {per} bytes \
+                         ({need} bytes)"
                     )));
                 }
                 (per, st.qp.max_transfer_for(per))
@@ -360,15 +386,49 @@ impl Kind {
 /// A command and the range of the future's buffer it carries.
 type Piece = (SqEntry, Option<(usize, usize)>);
 
+/// The memory a future's commands carry.
+enum Data {
+    None,
+    /// Owned, and given back with the result.
+    Buffer(DmaBuffer),
+    /// A share of the caller's buffer.
+    Lease(DmaLease),
+}
+
+impl From<DmaBuffer> for Data {
+    fn from(b: DmaBuffer) -> Data {
+        Data::Buffer(b)
+    }
+}
+
+impl Data {
+    fn len(&self) -> usize {
+        match self {
+            Data::None => 0,
+            Data::Buffer(b) => b.len(),
+            Data::Lease(l) => l.segment().len as usize,
+        }
+    }
+
+    fn slice(&self, off: usize, len: usize) -> Option<DmaSlice<'_>> {
+        match self {
+            Data::None => None,
+            Data::Buffer(b) => Some(b.segment_at(off, len)),
+            Data::Lease(l) => Some(l.slice().sub(off, len)),
+        }
+    }
+}
+
 /// One I/O operation (one or more commands) of an [`AsyncQueuePair`]. Its output is the
-/// buffer it was given back (`None` for commands without one), or the first error.
+/// buffer it was given back (`None` for commands without one, or with leased memory), or
+/// the first error.
 #[must_use = "a future does nothing until polled"]
 pub struct IoFuture {
     aqp: AsyncQueuePair,
     what: &'static str,
     plan: Result<Vec<Piece>>,
     next: usize,
-    buf: Option<DmaBuffer>,
+    buf: Data,
     op: Option<usize>,
     /// An error that stopped the submissions (commands already submitted still complete).
     error: Option<Error>,
@@ -379,7 +439,7 @@ impl IoFuture {
         aqp: AsyncQueuePair,
         what: &'static str,
         plan: Result<Vec<Piece>>,
-        buf: Option<DmaBuffer>,
+        buf: Data,
     ) -> IoFuture {
         IoFuture {
             aqp,
@@ -398,12 +458,12 @@ impl IoFuture {
         while self.next < plan.len() {
             let (cmd, range) = plan[self.next];
             let slice: [DmaSlice<'_>; 1];
-            let data: &[DmaSlice<'_>] = match (&self.buf, range) {
-                (Some(b), Some((off, len))) => {
-                    slice = [b.segment_at(off, len)];
+            let data: &[DmaSlice<'_>] = match range.and_then(|(o, l)| self.buf.slice(o, l)) {
+                Some(s) => {
+                    slice = [s];
                     &slice
                 }
-                _ => &[],
+                None => &[],
             };
             match st.qp.submit(cmd, data, op as u64) {
                 Ok(_) => {
@@ -484,7 +544,10 @@ impl Future for IoFuture {
                     command: this.what,
                     status,
                 }),
-                (None, None) => Ok(this.buf.take()),
+                (None, None) => Ok(match std::mem::replace(&mut this.buf, Data::None) {
+                    Data::Buffer(b) => Some(b),
+                    _ => None,
+                }),
             }),
         }
     }

@@ -191,6 +191,16 @@ fn a_plain_executor_runs_the_futures_and_errors_come_back_clearly() {
             let got = got.unwrap().unwrap().to_vec();
             assert_eq!(got, data[i * 4096..(i + 1) * 4096]);
         }
+        // Leased memory: the caller keeps its buffer and reads it after the future.
+        let mine = ctrl.alloc(8 * 4096).unwrap();
+        let got = q.read_lease(1, 100, 8, mine.lease(0, 8 * 4096)).await.unwrap();
+        assert!(got.is_none(), "nothing to give back");
+        assert_eq!(mine.to_vec(), data[..8 * 4096]);
+        mine.fill(0x5a);
+        q.write_lease(1, 200, 8, mine.lease(0, 8 * 4096), true)
+            .await
+            .unwrap();
+        assert_eq!(model.read_ns(1, 207, 1), vec![0x5a; 4096]);
         q.write_zeroes(1, 100, 64).await.unwrap();
         assert_eq!(model.read_ns(1, 163, 1), vec![0; 4096]);
         q.deallocate(1, 0, 16).await.unwrap();
