@@ -193,7 +193,10 @@ fn a_plain_executor_runs_the_futures_and_errors_come_back_clearly() {
         }
         // Leased memory: the caller keeps its buffer and reads it after the future.
         let mine = ctrl.alloc(8 * 4096).unwrap();
-        let got = q.read_lease(1, 100, 8, mine.lease(0, 8 * 4096)).await.unwrap();
+        let got = q
+            .read_lease(1, 100, 8, mine.lease(0, 8 * 4096))
+            .await
+            .unwrap();
         assert!(got.is_none(), "nothing to give back");
         assert_eq!(mine.to_vec(), data[..8 * 4096]);
         mine.fill(0x5a);

@@ -9,8 +9,9 @@ use anyhow::Result;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rnvme_driver::affinity::CpuList;
-use rnvme_driver::controller::{Controller, ControllerOptions};
+use rnvme_driver::controller::{Coalescing, Controller, ControllerOptions};
 use rnvme_driver::dma::Backing;
+use rnvme_driver::irq::WaitMode;
 use rnvme_driver::queue::DataPointerMode;
 use rnvme_tools::perf::{self, LbaRange, Pattern, PerfConfig, PerfError, Progress, Target};
 use rnvme_tools::sysfs::{Sysfs, VFIO_DRIVER};
@@ -159,6 +160,40 @@ pub struct PerfArgs {
     /// Ring at every submission instead of once per batch of submissions
     #[arg(long)]
     pub ring_each: bool,
+    /// How workers wait for completions: polled (a busy core), interrupt (sleep on the queue
+    /// pair's MSI-X vector) or hybrid (poll for --spin-us, then sleep)
+    #[arg(long, value_name = "MODE", default_value = "polled", value_parser = ["polled", "interrupt", "hybrid"])]
+    pub mode: String,
+    /// With --mode hybrid: microseconds to keep polling an empty queue before sleeping
+    #[arg(long, value_name = "US", default_value_t = 50)]
+    pub spin_us: u64,
+    /// Interrupt Coalescing for interrupt and hybrid modes: THRESHOLD,TIME (0-based
+    /// aggregation threshold, time in 100 µs units)
+    #[arg(long, value_name = "THR,TIME", value_parser = coalescing_arg)]
+    pub coalesce: Option<Coalescing>,
+    /// Issue the I/O through the async API (futures on a tokio runtime per worker) instead of
+    /// the queue pair directly
+    #[arg(long = "async", conflicts_with = "reactor")]
+    pub async_api: bool,
+    /// Submit nothing: only wait on the queue pairs for the run's time (what an idle process
+    /// costs in each mode)
+    #[arg(long, conflicts_with_all = ["reactor", "async_api", "verify"])]
+    pub idle: bool,
+}
+
+fn coalescing_arg(s: &str) -> Result<Coalescing, String> {
+    let (t, time) = s
+        .split_once(',')
+        .ok_or_else(|| format!("'{s}': give THRESHOLD,TIME such as 7,1"))?;
+    let num = |v: &str, what: &str| {
+        v.trim()
+            .parse::<u8>()
+            .map_err(|_| format!("'{v}': the {what} is a number from 0 to 255"))
+    };
+    Ok(Coalescing {
+        threshold: num(t, "threshold")?,
+        time_100us: num(time, "time")?,
+    })
 }
 
 /// An SPDK transport ID, as `-r` takes it: a PCIe controller and maybe a namespace.
@@ -309,6 +344,15 @@ impl PerfArgs {
             seed: self.seed,
             shadow_doorbells: !self.no_shadow_doorbells,
             ring_each: self.ring_each,
+            wait: match self.mode.as_str() {
+                "interrupt" => WaitMode::Interrupt,
+                "hybrid" => WaitMode::Hybrid {
+                    spin: Duration::from_micros(self.spin_us),
+                },
+                _ => WaitMode::Polled,
+            },
+            async_api: self.async_api,
+            idle: self.idle,
         }
     }
 
@@ -407,6 +451,7 @@ fn open(args: &PerfArgs, cfg: &PerfConfig, wanted: &[(String, Which)]) -> Result
                         data_pointer: forced.unwrap_or(DEFAULT_DATA_POINTER),
                         initial_chunks: chunks,
                         shadow_doorbells: cfg.shadow_doorbells,
+                        interrupt_coalescing: args.coalesce,
                         ..ControllerOptions::default()
                     },
                 )?;
@@ -558,6 +603,72 @@ mod tests {
         let mut v = vec!["perf"];
         v.extend_from_slice(args);
         T::try_parse_from(v).map(|t| t.a)
+    }
+
+    #[test]
+    fn waiting_modes_async_idle_and_coalescing() {
+        let a = parse(&["-q", "1", "-o", "4k", "-w", "randread", "-t", "1"]).unwrap();
+        assert_eq!(a.config().wait, WaitMode::Polled);
+        let a = parse(&[
+            "-q",
+            "32",
+            "-o",
+            "4k",
+            "-w",
+            "randread",
+            "-t",
+            "1",
+            "--mode",
+            "hybrid",
+            "--spin-us",
+            "20",
+            "--async",
+            "--coalesce",
+            "7,2",
+        ])
+        .unwrap();
+        let c = a.config();
+        assert_eq!(
+            c.wait,
+            WaitMode::Hybrid {
+                spin: Duration::from_micros(20)
+            }
+        );
+        assert!(c.async_api && !c.idle);
+        assert_eq!(
+            a.coalesce,
+            Some(Coalescing {
+                threshold: 7,
+                time_100us: 2
+            })
+        );
+        let a = parse(&[
+            "-q",
+            "1",
+            "-o",
+            "4k",
+            "-w",
+            "randread",
+            "-t",
+            "1",
+            "--mode",
+            "interrupt",
+            "--idle",
+        ])
+        .unwrap();
+        assert_eq!(a.config().wait, WaitMode::Interrupt);
+        assert!(a.config().idle);
+        for bad in [
+            &["--mode", "sometimes"][..],
+            &["--coalesce", "7"],
+            &["--coalesce", "300,1"],
+            &["--async", "--reactor"],
+            &["--idle", "--verify"],
+        ] {
+            let mut args = vec!["-q", "1", "-o", "4k", "-w", "randread", "-t", "1"];
+            args.extend_from_slice(bad);
+            assert!(parse(&args).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -30,6 +30,7 @@ use rnvme_driver::affinity::CpuList;
 use rnvme_driver::controller::Controller;
 use rnvme_driver::identify::{DataLayout, NamespaceInfo};
 use rnvme_driver::io::{split_transfer, Piece};
+use rnvme_driver::irq::WaitMode;
 use rnvme_driver::spec::MAX_NLB;
 
 pub use fssig::Signature;
@@ -225,6 +226,12 @@ pub struct PerfConfig {
     pub shadow_doorbells: bool,
     /// Ring at every submission instead of once per batch.
     pub ring_each: bool,
+    /// How the workers wait for completions (direct workers; a reactor polls).
+    pub wait: WaitMode,
+    /// Through the async API: each worker runs a tokio runtime and drives its I/O as futures.
+    pub async_api: bool,
+    /// Submit nothing: wait on the queue pairs for the run's time.
+    pub idle: bool,
 }
 
 impl Default for PerfConfig {
@@ -251,6 +258,9 @@ impl Default for PerfConfig {
             seed: 1,
             shadow_doorbells: true,
             ring_each: false,
+            wait: WaitMode::Polled,
+            async_api: false,
+            idle: false,
         }
     }
 }
@@ -285,6 +295,13 @@ impl PerfConfig {
             seed: self.seed,
             shadow_doorbells: self.shadow_doorbells,
             ring_each: self.ring_each,
+            mode: self.wait.name().into(),
+            spin_us: match self.wait {
+                WaitMode::Hybrid { spin } => Some(spin.as_micros() as u64),
+                _ => None,
+            },
+            async_api: self.async_api,
+            idle: self.idle,
         }
     }
 
@@ -369,6 +386,24 @@ impl PerfConfig {
         }
         if self.reactor_cpu.is_some() && !self.reactor {
             return bad("--reactor-cpu applies to --reactor runs".into());
+        }
+        let sleeps = self.wait.needs_interrupts();
+        if sleeps && self.reactor {
+            return bad(format!(
+                "--mode {}: the reactor polls its queue pairs; interrupt and hybrid modes are \
+                 for direct workers and --async",
+                self.wait.name()
+            ));
+        }
+        if (sleeps || self.async_api) && self.queues_per_thread > 1 {
+            return bad(format!(
+                "{} waits on one queue pair per thread: give -P 1",
+                if self.async_api {
+                    "--async"
+                } else {
+                    "--mode interrupt/hybrid"
+                }
+            ));
         }
         if self.verify && !self.pattern.reads() {
             return bad(format!(
@@ -567,6 +602,17 @@ pub fn plan(targets: &[Target], cfg: &PerfConfig) -> Result<Vec<TargetPlan>, Per
     cfg.check()?;
     if targets.is_empty() {
         return Err(PerfError::Invalid("no namespace to run on".into()));
+    }
+    if (cfg.wait.needs_interrupts() || cfg.async_api) && targets.len() > 1 {
+        return Err(PerfError::Invalid(format!(
+            "{} waits on one queue pair per thread: give one namespace ({} given)",
+            if cfg.async_api {
+                "--async"
+            } else {
+                "--mode interrupt/hybrid"
+            },
+            targets.len()
+        )));
     }
     let mut plans = Vec::new();
     let mut per_ctrl: BTreeMap<String, (u32, u16)> = BTreeMap::new();

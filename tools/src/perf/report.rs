@@ -431,6 +431,43 @@ pub struct WorkloadInfo {
     pub shadow_doorbells: bool,
     /// Every submission rings (instead of once per batch).
     pub ring_each: bool,
+    /// How the workers waited for completions: polled, interrupt or hybrid.
+    pub mode: String,
+    /// Hybrid mode's spin budget, µs.
+    pub spin_us: Option<u64>,
+    /// Through the async API.
+    pub async_api: bool,
+    /// Nothing submitted: the run only waited.
+    pub idle: bool,
+}
+
+/// The process's CPU time over the measured window (from `getrusage`).
+#[derive(Serialize, Clone, Debug, Default, PartialEq)]
+pub struct CpuUsage {
+    /// User CPU seconds.
+    pub user_s: f64,
+    /// System CPU seconds.
+    pub system_s: f64,
+    /// CPU microseconds per I/O completed in the window (none in an idle run).
+    pub per_io_us: Option<f64>,
+    /// CPU seconds per wall-clock second: 1.0 is one core kept busy.
+    pub busy_fraction: f64,
+}
+
+impl CpuUsage {
+    /// From two readings of the process's (user, system) CPU time, the wall time between
+    /// them and the I/Os completed meanwhile.
+    pub fn between(before: (f64, f64), after: (f64, f64), wall_s: f64, ios: u64) -> CpuUsage {
+        let user_s = (after.0 - before.0).max(0.0);
+        let system_s = (after.1 - before.1).max(0.0);
+        let cpu = user_s + system_s;
+        CpuUsage {
+            user_s,
+            system_s,
+            per_io_us: (ios > 0).then(|| cpu * 1e6 / ios as f64),
+            busy_fraction: if wall_s > 0.0 { cpu / wall_s } else { 0.0 },
+        }
+    }
 }
 
 /// One namespace's result (in a thread, or over all threads).
@@ -568,6 +605,10 @@ pub struct PerfReport {
     pub counters: Counters,
     /// The first failed commands.
     pub first_errors: Vec<ErrorReport>,
+    /// How the workers waited: polled, interrupt or hybrid (as in `workload`).
+    pub mode: String,
+    /// The process's CPU time over the measured window.
+    pub cpu: CpuUsage,
 }
 
 impl PerfReport {
@@ -649,6 +690,22 @@ impl PerfReport {
             }
         }
         row(&mut s, "total", "", "", &self.total);
+        let c = &self.cpu;
+        let _ = writeln!(
+            s,
+            "{} mode{}{}: CPU {:.2} s user + {:.2} s system, {:.1} % of a CPU{}",
+            w.mode,
+            w.spin_us
+                .map(|us| format!(" (spin {us} us)"))
+                .unwrap_or_default(),
+            if w.async_api { ", async API" } else { "" },
+            c.user_s,
+            c.system_s,
+            c.busy_fraction * 100.0,
+            c.per_io_us
+                .map(|us| format!(", {us:.1} us per I/O"))
+                .unwrap_or_default()
+        );
         let mix = matches!(w.pattern.as_str(), "rw" | "randrw");
         if mix {
             let _ = writeln!(s, "\nreads and writes apart:");
@@ -1029,6 +1086,10 @@ mod tests {
                 seed: 1,
                 shadow_doorbells: true,
                 ring_each: false,
+                mode: "polled".into(),
+                spin_us: None,
+                async_api: false,
+                idle: false,
             },
             elapsed_s: 1.0,
             total: t.clone(),
@@ -1041,6 +1102,8 @@ mod tests {
             }],
             counters: Counters::default(),
             first_errors: Vec::new(),
+            mode: "polled".into(),
+            cpu: CpuUsage::between((1.0, 0.5), (1.9, 0.6), 1.0, 1000),
         }
     }
 

@@ -865,3 +865,141 @@ fn threads_and_the_reactor_run_on_the_cpus_given_and_unusable_cpus_are_refused()
     );
     assert!(m.contains("--reactor-cpu applies to --reactor runs"), "{m}");
 }
+
+/// Every waiting mode, directly and through the async API: writes land with their stamps, a
+/// verifying read finds them, and the report says how it waited and what CPU it used.
+#[test]
+fn every_mode_directly_and_async_writes_and_verifies() {
+    let modes = [
+        WaitMode::Polled,
+        WaitMode::Interrupt,
+        WaitMode::Hybrid {
+            spin: Duration::from_micros(30),
+        },
+    ];
+    for async_api in [false, true] {
+        for (k, wait) in modes.into_iter().enumerate() {
+            let (model, ctrl) = open();
+            model.complete_from_thread(Duration::from_micros(40));
+            let t = [Target { ctrl, nsid: 1 }];
+            let range = LbaRange {
+                start: 256 * k as u64,
+                lbas: 128,
+            };
+            let w = run_quiet(
+                &t,
+                &PerfConfig {
+                    io_size: 8192,
+                    range: Some(range),
+                    wait,
+                    async_api,
+                    ..short(Pattern::Write)
+                },
+            )
+            .unwrap();
+            assert_eq!(w.error_count(), 0, "{wait:?} async {async_api}");
+            assert!(w.total.writes > 0);
+            assert_eq!(w.mode, wait.name());
+            assert_eq!(w.workload.async_api, async_api);
+            let covered = covered_prefix(&w, 8, 2, 128);
+            for (i, (l, m)) in stamps(&model, range.start, covered, 4096)
+                .into_iter()
+                .enumerate()
+            {
+                assert_eq!((l, m), (range.start + i as u64, STAMP_MAGIC));
+            }
+            let r = run_quiet(
+                &t,
+                &PerfConfig {
+                    range: Some(LbaRange {
+                        start: range.start,
+                        lbas: covered,
+                    }),
+                    verify: true,
+                    wait,
+                    async_api,
+                    ..short(Pattern::RandRead)
+                },
+            )
+            .unwrap();
+            assert!(r.total.ios > 0);
+            assert_eq!(r.error_count(), 0, "{wait:?} async {async_api}");
+            let cpu = &r.cpu;
+            assert!(cpu.busy_fraction > 0.0, "{cpu:?}");
+            assert!(cpu.per_io_us.is_some_and(|us| us > 0.0), "{cpu:?}");
+            let json = serde_json::to_value(&r).unwrap();
+            assert_eq!(json["mode"], wait.name());
+            for k in ["user_s", "system_s", "per_io_us", "busy_fraction"] {
+                assert!(json["cpu"][k].is_number(), "cpu.{k} in {json}");
+            }
+            if wait.needs_interrupts() {
+                assert!(model.stats().interrupts > 0, "{wait:?}");
+            } else {
+                assert_eq!(model.stats().interrupts, 0);
+            }
+        }
+    }
+}
+
+#[test]
+fn an_idle_run_submits_nothing_and_reports_its_cpu() {
+    for wait in [WaitMode::Polled, WaitMode::Interrupt] {
+        let (model, ctrl) = open();
+        let r = run_quiet(
+            &[Target { ctrl, nsid: 1 }],
+            &PerfConfig {
+                idle: true,
+                wait,
+                ..short(Pattern::RandRead)
+            },
+        )
+        .unwrap();
+        assert_eq!(r.total.ios, 0);
+        assert_eq!(model.stats().io_commands, 0);
+        assert!(r.cpu.per_io_us.is_none());
+        assert!(r.workload.idle);
+    }
+}
+
+#[test]
+fn modes_that_cannot_apply_are_refused() {
+    let (_model, ctrl) = open();
+    let t = [Target { ctrl, nsid: 1 }];
+    let m = invalid(run_quiet(
+        &t,
+        &PerfConfig {
+            wait: WaitMode::Interrupt,
+            reactor: true,
+            ..short(Pattern::RandRead)
+        },
+    ));
+    assert!(m.contains("the reactor polls"), "{m}");
+    let m = invalid(run_quiet(
+        &t,
+        &PerfConfig {
+            async_api: true,
+            queues_per_thread: 2,
+            ..short(Pattern::RandRead)
+        },
+    ));
+    assert!(m.contains("one queue pair per thread"), "{m}");
+    // A device without MSI-X: a clear error from the device, nothing run.
+    let (_model, ctrl) = open_with(
+        ModelConfig {
+            msix_vectors: 0,
+            ..ModelConfig::default()
+        },
+        DataPointerMode::Prp,
+    );
+    let e = run_quiet(
+        &[Target { ctrl, nsid: 1 }],
+        &PerfConfig {
+            wait: WaitMode::Hybrid {
+                spin: Duration::from_micros(10),
+            },
+            ..short(Pattern::RandRead)
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("MSI-X"), "{e}");
+}

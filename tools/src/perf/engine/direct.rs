@@ -16,7 +16,7 @@ pub(super) fn direct_worker(ctx: &Ctx, shared: &Shared, thread: usize) -> Option
                 v.push(
                     target
                         .ctrl
-                        .create_io_qpair(plan.queue_entries)
+                        .create_io_qpair_with(plan.queue_entries, cfg.wait)
                         .map(|mut qp| {
                             qp.set_ring_each(cfg.ring_each);
                             qp
@@ -50,8 +50,14 @@ pub(super) fn direct_worker(ctx: &Ctx, shared: &Shared, thread: usize) -> Option
     let mut fatal: Option<PerfError> = None;
     let mut totals = Totals::default();
 
-    // Fill every queue, one doorbell each.
+    // Interrupt and hybrid modes sleep on the queue pair's vector when it has nothing (one
+    // queue pair per thread: `PerfConfig::check` and `execute` see to it).
+    let sleeps = cfg.wait.needs_interrupts();
+    // Fill every queue, one doorbell each (an idle run submits nothing).
     'fill: for (w, qv) in works.iter_mut().zip(qps.iter_mut()) {
+        if cfg.idle {
+            break;
+        }
         for i in 0..w.slots.len() {
             w.prepare(i, &mut rng, start);
             let qi = w.slots[i].queue;
@@ -74,7 +80,11 @@ pub(super) fn direct_worker(ctx: &Ctx, shared: &Shared, thread: usize) -> Option
         for (w, qv) in works.iter_mut().zip(qps.iter_mut()) {
             for qp in qv.iter_mut() {
                 done.clear();
-                qp.poll(usize::MAX, |c| done.push(c));
+                if sleeps {
+                    qp.wait(usize::MAX, WAIT_SLICE, |c| done.push(c));
+                } else {
+                    qp.poll(usize::MAX, |c| done.push(c));
+                }
                 if done.is_empty() {
                     continue;
                 }
@@ -113,7 +123,8 @@ pub(super) fn direct_worker(ctx: &Ctx, shared: &Shared, thread: usize) -> Option
             totals.publish(counters);
         } else {
             idle += 1;
-            if idle < IDLE_CLOCK_EVERY {
+            // A sleeping wait took up to WAIT_SLICE: read the clock after each.
+            if idle < IDLE_CLOCK_EVERY && !sleeps {
                 continue;
             }
             idle = 0;

@@ -26,20 +26,26 @@ use rnvme_driver::NvmeStatus;
 
 use super::gen::{is_read, Access, OffsetGen, Rng};
 use super::report::{
-    Acc, Counters, ErrorReport, NsReport, PerfReport, ReactorCounters, Summary, ThreadReport,
+    Acc, Counters, CpuUsage, ErrorReport, NsReport, PerfReport, ReactorCounters, Summary,
+    ThreadReport,
 };
 use super::{PerfConfig, PerfError, Progress, Target, TargetPlan, STAMP_MAGIC};
 
+mod async_worker;
 mod direct;
 mod through_reactor;
 mod work;
 
+use async_worker::*;
 use direct::*;
 use through_reactor::*;
 pub(crate) use work::*;
 
 /// Idle polls between two clock reads.
 const IDLE_CLOCK_EVERY: u32 = 16;
+/// Longest sleep of one wait in interrupt and hybrid modes (the end of the run is noticed
+/// within it).
+const WAIT_SLICE: Duration = Duration::from_millis(10);
 /// A run in which nothing completes for this long has lost its controller.
 const STALL: Duration = Duration::from_secs(30);
 /// How long the end of a run waits for the commands still in flight.
@@ -218,6 +224,7 @@ pub(crate) fn execute(
     };
     let handle = reactor.as_ref().map(|r| r.handle());
 
+    let mut cpu = CpuUsage::default();
     let results: Vec<Option<WorkerResult>> = std::thread::scope(|s| {
         let mut handles = Vec::new();
         for t in 0..workers {
@@ -233,6 +240,7 @@ pub(crate) fn execute(
                             reactor_callbacks(ctx, shared, t, h, queue_base)
                         }
                         Some(h) => reactor_client(ctx, shared, t, h, queue_base),
+                        None if cfg.async_api => async_worker(ctx, shared, t),
                         None => direct_worker(ctx, shared, t),
                     }
                 });
@@ -255,7 +263,7 @@ pub(crate) fn execute(
             }
         }
         shared.barrier.wait();
-        report_progress(&shared, cfg, workers, progress);
+        cpu = report_progress(&shared, cfg, workers, progress);
         handles
             .into_iter()
             .map(|h| {
@@ -293,17 +301,31 @@ pub(crate) fn execute(
             wakes: exit.stats.wakes,
         });
     }
-    Ok(assemble(ctx, results, counters, &reactor_dptr))
+    Ok(assemble(ctx, results, counters, &reactor_dptr, cpu))
 }
 
-/// Print-free progress: once a second, the rate since the last report.
+/// The process's (user, system) CPU seconds so far.
+fn cpu_times() -> (f64, f64) {
+    use nix::sys::resource::{getrusage, UsageWho};
+    match getrusage(UsageWho::RUSAGE_SELF) {
+        Ok(u) => {
+            let s = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 * 1e-6;
+            (s(u.user_time()), s(u.system_time()))
+        }
+        Err(_) => (0.0, 0.0),
+    }
+}
+
+/// Print-free progress: once a second, the rate since the last report. Returns the
+/// process's CPU time from the end of the warm-up to the end of the run.
 fn report_progress(
     shared: &Shared,
     cfg: &PerfConfig,
     workers: usize,
     progress: &mut dyn FnMut(&Progress),
-) {
+) -> CpuUsage {
     let start = Instant::now();
+    let measure_at = start + cfg.warmup;
     let sum = |f: fn(&ProgressCounters) -> &AtomicU64| -> u64 {
         shared
             .counters
@@ -314,10 +336,25 @@ fn report_progress(
     let mut last = (0u64, 0u64);
     let mut last_at = start;
     let mut next = start + Duration::from_secs(1);
+    // (CPU times, when, I/Os so far) at the start of the measured window.
+    let mut window: Option<((f64, f64), Instant, u64)> = None;
     while shared.finished.load(Ordering::Relaxed) < workers {
         let now = Instant::now();
+        if window.is_none() && now >= measure_at {
+            window = Some((cpu_times(), now, sum(|c| &c.ios)));
+        }
         if now < next {
-            std::thread::sleep((next - now).min(Duration::from_millis(50)));
+            // Short sleeps near the window's start, so its reading is taken on time.
+            let until = if window.is_none() {
+                measure_at.min(next)
+            } else {
+                next
+            };
+            std::thread::sleep(
+                until
+                    .saturating_duration_since(now)
+                    .min(Duration::from_millis(50)),
+            );
             continue;
         }
         let ios = sum(|c| &c.ios);
@@ -335,6 +372,14 @@ fn report_progress(
         last_at = now;
         next += Duration::from_secs(1);
     }
+    let end = (cpu_times(), Instant::now(), sum(|c| &c.ios));
+    let (c0, t0, ios0) = window.unwrap_or(end);
+    CpuUsage::between(
+        c0,
+        end.0,
+        end.1.duration_since(t0).as_secs_f64(),
+        end.2 - ios0,
+    )
 }
 
 fn assemble(
@@ -342,6 +387,7 @@ fn assemble(
     mut results: Vec<WorkerResult>,
     counters: Counters,
     reactor_dptr: &[String],
+    cpu: CpuUsage,
 ) -> PerfReport {
     let cfg = ctx.cfg;
     let pct = cfg.latency_histogram;
@@ -406,5 +452,7 @@ fn assemble(
         namespaces,
         counters,
         first_errors,
+        mode: cfg.wait.name().into(),
+        cpu,
     }
 }
