@@ -22,10 +22,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::clock::Stopwatch;
 
 use crate::dma::{DmaBuffer, DmaLease, DmaSlice};
 use crate::error::{Error, Result};
+use crate::identify::NamespaceInfo;
 use crate::io::{
     check_range, compare_cmd, deallocate_cmd, flush_cmd, read_cmd, split_transfer, write_cmd,
     write_zeroes_cmd, IoQueuePair,
@@ -34,6 +37,10 @@ use crate::irq::{Interrupt, WaitMode};
 use crate::queue::Completion;
 use crate::spec::SqEntry;
 use crate::status::NvmeStatus;
+
+/// How long a future of [`Drive::Poll`] keeps polling an empty completion queue before it
+/// yields to the executor.
+const POLL_SPIN: Duration = Duration::from_micros(50);
 
 /// Who reaps completions for the futures of an [`AsyncQueuePair`].
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -64,6 +71,8 @@ struct Op {
     abandoned: bool,
     status: Option<NvmeStatus>,
     waker: Option<Waker>,
+    /// Counted in [`State::ready`].
+    ready: bool,
 }
 
 impl Op {
@@ -78,6 +87,8 @@ struct State {
     free: Vec<usize>,
     /// Futures waiting for a free slot in the submission queue.
     slot_waiters: Vec<Waker>,
+    /// Operations complete whose futures have not yet collected the result.
+    ready: usize,
 }
 
 impl State {
@@ -94,13 +105,22 @@ impl State {
     }
 
     fn release_op(&mut self, i: usize) {
+        if self.ops[i].ready {
+            self.ready -= 1;
+        }
         self.ops[i] = Op::default();
         self.free.push(i);
     }
 
     /// Reap what the completion queue holds; the wakers to call once the lock is released.
     fn reap(&mut self, wakers: &mut Vec<Waker>) -> usize {
-        let State { qp, ops, free, .. } = self;
+        let State {
+            qp,
+            ops,
+            free,
+            ready,
+            ..
+        } = self;
         let mut finished = Vec::new();
         let n = qp.poll(usize::MAX, |c: Completion| {
             let Some(op) = ops.get_mut(c.tag as usize).filter(|o| o.in_use) else {
@@ -114,8 +134,12 @@ impl State {
             if op.done() {
                 if op.abandoned {
                     finished.push(c.tag as usize);
-                } else if let Some(w) = op.waker.take() {
-                    wakers.push(w);
+                } else {
+                    *ready += 1;
+                    op.ready = true;
+                    if let Some(w) = op.waker.take() {
+                        wakers.push(w);
+                    }
                 }
             }
         });
@@ -130,8 +154,18 @@ impl State {
     }
 }
 
+/// What a command needs to know of a namespace, kept at creation (no lock, no copy per
+/// command).
+struct NsFacts {
+    info: NamespaceInfo,
+    /// Bytes of the data buffer per LBA and the largest transfer, or why the async API cannot
+    /// move this namespace's data.
+    data: std::result::Result<(u32, u32), String>,
+}
+
 struct Inner {
     state: Mutex<State>,
+    namespaces: Vec<NsFacts>,
     irq: Option<Arc<Interrupt>>,
     drive: Drive,
     dev: String,
@@ -176,13 +210,31 @@ impl AsyncQueuePair {
             WaitMode::Hybrid { spin } => spin,
             _ => Duration::ZERO,
         };
+        let namespaces = qp
+            .namespaces()
+            .iter()
+            .map(|ns| NsFacts {
+                info: ns.clone(),
+                data: match ns.layout() {
+                    Ok(l) if l.metadata_per_lba > 0 && !l.pract => Err(format!(
+                        "namespace {} keeps metadata in a separate buffer: the async API moves \
+                         data only",
+                        ns.nsid
+                    )),
+                    Ok(l) => Ok((l.data_per_lba, qp.max_transfer_for(l.data_per_lba))),
+                    Err(why) => Err(why),
+                },
+            })
+            .collect();
         let inner = Arc::new(Inner {
+            namespaces,
             dev: qp.device_name().to_string(),
             state: Mutex::new(State {
                 qp,
                 ops: Vec::new(),
                 free: Vec::new(),
                 slot_waiters: Vec::new(),
+                ready: 0,
             }),
             irq,
             drive,
@@ -263,16 +315,14 @@ impl AsyncQueuePair {
     /// Deallocate (trim) `blocks` LBAs at `slba` (one range of up to 2^32 - 1 LBAs).
     pub fn deallocate(&self, nsid: u32, slba: u64, blocks: u64) -> IoFuture {
         let made = (|| {
-            let st = self.inner.lock();
-            let ns = st.qp.namespace(nsid)?;
-            check_range(&ns, slba, blocks)?;
+            check_range(&self.facts(nsid)?.info, slba, blocks)?;
             if blocks > u32::MAX as u64 {
                 return Err(Error::InvalidArgument(format!(
                     "{blocks} LBAs in one deallocate: at most {} per range",
                     u32::MAX
                 )));
             }
-            let buf = st.qp.pool().alloc(16)?;
+            let buf = self.inner.lock().qp.pool().alloc(16)?;
             buf.write_u64(0, blocks << 32);
             buf.write_u64(8, slba);
             Ok(buf)
@@ -333,19 +383,14 @@ impl AsyncQueuePair {
         buf: Option<usize>,
         make: impl Fn(crate::io::Piece) -> SqEntry,
     ) -> Result<Vec<Piece>> {
-        let st = self.inner.lock();
-        let ns = st.qp.namespace(nsid)?;
-        check_range(&ns, slba, blocks)?;
+        let facts = self.facts(nsid)?;
+        check_range(&facts.info, slba, blocks)?;
         let (per, max) = match buf {
             Some(b) => {
-                let layout = st.qp.layout(nsid)?;
-                if layout.metadata_per_lba > 0 && !layout.pract {
-                    return Err(Error::InvalidArgument(format!(
-                        "namespace {nsid} keeps metadata in a separate buffer: the async API \
-                         moves data only"
-                    )));
-                }
-                let per = layout.data_per_lba;
+                let (per, max) = facts.data.clone().map_err(|why| Error::Unsupported {
+                    dev: self.inner.dev.clone(),
+                    why,
+                })?;
                 let need = blocks.saturating_mul(per as u64);
                 if (b as u64) < need {
                     return Err(Error::InvalidArgument(format!(
@@ -353,9 +398,9 @@ impl AsyncQueuePair {
                          ({need} bytes)"
                     )));
                 }
-                (per, st.qp.max_transfer_for(per))
+                (per, max)
             }
-            None => (ns.lba_size, u32::MAX),
+            None => (facts.info.lba_size, u32::MAX),
         };
         Ok(split_transfer(slba, blocks, per, max)
             .map(|p| {
@@ -363,6 +408,25 @@ impl AsyncQueuePair {
                 (make(p), data)
             })
             .collect())
+    }
+
+    /// What the queue pair knows of namespace `nsid`.
+    fn facts(&self, nsid: u32) -> Result<&NsFacts> {
+        self.inner
+            .namespaces
+            .iter()
+            .find(|n| n.info.nsid == nsid)
+            .ok_or_else(|| Error::NoSuchNamespace {
+                dev: self.inner.dev.clone(),
+                nsid,
+                active: self
+                    .inner
+                    .namespaces
+                    .iter()
+                    .map(|n| n.info.nsid.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
     }
 }
 
@@ -453,7 +517,7 @@ impl IoFuture {
     }
 
     /// Submit what the queue has room for; when it is full, the waker waits for a free slot.
-    fn submit(&mut self, st: &mut State, op: usize, cx: &Context<'_>) {
+    fn submit(&mut self, st: &mut State, op: usize, cx: &Context<'_>, ring: bool) {
         let Ok(plan) = &self.plan else { return };
         while self.next < plan.len() {
             let (cmd, range) = plan[self.next];
@@ -482,7 +546,9 @@ impl IoFuture {
             }
         }
         st.ops[op].all_submitted = true;
-        st.qp.ring();
+        if ring {
+            st.qp.ring();
+        }
     }
 }
 
@@ -507,11 +573,35 @@ impl Future for IoFuture {
                 op
             }
         };
-        if !st.ops[op].all_submitted {
-            this.submit(&mut st, op, cx);
+        let polled = inner.drive == Drive::Poll;
+        let fresh = !st.ops[op].all_submitted;
+        if fresh {
+            // Polled: the doorbell waits for the next reap (whoever's), so the commands of
+            // the futures that run before it go to the controller with one doorbell. A
+            // sleeping reaper would not come: ring now.
+            this.submit(&mut st, op, cx, !polled);
+        }
+        if polled && fresh && st.ready > 0 && !st.ops[op].done() {
+            // Other futures have results to collect (and maybe commands to submit after
+            // them): let them run before this one reaps and rings. Once only, and woken at
+            // once: the owner may be waiting for this future before it polls those.
+            drop(st);
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
         }
         if !st.ops[op].done() {
-            st.reap(&mut wakers);
+            // A polled queue pair: keep reaping a little while nothing comes, rather than
+            // hand every empty poll back to the executor (a round trip through its scheduler
+            // costs more than many polls, and clock reads of its own in some guests). Stop at
+            // the first completion, whoever's it is: others' futures are woken to run.
+            let watch = Stopwatch::start();
+            let mut polls = 0u32;
+            while st.reap(&mut wakers) == 0 && inner.drive == Drive::Poll {
+                polls += 1;
+                if polls.is_multiple_of(16) && watch.elapsed() >= POLL_SPIN {
+                    break;
+                }
+            }
         }
         let ready = if st.ops[op].done() {
             let status = st.ops[op].status;
@@ -560,6 +650,7 @@ impl Drop for IoFuture {
         // Nothing more is submitted; what is at the device completes into the void. Its
         // buffer's memory stays lent (the queue pair's share) until then.
         st.ops[op].all_submitted = true;
+        st.qp.ring();
         if st.ops[op].outstanding == 0 {
             st.release_op(op);
         } else {
@@ -573,13 +664,13 @@ impl Drop for IoFuture {
 /// after the last), then arm the interrupt, reap once more and sleep on it. Ends when the
 /// queue pair is gone.
 fn reaper(inner_weak: Weak<Inner>, irq: Arc<Interrupt>, spin: Duration) {
-    let mut last = Instant::now();
+    let mut last = Stopwatch::start();
     loop {
         let Some(inner) = inner_weak.upgrade() else {
             return;
         };
         if inner.reap() > 0 {
-            last = Instant::now();
+            last = Stopwatch::start();
             continue;
         }
         if !spin.is_zero() && last.elapsed() < spin {
@@ -588,7 +679,7 @@ fn reaper(inner_weak: Weak<Inner>, irq: Arc<Interrupt>, spin: Duration) {
         }
         irq.arm();
         if inner.reap() > 0 {
-            last = Instant::now();
+            last = Stopwatch::start();
             continue;
         }
         drop(inner);

@@ -136,6 +136,34 @@ pub fn elapsed_since(start: Ticks) -> Option<Duration> {
     learned_rate().map(|r| r.duration(Ticks::now().since(start)))
 }
 
+/// Measures time since it was started from the time-stamp counter once the rate is learnt
+/// (no system call: in a guest whose clock source is emulated, `Instant::now()` is one), and
+/// from the monotonic clock before that.
+#[derive(Copy, Clone, Debug)]
+pub struct Stopwatch {
+    ticks: Ticks,
+    instant: Option<Instant>,
+}
+
+impl Stopwatch {
+    /// Start measuring.
+    pub fn start() -> Stopwatch {
+        Stopwatch {
+            ticks: Ticks::now(),
+            instant: LEARNED.get().is_none().then(Instant::now),
+        }
+    }
+
+    /// Time since the start.
+    pub fn elapsed(&self) -> Duration {
+        match (self.instant, LEARNED.get()) {
+            (None, Some(r)) => r.duration(Ticks::now().since(self.ticks)),
+            (Some(t), _) => t.elapsed(),
+            (None, None) => unreachable!("a rate once learnt stays"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,6 +184,22 @@ mod tests {
         assert!(
             (measured / real - 1.0).abs() < 0.1,
             "{measured} ns vs {real} ns"
+        );
+    }
+
+    #[test]
+    fn a_stopwatch_measures_before_and_after_the_rate_is_learnt() {
+        let early = Stopwatch::start();
+        start_learning_rate();
+        std::thread::sleep(LEARN_FOR + Duration::from_millis(10));
+        learned_rate().expect("learnt");
+        let late = Stopwatch::start();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(early.elapsed() >= Duration::from_millis(75));
+        let l = late.elapsed();
+        assert!(
+            l >= Duration::from_millis(18) && l < Duration::from_secs(5),
+            "{l:?}"
         );
     }
 

@@ -435,6 +435,11 @@ impl IoQueuePair {
         self.shared.hw.name()
     }
 
+    /// The controller's active namespaces.
+    pub(crate) fn namespaces(&self) -> &[NamespaceInfo] {
+        self.shared.namespaces()
+    }
+
     pub(crate) fn namespace(&self, nsid: u32) -> Result<NamespaceInfo> {
         self.shared
             .namespace(nsid)

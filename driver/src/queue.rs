@@ -952,7 +952,7 @@ impl QueuePair {
         if n > 0 || timeout.is_zero() {
             return n;
         }
-        let start = std::time::Instant::now();
+        let start = clock::Stopwatch::start();
         let passed = || start.elapsed();
         let spin = match self.wait_mode {
             WaitMode::Polled => timeout,

@@ -366,13 +366,14 @@ impl Shared {
                 .map(Interrupt::new)
                 .collect::<std::io::Result<Vec<_>>>()
                 .map_err(|e| Error::InvalidArgument(format!("{}: eventfd: {e}", dev())))?;
+            // Coalescing first: a controller that refuses it leaves interrupts off.
+            if let Some(c) = self.options.interrupt_coalescing {
+                self.set_coalescing(c)?;
+            }
             let fds: Vec<_> = made.iter().map(|i| i.eventfd()).collect();
             self.hw.enable_interrupts(&fds)?;
             log::info!("{}: MSI-X enabled with {n} vectors", dev());
             *v = Some(made.into_iter().map(Arc::new).collect());
-            if let Some(c) = self.options.interrupt_coalescing {
-                self.set_coalescing(c)?;
-            }
         }
         let vectors = v.as_ref().expect("set above");
         vectors

@@ -267,3 +267,27 @@ fn a_dropped_future_keeps_its_memory_lent_until_the_completion_is_reaped() {
 }
 
 use std::future::Future;
+
+#[test]
+fn futures_awaited_out_of_completion_order_all_finish() {
+    // `x` is submitted first and completes while `y` is awaited; `y` must not wait for `x`'s
+    // result to be collected (its owner awaits `y` first), in every way of reaping.
+    for drive in [Drive::Poll, Drive::Reaper] {
+        let (model, ctrl) = open();
+        let q = aqp(&ctrl, drive);
+        model.write_ns(1, 9, &stamp(9, 1, 4));
+        futures::executor::block_on(async {
+            let mut x = Box::pin(q.read(1, 9, 1, ctrl.alloc(4096).unwrap()));
+            let waker = futures::task::noop_waker();
+            let mut cx = std::task::Context::from_waker(&waker);
+            assert!(x.as_mut().poll(&mut cx).is_pending(), "submitted");
+            std::thread::sleep(Duration::from_millis(5));
+            for i in 0..20u64 {
+                let y = q.read(1, 20 + i, 1, ctrl.alloc(4096).unwrap()).await;
+                y.unwrap();
+            }
+            let got = x.await.unwrap().unwrap();
+            assert_eq!(got.to_vec(), stamp(9, 1, 4));
+        });
+    }
+}
