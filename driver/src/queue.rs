@@ -194,6 +194,9 @@ pub struct QueueStats {
     pub sleeps: u64,
     /// Of those, sleeps an interrupt ended (the rest ran out of time).
     pub wakeups: u64,
+    /// Interrupts of the queue pair's vector consumed, by its waits or by whoever reaps for
+    /// it (an async reaper); signals that arrive together count once.
+    pub interrupts: u64,
 }
 
 /// What a queue pair needs from its controller to recover from a lost command, a fatal
@@ -438,7 +441,10 @@ impl QueuePair {
 
     /// Counters.
     pub fn stats(&self) -> QueueStats {
-        self.stats
+        QueueStats {
+            interrupts: self.irq.as_ref().map_or(0, |i| i.signals()),
+            ..self.stats
+        }
     }
 
     /// The data pointer kind used for commands with data.

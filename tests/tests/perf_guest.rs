@@ -13,14 +13,21 @@ use rnvme_tools::vm::{ControllerSpec, NamespaceSpec, VmConfig};
 /// wraps over it many times, so every block is written.
 const RANGE: u64 = 256;
 
-/// The modes, each with its own range (`start = index * 1024`).
-const MODES: [(&str, &str); 6] = [
+/// The modes, each with its own range (`start = index * 1024`): data pointers, reactors,
+/// and each way of waiting for completions (polled, MSI-X interrupts, hybrid), directly and
+/// through the async API.
+const MODES: [(&str, &str); 11] = [
     ("direct", ""),
     ("prp", "--prp"),
     ("sgl", "--sgl"),
     ("reactor", "--reactor"),
     ("completer", "--reactor --callbacks"),
     ("threads", "--threads 2 --reactor"),
+    ("interrupt", "--mode interrupt"),
+    ("hybrid", "--mode hybrid --spin-us 20"),
+    ("async", "--async"),
+    ("async_interrupt", "--async --mode interrupt"),
+    ("async_hybrid", "--async --mode hybrid --spin-us 20"),
 ];
 
 /// Where nobody writes.
@@ -46,6 +53,10 @@ fn every_mode_writes_and_reads_back_its_range() {
              --verify --json {flags}\n"
         ));
     }
+    body.push_str(
+        "step idle_interrupt rnvme perf $NVME0 -q 1 -o 4k -w randread -t 1 --idle \
+         --mode interrupt --json\n",
+    );
     body.push_str(&format!(
         "step v_unwritten rnvme perf $NVME0 -q 4 -o 4k -w randread -t 1 --range {UNWRITTEN}:64 \
          --verify --json\ntrue\n"
@@ -59,7 +70,7 @@ fn every_mode_writes_and_reads_back_its_range() {
             }],
             ..ControllerSpec::default()
         }],
-        timeout: Duration::from_secs(240),
+        timeout: Duration::from_secs(420),
         ..VmConfig::default()
     };
     let run = run_guest(config, &[], &body);
@@ -100,7 +111,41 @@ fn every_mode_writes_and_reads_back_its_range() {
         if name == "threads" {
             assert_eq!(v["threads"].as_array().map(Vec::len), Some(2), "{v}");
         }
+        // How it waited: the mode in the report, CPU time measured, and with interrupts the
+        // device's MSI-X messages reached the process through VFIO.
+        let mode = if flags.contains("interrupt") {
+            "interrupt"
+        } else if flags.contains("hybrid") {
+            "hybrid"
+        } else {
+            "polled"
+        };
+        for p in [&w, &v] {
+            assert_eq!(p["mode"], mode, "{name}: {p}");
+            assert_eq!(
+                p["workload"]["async_api"],
+                flags.contains("--async"),
+                "{name}: {p}"
+            );
+            assert!(p["cpu"]["busy_fraction"].as_f64() > Some(0.0), "{p}");
+            assert!(p["cpu"]["per_io_us"].as_f64() > Some(0.0), "{p}");
+            let interrupts = p["counters"]["interrupts"].as_u64().unwrap_or(0);
+            if mode == "polled" {
+                assert_eq!(interrupts, 0, "{name}: {p}");
+            } else {
+                assert!(interrupts > 0, "{name}: no interrupt taken: {p}");
+            }
+            if mode == "interrupt" && !flags.contains("--async") {
+                let c = &p["counters"];
+                assert!(c["wakeups"].as_u64() > Some(0), "{name}: {p}");
+            }
+        }
     }
+    // An idle process in interrupt mode submits nothing and sleeps on its vector.
+    let idle = s.ok("idle_interrupt").json();
+    assert_eq!(idle["ios"].as_u64(), Some(0), "{idle}");
+    assert!(idle["counters"]["sleeps"].as_u64() > Some(0), "{idle}");
+    assert!(idle["cpu"]["per_io_us"].is_null(), "{idle}");
     // Zeroed blocks carry no stamp: the verify run counts every read as a mismatch, names
     // the blocks, and exits non-zero.
     let bad = s.get("v_unwritten");

@@ -523,6 +523,11 @@ pub struct Counters {
     pub cq_shadow_writes: u64,
     /// Completions per poll that found any.
     pub completions_per_busy_poll: f64,
+    /// Interrupt and hybrid modes: sleeps on the interrupt vector, sleeps an interrupt ended,
+    /// and interrupts taken (by the waits or an async reaper).
+    pub sleeps: u64,
+    pub wakeups: u64,
+    pub interrupts: u64,
     /// With a reactor: requests it took, loop turns that submitted, most commands in one turn,
     /// times it slept.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -556,6 +561,9 @@ impl Counters {
         self.idle_polls += s.idle_polls;
         self.sq_shadow_writes += s.sq_shadow_writes;
         self.cq_shadow_writes += s.cq_shadow_writes;
+        self.sleeps += s.sleeps;
+        self.wakeups += s.wakeups;
+        self.interrupts += s.interrupts;
         self.sq_doorbells_per_cmd = ratio(self.sq_doorbells, self.submitted);
         self.cq_doorbells_per_cmd = ratio(self.cq_doorbells, self.submitted);
         self.completions_per_busy_poll = ratio(self.completed, self.polls - self.idle_polls);

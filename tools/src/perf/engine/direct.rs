@@ -81,7 +81,13 @@ pub(super) fn direct_worker(ctx: &Ctx, shared: &Shared, thread: usize) -> Option
             for qp in qv.iter_mut() {
                 done.clear();
                 if sleeps {
-                    qp.wait(usize::MAX, WAIT_SLICE, |c| done.push(c));
+                    // Nothing outstanding (an idle run): sleep longer, wake less.
+                    let slice = if w.outstanding == 0 {
+                        IDLE_WAIT_SLICE
+                    } else {
+                        WAIT_SLICE
+                    };
+                    qp.wait(usize::MAX, slice, |c| done.push(c));
                 } else {
                     qp.poll(usize::MAX, |c| done.push(c));
                 }

@@ -46,6 +46,8 @@ const IDLE_CLOCK_EVERY: u32 = 16;
 /// Longest sleep of one wait in interrupt and hybrid modes (the end of the run is noticed
 /// within it).
 const WAIT_SLICE: Duration = Duration::from_millis(10);
+/// The same with nothing in flight.
+const IDLE_WAIT_SLICE: Duration = Duration::from_millis(100);
 /// A run in which nothing completes for this long has lost its controller.
 const STALL: Duration = Duration::from_secs(30);
 /// How long the end of a run waits for the commands still in flight.
