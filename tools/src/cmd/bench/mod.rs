@@ -9,6 +9,7 @@
 //! on rnvme through its fio engine (`librnvme_fio.so`), and `rnvme perf` runs the workload
 //! beside it (the engine's own cost). Each measurement prints its JSON between markers on the
 
+mod modes;
 mod report;
 mod results;
 mod serve;
@@ -39,6 +40,10 @@ pub enum BenchCommand {
     /// kernel's own target (nvmet-tcp) and against `rnvme serve`, on the same emulated
     /// controller, rounds interleaved; print IOPS, latency and CPU time per I/O side by side
     Serve(serve::ServeBenchArgs),
+    /// Boot one guest; run 4 KiB random reads at depth 1 and 32 with rnvme waiting polled, on
+    /// MSI-X interrupts and hybrid, directly and through the async API, and an idle process in
+    /// each mode, rounds interleaved; print IOPS, latency and CPU side by side and the targets
+    Modes(modes::ModesBenchArgs),
 }
 
 /// `rnvme bench compare`
@@ -274,6 +279,7 @@ pub fn bench(c: BenchCommand) -> Result<ExitCode> {
     match c {
         BenchCommand::Compare(a) => compare(a),
         BenchCommand::Serve(a) => serve::serve_bench(a),
+        BenchCommand::Modes(a) => modes::modes_bench(a),
     }
 }
 
