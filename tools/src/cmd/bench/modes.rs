@@ -376,7 +376,7 @@ pub fn modes_bench(a: ModesBenchArgs) -> Result<ExitCode> {
              {} MiB (written first); rnvme perf, one thread, one queue pair; hybrid spins {} us; \
              async: a tokio current-thread runtime, polled futures or a reaper thread on the \
              vector; CPU: the process's user + system time over the measured window",
-            RANGE * 4096 >> 20,
+            (RANGE * 4096) >> 20,
             a.spin_us
         ));
         setup.push(format!("back end: {}", backend.describe()));
