@@ -54,8 +54,8 @@ impl WaitMode {
     }
 }
 
-/// The default spin budget of [`WaitMode::Hybrid`]: about one fast command.
-pub const DEFAULT_HYBRID_SPIN: Duration = Duration::from_micros(50);
+/// The default spin budget of [`WaitMode::Hybrid`]: about one flash read.
+pub const DEFAULT_HYBRID_SPIN: Duration = Duration::from_micros(100);
 
 /// One MSI-X vector and the eventfd it signals.
 #[derive(Debug)]

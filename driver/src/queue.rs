@@ -988,8 +988,8 @@ impl QueuePair {
         }
     }
 
-    /// Arm, poll once more, and sleep on the vector (at most `left`, and at most 100 ms so
-    /// deadlines are checked); then poll. See the module documentation of [`crate::irq`].
+    /// Arm, poll once more, and sleep on the vector (at most `left`, and at most 100 ms while
+    /// commands are outstanding, so deadlines are checked); then poll. See the module documentation of [`crate::irq`].
     fn sleep_once(&mut self, max: usize, left: Duration, f: &mut impl FnMut(Completion)) -> usize {
         let irq = self.irq.clone().expect("a vector to sleep on");
         irq.arm();
@@ -1006,7 +1006,14 @@ impl QueuePair {
             hook();
         }
         self.stats.sleeps += 1;
-        if irq.sleep(left.min(Duration::from_millis(100))) {
+        // With commands outstanding, wake at least every 100 ms to check their deadlines;
+        // with none, every second (the removal watcher does not depend on this).
+        let cap = if self.free.len() == self.slots.len() && self.deferred.is_empty() {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_millis(100)
+        };
+        if irq.sleep(left.min(cap)) {
             self.stats.wakeups += 1;
         } else {
             // A quiet stretch: check deadlines, health and removal at this poll.

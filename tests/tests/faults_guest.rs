@@ -395,6 +395,15 @@ step resetup rnvme setup --hugepages 0 $NVME0
 R=$(synced /tmp/steps/load.err)
 step rm_synced echo $R
 step rm_check rnvme verify $NVME0 --lba 0 --count $R --seed 9 --json
+# The same removal while the load sleeps on MSI-X interrupts.
+run_bg irqload rnvme perf $NVME0 -q 16 -o 4k -w randread -t 120 --mode interrupt --range 0:4096
+step irq_started sleep 4
+run_bg rm2 sh -c "echo 1 > /sys/bus/pci/devices/$NVME0/remove"
+step rm2_wait wait_bg rm2 60
+show rm2
+step irqload_wait wait_bg irqload 60
+show irqload
+step rescan2 sh -c "echo 1 > /sys/bus/pci/rescan && [ -e /sys/bus/pci/devices/$NVME0 ]"
 "#;
     let run = run_guest(one_controller(256, Vec::new()), &[], &script(body));
     let s = &run.steps;
@@ -458,5 +467,15 @@ step rm_check rnvme verify $NVME0 --lba 0 --count $R --seed 9 --json
         500_000
     );
     tally("LBAs verified after a removal under load", removed_synced);
+
+    // In interrupt mode too: the removal completes, and the load, asleep on its vector
+    // between completions, notices and stops with "device removed".
+    s.ok("rm2_wait");
+    s.ok("rm2");
+    s.ok("irqload_wait");
+    let l = s.get("irqload");
+    assert_ne!(l.rc, 0, "{}", l.describe());
+    l.clean_error().stderr_has(&["removed"]);
+    s.ok("rescan2");
     tally("LBAs verified after a SIGKILL", synced);
 }

@@ -165,7 +165,7 @@ pub struct PerfArgs {
     #[arg(long, value_name = "MODE", default_value = "polled", value_parser = ["polled", "interrupt", "hybrid"])]
     pub mode: String,
     /// With --mode hybrid: microseconds to keep polling an empty queue before sleeping
-    #[arg(long, value_name = "US", default_value_t = 50)]
+    #[arg(long, value_name = "US", default_value_t = rnvme_driver::irq::DEFAULT_HYBRID_SPIN.as_micros() as u64)]
     pub spin_us: u64,
     /// Interrupt Coalescing for interrupt and hybrid modes: THRESHOLD,TIME (0-based
     /// aggregation threshold, time in 100 µs units)

@@ -30,7 +30,7 @@ pub struct ModesBenchArgs {
     #[arg(long, value_enum)]
     pub backend: Vec<DeviceBackend>,
     /// Hybrid mode's spin budget, µs
-    #[arg(long, value_name = "US", default_value_t = 50)]
+    #[arg(long, value_name = "US", default_value_t = rnvme_driver::irq::DEFAULT_HYBRID_SPIN.as_micros() as u64)]
     pub spin_us: u64,
     /// Also write the results as JSON to FILE
     #[arg(long, value_name = "FILE")]

@@ -4,7 +4,9 @@
 //! A polled queue pair's futures reap for themselves; with interrupts, the queue pair's reaper
 //! thread sleeps on its vector (spinning first in hybrid mode) and wakes them.
 
-use futures::stream::{FuturesUnordered, StreamExt};
+use std::cell::RefCell;
+use std::rc::Rc;
+
 use rnvme_driver::aio::{AsyncQueuePair, Drive};
 use rnvme_driver::irq::WaitMode;
 
@@ -13,7 +15,7 @@ use super::*;
 /// A worker whose I/O goes through the async API (one namespace, one queue pair).
 pub(super) fn async_worker(ctx: &Ctx, shared: &Shared, thread: usize) -> Option<WorkerResult> {
     let cfg = ctx.cfg;
-    let (mut work, aqp) = setup(shared, || {
+    let (work, aqp) = setup(shared, || {
         pin_worker(cfg, thread)?;
         let (plan, target) = (&ctx.plans[0], &ctx.targets[0]);
         let qp = target
@@ -44,55 +46,81 @@ pub(super) fn async_worker(ctx: &Ctx, shared: &Shared, thread: usize) -> Option<
             return None;
         }
     };
-    let mut rng = Rng::new(cfg.seed.wrapping_add(thread as u64 * 0x1_0000_0001));
     let start = Ticks::now();
-    let mut clock = Clock::new(start, cfg, ctx.rate);
-    let mut errors = Vec::new();
+    let run = Rc::new(RefCell::new(Run {
+        work,
+        rng: Rng::new(cfg.seed.wrapping_add(thread as u64 * 0x1_0000_0001)),
+        clock: Clock::new(start, cfg, ctx.rate),
+        errors: Vec::new(),
+        totals: Totals::default(),
+    }));
     let counters = &shared.counters[thread];
-    let mut totals = Totals::default();
-    let w = &mut work;
-    runtime.block_on(async {
-        let mut inflight = FuturesUnordered::new();
-        for i in 0..w.slots.len() {
-            w.prepare(i, &mut rng, start);
-            inflight.push(issue(&aqp, w, i));
-        }
-        // No timer of its own (reading the clock is a system call in some guests): the queue
-        // pair's deadlines abort a lost command, reset the controller if that fails, and so
-        // always complete it.
-        while let Some((i, result)) = inflight.next().await {
-            let now = Ticks::now();
-            clock.tick(now, shared.abort.load(Ordering::Relaxed));
-            let status = result.err().map(|e| e.to_string());
-            if status.is_some() {
-                totals.errors += 1;
-                if cfg.stop_on_error {
-                    shared.abort.store(true, Ordering::Relaxed);
+    // A task per slot, each awaiting its I/O in turn, as a storage engine's tasks would.
+    let local = tokio::task::LocalSet::new();
+    for i in 0..cfg.depth as usize {
+        let (run, aqp) = (run.clone(), aqp.clone());
+        let (abort, all) = (shared.abort.clone(), shared.counters.clone());
+        let stop_on_error = cfg.stop_on_error;
+        // The task borrows nothing past an await: `run` is borrowed between them only.
+        let task = async move {
+            {
+                let r = &mut *run.borrow_mut();
+                r.work.prepare(i, &mut r.rng, start);
+            }
+            loop {
+                let io = issue(&aqp, &run.borrow().work, i);
+                let (_, result) = io.await;
+                let now = Ticks::now();
+                let r = &mut *run.borrow_mut();
+                r.clock.tick(now, abort.load(Ordering::Relaxed));
+                let status = result.err().map(|e| e.to_string());
+                if status.is_some() {
+                    r.totals.errors += 1;
+                    if stop_on_error {
+                        abort.store(true, Ordering::Relaxed);
+                    }
                 }
+                for p in 0..r.work.pieces.len() {
+                    let tag = ((i as u64) << 16) | p as u64;
+                    r.work
+                        .complete(tag, status.as_deref(), now, &r.clock, thread, &mut r.errors);
+                }
+                r.totals.ios += 1;
+                r.totals.bytes += r.work.io_bytes;
+                r.totals.publish(&all[thread]);
+                if r.clock.phase == Phase::Stop {
+                    break;
+                }
+                r.work.prepare(i, &mut r.rng, now);
             }
-            for p in 0..w.pieces.len() {
-                let tag = ((i as u64) << 16) | p as u64;
-                w.complete(tag, status.as_deref(), now, &clock, thread, &mut errors);
-            }
-            totals.ios += 1;
-            totals.bytes += w.io_bytes;
-            totals.publish(counters);
-            if clock.phase != Phase::Stop {
-                w.prepare(i, &mut rng, now);
-                inflight.push(issue(&aqp, w, i));
-            }
-        }
-    });
-    totals.publish(counters);
+        };
+        local.spawn_local(task);
+    }
+    runtime.block_on(local);
     let queue_stats = vec![aqp.with_queue_pair(|qp| qp.stats())];
+    let Ok(cell) = Rc::try_unwrap(run) else {
+        shared.fail(PerfError::Run("an async task outlived the run".into()));
+        return None;
+    };
+    let mut r = cell.into_inner();
+    r.totals.publish(counters);
     Some(WorkerResult {
         thread,
-        measured: clock.measured,
-        accs: final_accs(std::slice::from_mut(&mut work), &clock),
+        measured: r.clock.measured,
+        accs: final_accs(std::slice::from_mut(&mut r.work), &r.clock),
         queue_stats,
-        errors,
+        errors: r.errors,
         data_pointer,
     })
+}
+
+/// A worker's state, shared by its tasks (one thread: `Rc<RefCell<_>>`).
+struct Run {
+    work: NsWork,
+    rng: Rng,
+    clock: Clock,
+    errors: Vec<ErrorReport>,
+    totals: Totals,
 }
 
 /// Slot `i`'s prepared I/O as a future that yields the slot with the result.

@@ -10,7 +10,7 @@
 //! idle polls read the counter every [`IDLE_CLOCK_EVERY`] turns, to notice the end of the run.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Barrier, Mutex};
+use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
@@ -47,7 +47,7 @@ const IDLE_CLOCK_EVERY: u32 = 16;
 /// within it).
 const WAIT_SLICE: Duration = Duration::from_millis(10);
 /// The same with nothing in flight.
-const IDLE_WAIT_SLICE: Duration = Duration::from_millis(100);
+const IDLE_WAIT_SLICE: Duration = Duration::from_secs(1);
 /// A run in which nothing completes for this long has lost its controller.
 const STALL: Duration = Duration::from_secs(30);
 /// How long the end of a run waits for the commands still in flight.
@@ -127,9 +127,12 @@ impl Clock {
 pub(crate) struct Shared {
     barrier: Barrier,
     /// Set by a failing worker (set-up error, --stop-on-error): everyone stops.
-    abort: AtomicBool,
-    counters: Vec<ProgressCounters>,
+    abort: Arc<AtomicBool>,
+    counters: Arc<Vec<ProgressCounters>>,
     finished: AtomicUsize,
+    /// Signalled as each worker finishes: the reporting thread sleeps on it between reports
+    /// rather than waking to check.
+    finish_signal: (Mutex<()>, std::sync::Condvar),
     first_failure: Mutex<Option<PerfError>>,
 }
 
@@ -146,9 +149,10 @@ impl Shared {
     fn new(workers: usize) -> Shared {
         Shared {
             barrier: Barrier::new(workers + 1),
-            abort: AtomicBool::new(false),
-            counters: (0..workers).map(|_| ProgressCounters::default()).collect(),
+            abort: Arc::new(AtomicBool::new(false)),
+            counters: Arc::new((0..workers).map(|_| ProgressCounters::default()).collect()),
             finished: AtomicUsize::new(0),
+            finish_signal: (Mutex::new(()), std::sync::Condvar::new()),
             first_failure: Mutex::new(None),
         }
     }
@@ -163,11 +167,14 @@ impl Shared {
 }
 
 /// Counts a worker as finished however it ends.
-struct FinishGuard<'a>(&'a AtomicUsize);
+struct FinishGuard<'a>(&'a Shared);
 
 impl Drop for FinishGuard<'_> {
     fn drop(&mut self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        let (lock, cv) = &self.0.finish_signal;
+        let _g = lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.0.finished.fetch_add(1, Ordering::Relaxed);
+        cv.notify_all();
     }
 }
 
@@ -236,7 +243,7 @@ pub(crate) fn execute(
             let spawned = std::thread::Builder::new()
                 .name(format!("rnvme-perf-{t}"))
                 .spawn_scoped(s, move || {
-                    let _done = FinishGuard(&shared.finished);
+                    let _done = FinishGuard(shared);
                     match &handle {
                         Some(h) if cfg.reactor_callbacks => {
                             reactor_callbacks(ctx, shared, t, h, queue_base)
@@ -255,7 +262,7 @@ pub(crate) fn execute(
                     )));
                     for _ in t..workers {
                         handles.push(s.spawn(move || {
-                            let _done = FinishGuard(&shared.finished);
+                            let _done = FinishGuard(shared);
                             shared.barrier.wait();
                             None
                         }));
@@ -346,17 +353,17 @@ fn report_progress(
             window = Some((cpu_times(), now, sum(|c| &c.ios)));
         }
         if now < next {
-            // Short sleeps near the window's start, so its reading is taken on time.
+            // Until the next report (or the window's start), or a worker finishing.
             let until = if window.is_none() {
                 measure_at.min(next)
             } else {
                 next
             };
-            std::thread::sleep(
-                until
-                    .saturating_duration_since(now)
-                    .min(Duration::from_millis(50)),
-            );
+            let (lock, cv) = &shared.finish_signal;
+            let g = lock.lock().unwrap_or_else(|e| e.into_inner());
+            if shared.finished.load(Ordering::Relaxed) < workers {
+                let _ = cv.wait_timeout(g, until.saturating_duration_since(now));
+            }
             continue;
         }
         let ios = sum(|c| &c.ios);
