@@ -112,8 +112,10 @@ impl State {
         self.free.push(i);
     }
 
-    /// Reap what the completion queue holds; the wakers to call once the lock is released.
-    fn reap(&mut self, wakers: &mut Vec<Waker>) -> usize {
+    /// Reap what the completion queue holds and wake the futures whose commands are done
+    /// (under the lock: a waker only schedules its task, and a task that runs meanwhile on
+    /// another thread waits for the lock at most as long as this reap).
+    fn reap(&mut self) -> usize {
         let State {
             qp,
             ops,
@@ -138,7 +140,7 @@ impl State {
                     *ready += 1;
                     op.ready = true;
                     if let Some(w) = op.waker.take() {
-                        wakers.push(w);
+                        w.wake();
                     }
                 }
             }
@@ -148,7 +150,7 @@ impl State {
             free.push(i);
         }
         if n > 0 {
-            wakers.append(&mut self.slot_waiters);
+            self.slot_waiters.drain(..).for_each(Waker::wake);
         }
         n
     }
@@ -177,9 +179,7 @@ impl Inner {
     }
 
     fn reap(&self) -> usize {
-        let mut wakers = Vec::new();
-        let n = self.lock().reap(&mut wakers);
-        wakers.into_iter().for_each(Waker::wake);
+        let n = self.lock().reap();
         n
     }
 }
@@ -307,7 +307,7 @@ impl AsyncQueuePair {
         IoFuture::new(
             self.clone(),
             "Flush",
-            Ok(vec![(flush_cmd(nsid), None)]),
+            Ok(Pieces::One((flush_cmd(nsid), None))),
             Data::None,
         )
     }
@@ -331,7 +331,7 @@ impl AsyncQueuePair {
             Ok(buf) => IoFuture::new(
                 self.clone(),
                 "Dataset Management",
-                Ok(vec![(deallocate_cmd(nsid, 1), Some((0, 16)))]),
+                Ok(Pieces::One((deallocate_cmd(nsid, 1), Some((0, 16))))),
                 Data::Buffer(buf),
             ),
             Err(e) => IoFuture::new(self.clone(), "Dataset Management", Err(e), Data::None),
@@ -382,7 +382,7 @@ impl AsyncQueuePair {
         blocks: u64,
         buf: Option<usize>,
         make: impl Fn(crate::io::Piece) -> SqEntry,
-    ) -> Result<Vec<Piece>> {
+    ) -> Result<Pieces> {
         let facts = self.facts(nsid)?;
         check_range(&facts.info, slba, blocks)?;
         let (per, max) = match buf {
@@ -450,6 +450,38 @@ impl Kind {
 /// A command and the range of the future's buffer it carries.
 type Piece = (SqEntry, Option<(usize, usize)>);
 
+/// An operation's commands: most are one (no allocation for those).
+enum Pieces {
+    One(Piece),
+    Many(Vec<Piece>),
+}
+
+impl Pieces {
+    fn as_slice(&self) -> &[Piece] {
+        match self {
+            Pieces::One(p) => std::slice::from_ref(p),
+            Pieces::Many(v) => v,
+        }
+    }
+}
+
+impl FromIterator<Piece> for Pieces {
+    fn from_iter<I: IntoIterator<Item = Piece>>(iter: I) -> Pieces {
+        let mut it = iter.into_iter();
+        let Some(first) = it.next() else {
+            return Pieces::Many(Vec::new());
+        };
+        match it.next() {
+            None => Pieces::One(first),
+            Some(second) => {
+                let mut v = vec![first, second];
+                v.extend(it);
+                Pieces::Many(v)
+            }
+        }
+    }
+}
+
 /// The memory a future's commands carry.
 enum Data {
     None,
@@ -490,7 +522,7 @@ impl Data {
 pub struct IoFuture {
     aqp: AsyncQueuePair,
     what: &'static str,
-    plan: Result<Vec<Piece>>,
+    plan: Result<Pieces>,
     next: usize,
     buf: Data,
     op: Option<usize>,
@@ -499,12 +531,7 @@ pub struct IoFuture {
 }
 
 impl IoFuture {
-    fn new(
-        aqp: AsyncQueuePair,
-        what: &'static str,
-        plan: Result<Vec<Piece>>,
-        buf: Data,
-    ) -> IoFuture {
+    fn new(aqp: AsyncQueuePair, what: &'static str, plan: Result<Pieces>, buf: Data) -> IoFuture {
         IoFuture {
             aqp,
             what,
@@ -515,40 +542,50 @@ impl IoFuture {
             error: None,
         }
     }
+}
 
-    /// Submit what the queue has room for; when it is full, the waker waits for a free slot.
-    fn submit(&mut self, st: &mut State, op: usize, cx: &Context<'_>, ring: bool) {
-        let Ok(plan) = &self.plan else { return };
-        while self.next < plan.len() {
-            let (cmd, range) = plan[self.next];
-            let slice: [DmaSlice<'_>; 1];
-            let data: &[DmaSlice<'_>] = match range.and_then(|(o, l)| self.buf.slice(o, l)) {
-                Some(s) => {
-                    slice = [s];
-                    &slice
-                }
-                None => &[],
-            };
-            match st.qp.submit(cmd, data, op as u64) {
-                Ok(_) => {
-                    st.ops[op].outstanding += 1;
-                    self.next += 1;
-                }
-                Err(Error::QueueFull) => {
-                    st.qp.ring();
-                    st.slot_waiters.push(cx.waker().clone());
-                    return;
-                }
-                Err(e) => {
-                    self.error = Some(e);
-                    break;
-                }
+/// Submit what the queue has room for of `plan` from `*next`; when it is full, the waker
+/// waits for a free slot. An error stops the submissions (into `error`).
+#[allow(clippy::too_many_arguments)]
+fn submit(
+    plan: &[Piece],
+    next: &mut usize,
+    buf: &Data,
+    error: &mut Option<Error>,
+    st: &mut State,
+    op: usize,
+    cx: &Context<'_>,
+    ring: bool,
+) {
+    while *next < plan.len() {
+        let (cmd, range) = plan[*next];
+        let slice: [DmaSlice<'_>; 1];
+        let data: &[DmaSlice<'_>] = match range.and_then(|(o, l)| buf.slice(o, l)) {
+            Some(s) => {
+                slice = [s];
+                &slice
+            }
+            None => &[],
+        };
+        match st.qp.submit(cmd, data, op as u64) {
+            Ok(_) => {
+                st.ops[op].outstanding += 1;
+                *next += 1;
+            }
+            Err(Error::QueueFull) => {
+                st.qp.ring();
+                st.slot_waiters.push(cx.waker().clone());
+                return;
+            }
+            Err(e) => {
+                *error = Some(e);
+                break;
             }
         }
-        st.ops[op].all_submitted = true;
-        if ring {
-            st.qp.ring();
-        }
+    }
+    st.ops[op].all_submitted = true;
+    if ring {
+        st.qp.ring();
     }
 }
 
@@ -558,18 +595,26 @@ impl Future for IoFuture {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         if this.plan.is_err() {
-            if let Err(e) = std::mem::replace(&mut this.plan, Ok(Vec::new())) {
+            if let Err(e) = std::mem::replace(&mut this.plan, Ok(Pieces::Many(Vec::new()))) {
                 return Poll::Ready(Err(e));
             }
         }
-        let inner = this.aqp.inner.clone();
-        let mut wakers = Vec::new();
+        let IoFuture {
+            aqp,
+            what,
+            plan,
+            next,
+            buf,
+            op: this_op,
+            error,
+        } = this;
+        let inner = &*aqp.inner;
         let mut st = inner.lock();
-        let op = match this.op {
+        let op = match *this_op {
             Some(op) => op,
             None => {
                 let op = st.take_op();
-                this.op = Some(op);
+                *this_op = Some(op);
                 op
             }
         };
@@ -579,7 +624,9 @@ impl Future for IoFuture {
             // Polled: the doorbell waits for the next reap (whoever's), so the commands of
             // the futures that run before it go to the controller with one doorbell. A
             // sleeping reaper would not come: ring now.
-            this.submit(&mut st, op, cx, !polled);
+            if let Ok(plan) = plan {
+                submit(plan.as_slice(), next, buf, error, &mut st, op, cx, !polled);
+            }
         }
         if polled && fresh && st.ready > 0 && !st.ops[op].done() {
             // Other futures have results to collect (and maybe commands to submit after
@@ -596,7 +643,7 @@ impl Future for IoFuture {
             // the first completion, whoever's it is: others' futures are woken to run.
             let watch = Stopwatch::start();
             let mut polls = 0u32;
-            while st.reap(&mut wakers) == 0 && inner.drive == Drive::Poll {
+            while st.reap() == 0 && inner.drive == Drive::Poll {
                 polls += 1;
                 if polls.is_multiple_of(16) && watch.elapsed() >= POLL_SPIN {
                     break;
@@ -606,7 +653,7 @@ impl Future for IoFuture {
         let ready = if st.ops[op].done() {
             let status = st.ops[op].status;
             st.release_op(op);
-            this.op = None;
+            *this_op = None;
             Some(status)
         } else {
             match inner.drive {
@@ -621,20 +668,19 @@ impl Future for IoFuture {
             None
         };
         drop(st);
-        wakers.into_iter().for_each(Waker::wake);
         match ready {
             None => Poll::Pending,
-            Some(status) => Poll::Ready(match (this.error.take(), status) {
+            Some(status) => Poll::Ready(match (error.take(), status) {
                 (Some(e), _) => Err(e),
                 (None, Some(s)) if s == NvmeStatus::DEVICE_REMOVED => Err(Error::DeviceRemoved {
                     dev: inner.dev.clone(),
                 }),
                 (None, Some(status)) => Err(Error::Command {
                     dev: inner.dev.clone(),
-                    command: this.what,
+                    command: what,
                     status,
                 }),
-                (None, None) => Ok(match std::mem::replace(&mut this.buf, Data::None) {
+                (None, None) => Ok(match std::mem::replace(buf, Data::None) {
                     Data::Buffer(b) => Some(b),
                     _ => None,
                 }),

@@ -277,11 +277,15 @@ fn futures_awaited_out_of_completion_order_all_finish() {
         let q = aqp(&ctrl, drive);
         model.write_ns(1, 9, &stamp(9, 1, 4));
         futures::executor::block_on(async {
+            // x's completion is held until x is submitted and pending, then posted; the
+            // reads after it complete at once, and their polls reap x's completion too.
+            model.set_completion_mode(CompletionMode::Deferred);
             let mut x = Box::pin(q.read(1, 9, 1, ctrl.alloc(4096).unwrap()));
             let waker = futures::task::noop_waker();
             let mut cx = std::task::Context::from_waker(&waker);
             assert!(x.as_mut().poll(&mut cx).is_pending(), "submitted");
-            std::thread::sleep(Duration::from_millis(5));
+            model.release_all();
+            model.set_completion_mode(CompletionMode::Instant);
             for i in 0..20u64 {
                 let y = q.read(1, 20 + i, 1, ctrl.alloc(4096).unwrap()).await;
                 y.unwrap();

@@ -102,6 +102,62 @@ impl DeviceBackend {
     }
 }
 
+/// The guest of a side-by-side run: one emulated controller with a 1 GiB namespace of 4 KiB
+/// LBAs on `backend`, 128 hugepages, and `files` installed.
+fn bench_vm(
+    backend: DeviceBackend,
+    host_binaries: &[&str],
+    files: Vec<(PathBuf, String)>,
+    kernel_args: &[&str],
+    timeout: Duration,
+) -> VmConfig {
+    VmConfig {
+        controllers: vec![ControllerSpec {
+            namespaces: vec![NamespaceSpec {
+                size_mib: 1024,
+                lba_size: 4096,
+                null: backend == DeviceBackend::Null,
+                ..NamespaceSpec::default()
+            }],
+            aio: match backend {
+                DeviceBackend::IoUring => Some(DriveAio::IoUring),
+                DeviceBackend::Threads | DeviceBackend::Null => None,
+            },
+            ..ControllerSpec::default()
+        }],
+        host_binaries: host_binaries.iter().map(|b| b.to_string()).collect(),
+        files,
+        kernel_args: kernel_args.iter().map(|a| a.to_string()).collect(),
+        hugepages: 128,
+        timeout,
+        ..VmConfig::default()
+    }
+}
+
+/// Why one boot's results do not count: the guest script failed, or some measurements did.
+fn boot_failure(out: &vm::VmOutput, measurements_failed: bool) -> Option<String> {
+    if out.exit_code != 0 {
+        Some(format!(
+            "the guest script failed (exit status {}); its last lines: {}",
+            out.exit_code,
+            vm::tail_lines(&out.output, 5)
+        ))
+    } else if measurements_failed {
+        Some("some measurements failed (see the table)".to_string())
+    } else {
+        None
+    }
+}
+
+/// Write every boot's results to `path`, when asked.
+fn write_json<T: Serialize>(path: Option<&std::path::Path>, all: &T) -> Result<()> {
+    if let Some(path) = path {
+        std::fs::write(path, serde_json::to_string_pretty(all)? + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// `YYYY-MM-DD HH:MM UTC` of `secs` since the epoch.
 fn utc(secs: u64) -> String {
     let days = (secs / 86_400) as i64;
@@ -191,34 +247,20 @@ fn compare(a: CompareArgs) -> Result<ExitCode> {
     let mut all = Vec::new();
     let mut failed = None;
     for backend in backends {
-        let config = VmConfig {
-            controllers: vec![ControllerSpec {
-                namespaces: vec![NamespaceSpec {
-                    size_mib: 1024,
-                    lba_size: 4096,
-                    null: backend == DeviceBackend::Null,
-                    ..NamespaceSpec::default()
-                }],
-                aio: match backend {
-                    DeviceBackend::IoUring => Some(DriveAio::IoUring),
-                    DeviceBackend::Threads | DeviceBackend::Null => None,
-                },
-                ..ControllerSpec::default()
-            }],
-            host_binaries: vec!["fio".into()],
-            files: vec![
+        // Each measurement takes its time, a warm-up and a start; each hand-over of the
+        // device between the kernel and rnvme a few seconds more.
+        let config = bench_vm(
+            backend,
+            &["fio"],
+            vec![
                 (rnvme.clone(), "/usr/local/bin/rnvme".into()),
                 (engine.clone(), GUEST_ENGINE.into()),
             ],
-            kernel_args: vec!["nvme.poll_queues=2".into()],
-            hugepages: 128,
-            // Each measurement takes its time, a warm-up and a start; each hand-over of the
-            // device between the kernel and rnvme a few seconds more.
-            timeout: Duration::from_secs(
+            &["nvme.poll_queues=2"],
+            Duration::from_secs(
                 120 + measurements as u64 * (seconds as u64 + 6) + switches as u64 * 15,
             ),
-            ..VmConfig::default()
-        };
+        );
         eprintln!(
             "rnvme: booting one guest ({}) for {measurements} measurements of {seconds} s each \
              (about {} min)...",
@@ -251,22 +293,12 @@ fn compare(a: CompareArgs) -> Result<ExitCode> {
         // The guest's status and the failures decide the status even when nobody reads the
         // table.
         allow_closed_stdout(out!("{}\n", table(&c)))?;
-        if out.exit_code != 0 {
-            failed.get_or_insert(format!(
-                "the guest script failed with {} (exit status {}); its last lines: {}",
-                backend.describe(),
-                out.exit_code,
-                vm::tail_lines(&out.output, 5)
-            ));
-        } else if c.lines.iter().any(|l| !l.failures.is_empty()) {
-            failed.get_or_insert("some measurements failed (see the table)".to_string());
+        if let Some(why) = boot_failure(&out, c.lines.iter().any(|l| !l.failures.is_empty())) {
+            failed.get_or_insert(format!("{}: {why}", backend.describe()));
         }
         all.push(c);
     }
-    if let Some(path) = &a.json {
-        std::fs::write(path, serde_json::to_string_pretty(&all)? + "\n")
-            .with_context(|| format!("cannot write {}", path.display()))?;
-    }
+    write_json(a.json.as_deref(), &all)?;
     if let Some(why) = failed {
         bail!("{why}");
     }

@@ -8,13 +8,16 @@ use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
-use rnvme_tools::vm::{self, ControllerSpec, DriveAio, NamespaceSpec, VmConfig};
+use rnvme_tools::vm;
 use serde::Serialize;
 
 use super::results::{json_in, median, num, sections};
-use super::{allow_closed_stdout, host_facts, out, utc, DeviceBackend, UsageError};
+use super::{
+    allow_closed_stdout, bench_vm, boot_failure, host_facts, out, utc, write_json, DeviceBackend,
+    UsageError,
+};
 
 /// `rnvme bench modes`
 #[derive(Debug, Args)]
@@ -340,25 +343,13 @@ pub fn modes_bench(a: ModesBenchArgs) -> Result<ExitCode> {
     let mut all = Vec::new();
     let mut failed = None;
     for backend in backends {
-        let config = VmConfig {
-            controllers: vec![ControllerSpec {
-                namespaces: vec![NamespaceSpec {
-                    size_mib: 1024,
-                    lba_size: 4096,
-                    null: backend == DeviceBackend::Null,
-                    ..NamespaceSpec::default()
-                }],
-                aio: match backend {
-                    DeviceBackend::IoUring => Some(DriveAio::IoUring),
-                    _ => None,
-                },
-                ..ControllerSpec::default()
-            }],
-            files: vec![(rnvme.clone(), "/usr/local/bin/rnvme".into())],
-            hugepages: 128,
-            timeout: Duration::from_secs(180 + measurements * (a.seconds as u64 + 8)),
-            ..VmConfig::default()
-        };
+        let config = bench_vm(
+            backend,
+            &[],
+            vec![(rnvme.clone(), "/usr/local/bin/rnvme".into())],
+            &[],
+            Duration::from_secs(180 + measurements * (a.seconds as u64 + 8)),
+        );
         eprintln!(
             "rnvme: booting one guest ({}) for {measurements} measurements of {} s each...",
             backend.describe(),
@@ -395,21 +386,12 @@ pub fn modes_bench(a: ModesBenchArgs) -> Result<ExitCode> {
             failures,
         };
         allow_closed_stdout(out!("{}\n", modes_table(&c)))?;
-        if out.exit_code != 0 {
-            failed.get_or_insert(format!(
-                "the guest script failed (exit status {}); its last lines: {}",
-                out.exit_code,
-                vm::tail_lines(&out.output, 5)
-            ));
-        } else if !c.failures.is_empty() {
-            failed.get_or_insert("some measurements failed (see the table)".to_string());
+        if let Some(why) = boot_failure(&out, !c.failures.is_empty()) {
+            failed.get_or_insert(why);
         }
         all.push(c);
     }
-    if let Some(path) = &a.json {
-        std::fs::write(path, serde_json::to_string_pretty(&all)? + "\n")
-            .with_context(|| format!("cannot write {}", path.display()))?;
-    }
+    write_json(a.json.as_deref(), &all)?;
     if let Some(why) = failed {
         bail!("{why}");
     }
