@@ -56,6 +56,8 @@ pub enum Drive {
     /// The owner reaps: it calls [`AsyncQueuePair::reap_interrupt`] whenever the interrupt's
     /// eventfd ([`AsyncQueuePair::interrupt`]) is readable, for example through tokio's
     /// `AsyncFd`, or [`AsyncQueuePair::reap`] on its own schedule; futures sleep until woken.
+    /// Reap now and then even without a signal (every 100 ms, say): reaping is also when the
+    /// queue pair checks its commands' deadlines, for a device that never answers.
     External,
 }
 

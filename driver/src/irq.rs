@@ -30,10 +30,11 @@ pub enum WaitMode {
     Polled,
     /// Sleep on the queue pair's MSI-X vector until the controller signals it.
     Interrupt,
-    /// Poll while completions keep coming, and for `spin` after the last one; then sleep on
-    /// the vector as [`WaitMode::Interrupt`] does.
+    /// Poll while completions keep coming, and for `spin` after the last one (or twice the
+    /// recent wait for a completion, if longer, up to 1 ms); then sleep on the vector as
+    /// [`WaitMode::Interrupt`] does. With nothing outstanding it sleeps at once.
     Hybrid {
-        /// How long to keep polling an empty completion queue before sleeping.
+        /// How long to keep polling an empty completion queue before sleeping, at least.
         spin: Duration,
     },
 }

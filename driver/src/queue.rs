@@ -229,6 +229,9 @@ const CID_INDEX_MASK: u16 = (1 << CID_INDEX_BITS) - 1;
 /// The largest queue the command id layout allows (4095 commands in flight).
 pub const MAX_QUEUE_ENTRIES: u32 = 1 << CID_INDEX_BITS;
 
+/// The longest a hybrid wait spins, however slow recent completions were.
+const MAX_HYBRID_SPIN: Duration = Duration::from_millis(1);
+
 /// Polls between health checks while commands are outstanding.
 const CHECK_EVERY: u32 = 1024;
 /// How often a failing command is retried when the controller allows it (DNR clear).
@@ -306,6 +309,8 @@ pub struct QueuePair {
     /// How [`QueuePair::wait`] waits, and the interrupt vector it sleeps on.
     wait_mode: WaitMode,
     irq: Option<Arc<Interrupt>>,
+    /// How long recent waits with commands outstanding took to find a completion.
+    recent_wait: Duration,
     /// Test hook: run between the last empty poll and the sleep of [`QueuePair::wait`].
     #[cfg(any(test, feature = "test-utils"))]
     before_sleep: Option<Box<dyn FnMut() + Send>>,
@@ -400,6 +405,7 @@ impl QueuePair {
             removed: false,
             wait_mode: WaitMode::Polled,
             irq: None,
+            recent_wait: Duration::ZERO,
             #[cfg(any(test, feature = "test-utils"))]
             before_sleep: None,
             _not_sync: PhantomData,
@@ -960,15 +966,24 @@ impl QueuePair {
         }
         let start = clock::Stopwatch::start();
         let passed = || start.elapsed();
+        let idle = self.free.len() == self.slots.len() && self.deferred.is_empty();
         let spin = match self.wait_mode {
             WaitMode::Polled => timeout,
             WaitMode::Interrupt => Duration::ZERO,
-            WaitMode::Hybrid { spin } => spin.min(timeout),
+            // Nothing outstanding: nothing can complete, sleep at once.
+            WaitMode::Hybrid { .. } if idle => Duration::ZERO,
+            // Busy: at least the budget, and twice the recent wait for a completion (a device
+            // or host slower than the budget keeps the queue pair polling while busy).
+            WaitMode::Hybrid { spin } => spin
+                .max(self.recent_wait * 2)
+                .min(MAX_HYBRID_SPIN)
+                .min(timeout),
         };
         let mut polls = 0u32;
         while !spin.is_zero() {
             let n = self.poll(max, &mut f);
             if n > 0 {
+                self.note_wait(passed());
                 return n;
             }
             polls += 1;
@@ -982,10 +997,18 @@ impl QueuePair {
         }
         loop {
             let n = self.sleep_once(max, timeout.saturating_sub(passed()), &mut f);
+            if n > 0 && !idle {
+                self.note_wait(passed());
+            }
             if n > 0 || passed() >= timeout {
                 return n;
             }
         }
+    }
+
+    /// Fold how long a busy wait took into `recent_wait` (an average over about 8 waits).
+    fn note_wait(&mut self, waited: Duration) {
+        self.recent_wait = (self.recent_wait * 7 + waited.min(MAX_HYBRID_SPIN)) / 8;
     }
 
     /// Arm, poll once more, and sleep on the vector (at most `left`, and at most 100 ms while

@@ -219,3 +219,23 @@ fn coalescing_is_set_with_the_first_interrupt_queue_and_after_a_reset() {
     let buf = ctrl.alloc(4096).unwrap();
     qp.read(1, 0, 1, &buf).unwrap();
 }
+
+#[test]
+fn hybrid_with_nothing_outstanding_sleeps_at_once() {
+    let (_model, ctrl) = model();
+    let mut qp = ctrl
+        .create_io_qpair_with(
+            8,
+            WaitMode::Hybrid {
+                spin: Duration::from_millis(50),
+            },
+        )
+        .unwrap();
+    let before = qp.stats();
+    let n = qp.wait(usize::MAX, Duration::from_millis(20), |_| unreachable!());
+    assert_eq!(n, 0);
+    let st = qp.stats();
+    // No spinning through the 50 ms budget: a poll, then the sleep (and a poll after it).
+    assert!(st.polls - before.polls < 8, "{st:?}");
+    assert!(st.sleeps > before.sleeps, "{st:?}");
+}
