@@ -1,0 +1,78 @@
+//! The async API's cost over the queue pair used directly: 4 KiB reads at depth 1 and 32
+//! against the controller model in instant-completion mode (the model's work is the same on
+//! both sides), in nanoseconds per I/O on this machine. `cargo run --release --example
+//! aio_overhead --features test-utils [IOS]`.
+
+use std::time::Instant;
+
+use rnvme_driver::aio::{AsyncQueuePair, Drive};
+use rnvme_driver::controller::{Controller, ControllerOptions};
+use rnvme_driver::dma::Backing;
+use rnvme_driver::io::read_cmd;
+use rnvme_driver::irq::WaitMode;
+use rnvme_driver::model::{Model, ModelConfig};
+
+fn main() {
+    let ios: u64 = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(200_000);
+    let model = Model::new(ModelConfig::default());
+    let ctrl = Controller::init(
+        model,
+        ControllerOptions {
+            backing: Backing::SmallPages,
+            ..ControllerOptions::default()
+        },
+    )
+    .expect("bring-up against the model");
+    for depth in [1usize, 32] {
+        let bufs: Vec<_> = (0..depth).map(|_| ctrl.alloc(4096).unwrap()).collect();
+        // Directly: submit, ring, poll.
+        let mut qp = ctrl.create_io_qpair_with(64, WaitMode::Polled).unwrap();
+        let t = Instant::now();
+        let (mut submitted, mut completed) = (0u64, 0u64);
+        while completed < ios {
+            while submitted - completed < depth as u64 && submitted < ios {
+                let i = (submitted % depth as u64) as usize;
+                qp.submit(
+                    read_cmd(1, submitted % 4096, 1),
+                    &[bufs[i].segment()],
+                    submitted,
+                )
+                .unwrap();
+                submitted += 1;
+            }
+            qp.ring();
+            completed += qp.poll(depth, |_| {}) as u64;
+        }
+        let direct = t.elapsed().as_nanos() as f64 / ios as f64;
+        drop(qp);
+        // Through the async API: a task per slot on a tokio current-thread runtime.
+        let q = AsyncQueuePair::new(
+            ctrl.create_io_qpair_with(64, WaitMode::Polled).unwrap(),
+            Drive::Poll,
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let local = tokio::task::LocalSet::new();
+        let per = ios / depth as u64;
+        for b in &bufs {
+            let (q, lease) = (q.clone(), b.lease(0, 4096));
+            local.spawn_local(async move {
+                for k in 0..per {
+                    q.read_lease(1, k % 4096, 1, lease.clone()).await.unwrap();
+                }
+            });
+        }
+        let t = Instant::now();
+        rt.block_on(local);
+        let aio = t.elapsed().as_nanos() as f64 / (per * depth as u64) as f64;
+        println!(
+            "depth {depth}: direct {direct:.0} ns per I/O, async {aio:.0} ns per I/O ({:.2}x)",
+            direct / aio
+        );
+    }
+}
