@@ -10,10 +10,6 @@
 //! empty) eventfd, so the sleep returns at once; a completion posted before it is found by the
 //! poll. Consuming the signal after the poll instead would lose exactly the completion that
 //! lands between the two.
-//!
-//! A boundary module: its one `unsafe` lends the eventfd's descriptor to `poll(2)` and to
-//! async runtimes as a `BorrowedFd` (`vmm-sys-util`'s `EventFd`, the type `vfio-ioctls`
-//! takes, implements `AsRawFd` only).
 
 use rustix::event::{PollFd, PollFlags, Timespec};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
@@ -123,9 +119,7 @@ impl Interrupt {
 
 impl AsFd for Interrupt {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        // SAFETY: the descriptor belongs to `self.fd`, which is open for as long as `self`
-        // lives, and the borrow cannot outlive `self`.
-        unsafe { BorrowedFd::borrow_raw(self.fd.as_raw_fd()) }
+        crate::vfio::eventfd_as_fd(&self.fd)
     }
 }
 

@@ -15,8 +15,7 @@
 //! - [`controller`]: bring-up, admin commands, I/O queue pair creation, shutdown.
 
 // The unsafe boundary: register access and DMA mapping (`hw`, `vfio`), DMA memory (`dma`),
-// the time-stamp counter (`clock`), interrupt eventfds lent to poll(2) (`irq`) and the
-// controller model's host memory (`model`). Every
+// the time-stamp counter (`clock`) and the controller model's host memory (`model`). Every
 // other module forbids unsafe code (the spec's structures are bytes through zerocopy).
 #[forbid(unsafe_code)]
 pub mod affinity;
@@ -37,6 +36,7 @@ pub mod identify;
 pub mod io;
 #[forbid(unsafe_code)]
 pub mod iova;
+#[forbid(unsafe_code)]
 pub mod irq;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod model;

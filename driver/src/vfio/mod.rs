@@ -26,7 +26,7 @@ use std::fmt;
 use std::io;
 use std::mem::{offset_of, size_of};
 use std::ops::Range;
-use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::io::{AsRawFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -66,6 +66,14 @@ use removal::*;
 /// PCI class code of an NVM Express controller: mass storage (01), non-volatile memory
 /// controller (08), NVM Express programming interface (02).
 pub const NVME_CLASS: u32 = 0x01_08_02;
+
+/// `vmm-sys-util`'s `EventFd` (the type `vfio-ioctls` takes for interrupts) as a `BorrowedFd`,
+/// for `poll(2)` and async runtimes: it implements only `AsRawFd`.
+pub(crate) fn eventfd_as_fd(fd: &EventFd) -> BorrowedFd<'_> {
+    // SAFETY: the descriptor belongs to `fd`, which keeps it open for as long as it lives, and
+    // the borrow cannot outlive `fd`.
+    unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) }
+}
 
 /// The VFIO container device node.
 const DEV_VFIO_CONTAINER: &str = "/dev/vfio/vfio";
