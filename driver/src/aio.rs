@@ -414,21 +414,16 @@ impl AsyncQueuePair {
 
     /// What the queue pair knows of namespace `nsid`.
     fn facts(&self, nsid: u32) -> Result<&NsFacts> {
-        self.inner
-            .namespaces
-            .iter()
-            .find(|n| n.info.nsid == nsid)
-            .ok_or_else(|| Error::NoSuchNamespace {
-                dev: self.inner.dev.clone(),
-                nsid,
-                active: self
-                    .inner
-                    .namespaces
-                    .iter()
-                    .map(|n| n.info.nsid.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })
+        match self.inner.namespaces.iter().find(|n| n.info.nsid == nsid) {
+            Some(f) => Ok(f),
+            // The queue pair's own error, naming the active namespaces.
+            None => Err(match self.inner.lock().qp.namespace(nsid) {
+                Err(e) => e,
+                Ok(_) => Error::InvalidArgument(format!(
+                    "namespace {nsid} became active after the async queue pair was made"
+                )),
+            }),
+        }
     }
 }
 

@@ -158,6 +158,13 @@ fn write_json<T: Serialize>(path: Option<&std::path::Path>, all: &T) -> Result<(
     Ok(())
 }
 
+/// `YYYY-MM-DD HH:MM UTC` now.
+fn utc_now() -> String {
+    utc(SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()))
+}
+
 /// `YYYY-MM-DD HH:MM UTC` of `secs` since the epoch.
 fn utc(secs: u64) -> String {
     let days = (secs / 86_400) as i64;
@@ -276,9 +283,7 @@ fn compare(a: CompareArgs) -> Result<ExitCode> {
         let mut setup = host_facts();
         setup.push(format!("back end: {}", backend.describe()));
         setup.extend(info.iter().map(|i| format!("guest {i}")));
-        let date = utc(SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()));
+        let date = utc_now();
         let targets = check_targets(&lines);
         let c = Comparison {
             date,

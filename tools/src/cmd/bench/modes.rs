@@ -15,8 +15,8 @@ use serde::Serialize;
 
 use super::results::{json_in, median, num, sections};
 use super::{
-    allow_closed_stdout, bench_vm, boot_failure, host_facts, out, utc, write_json, DeviceBackend,
-    UsageError,
+    allow_closed_stdout, bench_vm, boot_failure, host_facts, out, utc_now, write_json,
+    DeviceBackend, UsageError,
 };
 
 /// `rnvme bench modes`
@@ -374,9 +374,7 @@ pub fn modes_bench(a: ModesBenchArgs) -> Result<ExitCode> {
         setup.extend(info.iter().map(|i| format!("guest {i}")));
         let targets = check_targets(&rows);
         let c = ModesComparison {
-            date: utc(std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs())),
+            date: utc_now(),
             backend,
             setup,
             seconds: a.seconds,

@@ -17,8 +17,8 @@ use serde::Serialize;
 
 use super::results::{json_in, parse_fio, sections};
 use super::{
-    allow_closed_stdout, bench_vm, boot_failure, host_facts, out, utc, write_json, DeviceBackend,
-    UsageError,
+    allow_closed_stdout, bench_vm, boot_failure, host_facts, out, utc_now, write_json,
+    DeviceBackend, UsageError,
 };
 
 /// `rnvme bench serve`
@@ -410,9 +410,7 @@ pub fn serve_bench(a: ServeBenchArgs) -> Result<ExitCode> {
         setup.push(format!("back end: {}", backend.describe()));
         setup.extend(info.iter().map(|i| format!("guest {i}")));
         let c = NvmfComparison {
-            date: utc(std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs())),
+            date: utc_now(),
             backend,
             setup,
             seconds: a.seconds,
