@@ -43,6 +43,17 @@ pub enum Backing {
     SmallPages,
 }
 
+impl Backing {
+    /// Hugepages, or small pages where the user said no hugepages (`--no-hugepages`).
+    pub fn small_pages_if(no_hugepages: bool) -> Backing {
+        if no_hugepages {
+            Backing::SmallPages
+        } else {
+            Backing::Hugepages
+        }
+    }
+}
+
 /// Why DMA memory could not be had.
 #[derive(Debug, thiserror::Error)]
 pub enum DmaError {

@@ -443,11 +443,7 @@ fn open(args: &PerfArgs, cfg: &PerfConfig, wanted: &[(String, Which)]) -> Result
                 let c = Controller::open(
                     bdf,
                     ControllerOptions {
-                        backing: if args.no_hugepages {
-                            Backing::SmallPages
-                        } else {
-                            Backing::Hugepages
-                        },
+                        backing: Backing::small_pages_if(args.no_hugepages),
                         data_pointer: forced.unwrap_or(DEFAULT_DATA_POINTER),
                         initial_chunks: chunks,
                         shadow_doorbells: cfg.shadow_doorbells,

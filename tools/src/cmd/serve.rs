@@ -108,11 +108,7 @@ fn build(args: &ServeArgs) -> Result<Target> {
                 let c = Controller::open(
                     bdf,
                     ControllerOptions {
-                        backing: if args.no_hugepages {
-                            Backing::SmallPages
-                        } else {
-                            Backing::Hugepages
-                        },
+                        backing: Backing::small_pages_if(args.no_hugepages),
                         shadow_doorbells: !args.no_shadow_doorbells,
                         ..ControllerOptions::default()
                     },

@@ -49,11 +49,7 @@ pub struct DeviceArgs {
 impl DeviceArgs {
     /// Open and bring up the controller.
     pub fn open(&self) -> Result<Controller> {
-        let backing = if self.no_hugepages {
-            Backing::SmallPages
-        } else {
-            Backing::Hugepages
-        };
+        let backing = Backing::small_pages_if(self.no_hugepages);
         let data_pointer = if self.sgl {
             DataPointerMode::Sgl
         } else {
