@@ -708,18 +708,28 @@ impl Drop for IoFuture {
 /// queue pair is gone.
 fn reaper(inner_weak: Weak<Inner>, irq: Arc<Interrupt>, spin: Duration) {
     let mut last = Stopwatch::start();
+    // Whether the last reap found nothing and the thread spun on.
+    let mut spun = false;
     loop {
         let Some(inner) = inner_weak.upgrade() else {
             return;
         };
         if inner.reap() > 0 {
+            if spun {
+                // Spinning pays off: no interrupts until the next sleep.
+                irq.mask();
+            }
+            spun = false;
             last = Stopwatch::start();
             continue;
         }
         if !spin.is_zero() && last.elapsed() < spin {
+            spun = true;
             std::hint::spin_loop();
             continue;
         }
+        spun = false;
+        irq.unmask();
         irq.arm();
         if inner.reap() > 0 {
             last = Stopwatch::start();

@@ -99,6 +99,21 @@ pub trait Hardware: Send + Sync {
         })
     }
 
+    /// Mask (`fd: None`) or unmask (`fd: Some`, the vector's eventfd again) one MSI-X vector
+    /// after [`Hardware::enable_interrupts`]. While masked, the device holds the vector's
+    /// interrupts pending (the MSI-X Pending Bit) and sends none; unmasking sends one that
+    /// became pending meanwhile. A hybrid queue pair masks its vector while it polls, so the
+    /// completions it finds by polling cost no interrupt.
+    fn mask_interrupt(&self, vector: u16, fd: Option<&EventFd>) -> Result<(), HwError> {
+        Err(HwError::Interrupts {
+            dev: self.name().to_string(),
+            why: format!(
+                "masking vector {vector} ({}) is not supported by this hardware",
+                if fd.is_some() { "unmask" } else { "mask" }
+            ),
+        })
+    }
+
     /// Reset the whole PCI function (FLR) and make it answer again (memory decoding and bus
     /// mastering back on). When this returns `Ok`, the controller is in its reset state: no
     /// command of before can still touch memory. The fallback when disabling the controller

@@ -10,10 +10,19 @@
 //! empty) eventfd, so the sleep returns at once; a completion posted before it is found by the
 //! poll. Consuming the signal after the poll instead would lose exactly the completion that
 //! lands between the two.
+//!
+//! A hybrid queue pair masks its vector while polling pays off ([`Interrupt::mask`]): the
+//! device then holds its interrupts pending instead of sending one per completion, which
+//! would cost the host an interrupt for every completion it has already found by polling.
+//! Before sleeping it unmasks the vector ([`Interrupt::unmask`]) and then arms: an interrupt
+//! held pending meanwhile is sent at the unmasking, and the arm and poll that follow
+//! consume it and find its completion.
 
+use crate::hw::Hardware;
 use rustix::event::{PollFd, PollFlags, Timespec};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Weak;
 use std::time::Duration;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -61,16 +70,94 @@ pub struct Interrupt {
     fd: EventFd,
     /// Signals consumed (by `arm` and by sleeps that ended with one).
     signals: AtomicU64,
+    /// The hardware that masks the vector (none: masking is not available).
+    hw: Option<Weak<dyn Hardware>>,
+    /// Masked now.
+    masked: AtomicBool,
+    /// The hardware refused to mask: do not ask again.
+    no_masking: AtomicBool,
+    /// Maskings and unmaskings done.
+    masks: AtomicU64,
 }
 
 impl Interrupt {
     /// A vector with a fresh non-blocking eventfd.
-    pub(crate) fn new(vector: u16) -> std::io::Result<Interrupt> {
+    pub(crate) fn new(vector: u16, hw: Option<Weak<dyn Hardware>>) -> std::io::Result<Interrupt> {
         Ok(Interrupt {
             vector,
             fd: EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)?,
             signals: AtomicU64::new(0),
+            hw,
+            masked: AtomicBool::new(false),
+            no_masking: AtomicBool::new(false),
+            masks: AtomicU64::new(0),
         })
+    }
+
+    /// Stop the vector's interrupts while its queue pair polls: the device holds them
+    /// pending until [`Interrupt::unmask`]. Whether the vector is masked now (hardware that
+    /// cannot mask keeps interrupting, which costs time but loses nothing).
+    pub fn mask(&self) -> bool {
+        if self.no_masking.load(Ordering::Relaxed) {
+            return false;
+        }
+        if self.masked.swap(true, Ordering::AcqRel) {
+            return true;
+        }
+        match self.hw.as_ref().and_then(Weak::upgrade) {
+            Some(hw) => match hw.mask_interrupt(self.vector, None) {
+                Ok(()) => {
+                    self.masks.fetch_add(1, Ordering::Relaxed);
+                    true
+                }
+                Err(e) => {
+                    log::debug!("{e}: the vector stays unmasked");
+                    self.no_masking.store(true, Ordering::Relaxed);
+                    self.masked.store(false, Ordering::Release);
+                    false
+                }
+            },
+            None => {
+                self.no_masking.store(true, Ordering::Relaxed);
+                self.masked.store(false, Ordering::Release);
+                false
+            }
+        }
+    }
+
+    /// Let the vector interrupt again; an interrupt held pending while it was masked signals
+    /// the eventfd now. Call it before [`Interrupt::arm`] when going to sleep.
+    pub fn unmask(&self) {
+        if !self.masked.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let done = self
+            .hw
+            .as_ref()
+            .and_then(Weak::upgrade)
+            .map(|hw| hw.mask_interrupt(self.vector, Some(&self.fd)));
+        match done {
+            Some(Ok(())) => {
+                self.masks.fetch_add(1, Ordering::Relaxed);
+            }
+            // The device is gone or refuses: sleeps with commands outstanding are bounded
+            // (100 ms), after which the queue pair polls and checks its health.
+            Some(Err(e)) => {
+                log::warn!("{e}");
+                self.no_masking.store(true, Ordering::Relaxed);
+            }
+            None => self.no_masking.store(true, Ordering::Relaxed),
+        }
+    }
+
+    /// Whether the vector is masked now.
+    pub fn is_masked(&self) -> bool {
+        self.masked.load(Ordering::Acquire)
+    }
+
+    /// Maskings and unmaskings so far.
+    pub fn masks(&self) -> u64 {
+        self.masks.load(Ordering::Relaxed)
     }
 
     /// The MSI-X vector number.
@@ -136,7 +223,7 @@ mod tests {
 
     #[test]
     fn arm_consumes_and_sleep_sees_a_pending_signal() {
-        let irq = Interrupt::new(3).unwrap();
+        let irq = Interrupt::new(3, None).unwrap();
         assert!(!irq.arm(), "nothing pending on a fresh eventfd");
         let t = Instant::now();
         assert!(!irq.sleep(Duration::from_millis(20)));
@@ -153,7 +240,7 @@ mod tests {
 
     #[test]
     fn a_signal_from_another_thread_ends_the_sleep() {
-        let irq = std::sync::Arc::new(Interrupt::new(1).unwrap());
+        let irq = std::sync::Arc::new(Interrupt::new(1, None).unwrap());
         let other = irq.clone();
         let t = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(30));

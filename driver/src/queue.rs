@@ -125,6 +125,8 @@ pub struct QueueStats {
     /// Interrupts of the queue pair's vector consumed, by its waits or by whoever reaps for
     /// it (an async reaper); signals that arrive together count once.
     pub interrupts: u64,
+    /// Maskings and unmaskings of the vector (a hybrid queue pair masks it while polling).
+    pub interrupt_masks: u64,
 }
 
 /// What a queue pair needs from its controller to recover from a lost command, a fatal
@@ -361,6 +363,7 @@ impl QueuePair {
     pub fn stats(&self) -> QueueStats {
         QueueStats {
             interrupts: self.irq.as_ref().map_or(0, |i| i.signals()),
+            interrupt_masks: self.irq.as_ref().map_or(0, |i| i.masks()),
             ..self.stats
         }
     }

@@ -362,8 +362,9 @@ impl Shared {
                 });
             }
             let n = offered.min(self.io_queues_granted as u32 + 1) as u16;
+            let hw = Arc::downgrade(&self.hw);
             let made = (0..n)
-                .map(Interrupt::new)
+                .map(|v| Interrupt::new(v, Some(hw.clone())))
                 .collect::<std::io::Result<Vec<_>>>()
                 .map_err(|e| Error::InvalidArgument(format!("{}: eventfd: {e}", dev())))?;
             // Coalescing first: a controller that refuses it leaves interrupts off.

@@ -246,8 +246,18 @@ pub struct ModelStats {
     pub bytes_read: u64,
     /// Bytes transferred from the host by Write commands.
     pub bytes_written: u64,
-    /// MSI-X messages sent (one per completion posted to a queue with interrupts enabled).
+    /// MSI-X messages sent (one per completion posted to a queue with interrupts enabled and
+    /// its vector unmasked, and one per unmasking of a vector with its Pending Bit set).
     pub interrupts: u64,
+    /// Vectors masked or unmasked ([`Hardware::mask_interrupt`]).
+    pub interrupt_masks: u64,
+}
+
+/// One MSI-X vector: its eventfd, and whether it is masked with an interrupt pending.
+struct Vector {
+    fd: vmm_sys_util::eventfd::EventFd,
+    masked: bool,
+    pending: bool,
 }
 
 /// The NVMe controller model. See the module documentation.
@@ -474,8 +484,8 @@ struct Inner {
     /// Interrupt Coalescing (feature 08h), as last set. Recorded and reported; the model
     /// signals every completion (it has no clock to bound a held interrupt by).
     coalescing: u32,
-    /// The eventfds of the MSI-X vectors, once enabled ([`Hardware::enable_interrupts`]).
-    vectors: Vec<vmm_sys_util::eventfd::EventFd>,
+    /// The MSI-X vectors, once enabled ([`Hardware::enable_interrupts`]).
+    vectors: Vec<Vector>,
     /// Scratch space reused by every command: the data segments of the current command and a
     /// byte buffer.
     segs: Vec<Seg>,
@@ -941,9 +951,46 @@ impl Hardware for Model {
         }
         g.vectors = fds
             .iter()
-            .map(|f| f.try_clone())
+            .map(|f| {
+                f.try_clone().map(|fd| Vector {
+                    fd,
+                    masked: false,
+                    pending: false,
+                })
+            })
             .collect::<std::io::Result<_>>()
             .map_err(|e| fail(e.to_string()))?;
+        Ok(())
+    }
+
+    fn mask_interrupt(
+        &self,
+        vector: u16,
+        fd: Option<&vmm_sys_util::eventfd::EventFd>,
+    ) -> Result<(), HwError> {
+        let mut g = self.lock();
+        let g = &mut *g;
+        let Some(v) = g.vectors.get_mut(vector as usize) else {
+            return Err(HwError::Interrupts {
+                dev: "model".into(),
+                why: format!("vector {vector} is not enabled"),
+            });
+        };
+        g.stats.interrupt_masks += 1;
+        match fd {
+            None => v.masked = true,
+            Some(fd) => {
+                v.fd = fd.try_clone().map_err(|e| HwError::Interrupts {
+                    dev: "model".into(),
+                    why: e.to_string(),
+                })?;
+                v.masked = false;
+                if std::mem::take(&mut v.pending) {
+                    let _ = v.fd.write(1);
+                    g.stats.interrupts += 1;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -1647,10 +1694,15 @@ impl Inner {
         }
         let vector = cq.vector;
         self.stats.completions_posted += 1;
-        if let Some(fd) = vector.and_then(|v| self.vectors.get(v as usize)) {
-            // The MSI-X message: the entry is in memory before the host can see the signal.
-            let _ = fd.write(1);
-            self.stats.interrupts += 1;
+        if let Some(v) = vector.and_then(|v| self.vectors.get_mut(v as usize)) {
+            if v.masked {
+                // The Pending Bit: sent when the vector is unmasked.
+                v.pending = true;
+            } else {
+                // The MSI-X message: the entry is in memory before the host can see the signal.
+                let _ = v.fd.write(1);
+                self.stats.interrupts += 1;
+            }
         }
         if c.frees_cid {
             if let Some(sq) = self.sqs.get_mut(c.sqid as usize).and_then(Option::as_mut) {

@@ -82,6 +82,11 @@ impl QueuePair {
             let n = self.poll(max, &mut f);
             if n > 0 {
                 self.note_wait(passed());
+                // Polling pays off: stop the vector's interrupts until the next sleep (each
+                // would cost the host an interrupt for a completion already found).
+                if let Some(irq) = &self.irq {
+                    irq.mask();
+                }
                 return n;
             }
             polls += 1;
@@ -113,6 +118,8 @@ impl QueuePair {
     /// commands are outstanding, so deadlines are checked); then poll. See the module documentation of [`crate::irq`].
     fn sleep_once(&mut self, max: usize, left: Duration, f: &mut impl FnMut(Completion)) -> usize {
         let irq = self.irq.clone().expect("a vector to sleep on");
+        // Unmask first (an interrupt held pending is sent now), then consume the signal.
+        irq.unmask();
         irq.arm();
         // The controller learns of every reaped entry before the host sleeps.
         if self.cq_unrung > 0 {

@@ -570,6 +570,59 @@ impl Hardware for VfioHardware {
         })
     }
 
+    /// `VFIO_DEVICE_SET_IRQS` for one MSI-X vector: eventfd -1 makes vfio-pci free the
+    /// vector's handler, which masks it in the MSI-X table (the device then sets its Pending
+    /// Bit instead of sending); the eventfd again requests the handler and unmasks it, and a
+    /// pending interrupt is sent. vfio-ioctls only sets whole ranges from vector 0.
+    fn mask_interrupt(&self, vector: u16, fd: Option<&EventFd>) -> Result<(), HwError> {
+        let fail = |why: String| HwError::Interrupts {
+            dev: self.bdf.clone(),
+            why,
+        };
+        if self.link.is_released() {
+            return Err(fail("the device was removed".into()));
+        }
+        /// `struct vfio_irq_set` with room for one eventfd (`data[]`).
+        #[repr(C)]
+        struct IrqSetOne {
+            argsz: u32,
+            flags: u32,
+            index: u32,
+            start: u32,
+            count: u32,
+            fd: i32,
+        }
+        /// `_IO(VFIO_TYPE, VFIO_BASE + 10)`.
+        const VFIO_DEVICE_SET_IRQS: libc::c_ulong = (b';' as libc::c_ulong) << 8 | (100 + 10);
+        let set = IrqSetOne {
+            argsz: std::mem::size_of::<IrqSetOne>() as u32,
+            flags: vfio_bindings::bindings::vfio::VFIO_IRQ_SET_DATA_EVENTFD
+                | vfio_bindings::bindings::vfio::VFIO_IRQ_SET_ACTION_TRIGGER,
+            index: VFIO_PCI_MSIX_IRQ_INDEX,
+            start: vector as u32,
+            count: 1,
+            fd: fd.map_or(-1, |f| f.as_raw_fd()),
+        };
+        // SAFETY: the fd is this device's open VFIO device file (open while the link is not
+        // released, checked above); `set` is a complete `vfio_irq_set` with one eventfd, its
+        // `argsz` covering exactly that, and the kernel only reads it during the call.
+        let r = unsafe {
+            libc::ioctl(
+                self.link.device_fd,
+                VFIO_DEVICE_SET_IRQS as _,
+                &set as *const IrqSetOne,
+            )
+        };
+        if r < 0 {
+            return Err(fail(format!(
+                "VFIO_DEVICE_SET_IRQS (vector {vector}, {}): {}",
+                if fd.is_some() { "unmask" } else { "mask" },
+                io::Error::last_os_error()
+            )));
+        }
+        Ok(())
+    }
+
     /// A register read: one volatile load when the register is mapped (always, for a fully
     /// mappable BAR0). Outside the mapping it is a `pread`; should that fail, the error is
     /// logged and all ones returned, as from a PCI device that has gone away.

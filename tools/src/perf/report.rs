@@ -524,10 +524,12 @@ pub struct Counters {
     /// Completions per poll that found any.
     pub completions_per_busy_poll: f64,
     /// Interrupt and hybrid modes: sleeps on the interrupt vector, sleeps an interrupt ended,
-    /// and interrupts taken (by the waits or an async reaper).
+    /// and interrupts taken (by the waits or an async reaper); maskings and unmaskings of the
+    /// vectors (hybrid masks a vector while polling finds its completions).
     pub sleeps: u64,
     pub wakeups: u64,
     pub interrupts: u64,
+    pub interrupt_masks: u64,
     /// With a reactor: requests it took, loop turns that submitted, most commands in one turn,
     /// times it slept.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -564,6 +566,7 @@ impl Counters {
         self.sleeps += s.sleeps;
         self.wakeups += s.wakeups;
         self.interrupts += s.interrupts;
+        self.interrupt_masks += s.interrupt_masks;
         self.sq_doorbells_per_cmd = ratio(self.sq_doorbells, self.submitted);
         self.cq_doorbells_per_cmd = ratio(self.cq_doorbells, self.submitted);
         self.completions_per_busy_poll = ratio(self.completed, self.polls - self.idle_polls);
