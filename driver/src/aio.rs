@@ -8,8 +8,8 @@
 //! polled (splitting a transfer at the device's maximum) and is ready when every completion
 //! was reaped. Nothing depends on one runtime: each command keeps its task's waker, and
 //! completions are reaped by whoever gets there — the futures themselves, the queue pair's own
-//! reaper thread sleeping on its interrupt, or the runtime when the interrupt's eventfd
-//! becomes readable (see [`Drive`]).
+//! reaper thread sleeping on its interrupt, a poller task ([`AsyncQueuePair::poller`]), or
+//! the runtime when the interrupt's eventfd becomes readable (see [`Drive`]).
 //!
 //! Memory: a read or write future owns its [`DmaBuffer`] and gives it back with the result. A
 //! future dropped before its completion does not take memory from the device: the queue pair
@@ -47,8 +47,16 @@ const POLL_SPIN: Duration = Duration::from_micros(50);
 pub enum Drive {
     /// The futures poll the completion queue themselves and ask to be polled again at once
     /// while their command is outstanding: the lowest latency, the executor's thread busy.
-    /// For a polled queue pair.
+    /// For a polled queue pair. Every pending future is polled again and again: with many
+    /// futures in flight, [`Drive::Poller`] costs the executor less.
     Poll,
+    /// A task of its own reaps: spawn [`AsyncQueuePair::poller`] on the executor. Futures
+    /// sleep until the poller wakes them, so the executor polls only the poller and the
+    /// futures whose commands completed; the commands that the woken tasks submit go to the
+    /// controller with one doorbell at the poller's next turn. The poller spins while commands
+    /// are outstanding (a polled queue pair: the executor's thread stays busy) and sleeps
+    /// while none are. For a polled queue pair.
+    Poller,
     /// A thread of the queue pair's own waits as the queue pair's [`WaitMode`] says
     /// (interrupt, or hybrid: spinning first) and reaps; futures sleep until woken. For a
     /// queue pair created with interrupts.
@@ -91,6 +99,8 @@ struct State {
     slot_waiters: Vec<Waker>,
     /// Operations complete whose futures have not yet collected the result.
     ready: usize,
+    /// The poller task of [`Drive::Poller`], parked while nothing is outstanding.
+    poller: Option<Waker>,
 }
 
 impl State {
@@ -175,6 +185,16 @@ struct Inner {
     dev: String,
 }
 
+impl Drop for Inner {
+    /// The last handle is gone: a parked poller wakes to find it so and end.
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = st.poller.take() {
+            w.wake();
+        }
+    }
+}
+
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -200,7 +220,7 @@ impl AsyncQueuePair {
     /// which ends a little after the last clone (and future) is dropped.
     pub fn new(qp: IoQueuePair, drive: Drive) -> Result<AsyncQueuePair> {
         let irq = qp.interrupt().cloned();
-        if drive != Drive::Poll && irq.is_none() {
+        if matches!(drive, Drive::Reaper | Drive::External) && irq.is_none() {
             return Err(Error::InvalidArgument(format!(
                 "{:?} reaping sleeps on the queue pair's interrupt: create it with \
                  WaitMode::Interrupt or Hybrid (queue {} is polled)",
@@ -236,6 +256,7 @@ impl AsyncQueuePair {
                 ops: Vec::new(),
                 free: Vec::new(),
                 slot_waiters: Vec::new(),
+                poller: None,
                 ready: 0,
             }),
             irq,
@@ -257,6 +278,23 @@ impl AsyncQueuePair {
     /// [`AsyncQueuePair::reap_interrupt`].
     pub fn interrupt(&self) -> Option<Arc<Interrupt>> {
         self.inner.irq.clone()
+    }
+
+    /// The poller of [`Drive::Poller`]: a future that reaps for this queue pair's futures
+    /// until every other handle of it is gone (it then ends). Spawn it once on the executor
+    /// the futures run on (or any other). Each turn rings the doorbell for what was
+    /// submitted since the last, reaps, and wakes the futures whose commands completed; with
+    /// nothing found it polls on for up to 50 µs, then yields to the executor; with nothing
+    /// outstanding it sleeps until a future submits.
+    pub fn poller(&self) -> Poller {
+        Poller {
+            inner: Arc::downgrade(&self.inner),
+        }
+    }
+
+    /// Who reaps for this queue pair's futures.
+    pub fn drive(&self) -> Drive {
+        self.inner.drive
     }
 
     /// Reap the completions that are there and wake their futures; how many there were.
@@ -618,11 +656,15 @@ impl Future for IoFuture {
         let polled = inner.drive == Drive::Poll;
         let fresh = !st.ops[op].all_submitted;
         if fresh {
-            // Polled: the doorbell waits for the next reap (whoever's), so the commands of
-            // the futures that run before it go to the controller with one doorbell. A
-            // sleeping reaper would not come: ring now.
+            // Polled: the doorbell waits for the next reap (whoever's, or the poller's), so
+            // the commands of the futures that run before it go to the controller with one
+            // doorbell. A sleeping reaper would not come: ring now.
+            let ring = !matches!(inner.drive, Drive::Poll | Drive::Poller);
             if let Ok(plan) = plan {
-                submit(plan.as_slice(), next, buf, error, &mut st, op, cx, !polled);
+                submit(plan.as_slice(), next, buf, error, &mut st, op, cx, ring);
+            }
+            if let Some(w) = st.poller.take() {
+                w.wake();
             }
         }
         if polled && fresh && st.ready > 0 && !st.ops[op].done() {
@@ -633,7 +675,7 @@ impl Future for IoFuture {
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
-        if !st.ops[op].done() {
+        if !st.ops[op].done() && inner.drive != Drive::Poller {
             // A polled queue pair: keep reaping a little while nothing comes, rather than
             // hand every empty poll back to the executor (a round trip through its scheduler
             // costs more than many polls, and clock reads of its own in some guests). Stop at
@@ -655,7 +697,7 @@ impl Future for IoFuture {
         } else {
             match inner.drive {
                 Drive::Poll => cx.waker().wake_by_ref(),
-                Drive::Reaper | Drive::External => {
+                Drive::Poller | Drive::Reaper | Drive::External => {
                     let w = &mut st.ops[op].waker;
                     if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                         *w = Some(cx.waker().clone());
@@ -700,6 +742,48 @@ impl Drop for IoFuture {
             st.ops[op].abandoned = true;
             st.ops[op].waker = None;
         }
+    }
+}
+
+/// The future of [`AsyncQueuePair::poller`].
+#[must_use = "the poller reaps only while it is polled: spawn it"]
+pub struct Poller {
+    inner: Weak<Inner>,
+}
+
+impl Future for Poller {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(inner) = self.inner.upgrade() else {
+            return Poll::Ready(());
+        };
+        // Every other handle is gone (this upgrade is the last): nothing can submit.
+        if Arc::strong_count(&inner) == 1 {
+            return Poll::Ready(());
+        }
+        let mut st = inner.lock();
+        let watch = Stopwatch::start();
+        let mut polls = 0u32;
+        loop {
+            if st.reap() > 0 {
+                break;
+            }
+            if st.qp.outstanding() == 0 {
+                // Nothing can complete: sleep until a future submits (it wakes the poller
+                // under the same lock, so the wake-up is not lost).
+                st.poller = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            polls += 1;
+            if polls.is_multiple_of(16) && watch.elapsed() >= POLL_SPIN {
+                break;
+            }
+        }
+        drop(st);
+        // The woken futures run before the next turn, which rings for what they submit.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 

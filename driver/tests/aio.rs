@@ -46,7 +46,7 @@ fn stamp(lba: u64, blocks: u64, pass: u8) -> Vec<u8> {
 
 fn aqp(ctrl: &Controller, drive: Drive) -> AsyncQueuePair {
     let mode = match drive {
-        Drive::Poll => WaitMode::Polled,
+        Drive::Poll | Drive::Poller => WaitMode::Polled,
         _ => WaitMode::Hybrid {
             spin: Duration::from_micros(20),
         },
@@ -86,13 +86,19 @@ fn check(model: &Model, pass: u8) {
 
 #[test]
 fn tokio_current_thread_many_tasks_share_a_queue_pair_each_way_of_reaping() {
-    for (pass, drive) in [Drive::Poll, Drive::Reaper].into_iter().enumerate() {
+    for (pass, drive) in [Drive::Poll, Drive::Reaper, Drive::Poller]
+        .into_iter()
+        .enumerate()
+    {
         let (model, ctrl) = open();
         let q = aqp(&ctrl, drive);
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
         rt.block_on(async {
+            if drive == Drive::Poller {
+                tokio::spawn(q.poller());
+            }
             let tasks: Vec<_> = (0..12)
                 .map(|t| tokio::spawn(worker(q.clone(), ctrl.clone(), t, 12, pass as u8)))
                 .collect();
@@ -118,17 +124,25 @@ fn tokio_multi_thread_a_queue_pair_per_task_and_a_shared_one() {
         .build()
         .unwrap();
     rt.block_on(async {
-        // Four tasks with a queue pair each (two reaped by threads, two by their futures),
-        // and four more sharing one.
+        // Six tasks with a queue pair each (two reaped by threads, two by their futures, two
+        // by poller tasks on other workers), and four more sharing one with a poller.
         let shared = aqp(&ctrl, Drive::Reaper);
+        let polled = aqp(&ctrl, Drive::Poller);
+        tokio::spawn(polled.poller());
         let mut tasks = Vec::new();
-        for t in 0..8u64 {
+        for t in 0..10u64 {
             let q = match t {
                 0 | 1 => aqp(&ctrl, Drive::Reaper),
                 2 | 3 => aqp(&ctrl, Drive::Poll),
-                _ => shared.clone(),
+                4 | 5 => {
+                    let q = aqp(&ctrl, Drive::Poller);
+                    tokio::spawn(q.poller());
+                    q
+                }
+                6 | 7 => shared.clone(),
+                _ => polled.clone(),
             };
-            tasks.push(tokio::spawn(worker(q, ctrl.clone(), t, 8, 9)));
+            tasks.push(tokio::spawn(worker(q, ctrl.clone(), t, 10, 9)));
         }
         for t in tasks {
             t.await.unwrap();
@@ -294,4 +308,45 @@ fn futures_awaited_out_of_completion_order_all_finish() {
             assert_eq!(got.to_vec(), stamp(9, 1, 4));
         });
     }
+}
+
+#[test]
+fn a_poller_task_reaps_sleeps_while_nothing_is_outstanding_and_ends_with_the_queue_pair() {
+    use futures::task::LocalSpawnExt;
+    let (model, ctrl) = open();
+    let q = aqp(&ctrl, Drive::Poller);
+    let mut pool = futures::executor::LocalPool::new();
+    let spawner = pool.spawner();
+    let poller = spawner
+        .spawn_local_with_handle(q.poller())
+        .expect("spawn the poller");
+    let data = stamp(300, 4, 1);
+    model.write_ns(1, 300, &data);
+    // Reads on a plain executor, reaped by the poller only.
+    let got = pool.run_until({
+        let (q, ctrl) = (q.clone(), ctrl.clone());
+        async move {
+            let reads = (0..4u64).map(|i| q.read(1, 300 + i, 1, ctrl.alloc(4096).unwrap()));
+            join_all(reads).await
+        }
+    });
+    for (i, r) in got.into_iter().enumerate() {
+        assert_eq!(r.unwrap().unwrap().to_vec(), data[i * 4096..(i + 1) * 4096]);
+    }
+    // Nothing outstanding: the poller parks rather than spinning (the pool runs out of
+    // work and returns), and a new submission wakes it.
+    pool.run_until_stalled();
+    let polls = q.with_queue_pair(|qp| qp.stats().polls);
+    pool.run_until_stalled();
+    assert_eq!(
+        q.with_queue_pair(|qp| qp.stats().polls),
+        polls,
+        "a parked poller does not poll"
+    );
+    let buf = pool.run_until(q.read(1, 301, 1, ctrl.alloc(4096).unwrap()));
+    assert_eq!(buf.unwrap().unwrap().to_vec(), data[4096..8192]);
+    // The last handle gone, the poller (parked: nothing outstanding) is woken and ends.
+    pool.run_until_stalled();
+    drop(q);
+    pool.run_until(poller);
 }

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use super::{Completion, QueuePair, Recovery, CID_INDEX_BITS, CID_INDEX_MASK};
+use super::{Completion, QueuePair, Recovery, CHECK_INTERVAL, CID_INDEX_BITS, CID_INDEX_MASK};
 use crate::clock::{self, Ticks};
 use crate::error::Error;
 use crate::spec::{csts, reg};
@@ -19,11 +19,6 @@ impl QueuePair {
         if self.removed {
             return;
         }
-        // A controller that posted more than it was asked to (duplicates) may be waiting for
-        // room: let it see every entry reaped so far.
-        if self.cq_unrung > 0 {
-            self.ring_cq_head();
-        }
         if let Some(rec) = self.recovery.clone() {
             if rec.generation() != self.generation {
                 self.after_reset(rec.as_ref(), f);
@@ -31,9 +26,18 @@ impl QueuePair {
             }
         }
         let now = Ticks::now();
+        if now.0 < self.next_check.0 {
+            return;
+        }
+        // A controller that posted more than it was asked to (duplicates) may be waiting for
+        // room: let it see every entry reaped so far.
+        if self.cq_unrung > 0 {
+            self.ring_cq_head();
+        }
         let Some(rate) = clock::learned_rate() else {
             return;
         };
+        self.next_check = now.after(rate.ticks(CHECK_INTERVAL));
         let age = |since: Ticks| rate.duration(now.since(since));
         let oldest = self
             .slots

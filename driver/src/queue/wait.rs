@@ -44,6 +44,7 @@ impl QueuePair {
     /// sleeping rather than polling).
     pub(crate) fn check_soon(&mut self) {
         self.polls_to_check = 1;
+        self.next_check = Ticks(0);
     }
 
     /// Test hook: `f` runs in [`QueuePair::wait`] after its last empty poll, just before it

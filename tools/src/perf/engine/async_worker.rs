@@ -1,8 +1,9 @@
 //! The async worker: the same I/O as the direct worker, issued through the driver's async API
 //! ([`AsyncQueuePair`]) on a tokio current-thread runtime of the worker's own. The I/Os in
-//! flight are futures in one `FuturesUnordered`; each completion prepares the slot's next I/O.
-//! A polled queue pair's futures reap for themselves; with interrupts, the queue pair's reaper
-//! thread sleeps on its vector (spinning first in hybrid mode) and wakes them.
+//! flight are a task per slot, each preparing its next I/O when the last completes.
+//! A polled queue pair's completions are reaped by a poller task beside the I/O tasks; with
+//! interrupts, the queue pair's reaper thread sleeps on its vector (spinning first in hybrid
+//! mode) and wakes them.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -23,7 +24,7 @@ pub(super) fn async_worker(ctx: &Ctx, shared: &Shared, thread: usize) -> Option<
             .create_io_qpair_with(plan.queue_entries, cfg.wait)
             .map_err(|e| PerfError::device(&plan.label, e))?;
         let drive = match cfg.wait {
-            WaitMode::Polled => Drive::Poll,
+            WaitMode::Polled => Drive::Poller,
             _ => Drive::Reaper,
         };
         let aqp = AsyncQueuePair::new(qp, drive).map_err(|e| PerfError::device(&plan.label, e))?;
@@ -57,6 +58,7 @@ pub(super) fn async_worker(ctx: &Ctx, shared: &Shared, thread: usize) -> Option<
     let counters = &shared.counters[thread];
     // A task per slot, each awaiting its I/O in turn, as a storage engine's tasks would.
     let local = tokio::task::LocalSet::new();
+    let mut tasks = Vec::with_capacity(cfg.depth as usize);
     for i in 0..cfg.depth as usize {
         let (run, aqp) = (run.clone(), aqp.clone());
         let (abort, all) = (shared.abort.clone(), shared.counters.clone());
@@ -94,9 +96,18 @@ pub(super) fn async_worker(ctx: &Ctx, shared: &Shared, thread: usize) -> Option<
                 r.work.prepare(i, &mut r.rng, now);
             }
         };
-        local.spawn_local(task);
+        tasks.push(local.spawn_local(task));
     }
-    runtime.block_on(local);
+    if aqp.drive() == Drive::Poller {
+        local.spawn_local(aqp.poller());
+    }
+    runtime.block_on(local.run_until(async {
+        for t in tasks {
+            let _ = t.await;
+        }
+    }));
+    // The poller task ends with the runtime.
+    drop(local);
     let queue_stats = vec![aqp.with_queue_pair(|qp| qp.stats())];
     let Ok(cell) = Rc::try_unwrap(run) else {
         shared.fail(PerfError::Run("an async task outlived the run".into()));
