@@ -365,7 +365,7 @@ pub fn modes_bench(a: ModesBenchArgs) -> Result<ExitCode> {
             "device: QEMU NVMe through VFIO (MSI-X through the guest's intel-iommu with \
              interrupt remapping), 1 namespace of 1 GiB with 4 KiB LBAs, reads over its first \
              {} MiB (written first); rnvme perf, one thread, one queue pair; hybrid spins {} us; \
-             async: a tokio current-thread runtime, polled futures or a reaper thread on the \
+             async: a tokio current-thread runtime, a poller task or a reaper thread on the \
              vector; CPU: the process's user + system time over the measured window",
             (RANGE * 4096) >> 20,
             a.spin_us
