@@ -41,6 +41,9 @@ use crate::status::NvmeStatus;
 /// How long a future of [`Drive::Poll`] keeps polling an empty completion queue before it
 /// yields to the executor.
 const POLL_SPIN: Duration = Duration::from_micros(50);
+/// Polls between two looks at the clock while spinning: in a guest, reading the time-stamp
+/// counter costs more than many polls of an empty completion queue.
+const POLL_CLOCK_EVERY: u32 = 256;
 
 /// Who reaps completions for the futures of an [`AsyncQueuePair`].
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -684,7 +687,7 @@ impl Future for IoFuture {
             let mut polls = 0u32;
             while st.reap() == 0 && inner.drive == Drive::Poll {
                 polls += 1;
-                if polls.is_multiple_of(16) && watch.elapsed() >= POLL_SPIN {
+                if polls.is_multiple_of(POLL_CLOCK_EVERY) && watch.elapsed() >= POLL_SPIN {
                     break;
                 }
             }
@@ -776,7 +779,7 @@ impl Future for Poller {
                 return Poll::Pending;
             }
             polls += 1;
-            if polls.is_multiple_of(16) && watch.elapsed() >= POLL_SPIN {
+            if polls.is_multiple_of(POLL_CLOCK_EVERY) && watch.elapsed() >= POLL_SPIN {
                 break;
             }
         }
