@@ -6,6 +6,13 @@
 //! nothing on the I/O path reads it: submissions are stamped with [`Ticks`], and deadlines turn
 //! tick counts into time with [`learned_rate`], which reads the monotonic clock only during the
 //! first 50 ms of the process.
+//!
+//! Hand-written rather than `quanta`: quanta reads the TSC only where CPUID reports it
+//! invariant and otherwise falls back to the OS monotonic clock. QEMU's TCG guests (where this
+//! driver is tested) report no invariant TSC (`constant_tsc`/`nonstop_tsc` are absent and the
+//! kernel marks the TSC unstable), so quanta would make every timestamp on the I/O path the
+//! HPET system call this module exists to avoid. Deadlines need a steady rate, not
+//! cross-CPU synchronisation: a queue pair's stamps are taken and compared on one thread.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};

@@ -3,6 +3,11 @@
 //! IOVA = virtual address does not work under a vIOMMU with a 39-bit address width (user
 //! space addresses reach 47 bits), so every DMA mapping gets an IOVA chosen here, inside the
 //! ranges reported by VFIO (the IOVA range capability of `VFIO_IOMMU_GET_INFO`).
+//!
+//! Hand-written rather than rust-vmm's `vm-allocator`: its `AddressAllocator` manages one
+//! contiguous range, while VFIO reports several (below and above the MSI window, say), so it
+//! would take one allocator per range and a first-fit walk across them: as much code as this
+//! map of free extents, which merges on free and serves any set of ranges.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
