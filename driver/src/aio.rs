@@ -231,6 +231,13 @@ impl AsyncQueuePair {
                 qp.qid()
             )));
         }
+        if drive == Drive::External {
+            // The runtime waits on the eventfd: a vector left masked by an earlier hybrid wait
+            // would never signal it.
+            if let Some(irq) = &irq {
+                irq.unmask();
+            }
+        }
         let spin = match qp.wait_mode() {
             WaitMode::Hybrid { spin } => spin,
             _ => Duration::ZERO,

@@ -154,7 +154,28 @@ fn tokio_multi_thread_a_queue_pair_per_task_and_a_shared_one() {
 #[test]
 fn tokio_async_fd_reaps_when_the_interrupt_is_readable() {
     let (model, ctrl) = open();
-    let q = aqp(&ctrl, Drive::External);
+    // A hybrid wait that polled its completion left the vector masked; the runtime's reaping
+    // needs it unmasked, and gets it so.
+    let mut qp = ctrl
+        .create_io_qpair_with(
+            16,
+            WaitMode::Hybrid {
+                spin: Duration::from_millis(20),
+            },
+        )
+        .unwrap();
+    let probe = ctrl.alloc(4096).unwrap();
+    // (A read whose completion took longer than the 1 ms spin sleeps and unmasks: read on
+    // until one was found by polling.)
+    for lba in 0..200 {
+        qp.read(1, lba, 1, &probe).unwrap();
+        if qp.interrupt().unwrap().is_masked() {
+            break;
+        }
+    }
+    assert!(qp.interrupt().unwrap().is_masked());
+    let q = AsyncQueuePair::new(qp, Drive::External).unwrap();
+    assert!(!q.interrupt().unwrap().is_masked());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()
