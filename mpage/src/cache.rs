@@ -523,6 +523,36 @@ impl<D: BlockIo> PageCache<D> {
         Ok(())
     }
 
+    /// Sync and close every open file: what to call before dropping the cache, whose `Drop`
+    /// cannot return an error and only logs dirty pages it leaves unwritten (as `BufWriter`
+    /// needs a `flush`). Returns the first error; a file whose sync failed stays open with its
+    /// dirty pages (call again once the device recovers), the others are closed.
+    pub fn shutdown(&mut self) -> Result<(), MpageError> {
+        let mut first = None;
+        for i in 0..self.files.len() {
+            if self.files[i].is_some() {
+                if let Err(e) = self.close(FileId(i as u32)) {
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        match first {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    }
+
+    /// Files open now.
+    pub fn open_files(&self) -> usize {
+        self.files.iter().flatten().count()
+    }
+
+    /// Dirty pages of every open file, not yet written back: what dropping the cache now would
+    /// lose.
+    pub fn unsynced_pages(&self) -> usize {
+        self.dirty_total()
+    }
+
     // ---- write-back -------------------------------------------------------------------
 
     /// Start writing back the dirty pages of a file; returns how many were taken.
@@ -665,7 +695,8 @@ impl<D: BlockIo> PageCache<D> {
 
 impl<D: BlockIo> Drop for PageCache<D> {
     /// Waits for commands in flight (the device may still be moving data into the frames);
-    /// dirty pages not synced are lost, and said so in the log.
+    /// dirty pages not synced are lost, and said so in the log: call
+    /// [`PageCache::shutdown`] first to have them written, or an error.
     fn drop(&mut self) {
         self.release_spare();
         if let Err(e) = self.wait_idle() {

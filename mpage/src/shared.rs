@@ -157,6 +157,32 @@ impl<D: BlockIo> SharedCache<D> {
         Ok(self.locate(f)?.0)
     }
 
+    /// Sync and close every open file of every shard (see [`PageCache::shutdown`]): call it
+    /// before dropping the cache. Returns the first error; files whose sync failed stay open.
+    pub fn shutdown(&self) -> Result<(), MpageError> {
+        let mut first = None;
+        for (i, shard) in self.shards.iter().enumerate() {
+            let r = self.lock(i).and_then(|mut c| {
+                let r = c.shutdown();
+                shard.files.store(c.open_files(), Ordering::Relaxed);
+                r
+            });
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Dirty pages not yet written back, in every shard.
+    pub fn unsynced_pages(&self) -> Result<usize, MpageError> {
+        let mut n = 0;
+        for i in 0..self.shards.len() {
+            n += self.lock(i)?.unsynced_pages();
+        }
+        Ok(n)
+    }
+
     /// Sync a file and drop its pages (see [`PageCache::close`]).
     pub fn close(&self, f: FileId) -> Result<(), MpageError> {
         let (shard, _) = self.locate(f)?;

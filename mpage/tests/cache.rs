@@ -743,3 +743,28 @@ fn a_write_back_that_times_out_leaves_no_page_under_write_back() {
         vec![0x5A; 64 * 4096]
     );
 }
+
+#[test]
+fn shutdown_writes_every_file_back_and_a_failure_is_the_callers_error() {
+    let mut c = cache(4096, CacheOptions::default());
+    let f = linear(&mut c, 8);
+    let g = c
+        .open(Box::new(Linear::new(4096, 2000, 8)), 8 * 4096)
+        .unwrap();
+    c.write_at(f, 0, &[5u8; 4096]).unwrap();
+    c.write_at(g, 4096, &[6u8; 4096]).unwrap();
+    assert_eq!(c.unsynced_pages(), 2);
+    // A write fault on g's page: f is written and closed, g stays open and dirty.
+    c.device_mut().fail_lba(2001);
+    let e = c.shutdown().unwrap_err();
+    assert!(matches!(e, MpageError::Write { file, .. } if file == g), "{e}");
+    assert_eq!(c.unsynced_pages(), 1, "nothing dropped");
+    assert!(c.dirty_pages(f).is_err(), "f was closed");
+    assert_eq!(c.device().read_bytes(1000 * 4096, 4096), vec![5u8; 4096]);
+    // Once the device recovers, shutdown finishes the job.
+    c.device_mut().heal_lba(2001);
+    c.shutdown().unwrap();
+    assert_eq!(c.unsynced_pages(), 0);
+    assert!(c.dirty_pages(g).is_err(), "g was closed");
+    assert_eq!(c.device().read_bytes(2001 * 4096, 4096), vec![6u8; 4096]);
+}

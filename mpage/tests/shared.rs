@@ -257,3 +257,21 @@ fn a_thread_that_panics_in_a_shard_leaves_it_refused_and_the_others_working() {
     cache.read_at(b, 4096, &mut buf).unwrap();
     assert_eq!(buf[..], disk_bytes(2001 * 4096, 16)[..]);
 }
+
+#[test]
+fn shutdown_writes_back_every_shard_and_closes_its_files() {
+    let (c, dev) = setup(2, 64);
+    let files = open_files(&c);
+    for (i, &f) in files.iter().enumerate() {
+        c.write_at(f, 4096, &[i as u8 + 1; 4096]).unwrap();
+    }
+    assert_eq!(c.unsynced_pages().unwrap(), FILES);
+    c.shutdown().unwrap();
+    assert_eq!(c.unsynced_pages().unwrap(), 0);
+    for (i, &f) in files.iter().enumerate() {
+        assert!(c.dirty_pages(f).is_err(), "file {i} was closed");
+        // Page 1 of file i: 8 LBAs of 512 bytes from its start.
+        let disk = (1000 + i as u64 * 200 + 1) * 4096;
+        assert_eq!(dev.read_bytes(disk, 4096), vec![i as u8 + 1; 4096]);
+    }
+}
