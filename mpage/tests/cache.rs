@@ -757,7 +757,10 @@ fn shutdown_writes_every_file_back_and_a_failure_is_the_callers_error() {
     // A write fault on g's page: f is written and closed, g stays open and dirty.
     c.device_mut().fail_lba(2001);
     let e = c.shutdown().unwrap_err();
-    assert!(matches!(e, MpageError::Write { file, .. } if file == g), "{e}");
+    assert!(
+        matches!(e, MpageError::Write { file, .. } if file == g),
+        "{e}"
+    );
     assert_eq!(c.unsynced_pages(), 1, "nothing dropped");
     assert!(c.dirty_pages(f).is_err(), "f was closed");
     assert_eq!(c.device().read_bytes(1000 * 4096, 4096), vec![5u8; 4096]);
