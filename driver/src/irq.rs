@@ -98,31 +98,22 @@ impl Interrupt {
     /// pending until [`Interrupt::unmask`]. Whether the vector is masked now (hardware that
     /// cannot mask keeps interrupting, which costs time but loses nothing).
     pub fn mask(&self) -> bool {
+        // Called after every wait that polling ended: masked already is the common case.
+        if self.masked.load(Ordering::Acquire) {
+            return true;
+        }
         if self.no_masking.load(Ordering::Relaxed) {
             return false;
         }
         if self.masked.swap(true, Ordering::AcqRel) {
             return true;
         }
-        match self.hw.as_ref().and_then(Weak::upgrade) {
-            Some(hw) => match hw.mask_interrupt(self.vector, None) {
-                Ok(()) => {
-                    self.masks.fetch_add(1, Ordering::Relaxed);
-                    true
-                }
-                Err(e) => {
-                    log::debug!("{e}: the vector stays unmasked");
-                    self.no_masking.store(true, Ordering::Relaxed);
-                    self.masked.store(false, Ordering::Release);
-                    false
-                }
-            },
-            None => {
-                self.no_masking.store(true, Ordering::Relaxed);
-                self.masked.store(false, Ordering::Release);
-                false
-            }
+        if let Err(e) = self.route(None) {
+            log::debug!("{e}: the vector stays unmasked");
+            self.masked.store(false, Ordering::Release);
+            return false;
         }
+        true
     }
 
     /// Let the vector interrupt again; an interrupt held pending while it was masked signals
@@ -131,23 +122,29 @@ impl Interrupt {
         if !self.masked.swap(false, Ordering::AcqRel) {
             return;
         }
-        let done = self
-            .hw
-            .as_ref()
-            .and_then(Weak::upgrade)
-            .map(|hw| hw.mask_interrupt(self.vector, Some(&self.fd)));
+        // The device is gone or refuses: sleeps with commands outstanding are bounded
+        // (100 ms), after which the queue pair polls and checks its health.
+        if let Err(e) = self.route(Some(&self.fd)) {
+            log::warn!("{e}");
+        }
+    }
+
+    /// Mask (`None`) or unmask (`Some(eventfd)`) through the hardware, counting what was done;
+    /// a refusal (or hardware gone) turns masking off for good.
+    fn route(&self, fd: Option<&EventFd>) -> Result<(), String> {
+        let done = match self.hw.as_ref().and_then(Weak::upgrade) {
+            Some(hw) => hw
+                .mask_interrupt(self.vector, fd)
+                .map_err(|e| e.to_string()),
+            None => Err(format!("vector {}: the device is gone", self.vector)),
+        };
         match done {
-            Some(Ok(())) => {
+            Ok(()) => {
                 self.masks.fetch_add(1, Ordering::Relaxed);
             }
-            // The device is gone or refuses: sleeps with commands outstanding are bounded
-            // (100 ms), after which the queue pair polls and checks its health.
-            Some(Err(e)) => {
-                log::warn!("{e}");
-                self.no_masking.store(true, Ordering::Relaxed);
-            }
-            None => self.no_masking.store(true, Ordering::Relaxed),
+            Err(_) => self.no_masking.store(true, Ordering::Relaxed),
         }
+        done
     }
 
     /// Whether the vector is masked now.

@@ -65,7 +65,7 @@ impl QueuePair {
         }
         let start = clock::Stopwatch::start();
         let passed = || start.elapsed();
-        let idle = self.free.len() == self.slots.len() && self.deferred.is_empty();
+        let idle = self.nothing_to_come();
         let spin = match self.wait_mode {
             WaitMode::Polled => timeout,
             WaitMode::Interrupt => Duration::ZERO,
@@ -110,6 +110,11 @@ impl QueuePair {
         }
     }
 
+    /// No command outstanding and no completion held back: nothing can come.
+    fn nothing_to_come(&self) -> bool {
+        self.free.len() == self.slots.len() && self.deferred.is_empty()
+    }
+
     /// Fold how long a busy wait took into `recent_wait` (an average over about 8 waits).
     fn note_wait(&mut self, waited: Duration) {
         self.recent_wait = (self.recent_wait * 7 + waited.min(MAX_HYBRID_SPIN)) / 8;
@@ -137,7 +142,7 @@ impl QueuePair {
         self.stats.sleeps += 1;
         // With commands outstanding, wake at least every 100 ms to check their deadlines;
         // with none, every second (the removal watcher does not depend on this).
-        let cap = if self.free.len() == self.slots.len() && self.deferred.is_empty() {
+        let cap = if self.nothing_to_come() {
             Duration::from_secs(1)
         } else {
             Duration::from_millis(100)

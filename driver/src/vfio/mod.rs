@@ -75,6 +75,16 @@ pub(crate) fn eventfd_as_fd(fd: &EventFd) -> BorrowedFd<'_> {
     unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) }
 }
 
+/// `_IO(VFIO_TYPE, VFIO_BASE + nr)`: the VFIO ioctls called here directly (vfio-ioctls does
+/// not expose them as needed).
+const fn vfio_io(nr: libc::c_ulong) -> libc::c_ulong {
+    (b';' as libc::c_ulong) << 8 | (100 + nr)
+}
+/// Set one vector's eventfd (vfio-ioctls only sets whole ranges from vector 0).
+const VFIO_DEVICE_SET_IRQS: libc::c_ulong = vfio_io(10);
+/// Reset the function, with its result.
+const VFIO_DEVICE_RESET: libc::c_ulong = vfio_io(11);
+
 /// The VFIO container device node.
 const DEV_VFIO_CONTAINER: &str = "/dev/vfio/vfio";
 
@@ -592,8 +602,6 @@ impl Hardware for VfioHardware {
             count: u32,
             fd: i32,
         }
-        /// `_IO(VFIO_TYPE, VFIO_BASE + 10)`.
-        const VFIO_DEVICE_SET_IRQS: libc::c_ulong = (b';' as libc::c_ulong) << 8 | (100 + 10);
         let set = IrqSetOne {
             argsz: std::mem::size_of::<IrqSetOne>() as u32,
             flags: vfio_bindings::bindings::vfio::VFIO_IRQ_SET_DATA_EVENTFD
@@ -694,9 +702,8 @@ impl Hardware for VfioHardware {
         if self.link.is_released() {
             return Err(fail("the device was removed".into()));
         }
-        /// `_IO(VFIO_TYPE, VFIO_BASE + 11)`: vfio-ioctls' `VfioDevice::reset` discards the
-        /// result, and whether the reset happened is the whole point here.
-        const VFIO_DEVICE_RESET: libc::c_ulong = (b';' as libc::c_ulong) << 8 | (100 + 11);
+        // vfio-ioctls' `VfioDevice::reset` discards the result, and whether the reset
+        // happened is the whole point here.
         // SAFETY: the fd is this device's open VFIO device file (it stays open while the link
         // is not released, checked above), and VFIO_DEVICE_RESET takes no argument.
         let r = unsafe { libc::ioctl(self.link.device_fd, VFIO_DEVICE_RESET as _) };
