@@ -19,6 +19,7 @@
 //! is dropped silently; a page whose write keeps failing stays in the cache.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::backend::{BlockIo, IoError, IoOp};
@@ -151,7 +152,11 @@ impl CacheStats {
 }
 
 pub(crate) struct FileState {
-    pub(crate) map: Box<dyn BlockMap>,
+    /// The block map, behind a mutex that is never locked: the cache reaches it only through
+    /// `&mut self` ([`FileState::map`], `Mutex::get_mut`, no atomics). Maps need only be
+    /// `Send`; this makes the cache `Sync` all the same (`&PageCache` only reads counters and
+    /// page states, never the map).
+    map: Mutex<Box<dyn BlockMap>>,
     pub(crate) block_size: u64,
     pub(crate) size: u64,
     /// Cached pages: page index → frame index (the page itself is in the cache's slots).
@@ -159,6 +164,14 @@ pub(crate) struct FileState {
     pub(crate) ra: Readahead,
     /// First write error since the last sync: (page, error).
     pub(crate) write_error: Option<(u64, PageError)>,
+}
+
+impl FileState {
+    /// The file's block map.
+    pub(crate) fn map(&mut self) -> &mut dyn BlockMap {
+        // Never locked, so never poisoned; `into_inner` keeps this total all the same.
+        &mut **self.map.get_mut().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Block geometry of a file, copied out for a walk.
@@ -490,7 +503,7 @@ impl<D: BlockIo> PageCache<D> {
             why,
         })?;
         let st = FileState {
-            map,
+            map: Mutex::new(map),
             block_size: block_size as u64,
             size,
             pages: PageIndex::default(),
@@ -641,7 +654,7 @@ impl<D: BlockIo> PageCache<D> {
 
     pub(crate) fn truncate_map(&mut self, f: FileId, first_block: u64) -> Result<(), MpageError> {
         self.file_mut(f)?
-            .map
+            .map()
             .truncate(first_block)
             .map_err(|source| MpageError::Truncate { file: f, source })
     }

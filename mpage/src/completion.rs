@@ -25,7 +25,7 @@ impl<D: BlockIo> PageCache<D> {
     ) -> Result<Mapping, MapError> {
         self.stats.map_calls += 1;
         let fs = self.files[f.0 as usize].as_mut().expect("open file");
-        let m = fs.map.map(block, max_blocks.max(1), create)?;
+        let m = fs.map().map(block, max_blocks.max(1), create)?;
         if m.blocks() == 0 {
             return Err(MapError::Failed {
                 file_block: block,

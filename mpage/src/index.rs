@@ -1,89 +1,57 @@
 //! A file's cached pages: page index → frame index.
 
-use std::cell::Cell;
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::BTreeMap;
 
 use crate::page::NIL;
-/// Pages per chunk of a [`PageIndex`].
-const CHUNK_PAGES: u64 = 64;
 
-/// A file's cached pages: page index → frame index, in chunks of 64 consecutive pages found
-/// through a hash table, with the last chunk used remembered (readers and readahead walk
-/// pages in order, so most lookups skip the table). Walks in page order sort the chunks.
+/// Pages per chunk of a [`PageIndex`]: 1 MiB of file per 1 KiB chunk, so a file's tree stays
+/// shallow (a 1 GiB file fully cached has 1 024 chunks) and neighbours share a chunk.
+const CHUNK_PAGES: u64 = 256;
+
+/// A file's cached pages: page index → frame index, kept in an ordered map of chunks of 256
+/// consecutive pages. Lookups take `&self` and mutate nothing (the index is `Sync`); walks in
+/// page order — writeback, truncation, close — follow the map's order with no sorting.
 #[derive(Default)]
 pub(crate) struct PageIndex {
-    /// Chunk number → position in `chunks`.
-    by_key: HashMap<u64, u32, BuildHasherDefault<KeyHasher>>,
-    chunks: Vec<IndexChunk>,
-    /// The chunk found last: (chunk number + 1, position); 0 for none.
-    last: Cell<(u64, u32)>,
+    chunks: BTreeMap<u64, Box<IndexChunk>>,
+    /// Pages recorded.
+    len: usize,
 }
 
 struct IndexChunk {
-    key: u64,
     /// Entries that are not [`NIL`].
     used: u32,
     frames: [u32; CHUNK_PAGES as usize],
 }
 
-/// A multiplicative hash for chunk numbers (they are not chosen by an adversary).
-#[derive(Default)]
-pub(crate) struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
+#[inline]
+fn split(p: u64) -> (u64, usize) {
+    (p / CHUNK_PAGES, (p % CHUNK_PAGES) as usize)
 }
 
 impl PageIndex {
-    pub(crate) fn position(&self, key: u64) -> Option<usize> {
-        let (k, i) = self.last.get();
-        if k == key + 1 {
-            return Some(i as usize);
-        }
-        let i = *self.by_key.get(&key)?;
-        self.last.set((key + 1, i));
-        Some(i as usize)
-    }
-
     /// The frame of page `p`.
+    #[inline]
     pub(crate) fn get(&self, p: u64) -> Option<u32> {
-        let i = self.position(p / CHUNK_PAGES)?;
-        let fr = self.chunks[i].frames[(p % CHUNK_PAGES) as usize];
+        let (key, at) = split(p);
+        let fr = self.chunks.get(&key)?.frames[at];
         (fr != NIL).then_some(fr)
     }
 
     /// Record page `p` in frame `fr`; returns the frame it was in before.
     pub(crate) fn insert(&mut self, p: u64, fr: u32) -> Option<u32> {
-        let key = p / CHUNK_PAGES;
-        let i = match self.position(key) {
-            Some(i) => i,
-            None => {
-                let i = self.chunks.len();
-                self.chunks.push(IndexChunk {
-                    key,
-                    used: 0,
-                    frames: [NIL; CHUNK_PAGES as usize],
-                });
-                self.by_key.insert(key, i as u32);
-                self.last.set((key + 1, i as u32));
-                i
-            }
-        };
-        let c = &mut self.chunks[i];
-        let old = std::mem::replace(&mut c.frames[(p % CHUNK_PAGES) as usize], fr);
+        debug_assert_ne!(fr, NIL);
+        let (key, at) = split(p);
+        let c = self.chunks.entry(key).or_insert_with(|| {
+            Box::new(IndexChunk {
+                used: 0,
+                frames: [NIL; CHUNK_PAGES as usize],
+            })
+        });
+        let old = std::mem::replace(&mut c.frames[at], fr);
         if old == NIL {
             c.used += 1;
+            self.len += 1;
             None
         } else {
             Some(old)
@@ -92,49 +60,96 @@ impl PageIndex {
 
     /// Forget page `p`; returns its frame.
     pub(crate) fn remove(&mut self, p: u64) -> Option<u32> {
-        let key = p / CHUNK_PAGES;
-        let i = self.position(key)?;
-        let c = &mut self.chunks[i];
-        let old = std::mem::replace(&mut c.frames[(p % CHUNK_PAGES) as usize], NIL);
+        let (key, at) = split(p);
+        let c = self.chunks.get_mut(&key)?;
+        let old = std::mem::replace(&mut c.frames[at], NIL);
         if old == NIL {
             return None;
         }
         c.used -= 1;
+        self.len -= 1;
         if c.used == 0 {
-            self.by_key.remove(&key);
-            self.chunks.swap_remove(i);
-            if let Some(moved) = self.chunks.get(i) {
-                self.by_key.insert(moved.key, i as u32);
-            }
-            self.last.set((0, 0));
+            self.chunks.remove(&key);
         }
         Some(old)
     }
 
+    /// Pages recorded.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
     /// (page, frame) pairs from page `first` on, ascending.
     pub(crate) fn iter_from(&self, first: u64) -> impl Iterator<Item = (u64, u32)> + '_ {
-        let mut order: Vec<(u64, u32)> = self
-            .by_key
-            .iter()
-            .filter(|&(&k, _)| k >= first / CHUNK_PAGES)
-            .map(|(&k, &i)| (k, i))
-            .collect();
-        order.sort_unstable();
-        order
-            .into_iter()
-            .flat_map(move |(k, i)| {
-                self.chunks[i as usize]
-                    .frames
+        self.range(first, u64::MAX)
+    }
+
+    /// (page, frame) pairs of pages `first..end`, ascending.
+    pub(crate) fn range(&self, first: u64, end: u64) -> impl Iterator<Item = (u64, u32)> + '_ {
+        let from = first / CHUNK_PAGES;
+        let to = end.div_ceil(CHUNK_PAGES);
+        self.chunks
+            .range(from..to.max(from))
+            .flat_map(|(&k, c)| {
+                c.frames
                     .iter()
                     .enumerate()
                     .filter(|&(_, &fr)| fr != NIL)
                     .map(move |(j, &fr)| (k * CHUNK_PAGES + j as u64, fr))
             })
-            .filter(move |&(p, _)| p >= first)
+            .skip_while(move |&(p, _)| p < first)
+            .take_while(move |&(p, _)| p < end)
     }
 
     /// Every (page, frame) pair, ascending.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
         self.iter_from(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap as Model;
+
+    #[test]
+    fn index_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<PageIndex>();
+    }
+
+    proptest! {
+        /// The index behaves as an ordered map from page to frame: same lookups, same
+        /// ordered walks, chunks dropped when emptied.
+        #[test]
+        fn index_matches_an_ordered_map(
+            ops in proptest::collection::vec((0u8..3, 0u64..2_000, 0u32..1_000), 1..400),
+            first in 0u64..2_100,
+            len in 0u64..1_500,
+        ) {
+            let mut idx = PageIndex::default();
+            let mut model = Model::new();
+            for (op, p, fr) in ops {
+                // Pages far apart too: the high bits pick a distant chunk.
+                let p = if p % 7 == 0 { p << 20 } else { p };
+                match op {
+                    0 | 1 => prop_assert_eq!(idx.insert(p, fr), model.insert(p, fr)),
+                    _ => prop_assert_eq!(idx.remove(p), model.remove(&p)),
+                }
+                prop_assert_eq!(idx.get(p), model.get(&p).copied());
+                prop_assert_eq!(idx.len(), model.len());
+            }
+            let all: Vec<_> = model.iter().map(|(&p, &f)| (p, f)).collect();
+            prop_assert_eq!(idx.iter().collect::<Vec<_>>(), all);
+            let from: Vec<_> = model.range(first..).map(|(&p, &f)| (p, f)).collect();
+            prop_assert_eq!(idx.iter_from(first).collect::<Vec<_>>(), from);
+            let end = first + len;
+            let part: Vec<_> = model.range(first..end).map(|(&p, &f)| (p, f)).collect();
+            prop_assert_eq!(idx.range(first, end).collect::<Vec<_>>(), part);
+            let chunks: std::collections::BTreeSet<u64> =
+                model.keys().map(|p| p / CHUNK_PAGES).collect();
+            prop_assert_eq!(idx.chunks.len(), chunks.len());
+        }
     }
 }

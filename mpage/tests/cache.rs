@@ -771,3 +771,12 @@ fn shutdown_writes_every_file_back_and_a_failure_is_the_callers_error() {
     assert!(c.dirty_pages(g).is_err(), "g was closed");
     assert_eq!(c.device().read_bytes(2001 * 4096, 4096), vec![6u8; 4096]);
 }
+
+#[test]
+fn page_cache_is_send_and_sync() {
+    // The page index takes `&self` for lookups without interior mutability, and the block
+    // maps (only `Send`) are reached through `&mut self`: a cache can be shared for reading
+    // its counters and page states, and moved between threads.
+    fn check<T: Send + Sync>() {}
+    check::<PageCache<RecordingDevice>>();
+}
