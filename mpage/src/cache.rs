@@ -20,7 +20,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::backend::{BlockIo, IoError, IoOp};
 use crate::error::{MpageError, PageError};
@@ -58,6 +58,20 @@ pub struct CacheOptions {
     pub io_timeout: Duration,
     /// Most pages cached at once; None for every frame of the pool.
     pub capacity: Option<usize>,
+    /// Dirty pages past which a writer starts writing the oldest dirty file back in the
+    /// background (without waiting), as Linux's `dirty_background_ratio`: 0 for a quarter of
+    /// the capacity; `usize::MAX` never to.
+    pub dirty_background: usize,
+    /// Most dirty pages (Linux's `dirty_ratio`): a writer about to dirty one more waits for
+    /// write-backs to complete until fewer are dirty — throttled to the device's pace — rather
+    /// than the cache filling with dirty pages and then stalling on all of them at once. 0 for
+    /// half the capacity; `usize::MAX` never to throttle.
+    pub dirty_limit: usize,
+    /// Dirty pages older than this are written back (Linux's `dirty_expire_centisecs`).
+    pub dirty_expire: Duration,
+    /// How often writers and [`PageCache::tick`] look for expired dirty pages (Linux's
+    /// `dirty_writeback_centisecs`).
+    pub writeback_interval: Duration,
 }
 
 impl Default for CacheOptions {
@@ -69,6 +83,10 @@ impl Default for CacheOptions {
             readahead_depth: 0,
             io_timeout: Duration::from_secs(30),
             capacity: None,
+            dirty_background: 0,
+            dirty_limit: 0,
+            dirty_expire: Duration::from_secs(30),
+            writeback_interval: Duration::from_secs(5),
         }
     }
 }
@@ -101,8 +119,17 @@ pub struct CacheStats {
     pub readahead_thrashed: u64,
     /// Clean pages evicted to make room.
     pub evictions: u64,
-    /// Dirty pages written back because the cache ran short.
+    /// Dirty pages written back because the cache ran short of clean pages.
     pub writebacks: u64,
+    /// Times the cache ran short of clean pages and waited for every dirty page to be
+    /// written (the stall the dirty limit is there to avoid).
+    pub writeback_stalls: u64,
+    /// Dirty pages written back in the background: past the background threshold.
+    pub background_writebacks: u64,
+    /// Dirty pages written back because they had been dirty longer than the expiry.
+    pub expired_writebacks: u64,
+    /// Times a writer waited for write-backs at the dirty limit.
+    pub throttled: u64,
     /// Multi-page reads that failed and were retried page by page.
     pub read_retries: u64,
     /// Pages left in error by a read.
@@ -128,6 +155,10 @@ impl CacheStats {
             readahead_thrashed,
             evictions,
             writebacks,
+            writeback_stalls,
+            background_writebacks,
+            expired_writebacks,
+            throttled,
             read_retries,
             read_errors,
             write_errors,
@@ -145,6 +176,10 @@ impl CacheStats {
         self.readahead_thrashed += readahead_thrashed;
         self.evictions += evictions;
         self.writebacks += writebacks;
+        self.writeback_stalls += writeback_stalls;
+        self.background_writebacks += background_writebacks;
+        self.expired_writebacks += expired_writebacks;
+        self.throttled += throttled;
         self.read_retries += read_retries;
         self.read_errors += read_errors;
         self.write_errors += write_errors;
@@ -162,6 +197,12 @@ pub(crate) struct FileState {
     /// Cached pages: page index → frame index (the page itself is in the cache's slots).
     pub(crate) pages: PageIndex,
     pub(crate) ra: Readahead,
+    /// Dirty pages.
+    pub(crate) dirty: usize,
+    /// When the file went from no dirty page to some (the oldest file is written back first).
+    pub(crate) dirtied: Option<Instant>,
+    /// Where the next background write-back of the file starts (it goes round the file).
+    pub(crate) wb_next: u64,
     /// First write error since the last sync: (page, error).
     pub(crate) write_error: Option<(u64, PageError)>,
 }
@@ -258,6 +299,16 @@ pub struct PageCache<D: BlockIo> {
     /// Pages of failed multi-page reads, to read again one by one.
     pub(crate) retry: Vec<(FileId, Vec<u64>)>,
     pub(crate) in_retry: bool,
+    /// Dirty pages of all files.
+    pub(crate) dirty: usize,
+    /// Pages carried by write commands in flight (a per-block command counts one).
+    pub(crate) writing: usize,
+    /// [`CacheOptions::dirty_background`] resolved.
+    pub(crate) dirty_background: usize,
+    /// [`CacheOptions::dirty_limit`] resolved.
+    pub(crate) dirty_limit: usize,
+    /// When writers next look for expired dirty pages.
+    pub(crate) next_expiry_check: Instant,
 }
 
 impl<D: BlockIo> PageCache<D> {
@@ -288,10 +339,19 @@ impl<D: BlockIo> PageCache<D> {
             0 => (dev.queue_depth() as u64 / 2).clamp(1, 16),
             n => n,
         };
+        // Linux's defaults are 10 % and 20 % of memory; a cache of its own can let more of its
+        // frames be dirty before writers wait.
+        let dirty_background = match opts.dirty_background {
+            0 => (capacity / 4).max(1),
+            n => n,
+        };
+        let dirty_limit = match opts.dirty_limit {
+            0 => (capacity / 2).max(1),
+            n => n,
+        };
         Ok(PageCache {
             dev,
             pool,
-            opts,
             lba_size,
             max_cmd_bytes,
             capacity,
@@ -313,6 +373,12 @@ impl<D: BlockIo> PageCache<D> {
             flush_results: HashMap::new(),
             retry: Vec::new(),
             in_retry: false,
+            dirty: 0,
+            writing: 0,
+            dirty_background,
+            dirty_limit,
+            next_expiry_check: crate::writeback::after(Instant::now(), opts.writeback_interval),
+            opts,
         })
     }
 
@@ -445,7 +511,7 @@ impl<D: BlockIo> PageCache<D> {
     pub fn page_state(&self, f: FileId, page: u64) -> Option<PageState> {
         self.page_ref(f, page).map(|p| PageState {
             uptodate: p.uptodate,
-            dirty: p.dirty,
+            dirty: p.dirty(),
             locked: p.locked,
             writeback: p.writeback,
             mapped_to_disk: p.mapped_to_disk,
@@ -464,31 +530,29 @@ impl<D: BlockIo> PageCache<D> {
 
     /// Indexes of a file's cached pages, ascending.
     pub fn cached_pages(&self, f: FileId) -> Result<Vec<u64>, MpageError> {
-        Ok(self.file(f)?.pages.iter().map(|(p, _)| p).collect())
+        let fs = self.file(f)?;
+        let mut pages = Vec::with_capacity(fs.pages.len());
+        pages.extend(fs.pages.iter().map(|(p, _)| p));
+        Ok(pages)
     }
 
     /// Dirty pages of all files.
     pub(crate) fn dirty_total(&self) -> usize {
-        self.files
-            .iter()
-            .flatten()
-            .map(|fs| {
-                fs.pages
-                    .iter()
-                    .filter(|&(_, fr)| self.slot(fr).dirty)
-                    .count()
-            })
-            .sum()
+        self.dirty
     }
 
     /// Number of dirty pages of a file.
     pub fn dirty_pages(&self, f: FileId) -> Result<usize, MpageError> {
         let fs = self.file(f)?;
-        Ok(fs
-            .pages
-            .iter()
-            .filter(|&(_, fr)| self.slot(fr).dirty)
-            .count())
+        debug_assert_eq!(
+            fs.dirty,
+            fs.pages
+                .iter()
+                .filter(|&(_, fr)| self.slot(fr).dirty())
+                .count(),
+            "file {f}: dirty pages miscounted"
+        );
+        Ok(fs.dirty)
     }
 
     // ---- files ------------------------------------------------------------------------
@@ -508,6 +572,9 @@ impl<D: BlockIo> PageCache<D> {
             size,
             pages: PageIndex::default(),
             ra: Readahead::default(),
+            dirty: 0,
+            dirtied: None,
+            wb_next: 0,
             write_error: None,
         };
         let slot = match self.files.iter().position(Option::is_none) {
@@ -576,7 +643,7 @@ impl<D: BlockIo> PageCache<D> {
             .iter()
             .filter(|&(_, fr)| {
                 let pg = self.slot(fr);
-                pg.dirty && !pg.busy()
+                pg.dirty() && !pg.busy()
             })
             .map(|(p, _)| p)
             .collect();

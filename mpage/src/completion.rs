@@ -55,6 +55,9 @@ impl<D: BlockIo> PageCache<D> {
             Target::Block { page, .. } => vec![*page],
             Target::Flush => Vec::new(),
         };
+        if op == IoOp::Write {
+            self.writing += pages.len();
+        }
         self.inflight.insert(
             tag,
             InFlight {
@@ -266,6 +269,12 @@ impl<D: BlockIo> PageCache<D> {
             self.flush_results.insert(tag, result);
             return;
         }
+        if inf.op == IoOp::Write {
+            self.writing -= match &inf.target {
+                Target::Pages { pages, .. } => pages.len(),
+                _ => 1,
+            };
+        }
         let f = inf.file;
         let err = result.err().map(|source| PageError::Io {
             op: inf.op,
@@ -314,9 +323,10 @@ impl<D: BlockIo> PageCache<D> {
                     page.writeback = false;
                     match &err {
                         None => {
-                            page.dirty = false;
+                            let change = page.set_dirty(false);
                             page.blocks = None;
                             page.error = None;
+                            self.dirty_changed(fr, change);
                         }
                         Some(e) => page.error = Some(Box::new(e.clone())),
                     }
@@ -357,10 +367,11 @@ impl<D: BlockIo> PageCache<D> {
         } else {
             page.writeback = false;
         }
-        page.normalize(bpp);
+        let change = page.normalize(bpp);
+        let fr = page.frame.index() as u32;
         match failed {
             None => {
-                if op == IoOp::Read || !page.dirty {
+                if op == IoOp::Read || !page.dirty() {
                     page.error = None;
                 }
             }
@@ -375,5 +386,6 @@ impl<D: BlockIo> PageCache<D> {
                 }
             }
         }
+        self.dirty_changed(fr, change);
     }
 }

@@ -37,6 +37,7 @@ mod shared;
 mod spec;
 pub mod trace;
 mod write;
+mod writeback;
 mod writer;
 
 pub use backend::{BlockIo, IoError, IoOp, IoRequest};

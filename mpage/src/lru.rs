@@ -91,6 +91,8 @@ impl<D: BlockIo> PageCache<D> {
         let fr = self.files[f.0 as usize].as_mut()?.pages.remove(p)?;
         debug_assert!(!self.slot(fr).busy(), "page {p} removed with I/O in flight");
         self.lru_unlink(fr);
+        let change = self.slot_mut(fr).set_dirty(false);
+        self.dirty_changed(fr, change);
         let page = self.slots[fr as usize].take().expect("frame holds a page");
         self.cached -= 1;
         Some(page.frame)
@@ -174,6 +176,7 @@ impl<D: BlockIo> PageCache<D> {
         }
         self.stats.writebacks += written as u64;
         if written > 0 || !self.inflight.is_empty() {
+            self.stats.writeback_stalls += 1;
             log::debug!(
                 "{}: cache full, wrote back {written} dirty page(s)",
                 self.dev.name()

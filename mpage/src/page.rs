@@ -70,7 +70,11 @@ pub struct PageState {
 pub(crate) struct Page {
     pub(crate) frame: FrameId,
     pub(crate) uptodate: bool,
-    pub(crate) dirty: bool,
+    /// Private: every change goes through [`Page::set_dirty`] or [`Page::normalize`], whose
+    /// [`DirtyChange`] the cache must account for (its dirty counts drive write-back).
+    dirty: bool,
+    /// When the page last went from clean to dirty (set by the cache's accounting).
+    pub(crate) dirtied: Option<std::time::Instant>,
     pub(crate) locked: bool,
     pub(crate) writeback: bool,
     pub(crate) mapped_to_disk: bool,
@@ -92,6 +96,27 @@ pub(crate) struct Page {
     pub(crate) index: u64,
 }
 
+/// A change of a page's dirtiness. The cache counts dirty pages (per file and in all) to
+/// decide when to write back and when to throttle writers, so no change may go unaccounted:
+/// hand it to `PageCache::dirty_changed`.
+#[must_use = "the cache counts dirty pages: hand this to PageCache::dirty_changed"]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(crate) enum DirtyChange {
+    Same,
+    Dirtied,
+    Cleaned,
+}
+
+impl DirtyChange {
+    fn of(before: bool, after: bool) -> DirtyChange {
+        match (before, after) {
+            (false, true) => DirtyChange::Dirtied,
+            (true, false) => DirtyChange::Cleaned,
+            _ => DirtyChange::Same,
+        }
+    }
+}
+
 /// No frame: the end of the LRU list.
 pub(crate) const NIL: u32 = u32::MAX;
 
@@ -101,6 +126,7 @@ impl Page {
             frame,
             uptodate: false,
             dirty: false,
+            dirtied: None,
             locked: false,
             writeback: false,
             mapped_to_disk: false,
@@ -115,6 +141,17 @@ impl Page {
             file,
             index,
         }
+    }
+
+    /// The frame holds data the disk does not have (or not all of it).
+    #[inline]
+    pub(crate) fn dirty(&self) -> bool {
+        self.dirty
+    }
+
+    pub(crate) fn set_dirty(&mut self, dirty: bool) -> DirtyChange {
+        let before = std::mem::replace(&mut self.dirty, dirty);
+        DirtyChange::of(before, dirty)
     }
 
     pub(crate) fn busy(&self) -> bool {
@@ -135,17 +172,19 @@ impl Page {
 
     /// Bring page flags in line with the block bits; drop the bits once they say nothing
     /// the page flags do not.
-    pub(crate) fn normalize(&mut self, bpp: u64) {
-        if let Some(b) = self.blocks {
-            let full = full_mask(bpp);
-            if b.uptodate == full {
-                self.uptodate = true;
-            }
-            self.dirty = b.dirty != 0;
-            if self.uptodate && (b.dirty == 0 || b.dirty == full) {
-                self.blocks = None;
-            }
+    pub(crate) fn normalize(&mut self, bpp: u64) -> DirtyChange {
+        let Some(b) = self.blocks else {
+            return DirtyChange::Same;
+        };
+        let full = full_mask(bpp);
+        if b.uptodate == full {
+            self.uptodate = true;
         }
+        let change = self.set_dirty(b.dirty != 0);
+        if self.uptodate && (b.dirty == 0 || b.dirty == full) {
+            self.blocks = None;
+        }
+        change
     }
 }
 

@@ -183,6 +183,28 @@ impl<D: BlockIo> SharedCache<D> {
         Ok(n)
     }
 
+    /// [`PageCache::sync_range`].
+    pub fn sync_range(&self, f: FileId, offset: u64, len: u64) -> Result<(), MpageError> {
+        self.with(f, |c, l| c.sync_range(l, offset, len))
+    }
+
+    /// [`PageCache::tick`] on every shard (a shard another thread holds is skipped: that
+    /// thread is doing the work). Returns the pages it started writing.
+    pub fn tick(&self) -> Result<usize, MpageError> {
+        let mut n = 0;
+        for (i, shard) in self.shards.iter().enumerate() {
+            let mut c = match shard.cache.try_lock() {
+                Ok(c) => c,
+                Err(std::sync::TryLockError::WouldBlock) => continue,
+                Err(std::sync::TryLockError::Poisoned(_)) => {
+                    return Err(MpageError::Poisoned { shard: i })
+                }
+            };
+            n += c.tick()?;
+        }
+        Ok(n)
+    }
+
     /// Sync a file and drop its pages (see [`PageCache::close`]).
     pub fn close(&self, f: FileId) -> Result<(), MpageError> {
         let (shard, _) = self.locate(f)?;

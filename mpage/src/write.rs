@@ -80,10 +80,11 @@ impl<D: BlockIo> PageCache<D> {
             // Wholly beyond the end: not part of the file, nothing to write or allocate.
             let page = self.page_mut(f, p);
             let frame = page.frame;
-            page.dirty = false;
+            let change = page.set_dirty(false);
             page.blocks = None;
             page.uptodate = true;
             page.zeroed_from = Some(0);
+            self.dirty_changed(frame.index() as u32, change);
             self.zero_unless_viewed(frame, 0);
             return Ok(());
         }

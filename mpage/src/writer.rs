@@ -11,6 +11,10 @@ impl<D: BlockIo> PageCache<D> {
 
     /// Have page `p` cached and idle, taking a frame if needed.
     pub(crate) fn page_for_write(&mut self, f: FileId, p: u64) -> Result<(), MpageError> {
+        if self.page_ref(f, p).is_none_or(|pg| !pg.dirty()) {
+            // About to dirty one more page: the writer's share of write-back first.
+            self.balance_dirty()?;
+        }
         self.wait_page(f, p)?;
         match self.page_ref(f, p).map(|pg| pg.frame) {
             Some(frame) => self.check_not_viewed(f, p, frame)?,
@@ -67,7 +71,8 @@ impl<D: BlockIo> PageCache<D> {
                 uptodate: full_mask(geo.bpp),
                 dirty: bits.dirty,
             });
-            page.normalize(geo.bpp);
+            let change = page.normalize(geo.bpp);
+            self.dirty_changed(frame.index() as u32, change);
             return Ok(());
         }
         let (first_blk, last_blk) = (from / bs, (from + len - 1) / bs);
@@ -97,10 +102,11 @@ impl<D: BlockIo> PageCache<D> {
     pub(crate) fn mark_written(&mut self, f: FileId, p: u64, from: usize, len: usize, bpp: u64) {
         let bs = PAGE_SIZE / bpp as usize;
         let page = self.page_mut(f, p);
-        if page.uptodate || (from == 0 && len == PAGE_SIZE) {
+        let fr = page.frame.index() as u32;
+        let change = if page.uptodate || (from == 0 && len == PAGE_SIZE) {
             page.uptodate = true;
-            page.dirty = true;
             page.blocks = None;
+            page.set_dirty(true)
         } else {
             let mut touched = 0u8;
             for i in from / bs..=(from + len - 1) / bs {
@@ -110,9 +116,10 @@ impl<D: BlockIo> PageCache<D> {
             bits.uptodate |= touched;
             bits.dirty |= touched;
             page.blocks = Some(bits);
-            page.normalize(bpp);
-        }
+            page.normalize(bpp)
+        };
         page.zeroed_from = None;
+        self.dirty_changed(fr, change);
     }
 
     /// Write `data` at `offset`, growing the file if it ends beyond it. Pages only partly

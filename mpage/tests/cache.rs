@@ -72,7 +72,13 @@ fn lru_evicts_the_least_recently_used_clean_page() {
 
 #[test]
 fn dirty_pages_are_written_back_when_the_cache_runs_short() {
-    let mut c = cache(4096, with_capacity(4));
+    // No background write-back and no dirty limit: the cache fills with dirty pages.
+    let opts = CacheOptions {
+        dirty_background: usize::MAX,
+        dirty_limit: usize::MAX,
+        ..with_capacity(4)
+    };
+    let mut c = cache(4096, opts);
     let mut m = ExtentMap::new(4096);
     m.set_allocation_range(700..800);
     let f = c.open(Box::new(m), 0).unwrap();
@@ -82,7 +88,7 @@ fn dirty_pages_are_written_back_when_the_cache_runs_short() {
     assert!(c.device().commands().is_empty(), "writes stay in the cache");
     c.write_at(f, 4 * 4096, &[5u8; 4096]).unwrap();
     let s = c.stats();
-    assert_eq!((s.writebacks, s.evictions), (4, 1));
+    assert_eq!((s.writebacks, s.evictions, s.writeback_stalls), (4, 1, 1));
     let writes: Vec<(u64, u32)> = c
         .device()
         .commands()

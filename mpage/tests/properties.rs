@@ -380,7 +380,14 @@ proptest! {
         // Blocks mapped beyond the initial end hold no file data.
         map.truncate(size0.div_ceil(bsz)).unwrap();
         let shared = SharedMap(Arc::new(Mutex::new(map)));
-        let opts = CacheOptions { capacity: Some(cap), force_per_block: force, ..CacheOptions::default() };
+        // Background write-back and the dirty limit from the capacity (the defaults), or tiny
+        // ones, or none: the cache fills with dirty pages and stalls.
+        let (dirty_background, dirty_limit) = match cap % 3 {
+            0 => (0, 0),
+            1 => (1, 2),
+            _ => (usize::MAX, usize::MAX),
+        };
+        let opts = CacheOptions { capacity: Some(cap), force_per_block: force, dirty_background, dirty_limit, ..CacheOptions::default() };
         let mut c = new_cache(lba, max, opts.clone());
         let f = c.open(Box::new(shared.clone()), size0).unwrap();
         let mut model: Vec<u8> = (0..size0).map(|off| model_byte(bsz, size0, &blocks, &where_, off)).collect();
@@ -438,6 +445,9 @@ proptest! {
                 }
             }
             checked = c.device().commands().len();
+            // Every change of a page's dirtiness was counted.
+            let dirty = c.cached_pages(f).unwrap().into_iter().filter(|&p| c.page_state(f, p).unwrap().dirty).count();
+            prop_assert_eq!(c.dirty_pages_total(), dirty);
         }
         c.sync(f).unwrap();
         prop_assert_eq!(c.dirty_pages(f).unwrap(), 0);
