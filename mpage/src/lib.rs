@@ -19,6 +19,7 @@
 
 mod backend;
 mod cache;
+mod command;
 mod completion;
 mod error;
 pub mod ext;

@@ -10,205 +10,20 @@
 //! a page, as soon as that page is added).
 //!
 //! Every other case is *confused* and goes one way: send what was built, then read the page
-//! block by block ([`PageCache::read_blocks`]). Confused are: a page with per-block state, a
+//! block by block ([`PageCache::read_blocks`], through the exit both paths share in
+//! `command`). Confused are: a page with per-block state, a
 //! mapping error, a mapping that supplies the data itself (`uptodate`), a hole followed by a
 //! mapped block, and blocks that are not contiguous on disk. So a multi-page command never
 //! carries a partial page, except the last one at the end of the file or before a hole.
 
-use rnvme_driver::Segment;
-
 use crate::backend::{BlockIo, IoOp};
-use crate::cache::{FileId, Geo, PageCache, Target};
+use crate::cache::{FileId, Geo, PageCache};
+use crate::command::{Confused, Walk};
 use crate::error::{MpageError, PageError};
-use crate::map::{MapError, MapFlags, Mapping};
-use crate::page::full_mask;
-use crate::pool::{FrameId, FRAMES_PER_CHUNK, PAGE_SIZE};
-
-/// A mapping answer kept for the blocks after the one asked for.
-#[derive(Copy, Clone, Debug)]
-pub(crate) struct Run {
-    start: u64,
-    mapping: Mapping,
-}
-
-/// What a [`Run`] says about one block.
-#[derive(Copy, Clone, Debug)]
-pub(crate) struct Hit {
-    /// Disk block, or None for a hole.
-    pub(crate) disk: Option<u64>,
-    /// First block after the run.
-    pub(crate) run_end: u64,
-    pub(crate) flags: MapFlags,
-}
-
-impl Run {
-    pub(crate) fn new(start: u64, mapping: Mapping) -> Run {
-        Run { start, mapping }
-    }
-
-    pub(crate) fn lookup(&self, block: u64) -> Option<Hit> {
-        let run_end = self.start + self.mapping.blocks();
-        if block < self.start || block >= run_end {
-            return None;
-        }
-        Some(match self.mapping {
-            Mapping::Mapped {
-                disk_block, flags, ..
-            } => Hit {
-                disk: Some(disk_block + (block - self.start)),
-                run_end,
-                flags,
-            },
-            Mapping::Hole { .. } => Hit {
-                disk: None,
-                run_end,
-                flags: MapFlags::default(),
-            },
-        })
-    }
-}
-
-/// A command being built: pages whose blocks follow one another on disk.
-pub(crate) struct Building {
-    slba: u64,
-    lbas: u32,
-    bytes: u64,
-    /// Disk block the next page must start at to join.
-    pub(crate) next_disk: u64,
-    pages: Vec<u64>,
-    frames: Vec<u32>,
-    segs: Vec<Segment>,
-}
-
-impl Building {
-    /// A command starting at `slba`, with room for `pages` pages before its lists grow.
-    pub(crate) fn new(slba: u64, pages: usize) -> Building {
-        Building {
-            slba,
-            lbas: 0,
-            bytes: 0,
-            next_disk: 0,
-            pages: Vec::with_capacity(pages),
-            frames: Vec::with_capacity(pages),
-            segs: Vec::with_capacity(pages),
-        }
-    }
-
-    pub(crate) fn fits(&self, next_disk: u64, len: u64, max_bytes: u64) -> bool {
-        self.next_disk == next_disk && self.bytes + len <= max_bytes
-    }
-
-    pub(crate) fn add(&mut self, page: u64, frame: FrameId, seg: Segment, lbas: u32) {
-        // Frames that follow one another in one buffer make one segment: fewer pieces for
-        // the command's data (and one lookup of their buffer instead of one per page).
-        let same_buffer = self.frames.last().is_some_and(|&prev| {
-            prev as usize / FRAMES_PER_CHUNK == frame.index() / FRAMES_PER_CHUNK
-        });
-        match self.segs.last_mut() {
-            Some(last) if same_buffer && last.iova.0 + last.len as u64 == seg.iova.0 => {
-                last.len += seg.len
-            }
-            _ => self.segs.push(seg),
-        }
-        self.pages.push(page);
-        self.frames.push(frame.index() as u32);
-        self.lbas += lbas;
-        self.bytes += seg.len as u64;
-    }
-}
-
-/// State carried from page to page of one walk.
-#[derive(Default)]
-pub(crate) struct Walk {
-    pub(crate) cmd: Option<Building>,
-    pub(crate) run: Option<Run>,
-}
-
-/// Why a page left the fast path (for logs).
-enum Confused {
-    Forced,
-    PerBlockState,
-    MapFailed(MapError),
-    Uptodate,
-    HoleThenData,
-    Discontiguous,
-}
-
-impl std::fmt::Display for Confused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Confused::Forced => f.write_str("per-block path forced"),
-            Confused::PerBlockState => f.write_str("the page has per-block state"),
-            Confused::MapFailed(e) => write!(f, "{e}"),
-            Confused::Uptodate => f.write_str("the map supplies the data"),
-            Confused::HoleThenData => f.write_str("hole followed by a mapped block"),
-            Confused::Discontiguous => f.write_str("blocks not contiguous on disk"),
-        }
-    }
-}
+use crate::map::Mapping;
+use crate::pool::PAGE_SIZE;
 
 impl<D: BlockIo> PageCache<D> {
-    /// Send the command being built, if any.
-    pub(crate) fn send(
-        &mut self,
-        f: FileId,
-        op: IoOp,
-        cmd: &mut Option<Building>,
-    ) -> Result<(), MpageError> {
-        let Some(c) = cmd.take() else { return Ok(()) };
-        let n = c.pages.len() as u64;
-        match op {
-            IoOp::Read => self.stats.pages_read += n,
-            _ => self.stats.pages_written += n,
-        }
-        self.submit_cmd(
-            f,
-            op,
-            c.slba,
-            c.lbas,
-            &c.segs,
-            Target::Pages {
-                pages: c.pages,
-                frames: c.frames,
-            },
-            false,
-        )?;
-        Ok(())
-    }
-
-    /// Add page `p` (in `frame`, `len` bytes on the disk blocks `blocks.0..=blocks.1`) to the
-    /// command being built: the command is sent first when the page does not follow it on
-    /// disk or would take it past the max transfer, and after the page when `end_here`
-    /// (a boundary, or a page that ends early).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn add_to_command(
-        &mut self,
-        f: FileId,
-        op: IoOp,
-        cmd: &mut Option<Building>,
-        p: u64,
-        frame: FrameId,
-        blocks: (u64, u64),
-        len: u64,
-        geo: &Geo,
-        end_here: bool,
-    ) -> Result<(), MpageError> {
-        if let Some(c) = cmd {
-            if !c.fits(blocks.0, len, self.max_cmd_bytes) {
-                self.send(f, op, cmd)?;
-            }
-        }
-        let seg = Segment::new(self.pool.iova(frame), len as u32);
-        let lbas = (len / self.lba_size as u64) as u32;
-        let c = cmd.get_or_insert_with(|| Building::new(blocks.0 * geo.lpb, self.cmd_pages()));
-        c.add(p, frame, seg, lbas);
-        c.next_disk = blocks.1 + 1;
-        if end_here {
-            self.send(f, op, cmd)?;
-        }
-        Ok(())
-    }
-
     /// Read the locked, not-uptodate pages `pages` (ascending) of a file: the
     /// `mpage_readahead` walk. Returns once the commands are submitted.
     pub(crate) fn read_batch(&mut self, f: FileId, pages: &[u64]) -> Result<(), MpageError> {
@@ -247,20 +62,6 @@ impl<D: BlockIo> PageCache<D> {
         self.send(f, IoOp::Read, &mut walk.cmd)
     }
 
-    /// After a failed walk: unlock (or take out of write-back) the pages of the command
-    /// being built and `rest`, pages locked for this walk that no command in flight carries
-    /// (pages with per-block commands in flight keep their state until those complete).
-    pub(crate) fn release_unsent(&mut self, walk: &mut Walk, rest: &[(u64, u32)]) {
-        let built = walk.cmd.take().map(|c| c.frames).unwrap_or_default();
-        for fr in built.into_iter().chain(rest.iter().map(|&(_, fr)| fr)) {
-            let pg = self.slot_mut(fr);
-            if pg.pending == 0 {
-                pg.locked = false;
-                pg.writeback = false;
-            }
-        }
-    }
-
     #[allow(clippy::too_many_arguments)]
     fn read_one(
         &mut self,
@@ -272,7 +73,7 @@ impl<D: BlockIo> PageCache<D> {
         w: &mut Walk,
     ) -> Result<(), MpageError> {
         if self.opts.force_per_block {
-            return self.read_confused(f, p, geo, w, Confused::Forced);
+            return self.confused(IoOp::Read, f, p, geo, w, Confused::Forced);
         }
         let (per_block_state, frame) = {
             let pg = self.slot_mut(fr);
@@ -280,7 +81,7 @@ impl<D: BlockIo> PageCache<D> {
             (pg.blocks.is_some(), pg.frame)
         };
         if per_block_state {
-            return self.read_confused(f, p, geo, w, Confused::PerBlockState);
+            return self.confused(IoOp::Read, f, p, geo, w, Confused::PerBlockState);
         }
         let bpp = geo.bpp as usize;
         let first = p * geo.bpp;
@@ -295,29 +96,22 @@ impl<D: BlockIo> PageCache<D> {
                 first_hole = first_hole.min(i);
                 continue;
             }
-            let hit = match w.run.and_then(|r| r.lookup(b)) {
-                Some(h) => h,
-                None => match self.map_call(f, b, last - b, false) {
-                    Ok(m) => {
-                        let r = Run::new(b, m);
-                        w.run = Some(r);
-                        r.lookup(b).expect("a run covers its first block")
-                    }
-                    Err(e) => return self.read_confused(f, p, geo, w, Confused::MapFailed(e)),
-                },
+            let hit = match self.map_block(f, b, last - b, false, w) {
+                Ok(h) => h,
+                Err(e) => return self.confused(IoOp::Read, f, p, geo, w, Confused::MapFailed(e)),
             };
             let Some(d) = hit.disk else {
                 first_hole = first_hole.min(i);
                 continue;
             };
             if hit.flags.uptodate {
-                return self.read_confused(f, p, geo, w, Confused::Uptodate);
+                return self.confused(IoOp::Read, f, p, geo, w, Confused::Uptodate);
             }
             if first_hole != bpp {
-                return self.read_confused(f, p, geo, w, Confused::HoleThenData);
+                return self.confused(IoOp::Read, f, p, geo, w, Confused::HoleThenData);
             }
             if i > 0 && disk[i - 1] + 1 != d {
-                return self.read_confused(f, p, geo, w, Confused::Discontiguous);
+                return self.confused(IoOp::Read, f, p, geo, w, Confused::Discontiguous);
             }
             disk[i] = d;
             if hit.flags.boundary && b + 1 == hit.run_end {
@@ -358,19 +152,6 @@ impl<D: BlockIo> PageCache<D> {
         Ok(())
     }
 
-    fn read_confused(
-        &mut self,
-        f: FileId,
-        p: u64,
-        geo: &Geo,
-        w: &mut Walk,
-        why: Confused,
-    ) -> Result<(), MpageError> {
-        log::trace!("file {f} page {p}: per-block read ({why})");
-        self.send(f, IoOp::Read, &mut w.cmd)?;
-        self.read_blocks(f, p, geo, full_mask(geo.bpp))
-    }
-
     /// The per-block read path for the locked page `p`: read the blocks in `want` that are
     /// not uptodate, each mapped on its own and read by a command of its own; holes and
     /// blocks past the end of the file are zeroed. The page becomes uptodate when all its
@@ -385,18 +166,12 @@ impl<D: BlockIo> PageCache<D> {
         let bs = geo.bs as usize;
         let bpp = geo.bpp as usize;
         let eof = geo.eof_block();
-        let page = self.page_mut(f, p);
-        let frame = page.frame;
-        let mut bits = page.bits(geo.bpp);
+        let mut pb = self.per_block_begin(IoOp::Read, f, p, geo);
+        let (frame, mut bits) = (pb.frame, pb.start);
         let want = want & !bits.uptodate;
-        page.blocks = Some(bits);
-        page.pending = 1;
-        page.pending_error = None;
         let mut zeroed = 0u8;
-        let mut mapped = bits.uptodate;
+        pb.mapped = bits.uptodate;
         let mut issued = false;
-        let mut failed: Option<PageError> = None;
-        let mut submit_err: Option<MpageError> = None;
         for i in 0..bpp {
             let bit = 1u8 << i;
             if want & bit == 0 {
@@ -411,7 +186,7 @@ impl<D: BlockIo> PageCache<D> {
             } else {
                 match self.map_call(f, b, 1, false) {
                     Err(e) => {
-                        failed.get_or_insert(PageError::Map(e));
+                        pb.failed.get_or_insert(PageError::Map(e));
                     }
                     Ok(Mapping::Hole { .. }) => {
                         self.pool.zero(frame, i * bs, bs);
@@ -424,36 +199,17 @@ impl<D: BlockIo> PageCache<D> {
                         match fs.map().read_inline(b, &mut buf) {
                             Ok(()) => {
                                 self.pool.write(frame, i * bs, &buf);
-                                mapped |= bit;
+                                pb.mapped |= bit;
                                 done = true;
                             }
                             Err(e) => {
-                                failed.get_or_insert(PageError::Map(e));
+                                pb.failed.get_or_insert(PageError::Map(e));
                             }
                         }
                     }
                     Ok(Mapping::Mapped { disk_block, .. }) => {
-                        mapped |= bit;
                         issued = true;
-                        self.page_mut(f, p).pending += 1;
-                        let seg =
-                            Segment::new(self.pool.iova(frame).add((i * bs) as u64), bs as u32);
-                        let target = Target::Block {
-                            page: p,
-                            block: i as u32,
-                        };
-                        if let Err(e) = self.submit_cmd(
-                            f,
-                            IoOp::Read,
-                            disk_block * geo.lpb,
-                            geo.lpb as u32,
-                            &[seg],
-                            target,
-                            true,
-                        ) {
-                            // The block's own command was ended with the error; end the page's
-                            // issuing below, so that nothing stays pending.
-                            submit_err = Some(e);
+                        if !self.per_block_submit(&mut pb, f, p, geo, i, disk_block) {
                             break;
                         }
                     }
@@ -469,25 +225,14 @@ impl<D: BlockIo> PageCache<D> {
         if issued {
             self.stats.pages_read += 1;
         }
-        let page = self.page_mut(f, p);
-        if mapped == full_mask(geo.bpp) {
-            page.mapped_to_disk = true;
-        }
         // Zeroed blocks reaching the end of the page: report where the zeroing starts.
         let tail = (0..bpp)
             .rev()
             .take_while(|&i| zeroed & (1 << i) != 0)
             .last();
         if let Some(i) = tail {
-            page.zeroed_from = Some((i * bs) as u32);
+            self.page_mut(f, p).zeroed_from = Some((i * bs) as u32);
         }
-        if let Some(e) = failed {
-            page.pending_error.get_or_insert_with(|| Box::new(e));
-        }
-        self.end_block_io(f, p, IoOp::Read, geo.bpp);
-        match submit_err {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        self.per_block_end(pb, f, p, geo)
     }
 }

@@ -11,40 +11,15 @@
 //!
 //! A page stays dirty until its write has completed; a failed write leaves it dirty.
 
-use rnvme_driver::Segment;
-
 use crate::backend::{BlockIo, IoOp};
-use crate::cache::{FileId, Geo, PageCache, Target};
+use crate::cache::{FileId, Geo, PageCache};
+use crate::command::{Confused, Walk};
 use crate::error::{MpageError, PageError};
-use crate::map::{MapError, Mapping};
-use crate::page::{full_mask, BlockBits};
+use crate::map::Mapping;
+use crate::page::BlockBits;
 use crate::pool::{FrameId, PAGE_SIZE};
-use crate::read::{Run, Walk};
 
 const PAGE: u64 = PAGE_SIZE as u64;
-
-/// Why a page left the fast path (for logs).
-enum Confused {
-    Forced,
-    PerBlockState,
-    MapFailed(MapError),
-    Unmapped(u64),
-    Discontiguous,
-}
-
-impl std::fmt::Display for Confused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Confused::Forced => f.write_str("per-block path forced"),
-            Confused::PerBlockState => f.write_str("the page has per-block state"),
-            Confused::MapFailed(e) => write!(f, "{e}"),
-            Confused::Unmapped(b) => {
-                write!(f, "file block {b} left unmapped by an allocating map call")
-            }
-            Confused::Discontiguous => f.write_str("blocks not contiguous on disk"),
-        }
-    }
-}
 
 impl<D: BlockIo> PageCache<D> {
     /// Start writing the dirty, idle pages `pages` (ascending) of a file.
@@ -89,10 +64,10 @@ impl<D: BlockIo> PageCache<D> {
             return Ok(());
         }
         if self.opts.force_per_block {
-            return self.write_confused(f, p, geo, w, Confused::Forced);
+            return self.confused(IoOp::Write, f, p, geo, w, Confused::Forced);
         }
         if self.page_mut(f, p).blocks.is_some() {
-            return self.write_confused(f, p, geo, w, Confused::PerBlockState);
+            return self.confused(IoOp::Write, f, p, geo, w, Confused::PerBlockState);
         }
         let first = p * geo.bpp;
         let last_in_file = (size - 1) / geo.bs;
@@ -101,22 +76,15 @@ impl<D: BlockIo> PageCache<D> {
         let mut boundary = false;
         for i in 0..n {
             let b = first + i as u64;
-            let hit = match w.run.and_then(|r| r.lookup(b)).filter(|h| h.disk.is_some()) {
-                Some(h) => h,
-                None => match self.map_call(f, b, (n - i) as u64, true) {
-                    Ok(m) => {
-                        let r = Run::new(b, m);
-                        w.run = Some(r);
-                        r.lookup(b).expect("a run covers its first block")
-                    }
-                    Err(e) => return self.write_confused(f, p, geo, w, Confused::MapFailed(e)),
-                },
+            let hit = match self.map_block(f, b, (n - i) as u64, true, w) {
+                Ok(h) => h,
+                Err(e) => return self.confused(IoOp::Write, f, p, geo, w, Confused::MapFailed(e)),
             };
             let Some(d) = hit.disk else {
-                return self.write_confused(f, p, geo, w, Confused::Unmapped(b));
+                return self.confused(IoOp::Write, f, p, geo, w, Confused::Unmapped(b));
             };
             if i > 0 && disk[i - 1] + 1 != d {
-                return self.write_confused(f, p, geo, w, Confused::Discontiguous);
+                return self.confused(IoOp::Write, f, p, geo, w, Confused::Discontiguous);
             }
             disk[i] = d;
             if hit.flags.boundary && b + 1 == hit.run_end {
@@ -166,35 +134,20 @@ impl<D: BlockIo> PageCache<D> {
         }
     }
 
-    fn write_confused(
-        &mut self,
-        f: FileId,
-        p: u64,
-        geo: &Geo,
-        w: &mut Walk,
-        why: Confused,
-    ) -> Result<(), MpageError> {
-        log::trace!("file {f} page {p}: per-block write ({why})");
-        self.send(f, IoOp::Write, &mut w.cmd)?;
+    /// The per-block write path for page `p`: write its dirty blocks, each mapped (with
+    /// `create`) on its own and written by a command of its own; blocks past the end of the
+    /// file are not written. A block the map leaves unmapped is an error of the page, never a
+    /// command with a made-up LBA.
+    pub(crate) fn write_blocks(&mut self, f: FileId, p: u64, geo: &Geo) -> Result<(), MpageError> {
         let size = geo.size;
         if p == size / PAGE {
             self.zero_tail(f, p, (size % PAGE) as usize);
         }
-        let bs = geo.bs as usize;
         let last_in_file = (size - 1) / geo.bs;
-        let page = self.page_mut(f, p);
-        let frame = page.frame;
-        let start = page.bits(geo.bpp);
-        page.blocks = Some(start);
-        page.writeback = true;
-        page.pending = 1;
-        page.pending_error = None;
-        let mut failed: Option<PageError> = None;
-        let mut submit_err: Option<MpageError> = None;
-        let mut mapped = 0u8;
+        let mut pb = self.per_block_begin(IoOp::Write, f, p, geo);
         for i in 0..geo.bpp as usize {
             let bit = 1u8 << i;
-            if start.dirty & bit == 0 {
+            if pb.start.dirty & bit == 0 {
                 continue;
             }
             let b = p * geo.bpp + i as u64;
@@ -210,48 +163,20 @@ impl<D: BlockIo> PageCache<D> {
             }
             match self.map_call(f, b, 1, true) {
                 Err(e) => {
-                    failed.get_or_insert(PageError::Map(e));
+                    pb.failed.get_or_insert(PageError::Map(e));
                 }
                 Ok(Mapping::Hole { .. }) => {
-                    failed.get_or_insert(PageError::Unmapped { file_block: b });
+                    pb.failed
+                        .get_or_insert(PageError::Unmapped { file_block: b });
                 }
                 Ok(Mapping::Mapped { disk_block, .. }) => {
-                    mapped |= bit;
-                    self.page_mut(f, p).pending += 1;
-                    self.stats.pages_written += u64::from(mapped == bit);
-                    let seg = Segment::new(self.pool.iova(frame).add((i * bs) as u64), bs as u32);
-                    let target = Target::Block {
-                        page: p,
-                        block: i as u32,
-                    };
-                    if let Err(e) = self.submit_cmd(
-                        f,
-                        IoOp::Write,
-                        disk_block * geo.lpb,
-                        geo.lpb as u32,
-                        &[seg],
-                        target,
-                        true,
-                    ) {
-                        // The block's own command was ended with the error; end the page's
-                        // issuing below, so that nothing stays pending.
-                        submit_err = Some(e);
+                    self.stats.pages_written += u64::from(pb.mapped == 0);
+                    if !self.per_block_submit(&mut pb, f, p, geo, i, disk_block) {
                         break;
                     }
                 }
             }
         }
-        let page = self.page_mut(f, p);
-        if mapped == full_mask(geo.bpp) {
-            page.mapped_to_disk = true;
-        }
-        if let Some(e) = failed {
-            page.pending_error.get_or_insert_with(|| Box::new(e));
-        }
-        self.end_block_io(f, p, IoOp::Write, geo.bpp);
-        match submit_err {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        self.per_block_end(pb, f, p, geo)
     }
 }
