@@ -47,8 +47,8 @@ pub use nvme::NvmeBlockIo;
 pub use page::{BlockBits, PageRef, PageState};
 pub use pool::{FrameId, FrameView, PagePool, PoolError, CHUNK_BYTES, FRAMES_PER_CHUNK, PAGE_SIZE};
 pub use recording::{
-    fill_pattern, pattern_byte, CommandRecord, DiskFill, EventLog, LoggedMap, RecordingDevice,
-    TraceEvent, MAX_LBAS_PER_COMMAND,
+    fill_pattern, pattern_byte, CommandRecord, DataPointer, DiskFill, EventLog, LoggedMap,
+    RecordingDevice, SglEntry, TraceEvent, MAX_LBAS_PER_COMMAND,
 };
 pub use shared::{SharedCache, MAX_SHARDS};
 pub use spec::{check_block_size, MapSpec, SpecError};
