@@ -53,5 +53,6 @@ pub use recording::{
 pub use shared::{SharedCache, MAX_SHARDS};
 pub use spec::{check_block_size, MapSpec, SpecError};
 pub use trace::{
-    parse_ops, run_trace, trace, PageReport, TraceError, TraceOp, TraceReport, WRITE_SEED,
+    parse_ops, run_trace, run_trace_with, trace, trace_with, PageReport, TraceError, TraceOp,
+    TraceOptions, TraceReport, WRITE_SEED,
 };
