@@ -37,6 +37,7 @@ mod wait;
 use crate::spec::{reg, CqEntry, SqEntry, PAGE_SIZE, PSDT_SGL};
 use crate::status::NvmeStatus;
 use crate::types::{CommandId, Iova, Segment};
+pub use submit::uses_sgl;
 
 /// How data buffers are described to the controller.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default, serde::Serialize)]

@@ -49,11 +49,12 @@ pub use nvme::NvmeBlockIo;
 pub use page::{BlockBits, PageRef, PageState};
 pub use pool::{FrameId, FrameView, PagePool, PoolError, CHUNK_BYTES, FRAMES_PER_CHUNK, PAGE_SIZE};
 pub use recording::{
-    fill_pattern, pattern_byte, CommandRecord, DiskFill, EventLog, LoggedMap, RecordingDevice,
-    TraceEvent, MAX_LBAS_PER_COMMAND,
+    fill_pattern, pattern_byte, CommandRecord, DataPointer, DiskFill, EventLog, LoggedMap,
+    RecordingDevice, SglEntry, TraceEvent, MAX_LBAS_PER_COMMAND,
 };
 pub use shared::{SharedCache, MAX_SHARDS};
 pub use spec::{check_block_size, MapSpec, SpecError};
 pub use trace::{
-    parse_ops, run_trace, trace, PageReport, TraceError, TraceOp, TraceReport, WRITE_SEED,
+    parse_ops, run_trace, run_trace_with, trace, trace_with, PageReport, TraceError, TraceOp,
+    TraceOptions, TraceReport, WRITE_SEED,
 };

@@ -11,19 +11,31 @@
 //! Written data is [`pattern_byte`](crate::recording::pattern_byte) seed [`WRITE_SEED`] at the
 //! file offset. The output is JSON lines: one per command in submission order, then one per
 //! page touched by the operations, ascending.
+//!
+//! By default the device takes PRPs only, and a command's line is
+//! `{"op","slba","lbas","prps","pages","fallback"}`. With [`TraceOptions::sgl`] it is a device
+//! that offers SGLs, where the driver's default mode ([`DataPointerMode::Auto`]) chooses per
+//! command: PRPs for data in one piece within two pages (a one-page command), an SGL
+//! otherwise. Each command's line then says what it carried, after `lbas`: `"dptr":"prp"` and
+//! `"prps"`, or `"dptr":"sgl"` and `"descriptors"`, every SGL descriptor the device read in
+//! order (the one in the command first, then each list's; a segment descriptor is the last of
+//! its list), each `{"type":"data"|"segment"|"last_segment","addr":"0x…","len":bytes}`. List
+//! addresses are the recording device's own.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use rnvme_driver::dma::{Backing, DmaError, DmaPool};
 use rnvme_driver::hw::MemoryOnly;
+use rnvme_driver::queue::DataPointerMode;
 
 use crate::backend::IoOp;
 use crate::cache::{CacheOptions, CacheStats, PageCache};
 use crate::error::MpageError;
 use crate::pool::{PagePool, PoolError, FRAMES_PER_CHUNK, PAGE_SIZE};
 use crate::recording::{
-    fill_pattern, CommandRecord, DiskFill, EventLog, LoggedMap, RecordingDevice, TraceEvent,
+    fill_pattern, CommandRecord, DataPointer, DiskFill, EventLog, LoggedMap, RecordingDevice,
+    SglEntry, TraceEvent,
 };
 use crate::spec::{MapSpec, SpecError};
 
@@ -32,6 +44,15 @@ pub const WRITE_SEED: u64 = 1;
 
 /// The nominal size of the trace disk in LBAs (it is sparse: only written LBAs take memory).
 pub const TRACE_DISK_LBAS: u64 = 1 << 40;
+
+/// How a trace's device takes data.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct TraceOptions {
+    /// The device offers SGLs: each command carries what the driver's default mode
+    /// ([`DataPointerMode::Auto`]) chooses on such a controller, and the command lines say
+    /// which data pointer it was (see the module documentation).
+    pub sgl: bool,
+}
 
 /// One operation of a trace.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -179,6 +200,74 @@ struct CommandLine<'a> {
     fallback: bool,
 }
 
+/// A command's line when the device offers SGLs: which data pointer it carried.
+#[derive(serde::Serialize)]
+struct DptrCommandLine<'a> {
+    op: IoOp,
+    slba: u64,
+    lbas: u32,
+    dptr: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prps: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    descriptors: Option<Vec<DescriptorLine>>,
+    pages: &'a [u64],
+    fallback: bool,
+}
+
+#[derive(serde::Serialize)]
+struct DescriptorLine {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    addr: String,
+    len: u32,
+}
+
+impl From<&SglEntry> for DescriptorLine {
+    fn from(e: &SglEntry) -> DescriptorLine {
+        let (ty, addr, len) = match *e {
+            SglEntry::Data { addr, len } => ("data", addr, len),
+            SglEntry::Segment { addr, len } => ("segment", addr, len),
+            SglEntry::LastSegment { addr, len } => ("last_segment", addr, len),
+        };
+        DescriptorLine {
+            ty,
+            addr: format!("{:#x}", addr.0),
+            len,
+        }
+    }
+}
+
+fn command_line(c: &CommandRecord, sgl: bool) -> String {
+    let json = if !sgl {
+        serde_json::to_string(&CommandLine {
+            op: c.op,
+            slba: c.slba,
+            lbas: c.lbas,
+            prps: c.prps,
+            pages: &c.pages,
+            fallback: c.fallback,
+        })
+    } else {
+        let (dptr, prps, descriptors) = match &c.dptr {
+            DataPointer::None => ("none", None, None),
+            DataPointer::Prp => ("prp", Some(c.prps), None),
+            DataPointer::Sgl(d) => ("sgl", None, Some(d.iter().map(Into::into).collect())),
+        };
+        serde_json::to_string(&DptrCommandLine {
+            op: c.op,
+            slba: c.slba,
+            lbas: c.lbas,
+            dptr,
+            prps,
+            descriptors,
+            pages: &c.pages,
+            fallback: c.fallback,
+        })
+    };
+    json.expect("plain struct serializes")
+}
+
 /// Everything a trace produced.
 pub struct TraceReport {
     /// The commands, in submission order.
@@ -193,22 +282,17 @@ pub struct TraceReport {
     pub page_data: BTreeMap<u64, Vec<u8>>,
     /// The device, with its disk as the trace left it.
     pub device: RecordingDevice,
+    /// How the device took data.
+    pub options: TraceOptions,
 }
 
 impl TraceReport {
     /// The output: one JSON line per command, then one per touched page.
     pub fn json_lines(&self) -> Vec<String> {
-        let cmds = self.commands.iter().map(|c| {
-            let line = CommandLine {
-                op: c.op,
-                slba: c.slba,
-                lbas: c.lbas,
-                prps: c.prps,
-                pages: &c.pages,
-                fallback: c.fallback,
-            };
-            serde_json::to_string(&line).expect("plain struct serializes")
-        });
+        let cmds = self
+            .commands
+            .iter()
+            .map(|c| command_line(c, self.options.sgl));
         let pages = self
             .pages
             .iter()
@@ -230,8 +314,17 @@ impl TraceReport {
     }
 }
 
-/// Run `ops` on a cache over a recording device set up from `spec`.
+/// Run `ops` on a cache over a recording device set up from `spec` that takes PRPs only.
 pub fn run_trace(spec: &MapSpec, ops: &[TraceOp]) -> Result<TraceReport, TraceError> {
+    run_trace_with(spec, ops, TraceOptions::default())
+}
+
+/// Run `ops` on a cache over a recording device set up from `spec` and `options`.
+pub fn run_trace_with(
+    spec: &MapSpec,
+    ops: &[TraceOp],
+    options: TraceOptions,
+) -> Result<TraceReport, TraceError> {
     let bpp = (PAGE_SIZE as u32 / spec.block_size) as u64;
     let touched: BTreeSet<u64> = ops.iter().flat_map(|o| o.pages(bpp)).collect();
     let frames = (touched.len() + 64).div_ceil(FRAMES_PER_CHUNK) * FRAMES_PER_CHUNK;
@@ -242,6 +335,9 @@ pub fn run_trace(spec: &MapSpec, ops: &[TraceOp]) -> Result<TraceReport, TraceEr
     dev.set_fill(DiskFill::Pattern);
     dev.set_max_transfer(spec.max_transfer.unwrap_or(u32::MAX));
     dev.set_event_log(log.clone());
+    if options.sgl {
+        dev.set_data_pointer_mode(DataPointerMode::Auto);
+    }
     let mut cache = PageCache::new(dev, pool, CacheOptions::default())?;
     let map = LoggedMap::new(spec.extent_map()?, log.clone());
     let f = cache.open(Box::new(map), spec.file_size)?;
@@ -302,13 +398,23 @@ pub fn run_trace(spec: &MapSpec, ops: &[TraceOp]) -> Result<TraceReport, TraceEr
         stats,
         page_data,
         device,
+        options,
     })
 }
 
-/// Parse `map_json`, run `ops`, return the output lines.
+/// Parse `map_json`, run `ops` on a device that takes PRPs only, return the output lines.
 pub fn trace(map_json: &str, ops: &[TraceOp]) -> Result<Vec<String>, TraceError> {
+    trace_with(map_json, ops, TraceOptions::default())
+}
+
+/// Parse `map_json`, run `ops` on a device set up from `options`, return the output lines.
+pub fn trace_with(
+    map_json: &str,
+    ops: &[TraceOp],
+    options: TraceOptions,
+) -> Result<Vec<String>, TraceError> {
     let spec = MapSpec::from_json(map_json)?;
-    Ok(run_trace(&spec, ops)?.json_lines())
+    Ok(run_trace_with(&spec, ops, options)?.json_lines())
 }
 
 #[cfg(test)]

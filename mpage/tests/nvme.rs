@@ -4,12 +4,15 @@ use std::sync::Arc;
 
 use rnvme_driver::controller::{Controller, ControllerOptions};
 use rnvme_driver::dma::Backing;
+use rnvme_driver::dma::DmaPool;
 use rnvme_driver::hw::Hardware;
+use rnvme_driver::hw::MemoryOnly;
 use rnvme_driver::model::{CompletionMode, Model, ModelConfig, ModelNamespace};
+use rnvme_driver::queue::DataPointerMode;
 use rnvme_driver::NvmeStatus;
 use rnvme_mpage::{
-    fill_pattern, BlockIo, CacheOptions, Extent, ExtentMap, IoError, IoOp, MpageError, NvmeBlockIo,
-    PageCache, PageError, PagePool,
+    fill_pattern, BlockIo, CacheOptions, DataPointer, Extent, ExtentMap, IoError, IoOp, MpageError,
+    NvmeBlockIo, PageCache, PageError, PagePool, RecordingDevice,
 };
 
 fn setup(mdts: u8) -> (Arc<Model>, PageCache<NvmeBlockIo>) {
@@ -141,4 +144,67 @@ fn readahead_leaves_commands_in_flight_until_the_device_completes_them() {
     c.read_at(f, 0, &mut buf).unwrap();
     assert_eq!(buf, ns_pattern(80, 512));
     assert_eq!(c.stats().read_commands, 2);
+}
+
+/// Scattered dirty pages written back, a readahead split at the max transfer, one page read.
+fn scattered_writes_and_runs<D: BlockIo>(c: &mut PageCache<D>) -> Vec<u8> {
+    let f = c
+        .open(
+            Box::new(ExtentMap::with_extents(4096, [Extent::new(0, 10, 64)]).unwrap()),
+            64 * 4096,
+        )
+        .unwrap();
+    for p in [2, 1, 0, 9, 7, 8] {
+        c.write_page(f, p, &[p as u8 + 1; 4096]).unwrap();
+    }
+    c.start_writeback(f).unwrap();
+    c.wait_idle().unwrap();
+    c.readahead(f, 16, 40).unwrap();
+    c.wait_idle().unwrap();
+    c.read_page(f, 60).unwrap();
+    let mut buf = vec![0u8; 64 * 4096];
+    c.read_at(f, 0, &mut buf).unwrap();
+    buf
+}
+
+#[test]
+fn a_recording_device_offering_sgls_carries_what_the_driver_does() {
+    // The model offers SGLs and the driver's queue pair is in its default mode, Auto.
+    let (model, mut c) = setup(5); // 128 KiB max transfer
+    assert_eq!(
+        c.device().queue().data_pointer_mode(),
+        DataPointerMode::Auto
+    );
+    model.write_ns(1, 0, &ns_pattern(0, 1024));
+    let on_model = scattered_writes_and_runs(&mut c);
+
+    let dma = DmaPool::new(Arc::new(MemoryOnly), Backing::SmallPages, 0).unwrap();
+    let pool = PagePool::new(&dma, 512).unwrap();
+    let mut dev = RecordingDevice::new(pool.clone(), 512, 1 << 16);
+    dev.set_max_transfer(128 << 10);
+    dev.set_data_pointer_mode(DataPointerMode::Auto);
+    dev.write_bytes(0, &ns_pattern(0, 1024));
+    let mut r = PageCache::new(dev, pool, CacheOptions::default()).unwrap();
+    let on_recording = scattered_writes_and_runs(&mut r);
+    assert_eq!(on_recording, on_model);
+
+    let records = r.device().commands();
+    let (mut descriptors, mut prp_lists, mut sgls) = (0, 0, 0);
+    for rec in records {
+        match &rec.dptr {
+            DataPointer::Sgl(d) => {
+                descriptors += d.len() as u64;
+                sgls += 1;
+            }
+            _ => prp_lists += rec.list_pages as u64,
+        }
+    }
+    let stats = model.stats();
+    assert_eq!(stats.reads + stats.writes, records.len() as u64);
+    assert!(sgls >= 3 && sgls < records.len(), "{records:?}");
+    assert_eq!(
+        stats.sgl_descriptors, descriptors,
+        "the model read as many SGL descriptors as the recording device"
+    );
+    assert_eq!(stats.prp_list_pages, prp_lists);
 }

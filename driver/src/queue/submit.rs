@@ -7,10 +7,34 @@ use super::*;
 
 /// Whether `data` fits the command's two PRP entries: one piece over at most two pages.
 #[inline(always)]
-fn fits_two_prps(data: &[DmaSlice<'_>]) -> bool {
+fn fits_two_prps<S: AsRef<Segment>>(data: &[S]) -> bool {
     match data {
-        [s] => (s.iova.0 & (PAGE_SIZE as u64 - 1)) + s.len as u64 <= 2 * PAGE_SIZE as u64,
+        [s] => {
+            let s = s.as_ref();
+            (s.iova.0 & (PAGE_SIZE as u64 - 1)) + s.len as u64 <= 2 * PAGE_SIZE as u64
+        }
         _ => false,
+    }
+}
+
+/// Whether a command with `data` carries an SGL rather than PRPs, in data pointer `mode`, on a
+/// controller that takes SGL data only at dword-aligned addresses in whole dwords
+/// (`dword_only`: Identify SGLS = 10b) or not. This is the choice [`QueuePair::submit`] makes:
+/// with [`DataPointerMode::Auto`], PRPs when the data is one piece that fits the command's two
+/// PRP entries, SGLs otherwise; on a `dword_only` controller, data that is not dword aligned
+/// gets PRPs. With [`DataPointerMode::Sgl`] it is always an SGL (submission refuses unaligned
+/// data on a `dword_only` controller).
+///
+/// `mode` is the queue pair's mode as in force ([`QueuePair::data_pointer_mode`]): a controller
+/// without SGL support has `Prp` there whatever was asked for.
+#[inline(always)]
+pub fn uses_sgl<S: AsRef<Segment>>(mode: DataPointerMode, dword_only: bool, data: &[S]) -> bool {
+    match mode {
+        DataPointerMode::Prp => false,
+        DataPointerMode::Sgl => true,
+        // A controller that wants dword-aligned SGL data gets PRPs for the rest (they check
+        // alignment themselves).
+        DataPointerMode::Auto => !fits_two_prps(data) && (!dword_only || dword_aligned(data)),
     }
 }
 
@@ -190,15 +214,7 @@ impl QueuePair {
                     extra: &mut slot.extra,
                     pool: &self.pool,
                 };
-                let sgl = match self.mode {
-                    DataPointerMode::Prp => false,
-                    DataPointerMode::Sgl => true,
-                    // A controller that wants dword-aligned SGL data gets PRPs for the
-                    // rest (they check alignment themselves).
-                    DataPointerMode::Auto => {
-                        !fits_two_prps(data) && (!self.sgl_dword || dword_aligned(data))
-                    }
-                };
+                let sgl = uses_sgl(self.mode, self.sgl_dword, data);
                 if sgl && self.sgl_dword && !dword_aligned(data) {
                     Err(Error::InvalidArgument(
                         "this controller takes SGL data only at dword-aligned addresses in \
@@ -349,5 +365,38 @@ impl QueuePair {
     /// [`QueuePair::poll`] do, once per batch (the default).
     pub fn set_ring_each(&mut self, each: bool) {
         self.ring_each = each;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(iova: u64, len: u32) -> Segment {
+        Segment::new(Iova(iova), len)
+    }
+
+    #[test]
+    fn auto_takes_prps_for_one_piece_over_two_pages_and_sgls_otherwise() {
+        let p = PAGE_SIZE as u64;
+        let auto = |d: &[Segment]| uses_sgl(DataPointerMode::Auto, false, d);
+        assert!(!auto(&[seg(0x10_0000, 4096)]));
+        assert!(!auto(&[seg(0x10_0000, 8192)]));
+        assert!(!auto(&[seg(0x10_0000 + p - 512, 4096 + 512)]));
+        assert!(auto(&[seg(0x10_0000 + 512, 8192)]), "three pages");
+        assert!(auto(&[seg(0x10_0000, 12288)]));
+        assert!(
+            auto(&[seg(0x10_0000, 4096), seg(0x20_0000, 4096)]),
+            "two pieces, even though PRP1 and PRP2 would do"
+        );
+        // A controller that takes only dword-aligned SGL data gets PRPs for the rest.
+        let odd = [seg(0x10_0000, 4096), seg(0x20_0002, 4092)];
+        assert!(uses_sgl(DataPointerMode::Auto, false, &odd));
+        assert!(!uses_sgl(DataPointerMode::Auto, true, &odd));
+        let aligned = [seg(0x10_0000, 4096), seg(0x20_0000, 4096)];
+        assert!(uses_sgl(DataPointerMode::Auto, true, &aligned));
+        // The fixed modes do not look at the data.
+        assert!(!uses_sgl(DataPointerMode::Prp, false, &aligned));
+        assert!(uses_sgl(DataPointerMode::Sgl, true, &[seg(0x10_0000, 512)]));
     }
 }

@@ -19,7 +19,8 @@ use rnvme_driver::controller::Controller;
 use rnvme_driver::identify::NamespaceInfo;
 use rnvme_mpage::{
     BlockIo, BlockMap, CacheOptions, CacheStats, Extent, ExtentMap, IoError, IoRequest, MapError,
-    MapSpec, Mapping, NvmeBlockIo, PageCache, PagePool, TraceError, TraceOp, PAGE_SIZE,
+    MapSpec, Mapping, NvmeBlockIo, PageCache, PagePool, TraceError, TraceOp, TraceOptions,
+    PAGE_SIZE,
 };
 use serde::Serialize;
 
@@ -71,6 +72,19 @@ pub struct TraceArgs {
     /// Dirty single file blocks (comma list of block indexes), then write them back
     #[arg(long, value_name = "BLOCKS")]
     pub write_blocks: Vec<String>,
+    /// Record a device that offers SGLs (as QEMU's emulated NVMe does) and show the data
+    /// pointer each command carries
+    ///
+    /// The driver's default mode then chooses per command: PRPs when the data is one piece
+    /// within two pages (a one-page command carries PRPs), an SGL otherwise. Each command
+    /// line says which, after "lbas": "dptr":"prp" with "prps", or "dptr":"sgl" with
+    /// "descriptors", every SGL descriptor the device read in order, each
+    /// {"type":"data"|"segment"|"last_segment","addr":"0x…","len":BYTES}: the one in the
+    /// command first (a Data Block for data in one piece), then each list's, a segment
+    /// descriptor last in its list. List addresses are the recording device's own. Without
+    /// --sgl the device takes PRPs only and the lines are unchanged.
+    #[arg(long)]
+    pub sgl: bool,
 }
 
 /// Namespace and page cache arguments of the device commands.
@@ -523,7 +537,8 @@ fn trace(a: TraceArgs, raw: Vec<String>) -> Result<ExitCode> {
         )
         .into());
     }
-    let lines = rnvme_mpage::trace(&json, &ops).map_err(|e| match e {
+    let options = TraceOptions { sgl: a.sgl };
+    let lines = rnvme_mpage::trace_with(&json, &ops, options).map_err(|e| match e {
         TraceError::Spec(s) => anyhow::Error::from(UsageError(format!("{}: {s}", a.map.display()))),
         other => anyhow::Error::from(other),
     })?;
@@ -560,6 +575,31 @@ mod tests {
                 TraceOp::WriteBlocks(vec![5]),
             ]
         );
+    }
+
+    #[test]
+    fn sgl_is_a_flag_between_the_operations() {
+        let ops = ops_in_order(&args(
+            "rnvme mpage trace --map m.json --write 2,1,0 --sgl --read 0:4",
+        ))
+        .unwrap();
+        assert_eq!(
+            ops,
+            vec![
+                TraceOp::WritePages(vec![2, 1, 0]),
+                TraceOp::Read { start: 0, count: 4 }
+            ]
+        );
+        let MpageCommand::Trace(t) = parse("t trace --map m.json --write 2,1,0 --sgl --read 0:4")
+        else {
+            panic!("not trace")
+        };
+        assert!(t.sgl);
+        assert_eq!((t.write.len(), t.read.len()), (1, 1));
+        let MpageCommand::Trace(t) = parse("t trace --map m.json --read 0:4") else {
+            panic!("not trace")
+        };
+        assert!(!t.sgl);
     }
 
     #[test]
