@@ -7,11 +7,10 @@
 use std::time::Instant;
 
 use rnvme_driver::aio::{AsyncQueuePair, Drive};
-use rnvme_driver::controller::{Controller, ControllerOptions};
-use rnvme_driver::dma::Backing;
+use rnvme_driver::controller::Controller;
 use rnvme_driver::io::read_cmd;
 use rnvme_driver::irq::WaitMode;
-use rnvme_driver::model::{Model, ModelConfig};
+use rnvme_driver::model::{model_options, Model, ModelConfig};
 
 fn main() {
     let ios: u64 = std::env::args()
@@ -19,14 +18,7 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(200_000);
     let model = Model::new(ModelConfig::default());
-    let ctrl = Controller::init(
-        model,
-        ControllerOptions {
-            backing: Backing::SmallPages,
-            ..ControllerOptions::default()
-        },
-    )
-    .expect("bring-up against the model");
+    let ctrl = Controller::init(model, model_options()).expect("bring-up against the model");
     for depth in [1usize, 32] {
         let bufs: Vec<_> = (0..depth).map(|_| ctrl.alloc(4096).unwrap()).collect();
         // Directly: submit, ring, poll.

@@ -6,9 +6,9 @@
 use std::hint::black_box;
 
 use rnvme_driver::controller::{Controller, ControllerOptions};
-use rnvme_driver::dma::{Backing, DmaBuffer, DmaSlice};
+use rnvme_driver::dma::{DmaBuffer, DmaSlice};
 use rnvme_driver::io::{read_cmd, IoQueuePair};
-use rnvme_driver::model::{Model, ModelConfig};
+use rnvme_driver::model::{model_options, Model, ModelConfig};
 
 const DEPTH: usize = 32;
 
@@ -42,10 +42,9 @@ fn main() {
     let ctrl = Controller::init(
         model,
         ControllerOptions {
-            backing: Backing::SmallPages,
             // RNVME_SHADOW=0 measures the driver with MMIO doorbells only.
             shadow_doorbells: std::env::var("RNVME_SHADOW").map_or(true, |v| v != "0"),
-            ..Default::default()
+            ..model_options()
         },
     )
     .expect("model bring-up");

@@ -7,31 +7,21 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use rnvme_driver::aio::{AsyncQueuePair, Drive};
-use rnvme_driver::controller::{Controller, ControllerOptions};
-use rnvme_driver::dma::Backing;
+use rnvme_driver::controller::Controller;
 use rnvme_driver::irq::WaitMode;
-use rnvme_driver::model::{CompletionMode, Model, ModelConfig, ModelNamespace};
+use rnvme_driver::model::{bring_up, model_options, CompletionMode, Model, ModelConfig};
 use rnvme_driver::{Error, NvmeStatus};
 
 const BLOCKS: u64 = 8192;
 
 fn open() -> (Arc<Model>, Controller) {
-    let model = Model::new(ModelConfig {
-        namespaces: vec![ModelNamespace {
-            nsid: 1,
-            lba_size: 4096,
-            blocks: BLOCKS,
-        }],
-        // 16 KiB per command: larger transfers are split.
-        mdts: 2,
-        ..ModelConfig::default()
-    });
-    let ctrl = Controller::init(
-        model.clone(),
-        ControllerOptions {
-            backing: Backing::SmallPages,
-            ..ControllerOptions::default()
+    let (model, ctrl) = bring_up(
+        ModelConfig {
+            // 16 KiB per command: larger transfers are split.
+            mdts: 2,
+            ..ModelConfig::one_namespace(4096, BLOCKS)
         },
+        model_options(),
     )
     .expect("bring-up against the model");
     model.complete_from_thread(Duration::from_micros(30));

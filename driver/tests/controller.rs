@@ -5,17 +5,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rnvme_driver::controller::{Controller, ControllerOptions};
-use rnvme_driver::dma::Backing;
 use rnvme_driver::io::{read_cmd, write_cmd};
-use rnvme_driver::model::{CompletionMode, Model, ModelConfig, ModelNamespace};
+use rnvme_driver::model::{
+    bring_up, model_options, CompletionMode, Model, ModelConfig, ModelNamespace,
+};
 use rnvme_driver::queue::{Completion, DataPointerMode};
 use rnvme_driver::{Error, NvmeStatus};
 
 fn options() -> ControllerOptions {
-    ControllerOptions {
-        backing: Backing::SmallPages,
-        ..ControllerOptions::default()
-    }
+    model_options()
 }
 
 fn config(mdts: u8) -> ModelConfig {
@@ -38,8 +36,7 @@ fn config(mdts: u8) -> ModelConfig {
 }
 
 fn open(cfg: ModelConfig) -> (Arc<Model>, Controller) {
-    let model = Model::new(cfg);
-    let ctrl = Controller::init(model.clone(), options()).expect("bring-up against the model");
+    let (model, ctrl) = bring_up(cfg, options()).expect("bring-up against the model");
     (model, ctrl)
 }
 
@@ -311,9 +308,8 @@ fn the_completion_doorbell_is_rung_once_per_many_completions() {
 fn a_queue_as_deep_as_the_controller_allows_rings_after_every_poll() {
     // The model allows 1024 entries: a queue of 1024 has no spare completion entries.
     for shadow in [false, true] {
-        let model = Model::new(config(5));
-        let ctrl = Controller::init(
-            model.clone(),
+        let (model, ctrl) = bring_up(
+            config(5),
             ControllerOptions {
                 shadow_doorbells: shadow,
                 ..options()
@@ -651,9 +647,8 @@ fn shadow_doorbells_are_set_up_and_set_up_again_after_a_reset() {
     assert_eq!(buf.to_vec(), vec![4; 4096]);
     assert_eq!(qp.stats().resets, 1);
     // Turned off: MMIO doorbells only, and the controller is never given the pages.
-    let model = Model::new(config(5));
-    let ctrl = Controller::init(
-        model.clone(),
+    let (model, ctrl) = bring_up(
+        config(5),
         ControllerOptions {
             shadow_doorbells: false,
             ..options()

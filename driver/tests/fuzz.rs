@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use rnvme_driver::controller::{Controller, ControllerOptions};
-use rnvme_driver::dma::{Backing, DmaBuffer, DmaSlice};
+use rnvme_driver::dma::{DmaBuffer, DmaSlice};
 use rnvme_driver::identify::{parse_error_log, SmartLog};
 use rnvme_driver::io::{read_cmd, write_cmd, IoQueuePair};
-use rnvme_driver::model::{Model, ModelConfig, ModelNamespace};
+use rnvme_driver::model::{bring_up, model_options, Model, ModelConfig, ModelNamespace};
 use rnvme_driver::prp::PrpError;
 use rnvme_driver::queue::DataPointerMode;
 use rnvme_driver::spec::{CqEntry, PAGE_SIZE};
@@ -27,20 +27,16 @@ const REGION: usize = 9 * PAGE_SIZE;
 const REGIONS: usize = 4;
 
 fn open(lba_size: u32) -> (Arc<Model>, Controller) {
-    let model = Model::new(ModelConfig {
-        namespaces: vec![ModelNamespace {
-            nsid: 1,
-            lba_size,
-            blocks: 4096,
-        }],
-        ..ModelConfig::default()
-    });
-    let ctrl = Controller::init(
-        model.clone(),
-        ControllerOptions {
-            backing: Backing::SmallPages,
-            ..ControllerOptions::default()
+    let (model, ctrl) = bring_up(
+        ModelConfig {
+            namespaces: vec![ModelNamespace {
+                nsid: 1,
+                lba_size,
+                blocks: 4096,
+            }],
+            ..ModelConfig::default()
         },
+        model_options(),
     )
     .expect("the model comes up");
     (model, ctrl)
@@ -684,13 +680,11 @@ fn injected_statuses_reach_the_caller_decoded() {
 /// after the reset.
 #[test]
 fn an_abort_that_times_out_leads_straight_to_a_reset() {
-    let model = Model::new(ModelConfig::default());
-    let ctrl = Controller::init(
-        model.clone(),
+    let (model, ctrl) = bring_up(
+        ModelConfig::default(),
         ControllerOptions {
-            backing: Backing::SmallPages,
             admin_timeout: Duration::from_millis(300),
-            ..ControllerOptions::default()
+            ..model_options()
         },
     )
     .unwrap();

@@ -8,14 +8,13 @@ use rnvme_driver::controller::{Coalescing, Controller, ControllerOptions};
 use rnvme_driver::dma::Backing;
 use rnvme_driver::io::read_cmd;
 use rnvme_driver::irq::WaitMode;
-use rnvme_driver::model::{CompletionMode, Model, ModelConfig};
+use rnvme_driver::model::{bring_up, CompletionMode, Model, ModelConfig};
 use rnvme_driver::queue::Completion;
 use rnvme_driver::Error;
 
 fn open(config: ModelConfig, options: ControllerOptions) -> (Arc<Model>, Controller) {
-    let model = Model::new(config);
-    let ctrl = Controller::init(
-        model.clone(),
+    let (model, ctrl) = bring_up(
+        config,
         ControllerOptions {
             backing: Backing::SmallPages,
             ..options

@@ -13,21 +13,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rnvme_driver::controller::{Controller, ControllerOptions};
-use rnvme_driver::dma::{Backing, DmaBuffer};
+use rnvme_driver::dma::DmaBuffer;
 use rnvme_driver::io::{read_cmd, IoQueuePair};
-use rnvme_driver::model::{LateDma, Model, ModelConfig};
+use rnvme_driver::model::{bring_up, model_options, LateDma, Model, ModelConfig};
 use rnvme_driver::queue::Completion;
 use rnvme_driver::reactor::{IoData, IoRequest, Reactor, ReactorConfig, ReactorError};
 use rnvme_driver::NvmeStatus;
 
 fn open_with(admin_timeout: Duration) -> (Arc<Model>, Controller) {
-    let model = Model::new(ModelConfig::default());
-    let ctrl = Controller::init(
-        model.clone(),
+    let (model, ctrl) = bring_up(
+        ModelConfig::default(),
         ControllerOptions {
-            backing: Backing::SmallPages,
             admin_timeout,
-            ..ControllerOptions::default()
+            ..model_options()
         },
     )
     .unwrap();

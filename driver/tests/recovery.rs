@@ -6,23 +6,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rnvme_driver::controller::{Controller, ControllerOptions};
-use rnvme_driver::dma::{Backing, DmaBuffer};
+use rnvme_driver::controller::Controller;
+use rnvme_driver::dma::DmaBuffer;
 use rnvme_driver::io::{read_cmd, write_cmd, IoQueuePair};
-use rnvme_driver::model::{CompletionMode, Model, ModelConfig};
+use rnvme_driver::model::{bring_up, model_options, CompletionMode, Model, ModelConfig};
 use rnvme_driver::queue::Completion;
 use rnvme_driver::{Error, NvmeStatus};
 
 fn open() -> (Arc<Model>, Controller) {
-    let model = Model::new(ModelConfig::default());
-    let ctrl = Controller::init(
-        model.clone(),
-        ControllerOptions {
-            backing: Backing::SmallPages,
-            ..ControllerOptions::default()
-        },
-    )
-    .unwrap();
+    let (model, ctrl) = bring_up(ModelConfig::default(), model_options()).unwrap();
     (model, ctrl)
 }
 

@@ -6,21 +6,14 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
-use rnvme_driver::controller::{Controller, ControllerOptions};
-use rnvme_driver::dma::{send_vectored, Backing, SendPart};
+use rnvme_driver::controller::Controller;
+use rnvme_driver::dma::{send_vectored, SendPart};
 use rnvme_driver::hw::Hardware;
-use rnvme_driver::model::{Model, ModelConfig};
+use rnvme_driver::model::{model_options, Model, ModelConfig};
 
 fn ctrl() -> Controller {
     let hw: Arc<dyn Hardware> = Model::new(ModelConfig::default());
-    Controller::init(
-        hw,
-        ControllerOptions {
-            backing: Backing::SmallPages,
-            ..ControllerOptions::default()
-        },
-    )
-    .unwrap()
+    Controller::init(hw, model_options()).unwrap()
 }
 
 #[test]

@@ -6,32 +6,22 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rnvme_driver::controller::{Controller, ControllerOptions};
-use rnvme_driver::dma::Backing;
+use rnvme_driver::controller::Controller;
 use rnvme_driver::io::{read_cmd, write_cmd};
-use rnvme_driver::model::{CompletionMode, Model, ModelConfig, ModelNamespace};
+use rnvme_driver::model::{bring_up, model_options, CompletionMode, Model, ModelConfig};
 use rnvme_driver::queue::Completion;
 use rnvme_driver::reactor::{IoData, IoRequest, Reactor, ReactorConfig};
 
 const BLOCKS: u64 = 4096;
 
 fn open(shadow: bool) -> (Arc<Model>, Controller) {
-    let model = Model::new(ModelConfig {
-        namespaces: vec![ModelNamespace {
-            nsid: 1,
-            lba_size: 4096,
-            blocks: BLOCKS,
-        }],
-        shadow_doorbells: shadow,
-        mdts: 2,
-        ..ModelConfig::default()
-    });
-    let ctrl = Controller::init(
-        model.clone(),
-        ControllerOptions {
-            backing: Backing::SmallPages,
-            ..ControllerOptions::default()
+    let (model, ctrl) = bring_up(
+        ModelConfig {
+            shadow_doorbells: shadow,
+            mdts: 2,
+            ..ModelConfig::one_namespace(4096, BLOCKS)
         },
+        model_options(),
     )
     .expect("bring-up against the model");
     model.complete_from_thread(Duration::from_micros(20));
@@ -197,15 +187,7 @@ fn the_reactor_serves_threads_while_completions_land_concurrently() {
 
 #[test]
 fn completions_come_later_from_the_models_thread() {
-    let model = Model::new(ModelConfig::default());
-    let ctrl = Controller::init(
-        model.clone(),
-        ControllerOptions {
-            backing: Backing::SmallPages,
-            ..ControllerOptions::default()
-        },
-    )
-    .unwrap();
+    let (model, ctrl) = bring_up(ModelConfig::default(), model_options()).unwrap();
     model.complete_from_thread(Duration::from_millis(50));
     let mut qp = ctrl.create_io_qpair(4).unwrap();
     let buf = ctrl.alloc(4096).unwrap();

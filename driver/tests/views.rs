@@ -6,24 +6,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rnvme_driver::controller::{Controller, ControllerOptions};
-use rnvme_driver::dma::{Backing, DmaBuffer, DmaError, DmaView};
+use rnvme_driver::controller::Controller;
+use rnvme_driver::dma::{DmaBuffer, DmaError, DmaView};
 use rnvme_driver::io::{read_cmd, write_cmd, IoQueuePair};
-use rnvme_driver::model::{LateDma, Model, ModelConfig};
+use rnvme_driver::model::{bring_up, model_options, LateDma, Model, ModelConfig};
 use rnvme_driver::queue::{Completion, QueuePair};
 use rnvme_driver::spec::{admin_op, cns, SqEntry};
 use rnvme_driver::{Error, NvmeStatus};
 
 fn open() -> (Arc<Model>, Controller) {
-    let model = Model::new(ModelConfig::default());
-    let ctrl = Controller::init(
-        model.clone(),
-        ControllerOptions {
-            backing: Backing::SmallPages,
-            ..ControllerOptions::default()
-        },
-    )
-    .unwrap();
+    let (model, ctrl) = bring_up(ModelConfig::default(), model_options()).unwrap();
     (model, ctrl)
 }
 

@@ -2,12 +2,12 @@
 
 use std::sync::Arc;
 
-use rnvme_driver::controller::{Controller, ControllerOptions};
+use rnvme_driver::controller::Controller;
 use rnvme_driver::dma::Backing;
 use rnvme_driver::dma::DmaPool;
 use rnvme_driver::hw::Hardware;
 use rnvme_driver::hw::MemoryOnly;
-use rnvme_driver::model::{CompletionMode, Model, ModelConfig, ModelNamespace};
+use rnvme_driver::model::{model_options, CompletionMode, Model, ModelConfig};
 use rnvme_driver::queue::DataPointerMode;
 use rnvme_driver::NvmeStatus;
 use rnvme_mpage::{
@@ -17,23 +17,11 @@ use rnvme_mpage::{
 
 fn setup(mdts: u8) -> (Arc<Model>, PageCache<NvmeBlockIo>) {
     let model = Model::new(ModelConfig {
-        namespaces: vec![ModelNamespace {
-            nsid: 1,
-            lba_size: 512,
-            blocks: 1 << 16,
-        }],
         mdts,
-        ..ModelConfig::default()
+        ..ModelConfig::one_namespace(512, 1 << 16)
     });
     let hw: Arc<dyn Hardware> = model.clone();
-    let ctrl = Controller::init(
-        hw,
-        ControllerOptions {
-            backing: Backing::SmallPages,
-            ..ControllerOptions::default()
-        },
-    )
-    .expect("model controller comes up");
+    let ctrl = Controller::init(hw, model_options()).expect("model controller comes up");
     let qp = ctrl.create_io_qpair(16).expect("I/O queue pair");
     let io = NvmeBlockIo::new(qp, 1, 512);
     let pool = PagePool::new(ctrl.pool(), 512).expect("frames");

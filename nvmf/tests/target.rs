@@ -4,10 +4,9 @@
 
 use std::sync::Arc;
 
-use rnvme_driver::controller::{Controller, ControllerOptions};
-use rnvme_driver::dma::Backing;
+use rnvme_driver::controller::Controller;
 use rnvme_driver::hw::Hardware;
-use rnvme_driver::model::{Model, ModelConfig, ModelNamespace};
+use rnvme_driver::model::{model_options, Model, ModelConfig};
 use rnvme_driver::NvmeStatus;
 use rnvme_nvmf::client::{sqe, Client, ClientError};
 use rnvme_nvmf::cmd::status;
@@ -19,26 +18,12 @@ const HOST: &str = "nqn.2026-12.io.rnvme:host-a";
 
 fn serve(read_only: bool, allowed: &[&str]) -> (Server, String) {
     let model = Model::new(ModelConfig {
-        namespaces: vec![ModelNamespace {
-            nsid: 1,
-            lba_size: 512,
-            blocks: 1 << 14,
-        }],
         mdts: 5,
         sgl: true,
-        ..ModelConfig::default()
+        ..ModelConfig::one_namespace(512, 1 << 14)
     });
     let hw: Arc<dyn Hardware> = model;
-    let ctrl = Arc::new(
-        Controller::init(
-            hw,
-            ControllerOptions {
-                backing: Backing::SmallPages,
-                ..ControllerOptions::default()
-            },
-        )
-        .unwrap(),
-    );
+    let ctrl = Arc::new(Controller::init(hw, model_options()).unwrap());
     let sub = Subsystem {
         nqn: NQN.into(),
         serial: "rnvme-test".into(),
@@ -462,24 +447,8 @@ mod fuzz {
 #[test]
 fn two_devices_two_subsystems_two_threads() {
     let dev = || {
-        let hw: Arc<dyn Hardware> = Model::new(ModelConfig {
-            namespaces: vec![ModelNamespace {
-                nsid: 1,
-                lba_size: 512,
-                blocks: 1 << 12,
-            }],
-            ..ModelConfig::default()
-        });
-        Arc::new(
-            Controller::init(
-                hw,
-                ControllerOptions {
-                    backing: Backing::SmallPages,
-                    ..ControllerOptions::default()
-                },
-            )
-            .unwrap(),
-        )
+        let hw: Arc<dyn Hardware> = Model::new(ModelConfig::one_namespace(512, 1 << 12));
+        Arc::new(Controller::init(hw, model_options()).unwrap())
     };
     let sub = |i: usize| Subsystem {
         nqn: format!("{NQN}-{i}"),

@@ -63,6 +63,26 @@ const CAP_HI: usize = reg::CAP + 4;
 const ASQ_HI: usize = reg::ASQ + 4;
 const ACQ_HI: usize = reg::ACQ + 4;
 
+/// Options for a controller brought up on a model: DMA memory from ordinary pages (a test
+/// machine need not have hugepages), the rest as by default.
+pub fn model_options() -> crate::controller::ControllerOptions {
+    crate::controller::ControllerOptions {
+        backing: crate::dma::Backing::SmallPages,
+        ..crate::controller::ControllerOptions::default()
+    }
+}
+
+/// A model of `config` and a controller brought up on it with `options` (usually
+/// [`model_options`] or an update of it): where tests and examples start.
+pub fn bring_up(
+    config: ModelConfig,
+    options: crate::controller::ControllerOptions,
+) -> crate::Result<(Arc<Model>, crate::controller::Controller)> {
+    let model = Model::new(config);
+    let ctrl = crate::controller::Controller::init(model.clone(), options)?;
+    Ok((model, ctrl))
+}
+
 /// How the model configures itself.
 #[derive(Clone, Debug)]
 pub struct ModelConfig {
@@ -98,6 +118,21 @@ pub struct ModelConfig {
     pub firmware: String,
     /// MSI-X vectors offered (0: none, interrupts cannot be enabled).
     pub msix_vectors: u32,
+}
+
+impl ModelConfig {
+    /// The default configuration with one namespace (NSID 1) of `blocks` LBAs of `lba_size`
+    /// bytes.
+    pub fn one_namespace(lba_size: u32, blocks: u64) -> ModelConfig {
+        ModelConfig {
+            namespaces: vec![ModelNamespace {
+                nsid: 1,
+                lba_size,
+                blocks,
+            }],
+            ..ModelConfig::default()
+        }
+    }
 }
 
 impl Default for ModelConfig {

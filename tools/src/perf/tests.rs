@@ -4,22 +4,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rnvme_driver::controller::{Controller, ControllerOptions};
-use rnvme_driver::dma::Backing;
 use rnvme_driver::identify::NamespaceInfo;
-use rnvme_driver::model::{Model, ModelConfig, ModelNamespace};
+use rnvme_driver::model::{bring_up, model_options, Model, ModelConfig, ModelNamespace};
 use rnvme_driver::queue::DataPointerMode;
 use rnvme_driver::NvmeStatus;
 
 use super::*;
 
 fn open_with(cfg: ModelConfig, dptr: DataPointerMode) -> (Arc<Model>, Controller) {
-    let model = Model::new(cfg);
-    let ctrl = Controller::init(
-        model.clone(),
+    let (model, ctrl) = bring_up(
+        cfg,
         ControllerOptions {
-            backing: Backing::SmallPages,
             data_pointer: dptr,
-            ..ControllerOptions::default()
+            ..model_options()
         },
     )
     .expect("bring-up against the model");

@@ -225,9 +225,8 @@ pub fn verify(a: VerifyArgs) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rnvme_driver::controller::ControllerOptions;
-    use rnvme_driver::dma::Backing;
-    use rnvme_driver::model::{CompletionMode, Model, ModelConfig, ModelNamespace};
+
+    use rnvme_driver::model::{bring_up, model_options, CompletionMode, Model, ModelConfig};
 
     const SEED: u64 = 0x5eed;
 
@@ -390,15 +389,7 @@ mod tests {
     // ----- the engine on the controller model -----
 
     fn open_model(config: ModelConfig) -> (Arc<Model>, Controller) {
-        let model = Model::new(config);
-        let ctrl = Controller::init(
-            model.clone(),
-            ControllerOptions {
-                backing: Backing::SmallPages,
-                ..ControllerOptions::default()
-            },
-        )
-        .unwrap();
+        let (model, ctrl) = bring_up(config, model_options()).unwrap();
         (model, ctrl)
     }
 
@@ -562,14 +553,7 @@ mod tests {
 
     #[test]
     fn threads_and_depth_share_the_range_exactly() {
-        let (model, ctrl) = open_model(ModelConfig {
-            namespaces: vec![ModelNamespace {
-                nsid: 1,
-                lba_size: 512,
-                blocks: 1 << 16,
-            }],
-            ..ModelConfig::default()
-        });
+        let (model, ctrl) = open_model(ModelConfig::one_namespace(512, 1 << 16));
         let marks = Mutex::new(Vec::new());
         let record = |s: Synced| marks.lock().unwrap().push(s);
         let c = VerifyConfig {
