@@ -160,6 +160,10 @@ pub struct PerfArgs {
     /// Ring at every submission instead of once per batch of submissions
     #[arg(long)]
     pub ring_each: bool,
+    /// Microseconds to wait (busy) after an I/O completes before submitting the slot's next
+    /// one, as fio's thinktime (with thinktime_spin): the device sees a pause between I/Os
+    #[arg(long, value_name = "US", default_value_t = 0)]
+    pub thinktime_us: u64,
     /// How workers wait for completions: polled (a busy core), interrupt (sleep on the queue
     /// pair's MSI-X vector) or hybrid (poll for --spin-us, then sleep)
     #[arg(long, value_name = "MODE", default_value = "polled", value_parser = ["polled", "interrupt", "hybrid"])]
@@ -344,6 +348,7 @@ impl PerfArgs {
             seed: self.seed,
             shadow_doorbells: !self.no_shadow_doorbells,
             ring_each: self.ring_each,
+            thinktime: Duration::from_micros(self.thinktime_us),
             wait: match self.mode.as_str() {
                 "interrupt" => WaitMode::Interrupt,
                 "hybrid" => WaitMode::Hybrid {

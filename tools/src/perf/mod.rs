@@ -226,6 +226,9 @@ pub struct PerfConfig {
     pub shadow_doorbells: bool,
     /// Ring at every submission instead of once per batch.
     pub ring_each: bool,
+    /// fio's `thinktime`: how long a worker waits (busy, like `thinktime_spin`) after an I/O
+    /// completes before it submits the slot's next one. Direct queue pairs only.
+    pub thinktime: Duration,
     /// How the workers wait for completions (direct workers; a reactor polls).
     pub wait: WaitMode,
     /// Through the async API: each worker runs a tokio runtime and drives its I/O as futures.
@@ -258,6 +261,7 @@ impl Default for PerfConfig {
             seed: 1,
             shadow_doorbells: true,
             ring_each: false,
+            thinktime: Duration::ZERO,
             wait: WaitMode::Polled,
             async_api: false,
             idle: false,
@@ -295,6 +299,7 @@ impl PerfConfig {
             seed: self.seed,
             shadow_doorbells: self.shadow_doorbells,
             ring_each: self.ring_each,
+            thinktime_us: self.thinktime.as_micros() as u64,
             mode: self.wait.name().into(),
             spin_us: match self.wait {
                 WaitMode::Hybrid { spin } => Some(spin.as_micros() as u64),
@@ -325,6 +330,18 @@ impl PerfConfig {
         }
         if self.duration.is_zero() {
             return bad("the run time (-t) must be above zero".into());
+        }
+        if !self.thinktime.is_zero() && (self.reactor || self.async_api) {
+            return bad(
+                "--thinktime-us works with the worker's own queue pairs: not with --reactor or --async"
+                    .into(),
+            );
+        }
+        if self.thinktime > Duration::from_secs(1) {
+            return bad(format!(
+                "--thinktime-us {} is over a second",
+                self.thinktime.as_micros()
+            ));
         }
         if self.threads == 0 || self.threads > 256 {
             return bad(format!("--threads {} is outside 1 to 256", self.threads));

@@ -431,6 +431,9 @@ pub struct WorkloadInfo {
     pub shadow_doorbells: bool,
     /// Every submission rings (instead of once per batch).
     pub ring_each: bool,
+    /// Wait after each completion before the next submission (fio's `thinktime`), µs.
+    #[serde(default)]
+    pub thinktime_us: u64,
     /// How the workers waited for completions: polled, interrupt or hybrid.
     pub mode: String,
     /// Hybrid mode's spin budget, µs.
@@ -1097,6 +1100,7 @@ mod tests {
                 seed: 1,
                 shadow_doorbells: true,
                 ring_each: false,
+                thinktime_us: 0,
                 mode: "polled".into(),
                 spin_us: None,
                 async_api: false,

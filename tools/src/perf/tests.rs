@@ -1000,3 +1000,42 @@ fn modes_that_cannot_apply_are_refused() {
     .unwrap_err();
     assert!(e.to_string().contains("MSI-X"), "{e}");
 }
+
+#[test]
+fn thinktime_pauses_each_slot_between_its_ios_and_is_refused_where_it_cannot_apply() {
+    let (_m, ctrl) = open();
+    let cfg = PerfConfig {
+        depth: 1,
+        thinktime: Duration::from_millis(20),
+        ..short(Pattern::RandRead)
+    };
+    let r = run_quiet(&[Target { ctrl, nsid: 1 }], &cfg).unwrap();
+    // One slot waits 20 ms after each completion before its next I/O: at most one I/O per
+    // 20 ms of the measured time, and the latency measured excludes the pause.
+    let most = (r.elapsed_s / 0.020).floor() as u64 + 1;
+    assert!(
+        r.total.ios >= 1 && r.total.ios <= most,
+        "{} I/Os in {} s",
+        r.total.ios,
+        r.elapsed_s
+    );
+    let v = serde_json::to_value(&r).unwrap();
+    assert_eq!(v["workload"]["thinktime_us"].as_u64(), Some(20_000));
+    for (async_api, reactor) in [(true, false), (false, true)] {
+        let cfg = PerfConfig {
+            async_api,
+            reactor,
+            ..cfg.clone()
+        };
+        let m = invalid(cfg.check());
+        assert!(m.contains("--thinktime-us"), "{m}");
+    }
+    let m = invalid(
+        PerfConfig {
+            thinktime: Duration::from_secs(2),
+            ..PerfConfig::default()
+        }
+        .check(),
+    );
+    assert!(m.contains("over a second"), "{m}");
+}

@@ -44,6 +44,7 @@ pub(super) fn direct_worker(ctx: &Ctx, shared: &Shared, thread: usize) -> Option
     let start = Ticks::now();
     let mut clock = Clock::new(start, cfg, ctx.rate);
     let (stall, drain) = (ctx.rate.ticks(STALL), ctx.rate.ticks(DRAIN));
+    let think = ctx.rate.ticks(cfg.thinktime);
     let mut errors = Vec::new();
     let counters = &shared.counters[thread];
     let mut done: Vec<Completion> = Vec::new();
@@ -114,6 +115,19 @@ pub(super) fn direct_worker(ctx: &Ctx, shared: &Shared, thread: usize) -> Option
                     totals.ios += 1;
                     totals.bytes += w.io_bytes;
                     if clock.phase != Phase::Stop {
+                        let now = if think == 0 {
+                            now
+                        } else {
+                            // fio's thinktime: the device sees a pause before the next I/O.
+                            let until = Ticks::now().after(think);
+                            loop {
+                                let t = Ticks::now();
+                                if t >= until {
+                                    break t;
+                                }
+                                std::hint::spin_loop();
+                            }
+                        };
                         // The slot's queue is the one it completed on.
                         w.prepare(i, &mut rng, now);
                         if let Err(e) = submit_slot(w, i, qp) {
