@@ -1039,3 +1039,30 @@ fn thinktime_pauses_each_slot_between_its_ios_and_is_refused_where_it_cannot_app
     );
     assert!(m.contains("over a second"), "{m}");
 }
+
+#[test]
+fn ring_each_applies_to_async_workers_too() {
+    // MMIO doorbells only: each ring of a submission is a register write the counters see.
+    for ring_each in [false, true] {
+        let (_m, ctrl) = open_with(
+            ModelConfig {
+                shadow_doorbells: false,
+                ..ModelConfig::default()
+            },
+            DataPointerMode::Prp,
+        );
+        let cfg = PerfConfig {
+            async_api: true,
+            ring_each,
+            ..short(Pattern::RandRead)
+        };
+        let r = run_quiet(&[Target { ctrl, nsid: 1 }], &cfg).unwrap();
+        let c = &r.counters;
+        assert!(c.submitted > 0);
+        if ring_each {
+            assert_eq!(c.sq_doorbells, c.submitted, "{c:?}");
+        } else {
+            assert!(c.sq_doorbells < c.submitted, "batched at depth 8: {c:?}");
+        }
+    }
+}

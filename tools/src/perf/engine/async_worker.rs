@@ -19,10 +19,11 @@ pub(super) fn async_worker(ctx: &Ctx, shared: &Shared, thread: usize) -> Option<
     let (work, aqp) = setup(shared, || {
         pin_worker(cfg, thread)?;
         let (plan, target) = (&ctx.plans[0], &ctx.targets[0]);
-        let qp = target
+        let mut qp = target
             .ctrl
             .create_io_qpair_with(plan.queue_entries, cfg.wait)
             .map_err(|e| PerfError::device(&plan.label, e))?;
+        qp.set_ring_each(cfg.ring_each);
         let drive = match cfg.wait {
             WaitMode::Polled => Drive::Poller,
             _ => Drive::Reaper,
