@@ -20,7 +20,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use rnvme_driver::clock::Ticks;
 
 use crate::backend::{BlockIo, IoError, IoOp};
 use crate::error::{MpageError, PageError};
@@ -200,7 +202,7 @@ pub(crate) struct FileState {
     /// Dirty pages.
     pub(crate) dirty: usize,
     /// When the file went from no dirty page to some (the oldest file is written back first).
-    pub(crate) dirtied: Option<Instant>,
+    pub(crate) dirtied: Option<Ticks>,
     /// Where the next background write-back of the file starts (it goes round the file).
     pub(crate) wb_next: u64,
     /// First write error since the last sync: (page, error).
@@ -307,8 +309,9 @@ pub struct PageCache<D: BlockIo> {
     pub(crate) dirty_background: usize,
     /// [`CacheOptions::dirty_limit`] resolved.
     pub(crate) dirty_limit: usize,
-    /// When writers next look for expired dirty pages.
-    pub(crate) next_expiry_check: Instant,
+    /// When writers next look for expired dirty pages (time-stamp counter: in a guest whose
+    /// clock source is emulated, `Instant::now()` is a system call and a device access).
+    pub(crate) next_expiry_check: Ticks,
 }
 
 impl<D: BlockIo> PageCache<D> {
@@ -323,6 +326,9 @@ impl<D: BlockIo> PageCache<D> {
             });
         }
         let max_cmd_bytes = (max as u64).min(MAX_LBAS_PER_COMMAND as u64 * lba_size as u64);
+        // Write-back timestamps are time-stamp counter ticks: have the rate learnt by the
+        // first look for expired pages.
+        rnvme_driver::clock::start_learning_rate();
         let capacity = opts
             .capacity
             .unwrap_or(usize::MAX)
@@ -377,7 +383,8 @@ impl<D: BlockIo> PageCache<D> {
             writing: 0,
             dirty_background,
             dirty_limit,
-            next_expiry_check: crate::writeback::after(Instant::now(), opts.writeback_interval),
+            // The first look is at the first write; the tick rate is learnt meanwhile.
+            next_expiry_check: Ticks(0),
             opts,
         })
     }

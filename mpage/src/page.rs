@@ -74,7 +74,7 @@ pub(crate) struct Page {
     /// [`DirtyChange`] the cache must account for (its dirty counts drive write-back).
     dirty: bool,
     /// When the page last went from clean to dirty (set by the cache's accounting).
-    pub(crate) dirtied: Option<std::time::Instant>,
+    pub(crate) dirtied: Option<rnvme_driver::clock::Ticks>,
     pub(crate) locked: bool,
     pub(crate) writeback: bool,
     pub(crate) mapped_to_disk: bool,

@@ -7,7 +7,7 @@
 //! [`PageCache::tick`] does it for an application that stops writing but wants its old
 //! dirty pages to reach the disk.
 
-use std::time::{Duration, Instant};
+use rnvme_driver::clock::{self, TickRate, Ticks};
 
 use crate::backend::BlockIo;
 use crate::cache::{FileId, PageCache, PAGE};
@@ -18,11 +18,17 @@ use crate::page::DirtyChange;
 /// and not a pass per page written.
 const BACKGROUND_CHUNK: usize = 256;
 
-/// `now + d`, or a moment far enough away when that is past what an `Instant` can hold.
-pub(crate) fn after(now: Instant, d: Duration) -> Instant {
-    now.checked_add(d)
-        .or_else(|| now.checked_add(Duration::from_secs(1 << 30)))
-        .unwrap_or(now)
+/// The time-stamp counter's rate. Timestamps here are counter ticks (in a guest whose clock
+/// source is emulated, `Instant::now()` is a system call and a device access, and writers take
+/// one per page they dirty); the driver learns the rate in a process's first millisecond, and
+/// the first look for expired pages waits for it.
+fn rate() -> TickRate {
+    loop {
+        if let Some(r) = clock::learned_rate() {
+            return r;
+        }
+        std::hint::spin_loop();
+    }
 }
 
 impl<D: BlockIo> PageCache<D> {
@@ -34,7 +40,7 @@ impl<D: BlockIo> PageCache<D> {
             DirtyChange::Dirtied => true,
             DirtyChange::Cleaned => false,
         };
-        let now = sign.then(Instant::now);
+        let now = sign.then(Ticks::now);
         let page = self.slot_mut(fr);
         page.dirtied = now;
         let f = page.file;
@@ -81,7 +87,7 @@ impl<D: BlockIo> PageCache<D> {
         if self.dirty == 0 {
             return Ok(());
         }
-        self.expire_if_due(Instant::now())?;
+        self.expire_if_due(Ticks::now())?;
         if self.dirty - self.writing.min(self.dirty) > self.dirty_background {
             self.background_writeback()?;
         }
@@ -100,7 +106,7 @@ impl<D: BlockIo> PageCache<D> {
         self.run_retries()?;
         let before = self.writing;
         if self.dirty > 0 {
-            self.expire_if_due(Instant::now())?;
+            self.expire_if_due(Ticks::now())?;
             if self.dirty - self.writing.min(self.dirty) > self.dirty_background {
                 self.background_writeback()?;
             }
@@ -108,19 +114,19 @@ impl<D: BlockIo> PageCache<D> {
         Ok(self.writing.saturating_sub(before))
     }
 
-    fn expire_if_due(&mut self, now: Instant) -> Result<(), MpageError> {
+    fn expire_if_due(&mut self, now: Ticks) -> Result<(), MpageError> {
         if now < self.next_expiry_check {
             return Ok(());
         }
-        self.next_expiry_check = after(now, self.opts.writeback_interval);
-        self.write_expired(now)
+        let rate = rate();
+        self.next_expiry_check = now.after(rate.ticks(self.opts.writeback_interval));
+        self.write_expired(now, rate)
     }
 
     /// Start writing back every idle page dirty for longer than the expiry.
-    fn write_expired(&mut self, now: Instant) -> Result<(), MpageError> {
-        let expire = self.opts.dirty_expire;
-        let old =
-            |t: Option<Instant>| t.is_some_and(|t| now.saturating_duration_since(t) >= expire);
+    fn write_expired(&mut self, now: Ticks, rate: TickRate) -> Result<(), MpageError> {
+        let expire = rate.ticks(self.opts.dirty_expire);
+        let old = |t: Option<Ticks>| t.is_some_and(|t| now.since(t) >= expire);
         for i in 0..self.files.len() {
             let Some(fs) = self.files[i].as_ref() else {
                 continue;
@@ -155,7 +161,7 @@ impl<D: BlockIo> PageCache<D> {
         let over =
             (self.dirty - self.writing.min(self.dirty)).saturating_sub(self.dirty_background);
         let mut want = over.max(BACKGROUND_CHUNK);
-        let mut order: Vec<(Instant, u32)> = self
+        let mut order: Vec<(Ticks, u32)> = self
             .files
             .iter()
             .enumerate()
