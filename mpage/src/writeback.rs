@@ -81,16 +81,28 @@ impl<D: BlockIo> PageCache<D> {
         (self.dirty_background, self.dirty_limit)
     }
 
-    /// What a writer does before dirtying a page: write back expired pages when the interval
-    /// has passed, start background write-back past the threshold, and wait at the limit.
-    pub(crate) fn balance_dirty(&mut self) -> Result<(), MpageError> {
+    /// Dirty pages no write command in flight carries.
+    fn dirty_not_under_write_back(&self) -> usize {
+        self.dirty.saturating_sub(self.writing)
+    }
+
+    /// Write-back that starts without waiting: pages past the expiry when the interval has
+    /// passed, and background write-back past the threshold.
+    fn start_due_writeback(&mut self) -> Result<(), MpageError> {
         if self.dirty == 0 {
             return Ok(());
         }
         self.expire_if_due(Ticks::now())?;
-        if self.dirty - self.writing.min(self.dirty) > self.dirty_background {
+        if self.dirty_not_under_write_back() > self.dirty_background {
             self.background_writeback()?;
         }
+        Ok(())
+    }
+
+    /// What a writer does before dirtying a page: the write-back that is due, and a wait at
+    /// the limit.
+    pub(crate) fn balance_dirty(&mut self) -> Result<(), MpageError> {
+        self.start_due_writeback()?;
         if self.dirty >= self.dirty_limit {
             self.throttle()?;
         }
@@ -105,12 +117,7 @@ impl<D: BlockIo> PageCache<D> {
         self.poll_once();
         self.run_retries()?;
         let before = self.writing;
-        if self.dirty > 0 {
-            self.expire_if_due(Ticks::now())?;
-            if self.dirty - self.writing.min(self.dirty) > self.dirty_background {
-                self.background_writeback()?;
-            }
-        }
+        self.start_due_writeback()?;
         Ok(self.writing.saturating_sub(before))
     }
 
@@ -158,8 +165,9 @@ impl<D: BlockIo> PageCache<D> {
     /// bring the dirty pages not under write-back down to the threshold (at least
     /// [`BACKGROUND_CHUNK`] pages). Returns the pages started.
     pub(crate) fn background_writeback(&mut self) -> Result<usize, MpageError> {
-        let over =
-            (self.dirty - self.writing.min(self.dirty)).saturating_sub(self.dirty_background);
+        let over = self
+            .dirty_not_under_write_back()
+            .saturating_sub(self.dirty_background);
         let mut want = over.max(BACKGROUND_CHUNK);
         let mut order: Vec<(Ticks, u32)> = self
             .files

@@ -11,12 +11,14 @@ impl<D: BlockIo> PageCache<D> {
 
     /// Have page `p` cached and idle, taking a frame if needed.
     pub(crate) fn page_for_write(&mut self, f: FileId, p: u64) -> Result<(), MpageError> {
-        if self.page_ref(f, p).is_none_or(|pg| !pg.dirty()) {
-            // About to dirty one more page: the writer's share of write-back first.
+        self.wait_page(f, p)?;
+        let cached = self.page_ref(f, p).map(|pg| (pg.frame, pg.dirty()));
+        if !matches!(cached, Some((_, true))) {
+            // About to dirty one more page: the writer's share of write-back first. It
+            // neither evicts nor takes a clean page, so `p` stays as it was found.
             self.balance_dirty()?;
         }
-        self.wait_page(f, p)?;
-        match self.page_ref(f, p).map(|pg| pg.frame) {
+        match cached.map(|(frame, _)| frame) {
             Some(frame) => self.check_not_viewed(f, p, frame)?,
             None => {
                 let frame = self.alloc_frame()?.ok_or_else(|| self.cache_full())?;
