@@ -19,7 +19,7 @@ pub mod pdu;
 pub mod server;
 pub mod target;
 
-pub use server::{Report, ServeOptions, Server};
+pub use server::{DeviceWait, Report, ServeOptions, Server, ThreadReport};
 pub use target::{Limits, Namespace, Subsystem, Target, DISCOVERY_NQN};
 
 /// Errors of starting a target.

@@ -12,6 +12,7 @@ use crossbeam_channel::{Receiver, Sender};
 use nix::poll::{poll, ppoll, PollFd, PollFlags, PollTimeout};
 use rnvme_driver::clock::Ticks;
 use rnvme_driver::io::IoQueuePair;
+use rnvme_driver::irq::{Interrupt, WaitMode};
 use rnvme_driver::queue::Completion;
 
 use crate::conn::{untag, Conn, ConnStats, End, Io};
@@ -32,10 +33,28 @@ pub struct ServeOptions {
     /// Busy polling goes on this long after the last work before a thread sleeps in
     /// ppoll(2) on its sockets.
     pub spin: Duration,
-    /// How long such a sleep lasts at most while commands are at a device (whose completions
-    /// are polled, not signalled); with none there, 10 ms. `None`: busy polling while
-    /// commands are at a device, as SPDK does on dedicated cores.
-    pub device_wait: Option<Duration>,
+    /// How a poll thread with nothing else to do waits for the commands it has at a device.
+    pub device_wait: DeviceWait,
+}
+
+/// How a poll thread with nothing to do but wait for commands at a device waits (after its
+/// spin).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum DeviceWait {
+    /// Sleep until a socket is readable or a device queue pair's completion interrupt fires:
+    /// each poll thread's queue pairs have an MSI-X vector each, masked while polling finds
+    /// completions and unmasked before a sleep. A device without vectors for every poll
+    /// thread falls back to [`DeviceWait::Timed`] with 50 µs.
+    Interrupt,
+    /// Sleep at most this long between polls of the device's completions (no interrupts).
+    Timed(Duration),
+    /// Never sleep while commands are at a device, as SPDK does on dedicated cores.
+    Busy,
+}
+
+impl DeviceWait {
+    /// The fallback of [`DeviceWait::Interrupt`].
+    pub const FALLBACK: DeviceWait = DeviceWait::Timed(Duration::from_micros(50));
 }
 
 impl Default for ServeOptions {
@@ -46,7 +65,7 @@ impl Default for ServeOptions {
             device_queue_entries: 1024,
             max_connections: 1024,
             spin: Duration::from_micros(20),
-            device_wait: Some(Duration::from_micros(50)),
+            device_wait: DeviceWait::Interrupt,
         }
     }
 }
@@ -62,12 +81,26 @@ pub struct ConnReport {
     pub stats: ConnStats,
 }
 
+/// A poll thread's counters, for reports.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ThreadReport {
+    pub thread: usize,
+    /// How it waits for commands at a device: `interrupt`, `timed` or `busy` (`timed` where
+    /// interrupts were asked for and a device had no vectors for them).
+    pub device_wait: &'static str,
+    /// Sleeps in ppoll(2).
+    pub sleeps: u64,
+    /// Sleeps that a device's completion interrupt ended.
+    pub device_wakeups: u64,
+}
+
 /// Counters of the whole target.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Report {
     pub connections_accepted: u64,
     pub connections_refused: u64,
     pub controllers: usize,
+    pub threads: Vec<ThreadReport>,
     pub connections: Vec<ConnReport>,
 }
 
@@ -76,8 +109,8 @@ struct Shared {
     accepted: AtomicU64,
     refused: AtomicU64,
     live: AtomicU64,
-    /// Per thread: its connections' counters, refreshed every 100 ms.
-    reports: Mutex<Vec<Vec<ConnReport>>>,
+    /// Per thread: its own and its connections' counters, refreshed every 100 ms.
+    reports: Mutex<Vec<(ThreadReport, Vec<ConnReport>)>>,
     /// Per thread: when it last went round its loop (milliseconds since `epoch`).
     heartbeats: Vec<AtomicU64>,
     epoch: Instant,
@@ -111,7 +144,7 @@ impl Server {
             accepted: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             live: AtomicU64::new(0),
-            reports: Mutex::new(vec![Vec::new(); nthreads]),
+            reports: Mutex::new(vec![Default::default(); nthreads]),
             heartbeats: (0..nthreads).map(|_| AtomicU64::new(0)).collect(),
             epoch: Instant::now(),
         });
@@ -142,9 +175,27 @@ impl Server {
                         log::warn!("poll thread {t}: timer slack: {e}");
                     }
                     let mut qps = Vec::new();
+                    let mut device_wait = device_wait;
                     for d in &target.devices {
                         let want = entries.min(d.max_queue_entries());
-                        match d.create_io_qpair(want) {
+                        let q = match device_wait {
+                            DeviceWait::Interrupt => {
+                                match d.create_io_qpair_with(want, WaitMode::Interrupt) {
+                                    Ok(q) => Ok(q),
+                                    Err(e) => {
+                                        log::warn!(
+                                            "poll thread {t}: {}: no completion interrupts ({e}): \
+                                             polling every 50 µs while commands are at a device",
+                                            d.name()
+                                        );
+                                        device_wait = DeviceWait::FALLBACK;
+                                        d.create_io_qpair(want)
+                                    }
+                                }
+                            }
+                            _ => d.create_io_qpair(want),
+                        };
+                        match q {
                             Ok(q) => qps.push(q),
                             Err(e) => {
                                 let _ = ready.send(Err(Error::Device(d.name().to_string(), e)));
@@ -162,6 +213,8 @@ impl Server {
                         incoming: rx,
                         spin,
                         device_wait,
+                        sleeps: 0,
+                        device_wakeups: 0,
                     }
                     .run();
                 })
@@ -228,7 +281,8 @@ impl Server {
             connections_accepted: self.shared.accepted.load(Ordering::Relaxed),
             connections_refused: self.shared.refused.load(Ordering::Relaxed),
             controllers: self.target.ctrl_count(),
-            connections: reports.iter().flatten().cloned().collect(),
+            threads: reports.iter().map(|(t, _)| t.clone()).collect(),
+            connections: reports.iter().flat_map(|(_, c)| c).cloned().collect(),
         }
     }
 
@@ -295,6 +349,24 @@ fn accept_loop(
     }
 }
 
+/// Completions a poll thread finds by polling without sleeping before it masks its queue
+/// pairs' interrupt vectors.
+const MASK_AFTER: u32 = 64;
+
+/// While commands are at a device and the sockets were quiet, a poll thread reads them every
+/// this many turns of its loop (and polls the completion queues every turn).
+const RX_EVERY: u32 = 16;
+
+/// Hands device completions to the connections whose requests they end.
+fn deliver(conns: &mut [Option<Conn>], completions: &[Completion]) {
+    for c in completions {
+        let (slot, req) = untag(c.tag);
+        if let Some(Some(conn)) = conns.get_mut(slot) {
+            conn.on_completion(req, c);
+        }
+    }
+}
+
 struct Poller {
     thread: usize,
     target: Arc<Target>,
@@ -303,7 +375,9 @@ struct Poller {
     conns: Vec<Option<Conn>>,
     incoming: Receiver<(TcpStream, SocketAddr)>,
     spin: Duration,
-    device_wait: Option<Duration>,
+    device_wait: DeviceWait,
+    sleeps: u64,
+    device_wakeups: u64,
 }
 
 impl Poller {
@@ -319,6 +393,12 @@ impl Poller {
         let mut turns: u32 = 0;
         let mut last_report = now;
         let mut stopping: Option<Instant> = None;
+        // The last turn ended in a sleep (its completions came by interrupt, or a socket).
+        let mut just_woke = false;
+        // Completions found by polling since the last sleep.
+        let mut polled_since_sleep: u32 = 0;
+        // The last read of the sockets found something.
+        let mut rx_busy = false;
         loop {
             let mut progress = false;
             let stop = self.shared.stop.load(Ordering::Acquire);
@@ -351,6 +431,14 @@ impl Poller {
             if turns.is_multiple_of(256) {
                 now = Instant::now();
             }
+            // Reading a socket is a system call and polling a completion queue a memory
+            // read: while commands are at a device and the sockets were quiet on their last
+            // read, they are read every RX_EVERY turns only.
+            let at_device = self.qps.iter().any(|q| q.outstanding() > 0);
+            let rx_now = !at_device || just_woke || rx_busy || turns.is_multiple_of(RX_EVERY);
+            if rx_now {
+                rx_busy = false;
+            }
             for (slot, c) in self.conns.iter_mut().enumerate() {
                 let Some(c) = c else { continue };
                 if !stop {
@@ -358,22 +446,38 @@ impl Poller {
                         qps: &mut self.qps,
                         slot,
                     };
-                    progress |= c.poll_rx(&mut io);
+                    if rx_now {
+                        let got = c.poll_rx(&mut io);
+                        rx_busy |= got;
+                        progress |= got;
+                    }
                     c.submit(&mut io);
                     c.check(now);
                 }
             }
-            for qp in &mut self.qps {
+            for qi in 0..self.qps.len() {
                 completions.clear();
-                qp.poll(256, |c| completions.push(c));
-                for c in &completions {
-                    let (slot, req) = untag(c.tag);
-                    if let Some(Some(conn)) = self.conns.get_mut(slot) {
-                        conn.on_completion(req, c);
+                self.qps[qi].poll(256, |c| completions.push(c));
+                if completions.is_empty() {
+                    continue;
+                }
+                progress = true;
+                // Polling keeps finding completions: the vector's interrupts would only
+                // cost time until the thread sleeps again. Masking and unmasking cost a
+                // system call each (hundreds of µs in an emulator), so only a thread that
+                // has found many completions without sleeping masks (it unmasks before its
+                // next sleep); one that sleeps between commands leaves the vector alone.
+                if !just_woke {
+                    polled_since_sleep += completions.len() as u32;
+                    if polled_since_sleep >= MASK_AFTER {
+                        if let Some(irq) = self.qps[qi].interrupt() {
+                            irq.mask();
+                        }
                     }
                 }
-                progress |= !completions.is_empty();
+                deliver(&mut self.conns, &completions);
             }
+            just_woke = false;
             for slot in 0..self.conns.len() {
                 let Some(c) = self.conns[slot].as_mut() else {
                     continue;
@@ -408,21 +512,27 @@ impl Poller {
                 last_work = Ticks::now();
                 continue;
             }
-            let outstanding: usize = self.qps.iter().map(|q| q.outstanding()).sum();
-            let wait = if outstanding == 0 {
-                Some(Duration::from_millis(10))
-            } else {
-                self.device_wait
-            };
             if spin_ticks.is_none() {
                 spin_ticks = rnvme_driver::clock::learned_rate().map(|r| r.ticks(self.spin));
             }
             // Before the counter's rate is learnt (50 ms), spin by turns.
             let idle = Ticks::now().since(last_work);
             let spun = spin_ticks.map_or(turns.is_multiple_of(64), |t| idle > t);
+            let outstanding: usize = self.qps.iter().map(|q| q.outstanding()).sum();
+            let wait = match (outstanding, self.device_wait) {
+                (0, _) => Some(Duration::from_millis(10)),
+                (_, DeviceWait::Busy) => None,
+                (_, DeviceWait::Timed(d)) => Some(d),
+                // The interrupt ends the sleep; the bound lets timers and deadlines be seen.
+                (_, DeviceWait::Interrupt) => Some(Duration::from_millis(10)),
+            };
             match wait {
                 Some(w) if spun => {
-                    self.sleep(w);
+                    polled_since_sleep = 0;
+                    if self.sleep(w, &mut completions) {
+                        just_woke = true;
+                        last_work = Ticks::now();
+                    }
                     now = Instant::now();
                 }
                 _ => std::hint::spin_loop(),
@@ -431,9 +541,32 @@ impl Poller {
         self.finish();
     }
 
-    /// Waits in ppoll(2) for any socket, at most `wait` (new connections and timers are seen
-    /// within 10 ms).
-    fn sleep(&mut self, wait: Duration) {
+    /// Waits in ppoll(2) for any socket, and for the completion interrupts of the queue pairs
+    /// with commands outstanding (when they have vectors), at most `wait` (new connections
+    /// and timers are seen within 10 ms). Whether it slept: getting ready to sleep on an
+    /// interrupt polls its queue pair once more, and what that finds is delivered instead.
+    fn sleep(&mut self, wait: Duration, completions: &mut Vec<Completion>) -> bool {
+        let mut irqs: Vec<(usize, Arc<Interrupt>)> = Vec::new();
+        let mut found = false;
+        for qi in 0..self.qps.len() {
+            let qp = &mut self.qps[qi];
+            if qp.outstanding() == 0 {
+                continue;
+            }
+            let Some(irq) = qp.interrupt().cloned() else {
+                continue;
+            };
+            completions.clear();
+            if qp.prepare_sleep(256, |c| completions.push(c)) > 0 {
+                deliver(&mut self.conns, completions);
+                found = true;
+            } else {
+                irqs.push((qi, irq));
+            }
+        }
+        if found {
+            return false;
+        }
         let mut fds: Vec<PollFd<'_>> = self
             .conns
             .iter()
@@ -446,8 +579,26 @@ impl Poller {
                 PollFd::new(c.socket().as_fd(), f)
             })
             .collect();
+        let socks = fds.len();
+        fds.extend(
+            irqs.iter()
+                .map(|(_, irq)| PollFd::new(irq.as_fd(), PollFlags::POLLIN)),
+        );
         let t = nix::sys::time::TimeSpec::from_duration(wait);
         let _ = ppoll(&mut fds, Some(t), None);
+        let signalled: Vec<bool> = fds[socks..]
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        self.sleeps += 1;
+        if signalled.iter().any(|&s| s) {
+            self.device_wakeups += 1;
+        }
+        for ((qi, _), s) in irqs.iter().zip(signalled) {
+            self.qps[*qi].woke(s);
+        }
+        true
     }
 
     fn publish(&self) {
@@ -470,7 +621,19 @@ impl Poller {
             .unwrap_or_else(|e| e.into_inner())
             .get_mut(self.thread)
         {
-            *r = list;
+            *r = (
+                ThreadReport {
+                    thread: self.thread,
+                    device_wait: match self.device_wait {
+                        DeviceWait::Interrupt => "interrupt",
+                        DeviceWait::Timed(_) => "timed",
+                        DeviceWait::Busy => "busy",
+                    },
+                    sleeps: self.sleeps,
+                    device_wakeups: self.device_wakeups,
+                },
+                list,
+            );
         }
     }
 

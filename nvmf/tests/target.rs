@@ -11,18 +11,37 @@ use rnvme_driver::NvmeStatus;
 use rnvme_nvmf::client::{sqe, Client, ClientError};
 use rnvme_nvmf::cmd::status;
 use rnvme_nvmf::pdu::{fes, CommonHeader};
-use rnvme_nvmf::{Limits, Namespace, ServeOptions, Server, Subsystem, Target, DISCOVERY_NQN};
+use rnvme_nvmf::{
+    DeviceWait, Limits, Namespace, ServeOptions, Server, Subsystem, Target, DISCOVERY_NQN,
+};
 
 const NQN: &str = "nqn.2026-12.io.rnvme:test";
 const HOST: &str = "nqn.2026-12.io.rnvme:host-a";
 
 fn serve(read_only: bool, allowed: &[&str]) -> (Server, String) {
-    let model = Model::new(ModelConfig {
-        mdts: 5,
-        sgl: true,
-        ..ModelConfig::one_namespace(512, 1 << 14)
-    });
-    let hw: Arc<dyn Hardware> = model;
+    let (_, server, addr) = serve_model(
+        ModelConfig {
+            mdts: 5,
+            sgl: true,
+            ..ModelConfig::one_namespace(512, 1 << 14)
+        },
+        read_only,
+        allowed,
+        ServeOptions::default(),
+    );
+    (server, addr)
+}
+
+/// A target on a model configured by `config`, with `opts` (its listen address and queue
+/// entries set here).
+fn serve_model(
+    config: ModelConfig,
+    read_only: bool,
+    allowed: &[&str],
+    opts: ServeOptions,
+) -> (Arc<Model>, Server, String) {
+    let model = Model::new(config);
+    let hw: Arc<dyn Hardware> = model.clone();
     let ctrl = Arc::new(Controller::init(hw, model_options()).unwrap());
     let sub = Subsystem {
         nqn: NQN.into(),
@@ -51,12 +70,12 @@ fn serve(read_only: bool, allowed: &[&str]) -> (Server, String) {
         &ServeOptions {
             listen: vec!["127.0.0.1:0".parse().unwrap()],
             device_queue_entries: 64,
-            ..ServeOptions::default()
+            ..opts
         },
     )
     .unwrap();
     let addr = server.local_addrs()[0].to_string();
-    (server, addr)
+    (model, server, addr)
 }
 
 fn io_queue(addr: &str, cntlid: u16, hd: bool, dd: bool) -> Client {
@@ -518,4 +537,100 @@ fn two_devices_two_subsystems_two_threads() {
     assert_eq!(threads.len(), 2, "connections on both threads: {r:?}");
     assert_eq!(r.controllers, 2);
     server.stop();
+}
+
+/// The poll thread's counters once it has published them (every 100 ms).
+fn thread_report(server: &Server, sleeps_at_least: u64) -> rnvme_nvmf::ThreadReport {
+    let t0 = std::time::Instant::now();
+    loop {
+        let r = server.report();
+        let t = r.threads[0].clone();
+        if t.sleeps >= sleeps_at_least || t0.elapsed() > std::time::Duration::from_secs(20) {
+            return t;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn every_device_wait_serves_io_and_interrupts_wake_a_sleeping_poll_thread() {
+    use std::time::Duration;
+    let config = || ModelConfig {
+        mdts: 5,
+        sgl: true,
+        ..ModelConfig::one_namespace(512, 1 << 14)
+    };
+    let cases = [
+        (config(), DeviceWait::Interrupt, "interrupt"),
+        (
+            config(),
+            DeviceWait::Timed(Duration::from_micros(200)),
+            "timed",
+        ),
+        (config(), DeviceWait::Busy, "busy"),
+        // No vectors: interrupts asked for, polling every 50 µs instead.
+        (
+            ModelConfig {
+                msix_vectors: 0,
+                ..config()
+            },
+            DeviceWait::Interrupt,
+            "timed",
+        ),
+    ];
+    for (i, (cfg, wait, shown)) in cases.into_iter().enumerate() {
+        let (model, server, addr) = serve_model(
+            cfg,
+            false,
+            &[],
+            ServeOptions {
+                device_wait: wait,
+                spin: Duration::ZERO,
+                ..ServeOptions::default()
+            },
+        );
+        // Completions come 2 ms after the doorbell, from another thread: a poll thread
+        // with nothing else to do waits for them as `wait` says.
+        model.complete_from_thread(Duration::from_millis(2));
+        let mut admin = Client::connect(&addr, false, false).unwrap();
+        let cntlid = admin.admin_setup(NQN, HOST, 1).unwrap();
+        let mut q = io_queue(&addr, cntlid, false, false);
+        q.in_capsule = 4096;
+        for k in 0..8u64 {
+            let data = pattern(2048, (i * 8) as u8 + k as u8);
+            let (s, _) = rw(&mut q, true, 64 * k, &data, 4);
+            assert!(s.is_success(), "{wait:?} write {k}: {s}");
+            let (s, back) = rw(&mut q, false, 64 * k, &[], 4);
+            assert!(s.is_success(), "{wait:?} read {k}: {s}");
+            assert_eq!(back, data, "{wait:?}: the data read back");
+            assert_eq!(model.read_ns(1, 64 * k, 4), data, "{wait:?}: on the device");
+        }
+        let t = thread_report(&server, 16);
+        assert_eq!(t.device_wait, shown, "{wait:?} on case {i}");
+        match (wait, shown) {
+            (DeviceWait::Interrupt, "interrupt") => {
+                // 16 commands, each waited for 2 ms with nothing else to do: the sleeps
+                // end by the completion's interrupt (a few by a socket at most).
+                assert!(t.sleeps >= 16, "{t:?}");
+                assert!(t.device_wakeups >= 12, "woken by the device: {t:?}");
+                assert!(model.stats().interrupts >= 12, "{:?}", model.stats());
+            }
+            (DeviceWait::Busy, _) => {
+                assert_eq!(t.device_wakeups, 0, "{t:?}");
+                assert_eq!(
+                    model.stats().interrupts,
+                    0,
+                    "a busy thread's queue has none"
+                );
+            }
+            _ => {
+                assert!(t.sleeps >= 16, "sleeps between polls: {t:?}");
+                assert_eq!(t.device_wakeups, 0, "no vector to wake it: {t:?}");
+                assert_eq!(model.stats().interrupts, 0);
+            }
+        }
+        drop(q);
+        drop(admin);
+        server.stop();
+    }
 }

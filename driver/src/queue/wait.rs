@@ -120,18 +120,43 @@ impl QueuePair {
         self.recent_wait = (self.recent_wait * 7 + waited.min(MAX_HYBRID_SPIN)) / 8;
     }
 
+    /// Get ready to sleep on the vector's eventfd in an event loop of one's own (one that also
+    /// waits on sockets, say): unmask the vector (an interrupt held pending is sent now),
+    /// consume its signal, tell the controller every completion reaped, and poll once more.
+    /// If that poll hands completions to `f` (it returns how many), do not sleep; otherwise
+    /// wait until [`Interrupt::eventfd`] is readable (with the other file descriptors), then
+    /// call [`QueuePair::woke`] and poll. A completion posted after this poll signals the
+    /// eventfd, so the wait cannot miss it (see [`crate::irq`]). A queue pair without a
+    /// vector only polls.
+    pub fn prepare_sleep(&mut self, max: usize, mut f: impl FnMut(Completion)) -> usize {
+        if let Some(irq) = &self.irq {
+            irq.unmask();
+            irq.arm();
+        }
+        if self.cq_unrung > 0 {
+            self.ring_cq_head();
+        }
+        self.poll(max, &mut f)
+    }
+
+    /// After a sleep that [`QueuePair::prepare_sleep`] prepared: whether the vector's eventfd
+    /// was readable. A quiet sleep (it was not) makes the next poll check deadlines, health
+    /// and removal, as a queue pair that sleeps rather than polls would not check them often
+    /// enough otherwise.
+    pub fn woke(&mut self, signalled: bool) {
+        self.stats.sleeps += 1;
+        if signalled {
+            self.stats.wakeups += 1;
+        } else {
+            self.check_soon();
+        }
+    }
+
     /// Arm, poll once more, and sleep on the vector (at most `left`, and at most 100 ms while
     /// commands are outstanding, so deadlines are checked); then poll. See the module documentation of [`crate::irq`].
     fn sleep_once(&mut self, max: usize, left: Duration, f: &mut impl FnMut(Completion)) -> usize {
         let irq = self.irq.clone().expect("a vector to sleep on");
-        // Unmask first (an interrupt held pending is sent now), then consume the signal.
-        irq.unmask();
-        irq.arm();
-        // The controller learns of every reaped entry before the host sleeps.
-        if self.cq_unrung > 0 {
-            self.ring_cq_head();
-        }
-        let n = self.poll(max, &mut *f);
+        let n = self.prepare_sleep(max, &mut *f);
         if n > 0 {
             return n;
         }
@@ -139,7 +164,6 @@ impl QueuePair {
         if let Some(hook) = self.before_sleep.as_mut() {
             hook();
         }
-        self.stats.sleeps += 1;
         // With commands outstanding, wake at least every 100 ms to check their deadlines;
         // with none, every second (the removal watcher does not depend on this).
         let cap = if self.nothing_to_come() {
@@ -147,12 +171,8 @@ impl QueuePair {
         } else {
             Duration::from_millis(100)
         };
-        if irq.sleep(left.min(cap)) {
-            self.stats.wakeups += 1;
-        } else {
-            // A quiet stretch: check deadlines, health and removal at this poll.
-            self.check_soon();
-        }
+        let signalled = irq.sleep(left.min(cap));
+        self.woke(signalled);
         self.poll(max, f)
     }
 }

@@ -12,7 +12,7 @@ use clap::Args;
 use rnvme_driver::affinity::CpuList;
 use rnvme_driver::controller::{Controller, ControllerOptions};
 use rnvme_driver::dma::Backing;
-use rnvme_nvmf::{Limits, Namespace, Report, ServeOptions, Server, Subsystem, Target};
+use rnvme_nvmf::{DeviceWait, Limits, Namespace, Report, ServeOptions, Server, Subsystem, Target};
 
 use super::UsageError;
 
@@ -52,16 +52,33 @@ pub struct ServeArgs {
     /// Busy polling goes on this long (µs) after the last work before a poll thread sleeps
     #[arg(long, value_name = "US", default_value_t = 20)]
     pub spin_us: u64,
-    /// While commands are at the device, sleep at most this long (µs) between polls of its
-    /// completions once idle; `busy`: never sleep while commands are there (dedicated CPUs)
-    #[arg(long, value_name = "US|busy", default_value = "50")]
-    pub device_wait: String,
+    /// How a poll thread with nothing else to do waits for commands at the device: `irq`
+    /// sleeps until its completion interrupt (or a socket) wakes it; a number of µs sleeps at
+    /// most that long between polls of its completions; `busy` never sleeps while commands
+    /// are there (dedicated CPUs)
+    #[arg(long, value_name = "irq|US|busy", default_value = "irq", value_parser = parse_device_wait)]
+    pub device_wait: DeviceWait,
     /// Ring MMIO doorbells only, even where the controller offers shadow doorbells
     #[arg(long)]
     pub no_shadow_doorbells: bool,
     /// Take DMA memory from ordinary 4 KiB pages (pinned by VFIO) instead of hugepages
     #[arg(long)]
     pub no_hugepages: bool,
+}
+
+fn parse_device_wait(s: &str) -> std::result::Result<DeviceWait, String> {
+    match s {
+        "irq" | "interrupt" => Ok(DeviceWait::Interrupt),
+        "busy" => Ok(DeviceWait::Busy),
+        us => match us.parse::<u64>() {
+            Ok(n) if (1..=1_000_000).contains(&n) => {
+                Ok(DeviceWait::Timed(Duration::from_micros(n)))
+            }
+            _ => Err(format!(
+                "{us:?}: irq, busy, or microseconds from 1 to 1000000"
+            )),
+        },
+    }
 }
 
 /// The default NQN of a controller's subsystem.
@@ -200,6 +217,12 @@ fn print_report(r: &Report, started: Instant) {
         r.connections_accepted,
         r.connections_refused
     );
+    for t in &r.threads {
+        eprintln!(
+            "  poll thread {}: waits for the device by {}; {} sleeps, {} ended by a completion interrupt",
+            t.thread, t.device_wait, t.sleeps, t.device_wakeups
+        );
+    }
     for c in &r.connections {
         eprintln!(
             "  {} thread {} controller {} queue {}: {} commands, {} read, {} written, {} errors; now {} at the device, {} awaiting data, {} queued, {} bytes unsent",
@@ -216,6 +239,21 @@ fn print_report(r: &Report, started: Instant) {
             c.stats.queued,
             c.stats.unsent
         );
+    }
+}
+
+/// How the target runs, from the command line.
+fn options(args: &ServeArgs, listen: Vec<SocketAddr>) -> ServeOptions {
+    ServeOptions {
+        listen,
+        cpus: args
+            .cpus
+            .as_ref()
+            .map(|c| c.cpus().to_vec())
+            .unwrap_or_default(),
+        spin: Duration::from_micros(args.spin_us),
+        device_wait: args.device_wait,
+        ..ServeOptions::default()
     }
 }
 
@@ -241,18 +279,7 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
     signal_hook::flag::register(signal_hook::consts::SIGUSR1, usr1.clone())
         .context("install a signal handler")?;
     let target = Arc::new(build(&args)?);
-    let server = Server::start(
-        target.clone(),
-        &ServeOptions {
-            listen,
-            cpus: args
-                .cpus
-                .as_ref()
-                .map(|c| c.cpus().to_vec())
-                .unwrap_or_default(),
-            ..ServeOptions::default()
-        },
-    )?;
+    let server = Server::start(target.clone(), &options(&args, listen))?;
     for a in server.local_addrs() {
         eprintln!("rnvme serve: listening on {a} (NVMe/TCP)");
     }
@@ -302,4 +329,48 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
     server.stop();
     print_report(&report, started);
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn parse(extra: &[&str]) -> std::result::Result<ServeArgs, clap::Error> {
+        let mut argv = vec!["serve", "0000:00:04.0"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).map(|c| c.serve)
+    }
+
+    #[test]
+    fn waiting_options_reach_the_target() {
+        let a = parse(&[]).unwrap();
+        let o = options(&a, Vec::new());
+        assert_eq!(o.device_wait, DeviceWait::Interrupt);
+        assert_eq!(o.spin, Duration::from_micros(20));
+        for (arg, want) in [
+            ("irq", DeviceWait::Interrupt),
+            ("busy", DeviceWait::Busy),
+            ("75", DeviceWait::Timed(Duration::from_micros(75))),
+        ] {
+            let a = parse(&["--device-wait", arg, "--spin-us", "7", "--cpus", "1"]).unwrap();
+            let o = options(&a, Vec::new());
+            assert_eq!(o.device_wait, want, "{arg}");
+            assert_eq!(o.spin, Duration::from_micros(7));
+            assert_eq!(o.cpus, vec![1]);
+        }
+        for bad in ["0", "fast", "1.5", "1000001"] {
+            let e = parse(&["--device-wait", bad]).expect_err(bad);
+            assert!(
+                e.to_string().contains("irq, busy, or microseconds"),
+                "{bad}: {e}"
+            );
+        }
+    }
 }
