@@ -31,8 +31,12 @@ pub struct ServeOptions {
     /// Connections at most (more are closed at once).
     pub max_connections: usize,
     /// Busy polling goes on this long after the last work before a thread sleeps in
-    /// ppoll(2) on its sockets.
+    /// ppoll(2) on its sockets, at least.
     pub spin: Duration,
+    /// And longer, up to [`MAX_ADAPTIVE_SPIN`]: twice the recent quiet stretches between two
+    /// pieces of work, so that a host issuing one command after another finds the thread
+    /// polling instead of asleep (a wake-up costs more than the spin on most machines).
+    pub adaptive_spin: bool,
     /// How a poll thread with nothing else to do waits for the commands it has at a device.
     pub device_wait: DeviceWait,
 }
@@ -65,6 +69,7 @@ impl Default for ServeOptions {
             device_queue_entries: 1024,
             max_connections: 1024,
             spin: Duration::from_micros(20),
+            adaptive_spin: true,
             device_wait: DeviceWait::Interrupt,
         }
     }
@@ -159,6 +164,7 @@ impl Server {
             let cpu = opts.cpus.get(t).copied();
             let entries = opts.device_queue_entries;
             let spin = opts.spin;
+            let adaptive_spin = opts.adaptive_spin;
             let device_wait = opts.device_wait;
             let ready = ready_tx.clone();
             let h = std::thread::Builder::new()
@@ -212,6 +218,7 @@ impl Server {
                         conns: Vec::new(),
                         incoming: rx,
                         spin,
+                        adaptive_spin,
                         device_wait,
                         sleeps: 0,
                         device_wakeups: 0,
@@ -353,6 +360,21 @@ fn accept_loop(
 /// pairs' interrupt vectors.
 const MASK_AFTER: u32 = 64;
 
+/// Quiet stretches shorter than this (between two turns that both did work) say nothing about
+/// how long a host takes to send its next command.
+const MIN_GAP: Duration = Duration::from_micros(5);
+
+/// The longest an adaptive spin lasts (unless `--spin-us` asks for longer).
+pub const MAX_ADAPTIVE_SPIN: Duration = Duration::from_millis(1);
+
+/// A poll thread's spin lengths in time-stamp counter ticks, once the counter's rate is known.
+#[derive(Copy, Clone)]
+struct SpinTicks {
+    spin: u64,
+    min_gap: u64,
+    max: u64,
+}
+
 /// While commands are at a device and the sockets were quiet, a poll thread reads them every
 /// this many turns of its loop (and polls the completion queues every turn).
 const RX_EVERY: u32 = 16;
@@ -375,6 +397,7 @@ struct Poller {
     conns: Vec<Option<Conn>>,
     incoming: Receiver<(TcpStream, SocketAddr)>,
     spin: Duration,
+    adaptive_spin: bool,
     device_wait: DeviceWait,
     sleeps: u64,
     device_wakeups: u64,
@@ -388,7 +411,9 @@ impl Poller {
         // and reports) is read every 256 turns, and around sleeps.
         rnvme_driver::clock::start_learning_rate();
         let mut last_work = Ticks::now();
-        let mut spin_ticks: Option<u64> = None;
+        let mut spin_ticks: Option<SpinTicks> = None;
+        // The recent quiet stretches between two pieces of work (an average over about 8).
+        let mut recent_gap: u64 = 0;
         let mut now = Instant::now();
         let mut turns: u32 = 0;
         let mut last_report = now;
@@ -508,16 +533,31 @@ impl Poller {
                     break;
                 }
             }
-            if progress {
-                last_work = Ticks::now();
-                continue;
-            }
             if spin_ticks.is_none() {
-                spin_ticks = rnvme_driver::clock::learned_rate().map(|r| r.ticks(self.spin));
+                spin_ticks = rnvme_driver::clock::learned_rate().map(|r| SpinTicks {
+                    spin: r.ticks(self.spin),
+                    min_gap: r.ticks(MIN_GAP),
+                    max: r.ticks(self.spin.max(MAX_ADAPTIVE_SPIN)),
+                });
+            }
+            if progress {
+                let t = Ticks::now();
+                // A quiet stretch that work ended: the spin after the next work covers twice
+                // the recent ones, so a steady host's next command is found by polling.
+                if let (true, Some(st)) = (self.adaptive_spin, spin_ticks) {
+                    let gap = t.since(last_work);
+                    if gap > st.min_gap {
+                        recent_gap = (recent_gap * 7 + gap.min(st.max)) / 8;
+                    }
+                }
+                last_work = t;
+                continue;
             }
             // Before the counter's rate is learnt (50 ms), spin by turns.
             let idle = Ticks::now().since(last_work);
-            let spun = spin_ticks.map_or(turns.is_multiple_of(64), |t| idle > t);
+            let spun = spin_ticks.map_or(turns.is_multiple_of(64), |st| {
+                idle > st.spin.max(recent_gap.saturating_mul(2)).min(st.max)
+            });
             let outstanding: usize = self.qps.iter().map(|q| q.outstanding()).sum();
             let wait = match (outstanding, self.device_wait) {
                 (0, _) => Some(Duration::from_millis(10)),
@@ -529,10 +569,9 @@ impl Poller {
             match wait {
                 Some(w) if spun => {
                     polled_since_sleep = 0;
-                    if self.sleep(w, &mut completions) {
-                        just_woke = true;
-                        last_work = Ticks::now();
-                    }
+                    // Whatever woke the thread is work for the next turn, which counts it;
+                    // a sleep that ran out its time is followed by another, not a spin.
+                    just_woke = self.sleep(w, &mut completions);
                     now = Instant::now();
                 }
                 _ => std::hint::spin_loop(),

@@ -634,3 +634,49 @@ fn every_device_wait_serves_io_and_interrupts_wake_a_sleeping_poll_thread() {
         server.stop();
     }
 }
+
+#[test]
+fn an_adaptive_spin_keeps_polling_through_a_steady_hosts_pauses() {
+    use std::time::Duration;
+    // A host that sends its next command 200 µs after each answer: with a fixed spin of 0
+    // the poll thread sleeps before every command; adaptive, it learns the pauses and polls
+    // through most of them (its spin is twice the recent pauses, up to 1 ms).
+    let mut sleeps = Vec::new();
+    for adaptive in [false, true] {
+        let (_model, server, addr) = serve_model(
+            ModelConfig::one_namespace(512, 1 << 14),
+            false,
+            &[],
+            ServeOptions {
+                spin: Duration::ZERO,
+                adaptive_spin: adaptive,
+                ..ServeOptions::default()
+            },
+        );
+        let mut admin = Client::connect(&addr, false, false).unwrap();
+        let cntlid = admin.admin_setup(NQN, HOST, 1).unwrap();
+        let mut q = io_queue(&addr, cntlid, false, false);
+        // Let the thread learn its clock's rate (50 ms) before counting.
+        std::thread::sleep(Duration::from_millis(120));
+        let before = thread_report(&server, 0).sleeps;
+        const COMMANDS: u64 = 60;
+        for k in 0..COMMANDS {
+            std::thread::sleep(Duration::from_micros(200));
+            let (s, _) = rw(&mut q, false, k, &[], 1);
+            assert!(s.is_success());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+        let after = thread_report(&server, 0).sleeps;
+        sleeps.push(after - before);
+        eprintln!("adaptive {adaptive}: {} sleeps", after - before);
+        drop(q);
+        drop(admin);
+        server.stop();
+    }
+    // Fixed: a sleep before each command, and some while idle at the end.
+    assert!(sleeps[0] >= 60, "fixed spin: {sleeps:?}");
+    assert!(
+        sleeps[1] < sleeps[0] / 2,
+        "adaptive spin sleeps far less: {sleeps:?}"
+    );
+}

@@ -49,9 +49,14 @@ pub struct ServeArgs {
     /// Entries of each I/O queue a host may create (MAXCMD)
     #[arg(long, value_name = "N", default_value_t = 128, value_parser = clap::value_parser!(u16).range(2..=1024))]
     pub queue_size: u16,
-    /// Busy polling goes on this long (µs) after the last work before a poll thread sleeps
-    #[arg(long, value_name = "US", default_value_t = 20)]
+    /// Busy polling goes on at least this long (µs) after the last work before a poll thread
+    /// sleeps; longer (up to 1 ms) while hosts send their next command within twice that
+    /// time, unless --fixed-spin
+    #[arg(long, value_name = "US", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub spin_us: u64,
+    /// Spin exactly --spin-us, never longer (the least CPU for a lightly loaded target)
+    #[arg(long)]
+    pub fixed_spin: bool,
     /// How a poll thread with nothing else to do waits for commands at the device: `irq`
     /// sleeps until its completion interrupt (or a socket) wakes it; a number of µs sleeps at
     /// most that long between polls of its completions; `busy` never sleeps while commands
@@ -252,6 +257,7 @@ fn options(args: &ServeArgs, listen: Vec<SocketAddr>) -> ServeOptions {
             .map(|c| c.cpus().to_vec())
             .unwrap_or_default(),
         spin: Duration::from_micros(args.spin_us),
+        adaptive_spin: !args.fixed_spin,
         device_wait: args.device_wait,
         ..ServeOptions::default()
     }
@@ -354,6 +360,8 @@ mod tests {
         let o = options(&a, Vec::new());
         assert_eq!(o.device_wait, DeviceWait::Interrupt);
         assert_eq!(o.spin, Duration::from_micros(20));
+        assert!(o.adaptive_spin);
+        assert!(!options(&parse(&["--fixed-spin"]).unwrap(), Vec::new()).adaptive_spin);
         for (arg, want) in [
             ("irq", DeviceWait::Interrupt),
             ("busy", DeviceWait::Busy),
