@@ -35,7 +35,9 @@ pub struct ServeOptions {
     pub spin: Duration,
     /// And longer, up to [`MAX_ADAPTIVE_SPIN`]: twice the recent quiet stretches between two
     /// pieces of work, so that a host issuing one command after another finds the thread
-    /// polling instead of asleep (a wake-up costs more than the spin on most machines).
+    /// polling instead of asleep (a wake-up costs more than the spin on most machines); not
+    /// when those stretches are longer than half that bound (the spin would not catch the
+    /// next command, and would take CPU from a loaded machine).
     pub adaptive_spin: bool,
     /// How a poll thread with nothing else to do waits for the commands it has at a device.
     pub device_wait: DeviceWait,
@@ -556,7 +558,16 @@ impl Poller {
             // Before the counter's rate is learnt (50 ms), spin by turns.
             let idle = Ticks::now().since(last_work);
             let spun = spin_ticks.map_or(turns.is_multiple_of(64), |st| {
-                idle > st.spin.max(recent_gap.saturating_mul(2)).min(st.max)
+                // Spinning pays only where it catches the next piece of work: with quiet
+                // stretches longer than half the longest spin (a slow or overloaded host),
+                // the thread would only take CPU from the others, and spins `spin`.
+                let adaptive = recent_gap.saturating_mul(2);
+                let budget = if adaptive <= st.max {
+                    st.spin.max(adaptive)
+                } else {
+                    st.spin
+                };
+                idle > budget
             });
             let outstanding: usize = self.qps.iter().map(|q| q.outstanding()).sum();
             let wait = match (outstanding, self.device_wait) {

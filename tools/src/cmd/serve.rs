@@ -50,8 +50,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 128, value_parser = clap::value_parser!(u16).range(2..=1024))]
     pub queue_size: u16,
     /// Busy polling goes on at least this long (µs) after the last work before a poll thread
-    /// sleeps; longer (up to 1 ms) while hosts send their next command within twice that
-    /// time, unless --fixed-spin
+    /// sleeps; longer, twice the recent pauses between pieces of work, while those pauses are
+    /// under 0.5 ms (unless --fixed-spin)
     #[arg(long, value_name = "US", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub spin_us: u64,
     /// Spin exactly --spin-us, never longer (the least CPU for a lightly loaded target)
