@@ -96,7 +96,7 @@ step kill_under_load kill_under_load
 step after_restart sh -c 'sleep 3; dd if='$D' bs=1M count=16 iflag=direct 2>/dev/null | md5sum; md5sum </tmp/pat'
 step io_after fio --name=after --filename=$D --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --offset=96m --size=4m --iodepth=8 $V
 step disconnect4 nvme disconnect -n $NQN
-step stop sh -c 'kill -TERM $(cat /tmp/serve.pid); for i in $(seq 100); do kill -0 $(cat /tmp/serve.pid) 2>/dev/null || break; sleep 0.1; done; wait; tail -5 /tmp/serve.log; ! kill -0 $(cat /tmp/serve.pid) 2>/dev/null'
+step stop sh -c 'kill -TERM $(cat /tmp/serve.pid); for i in $(seq 100); do kill -0 $(cat /tmp/serve.pid) 2>/dev/null || break; sleep 0.1; done; wait; tail -40 /tmp/serve.log; ! kill -0 $(cat /tmp/serve.pid) 2>/dev/null'
 step log cat /tmp/serve.log
 "#
     )
