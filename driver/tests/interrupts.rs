@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rnvme_driver::controller::{Coalescing, Controller, ControllerOptions};
 use rnvme_driver::dma::Backing;
-use rnvme_driver::io::read_cmd;
+use rnvme_driver::io::{read_cmd, IoQueuePair};
 use rnvme_driver::irq::WaitMode;
 use rnvme_driver::model::{bring_up, CompletionMode, Model, ModelConfig};
 use rnvme_driver::queue::Completion;
@@ -26,6 +26,14 @@ fn open(config: ModelConfig, options: ControllerOptions) -> (Arc<Model>, Control
 
 fn model() -> (Arc<Model>, Controller) {
     open(ModelConfig::default(), ControllerOptions::default())
+}
+
+/// A model that holds completions until released, and an interrupt queue pair of 8 entries.
+fn held_completions_interrupt_queue() -> (Arc<Model>, Controller, IoQueuePair) {
+    let (model, ctrl) = model();
+    model.set_completion_mode(CompletionMode::Deferred);
+    let qp = ctrl.create_io_qpair_with(8, WaitMode::Interrupt).unwrap();
+    (model, ctrl, qp)
 }
 
 const HYBRID: WaitMode = WaitMode::Hybrid {
@@ -83,9 +91,7 @@ fn every_mode_moves_data_with_completions_from_another_thread() {
 
 #[test]
 fn a_completion_between_the_last_poll_and_the_sleep_wakes_the_sleeper() {
-    let (model, ctrl) = model();
-    model.set_completion_mode(CompletionMode::Deferred);
-    let mut qp = ctrl.create_io_qpair_with(8, WaitMode::Interrupt).unwrap();
+    let (model, ctrl, mut qp) = held_completions_interrupt_queue();
     let buf = ctrl.alloc(4096).unwrap();
     qp.submit(read_cmd(1, 5, 1), &[buf.segment()], 77).unwrap();
     qp.ring();
@@ -306,9 +312,7 @@ fn hybrid_masks_its_vector_while_polling_pays_off_and_unmasks_it_to_sleep() {
 
 #[test]
 fn an_interrupt_held_while_masked_is_sent_at_the_unmasking() {
-    let (model, ctrl) = model();
-    model.set_completion_mode(CompletionMode::Deferred);
-    let mut qp = ctrl.create_io_qpair_with(8, WaitMode::Interrupt).unwrap();
+    let (model, ctrl, mut qp) = held_completions_interrupt_queue();
     let irq = qp.interrupt().unwrap().clone();
     assert!(irq.mask(), "the model masks vectors");
     let buf = ctrl.alloc(4096).unwrap();
@@ -342,9 +346,7 @@ fn an_interrupt_held_while_masked_is_sent_at_the_unmasking() {
 
 #[test]
 fn an_event_loop_of_its_own_sleeps_on_the_vector_without_losing_a_completion() {
-    let (model, ctrl) = model();
-    model.set_completion_mode(CompletionMode::Deferred);
-    let mut qp = ctrl.create_io_qpair_with(8, WaitMode::Interrupt).unwrap();
+    let (model, ctrl, mut qp) = held_completions_interrupt_queue();
     let irq = qp.interrupt().unwrap().clone();
     // A masked vector (as a busy loop leaves it) is unmasked by the preparation.
     assert!(irq.mask());

@@ -12,7 +12,7 @@ use crossbeam_channel::{Receiver, Sender};
 use nix::poll::{poll, ppoll, PollFd, PollFlags, PollTimeout};
 use rnvme_driver::clock::Ticks;
 use rnvme_driver::io::IoQueuePair;
-use rnvme_driver::irq::{Interrupt, WaitMode};
+use rnvme_driver::irq::WaitMode;
 use rnvme_driver::queue::Completion;
 
 use crate::conn::{untag, Conn, ConnStats, End, Io};
@@ -187,20 +187,17 @@ impl Server {
                     for d in &target.devices {
                         let want = entries.min(d.max_queue_entries());
                         let q = match device_wait {
-                            DeviceWait::Interrupt => {
-                                match d.create_io_qpair_with(want, WaitMode::Interrupt) {
-                                    Ok(q) => Ok(q),
-                                    Err(e) => {
-                                        log::warn!(
-                                            "poll thread {t}: {}: no completion interrupts ({e}): \
-                                             polling every 50 µs while commands are at a device",
-                                            d.name()
-                                        );
-                                        device_wait = DeviceWait::FALLBACK;
-                                        d.create_io_qpair(want)
-                                    }
-                                }
-                            }
+                            DeviceWait::Interrupt => d
+                                .create_io_qpair_with(want, WaitMode::Interrupt)
+                                .or_else(|e| {
+                                    log::warn!(
+                                        "poll thread {t}: {}: no completion interrupts ({e}): \
+                                         polling every 50 µs while commands are at a device",
+                                        d.name()
+                                    );
+                                    device_wait = DeviceWait::FALLBACK;
+                                    d.create_io_qpair(want)
+                                }),
                             _ => d.create_io_qpair(want),
                         };
                         match q {
@@ -596,22 +593,20 @@ impl Poller {
     /// and timers are seen within 10 ms). Whether it slept: getting ready to sleep on an
     /// interrupt polls its queue pair once more, and what that finds is delivered instead.
     fn sleep(&mut self, wait: Duration, completions: &mut Vec<Completion>) -> bool {
-        let mut irqs: Vec<(usize, Arc<Interrupt>)> = Vec::new();
+        // The queue pairs whose interrupts the sleep waits for.
+        let mut irqs: Vec<usize> = Vec::new();
         let mut found = false;
         for qi in 0..self.qps.len() {
             let qp = &mut self.qps[qi];
-            if qp.outstanding() == 0 {
+            if qp.outstanding() == 0 || qp.interrupt().is_none() {
                 continue;
             }
-            let Some(irq) = qp.interrupt().cloned() else {
-                continue;
-            };
             completions.clear();
             if qp.prepare_sleep(256, |c| completions.push(c)) > 0 {
                 deliver(&mut self.conns, completions);
                 found = true;
             } else {
-                irqs.push((qi, irq));
+                irqs.push(qi);
             }
         }
         if found {
@@ -630,10 +625,10 @@ impl Poller {
             })
             .collect();
         let socks = fds.len();
-        fds.extend(
-            irqs.iter()
-                .map(|(_, irq)| PollFd::new(irq.as_fd(), PollFlags::POLLIN)),
-        );
+        fds.extend(irqs.iter().filter_map(|&qi| {
+            let irq = self.qps[qi].interrupt()?;
+            Some(PollFd::new(irq.as_fd(), PollFlags::POLLIN))
+        }));
         let t = nix::sys::time::TimeSpec::from_duration(wait);
         let _ = ppoll(&mut fds, Some(t), None);
         let signalled: Vec<bool> = fds[socks..]
@@ -645,8 +640,8 @@ impl Poller {
         if signalled.iter().any(|&s| s) {
             self.device_wakeups += 1;
         }
-        for ((qi, _), s) in irqs.iter().zip(signalled) {
-            self.qps[*qi].woke(s);
+        for (qi, s) in irqs.into_iter().zip(signalled) {
+            self.qps[qi].woke(s);
         }
         true
     }
