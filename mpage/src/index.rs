@@ -1,6 +1,7 @@
 //! A file's cached pages: page index → frame index.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::page::NIL;
 
@@ -8,20 +9,37 @@ use crate::page::NIL;
 /// shallow (a 1 GiB file fully cached has 1 024 chunks) and neighbours share a chunk.
 const CHUNK_PAGES: u64 = 256;
 
-/// A file's cached pages: page index → frame index, kept in an ordered map of chunks of 256
-/// consecutive pages. Lookups take `&self` and mutate nothing (the index is `Sync`); walks in
-/// page order — writeback, truncation, close — follow the map's order with no sorting.
+/// No chunk: a key no page has (page indexes are `u64`, so keys stop at `u64::MAX / 256`).
+const NO_KEY: u64 = u64::MAX;
+
+/// A file's cached pages: page index → frame index, kept in chunks of 256 consecutive pages
+/// found through an ordered map. Lookups take `&self` and change nothing but a hint (the
+/// index is `Sync`); walks in page order — writeback, truncation, close — follow the map's
+/// order with no sorting.
+///
+/// The hint is the chunk used last: a sequential reader, readahead and eviction of a stream
+/// touch 256 pages of one chunk in a row, and each of those finds it without a search of the
+/// map (a search is a dozen dependent loads, per page, on the cache's hottest path).
 #[derive(Default)]
 pub(crate) struct PageIndex {
-    chunks: BTreeMap<u64, Box<IndexChunk>>,
+    /// Chunk key (page / 256) → place in `slab`.
+    map: BTreeMap<u64, usize>,
+    slab: Vec<IndexChunk>,
+    /// Places in `slab` of chunks no longer used.
+    free: Vec<usize>,
+    /// Place in `slab` of the chunk used last (checked against its key before use; a stale
+    /// or racing value only costs a search). Relaxed: it orders nothing.
+    hint: AtomicUsize,
     /// Pages recorded.
     len: usize,
 }
 
 struct IndexChunk {
+    /// The chunk's key, [`NO_KEY`] while its place is free.
+    key: u64,
     /// Entries that are not [`NIL`].
     used: u32,
-    frames: [u32; CHUNK_PAGES as usize],
+    frames: Box<[u32; CHUNK_PAGES as usize]>,
 }
 
 #[inline]
@@ -30,11 +48,23 @@ fn split(p: u64) -> (u64, usize) {
 }
 
 impl PageIndex {
+    /// The place in the slab of chunk `key`, if it exists.
+    #[inline]
+    fn find(&self, key: u64) -> Option<usize> {
+        let h = self.hint.load(Ordering::Relaxed);
+        if self.slab.get(h).is_some_and(|c| c.key == key) {
+            return Some(h);
+        }
+        let at = *self.map.get(&key)?;
+        self.hint.store(at, Ordering::Relaxed);
+        Some(at)
+    }
+
     /// The frame of page `p`.
     #[inline]
     pub(crate) fn get(&self, p: u64) -> Option<u32> {
         let (key, at) = split(p);
-        let fr = self.chunks.get(&key)?.frames[at];
+        let fr = self.slab[self.find(key)?].frames[at];
         (fr != NIL).then_some(fr)
     }
 
@@ -42,12 +72,30 @@ impl PageIndex {
     pub(crate) fn insert(&mut self, p: u64, fr: u32) -> Option<u32> {
         debug_assert_ne!(fr, NIL);
         let (key, at) = split(p);
-        let c = self.chunks.entry(key).or_insert_with(|| {
-            Box::new(IndexChunk {
-                used: 0,
-                frames: [NIL; CHUNK_PAGES as usize],
-            })
-        });
+        let i = match self.find(key) {
+            Some(i) => i,
+            None => {
+                let chunk = IndexChunk {
+                    key,
+                    used: 0,
+                    frames: Box::new([NIL; CHUNK_PAGES as usize]),
+                };
+                let i = match self.free.pop() {
+                    Some(i) => {
+                        self.slab[i] = chunk;
+                        i
+                    }
+                    None => {
+                        self.slab.push(chunk);
+                        self.slab.len() - 1
+                    }
+                };
+                self.map.insert(key, i);
+                *self.hint.get_mut() = i;
+                i
+            }
+        };
+        let c = &mut self.slab[i];
         let old = std::mem::replace(&mut c.frames[at], fr);
         if old == NIL {
             c.used += 1;
@@ -61,7 +109,8 @@ impl PageIndex {
     /// Forget page `p`; returns its frame.
     pub(crate) fn remove(&mut self, p: u64) -> Option<u32> {
         let (key, at) = split(p);
-        let c = self.chunks.get_mut(&key)?;
+        let i = self.find(key)?;
+        let c = &mut self.slab[i];
         let old = std::mem::replace(&mut c.frames[at], NIL);
         if old == NIL {
             return None;
@@ -69,7 +118,9 @@ impl PageIndex {
         c.used -= 1;
         self.len -= 1;
         if c.used == 0 {
-            self.chunks.remove(&key);
+            c.key = NO_KEY;
+            self.map.remove(&key);
+            self.free.push(i);
         }
         Some(old)
     }
@@ -88,10 +139,11 @@ impl PageIndex {
     pub(crate) fn range(&self, first: u64, end: u64) -> impl Iterator<Item = (u64, u32)> + '_ {
         let from = first / CHUNK_PAGES;
         let to = end.div_ceil(CHUNK_PAGES);
-        self.chunks
+        self.map
             .range(from..to.max(from))
-            .flat_map(|(&k, c)| {
-                c.frames
+            .flat_map(|(&k, &i)| {
+                self.slab[i]
+                    .frames
                     .iter()
                     .enumerate()
                     .filter(|&(_, &fr)| fr != NIL)
@@ -149,7 +201,9 @@ mod tests {
             prop_assert_eq!(idx.range(first, end).collect::<Vec<_>>(), part);
             let chunks: std::collections::BTreeSet<u64> =
                 model.keys().map(|p| p / CHUNK_PAGES).collect();
-            prop_assert_eq!(idx.chunks.len(), chunks.len());
+            prop_assert_eq!(idx.map.len(), chunks.len());
+            // Every place in the slab is a chunk of the map or free, never both.
+            prop_assert_eq!(idx.map.len() + idx.free.len(), idx.slab.len());
         }
     }
 }
