@@ -51,7 +51,13 @@ impl<D: BlockIo> PageCache<D> {
         // Ask the map for runs reaching the end of the batch, not beyond.
         let batch_end = (last + 1) * geo.bpp;
         let mut walk = Walk::default();
+        // Pages of one block each, when they may take the fast path (see `join_fast`).
+        let fast = geo.bpp == 1 && !self.opts.force_per_block;
+        let eof = geo.eof_block();
         for (i, &(p, fr)) in pages.iter().enumerate() {
+            if fast && p < eof && self.join_fast(p, fr, &geo, &mut walk) {
+                continue;
+            }
             if let Err(e) = self.read_one(f, p, fr, &geo, batch_end, &mut walk) {
                 // The command being built, this page and the pages after it never went out
                 // (a page that did has been ended with the error already).
@@ -60,6 +66,43 @@ impl<D: BlockIo> PageCache<D> {
             }
         }
         self.send(f, IoOp::Read, &mut walk.cmd)
+    }
+
+    /// The walk's common case in a few steps: page `p` (one block, inside the file, in frame
+    /// `fr`, no per-block state) whose block the walk's last mapping answer covers, mapped to
+    /// the disk block right after the command being built, with room left in it, and not the
+    /// last block before a boundary, joins that command. Exactly what [`Self::read_one`] and
+    /// `add_to_command` would do with it; false (nothing changed) for anything else, which
+    /// then takes the full walk. One block per page only (`bpp == 1`).
+    #[inline]
+    fn join_fast(&mut self, p: u64, fr: u32, geo: &Geo, w: &mut Walk) -> bool {
+        debug_assert_eq!(geo.bpp, 1);
+        let (Some(c), Some(run)) = (w.cmd.as_mut(), w.run.as_ref()) else {
+            return false;
+        };
+        let Some(hit) = run.lookup(p) else {
+            return false;
+        };
+        let Some(d) = hit.disk else { return false };
+        if hit.flags.uptodate
+            || (hit.flags.boundary && p + 1 == hit.run_end)
+            || !c.fits(d, PAGE_SIZE as u64, self.max_cmd_bytes)
+        {
+            return false;
+        }
+        let Some(pg) = self.slots[fr as usize].as_mut() else {
+            return false;
+        };
+        if pg.blocks.is_some() {
+            return false;
+        }
+        debug_assert!(pg.index == p && pg.locked, "frame {fr} holds locked page {p}");
+        pg.mapped_to_disk = true;
+        let frame = pg.frame;
+        let seg = rnvme_driver::Segment::new(self.pool.iova(frame), PAGE_SIZE as u32);
+        c.add(p, frame, seg, geo.lpb as u32);
+        c.next_disk = d + 1;
+        true
     }
 
     #[allow(clippy::too_many_arguments)]
