@@ -55,9 +55,50 @@ impl PageIndex {
         if self.slab.get(h).is_some_and(|c| c.key == key) {
             return Some(h);
         }
+        self.search(key)
+    }
+
+    /// [`Self::find`] past the hint: out of line, so the hinted path stays a few
+    /// instructions where it is inlined.
+    #[cold]
+    #[inline(never)]
+    fn search(&self, key: u64) -> Option<usize> {
         let at = *self.map.get(&key)?;
         self.hint.store(at, Ordering::Relaxed);
         Some(at)
+    }
+
+    /// A new, empty chunk `key`; returns its place in the slab.
+    #[cold]
+    #[inline(never)]
+    fn add_chunk(&mut self, key: u64) -> usize {
+        let chunk = IndexChunk {
+            key,
+            used: 0,
+            frames: Box::new([NIL; CHUNK_PAGES as usize]),
+        };
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slab[i] = chunk;
+                i
+            }
+            None => {
+                self.slab.push(chunk);
+                self.slab.len() - 1
+            }
+        };
+        self.map.insert(key, i);
+        *self.hint.get_mut() = i;
+        i
+    }
+
+    /// Forget the emptied chunk at `i`.
+    #[cold]
+    #[inline(never)]
+    fn drop_chunk(&mut self, i: usize) {
+        let key = std::mem::replace(&mut self.slab[i].key, NO_KEY);
+        self.map.remove(&key);
+        self.free.push(i);
     }
 
     /// The frame of page `p`.
@@ -69,31 +110,13 @@ impl PageIndex {
     }
 
     /// Record page `p` in frame `fr`; returns the frame it was in before.
+    #[inline]
     pub(crate) fn insert(&mut self, p: u64, fr: u32) -> Option<u32> {
         debug_assert_ne!(fr, NIL);
         let (key, at) = split(p);
         let i = match self.find(key) {
             Some(i) => i,
-            None => {
-                let chunk = IndexChunk {
-                    key,
-                    used: 0,
-                    frames: Box::new([NIL; CHUNK_PAGES as usize]),
-                };
-                let i = match self.free.pop() {
-                    Some(i) => {
-                        self.slab[i] = chunk;
-                        i
-                    }
-                    None => {
-                        self.slab.push(chunk);
-                        self.slab.len() - 1
-                    }
-                };
-                self.map.insert(key, i);
-                *self.hint.get_mut() = i;
-                i
-            }
+            None => self.add_chunk(key),
         };
         let c = &mut self.slab[i];
         let old = std::mem::replace(&mut c.frames[at], fr);
@@ -107,6 +130,7 @@ impl PageIndex {
     }
 
     /// Forget page `p`; returns its frame.
+    #[inline]
     pub(crate) fn remove(&mut self, p: u64) -> Option<u32> {
         let (key, at) = split(p);
         let i = self.find(key)?;
@@ -118,9 +142,7 @@ impl PageIndex {
         c.used -= 1;
         self.len -= 1;
         if c.used == 0 {
-            c.key = NO_KEY;
-            self.map.remove(&key);
-            self.free.push(i);
+            self.drop_chunk(i);
         }
         Some(old)
     }

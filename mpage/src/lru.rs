@@ -109,19 +109,27 @@ impl<D: BlockIo> PageCache<D> {
         self.reap_viewed_out();
     }
 
+    /// Evict up to `want` clean, idle, unheld pages from the head of the LRU list into
+    /// `spare`; returns how many. Pages are detached as the walk passes them (the walk has
+    /// taken the next frame first).
     pub(crate) fn evict(&mut self, want: usize) -> usize {
-        let mut victims: Vec<(FileId, u64)> = Vec::with_capacity(want);
-        let mut fr = self.lru_head;
+        let mut evicted = 0;
         let mut thrashed = Vec::new();
-        while fr != NIL && victims.len() < want {
+        let mut fr = self.lru_head;
+        while fr != NIL && evicted < want {
+            let next = self.lru_next[fr as usize];
             let pg = self.slot(fr);
             if pg.evictable() && !self.pool.is_viewed(pg.frame) {
-                victims.push((pg.file, pg.index));
+                let (f, p) = (pg.file, pg.index);
                 if pg.ra_unused {
-                    thrashed.push(pg.file);
+                    thrashed.push(f);
                 }
+                if let Some(frame) = self.detach_page(f, p) {
+                    self.spare.push_back(frame);
+                }
+                evicted += 1;
             }
-            fr = self.lru_next[fr as usize];
+            fr = next;
         }
         // Read ahead and thrown away unread: that file's readahead runs too far ahead of its
         // reader for this cache. Halve what it may keep in flight.
@@ -134,13 +142,8 @@ impl<D: BlockIo> PageCache<D> {
                 fs.ra.thrashed = true;
             }
         }
-        for &(f, p) in &victims {
-            if let Some(frame) = self.detach_page(f, p) {
-                self.spare.push_back(frame);
-            }
-        }
-        self.stats.evictions += victims.len() as u64;
-        victims.len()
+        self.stats.evictions += evicted as u64;
+        evicted
     }
 
     /// A free frame, evicting clean pages and writing back dirty ones if the pool is empty.

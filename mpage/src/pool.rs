@@ -360,10 +360,14 @@ impl PagePool {
     }
 
     /// Whether a view of the frame is alive.
+    #[inline]
     pub fn is_viewed(&self, frame: FrameId) -> bool {
-        if self.inner.views.load(Ordering::Acquire) == 0 {
-            return false;
-        }
+        // No view at all (the usual case, checked per page by eviction): no lock.
+        self.inner.views.load(Ordering::Acquire) != 0 && self.is_viewed_slow(frame)
+    }
+
+    #[cold]
+    fn is_viewed_slow(&self, frame: FrameId) -> bool {
         self.buffer(frame.chunk())
             .is_viewed(frame.offset(), PAGE_SIZE)
     }
