@@ -1,9 +1,10 @@
 //! The passes of `rnvme mpage read`, `write` and `bench`: a file through the cache, and the
 //! same bytes read raw from the device, each reporting its figures.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
+use rnvme_driver::clock::Stopwatch;
 use rnvme_driver::Segment;
 use rnvme_mpage::{
     BlockIo, BlockMap, CacheStats, FileId, IoError, IoOp, IoRequest, PageCache, PagePool,
@@ -68,7 +69,7 @@ pub fn read_pass<D: BlockIo>(
     let mut off = 0u64;
     let mut busy = Duration::ZERO;
     while off < size {
-        let t = Instant::now();
+        let t = Stopwatch::start();
         let n = cache
             .read_at(f, off, &mut buf)
             .with_context(|| format!("reading the file at byte {off} through the page cache"))?;
@@ -98,11 +99,11 @@ pub fn read_pass_in_place<D: BlockIo>(
     cache.reset_stats();
     let mut off = 0u64;
     let mut outside = Duration::ZERO;
-    let start = Instant::now();
+    let start = Stopwatch::start();
     while off < size {
         let n = cache
             .read_with(f, off, chunk.max(1), |at, bytes| {
-                let t = Instant::now();
+                let t = Stopwatch::start();
                 sink(at, bytes);
                 outside += t.elapsed();
             })
@@ -129,7 +130,7 @@ pub fn write_pass<D: BlockIo>(
 ) -> Result<(PassReport, u64)> {
     let f = cache.open(map, size)?;
     cache.reset_stats();
-    let t = Instant::now();
+    let t = Stopwatch::start();
     let mut off = 0usize;
     for piece in data.chunks(WRITE_CHUNK) {
         cache
@@ -294,9 +295,9 @@ fn raw_loop<D: BlockIo>(
     let (mut next, mut done, mut commands, mut in_flight, mut max_in_flight) = (0u64, 0, 0, 0, 0);
     let mut outside = Duration::ZERO;
     let mut completed: Vec<(u64, Result<(), IoError>)> = Vec::new();
-    let start = Instant::now();
+    let start = Stopwatch::start();
     // The timeout's clock: the time-stamp counter, read every 256th empty poll (in a guest
-    // whose clock source is emulated, `Instant::now()` is a system call and a device access,
+    // whose clock source is emulated, `Stopwatch::start()` is a system call and a device access,
     // and reading it per poll slowed the raw pass the cache is compared with).
     let mut last_progress = rnvme_driver::clock::Stopwatch::start();
     let mut empty_polls: u32 = 0;
@@ -368,7 +369,7 @@ fn raw_loop<D: BlockIo>(
                 let mut i = 0usize;
                 for seg in cut(&slots[s].1, len) {
                     let view = pool.view(slots[s].0[i], 0, seg.len as usize)?;
-                    let t = Instant::now();
+                    let t = Stopwatch::start();
                     sink(off + at as u64, &view);
                     outside += t.elapsed();
                     at += seg.len as usize;
@@ -383,7 +384,7 @@ fn raw_loop<D: BlockIo>(
                     at += n;
                     i += n.div_ceil(PAGE_SIZE);
                 }
-                let t = Instant::now();
+                let t = Stopwatch::start();
                 sink(off, &host[..len]);
                 outside += t.elapsed();
             }
@@ -478,7 +479,7 @@ pub fn threaded_read<D: BlockIo + Send>(
         .collect::<Result<Vec<_>>>()?;
     cache.reset_stats()?;
     let start = std::sync::Barrier::new(ids.len());
-    let t0 = Instant::now();
+    let t0 = Stopwatch::start();
     let results: Vec<Result<(Duration, Digest)>> = std::thread::scope(|sc| {
         let handles: Vec<_> = ids
             .iter()
@@ -488,7 +489,7 @@ pub fn threaded_read<D: BlockIo + Send>(
                     let mut buf = vec![0u8; chunk.max(1)];
                     let mut dg = Digest::default();
                     start.wait();
-                    let began = Instant::now();
+                    let began = Stopwatch::start();
                     let mut off = 0u64;
                     while off < size {
                         let n = cache.read_at(f, off, &mut buf).with_context(|| {
@@ -577,7 +578,7 @@ pub fn random_pass<D: BlockIo>(
     let mut buf = vec![0u8; PAGE_SIZE];
     let mut busy = Duration::ZERO;
     for &p in pages {
-        let t = Instant::now();
+        let t = Stopwatch::start();
         let n = cache
             .read_at(f, p * PAGE_SIZE as u64, &mut buf)
             .with_context(|| format!("reading page {p} through the page cache"))?;
