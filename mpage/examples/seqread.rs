@@ -49,6 +49,7 @@ fn main() {
     let pages = 16384u64;
     let mut buf = vec![0u8; 1 << 20];
     let (mut sum, mut runs) = (0u64, 0u64);
+    let mut hist = std::collections::BTreeMap::new();
     let mut busy = std::time::Duration::ZERO;
     // Each loop opens the file afresh (a cold cache, as `rnvme mpage bench` does); the close
     // is not timed.
@@ -63,6 +64,7 @@ fn main() {
                 c.read_with(f, off, 1 << 20, |_, b| {
                     sum += b[0] as u64;
                     runs += 1;
+                    *hist.entry(b.len() / 4096).or_insert(0u64) += 1;
                 })
                 .unwrap() as u64
             } else {
@@ -71,6 +73,10 @@ fn main() {
         }
         busy += t.elapsed();
         c.close(f).unwrap();
+        if std::env::var("HIST").is_ok() {
+            println!("{hist:?}");
+            hist.clear();
+        }
     }
     let per_page = busy.as_nanos() as f64 / (loops as f64 * pages as f64);
     println!("{per_page:.1} ns per page, {runs} runs in place, checksum {sum}");

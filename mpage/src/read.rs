@@ -96,7 +96,10 @@ impl<D: BlockIo> PageCache<D> {
         if pg.blocks.is_some() {
             return false;
         }
-        debug_assert!(pg.index == p && pg.locked, "frame {fr} holds locked page {p}");
+        debug_assert!(
+            pg.index == p && pg.locked,
+            "frame {fr} holds locked page {p}"
+        );
         pg.mapped_to_disk = true;
         let frame = pg.frame;
         let seg = rnvme_driver::Segment::new(self.pool.iova(frame), PAGE_SIZE as u32);

@@ -47,11 +47,31 @@ impl<D: BlockIo> PageCache<D> {
             let fr = match self.page_ref(f, p) {
                 Some(pg) if pg.uptodate && !pg.ra_mark => pg.frame,
                 _ => {
-                    // Waiting may evict pages: hand the run over first.
-                    if let Some((fr, o, at, b)) = run.take() {
-                        each(self, fr, o, at, b)?;
+                    // Waiting and reading ahead may evict pages: the run's stay held meanwhile
+                    // (not handed over, so that a run is cut by its frames and not by every
+                    // readahead mark: one copy per run of the caller's size, as a raw read of
+                    // that size does).
+                    // A run of more than a quarter of the cache is handed over instead: a small
+                    // cache must keep frames to evict.
+                    if let Some((fr, o, at, b)) = run {
+                        if (o + b).div_ceil(PAGE_SIZE) * 4 > self.capacity {
+                            each(self, fr, o, at, b)?;
+                            run = None;
+                        }
                     }
-                    self.ensure_uptodate(f, p, last)?;
+                    if let Some((fr, o, _, b)) = run {
+                        self.hold_frames(fr, o + b, true);
+                    }
+                    let r = self.ensure_uptodate(f, p, last);
+                    if let Some((fr, o, _, b)) = run {
+                        self.hold_frames(fr, o + b, false);
+                    }
+                    if let Err(e) = r {
+                        if let Some((fr, o, at, b)) = run.take() {
+                            each(self, fr, o, at, b)?;
+                        }
+                        return Err(e);
+                    }
                     self.page_ref(f, p).expect("uptodate page is cached").frame
                 }
             };
@@ -120,6 +140,17 @@ impl<D: BlockIo> PageCache<D> {
             visit(at, &view);
             Ok(())
         })
+    }
+
+    /// Hold (or let go of) the pages in the frames from `first` covering `bytes` bytes: a run
+    /// of [`Self::walk_runs`] not handed over yet. Only `walk_runs` and `ensure_uptodate` (for
+    /// one page, around its readahead) hold pages, never the same ones at once, so letting go
+    /// clears the flag.
+    fn hold_frames(&mut self, first: FrameId, bytes: usize, held: bool) {
+        let first = first.index() as u32;
+        for fr in first..first + bytes.div_ceil(PAGE_SIZE) as u32 {
+            self.slot_mut(fr).held = held;
+        }
     }
 
     /// A reader took the page in frame `fr`: use-once LRU (see [`PageCache::read_at`]).

@@ -786,3 +786,41 @@ fn page_cache_is_send_and_sync() {
     fn check<T: Send + Sync>() {}
     check::<PageCache<RecordingDevice>>();
 }
+
+#[test]
+fn a_sequential_readers_runs_span_readahead_marks_and_survive_its_evictions() {
+    // A cache of 512 pages under a 2 048-page file, readahead windows of 16 pages (a mark in
+    // the middle of each): the readahead started at each mark evicts pages while the
+    // reader's run (up to 32 pages) waits to be handed over.
+    let mut c = cache(
+        4096,
+        CacheOptions {
+            readahead_max: 16,
+            ..with_capacity(512)
+        },
+    );
+    let f = linear(&mut c, 2048);
+    let chunk = 32 * 4096;
+    let (mut off, mut visits, mut chunks) = (0u64, 0usize, 0usize);
+    while off < 2048 * 4096 {
+        let mut got = Vec::new();
+        let n = c
+            .read_with(f, off, chunk, |at, bytes| {
+                assert_eq!(at, off + got.len() as u64, "runs come in file order");
+                got.extend_from_slice(bytes);
+                visits += 1;
+            })
+            .unwrap();
+        assert_eq!(n, chunk);
+        assert!(got == disk(1000 * 4096 + off, n), "data at byte {off}");
+        off += n as u64;
+        chunks += 1;
+    }
+    assert!(c.stats().evictions > 0, "the readahead evicted pages");
+    // Runs end where frames stop being adjacent, not at each readahead mark (there is one
+    // every few pages here).
+    assert!(
+        visits <= chunks * 2,
+        "{visits} runs for {chunks} reads of 32 pages"
+    );
+}
