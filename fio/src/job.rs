@@ -1,7 +1,6 @@
 //! One fio job's side of the engine: its queue pair, its files (namespaces), its I/O buffer
 //! in DMA memory, and the io_us in flight. Owned by the job's thread.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -81,8 +80,6 @@ pub struct Job {
     slots: Vec<Slot>,
     /// io_us completed by the last [`Job::getevents`]: (index, errno or 0).
     events: Vec<(u32, i32)>,
-    /// io_us completed and reaped, not handed to fio yet (a poll found more than it asked for).
-    reaped: VecDeque<(u32, i32)>,
     max_transfer: u32,
 }
 
@@ -104,7 +101,6 @@ impl Job {
             buf: None,
             ranges: None,
             events: Vec::new(),
-            reaped: VecDeque::new(),
             max_transfer: 0,
         })
     }
@@ -349,8 +345,8 @@ impl Job {
         Ok(Queued::Queued)
     }
 
-    /// fio's commit: the doorbell is rung by the next [`Job::getevents`] that polls instead
-    /// (its poll rings first), so that everything fio queued before it waits for completions goes out
+    /// fio's commit: the doorbell is rung by the next [`Job::getevents`] instead (its poll
+    /// rings first), so that everything fio queued before it waits for completions goes out
     /// under one doorbell, as `rnvme perf` and SPDK's delayed submission do. With
     /// `ring_at_commit`, commit rings at once.
     pub fn commit(&mut self) {
@@ -361,33 +357,13 @@ impl Job {
         }
     }
 
-    /// Hands fio at least `min` completed io_us (polling until there are, or `timeout`
-    /// passed), at most `max`; returns how many, readable with [`Job::event`].
-    ///
-    /// A poll reaps every completion the queue holds, and those beyond `max` wait in the engine
-    /// for the next calls, which hand them over without polling. fio asks for one at a time
-    /// unless `iodepth_batch_complete_max` says otherwise; polling (and ringing for what fio
-    /// queued since) on each such call would send the controller one command per doorbell, and
-    /// an emulated controller that has caught up meanwhile needs a doorbell write for each.
-    /// Served from what was reaped, the commands fio queues in the meantime go out together
-    /// at the next poll, as `rnvme perf` sends what it resubmits after each reap.
+    /// Polls until at least `min` io_us completed (or `timeout` passed), at most `max`;
+    /// returns how many, readable with [`Job::event`].
     pub fn getevents(&mut self, min: usize, max: usize, timeout: Option<Duration>) -> usize {
         self.events.clear();
         let Some(qp) = self.qp.as_mut() else {
             return 0;
         };
-        let hand_over = |events: &mut Vec<(u32, i32)>, reaped: &mut VecDeque<(u32, i32)>| {
-            while events.len() < max {
-                match reaped.pop_front() {
-                    Some(e) => events.push(e),
-                    None => break,
-                }
-            }
-        };
-        hand_over(&mut self.events, &mut self.reaped);
-        if !self.events.is_empty() && self.events.len() >= min {
-            return self.events.len();
-        }
         // The deadline in time-stamp counter ticks: no clock read while polling (a guest whose
         // clock source is an emulated HPET pays a VM exit for each). A zero timeout, and any
         // before the tick rate is known, means one pass.
@@ -395,11 +371,11 @@ impl Job {
             Some(rate) if !t.is_zero() => Ticks::now().after(rate.ticks(t)),
             _ => Ticks(0),
         });
-        loop {
-            let (slots, reaped) = (&mut self.slots, &mut self.reaped);
-            qp.poll(usize::MAX, |c| complete(slots, reaped, c));
-            hand_over(&mut self.events, &mut self.reaped);
-            if self.events.len() >= min || self.events.len() >= max {
+        while self.events.len() < max {
+            let room = max - self.events.len();
+            let (slots, events) = (&mut self.slots, &mut self.events);
+            qp.poll(room, |c| complete(slots, events, c));
+            if self.events.len() >= min {
                 break;
             }
             if deadline.is_some_and(|d| Ticks::now() >= d) {
@@ -424,7 +400,7 @@ impl Job {
     }
 }
 
-fn complete(slots: &mut [Slot], events: &mut VecDeque<(u32, i32)>, c: Completion) {
+fn complete(slots: &mut [Slot], events: &mut Vec<(u32, i32)>, c: Completion) {
     let Some(s) = slots.get_mut(c.tag as usize) else {
         log::error!(
             "rnvme: a completion for io_u {} the engine never queued",
@@ -439,7 +415,7 @@ fn complete(slots: &mut [Slot], events: &mut VecDeque<(u32, i32)>, c: Completion
     s.left = s.left.saturating_sub(1);
     if s.left == 0 {
         let errno = if s.failure.is_some() { EIO } else { 0 };
-        events.push_back((c.tag as u32, errno));
+        events.push((c.tag as u32, errno));
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use rnvme_driver::controller::{Controller, ControllerOptions};
 use rnvme_driver::dma::Backing;
 use rnvme_driver::hw::Hardware;
-use rnvme_driver::model::{CompletionMode, Model, ModelConfig, ModelNamespace};
+use rnvme_driver::model::{Model, ModelConfig, ModelNamespace};
 use rnvme_driver::queue::DataPointerMode;
 use rnvme_driver::NvmeStatus;
 use rnvme_fio::job::{Job, JobParams, Op, Queued};
@@ -344,85 +344,4 @@ fn commands_go_out_at_the_next_reap_or_at_commit_when_asked() {
         assert_eq!(reap_all(&mut j, 4).len(), 4);
         assert_eq!(model.stats().reads, 4);
     }
-}
-
-#[test]
-fn completions_reaped_beyond_what_fio_asks_for_wait_in_the_engine_and_batch_the_next_doorbell() {
-    // fio's default asks for one completion per getevents. A poll reaps all eight; the next
-    // seven calls hand them over without polling, so the eight io_us fio queues again meanwhile
-    // reach the controller under one doorbell.
-    let model = Model::new(ModelConfig::one_namespace(4096, 1 << 10));
-    let hw: Arc<dyn Hardware> = model.clone();
-    let ctrl = Arc::new(
-        Controller::init(
-            hw,
-            ControllerOptions {
-                backing: Backing::SmallPages,
-                shadow_doorbells: false,
-                ..ControllerOptions::default()
-            },
-        )
-        .unwrap(),
-    );
-    let mut j = Job::new(JobParams {
-        depth: 8,
-        max_bs: 4096,
-        dptr: DataPointerMode::Auto,
-        fua: false,
-        ring_at_commit: false,
-    })
-    .unwrap();
-    j.add_file(0, &parse("0000.00.04.0/1").unwrap(), ctrl.clone())
-        .unwrap();
-    j.start().unwrap();
-    let base = j.iomem_alloc(8 * 4096).unwrap();
-    for i in 0..8u64 {
-        model.write_ns(1, i, &[i as u8 + 1; 4096]);
-    }
-    model.set_completion_mode(CompletionMode::Deferred);
-    // Doorbells of the I/O queue from here on (bring-up rang the admin queue's).
-    let db0 = model.stats().sq_doorbells;
-    let doorbells = || model.stats().sq_doorbells - db0;
-    let read = |j: &mut Job, i: u32| {
-        let q = j.queue(
-            0,
-            Op::Read,
-            i as u64 * 4096,
-            4096,
-            base + i as usize * 4096,
-            i,
-        );
-        assert_eq!(q.unwrap(), Queued::Queued);
-    };
-    for i in 0..8 {
-        read(&mut j, i);
-    }
-    j.commit();
-    // A non-blocking reap rings for the eight; the controller holds their completions.
-    assert_eq!(j.getevents(0, 1, None), 0);
-    assert_eq!(doorbells(), 1);
-    assert_eq!(model.release_all(), 8);
-    let mut seen = Vec::new();
-    for _ in 0..8 {
-        assert_eq!(j.getevents(1, 1, None), 1);
-        let (i, errno) = j.event(0).unwrap();
-        assert_eq!(errno, 0);
-        let got = j.io_buffer().unwrap().to_vec();
-        assert_eq!(got[i as usize * 4096], i as u8 + 1, "io_u {i}'s data");
-        seen.push(i);
-        read(&mut j, i);
-        j.commit();
-    }
-    seen.sort();
-    assert_eq!(seen, (0..8).collect::<Vec<_>>(), "each io_u once");
-    assert_eq!(
-        doorbells(),
-        1,
-        "the calls served from what one poll reaped rang nothing"
-    );
-    // The next call finds nothing reaped: it polls, and rings once for all eight.
-    assert_eq!(j.getevents(0, 8, None), 0);
-    assert_eq!(doorbells(), 2);
-    assert_eq!(model.release_all(), 8);
-    assert_eq!(reap_all(&mut j, 8).len(), 8);
 }
