@@ -6,7 +6,7 @@ use std::sync::Arc;
 use rnvme_driver::controller::{Controller, ControllerOptions};
 use rnvme_driver::dma::Backing;
 use rnvme_driver::hw::Hardware;
-use rnvme_driver::model::{Model, ModelConfig, ModelNamespace};
+use rnvme_driver::model::{CompletionMode, Model, ModelConfig, ModelNamespace};
 use rnvme_driver::queue::DataPointerMode;
 use rnvme_driver::NvmeStatus;
 use rnvme_fio::job::{Job, JobParams, Op, Queued};
@@ -343,5 +343,71 @@ fn commands_go_out_at_the_next_reap_or_at_commit_when_asked() {
         );
         assert_eq!(reap_all(&mut j, 4).len(), 4);
         assert_eq!(model.stats().reads, 4);
+    }
+}
+
+#[test]
+fn with_fios_batch_complete_max_one_reap_takes_every_completion_and_one_doorbell_resubmits() {
+    // fio asks for one completion per getevents unless iodepth_batch_complete_max says more;
+    // asked for up to eight, the engine hands over all eight a poll finds, and the eight io_us
+    // fio queues again go to the controller under one doorbell at the next getevents.
+    let model = Model::new(ModelConfig::one_namespace(4096, 1 << 10));
+    let hw: Arc<dyn Hardware> = model.clone();
+    let ctrl = Arc::new(
+        Controller::init(
+            hw,
+            ControllerOptions {
+                backing: Backing::SmallPages,
+                shadow_doorbells: false,
+                ..ControllerOptions::default()
+            },
+        )
+        .unwrap(),
+    );
+    let mut j = Job::new(JobParams {
+        depth: 8,
+        max_bs: 4096,
+        dptr: DataPointerMode::Auto,
+        fua: false,
+        ring_at_commit: false,
+    })
+    .unwrap();
+    j.add_file(0, &parse("0000.00.04.0/1").unwrap(), ctrl.clone())
+        .unwrap();
+    j.start().unwrap();
+    let base = j.iomem_alloc(8 * 4096).unwrap();
+    for i in 0..8u64 {
+        model.write_ns(1, i, &[i as u8 + 1; 4096]);
+    }
+    model.set_completion_mode(CompletionMode::Deferred);
+    // Doorbells of the I/O queue from here on (bring-up rang the admin queue's).
+    let db0 = model.stats().sq_doorbells;
+    let doorbells = || model.stats().sq_doorbells - db0;
+    let read = |j: &mut Job, i: u32| {
+        let q = j.queue(
+            0,
+            Op::Read,
+            i as u64 * 4096,
+            4096,
+            base + i as usize * 4096,
+            i,
+        );
+        assert_eq!(q.unwrap(), Queued::Queued);
+    };
+    for round in 1..=2 {
+        for i in 0..8 {
+            read(&mut j, i);
+        }
+        j.commit();
+        assert_eq!(j.getevents(0, 8, None), 0, "the controller holds them");
+        assert_eq!(doorbells(), round, "one doorbell for eight io_us");
+        assert_eq!(model.release_all(), 8);
+        let mut got = reap_all(&mut j, 8);
+        got.sort();
+        assert_eq!(got, (0..8).map(|i| (i, 0)).collect::<Vec<_>>());
+        let data = j.io_buffer().unwrap().to_vec();
+        for i in 0..8 {
+            assert_eq!(data[i * 4096], i as u8 + 1, "io_u {i}'s data");
+        }
     }
 }
