@@ -611,7 +611,7 @@ impl<D: BlockIo> PageCache<D> {
     }
 
     /// Sync and close every open file: what to call before dropping the cache, whose `Drop`
-    /// cannot return an error and only logs dirty pages it leaves unwritten (as `BufWriter`
+    /// writes dirty pages back too but cannot return an error, only log it (as `BufWriter`
     /// needs a `flush`). Returns the first error; a file whose sync failed stays open with its
     /// dirty pages (call again once the device recovers), the others are closed.
     pub fn shutdown(&mut self) -> Result<(), MpageError> {
@@ -781,11 +781,26 @@ impl<D: BlockIo> PageCache<D> {
 }
 
 impl<D: BlockIo> Drop for PageCache<D> {
-    /// Waits for commands in flight (the device may still be moving data into the frames);
-    /// dirty pages not synced are lost, and said so in the log: call
-    /// [`PageCache::shutdown`] first to have them written, or an error.
+    /// Writes back and flushes the files with dirty pages, as `BufWriter` flushes on drop:
+    /// on a best-effort basis, a failure only logged ([`PageCache::shutdown`] is how to
+    /// learn of it), and not while unwinding from a panic (the cache's own state may be what
+    /// went wrong). Then waits for commands in flight (the device may still be moving data
+    /// into the frames); dirty pages still unwritten are lost, and said so in the log.
     fn drop(&mut self) {
         self.release_spare();
+        if self.dirty_total() > 0 && !std::thread::panicking() {
+            for i in 0..self.files.len() {
+                let f = FileId(i as u32);
+                if self.files[i].as_ref().is_some_and(|fs| fs.dirty > 0) {
+                    if let Err(e) = self.sync(f) {
+                        log::error!(
+                            "{}: dropping the page cache: write-back of file {f} failed: {e}",
+                            self.dev.name()
+                        );
+                    }
+                }
+            }
+        }
         if let Err(e) = self.wait_idle() {
             log::error!(
                 "{}: dropping the page cache with commands in flight: {e}",
@@ -795,7 +810,7 @@ impl<D: BlockIo> Drop for PageCache<D> {
         let dirty = self.dirty_total();
         if dirty > 0 {
             log::warn!(
-                "{}: dropping the page cache with {dirty} dirty page(s) never synced",
+                "{}: dropping the page cache with {dirty} dirty page(s) never written",
                 self.dev.name()
             );
         }

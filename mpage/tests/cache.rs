@@ -824,3 +824,37 @@ fn a_sequential_readers_runs_span_readahead_marks_and_survive_its_evictions() {
         "{visits} runs for {chunks} reads of 32 pages"
     );
 }
+
+#[test]
+fn a_dropped_cache_writes_its_dirty_pages_back_unless_it_is_unwinding() {
+    let make = || {
+        let dma = DmaPool::new(Arc::new(MemoryOnly), Backing::SmallPages, 0).unwrap();
+        let pool = PagePool::new(&dma, 64).unwrap();
+        let dev = RecordingDevice::new(pool.clone(), 4096, 1 << 20);
+        // Another queue of the same disk, to look at it once the cache is gone.
+        let disk = dev.queue();
+        (
+            PageCache::new(dev, pool, CacheOptions::default()).unwrap(),
+            disk,
+        )
+    };
+    let (mut c, disk) = make();
+    let f = linear(&mut c, 8);
+    c.write_at(f, 4096, &[7u8; 2 * 4096]).unwrap();
+    assert_eq!(c.unsynced_pages(), 2);
+    drop(c);
+    assert_eq!(disk.read_bytes(1001 * 4096, 2 * 4096), vec![7u8; 2 * 4096]);
+    // A cache dropped while its thread panics leaves the disk alone.
+    let (c, disk) = make();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let mut c = c;
+        let f = linear(&mut c, 8);
+        c.write_at(f, 0, &[9u8; 4096]).unwrap();
+        panic!("the application failed");
+    }));
+    assert!(r.is_err());
+    assert!(
+        disk.written_lbas().is_empty(),
+        "nothing written while unwinding"
+    );
+}
