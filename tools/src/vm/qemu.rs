@@ -167,8 +167,12 @@ pub(crate) fn args(config: &VmConfig, paths: &Paths) -> Vec<String> {
     // seconds under TCG (the pages are zeroed again when a process faults them in anyway).
     // no_timer_check: on a busy host the kernel's boot-time check of the timer through the
     // interrupt-remapped IO-APIC can time out under TCG and panic, though the timer works.
-    let mut cmdline =
-        String::from("console=ttyS0 intel_iommu=on panic=-1 quiet init_on_alloc=0 no_timer_check");
+    // loglevel=5 after quiet: the console (kept in console.log, its last line in a timeout's
+    // error) shows warnings and worse, such as a driver's command timeouts or a hung task, and
+    // not the boot's informational lines.
+    let mut cmdline = String::from(
+        "console=ttyS0 intel_iommu=on panic=-1 quiet loglevel=5 init_on_alloc=0 no_timer_check",
+    );
     for a in &config.kernel_args {
         cmdline.push(' ');
         cmdline.push_str(a);
@@ -315,7 +319,7 @@ mod tests {
         assert_eq!(value_after(&a, "-initrd"), ["/c/run/initrd.cpio"]);
         assert_eq!(
             value_after(&a, "-append"),
-            ["console=ttyS0 intel_iommu=on panic=-1 quiet init_on_alloc=0 no_timer_check foo=1 bar"]
+            ["console=ttyS0 intel_iommu=on panic=-1 quiet loglevel=5 init_on_alloc=0 no_timer_check foo=1 bar"]
         );
         assert_eq!(
             value_after(&a, "-serial"),
