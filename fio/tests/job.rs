@@ -60,6 +60,22 @@ fn job(ctrl: &Arc<Controller>, depth: u32, max_bs: u64, dptr: DataPointerMode) -
     j
 }
 
+/// A started job of 4 KiB io_us on namespace 1 of `ctrl` alone.
+fn one_file_job(ctrl: &Arc<Controller>, depth: u32, dptr: DataPointerMode, at_commit: bool) -> Job {
+    let mut j = Job::new(JobParams {
+        depth,
+        max_bs: 4096,
+        dptr,
+        fua: false,
+        ring_at_commit: at_commit,
+    })
+    .unwrap();
+    j.add_file(0, &parse("0000.00.04.0/1").unwrap(), ctrl.clone())
+        .unwrap();
+    j.start().unwrap();
+    j
+}
+
 fn reap_all(j: &mut Job, n: usize) -> Vec<(u32, i32)> {
     let got = j.getevents(n, n, None);
     (0..got).map(|i| j.event(i).unwrap()).collect()
@@ -310,17 +326,7 @@ fn dropping_a_job_with_commands_in_flight_keeps_their_memory_out_of_the_pool() {
 fn commands_go_out_at_the_next_reap_or_at_commit_when_asked() {
     for at_commit in [false, true] {
         let (model, ctrl) = model(0, false);
-        let mut j = Job::new(JobParams {
-            depth: 4,
-            max_bs: 4096,
-            dptr: DataPointerMode::Prp,
-            fua: false,
-            ring_at_commit: at_commit,
-        })
-        .unwrap();
-        j.add_file(0, &parse("0000.00.04.0/1").unwrap(), ctrl.clone())
-            .unwrap();
-        j.start().unwrap();
+        let mut j = one_file_job(&ctrl, 4, DataPointerMode::Prp, at_commit);
         let base = j.iomem_alloc(4 * 4096).unwrap();
         for i in 0..4u32 {
             j.queue(
@@ -364,17 +370,7 @@ fn with_fios_batch_complete_max_one_reap_takes_every_completion_and_one_doorbell
         )
         .unwrap(),
     );
-    let mut j = Job::new(JobParams {
-        depth: 8,
-        max_bs: 4096,
-        dptr: DataPointerMode::Auto,
-        fua: false,
-        ring_at_commit: false,
-    })
-    .unwrap();
-    j.add_file(0, &parse("0000.00.04.0/1").unwrap(), ctrl.clone())
-        .unwrap();
-    j.start().unwrap();
+    let mut j = one_file_job(&ctrl, 8, DataPointerMode::Auto, false);
     let base = j.iomem_alloc(8 * 4096).unwrap();
     for i in 0..8u64 {
         model.write_ns(1, i, &[i as u8 + 1; 4096]);

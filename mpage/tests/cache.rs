@@ -596,6 +596,21 @@ fn readahead_backs_off_when_its_pages_are_evicted_unread() {
     );
 }
 
+/// `read_with` of `len` bytes at `off`: bytes visited, their concatenation and the number of
+/// runs, checking that the runs come in file order.
+fn runs_of(c: &mut Cache, f: FileId, off: u64, len: usize) -> (usize, Vec<u8>, usize) {
+    let mut got = Vec::new();
+    let mut visits = 0;
+    let n = c
+        .read_with(f, off, len, |at, bytes| {
+            assert_eq!(at, off + got.len() as u64, "runs come in file order");
+            got.extend_from_slice(bytes);
+            visits += 1;
+        })
+        .unwrap();
+    (n, got, visits)
+}
+
 #[test]
 fn read_with_shows_what_read_at_reads_in_runs_of_frames() {
     let mut c = cache(512, CacheOptions::default());
@@ -608,15 +623,7 @@ fn read_with_shows_what_read_at_reads_in_runs_of_frames() {
     ] {
         let mut want = vec![0u8; len];
         let n = c.read_at(f, off, &mut want).unwrap();
-        let mut got = Vec::new();
-        let mut visits = 0;
-        let m = c
-            .read_with(f, off, len, |at, bytes| {
-                assert_eq!(at, off + got.len() as u64, "runs come in file order");
-                got.extend_from_slice(bytes);
-                visits += 1;
-            })
-            .unwrap();
+        let (m, got, visits) = runs_of(&mut c, f, off, len);
         assert_eq!((m, &got[..]), (n, &want[..n]), "{off}+{len}");
         if len > 100_000 {
             assert!(
@@ -803,14 +810,8 @@ fn a_sequential_readers_runs_span_readahead_marks_and_survive_its_evictions() {
     let chunk = 32 * 4096;
     let (mut off, mut visits, mut chunks) = (0u64, 0usize, 0usize);
     while off < 2048 * 4096 {
-        let mut got = Vec::new();
-        let n = c
-            .read_with(f, off, chunk, |at, bytes| {
-                assert_eq!(at, off + got.len() as u64, "runs come in file order");
-                got.extend_from_slice(bytes);
-                visits += 1;
-            })
-            .unwrap();
+        let (n, got, runs) = runs_of(&mut c, f, off, chunk);
+        visits += runs;
         assert_eq!(n, chunk);
         assert!(got == disk(1000 * 4096 + off, n), "data at byte {off}");
         off += n as u64;

@@ -297,9 +297,9 @@ fn raw_loop<D: BlockIo>(
     let mut completed: Vec<(u64, Result<(), IoError>)> = Vec::new();
     let start = Stopwatch::start();
     // The timeout's clock: the time-stamp counter, read every 256th empty poll (in a guest
-    // whose clock source is emulated, `Stopwatch::start()` is a system call and a device access,
+    // whose clock source is emulated, `Instant::now()` is a system call and a device access,
     // and reading it per poll slowed the raw pass the cache is compared with).
-    let mut last_progress = rnvme_driver::clock::Stopwatch::start();
+    let mut last_progress = Stopwatch::start();
     let mut empty_polls: u32 = 0;
     while done < total {
         while next < total {
@@ -352,7 +352,7 @@ fn raw_loop<D: BlockIo>(
             }
             continue;
         }
-        last_progress = rnvme_driver::clock::Stopwatch::start();
+        last_progress = Stopwatch::start();
         for (tag, r) in completed.drain(..) {
             let s = tag as usize;
             let (off, len) = holds[s];
