@@ -19,13 +19,21 @@ fn main() {
         .unwrap_or(200_000);
     let model = Model::new(ModelConfig::default());
     let ctrl = Controller::init(model, model_options()).expect("bring-up against the model");
-    for depth in [1usize, 32] {
+    // AIO_ONLY=direct|poll|poller: depth 32 only, that one way (for an instruction profiler).
+    let only = std::env::var("AIO_ONLY").ok();
+    let depths: &[usize] = if only.is_some() { &[32] } else { &[1, 32] };
+    for &depth in depths {
         let bufs: Vec<_> = (0..depth).map(|_| ctrl.alloc(4096).unwrap()).collect();
         // Directly: submit, ring, poll.
         let mut qp = ctrl.create_io_qpair_with(64, WaitMode::Polled).unwrap();
         let t = Instant::now();
         let (mut submitted, mut completed) = (0u64, 0u64);
-        while completed < ios {
+        let direct_ios = if only.as_deref().is_some_and(|o| o != "direct") {
+            0
+        } else {
+            ios
+        };
+        while completed < direct_ios {
             while submitted - completed < depth as u64 && submitted < ios {
                 let i = (submitted % depth as u64) as usize;
                 qp.submit(
@@ -45,6 +53,12 @@ fn main() {
         // the futures themselves and by a poller task.
         let mut line = format!("depth {depth}: direct {direct:.0} ns per I/O");
         for drive in [Drive::Poll, Drive::Poller] {
+            if only
+                .as_deref()
+                .is_some_and(|o| !o.eq_ignore_ascii_case(&format!("{drive:?}")))
+            {
+                continue;
+            }
             let q = AsyncQueuePair::new(
                 ctrl.create_io_qpair_with(64, WaitMode::Polled).unwrap(),
                 drive,

@@ -30,12 +30,12 @@ use crate::dma::{DmaBuffer, DmaLease, DmaSlice};
 use crate::error::{Error, Result};
 use crate::identify::NamespaceInfo;
 use crate::io::{
-    check_range, compare_cmd, deallocate_cmd, flush_cmd, read_cmd, split_transfer, write_cmd,
-    write_zeroes_cmd, IoQueuePair,
+    check_range, compare_cmd, deallocate_cmd, flush_cmd, read_cmd, write_cmd, write_zeroes_cmd,
+    IoQueuePair,
 };
 use crate::irq::{Interrupt, WaitMode};
 use crate::queue::Completion;
-use crate::spec::SqEntry;
+use crate::spec::{SqEntry, MAX_NLB};
 use crate::status::NvmeStatus;
 
 /// How long a future of [`Drive::Poll`] keeps polling an empty completion queue before it
@@ -330,40 +330,46 @@ impl AsyncQueuePair {
     /// Read `blocks` LBAs at `slba` of namespace `nsid` into `buf` (from its start); the buffer
     /// comes back with the data.
     pub fn read(&self, nsid: u32, slba: u64, blocks: u64, buf: DmaBuffer) -> IoFuture {
-        self.transfer(Kind::Read, nsid, slba, blocks, buf)
+        self.transfer(Kind::Read, nsid, slba, blocks, Data::Buffer(buf))
     }
 
     /// Write `blocks` LBAs at `slba` from `buf`; the buffer comes back.
     pub fn write(&self, nsid: u32, slba: u64, blocks: u64, buf: DmaBuffer, fua: bool) -> IoFuture {
-        self.transfer(Kind::Write { fua }, nsid, slba, blocks, buf)
+        self.transfer(Kind::Write { fua }, nsid, slba, blocks, Data::Buffer(buf))
     }
 
     /// Compare `blocks` LBAs at `slba` with `buf`: a difference is an [`Error::Command`] with
     /// status Compare Failure.
     pub fn compare(&self, nsid: u32, slba: u64, blocks: u64, buf: DmaBuffer) -> IoFuture {
-        self.transfer(Kind::Compare, nsid, slba, blocks, buf)
+        self.transfer(Kind::Compare, nsid, slba, blocks, Data::Buffer(buf))
     }
 
     /// Write zeroes to `blocks` LBAs at `slba`.
     pub fn write_zeroes(&self, nsid: u32, slba: u64, blocks: u64) -> IoFuture {
-        let plan = self.plan(nsid, slba, blocks, None, |p| {
-            write_zeroes_cmd(nsid, p.slba, p.blocks)
+        let kind = Kind::WriteZeroes;
+        let made = self.facts(nsid).and_then(|f| {
+            check_range(&f.info, slba, blocks)?;
+            Ok(Plan::new(
+                kind,
+                nsid,
+                slba,
+                blocks,
+                f.info.lba_size,
+                u32::MAX,
+            ))
         });
-        IoFuture::new(self.clone(), "Write Zeroes", plan, Data::None)
+        IoFuture::new(self.clone(), kind, made, Data::None)
     }
 
     /// Flush the volatile write cache of namespace `nsid`.
     pub fn flush(&self, nsid: u32) -> IoFuture {
-        IoFuture::new(
-            self.clone(),
-            "Flush",
-            Ok(Pieces::One((flush_cmd(nsid), None))),
-            Data::None,
-        )
+        let kind = Kind::Flush;
+        IoFuture::new(self.clone(), kind, Ok(Plan::one(kind, nsid)), Data::None)
     }
 
     /// Deallocate (trim) `blocks` LBAs at `slba` (one range of up to 2^32 - 1 LBAs).
     pub fn deallocate(&self, nsid: u32, slba: u64, blocks: u64) -> IoFuture {
+        let kind = Kind::Deallocate;
         let made = (|| {
             check_range(&self.facts(nsid)?.info, slba, blocks)?;
             if blocks > u32::MAX as u64 {
@@ -380,11 +386,11 @@ impl AsyncQueuePair {
         match made {
             Ok(buf) => IoFuture::new(
                 self.clone(),
-                "Dataset Management",
-                Ok(Pieces::One((deallocate_cmd(nsid, 1), Some((0, 16))))),
+                kind,
+                Ok(Plan::one(kind, nsid)),
                 Data::Buffer(buf),
             ),
-            Err(e) => IoFuture::new(self.clone(), "Dataset Management", Err(e), Data::None),
+            Err(e) => IoFuture::new(self.clone(), kind, Err(e), Data::None),
         }
     }
 
@@ -407,57 +413,30 @@ impl AsyncQueuePair {
         self.transfer(Kind::Write { fua }, nsid, slba, blocks, Data::Lease(lease))
     }
 
-    fn transfer(
-        &self,
-        kind: Kind,
-        nsid: u32,
-        slba: u64,
-        blocks: u64,
-        buf: impl Into<Data>,
-    ) -> IoFuture {
-        let data = buf.into();
-        let plan = self.plan(nsid, slba, blocks, Some(data.len()), |p| match kind {
-            Kind::Read => read_cmd(nsid, p.slba, p.blocks),
-            Kind::Write { fua } => write_cmd(nsid, p.slba, p.blocks, fua),
-            Kind::Compare => compare_cmd(nsid, p.slba, p.blocks),
-        });
-        IoFuture::new(self.clone(), kind.name(), plan, data)
-    }
-
-    /// The commands of a transfer, split at the device's maximum, with their data ranges.
-    fn plan(
-        &self,
-        nsid: u32,
-        slba: u64,
-        blocks: u64,
-        buf: Option<usize>,
-        make: impl Fn(crate::io::Piece) -> SqEntry,
-    ) -> Result<Pieces> {
-        let facts = self.facts(nsid)?;
-        check_range(&facts.info, slba, blocks)?;
-        let (per, max) = match buf {
-            Some(b) => {
-                let (per, max) = facts.data.clone().map_err(|why| Error::Unsupported {
-                    dev: self.inner.dev.clone(),
-                    why,
-                })?;
-                let need = blocks.saturating_mul(per as u64);
-                if (b as u64) < need {
-                    return Err(Error::InvalidArgument(format!(
-                        "a buffer of {b} bytes is too small for {blocks} LBAs of {per} bytes \
-                         ({need} bytes)"
-                    )));
+    /// A read, write or compare: the range and the buffer checked here, its commands made as
+    /// the queue takes them (split at the device's maximum transfer).
+    fn transfer(&self, kind: Kind, nsid: u32, slba: u64, blocks: u64, data: Data) -> IoFuture {
+        let made = self.facts(nsid).and_then(|facts| {
+            check_range(&facts.info, slba, blocks)?;
+            let (per, max) = match facts.data {
+                Ok(d) => d,
+                Err(ref why) => {
+                    return Err(Error::Unsupported {
+                        dev: self.inner.dev.clone(),
+                        why: why.clone(),
+                    })
                 }
-                (per, max)
+            };
+            let (have, need) = (data.len() as u64, blocks.saturating_mul(per as u64));
+            if have < need {
+                return Err(Error::InvalidArgument(format!(
+                    "a buffer of {have} bytes is too small for {blocks} LBAs of {per} bytes \
+                     ({need} bytes)"
+                )));
             }
-            None => (facts.info.lba_size, u32::MAX),
-        };
-        Ok(split_transfer(slba, blocks, per, max)
-            .map(|p| {
-                let data = buf.map(|_| (p.offset as usize, p.blocks as usize * per as usize));
-                (make(p), data)
-            })
-            .collect())
+            Ok(Plan::new(kind, nsid, slba, blocks, per, max))
+        });
+        IoFuture::new(self.clone(), kind, made, data)
     }
 
     /// What the queue pair knows of namespace `nsid`.
@@ -475,54 +454,88 @@ impl AsyncQueuePair {
     }
 }
 
+/// The command of an operation.
 #[derive(Copy, Clone)]
 enum Kind {
     Read,
     Write { fua: bool },
     Compare,
+    WriteZeroes,
+    Flush,
+    Deallocate,
 }
 
 impl Kind {
+    /// The command's name in errors.
     fn name(self) -> &'static str {
         match self {
             Kind::Read => "Read",
             Kind::Write { .. } => "Write",
             Kind::Compare => "Compare",
+            Kind::WriteZeroes => "Write Zeroes",
+            Kind::Flush => "Flush",
+            Kind::Deallocate => "Dataset Management",
         }
     }
 }
 
-/// A command and the range of the future's buffer it carries.
-type Piece = (SqEntry, Option<(usize, usize)>);
-
-/// An operation's commands: most are one (no allocation for those).
-enum Pieces {
-    One(Piece),
-    Many(Vec<Piece>),
+/// An operation's commands, made one at a time as the queue takes them (a future carries
+/// this rather than the commands: it stays small, and a one-command operation costs no list).
+#[derive(Copy, Clone)]
+struct Plan {
+    kind: Kind,
+    nsid: u32,
+    slba: u64,
+    blocks: u64,
+    /// Bytes of the buffer per LBA: a command's data starts at its first LBA's (0 for no data).
+    data_per_lba: u32,
+    /// LBAs per command at most.
+    per_cmd: u32,
+    /// LBAs submitted so far.
+    done: u64,
 }
 
-impl Pieces {
-    fn as_slice(&self) -> &[Piece] {
-        match self {
-            Pieces::One(p) => std::slice::from_ref(p),
-            Pieces::Many(v) => v,
+impl Plan {
+    /// `blocks` LBAs at `slba` in commands of at most `max` bytes (at `per` bytes per LBA;
+    /// `per` is the buffer's step too for the kinds with data).
+    fn new(kind: Kind, nsid: u32, slba: u64, blocks: u64, per: u32, max: u32) -> Plan {
+        Plan {
+            kind,
+            nsid,
+            slba,
+            blocks,
+            data_per_lba: per,
+            per_cmd: (max / per.max(1)).clamp(1, MAX_NLB),
+            done: 0,
         }
     }
-}
 
-impl FromIterator<Piece> for Pieces {
-    fn from_iter<I: IntoIterator<Item = Piece>>(iter: I) -> Pieces {
-        let mut it = iter.into_iter();
-        let Some(first) = it.next() else {
-            return Pieces::Many(Vec::new());
+    /// A command without a range (Flush, or a Dataset Management of one range).
+    fn one(kind: Kind, nsid: u32) -> Plan {
+        Plan::new(kind, nsid, 0, 1, 0, 1)
+    }
+
+    fn finished(&self) -> bool {
+        self.done >= self.blocks
+    }
+
+    /// The next command, the range of the buffer it carries, and its LBAs.
+    fn next(&self) -> (SqEntry, Option<(usize, usize)>, u64) {
+        let n = (self.per_cmd as u64).min(self.blocks - self.done);
+        let slba = self.slba + self.done;
+        let range = || {
+            let per = self.data_per_lba as usize;
+            Some((self.done as usize * per, n as usize * per))
         };
-        match it.next() {
-            None => Pieces::One(first),
-            Some(second) => {
-                let mut v = vec![first, second];
-                v.extend(it);
-                Pieces::Many(v)
-            }
+        // n <= per_cmd <= MAX_NLB, so it fits a command.
+        let nlb = n as u32;
+        match self.kind {
+            Kind::Read => (read_cmd(self.nsid, slba, nlb), range(), n),
+            Kind::Write { fua } => (write_cmd(self.nsid, slba, nlb, fua), range(), n),
+            Kind::Compare => (compare_cmd(self.nsid, slba, nlb), range(), n),
+            Kind::WriteZeroes => (write_zeroes_cmd(self.nsid, slba, nlb), None, n),
+            Kind::Flush => (flush_cmd(self.nsid), None, n),
+            Kind::Deallocate => (deallocate_cmd(self.nsid, 1), Some((0, 16)), n),
         }
     }
 }
@@ -534,12 +547,6 @@ enum Data {
     Buffer(DmaBuffer),
     /// A share of the caller's buffer.
     Lease(DmaLease),
-}
-
-impl From<DmaBuffer> for Data {
-    fn from(b: DmaBuffer) -> Data {
-        Data::Buffer(b)
-    }
 }
 
 impl Data {
@@ -566,44 +573,46 @@ impl Data {
 #[must_use = "a future does nothing until polled"]
 pub struct IoFuture {
     aqp: AsyncQueuePair,
-    what: &'static str,
-    plan: Result<Pieces>,
-    next: usize,
+    plan: Plan,
     buf: Data,
-    op: Option<usize>,
-    /// An error that stopped the submissions (commands already submitted still complete).
-    error: Option<Error>,
+    /// Its index in the queue pair's operations while it has one.
+    op: Option<u32>,
+    /// An error found before the first command (the future is ready with it at once), or one
+    /// that stopped the submissions (commands already submitted still complete). Boxed: rare,
+    /// and the future stays small to move.
+    error: Option<Box<Error>>,
 }
 
 impl IoFuture {
-    fn new(aqp: AsyncQueuePair, what: &'static str, plan: Result<Pieces>, buf: Data) -> IoFuture {
+    fn new(aqp: AsyncQueuePair, kind: Kind, plan: Result<Plan>, buf: Data) -> IoFuture {
+        let (plan, error) = match plan {
+            Ok(p) => (p, None),
+            // Nothing to submit: `done` is past `blocks`.
+            Err(e) => (Plan::new(kind, 0, 0, 0, 0, 1), Some(Box::new(e))),
+        };
         IoFuture {
             aqp,
-            what,
             plan,
-            next: 0,
             buf,
             op: None,
-            error: None,
+            error,
         }
     }
 }
 
-/// Submit what the queue has room for of `plan` from `*next`; when it is full, the waker
-/// waits for a free slot. An error stops the submissions (into `error`).
-#[allow(clippy::too_many_arguments)]
+/// Submit what the queue has room for of `plan`; when it is full, the waker waits for a
+/// free slot. An error stops the submissions (into `error`).
 fn submit(
-    plan: &[Piece],
-    next: &mut usize,
+    plan: &mut Plan,
     buf: &Data,
-    error: &mut Option<Error>,
+    error: &mut Option<Box<Error>>,
     st: &mut State,
     op: usize,
     cx: &Context<'_>,
     ring: bool,
 ) {
-    while *next < plan.len() {
-        let (cmd, range) = plan[*next];
+    while !plan.finished() {
+        let (cmd, range, blocks) = plan.next();
         let slice: [DmaSlice<'_>; 1];
         let data: &[DmaSlice<'_>] = match range.and_then(|(o, l)| buf.slice(o, l)) {
             Some(s) => {
@@ -615,7 +624,7 @@ fn submit(
         match st.qp.submit(cmd, data, op as u64) {
             Ok(_) => {
                 st.ops[op].outstanding += 1;
-                *next += 1;
+                plan.done += blocks;
             }
             Err(Error::QueueFull) => {
                 st.qp.ring();
@@ -623,7 +632,7 @@ fn submit(
                 return;
             }
             Err(e) => {
-                *error = Some(e);
+                *error = Some(Box::new(e));
                 break;
             }
         }
@@ -638,28 +647,26 @@ impl Future for IoFuture {
     type Output = Result<Option<DmaBuffer>>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
-        if this.plan.is_err() {
-            if let Err(e) = std::mem::replace(&mut this.plan, Ok(Pieces::Many(Vec::new()))) {
-                return Poll::Ready(Err(e));
-            }
-        }
         let IoFuture {
             aqp,
-            what,
             plan,
-            next,
             buf,
             op: this_op,
             error,
-        } = this;
+        } = self.get_mut();
+        if this_op.is_none() {
+            if let Some(e) = error.take() {
+                // Refused before any command.
+                return Poll::Ready(Err(*e));
+            }
+        }
         let inner = &*aqp.inner;
         let mut st = inner.lock();
         let op = match *this_op {
-            Some(op) => op,
+            Some(op) => op as usize,
             None => {
                 let op = st.take_op();
-                *this_op = Some(op);
+                *this_op = Some(op as u32);
                 op
             }
         };
@@ -670,9 +677,7 @@ impl Future for IoFuture {
             // the commands of the futures that run before it go to the controller with one
             // doorbell. A sleeping reaper would not come: ring now.
             let ring = !matches!(inner.drive, Drive::Poll | Drive::Poller);
-            if let Ok(plan) = plan {
-                submit(plan.as_slice(), next, buf, error, &mut st, op, cx, ring);
-            }
+            submit(plan, buf, error, &mut st, op, cx, ring);
             if let Some(w) = st.poller.take() {
                 w.wake();
             }
@@ -699,12 +704,7 @@ impl Future for IoFuture {
                 }
             }
         }
-        let ready = if st.ops[op].done() {
-            let status = st.ops[op].status;
-            st.release_op(op);
-            *this_op = None;
-            Some(status)
-        } else {
+        if !st.ops[op].done() {
             match inner.drive {
                 Drive::Poll => cx.waker().wake_by_ref(),
                 Drive::Poller | Drive::Reaper | Drive::External => {
@@ -714,33 +714,34 @@ impl Future for IoFuture {
                     }
                 }
             }
-            None
-        };
-        drop(st);
-        match ready {
-            None => Poll::Pending,
-            Some(status) => Poll::Ready(match (error.take(), status) {
-                (Some(e), _) => Err(e),
-                (None, Some(s)) if s == NvmeStatus::DEVICE_REMOVED => Err(Error::DeviceRemoved {
-                    dev: inner.dev.clone(),
-                }),
-                (None, Some(status)) => Err(Error::Command {
-                    dev: inner.dev.clone(),
-                    command: what,
-                    status,
-                }),
-                (None, None) => Ok(match std::mem::replace(buf, Data::None) {
-                    Data::Buffer(b) => Some(b),
-                    _ => None,
-                }),
-            }),
+            return Poll::Pending;
         }
+        let status = st.ops[op].status;
+        st.release_op(op);
+        drop(st);
+        *this_op = None;
+        Poll::Ready(match (error.take(), status) {
+            (Some(e), _) => Err(*e),
+            (None, Some(s)) if s == NvmeStatus::DEVICE_REMOVED => Err(Error::DeviceRemoved {
+                dev: inner.dev.clone(),
+            }),
+            (None, Some(status)) => Err(Error::Command {
+                dev: inner.dev.clone(),
+                command: plan.kind.name(),
+                status,
+            }),
+            (None, None) => Ok(match std::mem::replace(buf, Data::None) {
+                Data::Buffer(b) => Some(b),
+                _ => None,
+            }),
+        })
     }
 }
 
 impl Drop for IoFuture {
     fn drop(&mut self) {
         let Some(op) = self.op.take() else { return };
+        let op = op as usize;
         let mut st = self.aqp.inner.lock();
         // Nothing more is submitted; what is at the device completes into the void. Its
         // buffer's memory stays lent (the queue pair's share) until then.
