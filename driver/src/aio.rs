@@ -841,3 +841,55 @@ fn reaper(inner_weak: Weak<Inner>, irq: Arc<Interrupt>, spin: Duration) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::split_transfer;
+    use crate::spec::io_op;
+
+    /// The commands a plan makes, in order: (opcode, slba, LBAs, data range).
+    fn made(mut p: Plan) -> Vec<(u8, u64, u32, Option<(usize, usize)>)> {
+        let mut out = Vec::new();
+        while !p.finished() {
+            let (cmd, range, n) = p.next();
+            out.push((cmd.opcode(), cmd.slba(), (cmd.cdw12 & 0xffff) + 1, range));
+            p.done += n;
+        }
+        out
+    }
+
+    #[test]
+    fn a_plan_makes_the_commands_of_split_transfer_one_at_a_time() {
+        // (LBAs, bytes per LBA, largest transfer): one command, an exact multiple, a remainder,
+        // a maximum that is not a multiple of the LBA size, the NLB limit.
+        for (blocks, per, max) in [
+            (1u64, 4096u32, 131_072u32),
+            (64, 4096, 131_072),
+            (67, 512, 16_384),
+            (5, 4096, 10_000),
+            (200_000, 512, u32::MAX),
+        ] {
+            let plan = Plan::new(Kind::Read, 1, 1000, blocks, per, max);
+            let want: Vec<_> = split_transfer(1000, blocks, per, max)
+                .map(|s| {
+                    let range = Some((s.offset as usize, s.blocks as usize * per as usize));
+                    (io_op::READ, s.slba, s.blocks, range)
+                })
+                .collect();
+            assert_eq!(made(plan), want, "{blocks} LBAs of {per} bytes, max {max}");
+        }
+        // Write Zeroes carries no data; Flush and Dataset Management are one command each, the
+        // latter with its 16-byte range.
+        let z = made(Plan::new(Kind::WriteZeroes, 1, 0, 70_000, 512, u32::MAX));
+        assert_eq!(z.len(), 2);
+        assert!(z.iter().all(|c| c.3.is_none()));
+        assert_eq!((z[0].2, z[1].1, z[1].2), (65_536, 65_536, 70_000 - 65_536));
+        let f = made(Plan::one(Kind::Flush, 3));
+        assert_eq!(f.len(), 1);
+        assert_eq!((f[0].0, f[0].3), (io_op::FLUSH, None));
+        let d = made(Plan::one(Kind::Deallocate, 3));
+        let want = (1, io_op::DATASET_MANAGEMENT, Some((0, 16)));
+        assert_eq!((d.len(), d[0].0, d[0].3), want);
+    }
+}
