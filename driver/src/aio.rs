@@ -848,8 +848,11 @@ mod tests {
     use crate::io::split_transfer;
     use crate::spec::io_op;
 
-    /// The commands a plan makes, in order: (opcode, slba, LBAs, data range).
-    fn made(mut p: Plan) -> Vec<(u8, u64, u32, Option<(usize, usize)>)> {
+    /// A command as the test sees it: (opcode, slba, LBAs, data range).
+    type Made = (u8, u64, u32, Option<(usize, usize)>);
+
+    /// The commands a plan makes, in order.
+    fn made(mut p: Plan) -> Vec<Made> {
         let mut out = Vec::new();
         while !p.finished() {
             let (cmd, range, n) = p.next();
