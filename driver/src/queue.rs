@@ -48,8 +48,9 @@ pub enum DataPointerMode {
     /// Scatter-gather lists (only when the controller reports SGL support).
     Sgl,
     /// Chosen per command: PRPs when the data fits the two entries of the command (one
-    /// contiguous piece of at most two pages), SGLs when PRPs would need a list. Only when the
-    /// controller reports SGL support; PRPs otherwise.
+    /// contiguous piece of at most two pages, or two pieces where PRP1 ends a page and PRP2
+    /// starts one), SGLs when PRPs would need a list. Only when the controller reports SGL
+    /// support; PRPs otherwise.
     Auto,
 }
 

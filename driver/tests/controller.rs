@@ -208,6 +208,27 @@ fn the_default_takes_prps_without_a_list_and_sgls_instead_of_one() {
             "{blocks} block(s)"
         );
     }
+    // Two pieces of a page each, apart and in reverse order (frames of a page cache): PRP1
+    // ends its page and PRP2 starts one, so PRPs again, no list, no SGL.
+    buf.fill(0xee);
+    let before = model.stats();
+    let pieces = [buf.segment_at(3 * 4096, 4096), buf.segment_at(4096, 4096)];
+    qp.submit(read_cmd(1, 0, 2), &pieces, 7).unwrap();
+    let mut got = Vec::new();
+    while got.is_empty() {
+        qp.poll(1, |c| got.push(c));
+    }
+    assert!(got[0].status.is_success());
+    let after = model.stats();
+    assert_eq!(after.sgl_descriptors, before.sgl_descriptors);
+    assert_eq!(after.prp_list_pages, before.prp_list_pages);
+    let back = buf.to_vec();
+    assert_eq!(back[3 * 4096..4 * 4096], data[..4096]);
+    assert_eq!(back[4096..2 * 4096], data[4096..8192]);
+    assert!(
+        back[..4096].iter().all(|&b| b == 0xee),
+        "nothing else written"
+    );
     // Three pages would need a PRP list: one SGL Data Block descriptor instead.
     let before = model.stats();
     qp.read(1, 0, 32, &buf).unwrap();

@@ -131,12 +131,17 @@ fn one_page_carries_prps_and_a_contiguous_run_one_data_block_in_the_command() {
 }
 
 #[test]
-fn a_hole_page_splits_the_data_into_two_descriptors() {
-    // Pages 0 and 2 in one command; page 1 is a hole and its frame lies between.
-    let map = map_json(4096, 4096, 3 * 4096, &[(0, 100, 1), (2, 101, 1)]);
-    let r = run(&map, &[TraceOp::Read { start: 0, count: 3 }], SGL);
+fn hole_pages_split_the_data_into_descriptors_and_two_pieces_take_prp1_and_prp2() {
+    // Pages 0, 2 and 4 in one command; pages 1 and 3 are holes and their frames lie between.
+    let map = map_json(
+        4096,
+        4096,
+        5 * 4096,
+        &[(0, 100, 1), (2, 101, 1), (4, 102, 1)],
+    );
+    let r = run(&map, &[TraceOp::Read { start: 0, count: 5 }], SGL);
     let l = lines(&r);
-    assert_eq!(l[0]["pages"], json!([0, 2]));
+    assert_eq!(l[0]["pages"], json!([0, 2, 4]));
     assert_eq!(l[0]["dptr"], "sgl");
     assert!(l[0].get("prps").is_none(), "{}", l[0]);
     let types: Vec<&str> = l[0]["descriptors"]
@@ -145,14 +150,36 @@ fn a_hole_page_splits_the_data_into_two_descriptors() {
         .iter()
         .map(|d| d["type"].as_str().unwrap())
         .collect();
-    assert_eq!(types, ["last_segment", "data", "data"]);
+    assert_eq!(types, ["last_segment", "data", "data", "data"]);
+    assert_eq!(r.page_data[&2], disk(101 * 4096, 4096));
+    assert_eq!(r.page_data[&4], disk(102 * 4096, 4096));
+    assert_eq!(r.page_data[&1], vec![0; 4096]);
+    assert_eq!(r.page_data[&3], vec![0; 4096]);
+
+    // Two pieces of a page each: PRP1 ends a page and PRP2 starts one, no list and no SGL.
+    let map = map_json(4096, 4096, 3 * 4096, &[(0, 100, 1), (2, 101, 1)]);
+    let r = run(&map, &[TraceOp::Read { start: 0, count: 3 }], SGL);
+    let l = lines(&r);
+    assert_eq!(r.commands[0].segments.len(), 2);
+    assert_eq!(
+        l[0],
+        json!({"op":"read","slba":100,"lbas":2,"dptr":"prp","prps":2,"pages":[0,2],
+               "fallback":false})
+    );
+    assert_eq!(r.commands[0].list_pages, 0);
+    assert_eq!(r.page_data[&0], disk(100 * 4096, 4096));
     assert_eq!(r.page_data[&2], disk(101 * 4096, 4096));
     assert_eq!(r.page_data[&1], vec![0; 4096]);
 }
 
-/// Whether the driver's Auto mode takes PRPs for these segments: one piece within two pages.
+/// Whether the driver's Auto mode takes PRPs for these segments: one piece within two pages,
+/// or two pieces where PRP1 ends a page and PRP2 starts one (no list either way).
 fn auto_takes_prps(segs: &[rnvme_driver::Segment]) -> bool {
-    matches!(segs, [s] if s.iova.0 % 4096 + s.len as u64 <= 8192)
+    match segs {
+        [s] => s.iova.0 % 4096 + s.len as u64 <= 8192,
+        [a, b] => a.iova.0 % 4096 + a.len as u64 == 4096 && b.iova.0 % 4096 == 0 && b.len <= 4096,
+        _ => false,
+    }
 }
 
 #[test]

@@ -5,13 +5,27 @@
 
 use super::*;
 
-/// Whether `data` fits the command's two PRP entries: one piece over at most two pages.
+/// Whether `data` fits the command's two PRP entries with no list: one piece over at most
+/// two pages, or two pieces of one page each where PRP1 can end and PRP2 begin, a first that
+/// ends at its page's end and a second that starts a page (two frames of a page cache that
+/// are not neighbours, say). An SGL would need a list of two descriptors in memory for those,
+/// one more read for the controller.
 #[inline(always)]
 fn fits_two_prps<S: AsRef<Segment>>(data: &[S]) -> bool {
+    const MASK: u64 = PAGE_SIZE as u64 - 1;
     match data {
         [s] => {
             let s = s.as_ref();
-            (s.iova.0 & (PAGE_SIZE as u64 - 1)) + s.len as u64 <= 2 * PAGE_SIZE as u64
+            (s.iova.0 & MASK) + s.len as u64 <= 2 * PAGE_SIZE as u64
+        }
+        [a, b] => {
+            let (a, b) = (a.as_ref(), b.as_ref());
+            a.len > 0
+                && a.iova.0 & 3 == 0
+                && (a.iova.0 & MASK) + a.len as u64 == PAGE_SIZE as u64
+                && b.iova.0 & MASK == 0
+                && b.len > 0
+                && b.len as usize <= PAGE_SIZE
         }
         _ => false,
     }
@@ -20,8 +34,8 @@ fn fits_two_prps<S: AsRef<Segment>>(data: &[S]) -> bool {
 /// Whether a command with `data` carries an SGL rather than PRPs, in data pointer `mode`, on a
 /// controller that takes SGL data only at dword-aligned addresses in whole dwords
 /// (`dword_only`: Identify SGLS = 10b) or not. This is the choice [`QueuePair::submit`] makes:
-/// with [`DataPointerMode::Auto`], PRPs when the data is one piece that fits the command's two
-/// PRP entries, SGLs otherwise; on a `dword_only` controller, data that is not dword aligned
+/// with [`DataPointerMode::Auto`], PRPs when the command's two PRP entries describe the data
+/// with no list (see `fits_two_prps`), SGLs otherwise; on a `dword_only` controller, data that is not dword aligned
 /// gets PRPs. With [`DataPointerMode::Sgl`] it is always an SGL (submission refuses unaligned
 /// data on a `dword_only` controller).
 ///
@@ -377,7 +391,7 @@ mod tests {
     }
 
     #[test]
-    fn auto_takes_prps_for_one_piece_over_two_pages_and_sgls_otherwise() {
+    fn auto_takes_prps_where_no_list_is_needed_and_sgls_otherwise() {
         let p = PAGE_SIZE as u64;
         let auto = |d: &[Segment]| uses_sgl(DataPointerMode::Auto, false, d);
         assert!(!auto(&[seg(0x10_0000, 4096)]));
@@ -385,15 +399,31 @@ mod tests {
         assert!(!auto(&[seg(0x10_0000 + p - 512, 4096 + 512)]));
         assert!(auto(&[seg(0x10_0000 + 512, 8192)]), "three pages");
         assert!(auto(&[seg(0x10_0000, 12288)]));
-        assert!(
-            auto(&[seg(0x10_0000, 4096), seg(0x20_0000, 4096)]),
-            "two pieces, even though PRP1 and PRP2 would do"
-        );
+        // Two pieces that PRP1 and PRP2 describe with no list: PRPs.
+        assert!(!auto(&[seg(0x10_0000, 4096), seg(0x20_0000, 4096)]));
+        assert!(!auto(&[
+            seg(0x10_0000 + p - 512, 512),
+            seg(0x20_0000, 1024)
+        ]));
+        // Two pieces that need more: a first that does not end its page, a second that does
+        // not start one, or that runs into a third page.
+        assert!(auto(&[seg(0x10_0000, 2048), seg(0x20_0000, 4096)]));
+        assert!(auto(&[seg(0x10_0000, 4096), seg(0x20_0200, 512)]));
+        assert!(auto(&[seg(0x10_0000, 4096), seg(0x20_0000, 8192)]));
+        assert!(auto(&[
+            seg(0x10_0000, 4096),
+            seg(0x20_0000, 4096),
+            seg(0x30_0000, 4096)
+        ]));
         // A controller that takes only dword-aligned SGL data gets PRPs for the rest.
         let odd = [seg(0x10_0000, 4096), seg(0x20_0002, 4092)];
         assert!(uses_sgl(DataPointerMode::Auto, false, &odd));
         assert!(!uses_sgl(DataPointerMode::Auto, true, &odd));
-        let aligned = [seg(0x10_0000, 4096), seg(0x20_0000, 4096)];
+        let aligned = [
+            seg(0x10_0000, 4096),
+            seg(0x20_0000, 4096),
+            seg(0x30_0000, 4096),
+        ];
         assert!(uses_sgl(DataPointerMode::Auto, true, &aligned));
         // The fixed modes do not look at the data.
         assert!(!uses_sgl(DataPointerMode::Prp, false, &aligned));
