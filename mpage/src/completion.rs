@@ -2,7 +2,7 @@
 //! full), reaping completions and ending the I/O of the pages they carry (the role of
 //! `mpage_end_io`), retrying failed multi-page reads page by page, and waiting.
 
-use std::time::Instant;
+use rnvme_driver::clock::Stopwatch;
 
 use rnvme_driver::dma::DmaSlice;
 use rnvme_driver::Segment;
@@ -106,7 +106,7 @@ impl<D: BlockIo> PageCache<D> {
             pages: &pages,
             fallback,
         };
-        let started = Instant::now();
+        let started = Stopwatch::start();
         let mut idle = 0u32;
         loop {
             match self.dev.submit(&req, tag) {
@@ -146,7 +146,7 @@ impl<D: BlockIo> PageCache<D> {
         Ok(tag)
     }
 
-    pub(crate) fn check_timeout(&self, since: Instant) -> Result<(), MpageError> {
+    pub(crate) fn check_timeout(&self, since: Stopwatch) -> Result<(), MpageError> {
         if since.elapsed() >= self.opts.io_timeout {
             return Err(MpageError::Timeout {
                 dev: self.dev.name().to_string(),
@@ -175,7 +175,10 @@ impl<D: BlockIo> PageCache<D> {
         page: Option<(FileId, u64)>,
         cond: impl Fn(&Self) -> bool,
     ) -> Result<(), MpageError> {
-        let mut since = Instant::now();
+        // The time-stamp counter, not `Instant::now()`: in a guest whose clock source is
+        // emulated that is a system call and a device access, and a reader waits (and starts
+        // this clock again) for most readahead windows.
+        let mut since = Stopwatch::start();
         let mut idle = 0u32;
         loop {
             self.run_retries()?;
@@ -194,7 +197,7 @@ impl<D: BlockIo> PageCache<D> {
             }
             self.dev.kick();
             if self.poll_once() > 0 {
-                since = Instant::now();
+                since = Stopwatch::start();
                 idle = 0;
             } else {
                 idle += 1;

@@ -3,8 +3,9 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use rnvme_driver::clock::Stopwatch;
 use rnvme_driver::Segment;
 
 use super::ExtError;
@@ -335,7 +336,7 @@ impl MetaReader {
         };
         let tag = self.next_tag;
         self.next_tag += 1;
-        let started = Instant::now();
+        let started = Stopwatch::start();
         let io_err = |dev: &str, source| ExtError::Io {
             dev: dev.to_string(),
             offset,
@@ -383,7 +384,7 @@ impl MetaReader {
         }
     }
 
-    fn check_timeout(&mut self, since: Instant, offset: u64) -> Result<(), ExtError> {
+    fn check_timeout(&mut self, since: Stopwatch, offset: u64) -> Result<(), ExtError> {
         if since.elapsed() < META_TIMEOUT {
             std::thread::yield_now();
             return Ok(());
