@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use super::passes::{
     mib_per_s, random_pass, raw_read, raw_read_in_place, read_pass, read_pass_in_place,
-    threaded_read, Digest, PassReport, RandomReport, RawReport, ThreadedReport,
+    threaded_read, warm_buffer, Digest, PassReport, RandomReport, RawReport, ThreadedReport,
 };
 use super::{BenchArgs, Device, READ_CHUNK};
 use crate::cmd::{allow_closed_stdout, outln, UsageError};
@@ -112,7 +112,7 @@ fn sync_read(
     let lba = d.ns.lba_size as u64;
     let step = (SYNC_STEP / lba).max(1);
     let buf = d.ctrl.alloc((step.min(lbas) * lba) as usize)?;
-    let mut host = vec![0u8; buf.len()];
+    let mut host = warm_buffer(buf.len());
     let max = qp.max_transfer_for(d.ns.lba_size) as u64;
     let before = qp.stats().submitted;
     let mut outside = Duration::ZERO;
@@ -551,7 +551,7 @@ fn random_passes(
         drop(cache);
         let mut qp = d.ctrl.create_io_qpair(d.entries)?;
         let buf = d.ctrl.alloc(PAGE_SIZE)?;
-        let mut host = vec![0u8; PAGE_SIZE];
+        let mut host = warm_buffer(PAGE_SIZE);
         let mut busy = Duration::ZERO;
         for &p in &pages {
             let t = Stopwatch::start();

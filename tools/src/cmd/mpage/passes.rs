@@ -53,6 +53,17 @@ impl PassReport {
     }
 }
 
+/// A buffer of `len` bytes for a pass to read into, every page of it touched already: a
+/// reader's buffer is warm, and the first touch of fresh memory (a page fault, and a 2 MiB page
+/// the kernel clears for a large buffer) would otherwise be timed as part of the pass, by
+/// chance more in one pass than in another.
+pub(super) fn warm_buffer(len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    v.fill(0xa5);
+    std::hint::black_box(&mut v);
+    v
+}
+
 /// Open `map` as a file of `size` bytes, read it from start to end in `chunk`-byte `read_at`
 /// calls (sequential, so readahead runs ahead of the reader), hand each piece to `sink`, and
 /// close it again. Only the time spent in the cache is counted.
@@ -65,7 +76,7 @@ pub fn read_pass<D: BlockIo>(
 ) -> Result<PassReport> {
     let f = cache.open(map, size)?;
     cache.reset_stats();
-    let mut buf = vec![0u8; chunk.max(1)];
+    let mut buf = warm_buffer(chunk.max(1));
     let mut off = 0u64;
     let mut busy = Duration::ZERO;
     while off < size {
@@ -291,7 +302,7 @@ fn raw_loop<D: BlockIo>(
     let mut free: Vec<usize> = (0..slots.len()).rev().collect();
     // Byte offset and length of the piece each slot holds.
     let mut holds = vec![(0u64, 0usize); slots.len()];
-    let mut host = vec![0u8; piece];
+    let mut host = warm_buffer(piece);
     let (mut next, mut done, mut commands, mut in_flight, mut max_in_flight) = (0u64, 0, 0, 0, 0);
     let mut outside = Duration::ZERO;
     let mut completed: Vec<(u64, Result<(), IoError>)> = Vec::new();
@@ -486,7 +497,7 @@ pub fn threaded_read<D: BlockIo + Send>(
             .map(|&(f, size)| {
                 let start = &start;
                 sc.spawn(move || -> Result<(Duration, Digest)> {
-                    let mut buf = vec![0u8; chunk.max(1)];
+                    let mut buf = warm_buffer(chunk.max(1));
                     let mut dg = Digest::default();
                     start.wait();
                     let began = Stopwatch::start();
@@ -575,7 +586,7 @@ pub fn random_pass<D: BlockIo>(
 ) -> Result<RandomReport> {
     let f = cache.open(map, size)?;
     cache.reset_stats();
-    let mut buf = vec![0u8; PAGE_SIZE];
+    let mut buf = warm_buffer(PAGE_SIZE);
     let mut busy = Duration::ZERO;
     for &p in pages {
         let t = Stopwatch::start();
