@@ -149,13 +149,58 @@ fn boot_failure(out: &vm::VmOutput, measurements_failed: bool) -> Option<String>
     }
 }
 
-/// Write every boot's results to `path`, when asked.
-fn write_json<T: Serialize>(path: Option<&std::path::Path>, all: &T) -> Result<()> {
-    if let Some(path) = path {
-        std::fs::write(path, serde_json::to_string_pretty(all)? + "\n")
-            .with_context(|| format!("cannot write {}", path.display()))?;
+/// What a bench gathers over its guest boots (one per device back end): each boot's
+/// comparison, printed as it comes, the first failure, and the time it all took.
+struct Boots<T> {
+    all: Vec<T>,
+    failed: Option<String>,
+    begin: Instant,
+}
+
+impl<T: Serialize> Boots<T> {
+    fn new() -> Boots<T> {
+        Boots {
+            all: Vec::new(),
+            failed: None,
+            begin: Instant::now(),
+        }
     }
-    Ok(())
+
+    /// Print one boot's `table` and keep its comparison `c`; a failed guest script or failed
+    /// measurements make the whole bench fail at [`Boots::finish`] (the first failure, after
+    /// `label` when given), whether or not anybody reads the table.
+    fn add(
+        &mut self,
+        c: T,
+        table: &str,
+        out: &vm::VmOutput,
+        measurements_failed: bool,
+        label: Option<&str>,
+    ) -> Result<()> {
+        allow_closed_stdout(out!("{table}\n"))?;
+        if let Some(why) = boot_failure(out, measurements_failed) {
+            self.failed.get_or_insert(match label {
+                Some(l) => format!("{l}: {why}"),
+                None => why,
+            });
+        }
+        self.all.push(c);
+        Ok(())
+    }
+
+    /// Write every boot's comparison to `json` when asked; then fail with the first failure,
+    /// or say how long it all took.
+    fn finish(self, json: Option<&std::path::Path>) -> Result<ExitCode> {
+        if let Some(path) = json {
+            std::fs::write(path, serde_json::to_string_pretty(&self.all)? + "\n")
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        if let Some(why) = self.failed {
+            bail!("{why}");
+        }
+        eprintln!("rnvme: done in {:.0} s", self.begin.elapsed().as_secs_f64());
+        Ok(ExitCode::SUCCESS)
+    }
 }
 
 /// `YYYY-MM-DD HH:MM UTC` now.
@@ -230,7 +275,7 @@ fn compare(a: CompareArgs) -> Result<ExitCode> {
         )
         .into());
     }
-    let begin = Instant::now();
+    let mut boots = Boots::new();
     let seconds = a.seconds.unwrap_or(if a.quick { 2 } else { 5 });
     let rounds = a.rounds.unwrap_or(if a.quick { 1 } else { 3 });
     let workloads: Vec<Workload> = WORKLOADS
@@ -251,8 +296,6 @@ fn compare(a: CompareArgs) -> Result<ExitCode> {
     } else {
         a.backend.clone()
     };
-    let mut all = Vec::new();
-    let mut failed = None;
     for backend in backends {
         // Each measurement takes its time, a warm-up and a start; each hand-over of the
         // device between the kernel and rnvme a few seconds more.
@@ -295,20 +338,11 @@ fn compare(a: CompareArgs) -> Result<ExitCode> {
             targets,
             wall_s: begin.elapsed().as_secs_f64(),
         };
-        // The guest's status and the failures decide the status even when nobody reads the
-        // table.
-        allow_closed_stdout(out!("{}\n", table(&c)))?;
-        if let Some(why) = boot_failure(&out, c.lines.iter().any(|l| !l.failures.is_empty())) {
-            failed.get_or_insert(format!("{}: {why}", backend.describe()));
-        }
-        all.push(c);
+        let shown = table(&c);
+        let failures = c.lines.iter().any(|l| !l.failures.is_empty());
+        boots.add(c, &shown, &out, failures, Some(backend.describe()))?;
     }
-    write_json(a.json.as_deref(), &all)?;
-    if let Some(why) = failed {
-        bail!("{why}");
-    }
-    eprintln!("rnvme: done in {:.0} s", begin.elapsed().as_secs_f64());
-    Ok(ExitCode::SUCCESS)
+    boots.finish(a.json.as_deref())
 }
 
 /// `rnvme bench`.

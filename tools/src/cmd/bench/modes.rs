@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::Args;
@@ -14,10 +14,7 @@ use rnvme_tools::vm;
 use serde::Serialize;
 
 use super::results::{json_in, median, num, sections};
-use super::{
-    allow_closed_stdout, bench_vm, boot_failure, host_facts, out, utc_now, write_json,
-    DeviceBackend, UsageError,
-};
+use super::{bench_vm, host_facts, utc_now, Boots, DeviceBackend, UsageError};
 
 /// `rnvme bench modes`
 #[derive(Debug, Args)]
@@ -331,7 +328,7 @@ pub fn modes_bench(a: ModesBenchArgs) -> Result<ExitCode> {
     if a.seconds == 0 {
         return Err(UsageError("--seconds must be at least 1".into()).into());
     }
-    let begin = Instant::now();
+    let mut boots = Boots::new();
     let rnvme = super::super::vm::static_rnvme()?;
     let backends = if a.backend.is_empty() {
         vec![DeviceBackend::Threads, DeviceBackend::Null]
@@ -340,8 +337,6 @@ pub fn modes_bench(a: ModesBenchArgs) -> Result<ExitCode> {
     };
     let per_round = (DEPTHS.len() * MODES.len() * 2) as u64;
     let measurements = (per_round + MODES.len() as u64) * a.rounds as u64;
-    let mut all = Vec::new();
-    let mut failed = None;
     for backend in backends {
         let config = bench_vm(
             backend,
@@ -383,18 +378,11 @@ pub fn modes_bench(a: ModesBenchArgs) -> Result<ExitCode> {
             targets,
             failures,
         };
-        allow_closed_stdout(out!("{}\n", modes_table(&c)))?;
-        if let Some(why) = boot_failure(&out, !c.failures.is_empty()) {
-            failed.get_or_insert(why);
-        }
-        all.push(c);
+        let shown = modes_table(&c);
+        let failures = !c.failures.is_empty();
+        boots.add(c, &shown, &out, failures, None)?;
     }
-    write_json(a.json.as_deref(), &all)?;
-    if let Some(why) = failed {
-        bail!("{why}");
-    }
-    eprintln!("rnvme: done in {:.0} s", begin.elapsed().as_secs_f64());
-    Ok(ExitCode::SUCCESS)
+    boots.finish(a.json.as_deref())
 }
 
 #[cfg(test)]

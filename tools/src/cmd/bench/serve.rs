@@ -8,18 +8,15 @@
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Args;
 use rnvme_tools::vm;
 use serde::Serialize;
 
 use super::results::{json_in, parse_fio, sections};
-use super::{
-    allow_closed_stdout, bench_vm, boot_failure, host_facts, out, utc_now, write_json,
-    DeviceBackend, UsageError,
-};
+use super::{bench_vm, host_facts, utc_now, Boots, DeviceBackend, UsageError};
 
 /// `rnvme bench serve`
 #[derive(Debug, Args)]
@@ -356,7 +353,7 @@ pub fn serve_bench(a: ServeBenchArgs) -> Result<ExitCode> {
     if a.seconds == 0 {
         return Err(UsageError("--seconds must be at least 1".into()).into());
     }
-    let begin = Instant::now();
+    let mut boots = Boots::new();
     let rnvme = super::super::vm::static_rnvme()?;
     let backends = if a.backend.is_empty() {
         vec![DeviceBackend::Threads, DeviceBackend::Null]
@@ -364,8 +361,6 @@ pub fn serve_bench(a: ServeBenchArgs) -> Result<ExitCode> {
         a.backend.clone()
     };
     let measurements = 2 * NVMF_WORKLOADS.len() as u64 * a.rounds as u64;
-    let mut all = Vec::new();
-    let mut failed = None;
     for backend in backends {
         let config = bench_vm(
             backend,
@@ -418,18 +413,11 @@ pub fn serve_bench(a: ServeBenchArgs) -> Result<ExitCode> {
             rows,
             failures,
         };
-        allow_closed_stdout(out!("{}\n", nvmf_table(&c)))?;
-        if let Some(why) = boot_failure(&out, !c.failures.is_empty()) {
-            failed.get_or_insert(why);
-        }
-        all.push(c);
+        let shown = nvmf_table(&c);
+        let failures = !c.failures.is_empty();
+        boots.add(c, &shown, &out, failures, None)?;
     }
-    write_json(a.json.as_deref(), &all)?;
-    if let Some(why) = failed {
-        bail!("{why}");
-    }
-    eprintln!("rnvme: done in {:.0} s", begin.elapsed().as_secs_f64());
-    Ok(ExitCode::SUCCESS)
+    boots.finish(a.json.as_deref())
 }
 
 #[cfg(test)]
