@@ -54,7 +54,7 @@ fn main() {
     // Each loop opens the file afresh (a cold cache, as `rnvme mpage bench` does); the close
     // is not timed.
     for _ in 0..loops {
-        let t = std::time::Instant::now();
+        let t = rnvme_driver::clock::Stopwatch::start();
         let f = c
             .open(Box::new(Linear::new(4096, 0, pages)), pages * 4096)
             .unwrap();
