@@ -2,7 +2,9 @@
 //! way fio drives it (queue, commit, getevents, event), to tell the engine's own cost from
 //! fio's. `qd BDF/NSID DEPTH SECONDS`.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use rnvme_driver::clock::Stopwatch;
 
 use rnvme_fio::job::{Job, JobParams, Op, Queued};
 
@@ -42,7 +44,8 @@ fn main() {
         );
     }
     j.commit();
-    let start = Instant::now();
+    rnvme_driver::clock::start_learning_rate();
+    let start = Stopwatch::start();
     let mut done = 0u64;
     let mut idx = Vec::new();
     while start.elapsed() < Duration::from_secs(secs) {
