@@ -163,6 +163,14 @@ impl<D: BlockIo> PageCache<D> {
                     }
                     return r;
                 }
+                // A marked page still being read: the next window starts before the wait for
+                // it, as the kernel's `filemap_get_pages` starts async readahead before it waits
+                // for the folio, so the device works on the window meanwhile (a reader that
+                // caught up with its readahead, and every stream's first window).
+                Some((false, true, _, true)) => {
+                    self.page_mut(f, p).ra_mark = false;
+                    self.readahead_async(f, p)?;
+                }
                 Some((false, true, _, _)) => self.wait_page(f, p)?,
                 Some((false, false, true, _)) if reads > 0 => return self.page_result(f, p),
                 Some((false, false, _, _)) => {

@@ -563,6 +563,38 @@ fn readahead_windows_are_sized_by_the_device_and_cover_its_queue() {
 }
 
 #[test]
+fn a_reader_at_a_marked_page_still_being_read_starts_the_next_windows_before_it_waits() {
+    // A first read of 32 pages: its window (two commands of 16 pages) carries the readahead
+    // mark on its first page, which the reader reaches while it is being read. The device
+    // completes nothing: what was submitted when the wait gives up is what the reader sent
+    // before waiting.
+    let mut c = small_commands(CacheOptions {
+        io_timeout: std::time::Duration::from_millis(50),
+        ..CacheOptions::default()
+    });
+    let f = linear(&mut c, 1000);
+    c.device_mut().set_stalled(true);
+    let mut b = vec![0u8; 32 * 4096];
+    match c.read_at(f, 0, &mut b) {
+        Err(MpageError::Timeout { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    let sizes = read_sizes(&c);
+    assert!(
+        sizes.len() > 2,
+        "only the first window went out before the wait: {sizes:?}"
+    );
+    assert!(read_frontier(&c) >= 32 + 16, "{sizes:?}");
+    // The device wakes up: everything read is right, the windows already sent included.
+    c.device_mut().set_stalled(false);
+    c.wait_idle().unwrap();
+    for p in (0..200).step_by(32) {
+        c.read_at(f, p * 4096, &mut b).unwrap();
+        assert_eq!(b, disk((1000 + p) * 4096, 32 * 4096), "page {p}");
+    }
+}
+
+#[test]
 fn readahead_backs_off_when_its_pages_are_evicted_unread() {
     // Six readers take turns, page by page, in a cache of 128 pages: each may read up to
     // a quarter of the cache ahead, more than the cache holds for all of them.
