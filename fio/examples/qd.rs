@@ -44,7 +44,6 @@ fn main() {
         );
     }
     j.commit();
-    rnvme_driver::clock::start_learning_rate();
     let start = Stopwatch::start();
     let mut done = 0u64;
     let mut idx = Vec::new();

@@ -3,7 +3,6 @@
 //! `mpage_end_io`), retrying failed multi-page reads page by page, and waiting.
 
 use rnvme_driver::clock::Stopwatch;
-
 use rnvme_driver::dma::DmaSlice;
 use rnvme_driver::Segment;
 

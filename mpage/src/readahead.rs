@@ -147,30 +147,16 @@ impl<D: BlockIo> PageCache<D> {
                 .map(|pg| (pg.uptodate, pg.busy(), pg.error.is_some(), pg.ra_mark));
             match state {
                 Some((true, _, _, mark)) => {
-                    if !mark {
-                        return Ok(());
+                    if mark {
+                        self.readahead_from_mark(f, p)?;
                     }
-                    // The window's frames must not come from evicting this very page.
-                    let pg = self.page_mut(f, p);
-                    pg.ra_mark = false;
-                    pg.held = true;
-                    let r = self.readahead_async(f, p);
-                    if let Some(fr) = self.files[f.0 as usize]
-                        .as_ref()
-                        .and_then(|fs| fs.pages.get(p))
-                    {
-                        self.slot_mut(fr).held = false;
-                    }
-                    return r;
+                    return Ok(());
                 }
                 // A marked page still being read: the next window starts before the wait for
                 // it, as the kernel's `filemap_get_pages` starts async readahead before it waits
                 // for the folio, so the device works on the window meanwhile (a reader that
                 // caught up with its readahead, and every stream's first window).
-                Some((false, true, _, true)) => {
-                    self.page_mut(f, p).ra_mark = false;
-                    self.readahead_async(f, p)?;
-                }
+                Some((false, true, _, true)) => self.readahead_from_mark(f, p)?,
                 Some((false, true, _, _)) => self.wait_page(f, p)?,
                 Some((false, false, true, _)) if reads > 0 => return self.page_result(f, p),
                 Some((false, false, _, _)) => {
@@ -184,6 +170,22 @@ impl<D: BlockIo> PageCache<D> {
                 }
             }
         }
+    }
+
+    /// The reader reached page `p`'s readahead mark: clear it and start the next windows, the
+    /// page held meanwhile (their frames must not come from evicting this very page).
+    fn readahead_from_mark(&mut self, f: FileId, p: u64) -> Result<(), MpageError> {
+        let pg = self.page_mut(f, p);
+        pg.ra_mark = false;
+        pg.held = true;
+        let r = self.readahead_async(f, p);
+        if let Some(fr) = self.files[f.0 as usize]
+            .as_ref()
+            .and_then(|fs| fs.pages.get(p))
+        {
+            self.slot_mut(fr).held = false;
+        }
+        r
     }
 
     pub(crate) fn readahead_cap(&self) -> u64 {

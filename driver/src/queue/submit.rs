@@ -20,8 +20,8 @@ fn fits_two_prps<S: AsRef<Segment>>(data: &[S]) -> bool {
         }
         [a, b] => {
             let (a, b) = (a.as_ref(), b.as_ref());
-            a.len > 0
-                && a.iova.0 & 3 == 0
+            // Ending its page from an offset inside it, the first piece is never empty.
+            a.iova.0 & 3 == 0
                 && (a.iova.0 & MASK) + a.len as u64 == PAGE_SIZE as u64
                 && b.iova.0 & MASK == 0
                 && b.len > 0
@@ -35,8 +35,8 @@ fn fits_two_prps<S: AsRef<Segment>>(data: &[S]) -> bool {
 /// controller that takes SGL data only at dword-aligned addresses in whole dwords
 /// (`dword_only`: Identify SGLS = 10b) or not. This is the choice [`QueuePair::submit`] makes:
 /// with [`DataPointerMode::Auto`], PRPs when the command's two PRP entries describe the data
-/// with no list (see `fits_two_prps`), SGLs otherwise; on a `dword_only` controller, data that is not dword aligned
-/// gets PRPs. With [`DataPointerMode::Sgl`] it is always an SGL (submission refuses unaligned
+/// with no list (see `fits_two_prps`), SGLs otherwise; on a `dword_only` controller, data that
+/// is not dword aligned gets PRPs. With [`DataPointerMode::Sgl`] it is always an SGL (submission refuses unaligned
 /// data on a `dword_only` controller).
 ///
 /// `mode` is the queue pair's mode as in force ([`QueuePair::data_pointer_mode`]): a controller
