@@ -16,7 +16,8 @@
 int rnvme_fio_file_info(const char *name, int hugepages, uint64_t *size, uint32_t *lba,
 			char *err, size_t errlen);
 void *rnvme_fio_job_new(uint32_t depth, uint64_t max_bs, int dptr, int fua, int ring_at_commit,
-			char *err, size_t errlen);
+			int stats, char *err, size_t errlen);
+int rnvme_fio_job_report(void *job, char *buf, size_t len);
 int rnvme_fio_job_add_file(void *job, uint32_t fileno, const char *name, int hugepages,
 			   char *err, size_t errlen);
 int rnvme_fio_job_start(void *job, char *err, size_t errlen);
@@ -39,6 +40,7 @@ struct rnvme_options {
 	unsigned int hugepages;
 	unsigned int fua;
 	unsigned int ring;
+	unsigned int stats;
 };
 
 static struct fio_option options[] = {
@@ -90,6 +92,17 @@ static struct fio_option options[] = {
 			    .help = "At fio's next reap: one doorbell for all it queued before" },
 			  { .ival = "commit", .oval = 1, .help = "At each of fio's commits" },
 		},
+		.category = FIO_OPT_C_ENGINE,
+		.group	= FIO_OPT_G_INVALID,
+	},
+	{
+		.name	= "rnvme_stats",
+		.lname	= "rnvme time accounting",
+		.type	= FIO_OPT_BOOL,
+		.off1	= offsetof(struct rnvme_options, stats),
+		.help	= "At the job's end, say where its thread's time went: submitting, "
+			  "waiting for the device, fio's own work",
+		.def	= "0",
 		.category = FIO_OPT_C_ENGINE,
 		.group	= FIO_OPT_G_INVALID,
 	},
@@ -208,6 +221,13 @@ static void rnvme_cleanup(struct thread_data *td)
 
 	if (!r)
 		return;
+	if (r->job) {
+		char line[ERRLEN];
+
+		/* stderr: fio's JSON output on stdout stays whole. */
+		if (rnvme_fio_job_report(r->job, line, sizeof(line)))
+			log_err("rnvme: %s: %s\n", td->o.name, line);
+	}
 	rnvme_fio_job_free(r->job);
 	free(r->by_index);
 	free(r->queued);
@@ -234,8 +254,8 @@ static int rnvme_init(struct thread_data *td)
 	r->queued = calloc(r->depth, sizeof(*r->queued));
 	if (!r->by_index || !r->queued)
 		goto fail_quiet;
-	r->job = rnvme_fio_job_new(r->depth, bs_largest(td), o->dptr, o->fua, o->ring, err,
-				   ERRLEN);
+	r->job = rnvme_fio_job_new(r->depth, bs_largest(td), o->dptr, o->fua, o->ring, o->stats,
+				   err, ERRLEN);
 	if (!r->job)
 		goto fail;
 	for_each_file(td, f, i) {

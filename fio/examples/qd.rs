@@ -23,6 +23,7 @@ fn main() {
         dptr: rnvme_driver::queue::DataPointerMode::Auto,
         fua: false,
         ring_at_commit: false,
+        stats: true,
     })
     .unwrap();
     j.add_file(0, &t, ctrl).unwrap();
@@ -61,4 +62,7 @@ fn main() {
         }
     }
     println!("{:.0} IOPS", done as f64 / start.elapsed().as_secs_f64());
+    if let Some(line) = j.report() {
+        println!("{line}");
+    }
 }

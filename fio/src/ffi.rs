@@ -125,7 +125,8 @@ pub unsafe extern "C" fn rnvme_fio_file_info(
 
 /// A new job: `depth` io_us of at most `max_bs` bytes; `dptr` 0 auto, 1 PRP, 2 SGL; `fua`
 /// for writes; `ring_at_commit` to ring the doorbell at fio's commit rather than at its next
-/// reap. Null with the reason in `err` on failure.
+/// reap; `stats` to account where the job's time goes ([`rnvme_fio_job_report`]). Null with
+/// the reason in `err` on failure.
 ///
 /// # Safety
 /// `err` has `errlen` bytes.
@@ -136,6 +137,7 @@ pub unsafe extern "C" fn rnvme_fio_job_new(
     dptr: c_int,
     fua: c_int,
     ring_at_commit: c_int,
+    stats: c_int,
     err: *mut c_char,
     errlen: usize,
 ) -> *mut c_void {
@@ -152,6 +154,7 @@ pub unsafe extern "C" fn rnvme_fio_job_new(
             dptr,
             fua: fua != 0,
             ring_at_commit: ring_at_commit != 0,
+            stats: stats != 0,
         })
     });
     match r {
@@ -369,6 +372,29 @@ pub unsafe extern "C" fn rnvme_fio_errdetails(
             0
         }
         None => 1,
+    }
+}
+
+/// With `rnvme_stats=1`: writes the job's account of its time into `buf` (NUL-terminated) and
+/// returns 1; 0 when there is none.
+///
+/// # Safety
+/// See [`job`]; `buf` has `len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn rnvme_fio_job_report(
+    j: *mut c_void,
+    buf: *mut c_char,
+    len: usize,
+) -> c_int {
+    // SAFETY: as promised by the caller.
+    let j = unsafe { job(j) };
+    match guarded(|| Ok(j.report())) {
+        Ok(Some(line)) => {
+            // SAFETY: `buf` has `len` bytes (caller).
+            unsafe { put(buf, len, &line) };
+            1
+        }
+        _ => 0,
     }
 }
 

@@ -40,6 +40,45 @@ pub struct JobParams {
     pub fua: bool,
     /// `rnvme_ring=commit`: ring the doorbell at fio's commit rather than at its next reap.
     pub ring_at_commit: bool,
+    /// `rnvme_stats=1`: account where the job thread's time goes ([`Job::report`]).
+    pub stats: bool,
+}
+
+/// Where a job thread's time went, in time-stamp counter ticks: inside the engine's
+/// submissions, inside its reaps (mostly waiting for the device), and between the engine's
+/// calls (fio's own work). Kept only with `rnvme_stats=1`: two counter reads per call.
+#[derive(Clone, Debug, Default)]
+pub struct TimeSplit {
+    /// Ticks inside [`Job::queue`].
+    pub queue: u64,
+    /// Ticks inside [`Job::getevents`].
+    pub reap: u64,
+    /// Ticks from the end of one engine call to the start of the next.
+    pub between: u64,
+    /// io_us queued.
+    pub queued: u64,
+    /// Calls to [`Job::getevents`].
+    pub reaps: u64,
+    /// Of those, calls that found no completion on their first poll (they waited).
+    pub waited: u64,
+    /// When the last engine call returned (0: none yet).
+    last: u64,
+}
+
+impl TimeSplit {
+    fn enter(&mut self) -> u64 {
+        let now = Ticks::now().0;
+        if self.last != 0 {
+            self.between += now.saturating_sub(self.last);
+        }
+        now
+    }
+
+    fn leave(&mut self, since: u64) -> u64 {
+        let now = Ticks::now().0;
+        self.last = now;
+        now.saturating_sub(since)
+    }
 }
 
 /// The outcome of [`Job::queue`].
@@ -81,6 +120,7 @@ pub struct Job {
     /// io_us completed by the last [`Job::getevents`]: (index, errno or 0).
     events: Vec<(u32, i32)>,
     max_transfer: u32,
+    split: Option<TimeSplit>,
 }
 
 /// Size of one Dataset Management range entry.
@@ -94,6 +134,7 @@ impl Job {
         }
         Ok(Job {
             slots: vec![Slot::default(); params.depth as usize],
+            split: params.stats.then(TimeSplit::default),
             params,
             ctrl: None,
             qp: None,
@@ -212,6 +253,26 @@ impl Job {
     /// Queues io_u `index`: `op` on fio's file `fileno`, `len` bytes at byte `offset`, its data
     /// at host address `addr` inside the buffers of [`Job::iomem_alloc`].
     pub fn queue(
+        &mut self,
+        fileno: u32,
+        op: Op,
+        offset: u64,
+        len: u64,
+        addr: usize,
+        index: u32,
+    ) -> Result<Queued, EngineError> {
+        let Some(mut split) = self.split.take() else {
+            return self.submit(fileno, op, offset, len, addr, index);
+        };
+        let t = split.enter();
+        let r = self.submit(fileno, op, offset, len, addr, index);
+        split.queue += split.leave(t);
+        split.queued += matches!(r, Ok(Queued::Queued)) as u64;
+        self.split = Some(split);
+        r
+    }
+
+    fn submit(
         &mut self,
         fileno: u32,
         op: Op,
@@ -360,9 +421,23 @@ impl Job {
     /// Polls until at least `min` io_us completed (or `timeout` passed), at most `max`;
     /// returns how many, readable with [`Job::event`].
     pub fn getevents(&mut self, min: usize, max: usize, timeout: Option<Duration>) -> usize {
+        let Some(mut split) = self.split.take() else {
+            return self.reap(min, max, timeout).0;
+        };
+        let t = split.enter();
+        let (n, waited) = self.reap(min, max, timeout);
+        split.reap += split.leave(t);
+        split.reaps += 1;
+        split.waited += waited as u64;
+        self.split = Some(split);
+        n
+    }
+
+    /// [`Job::getevents`]; also whether its first poll found nothing.
+    fn reap(&mut self, min: usize, max: usize, timeout: Option<Duration>) -> (usize, bool) {
         self.events.clear();
         let Some(qp) = self.qp.as_mut() else {
-            return 0;
+            return (0, false);
         };
         // The deadline in time-stamp counter ticks: no clock read while polling (a guest whose
         // clock source is an emulated HPET pays a VM exit for each). A zero timeout, and any
@@ -371,10 +446,12 @@ impl Job {
             Some(rate) if !t.is_zero() => Ticks::now().after(rate.ticks(t)),
             _ => Ticks(0),
         });
+        let mut first = None;
         while self.events.len() < max {
             let room = max - self.events.len();
             let (slots, events) = (&mut self.slots, &mut self.events);
-            qp.poll(room, |c| complete(slots, events, c));
+            let found = qp.poll(room, |c| complete(slots, events, c));
+            first.get_or_insert(found == 0);
             if self.events.len() >= min {
                 break;
             }
@@ -385,7 +462,30 @@ impl Job {
                 break;
             }
         }
-        self.events.len()
+        (self.events.len(), first.unwrap_or(false))
+    }
+
+    /// With `rnvme_stats=1`: one line on where the job thread's time went, per io_u, and the
+    /// queue pair's doorbell counts. None without it, or before the tick rate is known.
+    pub fn report(&self) -> Option<String> {
+        let s = self.split.as_ref()?;
+        let rate = rnvme_driver::clock::learned_rate()?;
+        let per = |t: u64| rate.nanos(t) as f64 / 1000.0 / s.queued.max(1) as f64;
+        let q = self.qp.as_ref()?.stats();
+        let per_cmd = |n: u64| n as f64 / q.submitted.max(1) as f64;
+        Some(format!(
+            "{} io_us; per io_u: {:.2} us submitting, {:.2} us reaping (waiting for the device), \
+             {:.2} us in fio between the engine's calls; {} of {} reaps waited; {:.3} submission \
+             and {:.3} completion doorbells per command",
+            s.queued,
+            per(s.queue),
+            per(s.reap),
+            per(s.between),
+            s.waited,
+            s.reaps,
+            per_cmd(q.sq_doorbells),
+            per_cmd(q.cq_doorbells),
+        ))
     }
 
     /// The `i`th io_u of the last [`Job::getevents`]: its index and errno (0: success).

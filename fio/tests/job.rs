@@ -2,6 +2,7 @@
 //! without fio.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use rnvme_driver::controller::{Controller, ControllerOptions};
 use rnvme_driver::dma::Backing;
@@ -50,6 +51,7 @@ fn job(ctrl: &Arc<Controller>, depth: u32, max_bs: u64, dptr: DataPointerMode) -
         dptr,
         fua: false,
         ring_at_commit: false,
+        stats: false,
     })
     .unwrap();
     j.add_file(0, &parse("0000.00.04.0/1").unwrap(), ctrl.clone())
@@ -68,6 +70,7 @@ fn one_file_job(ctrl: &Arc<Controller>, depth: u32, dptr: DataPointerMode, at_co
         dptr,
         fua: false,
         ring_at_commit: at_commit,
+        stats: false,
     })
     .unwrap();
     j.add_file(0, &parse("0000.00.04.0/1").unwrap(), ctrl.clone())
@@ -258,6 +261,7 @@ fn files_must_exist_fit_the_block_size_and_share_the_controller() {
         dptr: DataPointerMode::Auto,
         fua: false,
         ring_at_commit: false,
+        stats: false,
     })
     .unwrap();
     let t = |n: u32| Target {
@@ -284,7 +288,8 @@ fn files_must_exist_fit_the_block_size_and_share_the_controller() {
         max_bs: 4096,
         dptr: DataPointerMode::Auto,
         fua: false,
-        ring_at_commit: false
+        ring_at_commit: false,
+        stats: false
     })
     .is_err());
 }
@@ -350,6 +355,49 @@ fn commands_go_out_at_the_next_reap_or_at_commit_when_asked() {
         assert_eq!(reap_all(&mut j, 4).len(), 4);
         assert_eq!(model.stats().reads, 4);
     }
+}
+
+#[test]
+fn with_rnvme_stats_a_job_accounts_its_io_us_and_the_reaps_that_waited() {
+    let run = |stats: bool, threaded: bool| {
+        let (model, ctrl) = model(0, false);
+        if threaded {
+            model.complete_from_thread(Duration::from_millis(1));
+        }
+        let mut j = Job::new(JobParams {
+            depth: 1,
+            max_bs: 4096,
+            dptr: DataPointerMode::Prp,
+            fua: false,
+            ring_at_commit: false,
+            stats,
+        })
+        .unwrap();
+        j.add_file(0, &parse("0000.00.04.0/1").unwrap(), ctrl.clone())
+            .unwrap();
+        j.start().unwrap();
+        let base = j.iomem_alloc(4096).unwrap();
+        for i in 0..8u64 {
+            assert_eq!(
+                j.queue(0, Op::Read, i * 4096, 4096, base, 0).unwrap(),
+                Queued::Queued
+            );
+            j.commit();
+            assert_eq!(reap_all(&mut j, 1), vec![(0, 0)]);
+        }
+        while rnvme_driver::clock::learned_rate().is_none() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        j.report()
+    };
+    assert_eq!(run(false, false), None);
+    // Completions posted while the doorbell is written: each reap's first poll finds one.
+    let r = run(true, false).unwrap();
+    assert!(r.starts_with("8 io_us; per io_u: "), "{r}");
+    assert!(r.contains("; 0 of 8 reaps waited; 1.000 submission"), "{r}");
+    // Completions from another thread a millisecond later: every reap waits.
+    let r = run(true, true).unwrap();
+    assert!(r.contains("; 8 of 8 reaps waited; "), "{r}");
 }
 
 #[test]

@@ -35,7 +35,7 @@ step r_crc fio --name=crc --ioengine=$E $J --filename=$A/1 --offset=8m --size=8m
 step r_prp fio --name=prp --ioengine=$E $J --filename=$A/1 --offset=16m --size=2m --rw=randwrite --bs=16k --iodepth=8 $V --rnvme_dptr=prp
 step r_sgl fio --name=sgl --ioengine=$E $J --filename=$A/1 --offset=18m --size=2m --rw=randwrite --bs=16k --iodepth=8 $V --rnvme_dptr=sgl
 step r_small fio --name=small --ioengine=$E $J --filename=$A/1 --offset=20m --size=2m --rw=randwrite --bs=8k --iodepth=4 $V --rnvme_hugepages=0
-step r_fua fio --name=fua --ioengine=$E $J --filename=$A/2 --offset=0 --size=2m --rw=write --bs=4k --iodepth=4 $V --rnvme_fua=1
+step r_fua fio --name=fua --ioengine=$E $J --filename=$A/2 --offset=0 --size=2m --rw=write --bs=4k --iodepth=4 $V --rnvme_fua=1 --rnvme_stats=1
 # Two threads, each on both namespaces, with flushes.
 step r_two fio --name=two --ioengine=$E $J --numjobs=2 --filename=$A/1:$A/2 --offset=24m --offset_increment=4m --size=4m --rw=randwrite --bs=4k --iodepth=8 --fsync=16 $V
 # Mixed reads and writes with percentiles, on what is there.
@@ -159,6 +159,22 @@ fn fio_jobs_run_on_rnvme_through_the_engine() {
         verified(s, name, 2 << 20);
     }
     verified(s, "r_fua", 2 << 20);
+    // rnvme_stats=1: one line at the job's end on where its time went, on stderr (fio's JSON
+    // on stdout stays whole): 512 writes of 4 KiB and the 512 reads that verify them.
+    let fua = s.ok("r_fua");
+    let stats: Vec<&str> = fua
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("rnvme: fua: "))
+        .collect();
+    assert_eq!(stats.len(), 1, "{}", fua.describe());
+    assert!(
+        stats[0].starts_with("rnvme: fua: 1024 io_us; per io_u: ")
+            && stats[0].contains(" us reaping (waiting for the device), ")
+            && stats[0].contains(" reaps waited; "),
+        "{}",
+        stats[0]
+    );
     // Two jobs of 4 MiB over two namespaces each, with fsync every 16 writes.
     let v = report(s, "r_two");
     let jobs = v["jobs"].as_array().unwrap();

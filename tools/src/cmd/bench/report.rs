@@ -4,8 +4,8 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::results::{median, round_ratios, Line, RoundFigures};
-use super::workloads::{rnvme_engine_name, RNVME_FIO, WORKLOADS};
+use super::results::{median, num, round_ratios, Line, RoundFigures};
+use super::workloads::{rnvme_engine_name, BESIDE_WAKER, RNVME_FIO, WORKLOADS};
 use super::DeviceBackend;
 
 /// A target of the comparison, checked against this boot.
@@ -71,6 +71,7 @@ pub fn check_targets(lines: &[Line]) -> Vec<TargetCheck> {
         .find(|w| w.name == "128k-read-qd32-t1")
         .map(|w| rnvme_engine_name("--other-dptr", w))
         .unwrap_or_default();
+    let waker = format!("rnvme {BESIDE_WAKER}");
     vec![
         check(
             "4k randread qd32: rnvme IOPS / fio io_uring",
@@ -143,6 +144,12 @@ pub fn check_targets(lines: &[Line]) -> Vec<TargetCheck> {
             |r| r >= 0.9,
         ),
         check(
+            "4k randread qd1: rnvme fio engine IOPS / rnvme perf beside a 10 ms waker",
+            ">= 0.9",
+            ratio("4k-randread-qd1-t1", RNVME_FIO.0, &waker, iops),
+            |r| r >= 0.9,
+        ),
+        check(
             "128k read qd32: rnvme fio engine MiB/s / rnvme perf",
             ">= 0.9",
             ratio("128k-read-qd32-t1", RNVME_FIO.0, "rnvme", mib),
@@ -194,6 +201,13 @@ pub fn table(c: &Comparison) -> String {
                         .as_ref()
                         .map(|b| format!(" (best: {b})"))
                         .unwrap_or_default()
+                )
+            } else if let Some(c) = m.counters.as_ref().filter(|_| m.engine == RNVME_FIO.0) {
+                format!(
+                    "per I/O: {:.1} us submitting, {:.1} us reaping, {:.1} us in fio",
+                    num(&c["submit_us"]),
+                    num(&c["reap_us"]),
+                    num(&c["fio_us"])
                 )
             } else {
                 String::new()

@@ -121,8 +121,23 @@ pub fn parse_fio(engine: &str, body: &str) -> Result<Measurement> {
         lat_p99_us: p99 / 1000.0,
         errors,
         rounds: Vec::new(),
-        counters: None,
+        counters: body.lines().find_map(engine_time_split),
     })
+}
+
+/// The rnvme engine's account of its job thread's time (`rnvme_stats=1`, one line on stderr):
+/// microseconds per io_u submitting, reaping and in fio between the engine's calls.
+pub(super) fn engine_time_split(line: &str) -> Option<Value> {
+    let rest = line.split_once(" io_us; per io_u: ")?.1;
+    let us = |label: &str| -> Option<f64> {
+        let before = &rest[..rest.find(label)?];
+        before.rsplit(' ').next()?.parse().ok()
+    };
+    Some(serde_json::json!({
+        "submit_us": us(" us submitting")?,
+        "reap_us": us(" us reaping")?,
+        "fio_us": us(" us in fio")?,
+    }))
 }
 
 /// rnvme perf's result.

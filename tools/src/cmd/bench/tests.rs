@@ -69,6 +69,11 @@ fn sections_lines_ratios_and_targets() {
         wl[0].name
     ));
     out.push_str(&format!(
+        "{BEGIN}rnvme beside a 10 ms waker|{}\n{}\n{END}\n",
+        wl[0].name,
+        rnvme_json(20000.0, 45.0)
+    ));
+    out.push_str(&format!(
         "{BEGIN}rnvme|{}\n{}\n{END}\n",
         wl[1].name,
         rnvme_json(84000.0, 380.0)
@@ -92,7 +97,7 @@ fn sections_lines_ratios_and_targets() {
     assert_eq!(l.failures[2], "rnvme --reactor --callbacks: no output");
     // The second line misses its extra rnvme variants.
     assert_eq!(lines[1].results.len(), 8);
-    assert_eq!(lines[1].failures.len(), 4);
+    assert_eq!(lines[1].failures.len(), 5);
     let t = check_targets(&lines);
     let qd32 = &t[0];
     assert_eq!(qd32.got, Some(84000.0 / 6000.0));
@@ -108,6 +113,14 @@ fn sections_lines_ratios_and_targets() {
         .unwrap();
     assert_eq!(engine_qd1.got, Some(28000.0 / 30000.0));
     assert_eq!(engine_qd1.met, Some(true));
+    let beside = t
+        .iter()
+        .find(|t| {
+            t.what
+                .ends_with("rnvme fio engine IOPS / rnvme perf beside a 10 ms waker")
+        })
+        .unwrap();
+    assert_eq!(beside.got, Some(28000.0 / 20000.0));
     let engine_cmd = t
         .iter()
         .find(|t| t.what == "4k randread qd32: rnvme fio engine IOPS / fio io_uring_cmd")
@@ -201,6 +214,18 @@ fn script_runs_every_engine_and_variant() {
     let engine = s.find("--section=rnvme ").unwrap();
     assert!(engine > setup && s.find("rnvme perf $NVME0").unwrap() > engine);
     assert!(s.contains("--json --yes --reactor --cpus 0"));
+    // The waker variant: plain rnvme perf (no flag) inside the script's waker function, which
+    // is defined before any use and gives back the program's exit status.
+    let waker = "beside_waker rnvme perf $NVME0 -q 1 -o 4096 -w randread -t 5 --warmup 1 \
+                 --threads 1 --json --yes 2>&1 || echo";
+    assert!(s.contains(waker), "{s}");
+    let def = s.find("beside_waker() {").unwrap();
+    assert!(def < s.find("beside_waker rnvme").unwrap());
+    assert!(s[def..].contains("\"$@\"; r=$?; kill $w; wait $w 2>/dev/null; return $r; }"));
+    assert_eq!(
+        rnvme_engine_name(BESIDE_WAKER, &WORKLOADS[0]),
+        "rnvme beside a 10 ms waker"
+    );
 }
 
 #[test]
@@ -279,4 +304,50 @@ fn dates() {
     assert_eq!(utc(0), "1970-01-01 00:00 UTC");
     assert_eq!(utc(951_782_400 + 3661), "2000-02-29 01:01 UTC");
     assert_eq!(utc(1_767_225_600), "2026-01-01 00:00 UTC");
+}
+
+#[test]
+fn the_engines_time_split_is_read_from_its_stats_line_beside_the_json() {
+    let line = "rnvme: rnvme: 4000 io_us; per io_u: 0.45 us submitting, 31.20 us reaping (waiting \
+                for the device), 3.10 us in fio between the engine's calls; 3990 of 4000 reaps \
+                waited; 1.000 submission and 0.004 completion doorbells per command";
+    let body = format!("{line}\n{FIO_JSON}");
+    let m = parse_fio(RNVME_FIO.0, &body).unwrap();
+    let c = m.counters.clone().unwrap();
+    assert_eq!(
+        (
+            c["submit_us"].as_f64(),
+            c["reap_us"].as_f64(),
+            c["fio_us"].as_f64()
+        ),
+        (Some(0.45), Some(31.2), Some(3.1))
+    );
+    assert!(parse_fio("fio libaio", FIO_JSON)
+        .unwrap()
+        .counters
+        .is_none());
+    assert_eq!(engine_time_split("rnvme: 12 io_us; per io_u: broken"), None);
+    let line = Line {
+        workload: WORKLOADS[0],
+        results: vec![m],
+        best_kernel: None,
+        iops_ratio: None,
+        lat_ratio: None,
+        failures: Vec::new(),
+    };
+    let c = Comparison {
+        backend: DeviceBackend::Threads,
+        date: utc(0),
+        setup: Vec::new(),
+        seconds: 5,
+        rounds: 1,
+        lines: vec![line],
+        targets: Vec::new(),
+        wall_s: 1.0,
+    };
+    let text = table(&c);
+    assert!(
+        text.contains("per I/O: 0.5 us submitting, 31.2 us reaping, 3.1 us in fio"),
+        "{text}"
+    );
 }

@@ -57,7 +57,12 @@ pub const WORKLOADS: [Workload; 8] = [
         4096,
         (1, 1),
         None,
-        &["--reactor", "--reactor --cpus 0", "--reactor --callbacks"],
+        &[
+            "--reactor",
+            "--reactor --cpus 0",
+            "--reactor --callbacks",
+            BESIDE_WAKER,
+        ],
         true,
     ),
     w(
@@ -71,6 +76,7 @@ pub const WORKLOADS: [Workload; 8] = [
             "--reactor",
             "--reactor --cpus 0",
             "--reactor --callbacks",
+            BESIDE_WAKER,
         ],
         true,
     ),
@@ -211,7 +217,8 @@ pub fn job_file(wl: &Workload, seconds: u32) -> String {
             "rnvme",
             format!(
                 "ioengine=external:{GUEST_ENGINE}\n\
-                 filename=trtype=PCIe traddr=${{RNVME_TRADDR}} ns=1\n"
+                 filename=trtype=PCIe traddr=${{RNVME_TRADDR}} ns=1\n\
+                 rnvme_stats=1\n"
             ),
         ),
     ];
@@ -220,6 +227,17 @@ pub fn job_file(wl: &Workload, seconds: u32) -> String {
     }
     s
 }
+
+/// The rnvme perf variant that runs beside a shell loop waking every 10 ms, as fio's main
+/// thread does while its jobs run (fio's backend.c, `do_usleep(10000)`). On a host with no
+/// core to spare for the guest's other threads (two host CPUs for two vCPUs and the emulated
+/// device's threads), each such wake takes CPU from the polling thread or the device: this
+/// row shows what that costs a program that has no such thread, next to the fio engine that
+/// always runs with one.
+pub const BESIDE_WAKER: &str = "beside a 10 ms waker";
+
+/// The shell function the script runs [`BESIDE_WAKER`] with.
+const WAKER_FN: &str = "beside_waker() { ( while :; do usleep 10000; done ) & w=$!; \"$@\"; r=$?; kill $w; wait $w 2>/dev/null; return $r; }\n";
 
 /// The rnvme variant `flag` of workload `wl`: "--other-dptr" names the data pointer the
 /// default per-command choice does not take at this size (SGLs for transfers that fit two PRP
@@ -253,9 +271,13 @@ pub(super) fn rnvme_command(wl: &Workload, flag: &str, seconds: u32) -> String {
         .read_percent
         .map(|p| format!(" -M {p}"))
         .unwrap_or_default();
-    let f = rnvme_flag(flag, wl);
+    let (waker, f) = if flag == BESIDE_WAKER {
+        ("beside_waker ", "")
+    } else {
+        ("", rnvme_flag(flag, wl))
+    };
     format!(
-        "rnvme perf $NVME0 -q {depth} -o {bs} -w {rw}{mix} -t {seconds} --warmup 1 --threads {t} --json --yes{sp}{f}",
+        "{waker}rnvme perf $NVME0 -q {depth} -o {bs} -w {rw}{mix} -t {seconds} --warmup 1 --threads {t} --json --yes{sp}{f}",
         depth = wl.depth,
         bs = wl.bs,
         rw = wl.rw,
@@ -284,6 +306,7 @@ pub fn script(workloads: &[Workload], seconds: u32, rounds: u32) -> String {
          export RNVME_TRADDR=$(echo $NVME0 | tr : .)\n\
          mkdir -p /tmp/jobs\n",
     );
+    s.push_str(WAKER_FN);
     for wl in workloads {
         let _ = writeln!(
             s,
