@@ -1,8 +1,10 @@
 //! The running target: listeners, poll threads (each with its own queue pair on every device
 //! and its share of the connections), shutdown, and counters.
 
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -41,6 +43,12 @@ pub struct ServeOptions {
     pub adaptive_spin: bool,
     /// How a poll thread with nothing else to do waits for the commands it has at a device.
     pub device_wait: DeviceWait,
+    /// The longest a poll thread with no command at any device sleeps before it looks at its
+    /// timers (a connection's connect or keep-alive deadline, if sooner, ends the sleep
+    /// earlier; a controller ended on another connection is seen within this). New
+    /// connections and the stop wake it at once: an idle target does not wake up on its own
+    /// more than this allows (each wake-up takes CPU from whatever else the machine runs).
+    pub idle_wait: Duration,
 }
 
 /// How a poll thread with nothing to do but wait for commands at a device waits (after its
@@ -73,7 +81,36 @@ impl Default for ServeOptions {
             spin: Duration::from_micros(20),
             adaptive_spin: true,
             device_wait: DeviceWait::Interrupt,
+            idle_wait: Duration::from_secs(1),
         }
+    }
+}
+
+/// Wakes a thread sleeping in poll(2) or ppoll(2): a byte into a socket pair whose other end
+/// it polls. (A Unix socket pair from the standard library rather than an eventfd: nothing
+/// to add to the dependencies, and the same readiness semantics.)
+struct Wake {
+    rx: UnixStream,
+    tx: UnixStream,
+}
+
+impl Wake {
+    fn new() -> std::io::Result<Wake> {
+        let (rx, tx) = UnixStream::pair()?;
+        rx.set_nonblocking(true)?;
+        tx.set_nonblocking(true)?;
+        Ok(Wake { rx, tx })
+    }
+
+    /// Makes the polled end readable (a full buffer already is).
+    fn wake(&self) {
+        let _ = (&self.tx).write(&[1]);
+    }
+
+    /// Reads what the wakes wrote, so that the next poll sleeps again.
+    fn clear(&self) {
+        let mut b = [0u8; 64];
+        while matches!((&self.rx).read(&mut b), Ok(n) if n > 0) {}
     }
 }
 
@@ -121,6 +158,10 @@ struct Shared {
     /// Per thread: when it last went round its loop (milliseconds since `epoch`).
     heartbeats: Vec<AtomicU64>,
     epoch: Instant,
+    /// Per poll thread: woken for a new connection and for the stop.
+    wakes: Vec<Wake>,
+    /// Woken (and never cleared) at the stop: the acceptors wait on it with their listener.
+    stopped: Wake,
 }
 
 /// A target serving its subsystems.
@@ -154,6 +195,11 @@ impl Server {
             reports: Mutex::new(vec![Default::default(); nthreads]),
             heartbeats: (0..nthreads).map(|_| AtomicU64::new(0)).collect(),
             epoch: Instant::now(),
+            wakes: (0..nthreads)
+                .map(|_| Wake::new())
+                .collect::<std::io::Result<_>>()
+                .map_err(Error::Thread)?,
+            stopped: Wake::new().map_err(Error::Thread)?,
         });
         let mut senders = Vec::new();
         let mut threads = Vec::new();
@@ -168,6 +214,7 @@ impl Server {
             let spin = opts.spin;
             let adaptive_spin = opts.adaptive_spin;
             let device_wait = opts.device_wait;
+            let idle_wait = opts.idle_wait;
             let ready = ready_tx.clone();
             let h = std::thread::Builder::new()
                 .name(format!("rnvme-serve-{t}"))
@@ -219,6 +266,7 @@ impl Server {
                         spin,
                         adaptive_spin,
                         device_wait,
+                        idle_wait,
                         sleeps: 0,
                         device_wakeups: 0,
                     }
@@ -314,6 +362,10 @@ impl Server {
     /// answered; every namespace is flushed; connections close. Returns when all is done.
     pub fn stop(self) {
         self.shared.stop.store(true, Ordering::Release);
+        self.shared.stopped.wake();
+        for w in &self.shared.wakes {
+            w.wake();
+        }
         for a in self.acceptors {
             let _ = a.join();
         }
@@ -340,12 +392,18 @@ fn accept_loop(
                 }
                 shared.accepted.fetch_add(1, Ordering::Relaxed);
                 shared.live.fetch_add(1, Ordering::AcqRel);
-                let _ = senders[next % senders.len()].send((s, peer));
+                let t = next % senders.len();
+                let _ = senders[t].send((s, peer));
+                shared.wakes[t].wake();
                 next += 1;
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                let fds = [PollFd::new(l.as_fd(), PollFlags::POLLIN)];
-                let _ = poll(&mut fds.clone(), PollTimeout::from(100u16));
+                // Until a connection comes or the stop: no wake-ups of its own.
+                let mut fds = [
+                    PollFd::new(l.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(shared.stopped.rx.as_fd(), PollFlags::POLLIN),
+                ];
+                let _ = poll(&mut fds, PollTimeout::NONE);
             }
             Err(e) => {
                 log::warn!("accept: {e}");
@@ -372,7 +430,13 @@ struct SpinTicks {
     spin: u64,
     min_gap: u64,
     max: u64,
+    recent: u64,
 }
+
+/// For this long after its last work an idle poll thread still wakes every 10 ms (its
+/// counters are published and its timers looked at as while busy); after that it sleeps up to
+/// [`ServeOptions::idle_wait`].
+const RECENTLY_BUSY: Duration = Duration::from_millis(200);
 
 /// While commands are at a device and the sockets were quiet, a poll thread reads them every
 /// this many turns of its loop (and polls the completion queues every turn).
@@ -398,6 +462,7 @@ struct Poller {
     spin: Duration,
     adaptive_spin: bool,
     device_wait: DeviceWait,
+    idle_wait: Duration,
     sleeps: u64,
     device_wakeups: u64,
 }
@@ -537,6 +602,7 @@ impl Poller {
                     spin: r.ticks(self.spin),
                     min_gap: r.ticks(MIN_GAP),
                     max: r.ticks(self.spin.max(MAX_ADAPTIVE_SPIN)),
+                    recent: r.ticks(RECENTLY_BUSY),
                 });
             }
             if progress {
@@ -568,7 +634,20 @@ impl Poller {
             });
             let outstanding: usize = self.qps.iter().map(|q| q.outstanding()).sum();
             let wait = match (outstanding, self.device_wait) {
-                (0, _) => Some(Duration::from_millis(10)),
+                (0, _) if spin_ticks.is_none_or(|st| idle < st.recent) => {
+                    Some(Duration::from_millis(10))
+                }
+                // Quiet for a while: until the first of the connections' deadlines, at most
+                // `idle_wait`.
+                (0, _) => Some(
+                    self.conns
+                        .iter()
+                        .flatten()
+                        .filter_map(|c| c.deadline())
+                        .fold(self.idle_wait, |w, d| {
+                            w.min(d.saturating_duration_since(now) + Duration::from_millis(1))
+                        }),
+                ),
                 (_, DeviceWait::Busy) => None,
                 (_, DeviceWait::Timed(d)) => Some(d),
                 // The interrupt ends the sleep; the bound lets timers and deadlines be seen.
@@ -624,6 +703,10 @@ impl Poller {
                 PollFd::new(c.socket().as_fd(), f)
             })
             .collect();
+        fds.push(PollFd::new(
+            self.shared.wakes[self.thread].rx.as_fd(),
+            PollFlags::POLLIN,
+        ));
         let socks = fds.len();
         fds.extend(irqs.iter().filter_map(|&qi| {
             let irq = self.qps[qi].interrupt()?;
@@ -631,11 +714,15 @@ impl Poller {
         }));
         let t = nix::sys::time::TimeSpec::from_duration(wait);
         let _ = ppoll(&mut fds, Some(t), None);
+        let woken = fds[socks - 1].revents().is_some_and(|r| !r.is_empty());
         let signalled: Vec<bool> = fds[socks..]
             .iter()
             .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
             .collect();
         drop(fds);
+        if woken {
+            self.shared.wakes[self.thread].clear();
+        }
         self.sleeps += 1;
         if signalled.iter().any(|&s| s) {
             self.device_wakeups += 1;

@@ -680,3 +680,44 @@ fn an_adaptive_spin_keeps_polling_through_a_steady_hosts_pauses() {
         "adaptive spin sleeps far less: {sleeps:?}"
     );
 }
+
+#[test]
+fn an_idle_target_sleeps_until_a_connection_or_the_stop_wakes_it() {
+    use std::time::Duration;
+    // Quiet poll threads sleep an hour: only the wakes of a new connection and of the stop,
+    // and a connection's own traffic, can end their sleeps (the client gives up on an answer
+    // after 20 s).
+    let (_model, server, addr) = serve_model(
+        ModelConfig::one_namespace(512, 1 << 14),
+        false,
+        &[],
+        ServeOptions {
+            idle_wait: Duration::from_secs(3600),
+            ..ServeOptions::default()
+        },
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    let mut admin = Client::connect(&addr, false, false).unwrap();
+    let cntlid = admin.admin_setup(NQN, HOST, 1).unwrap();
+    let mut q = io_queue(&addr, cntlid, false, false);
+    let data = pattern(1024, 7);
+    assert!(rw(&mut q, true, 3, &data, 2).0.is_success());
+    let before = thread_report(&server, 0).sleeps;
+    // 1.2 s without a command: 10 ms sleeps for the first 200 ms, then one long one.
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(rw(&mut q, false, 3, &[], 2).1, data);
+    let after = thread_report(&server, before + 1).sleeps;
+    assert!(
+        (1..=40).contains(&(after - before)),
+        "{} sleeps in 1.2 s idle (10 ms each would be 120)",
+        after - before
+    );
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        server.stop();
+        let _ = done_tx.send(());
+    });
+    done_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the stop wakes the sleeping poll thread and the acceptor");
+}

@@ -352,6 +352,22 @@ impl Conn {
     }
 
     /// Timers: the connect timeout, keep alive, and the controller's end.
+    /// When [`Conn::check`] would next end the connection by a timer, if nothing happens
+    /// before: its connect deadline, or its keep-alive deadline.
+    pub fn deadline(&self) -> Option<Instant> {
+        if self.ending.is_some() {
+            return None;
+        }
+        if self.qid.is_none() {
+            return Some(
+                self.created + Duration::from_millis(self.target.limits.connect_timeout_ms),
+            );
+        }
+        let a = self.admin.as_ref()?;
+        let k = a.kato?;
+        Some(a.last_keep_alive + k + k / 2)
+    }
+
     pub fn check(&mut self, now: Instant) {
         if self.ending.is_some() {
             return;

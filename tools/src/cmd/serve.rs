@@ -1,7 +1,9 @@
 //! `rnvme serve`: export namespaces over NVMe/TCP (the target is `rnvme-nvmf`).
 
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -284,6 +286,17 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
     }
     signal_hook::flag::register(signal_hook::consts::SIGUSR1, usr1.clone())
         .context("install a signal handler")?;
+    // Each of those signals also writes a byte here: the main thread sleeps on it rather than
+    // waking up on its own every few milliseconds to look at the flags.
+    let (signalled, sig_tx) = UnixStream::pair().context("a socket pair for signals")?;
+    for sig in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGUSR1,
+    ] {
+        signal_hook::low_level::pipe::register(sig, sig_tx.try_clone()?)
+            .context("install a signal handler")?;
+    }
     let target = Arc::new(build(&args)?);
     let server = Server::start(target.clone(), &options(&args, listen))?;
     for a in server.local_addrs() {
@@ -312,7 +325,14 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
     let started = Instant::now();
     let mut last_stats = Instant::now();
     while !stop.load(Ordering::Acquire) {
-        std::thread::sleep(Duration::from_millis(50));
+        // Until a signal, the next --stats report, or the next look at the poll threads'
+        // health (once a second).
+        let mut wait = HEALTH_EVERY;
+        if let Some(every) = args.stats {
+            wait = wait.min(Duration::from_secs(every.max(1)).saturating_sub(last_stats.elapsed()));
+        }
+        signalled.set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
+        let _ = (&signalled).read(&mut [0u8; 16]);
         if usr1.swap(false, Ordering::AcqRel)
             || args
                 .stats
@@ -336,6 +356,9 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
     print_report(&report, started);
     Ok(ExitCode::SUCCESS)
 }
+
+/// How often the main thread of `rnvme serve` checks that its poll threads are alive.
+const HEALTH_EVERY: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {
