@@ -667,10 +667,11 @@ impl Poller {
         self.finish();
     }
 
-    /// Waits in ppoll(2) for any socket, and for the completion interrupts of the queue pairs
-    /// with commands outstanding (when they have vectors), at most `wait` (new connections
-    /// and timers are seen within 10 ms). Whether it slept: getting ready to sleep on an
-    /// interrupt polls its queue pair once more, and what that finds is delivered instead.
+    /// Waits in ppoll(2) for any socket, for the thread's wake (a new connection, the stop),
+    /// and for the completion interrupts of the queue pairs with commands outstanding (when
+    /// they have vectors), at most `wait` (which the caller keeps within the connections'
+    /// deadlines). Whether it slept: getting ready to sleep on an interrupt polls its queue
+    /// pair once more, and what that finds is delivered instead.
     fn sleep(&mut self, wait: Duration, completions: &mut Vec<Completion>) -> bool {
         // The queue pairs whose interrupts the sleep waits for.
         let mut irqs: Vec<usize> = Vec::new();
