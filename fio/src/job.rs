@@ -261,14 +261,12 @@ impl Job {
         addr: usize,
         index: u32,
     ) -> Result<Queued, EngineError> {
-        let Some(mut split) = self.split.take() else {
-            return self.submit(fileno, op, offset, len, addr, index);
-        };
-        let t = split.enter();
+        let t = self.split.as_mut().map(TimeSplit::enter);
         let r = self.submit(fileno, op, offset, len, addr, index);
-        split.queue += split.leave(t);
-        split.queued += matches!(r, Ok(Queued::Queued)) as u64;
-        self.split = Some(split);
+        if let (Some(s), Some(t)) = (self.split.as_mut(), t) {
+            s.queue += s.leave(t);
+            s.queued += matches!(r, Ok(Queued::Queued)) as u64;
+        }
         r
     }
 
@@ -421,15 +419,13 @@ impl Job {
     /// Polls until at least `min` io_us completed (or `timeout` passed), at most `max`;
     /// returns how many, readable with [`Job::event`].
     pub fn getevents(&mut self, min: usize, max: usize, timeout: Option<Duration>) -> usize {
-        let Some(mut split) = self.split.take() else {
-            return self.reap(min, max, timeout).0;
-        };
-        let t = split.enter();
+        let t = self.split.as_mut().map(TimeSplit::enter);
         let (n, waited) = self.reap(min, max, timeout);
-        split.reap += split.leave(t);
-        split.reaps += 1;
-        split.waited += waited as u64;
-        self.split = Some(split);
+        if let (Some(s), Some(t)) = (self.split.as_mut(), t) {
+            s.reap += s.leave(t);
+            s.reaps += 1;
+            s.waited += waited as u64;
+        }
         n
     }
 

@@ -71,6 +71,14 @@ pub enum End {
     Disconnected,
 }
 
+/// What [`Conn::timer`] runs.
+enum Timer {
+    /// The connect timeout.
+    Connect(Duration),
+    /// Keep alive, with the host's KATO.
+    KeepAlive(Duration),
+}
+
 impl From<Fatal> for End {
     fn from(f: Fatal) -> End {
         End::Fatal(f)
@@ -351,50 +359,49 @@ impl Conn {
         }
     }
 
-    /// Timers: the connect timeout, keep alive, and the controller's end.
-    /// When [`Conn::check`] would next end the connection by a timer, if nothing happens
-    /// before: its connect deadline, or its keep-alive deadline.
-    pub fn deadline(&self) -> Option<Instant> {
+    /// The connection's running timer and when it expires: until a queue is connected, the
+    /// connect timeout; on an admin queue with keep alive, 1.5 × KATO after the last command.
+    fn timer(&self) -> Option<(Instant, Timer)> {
         if self.ending.is_some() {
             return None;
         }
         if self.qid.is_none() {
-            return Some(
-                self.created + Duration::from_millis(self.target.limits.connect_timeout_ms),
-            );
+            let limit = Duration::from_millis(self.target.limits.connect_timeout_ms);
+            return Some((self.created + limit, Timer::Connect(limit)));
         }
         let a = self.admin.as_ref()?;
         let k = a.kato?;
-        Some(a.last_keep_alive + k + k / 2)
+        Some((a.last_keep_alive + k + k / 2, Timer::KeepAlive(k)))
     }
 
+    /// When [`Conn::check`] would next end the connection by a timer, if nothing happens
+    /// before: its connect deadline, or its keep-alive deadline.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.timer().map(|(at, _)| at)
+    }
+
+    /// Timers: the connect timeout, keep alive, and the controller's end.
     pub fn check(&mut self, now: Instant) {
-        if self.ending.is_some() {
-            return;
-        }
-        if self.qid.is_none() {
-            let limit = Duration::from_millis(self.target.limits.connect_timeout_ms);
-            if now.duration_since(self.created) > limit {
-                self.end(End::Timeout(format!(
-                    "no queue connected within {} ms",
-                    limit.as_millis()
-                )));
+        if let Some((at, timer)) = self.timer() {
+            if now > at {
+                self.end(End::Timeout(match timer {
+                    Timer::Connect(limit) => {
+                        format!("no queue connected within {} ms", limit.as_millis())
+                    }
+                    Timer::KeepAlive(k) => {
+                        format!("keep alive timeout ({} ms) expired", k.as_millis())
+                    }
+                }));
+                return;
             }
-            return;
         }
-        if let Some(a) = &self.admin {
-            if let Some(k) = a.kato {
-                if now.duration_since(a.last_keep_alive) > k + k / 2 {
-                    let ms = k.as_millis();
-                    self.end(End::Timeout(format!(
-                        "keep alive timeout ({ms} ms) expired"
-                    )));
-                }
-            }
-        } else if self
-            .ctrl
-            .as_ref()
-            .is_some_and(|c| c.dead.load(Ordering::Acquire))
+        if self.ending.is_none()
+            && self.qid.is_some()
+            && self.admin.is_none()
+            && self
+                .ctrl
+                .as_ref()
+                .is_some_and(|c| c.dead.load(Ordering::Acquire))
         {
             self.end(End::ControllerGone);
         }
