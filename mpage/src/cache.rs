@@ -481,6 +481,7 @@ impl<D: BlockIo> PageCache<D> {
         self.slot_mut(fr)
     }
 
+    #[inline(always)]
     pub(crate) fn page_ref(&self, f: FileId, p: u64) -> Option<&Page> {
         let fr = self.files.get(f.0 as usize)?.as_ref()?.pages.get(p)?;
         self.slots[fr as usize].as_ref()

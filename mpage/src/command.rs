@@ -86,6 +86,7 @@ impl Building {
         self.next_disk == next_disk && self.bytes + len <= max_bytes
     }
 
+    #[inline(always)]
     pub(crate) fn add(&mut self, page: u64, frame: FrameId, seg: Segment, lbas: u32) {
         // Frames that follow one another in one buffer make one segment: fewer pieces for
         // the command's data (and one lookup of their buffer instead of one per page).

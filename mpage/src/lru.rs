@@ -10,6 +10,12 @@ use crate::pool::FrameId;
 impl<D: BlockIo> PageCache<D> {
     // ---- pages, frames, LRU -----------------------------------------------------------
 
+    // The helpers called once per page on the read path (this, `lru_push`, `touch_frame`,
+    // `detach_page`, `consume`, `page_ref`, `Building::add`) are always inlined: under an
+    // emulated CPU (QEMU's TCG) a call's return is an indirect jump and its prologue a few
+    // stores, and with them out of line a page cost 10 % more there (seqread in-place,
+    // 487-527 against 438-467 ns per page in one boot).
+    #[inline(always)]
     pub(crate) fn lru_unlink(&mut self, fr: u32) {
         let (prev, next) = (self.lru_prev[fr as usize], self.lru_next[fr as usize]);
         match prev {
@@ -22,6 +28,7 @@ impl<D: BlockIo> PageCache<D> {
         }
     }
 
+    #[inline(always)]
     pub(crate) fn lru_push(&mut self, fr: u32) {
         let tail = self.lru_tail;
         self.lru_prev[fr as usize] = tail;
@@ -34,6 +41,7 @@ impl<D: BlockIo> PageCache<D> {
     }
 
     /// Make the page in frame `fr` the most recently used.
+    #[inline(always)]
     pub(crate) fn touch_frame(&mut self, fr: u32) {
         if self.lru_tail != fr {
             self.lru_unlink(fr);
@@ -87,6 +95,7 @@ impl<D: BlockIo> PageCache<D> {
     }
 
     /// Drop a page from the cache; returns its frame, now unused.
+    #[inline(always)]
     pub(crate) fn detach_page(&mut self, f: FileId, p: u64) -> Option<FrameId> {
         let fr = self.files[f.0 as usize].as_mut()?.pages.remove(p)?;
         debug_assert!(!self.slot(fr).busy(), "page {p} removed with I/O in flight");

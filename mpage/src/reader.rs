@@ -154,6 +154,7 @@ impl<D: BlockIo> PageCache<D> {
     }
 
     /// A reader took the page in frame `fr`: use-once LRU (see [`PageCache::read_at`]).
+    #[inline(always)]
     pub(crate) fn consume(&mut self, fr: FrameId) {
         let i = fr.index() as u32;
         let pg = self.slot_mut(i);
