@@ -60,12 +60,19 @@ impl<D: BlockIo> PageCache<D> {
 
     /// Put a new page into the cache (most recently used).
     pub(crate) fn insert_page(&mut self, f: FileId, p: u64, frame: FrameId) {
-        let fr = frame.index() as u32;
+        self.insert_new(f, p, Page::new(frame, f, p));
+    }
+
+    /// Put `page` (new, page `p` of file `f`, in a frame of its own) into the cache as the
+    /// most recently used.
+    #[inline(always)]
+    pub(crate) fn insert_new(&mut self, f: FileId, p: u64, page: Page) {
+        let fr = page.frame.index() as u32;
         let fs = self.files[f.0 as usize].as_mut().expect("open file");
         let old = fs.pages.insert(p, fr);
         debug_assert!(old.is_none(), "page {p} inserted twice");
         debug_assert!(self.slots[fr as usize].is_none(), "frame {fr} in use");
-        self.slots[fr as usize] = Some(Page::new(frame, f, p));
+        self.slots[fr as usize] = Some(page);
         self.cached += 1;
         self.lru_push(fr);
     }
@@ -129,13 +136,20 @@ impl<D: BlockIo> PageCache<D> {
             let next = self.lru_next[fr as usize];
             let pg = self.slot(fr);
             if pg.evictable() && !self.pool.is_viewed(pg.frame) {
-                let (f, p) = (pg.file, pg.index);
+                let (f, p, frame) = (pg.file, pg.index, pg.frame);
                 if pg.ra_unused {
                     thrashed.push(f);
                 }
-                if let Some(frame) = self.detach_page(f, p) {
-                    self.spare.push_back(frame);
-                }
+                // `detach_page` for a clean page (evictable: no dirty count to change), its
+                // state dropped where it lies.
+                let removed = self.files[f.0 as usize]
+                    .as_mut()
+                    .and_then(|fs| fs.pages.remove(p));
+                debug_assert_eq!(removed, Some(fr), "page {p} of file {f} is in frame {fr}");
+                self.lru_unlink(fr);
+                self.slots[fr as usize] = None;
+                self.cached -= 1;
+                self.spare.push_back(frame);
                 evicted += 1;
             }
             fr = next;
@@ -157,7 +171,19 @@ impl<D: BlockIo> PageCache<D> {
 
     /// A free frame, evicting clean pages and writing back dirty ones if the pool is empty.
     /// None when every page is busy or dirty and stays so.
+    #[inline(always)]
     pub(crate) fn alloc_frame(&mut self) -> Result<Option<FrameId>, MpageError> {
+        // The common case inline (a frame kept from an eviction), the rest out of line.
+        if self.viewed_out.is_empty() && self.cached < self.capacity {
+            if let Some(fr) = self.spare.pop_front() {
+                return Ok(Some(fr));
+            }
+        }
+        self.alloc_frame_slow()
+    }
+
+    #[inline(never)]
+    fn alloc_frame_slow(&mut self) -> Result<Option<FrameId>, MpageError> {
         if !self.viewed_out.is_empty() {
             self.reap_viewed_out();
         }

@@ -5,6 +5,7 @@
 use crate::backend::BlockIo;
 use crate::cache::{FileId, PageCache, PAGE};
 use crate::error::MpageError;
+use crate::page::Page;
 #[derive(Copy, Clone, Debug, Default)]
 pub(crate) struct Readahead {
     pub(crate) start: u64,
@@ -38,29 +39,46 @@ impl<D: BlockIo> PageCache<D> {
     }
 
     /// Lock pages `start..end` that need reading, taking frames for those not cached. Stops
-    /// early when no frame can be had; returns the pages and where it stopped.
+    /// early when no frame can be had; returns the pages and where it stopped. With
+    /// `unused`, the pages outside `asked` are flagged as read ahead and not asked for yet
+    /// (see [`Page::ra_unused`](crate::page::Page)).
     pub(crate) fn prepare_batch(
         &mut self,
         f: FileId,
         start: u64,
         end: u64,
+        unused: Option<Option<std::ops::RangeInclusive<u64>>>,
     ) -> Result<(Vec<(u64, u32)>, u64), MpageError> {
+        self.file(f)?;
+        let fi = f.0 as usize;
         let mut out = Vec::with_capacity(end.saturating_sub(start).min(1024) as usize);
+        // One pass per page: the lookup, the frame, the new page's state.
         for p in start..end {
-            match self.file(f)?.pages.get(p) {
+            let flag = match &unused {
+                None => false,
+                Some(asked) => !asked.as_ref().is_some_and(|a| a.contains(&p)),
+            };
+            let cached = match &self.files[fi] {
+                Some(fs) => fs.pages.get(p),
+                None => None,
+            };
+            match cached {
                 Some(fr) => {
                     let pg = self.slot_mut(fr);
                     if !pg.uptodate && !pg.busy() {
                         pg.locked = true;
                         pg.error = None;
+                        pg.ra_unused |= flag;
                         out.push((p, fr));
                     }
                 }
                 None => match self.alloc_frame()? {
                     Some(frame) => {
                         let fr = frame.index() as u32;
-                        self.insert_page(f, p, frame);
-                        self.slot_mut(fr).locked = true;
+                        let mut page = Page::new(frame, f, p);
+                        page.locked = true;
+                        page.ra_unused = flag;
+                        self.insert_new(f, p, page);
                         out.push((p, fr));
                     }
                     None => return Ok((out, p)),
@@ -78,7 +96,7 @@ impl<D: BlockIo> PageCache<D> {
         let end = start.saturating_add(pages);
         let mut p = start;
         while p < end {
-            let (batch, next) = self.prepare_batch(f, p, end)?;
+            let (batch, next) = self.prepare_batch(f, p, end, None)?;
             if batch.is_empty() && next == p {
                 if self.inflight.is_empty() {
                     return Err(self.cache_full());
@@ -241,7 +259,7 @@ impl<D: BlockIo> PageCache<D> {
         } else {
             fs.ra.size = 0;
         }
-        let (batch, _) = self.prepare_batch(f, p, p + len)?;
+        let (batch, _) = self.prepare_batch(f, p, p + len, Some(Some(p..=last)))?;
         if self.page_ref(f, p).is_none() {
             return Err(self.cache_full());
         }
@@ -252,7 +270,6 @@ impl<D: BlockIo> PageCache<D> {
             let mark = if len > want { p + len - len / 2 } else { p };
             self.set_ra_mark(f, mark);
         }
-        self.mark_unused(&batch, Some(p..=last));
         self.read_framed(f, &batch)?;
         self.dev.kick();
         Ok(())
@@ -264,19 +281,6 @@ impl<D: BlockIo> PageCache<D> {
             .and_then(|fs| fs.pages.get(p))
         {
             self.slot_mut(fr).ra_mark = true;
-        }
-    }
-
-    /// Flag the pages of a readahead batch that nobody asked for yet.
-    pub(crate) fn mark_unused(
-        &mut self,
-        batch: &[(u64, u32)],
-        asked: Option<std::ops::RangeInclusive<u64>>,
-    ) {
-        for &(q, fr) in batch {
-            if !asked.as_ref().is_some_and(|a| a.contains(&q)) {
-                self.slot_mut(fr).ra_unused = true;
-            }
         }
     }
 
@@ -323,9 +327,8 @@ impl<D: BlockIo> PageCache<D> {
             fs.ra.start = start;
             fs.ra.size = len;
             self.stats.readahead_windows += 1;
-            let (batch, next) = self.prepare_batch(f, start, start + len)?;
+            let (batch, next) = self.prepare_batch(f, start, start + len, Some(None))?;
             self.set_ra_mark(f, start + len - len.div_ceil(2));
-            self.mark_unused(&batch, None);
             self.read_framed(f, &batch)?;
             issued = true;
             if next < start + len {
