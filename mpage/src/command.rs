@@ -82,6 +82,11 @@ impl Building {
         }
     }
 
+    /// Bytes the command may still take within `max_bytes`.
+    pub(crate) fn room(&self, max_bytes: u64) -> u64 {
+        max_bytes.saturating_sub(self.bytes)
+    }
+
     pub(crate) fn fits(&self, next_disk: u64, len: u64, max_bytes: u64) -> bool {
         self.next_disk == next_disk && self.bytes + len <= max_bytes
     }

@@ -54,9 +54,15 @@ impl<D: BlockIo> PageCache<D> {
         // Pages of one block each, when they may take the fast path (see `join_fast`).
         let fast = geo.bpp == 1 && !self.opts.force_per_block;
         let eof = geo.eof_block();
-        for (i, &(p, fr)) in pages.iter().enumerate() {
-            if fast && p < eof && self.join_fast(p, fr, &geo, &mut walk) {
-                continue;
+        let mut i = 0;
+        while i < pages.len() {
+            let (p, fr) = pages[i];
+            if fast && p < eof {
+                let n = self.join_fast_run(&pages[i..], &geo, eof, &mut walk);
+                if n > 0 {
+                    i += n;
+                    continue;
+                }
             }
             if let Err(e) = self.read_one(f, p, fr, &geo, batch_end, &mut walk) {
                 // The command being built, this page and the pages after it never went out
@@ -64,48 +70,65 @@ impl<D: BlockIo> PageCache<D> {
                 self.release_unsent(&mut walk, &pages[i..]);
                 return Err(e);
             }
+            i += 1;
         }
         self.send(f, IoOp::Read, &mut walk.cmd)
     }
 
-    /// The walk's common case in a few steps: page `p` (one block, inside the file, in frame
-    /// `fr`, no per-block state) whose block the walk's last mapping answer covers, mapped to
-    /// the disk block right after the command being built, with room left in it, and not the
-    /// last block before a boundary, joins that command. Exactly what [`Self::read_one`] and
-    /// `add_to_command` would do with it; false (nothing changed) for anything else, which
-    /// then takes the full walk. One block per page only (`bpp == 1`).
-    #[inline]
-    fn join_fast(&mut self, p: u64, fr: u32, geo: &Geo, w: &mut Walk) -> bool {
+    /// The walk's common case in one loop: pages of one block each (`bpp == 1`), consecutive,
+    /// inside the file, in frames with no per-block state, whose blocks the walk's last
+    /// mapping answer covers (short of its last block when that is a boundary), the first
+    /// mapped to the disk block right after the command being built, as many as the command
+    /// has room for, join that command. Exactly what [`Self::read_one`] and
+    /// `add_to_command` would do with each of them, without a lookup of the mapping per
+    /// page; anything else takes the full walk. Returns how many of `pages` (from the
+    /// first) joined: 0 when the first did not, and nothing changed.
+    fn join_fast_run(&mut self, pages: &[(u64, u32)], geo: &Geo, eof: u64, w: &mut Walk) -> usize {
         debug_assert_eq!(geo.bpp, 1);
-        let (Some(c), Some(run)) = (w.cmd.as_mut(), w.run.as_ref()) else {
-            return false;
+        let (Some(c), Some(run), Some(&(p0, _))) = (w.cmd.as_mut(), w.run.as_ref(), pages.first())
+        else {
+            return 0;
         };
-        let Some(hit) = run.lookup(p) else {
-            return false;
+        let Some(hit) = run.lookup(p0) else {
+            return 0;
         };
-        let Some(d) = hit.disk else { return false };
-        if hit.flags.uptodate
-            || (hit.flags.boundary && p + 1 == hit.run_end)
-            || !c.fits(d, PAGE_SIZE as u64, self.max_cmd_bytes)
-        {
-            return false;
+        let Some(d0) = hit.disk else { return 0 };
+        if hit.flags.uptodate || c.next_disk != d0 {
+            return 0;
         }
-        let Some(pg) = self.slots[fr as usize].as_mut() else {
-            return false;
-        };
-        if pg.blocks.is_some() {
-            return false;
+        let end = if hit.flags.boundary {
+            hit.run_end - 1
+        } else {
+            hit.run_end
         }
-        debug_assert!(
-            pg.index == p && pg.locked,
-            "frame {fr} holds locked page {p}"
-        );
-        pg.mapped_to_disk = true;
-        let frame = pg.frame;
-        let seg = rnvme_driver::Segment::new(self.pool.iova(frame), PAGE_SIZE as u32);
-        c.add(p, frame, seg, geo.lpb as u32);
-        c.next_disk = d + 1;
-        true
+        .min(eof);
+        let most = (pages.len() as u64)
+            .min(end.saturating_sub(p0))
+            .min(c.room(self.max_cmd_bytes) / PAGE_SIZE as u64) as usize;
+        let lbas = geo.lpb as u32;
+        let mut n = 0;
+        for (k, &(p, fr)) in pages[..most].iter().enumerate() {
+            if p != p0 + k as u64 {
+                break;
+            }
+            let Some(pg) = self.slots[fr as usize].as_mut() else {
+                break;
+            };
+            if pg.blocks.is_some() {
+                break;
+            }
+            debug_assert!(
+                pg.index == p && pg.locked,
+                "frame {fr} holds locked page {p}"
+            );
+            pg.mapped_to_disk = true;
+            let frame = pg.frame;
+            let seg = rnvme_driver::Segment::new(self.pool.iova(frame), PAGE_SIZE as u32);
+            c.add(p, frame, seg, lbas);
+            n += 1;
+        }
+        c.next_disk = d0 + n as u64;
+        n
     }
 
     #[allow(clippy::too_many_arguments)]
