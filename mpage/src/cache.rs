@@ -278,7 +278,7 @@ pub struct PageCache<D: BlockIo> {
     pub(crate) next_tag: u64,
     /// The cached pages, by frame index: a frame holds at most one page, so its state lives
     /// with the frame (as Linux keeps it in `struct page`) and the per-file index is small.
-    pub(crate) slots: Vec<Option<Page>>,
+    pub(crate) slots: Vec<Page>,
     /// The LRU list through the slots, least recently used at the head: each frame's
     /// neighbours (frame indexes, [`NIL`] at the ends).
     pub(crate) lru_head: u32,
@@ -335,7 +335,9 @@ impl<D: BlockIo> PageCache<D> {
             .min(pool.frames())
             .max(1);
         let frames = pool.frames();
-        let slots = (0..frames).map(|_| None).collect();
+        let slots = (0..frames)
+            .map(|i| Page::vacant(FrameId::from_index(i)))
+            .collect();
         let cmd_pages = (max_cmd_bytes / PAGE).clamp(1, 512);
         let ra_window_max = match opts.readahead_max {
             0 => cmd_pages,
@@ -484,20 +486,21 @@ impl<D: BlockIo> PageCache<D> {
     #[inline(always)]
     pub(crate) fn page_ref(&self, f: FileId, p: u64) -> Option<&Page> {
         let fr = self.files.get(f.0 as usize)?.as_ref()?.pages.get(p)?;
-        self.slots[fr as usize].as_ref()
+        let pg = &self.slots[fr as usize];
+        pg.present.then_some(pg)
     }
 
     /// The page held by frame `fr`, which the caller knows holds one.
     pub(crate) fn slot(&self, fr: u32) -> &Page {
-        self.slots[fr as usize]
-            .as_ref()
-            .expect("frame holds a page")
+        let pg = &self.slots[fr as usize];
+        assert!(pg.present, "frame {fr} holds no page");
+        pg
     }
 
     pub(crate) fn slot_mut(&mut self, fr: u32) -> &mut Page {
-        self.slots[fr as usize]
-            .as_mut()
-            .expect("frame holds a page")
+        let pg = &mut self.slots[fr as usize];
+        assert!(pg.present, "frame {fr} holds no page");
+        pg
     }
 
     pub(crate) fn geo(&self, f: FileId) -> Result<Geo, MpageError> {

@@ -5,7 +5,7 @@
 use crate::backend::BlockIo;
 use crate::cache::{FileId, PageCache, EVICT_BATCH, STASH_BATCH};
 use crate::error::MpageError;
-use crate::page::{Page, NIL};
+use crate::page::NIL;
 use crate::pool::FrameId;
 impl<D: BlockIo> PageCache<D> {
     // ---- pages, frames, LRU -----------------------------------------------------------
@@ -60,19 +60,25 @@ impl<D: BlockIo> PageCache<D> {
 
     /// Put a new page into the cache (most recently used).
     pub(crate) fn insert_page(&mut self, f: FileId, p: u64, frame: FrameId) {
-        self.insert_new(f, p, Page::new(frame, f, p));
+        self.insert_new(f, p, frame, false, false);
     }
 
-    /// Put `page` (new, page `p` of file `f`, in a frame of its own) into the cache as the
-    /// most recently used.
+    /// Put page `p` of file `f` into the free frame `frame` as the most recently used, with
+    /// its flags for a read and for readahead (see [`Page::fill`]).
     #[inline(always)]
-    pub(crate) fn insert_new(&mut self, f: FileId, p: u64, page: Page) {
-        let fr = page.frame.index() as u32;
+    pub(crate) fn insert_new(
+        &mut self,
+        f: FileId,
+        p: u64,
+        frame: FrameId,
+        locked: bool,
+        ra_unused: bool,
+    ) {
+        let fr = frame.index() as u32;
         let fs = self.files[f.0 as usize].as_mut().expect("open file");
         let old = fs.pages.insert(p, fr);
         debug_assert!(old.is_none(), "page {p} inserted twice");
-        debug_assert!(self.slots[fr as usize].is_none(), "frame {fr} in use");
-        self.slots[fr as usize] = Some(page);
+        self.slots[fr as usize].fill(f, p, locked, ra_unused);
         self.cached += 1;
         self.lru_push(fr);
     }
@@ -109,9 +115,11 @@ impl<D: BlockIo> PageCache<D> {
         self.lru_unlink(fr);
         let change = self.slot_mut(fr).set_dirty(false);
         self.dirty_changed(fr, change);
-        let page = self.slots[fr as usize].take().expect("frame holds a page");
+        let page = self.slot_mut(fr);
+        page.vacate();
+        let frame = page.frame;
         self.cached -= 1;
-        Some(page.frame)
+        Some(frame)
     }
 
     /// Give the frames kept from evictions back to the pool.
@@ -147,7 +155,7 @@ impl<D: BlockIo> PageCache<D> {
                     .and_then(|fs| fs.pages.remove(p));
                 debug_assert_eq!(removed, Some(fr), "page {p} of file {f} is in frame {fr}");
                 self.lru_unlink(fr);
-                self.slots[fr as usize] = None;
+                self.slots[fr as usize].vacate();
                 self.cached -= 1;
                 self.spare.push_back(frame);
                 evicted += 1;

@@ -68,6 +68,10 @@ pub struct PageState {
 }
 
 pub(crate) struct Page {
+    /// The frame holds this page (a frame without one keeps a vacant `Page`, so that a page
+    /// comes and goes by writing fields where they lie rather than moving a whole one in and
+    /// out of an `Option`).
+    pub(crate) present: bool,
     pub(crate) frame: FrameId,
     pub(crate) uptodate: bool,
     /// Private: every change goes through [`Page::set_dirty`] or [`Page::normalize`], whose
@@ -121,8 +125,52 @@ impl DirtyChange {
 pub(crate) const NIL: u32 = u32::MAX;
 
 impl Page {
+    /// The state of frame `frame` while it holds no page.
+    pub(crate) fn vacant(frame: FrameId) -> Page {
+        let mut p = Page::new(frame, FileId(u32::MAX), u64::MAX);
+        p.present = false;
+        p
+    }
+
+    /// Page `index` of file `file`, new in frame `frame` (not uptodate, idle), with its
+    /// flags for a read (`locked`) and for readahead (`ra_unused`), written in place.
+    #[inline(always)]
+    pub(crate) fn fill(&mut self, file: FileId, index: u64, locked: bool, ra_unused: bool) {
+        debug_assert!(
+            !self.present,
+            "frame {} holds a page already",
+            self.frame.index()
+        );
+        self.present = true;
+        self.uptodate = false;
+        self.dirty = false;
+        self.dirtied = None;
+        self.locked = locked;
+        self.writeback = false;
+        self.mapped_to_disk = false;
+        self.error = None;
+        self.zeroed_from = None;
+        self.blocks = None;
+        self.pending = 0;
+        self.pending_error = None;
+        self.ra_mark = false;
+        self.ra_unused = ra_unused;
+        self.held = false;
+        self.file = file;
+        self.index = index;
+    }
+
+    /// The frame gives up its page: only what owns memory is dropped.
+    #[inline(always)]
+    pub(crate) fn vacate(&mut self) {
+        self.present = false;
+        self.error = None;
+        self.pending_error = None;
+    }
+
     pub(crate) fn new(frame: FrameId, file: FileId, index: u64) -> Page {
         Page {
+            present: true,
             frame,
             uptodate: false,
             dirty: false,

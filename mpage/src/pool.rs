@@ -32,6 +32,11 @@ impl FrameId {
         self.0 as usize
     }
 
+    /// Frame number `i` of a pool.
+    pub(crate) fn from_index(i: usize) -> FrameId {
+        FrameId(i as u32)
+    }
+
     fn chunk(self) -> usize {
         self.0 as usize / FRAMES_PER_CHUNK
     }

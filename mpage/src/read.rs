@@ -111,10 +111,8 @@ impl<D: BlockIo> PageCache<D> {
             if p != p0 + k as u64 {
                 break;
             }
-            let Some(pg) = self.slots[fr as usize].as_mut() else {
-                break;
-            };
-            if pg.blocks.is_some() {
+            let pg = &mut self.slots[fr as usize];
+            if !pg.present || pg.blocks.is_some() {
                 break;
             }
             debug_assert!(

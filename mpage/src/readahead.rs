@@ -5,7 +5,6 @@
 use crate::backend::BlockIo;
 use crate::cache::{FileId, PageCache, PAGE};
 use crate::error::MpageError;
-use crate::page::Page;
 #[derive(Copy, Clone, Debug, Default)]
 pub(crate) struct Readahead {
     pub(crate) start: u64,
@@ -74,12 +73,8 @@ impl<D: BlockIo> PageCache<D> {
                 }
                 None => match self.alloc_frame()? {
                     Some(frame) => {
-                        let fr = frame.index() as u32;
-                        let mut page = Page::new(frame, f, p);
-                        page.locked = true;
-                        page.ra_unused = flag;
-                        self.insert_new(f, p, page);
-                        out.push((p, fr));
+                        self.insert_new(f, p, frame, true, flag);
+                        out.push((p, frame.index() as u32));
                     }
                     None => return Ok((out, p)),
                 },
