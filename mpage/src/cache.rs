@@ -296,6 +296,9 @@ pub struct PageCache<D: BlockIo> {
     /// Frames of pages dropped from the cache while a [`PageRef`] still held them: they go
     /// back to the pool once nobody views them.
     pub(crate) viewed_out: Vec<FrameId>,
+    /// Frames of a run of pages that a read is about to hand out, held from eviction while
+    /// the read waits for the pages after them (empty otherwise).
+    pub(crate) held_run: std::ops::Range<u32>,
     pub(crate) stats: CacheStats,
     pub(crate) flush_results: HashMap<u64, Result<(), IoError>>,
     /// Pages of failed multi-page reads, to read again one by one.
@@ -377,6 +380,7 @@ impl<D: BlockIo> PageCache<D> {
             spare: VecDeque::new(),
             stash: Vec::new(),
             viewed_out: Vec::new(),
+            held_run: 0..0,
             stats: CacheStats::default(),
             flush_results: HashMap::new(),
             retry: Vec::new(),

@@ -147,6 +147,21 @@ impl PageIndex {
         Some(old)
     }
 
+    /// How many pages from `p` on, at most `max`, are not recorded, counted within `p`'s chunk
+    /// (a caller goes on from the chunk's end): one search for a stretch of pages.
+    #[inline]
+    pub(crate) fn absent_run(&self, p: u64, max: u64) -> u64 {
+        let (key, at) = split(p);
+        let max = max.min(CHUNK_PAGES - at as u64) as usize;
+        match self.find(key) {
+            None => max as u64,
+            Some(i) => self.slab[i].frames[at..at + max]
+                .iter()
+                .take_while(|&&fr| fr == NIL)
+                .count() as u64,
+        }
+    }
+
     /// Pages recorded.
     pub(crate) fn len(&self) -> usize {
         self.len
@@ -213,6 +228,13 @@ mod tests {
                 }
                 prop_assert_eq!(idx.get(p), model.get(&p).copied());
                 prop_assert_eq!(idx.len(), model.len());
+                // The stretch of absent pages from p: as long as the model's, within p's chunk.
+                let max = fr as u64 % 300;
+                let chunk_end = (p / CHUNK_PAGES + 1) * CHUNK_PAGES;
+                let want = (p..p + max.min(chunk_end - p))
+                    .take_while(|q| !model.contains_key(q))
+                    .count() as u64;
+                prop_assert_eq!(idx.absent_run(p, max), want);
             }
             let all: Vec<_> = model.iter().map(|(&p, &f)| (p, f)).collect();
             prop_assert_eq!(idx.iter().collect::<Vec<_>>(), all);

@@ -143,7 +143,7 @@ impl<D: BlockIo> PageCache<D> {
         while fr != NIL && evicted < want {
             let next = self.lru_next[fr as usize];
             let pg = self.slot(fr);
-            if pg.evictable() && !self.pool.is_viewed(pg.frame) {
+            if pg.evictable() && !self.held_run.contains(&fr) && !self.pool.is_viewed(pg.frame) {
                 let (f, p, frame) = (pg.file, pg.index, pg.frame);
                 if pg.ra_unused {
                     thrashed.push(f);

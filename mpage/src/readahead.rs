@@ -51,33 +51,45 @@ impl<D: BlockIo> PageCache<D> {
         self.file(f)?;
         let fi = f.0 as usize;
         let mut out = Vec::with_capacity(end.saturating_sub(start).min(1024) as usize);
-        // One pass per page: the lookup, the frame, the new page's state.
-        for p in start..end {
-            let flag = match &unused {
-                None => false,
-                Some(asked) => !asked.as_ref().is_some_and(|a| a.contains(&p)),
+        let flag = |p: u64| match &unused {
+            None => false,
+            Some(asked) => !asked.as_ref().is_some_and(|a| a.contains(&p)),
+        };
+        let mut p = start;
+        while p < end {
+            // A stretch of pages not cached (one search of the index for all of it): each
+            // gets a frame and its new state. Taking frames evicts only cached pages, so the
+            // stretch stays uncached meanwhile.
+            let absent = match &self.files[fi] {
+                Some(fs) => fs.pages.absent_run(p, end - p),
+                None => 0,
             };
-            let cached = match &self.files[fi] {
-                Some(fs) => fs.pages.get(p),
-                None => None,
-            };
-            match cached {
-                Some(fr) => {
-                    let pg = self.slot_mut(fr);
-                    if !pg.uptodate && !pg.busy() {
-                        pg.locked = true;
-                        pg.error = None;
-                        pg.ra_unused |= flag;
-                        out.push((p, fr));
-                    }
-                }
-                None => match self.alloc_frame()? {
+            for q in p..p + absent {
+                match self.alloc_frame()? {
                     Some(frame) => {
-                        self.insert_new(f, p, frame, true, flag);
-                        out.push((p, frame.index() as u32));
+                        self.insert_new(f, q, frame, true, flag(q));
+                        out.push((q, frame.index() as u32));
                     }
-                    None => return Ok((out, p)),
-                },
+                    None => return Ok((out, q)),
+                }
+            }
+            if absent > 0 {
+                // The stretch ends at a cached page or at its chunk's end: look again.
+                p += absent;
+                continue;
+            }
+            if let Some(fr) = self.files[fi].as_ref().and_then(|fs| fs.pages.get(p)) {
+                let pg = self.slot_mut(fr);
+                if !pg.uptodate && !pg.busy() {
+                    pg.locked = true;
+                    pg.error = None;
+                    pg.ra_unused |= flag(p);
+                    out.push((p, fr));
+                }
+                p += 1;
+            } else {
+                // Neither absent nor recorded: only a file that is not open.
+                return Err(MpageError::NoSuchFile(f));
             }
         }
         Ok((out, end))

@@ -60,12 +60,10 @@ impl<D: BlockIo> PageCache<D> {
                         }
                     }
                     if let Some((fr, o, _, b)) = run {
-                        self.hold_frames(fr, o + b, true);
+                        self.hold_frames(fr, o + b);
                     }
                     let r = self.ensure_uptodate(f, p, last);
-                    if let Some((fr, o, _, b)) = run {
-                        self.hold_frames(fr, o + b, false);
-                    }
+                    self.held_run = 0..0;
                     if let Err(e) = r {
                         if let Some((fr, o, at, b)) = run.take() {
                             each(self, fr, o, at, b)?;
@@ -142,15 +140,13 @@ impl<D: BlockIo> PageCache<D> {
         })
     }
 
-    /// Hold (or let go of) the pages in the frames from `first` covering `bytes` bytes: a run
-    /// of [`Self::walk_runs`] not handed over yet. Only `walk_runs` and `ensure_uptodate` (for
-    /// one page, around its readahead) hold pages, never the same ones at once, so letting go
-    /// clears the flag.
-    fn hold_frames(&mut self, first: FrameId, bytes: usize, held: bool) {
+    /// Hold the pages in the frames from `first` covering `bytes` bytes, a run of
+    /// [`Self::walk_runs`] not handed over yet, until `held_run` is emptied: eviction passes
+    /// them by. One range, not a flag per page: a run is consecutive frames, and it is held
+    /// around every wait of the walk.
+    fn hold_frames(&mut self, first: FrameId, bytes: usize) {
         let first = first.index() as u32;
-        for fr in first..first + bytes.div_ceil(PAGE_SIZE) as u32 {
-            self.slot_mut(fr).held = held;
-        }
+        self.held_run = first..first + bytes.div_ceil(PAGE_SIZE) as u32;
     }
 
     /// A reader took the page in frame `fr`: use-once LRU (see [`PageCache::read_at`]).
