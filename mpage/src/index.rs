@@ -7,7 +7,7 @@ use crate::page::NIL;
 
 /// Pages per chunk of a [`PageIndex`]: 1 MiB of file per 1 KiB chunk, so a file's tree stays
 /// shallow (a 1 GiB file fully cached has 1 024 chunks) and neighbours share a chunk.
-const CHUNK_PAGES: u64 = 256;
+pub(crate) const CHUNK_PAGES: u64 = 256;
 
 /// No chunk: a key no page has (page indexes are `u64`, so keys stop at `u64::MAX / 256`).
 const NO_KEY: u64 = u64::MAX;
@@ -162,6 +162,24 @@ impl PageIndex {
         }
     }
 
+    /// The frames of pages `p..=last`, as far as `p`'s chunk goes, copied into `out` ([`NIL`]
+    /// for pages not recorded); returns how many.
+    #[inline]
+    pub(crate) fn frames_from(
+        &self,
+        p: u64,
+        last: u64,
+        out: &mut [u32; CHUNK_PAGES as usize],
+    ) -> usize {
+        let (key, at) = split(p);
+        let n = (last - p + 1).min(CHUNK_PAGES - at as u64) as usize;
+        match self.find(key) {
+            None => out[..n].fill(NIL),
+            Some(i) => out[..n].copy_from_slice(&self.slab[i].frames[at..at + n]),
+        }
+        n
+    }
+
     /// Pages recorded.
     pub(crate) fn len(&self) -> usize {
         self.len
@@ -235,6 +253,13 @@ mod tests {
                     .take_while(|q| !model.contains_key(q))
                     .count() as u64;
                 prop_assert_eq!(idx.absent_run(p, max), want);
+                // The frames from p to p + max (within p's chunk), as the model has them.
+                let mut out = [0u32; CHUNK_PAGES as usize];
+                let n = idx.frames_from(p, p + max, &mut out);
+                prop_assert_eq!(n as u64, (max + 1).min(chunk_end - p));
+                for (k, &fr) in out[..n].iter().enumerate() {
+                    prop_assert_eq!(fr, model.get(&(p + k as u64)).copied().unwrap_or(NIL));
+                }
             }
             let all: Vec<_> = model.iter().map(|(&p, &f)| (p, f)).collect();
             prop_assert_eq!(idx.iter().collect::<Vec<_>>(), all);

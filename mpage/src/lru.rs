@@ -181,9 +181,13 @@ impl<D: BlockIo> PageCache<D> {
     /// None when every page is busy or dirty and stays so.
     #[inline(always)]
     pub(crate) fn alloc_frame(&mut self) -> Result<Option<FrameId>, MpageError> {
-        // The common case inline (a frame kept from an eviction), the rest out of line.
+        // The common cases inline (a frame kept from an eviction, or one taken from the pool
+        // in the last batch), the rest out of line.
         if self.viewed_out.is_empty() && self.cached < self.capacity {
             if let Some(fr) = self.spare.pop_front() {
+                return Ok(Some(fr));
+            }
+            if let Some(fr) = self.stash.pop() {
                 return Ok(Some(fr));
             }
         }

@@ -3,7 +3,8 @@
 use crate::backend::BlockIo;
 use crate::cache::{FileId, PageCache, PAGE};
 use crate::error::MpageError;
-use crate::page::PageRef;
+use crate::index::CHUNK_PAGES;
+use crate::page::{PageRef, NIL};
 use crate::pool::{FrameId, FRAMES_PER_CHUNK, PAGE_SIZE};
 
 impl<D: BlockIo> PageCache<D> {
@@ -42,11 +43,26 @@ impl<D: BlockIo> PageCache<D> {
         let (first, last) = (offset / PAGE, (offset + n as u64 - 1) / PAGE);
         let mut run: Option<(FrameId, usize, u64, usize)> = None;
         let mut done = 0usize;
+        // The index's frames for pages `ahead_from..ahead_from + ahead_len`, copied a chunk at
+        // a time (one search of the index per chunk, not per page), and copied again after
+        // anything that may have changed the index (waiting, reading ahead).
+        let mut ahead = [NIL; CHUNK_PAGES as usize];
+        let (mut ahead_from, mut ahead_len) = (first, 0usize);
         for p in first..=last {
-            // Fast path: an uptodate page that starts no readahead, found with one lookup.
-            let fr = match self.page_ref(f, p) {
-                Some(pg) if pg.uptodate && !pg.ra_mark => pg.frame,
-                _ => {
+            if p >= ahead_from + ahead_len as u64 {
+                ahead_from = p;
+                ahead_len = self.file(f)?.pages.frames_from(p, last, &mut ahead);
+            }
+            let cached = ahead[(p - ahead_from) as usize];
+            // Fast path: an uptodate page that starts no readahead.
+            let fast = cached != NIL && {
+                let pg = &self.slots[cached as usize];
+                pg.present && pg.uptodate && !pg.ra_mark
+            };
+            let fr = match fast {
+                true => FrameId::from_index(cached as usize),
+                false => {
+                    ahead_len = 0;
                     // Waiting and reading ahead may evict pages: the run's stay held meanwhile
                     // (not handed over, so that a run is cut by its frames and not by every
                     // readahead mark: one copy per run of the caller's size, as a raw read of
