@@ -867,4 +867,45 @@ mod tests {
         here.add(0, &data[..8]);
         assert_ne!(moved, here, "the same bytes elsewhere are different data");
     }
+
+    #[test]
+    fn threads_time_from_the_first_start_to_the_last_end_and_read_what_raw_reads() {
+        use super::passes::threaded_read;
+        use rnvme_mpage::{CacheOptions, SharedCache};
+        let pool = frames(1024);
+        let d0 = disk(&pool, 4096, 128 << 10);
+        let queues = vec![d0.queue(), d0.queue()];
+        let cache = SharedCache::new(queues, pool.clone(), CacheOptions::default()).unwrap();
+        let pages = 300u64;
+        let files = (0..2u64)
+            .map(|t| {
+                let map: Box<dyn rnvme_mpage::BlockMap> =
+                    Box::new(Linear::new(4096, t * pages, pages));
+                (map, pages * 4096)
+            })
+            .collect();
+        let around = rnvme_driver::clock::Stopwatch::start();
+        let (r, digests) = threaded_read(&cache, files, 64 << 10, true).unwrap();
+        let outside = around.elapsed().as_secs_f64();
+        assert_eq!((r.threads, r.bytes), (2, 2 * pages * 4096));
+        assert_eq!(r.per_thread_mib_per_s.len(), 2);
+        // The aggregate's time covers each thread's own time and lies within the call.
+        let slowest = r
+            .per_thread_mib_per_s
+            .iter()
+            .map(|m| (pages * 4096) as f64 / (1 << 20) as f64 / m)
+            .fold(0.0, f64::max);
+        assert!(r.seconds >= slowest * 0.999, "{} < {slowest}", r.seconds);
+        assert!(r.seconds <= outside, "{} > {outside}", r.seconds);
+        // Each thread read its file: what raw reads of the same LBAs read.
+        let mut io = d0.queue();
+        for (t, got) in digests.iter().enumerate() {
+            let mut want = Digest::default();
+            raw_read(&mut io, &pool, t as u64 * pages, pages, 8, |o, b| {
+                want.add(o, b)
+            })
+            .unwrap();
+            assert_eq!(*got, want, "file {t}");
+        }
+    }
 }

@@ -491,16 +491,20 @@ pub fn threaded_read<D: BlockIo + Send>(
     cache.reset_stats()?;
     let start = std::sync::Barrier::new(ids.len());
     let t0 = Stopwatch::start();
-    let results: Vec<Result<(Duration, Digest)>> = std::thread::scope(|sc| {
+    // Each thread's start and end, as times since `t0`: the aggregate's time runs from the
+    // first start (all threads ready, their buffers touched) to the last end, not from the
+    // threads' creation.
+    let results: Vec<Result<(Duration, Duration, Duration, Digest)>> = std::thread::scope(|sc| {
         let handles: Vec<_> = ids
             .iter()
             .map(|&(f, size)| {
                 let start = &start;
-                sc.spawn(move || -> Result<(Duration, Digest)> {
+                sc.spawn(move || -> Result<(Duration, Duration, Duration, Digest)> {
                     let mut buf = warm_buffer(chunk.max(1));
                     let mut dg = Digest::default();
                     start.wait();
                     let began = Stopwatch::start();
+                    let began_at = t0.elapsed();
                     let mut off = 0u64;
                     while off < size {
                         let n = cache.read_at(f, off, &mut buf).with_context(|| {
@@ -512,7 +516,8 @@ pub fn threaded_read<D: BlockIo + Send>(
                         }
                         off += n as u64;
                     }
-                    Ok((began.elapsed(), dg))
+                    let busy = began.elapsed();
+                    Ok((busy, began_at, t0.elapsed(), dg))
                 })
             })
             .collect();
@@ -524,18 +529,21 @@ pub fn threaded_read<D: BlockIo + Send>(
             })
             .collect()
     });
-    let wall = t0.elapsed();
     let stats = cache.stats()?;
     let mut per_thread = Vec::new();
     let mut out = Vec::new();
+    let (mut first, mut last) = (Duration::MAX, Duration::ZERO);
     for (r, &(f, size)) in results.into_iter().zip(&ids) {
-        let (busy, dg) = r?;
+        let (busy, began_at, ended_at, dg) = r?;
         per_thread.push(mib_per_s(size, busy));
         out.push(dg);
+        first = first.min(began_at);
+        last = last.max(ended_at);
         cache
             .close(f)
             .context("closing a file of the shared cache")?;
     }
+    let wall = last.saturating_sub(first);
     let bytes: u64 = ids.iter().map(|&(_, s)| s).sum();
     Ok((
         ThreadedReport {
