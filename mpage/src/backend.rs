@@ -108,6 +108,18 @@ pub trait BlockIo {
 
     /// Reap completed commands, calling `done(tag, result)` for each; returns how many.
     fn poll(&mut self, done: &mut dyn FnMut(u64, Result<(), IoError>)) -> usize;
+
+    /// [`BlockIo::poll`] for a caller with nothing to do until a command completes: a device
+    /// may wait up to `timeout` for one, polling or sleeping as it is set up to (an NVMe queue
+    /// pair's wait mode). Polls once unless the device says otherwise.
+    fn wait(
+        &mut self,
+        timeout: std::time::Duration,
+        done: &mut dyn FnMut(u64, Result<(), IoError>),
+    ) -> usize {
+        let _ = timeout;
+        self.poll(done)
+    }
 }
 
 impl<B: BlockIo + ?Sized> BlockIo for Box<B> {
@@ -131,5 +143,12 @@ impl<B: BlockIo + ?Sized> BlockIo for Box<B> {
     }
     fn poll(&mut self, done: &mut dyn FnMut(u64, Result<(), IoError>)) -> usize {
         (**self).poll(done)
+    }
+    fn wait(
+        &mut self,
+        timeout: std::time::Duration,
+        done: &mut dyn FnMut(u64, Result<(), IoError>),
+    ) -> usize {
+        (**self).wait(timeout, done)
     }
 }

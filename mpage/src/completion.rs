@@ -12,6 +12,10 @@ use crate::error::{MpageError, PageError};
 use crate::map::{MapError, Mapping};
 use crate::page::Page;
 
+/// The longest one wait for a completion lasts before the waiting loop looks at its deadline
+/// and retries again.
+const WAIT_SLICE: std::time::Duration = std::time::Duration::from_millis(1);
+
 impl<D: BlockIo> PageCache<D> {
     // ---- commands and completions -----------------------------------------------------
 
@@ -112,7 +116,7 @@ impl<D: BlockIo> PageCache<D> {
                 Ok(()) => break,
                 Err(IoError::QueueFull) if self.inflight.len() > 1 => {
                     self.dev.kick();
-                    if self.poll_once() == 0 {
+                    if self.poll_once() == 0 && self.wait_once(WAIT_SLICE) == 0 {
                         idle += 1;
                         if idle.is_multiple_of(256) {
                             if let Err(e) = self.check_timeout(started) {
@@ -158,6 +162,17 @@ impl<D: BlockIo> PageCache<D> {
     }
 
     /// Reap what the device has completed.
+    /// Wait for completions as the device waits (polling, or sleeping on an interrupt: see
+    /// [`BlockIo::wait`]), at most `timeout`, and end those that came; returns how many.
+    pub(crate) fn wait_once(&mut self, timeout: std::time::Duration) -> usize {
+        let mut done = Vec::new();
+        let n = self.dev.wait(timeout, &mut |tag, r| done.push((tag, r)));
+        for (tag, r) in done {
+            self.complete(tag, r);
+        }
+        n
+    }
+
     pub(crate) fn poll_once(&mut self) -> usize {
         let mut done = Vec::new();
         let n = self.dev.poll(&mut |tag, r| done.push((tag, r)));
@@ -195,7 +210,7 @@ impl<D: BlockIo> PageCache<D> {
                 });
             }
             self.dev.kick();
-            if self.poll_once() > 0 {
+            if self.poll_once() > 0 || self.wait_once(WAIT_SLICE) > 0 {
                 since = Stopwatch::start();
                 idle = 0;
             } else {

@@ -102,13 +102,25 @@ impl BlockIo for NvmeBlockIo {
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(u64, Result<(), IoError>)) -> usize {
-        self.qp.poll(usize::MAX, |c| {
-            let r = if c.status.is_success() {
-                Ok(())
-            } else {
-                Err(IoError::Status(c.status))
-            };
-            done(c.tag, r)
-        })
+        self.qp.poll(usize::MAX, |c| done(c.tag, result(&c)))
+    }
+
+    /// The queue pair's own wait: polling (its default), or sleeping on its MSI-X vector
+    /// (interrupt and hybrid wait modes).
+    fn wait(
+        &mut self,
+        timeout: std::time::Duration,
+        done: &mut dyn FnMut(u64, Result<(), IoError>),
+    ) -> usize {
+        self.qp
+            .wait(usize::MAX, timeout, |c| done(c.tag, result(&c)))
+    }
+}
+
+fn result(c: &rnvme_driver::queue::Completion) -> Result<(), IoError> {
+    if c.status.is_success() {
+        Ok(())
+    } else {
+        Err(IoError::Status(c.status))
     }
 }

@@ -891,3 +891,70 @@ fn a_dropped_cache_writes_its_dirty_pages_back_unless_it_is_unwinding() {
         "nothing written while unwinding"
     );
 }
+
+/// A device whose completions come only from `wait` (as a queue pair that sleeps on its
+/// interrupt would deliver them), never from `poll`.
+struct WaitOnly {
+    inner: RecordingDevice,
+    waits: usize,
+}
+
+impl rnvme_mpage::BlockIo for WaitOnly {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn lba_size(&self) -> u32 {
+        self.inner.lba_size()
+    }
+    fn max_transfer(&self) -> u32 {
+        self.inner.max_transfer()
+    }
+    fn queue_depth(&self) -> usize {
+        self.inner.queue_depth()
+    }
+    fn submit(&mut self, req: &rnvme_mpage::IoRequest<'_>, tag: u64) -> Result<(), IoError> {
+        self.inner.submit(req, tag)
+    }
+    fn poll(&mut self, _: &mut dyn FnMut(u64, Result<(), IoError>)) -> usize {
+        0
+    }
+    fn wait(
+        &mut self,
+        _: std::time::Duration,
+        done: &mut dyn FnMut(u64, Result<(), IoError>),
+    ) -> usize {
+        self.waits += 1;
+        self.inner.poll(done)
+    }
+}
+
+#[test]
+fn a_device_that_completes_only_when_waited_on_is_read_through() {
+    let dma = DmaPool::new(Arc::new(MemoryOnly), Backing::SmallPages, 0).unwrap();
+    let pool = PagePool::new(&dma, 64).unwrap();
+    let mut inner = RecordingDevice::new(pool.clone(), 512, 1 << 20);
+    inner.set_fill(DiskFill::Pattern);
+    // A short queue: the cache also waits for room to submit.
+    inner.set_queue_depth(2);
+    let opts = CacheOptions {
+        io_timeout: std::time::Duration::from_secs(2),
+        ..CacheOptions::default()
+    };
+    let mut c = PageCache::new(WaitOnly { inner, waits: 0 }, pool, opts).unwrap();
+    let pages = 200u64;
+    let f = c
+        .open(Box::new(Linear::new(4096, 1000, pages)), pages * 4096)
+        .unwrap();
+    let mut buf = vec![0u8; (pages * 4096) as usize];
+    let mut off = 0;
+    while off < buf.len() {
+        let n = c.read_at(f, off as u64, &mut buf[off..]).unwrap();
+        assert!(n > 0);
+        off += n;
+    }
+    assert!(
+        buf == disk(1000 * 4096, buf.len()),
+        "the file reads as the disk holds it"
+    );
+    assert!(c.device().waits > 0);
+}

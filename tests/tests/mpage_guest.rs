@@ -672,6 +672,9 @@ fn bench_passes_read_the_pattern_and_bad_requests_are_refused() {
          step setup rnvme setup --hugepages 0 $NVME0\n\
          step bench rnvme mpage bench $NVME0 --lba 2048 --mib 8 --rounds 1 --threads 2 --random 64 --json\n\
          step human rnvme mpage bench $NVME0 --lba 2048 --mib 2 --rounds 1 --depth 2 --threads 2 --random 8\n\
+         step irq rnvme mpage bench $NVME0 --lba 2048 --mib 8 --rounds 1 --threads 2 --random 64 --wait interrupt --json\n\
+         step hybrid rnvme mpage bench $NVME0 --lba 2048 --mib 2 --rounds 1 --threads 2 --random 8 --wait hybrid --spin-us 5 --json\n\
+         step bad_wait rnvme mpage bench $NVME0 --lba 2048 --mib 1 --wait sometimes\n\
          step no_threads rnvme mpage bench $NVME0 --lba 2048 --mib 1 --threads 0\n\
          step many_threads rnvme mpage bench $NVME0 --lba 2048 --mib 8 --threads 9\n\
          step unaligned rnvme mpage bench $NVME0 --lba 3 --mib 1\n\
@@ -702,6 +705,22 @@ fn bench_passes_read_the_pattern_and_bad_requests_are_refused() {
     for name in ["kblk", "fill", "setup", "reset"] {
         s.ok(name);
     }
+    // Readers that sleep on their queue pairs' interrupts (and that poll, then sleep) read
+    // the same bytes: every pass, the threads and the random pages.
+    for step in ["irq", "hybrid"] {
+        let w = s.ok(step).json();
+        let what = format!("{step}: {w}");
+        assert_eq!(w["data_matches"], json!(true), "{what}");
+        assert_eq!(w["threads"]["data_matches"], json!(true), "{what}");
+        assert_eq!(w["random"]["data_matches"], json!(true), "{what}");
+    }
+    assert_eq!(
+        s.ok("irq").json()["digest"],
+        json!(format!("{:#018x}", bench_digest(&data))),
+        "interrupt-driven waits read the pattern"
+    );
+    let bad = s.failed("bad_wait", 2);
+    assert!(bad.stderr.contains("sometimes"), "{}", bad.stderr);
     let v = s.ok("bench").json();
     let what = format!("bench: {v}");
     assert_eq!(v["data_matches"], json!(true), "{what}");

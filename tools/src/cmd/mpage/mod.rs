@@ -17,6 +17,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use rnvme_driver::controller::Controller;
 use rnvme_driver::identify::NamespaceInfo;
+use rnvme_driver::irq::WaitMode;
 use rnvme_mpage::{
     BlockIo, BlockMap, CacheOptions, CacheStats, Extent, ExtentMap, IoError, IoRequest, MapError,
     MapSpec, Mapping, NvmeBlockIo, PageCache, PagePool, TraceError, TraceOp, TraceOptions,
@@ -99,6 +100,27 @@ pub struct CacheArgs {
     /// Entries of the I/O queue pair (at most what the controller allows)
     #[arg(long, default_value_t = 256, value_name = "N")]
     pub queue_entries: u32,
+    /// How a reader with nothing to do waits for the device: `polled` (its core busy),
+    /// `interrupt` (sleeps on the queue pair's MSI-X vector), or `hybrid` (polls for
+    /// --spin-us, then sleeps)
+    #[arg(long, default_value = "polled", value_parser = ["polled", "interrupt", "hybrid"])]
+    pub wait: String,
+    /// With --wait hybrid: how long a wait polls before it sleeps, in µs
+    #[arg(long, default_value_t = 20, value_name = "US")]
+    pub spin_us: u64,
+}
+
+impl CacheArgs {
+    /// The queue pairs' wait mode.
+    pub(super) fn wait_mode(&self) -> WaitMode {
+        match self.wait.as_str() {
+            "interrupt" => WaitMode::Interrupt,
+            "hybrid" => WaitMode::Hybrid {
+                spin: std::time::Duration::from_micros(self.spin_us),
+            },
+            _ => WaitMode::Polled,
+        }
+    }
 }
 
 /// `rnvme mpage read`
@@ -303,6 +325,13 @@ impl<D: BlockIo> BlockIo for Limited<D> {
     fn poll(&mut self, done: &mut dyn FnMut(u64, Result<(), IoError>)) -> usize {
         self.io.poll(done)
     }
+    fn wait(
+        &mut self,
+        timeout: std::time::Duration,
+        done: &mut dyn FnMut(u64, Result<(), IoError>),
+    ) -> usize {
+        self.io.wait(timeout, done)
+    }
 }
 
 /// A controller and one of its namespaces.
@@ -310,6 +339,7 @@ pub(super) struct Device {
     pub(super) ctrl: Controller,
     pub(super) ns: NamespaceInfo,
     pub(super) entries: u32,
+    pub(super) wait: WaitMode,
 }
 
 impl Device {
@@ -323,12 +353,17 @@ impl Device {
             .cloned()
             .map_err(|e| UsageError(e.to_string()))?;
         let entries = args.queue_entries.min(ctrl.max_queue_entries());
-        Ok(Device { ctrl, ns, entries })
+        Ok(Device {
+            ctrl,
+            ns,
+            entries,
+            wait: args.wait_mode(),
+        })
     }
 
     /// A fresh I/O queue pair on the namespace.
     pub(super) fn block_io(&self) -> Result<NvmeBlockIo> {
-        let qp = self.ctrl.create_io_qpair(self.entries)?;
+        let qp = self.ctrl.create_io_qpair_with(self.entries, self.wait)?;
         Ok(NvmeBlockIo::for_namespace(qp, self.ns.nsid)?)
     }
 
