@@ -165,17 +165,21 @@ impl<D: BlockIo> PageCache<D> {
     /// Wait for completions as the device waits (polling, or sleeping on an interrupt: see
     /// [`BlockIo::wait`]), at most `timeout`, and end those that came; returns how many.
     pub(crate) fn wait_once(&mut self, timeout: std::time::Duration) -> usize {
-        let mut done = Vec::new();
-        let n = self.dev.wait(timeout, &mut |tag, r| done.push((tag, r)));
-        for (tag, r) in done {
-            self.complete(tag, r);
-        }
-        n
+        self.reap(Some(timeout))
     }
 
     pub(crate) fn poll_once(&mut self) -> usize {
+        self.reap(None)
+    }
+
+    /// Poll the device (or wait on it, at most `wait`) and end the commands that completed.
+    fn reap(&mut self, wait: Option<std::time::Duration>) -> usize {
         let mut done = Vec::new();
-        let n = self.dev.poll(&mut |tag, r| done.push((tag, r)));
+        let mut take = |tag, r| done.push((tag, r));
+        let n = match wait {
+            None => self.dev.poll(&mut take),
+            Some(timeout) => self.dev.wait(timeout, &mut take),
+        };
         for (tag, r) in done {
             self.complete(tag, r);
         }

@@ -38,23 +38,21 @@ impl<D: BlockIo> PageCache<D> {
     }
 
     /// Lock pages `start..end` that need reading, taking frames for those not cached. Stops
-    /// early when no frame can be had; returns the pages and where it stopped. With
-    /// `unused`, the pages outside `asked` are flagged as read ahead and not asked for yet
-    /// (see [`Page::ra_unused`](crate::page::Page)).
+    /// early when no frame can be had; returns the pages and where it stopped. For a
+    /// readahead (`ahead`), the pages outside `asked` are flagged as read ahead and not asked
+    /// for yet (see [`Page::ra_unused`](crate::page::Page)).
     pub(crate) fn prepare_batch(
         &mut self,
         f: FileId,
         start: u64,
         end: u64,
-        unused: Option<Option<std::ops::RangeInclusive<u64>>>,
+        ahead: bool,
+        asked: Option<std::ops::RangeInclusive<u64>>,
     ) -> Result<(Vec<(u64, u32)>, u64), MpageError> {
         self.file(f)?;
         let fi = f.0 as usize;
         let mut out = Vec::with_capacity(end.saturating_sub(start).min(1024) as usize);
-        let flag = |p: u64| match &unused {
-            None => false,
-            Some(asked) => !asked.as_ref().is_some_and(|a| a.contains(&p)),
-        };
+        let flag = |p: u64| ahead && !asked.as_ref().is_some_and(|a| a.contains(&p));
         let mut p = start;
         while p < end {
             // A stretch of pages not cached (one search of the index for all of it): each
@@ -103,7 +101,7 @@ impl<D: BlockIo> PageCache<D> {
         let end = start.saturating_add(pages);
         let mut p = start;
         while p < end {
-            let (batch, next) = self.prepare_batch(f, p, end, None)?;
+            let (batch, next) = self.prepare_batch(f, p, end, false, None)?;
             if batch.is_empty() && next == p {
                 if self.inflight.is_empty() {
                     return Err(self.cache_full());
@@ -266,7 +264,7 @@ impl<D: BlockIo> PageCache<D> {
         } else {
             fs.ra.size = 0;
         }
-        let (batch, _) = self.prepare_batch(f, p, p + len, Some(Some(p..=last)))?;
+        let (batch, _) = self.prepare_batch(f, p, p + len, true, Some(p..=last))?;
         if self.page_ref(f, p).is_none() {
             return Err(self.cache_full());
         }
@@ -334,7 +332,7 @@ impl<D: BlockIo> PageCache<D> {
             fs.ra.start = start;
             fs.ra.size = len;
             self.stats.readahead_windows += 1;
-            let (batch, next) = self.prepare_batch(f, start, start + len, Some(None))?;
+            let (batch, next) = self.prepare_batch(f, start, start + len, true, None)?;
             self.set_ra_mark(f, start + len - len.div_ceil(2));
             self.read_framed(f, &batch)?;
             issued = true;

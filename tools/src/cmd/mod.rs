@@ -83,6 +83,19 @@ pub enum OutputFormat {
 pub struct UsageError(pub String);
 
 /// clap value parser for a full PCI address (suggesting the full form for a short one).
+/// The wait mode a `--mode`/`--wait` of `polled`, `interrupt` or `hybrid` (with its
+/// `--spin-us`) names, as `rnvme perf` and the `mpage` commands take it.
+pub fn wait_mode(name: &str, spin_us: u64) -> rnvme_driver::irq::WaitMode {
+    use rnvme_driver::irq::WaitMode;
+    match name {
+        "interrupt" => WaitMode::Interrupt,
+        "hybrid" => WaitMode::Hybrid {
+            spin: std::time::Duration::from_micros(spin_us),
+        },
+        _ => WaitMode::Polled,
+    }
+}
+
 pub fn bdf_arg(s: &str) -> Result<String, String> {
     rnvme_driver::vfio::check_bdf(s).map_err(|e| e.to_string())?;
     rnvme_tools::sysfs::parse_bdf(s).map_err(|e| e.to_string())

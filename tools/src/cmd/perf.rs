@@ -11,7 +11,6 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rnvme_driver::affinity::CpuList;
 use rnvme_driver::controller::{Coalescing, Controller, ControllerOptions};
 use rnvme_driver::dma::Backing;
-use rnvme_driver::irq::WaitMode;
 use rnvme_driver::queue::DataPointerMode;
 use rnvme_tools::perf::{self, LbaRange, Pattern, PerfConfig, PerfError, Progress, Target};
 use rnvme_tools::sysfs::{Sysfs, VFIO_DRIVER};
@@ -349,13 +348,7 @@ impl PerfArgs {
             shadow_doorbells: !self.no_shadow_doorbells,
             ring_each: self.ring_each,
             thinktime: Duration::from_micros(self.thinktime_us),
-            wait: match self.mode.as_str() {
-                "interrupt" => WaitMode::Interrupt,
-                "hybrid" => WaitMode::Hybrid {
-                    spin: Duration::from_micros(self.spin_us),
-                },
-                _ => WaitMode::Polled,
-            },
+            wait: super::wait_mode(&self.mode, self.spin_us),
             async_api: self.async_api,
             idle: self.idle,
         }
@@ -593,6 +586,7 @@ pub fn perf(args: PerfArgs) -> Result<ExitCode> {
 mod tests {
     use super::*;
     use clap::Parser;
+    use rnvme_driver::irq::WaitMode;
 
     #[derive(Debug, Parser)]
     struct T {

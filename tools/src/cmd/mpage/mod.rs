@@ -113,13 +113,7 @@ pub struct CacheArgs {
 impl CacheArgs {
     /// The queue pairs' wait mode.
     pub(super) fn wait_mode(&self) -> WaitMode {
-        match self.wait.as_str() {
-            "interrupt" => WaitMode::Interrupt,
-            "hybrid" => WaitMode::Hybrid {
-                spin: std::time::Duration::from_micros(self.spin_us),
-            },
-            _ => WaitMode::Polled,
-        }
+        super::wait_mode(&self.wait, self.spin_us)
     }
 }
 
