@@ -144,20 +144,13 @@ impl<D: BlockIo> PageCache<D> {
             let next = self.lru_next[fr as usize];
             let pg = self.slot(fr);
             if pg.evictable() && !self.held_run.contains(&fr) && !self.pool.is_viewed(pg.frame) {
-                let (f, p, frame) = (pg.file, pg.index, pg.frame);
+                let (f, p) = (pg.file, pg.index);
                 if pg.ra_unused {
                     thrashed.push(f);
                 }
-                // `detach_page` for a clean page (evictable: no dirty count to change), its
-                // state dropped where it lies.
-                let removed = self.files[f.0 as usize]
-                    .as_mut()
-                    .and_then(|fs| fs.pages.remove(p));
-                debug_assert_eq!(removed, Some(fr), "page {p} of file {f} is in frame {fr}");
-                self.lru_unlink(fr);
-                self.slots[fr as usize].vacate();
-                self.cached -= 1;
-                self.spare.push_back(frame);
+                if let Some(frame) = self.detach_page(f, p) {
+                    self.spare.push_back(frame);
+                }
                 evicted += 1;
             }
             fr = next;
