@@ -769,6 +769,18 @@ fn bench_passes_read_the_pattern_and_bad_requests_are_refused() {
         counter(&t["many"], "read_commands") >= 2 * pages / per_cmd,
         "{what}"
     );
+    // The same two files raw, a queue pair each: every command of the max transfer.
+    assert_eq!(
+        (
+            counter(&t["raw_one"], "threads"),
+            counter(&t["raw_one"], "read_commands"),
+            counter(&t["raw_many"], "threads"),
+            counter(&t["raw_many"], "read_commands")
+        ),
+        (1, pages / per_cmd, 2, 2 * pages / per_cmd),
+        "{what}"
+    );
+    assert!(t["raw_scaling"].as_f64().unwrap() > 0.0, "{what}");
     // 64 distinct random pages, through a cold cache and raw: the same bytes.
     let r = &v["random"];
     assert_eq!(r["data_matches"], json!(true), "{what}");
@@ -789,6 +801,7 @@ fn bench_passes_read_the_pattern_and_bad_requests_are_refused() {
         "in place",
         "2 threads on 2 files",
         "data matches raw",
+        "2 threads raw on a queue each",
         "8 distinct 4 KiB pages",
     ] {
         assert!(human.stdout.contains(needle), "{}", human.describe());

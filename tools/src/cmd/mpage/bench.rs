@@ -14,8 +14,9 @@ use rnvme_mpage::{
 use serde::Serialize;
 
 use super::passes::{
-    mib_per_s, random_pass, raw_read, raw_read_in_place, read_pass, read_pass_in_place,
-    threaded_read, warm_buffer, Digest, PassReport, RandomReport, RawReport, ThreadedReport,
+    mib_per_s, random_pass, raw_piece, raw_read, raw_read_in_place, read_pass, read_pass_in_place,
+    threaded_raw_read, threaded_read, warm_buffer, Digest, PassReport, RandomReport, RawReport,
+    ThreadedReport,
 };
 use super::{BenchArgs, Device, READ_CHUNK};
 use crate::cmd::{allow_closed_stdout, outln, UsageError};
@@ -83,6 +84,13 @@ struct ThreadsJson {
     many: ThreadedReport,
     /// `many` MiB/s over `one` MiB/s.
     scaling: f64,
+    /// One thread reading the first file raw, as the raw pass does (fastest round).
+    raw_one: ThreadedReport,
+    /// `--threads` threads reading a file each raw, on a queue pair each (fastest round).
+    raw_many: ThreadedReport,
+    /// `raw_many` MiB/s over `raw_one` MiB/s: what the device and the machine give several
+    /// threads without a cache, measured beside `scaling`.
+    raw_scaling: f64,
     /// Every thread read what raw reads of its file read.
     data_matches: bool,
 }
@@ -432,6 +440,15 @@ fn print_bench(r: &BenchJson) -> Result<()> {
             met(t.scaling >= 1.3),
             if t.data_matches { "matches raw" } else { "DIFFERS from raw" }
         )?;
+        outln!(
+            "  raw threads{:>9.1} MiB/s  {} threads raw on a queue each ({} commands); one thread {:.1} MiB/s; {} / 1 = {:.2}",
+            t.raw_many.mib_per_s,
+            t.raw_many.threads,
+            t.raw_many.read_commands,
+            t.raw_one.mib_per_s,
+            t.raw_many.threads,
+            t.raw_scaling
+        )?;
     }
     if let Some(x) = &r.random {
         outln!(
@@ -479,23 +496,40 @@ fn threads_passes(
         Ok(SharedCache::new(queues, pool.clone(), opts.clone())?)
     };
     let files = |n: usize| (0..n).map(|t| file_map(d, a, t)).collect::<Vec<_>>();
-    let mut best: Option<(ThreadedReport, ThreadedReport)> = None;
+    let lba = d.ns.lba_size as u64;
+    let lbas = (a.mib << 20) / lba;
+    // The raw threads: each at the queue's depth, or fewer commands where the pool's frames
+    // would not give every thread as many at once.
+    let raw = |n: usize| -> Result<ThreadedReport> {
+        let queues = (0..n).map(|_| d.block_io()).collect::<Result<Vec<_>>>()?;
+        let per_command = (raw_piece(&queues[0]) / PAGE_SIZE).max(1);
+        let depth = queues[0]
+            .queue()
+            .capacity()
+            .min(a.depth.unwrap_or(usize::MAX))
+            .min(pool.free_frames() / n / per_command);
+        let spans: Vec<(u64, u64)> = (0..n as u64).map(|t| (a.lba + t * lbas, lbas)).collect();
+        threaded_raw_read(queues, pool, &spans, depth)
+    };
+    let best_of = |a: Option<ThreadedReport>, b: ThreadedReport| match a {
+        None => b,
+        Some(a) => faster(a, b, |x| x.mib_per_s),
+    };
+    let mut best: [Option<ThreadedReport>; 4] = Default::default();
     for _ in 0..a.rounds {
         let (one, _) = threaded_read(&shared(1)?, files(1), READ_CHUNK, false)?;
         let (many, _) = threaded_read(&shared(a.threads)?, files(a.threads), READ_CHUNK, false)?;
-        best = Some(match best {
-            None => (one, many),
-            Some((o, m)) => (
-                faster(o, one, |x| x.mib_per_s),
-                faster(m, many, |x| x.mib_per_s),
-            ),
-        });
+        let raw_one = raw(1)?;
+        let raw_many = raw(a.threads)?;
+        for (slot, r) in best.iter_mut().zip([one, many, raw_one, raw_many]) {
+            *slot = Some(best_of(slot.take(), r));
+        }
     }
-    let (one, many) = best.expect("at least one round");
+    let [Some(one), Some(many), Some(raw_one), Some(raw_many)] = best else {
+        anyhow::bail!("no threaded round ran");
+    };
     // The data: each thread's digest against raw reads of its file.
     let (_, digests) = threaded_read(&shared(a.threads)?, files(a.threads), READ_CHUNK, true)?;
-    let lba = d.ns.lba_size as u64;
-    let lbas = (a.mib << 20) / lba;
     let mut io = d.block_io()?;
     let depth = io.queue().capacity();
     let mut data_matches = true;
@@ -515,6 +549,9 @@ fn threads_passes(
         scaling: many.mib_per_s / one.mib_per_s,
         one,
         many,
+        raw_scaling: raw_many.mib_per_s / raw_one.mib_per_s,
+        raw_one,
+        raw_many,
         data_matches,
     })
 }

@@ -207,6 +207,16 @@ pub fn raw_read_in_place<D: BlockIo>(
     raw_read_as(dev, pool, slba, lbas, depth, true, sink)
 }
 
+/// Bytes per command of the raw passes on `dev`: its max transfer (at most 2 MiB), in whole
+/// pages (0 when that is less than a page).
+pub fn raw_piece<D: BlockIo>(dev: &D) -> usize {
+    let lba = dev.lba_size() as usize;
+    let per_cmd = (dev.max_transfer() as usize)
+        .min(65536 * lba)
+        .min(RAW_PIECE_MAX);
+    per_cmd / PAGE_SIZE * PAGE_SIZE
+}
+
 fn raw_read_as<D: BlockIo>(
     dev: &mut D,
     pool: &PagePool,
@@ -216,17 +226,14 @@ fn raw_read_as<D: BlockIo>(
     in_place: bool,
     mut sink: impl FnMut(u64, &[u8]),
 ) -> Result<RawReport> {
-    let lba = dev.lba_size() as usize;
-    let per_cmd = (dev.max_transfer() as usize)
-        .min(65536 * lba)
-        .min(RAW_PIECE_MAX);
-    let piece = per_cmd / PAGE_SIZE * PAGE_SIZE;
+    let piece = raw_piece(dev);
     anyhow::ensure!(
         piece >= PAGE_SIZE,
-        "{}: a max transfer of {per_cmd} bytes is less than a page",
-        dev.name()
+        "{}: a max transfer of {} bytes is less than a page",
+        dev.name(),
+        dev.max_transfer()
     );
-    let total = lbas * lba as u64;
+    let total = lbas * dev.lba_size() as u64;
     let frames_per = piece / PAGE_SIZE;
     let depth = depth
         .max(1)
@@ -455,7 +462,7 @@ fn mix(word: u64, v: u64) -> u64 {
     x ^ (x >> 29)
 }
 
-/// What `threads` threads reading a file each at once through a [`SharedCache`] did.
+/// What `threads` threads reading a file each at once (through a [`SharedCache`] or raw) did.
 #[derive(Clone, Debug, Serialize)]
 pub struct ThreadedReport {
     /// Threads, each reading its own file from start to end.
@@ -468,7 +475,7 @@ pub struct ThreadedReport {
     pub mib_per_s: f64,
     /// Each thread's own MiB/s (its bytes over its own time).
     pub per_thread_mib_per_s: Vec<f64>,
-    /// Read commands issued (all shards).
+    /// Read commands issued (all shards or queues).
     pub read_commands: u64,
 }
 
@@ -489,22 +496,13 @@ pub fn threaded_read<D: BlockIo + Send>(
         .map(|(t, (map, size))| Ok((cache.open_in(t % shards, map, size)?, size)))
         .collect::<Result<Vec<_>>>()?;
     cache.reset_stats()?;
-    let start = std::sync::Barrier::new(ids.len());
-    let t0 = Stopwatch::start();
-    // Each thread's start and end, as times since `t0`: the aggregate's time runs from the
-    // first start (all threads ready, their buffers touched) to the last end, not from the
-    // threads' creation.
-    let results: Vec<Result<(Duration, Duration, Duration, Digest)>> = std::thread::scope(|sc| {
-        let handles: Vec<_> = ids
-            .iter()
-            .map(|&(f, size)| {
-                let start = &start;
-                sc.spawn(move || -> Result<(Duration, Duration, Duration, Digest)> {
-                    let mut buf = warm_buffer(chunk.max(1));
+    let workers = ids
+        .iter()
+        .map(|&(f, size)| {
+            move || {
+                let mut buf = warm_buffer(chunk.max(1));
+                move || -> Result<Digest> {
                     let mut dg = Digest::default();
-                    start.wait();
-                    let began = Stopwatch::start();
-                    let began_at = t0.elapsed();
                     let mut off = 0u64;
                     while off < size {
                         let n = cache.read_at(f, off, &mut buf).with_context(|| {
@@ -516,34 +514,23 @@ pub fn threaded_read<D: BlockIo + Send>(
                         }
                         off += n as u64;
                     }
-                    let busy = began.elapsed();
-                    Ok((busy, began_at, t0.elapsed(), dg))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a reader thread panicked")))
-            })
-            .collect()
-    });
+                    Ok(dg)
+                }
+            }
+        })
+        .collect();
+    let (results, wall) = at_once(workers);
     let stats = cache.stats()?;
     let mut per_thread = Vec::new();
     let mut out = Vec::new();
-    let (mut first, mut last) = (Duration::MAX, Duration::ZERO);
     for (r, &(f, size)) in results.into_iter().zip(&ids) {
-        let (busy, began_at, ended_at, dg) = r?;
+        let (dg, busy) = r?;
         per_thread.push(mib_per_s(size, busy));
         out.push(dg);
-        first = first.min(began_at);
-        last = last.max(ended_at);
         cache
             .close(f)
             .context("closing a file of the shared cache")?;
     }
-    let wall = last.saturating_sub(first);
     let bytes: u64 = ids.iter().map(|&(_, s)| s).sum();
     Ok((
         ThreadedReport {
@@ -607,4 +594,94 @@ pub fn random_pass<D: BlockIo>(
     let commands = cache.stats().read_commands;
     close(cache, f)?;
     Ok(RandomReport::new(pages.len() as u64, busy, commands))
+}
+
+/// Run `workers` on a thread each, all at once. A worker first gets ready (buffers touched:
+/// not timed) and returns its work; the works start together once every worker is ready.
+/// Returns each work's result with its own time, in the order of `workers`, and the time from
+/// the first work's start to the last one's end (not from the threads' creation).
+fn at_once<P, W, T>(workers: Vec<P>) -> (Vec<Result<(T, Duration)>>, Duration)
+where
+    P: FnOnce() -> W + Send,
+    W: FnOnce() -> Result<T>,
+    T: Send,
+{
+    let start = std::sync::Barrier::new(workers.len());
+    let t0 = Stopwatch::start();
+    let ran: Vec<Result<(T, Duration, Duration, Duration)>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = workers
+            .into_iter()
+            .map(|ready| {
+                let start = &start;
+                let t0 = &t0;
+                sc.spawn(move || {
+                    let work = ready();
+                    start.wait();
+                    let began = Stopwatch::start();
+                    let began_at = t0.elapsed();
+                    let out = work()?;
+                    Ok((out, began.elapsed(), began_at, t0.elapsed()))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a worker thread panicked")))
+            })
+            .collect()
+    });
+    let (mut first, mut last) = (Duration::MAX, Duration::ZERO);
+    let results = ran
+        .into_iter()
+        .map(|r| {
+            r.map(|(out, busy, began_at, ended_at)| {
+                first = first.min(began_at);
+                last = last.max(ended_at);
+                (out, busy)
+            })
+        })
+        .collect();
+    (results, last.saturating_sub(first))
+}
+
+/// Read each of `files` (first LBA, LBAs) raw, as [`raw_read`] does at `depth`, on a thread
+/// of its own with a queue of its own (`queues[t]` for file `t`), all at once: the raw
+/// counterpart of [`threaded_read`], for what the device gives several threads without a cache.
+pub fn threaded_raw_read<D: BlockIo + Send>(
+    queues: Vec<D>,
+    pool: &PagePool,
+    files: &[(u64, u64)],
+    depth: usize,
+) -> Result<ThreadedReport> {
+    anyhow::ensure!(
+        queues.len() == files.len(),
+        "{} queues for {} files",
+        queues.len(),
+        files.len()
+    );
+    let workers = queues
+        .into_iter()
+        .zip(files)
+        .map(|(mut dev, &(slba, lbas))| {
+            move || move || raw_read(&mut dev, pool, slba, lbas, depth, |_, _| {})
+        })
+        .collect();
+    let (results, wall) = at_once(workers);
+    let (mut bytes, mut commands, mut per_thread) = (0, 0, Vec::new());
+    for r in results {
+        let (report, busy) = r?;
+        per_thread.push(mib_per_s(report.bytes, busy));
+        bytes += report.bytes;
+        commands += report.commands;
+    }
+    Ok(ThreadedReport {
+        threads: files.len(),
+        bytes,
+        seconds: wall.as_secs_f64(),
+        mib_per_s: mib_per_s(bytes, wall),
+        per_thread_mib_per_s: per_thread,
+        read_commands: commands,
+    })
 }
