@@ -685,6 +685,9 @@ impl IoQueuePair {
             if outstanding == 0 && (next == count || error.is_some()) {
                 break;
             }
+            // Whatever the queue pair's poll does (see `QueuePair::set_ring_on_poll`), what
+            // this call submitted reaches the controller before it waits for it.
+            self.qp.ring();
             let polled = self.qp.wait_mode() == WaitMode::Polled;
             let handle = |c: crate::queue::Completion| {
                 if !ours(c.tag) {

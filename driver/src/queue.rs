@@ -197,6 +197,9 @@ pub struct QueuePair {
     shadow: Option<Shadow>,
     /// Ring at every submission rather than once per batch.
     ring_each: bool,
+    /// Poll rings for what was queued since the last ring (see
+    /// [`QueuePair::set_ring_on_poll`]).
+    ring_on_poll: bool,
     /// Ring the MMIO doorbells whatever the event index says (the admin queue: controllers
     /// differ on whether its doorbells are shadowed).
     always_mmio: bool,
@@ -307,6 +310,7 @@ impl QueuePair {
             cq_db: reg::cq_head_doorbell(qid, dstrd),
             shadow: None,
             ring_each: false,
+            ring_on_poll: true,
             always_mmio: false,
             shadow_cq_head: 0,
             hw,

@@ -589,6 +589,54 @@ fn batching_rings_one_doorbell_for_many_commands() {
 }
 
 #[test]
+fn without_ring_on_poll_commands_wait_for_the_owners_ring_and_retries_are_rung() {
+    let (model, ctrl) = open(config(5));
+    let mut qp = ctrl.create_io_qpair(64).unwrap();
+    qp.set_ring_on_poll(false);
+    let buf = ctrl.alloc(8 * 4096).unwrap();
+    let before = model.stats().sq_doorbells;
+    for i in 0..8u64 {
+        qp.submit(
+            write_cmd(1, i, 1, false),
+            &[buf.segment_at(i as usize * 4096, 4096)],
+            i,
+        )
+        .unwrap();
+    }
+    // Polls only reap: nothing reached the controller.
+    for _ in 0..100 {
+        assert_eq!(qp.poll(64, |_| panic!("a command never rung completed")), 0);
+    }
+    assert_eq!(model.stats().sq_doorbells, before);
+    qp.ring();
+    let mut n = 0;
+    while n < 8 {
+        n += qp.poll(64, |c| assert!(c.status.is_success()));
+    }
+    assert_eq!(model.stats().sq_doorbells - before, 1);
+    // A command the queue pair retries is its own to ring: a transient error on the first
+    // attempt, success on the second, with the owner ringing once.
+    model.write_ns(1, 40, &[0x77; 4096]);
+    model.fail_lba(1, 40, NvmeStatus::UNRECOVERED_READ_ERROR, Some(1));
+    let one = ctrl.alloc(4096).unwrap();
+    qp.submit(read_cmd(1, 40, 1), &[one.segment()], 99).unwrap();
+    qp.ring();
+    let mut done = None;
+    for _ in 0..1_000_000 {
+        qp.poll(64, |c| done = Some(c.status));
+        if done.is_some() {
+            break;
+        }
+    }
+    assert_eq!(done, Some(NvmeStatus::SUCCESS));
+    assert_eq!(qp.stats().retries, 1);
+    assert_eq!(one.to_vec(), vec![0x77; 4096]);
+    // The queue pair's synchronous calls ring for themselves.
+    qp.read(1, 40, 1, &one).unwrap();
+    assert_eq!(one.to_vec(), vec![0x77; 4096]);
+}
+
+#[test]
 fn a_controller_that_wants_dword_aligned_sgls_never_gets_others() {
     let (model, ctrl) = open(ModelConfig {
         sgl_dword: true,

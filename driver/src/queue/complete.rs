@@ -29,7 +29,9 @@ impl QueuePair {
                 self.maintenance(&mut f);
             }
         }
-        self.ring();
+        if self.ring_on_poll {
+            self.ring();
+        }
         self.stats.polls += 1;
         let mut handed = 0;
         if !self.deferred.is_empty() {
@@ -43,6 +45,7 @@ impl QueuePair {
         }
         let max = max - handed;
         let mut n = 0;
+        let mut retried = false;
         let cq = self.cq.volatile();
         while n < max {
             let off = self.cq_head as usize * std::mem::size_of::<CqEntry>();
@@ -97,6 +100,7 @@ impl QueuePair {
                             self.qid
                         );
                         push_entry(&self.sq, &mut self.sq_tail, self.entries, &cmd);
+                        retried = true;
                         continue;
                     }
                     slot.busy = false;
@@ -119,6 +123,10 @@ impl QueuePair {
                     );
                 }
             }
+        }
+        if retried && !self.ring_on_poll {
+            // The owner rings for what it queued; what the queue pair queued again is its own.
+            self.ring();
         }
         if n > 0 {
             // Fewer than `cq_entries` (at most 4096) completions are reaped per call: no

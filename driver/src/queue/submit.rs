@@ -380,6 +380,19 @@ impl QueuePair {
     pub fn set_ring_each(&mut self, each: bool) {
         self.ring_each = each;
     }
+
+    /// Whether [`QueuePair::poll`] (and so `wait`) rings for commands queued since the last
+    /// ring: on by default, so that a caller who never rings still gets its completions.
+    /// Off, commands the owner queued reach the controller only through
+    /// [`QueuePair::ring`] (or a synchronous call of the queue pair's own), and poll only
+    /// reaps: for an owner that holds commands back to ring for several at once (a page
+    /// cache submitting its readahead windows one at a time, each doorbell an MMIO write
+    /// that costs the controller more than the command). Such an owner must ring before it
+    /// waits for a command it queued. Commands the queue pair itself resubmits (retries)
+    /// are rung by the poll that resubmitted them.
+    pub fn set_ring_on_poll(&mut self, on: bool) {
+        self.ring_on_poll = on;
+    }
 }
 
 #[cfg(test)]
