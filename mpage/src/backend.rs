@@ -106,6 +106,14 @@ pub trait BlockIo {
     /// Make sure queued commands reach the device (ring the doorbell).
     fn kick(&mut self) {}
 
+    /// Ask that queued commands reach the device only through [`BlockIo::kick`] (poll and
+    /// wait then only reap), for a caller that rings for several commands at once; returns
+    /// whether the device does so. One that cannot keeps delivering on poll (returns
+    /// `false`, the default). The caller must then kick before it waits for a command.
+    fn set_kick_only(&mut self) -> bool {
+        false
+    }
+
     /// Reap completed commands, calling `done(tag, result)` for each; returns how many.
     fn poll(&mut self, done: &mut dyn FnMut(u64, Result<(), IoError>)) -> usize;
 
@@ -140,6 +148,9 @@ impl<B: BlockIo + ?Sized> BlockIo for Box<B> {
     }
     fn kick(&mut self) {
         (**self).kick()
+    }
+    fn set_kick_only(&mut self) -> bool {
+        (**self).set_kick_only()
     }
     fn poll(&mut self, done: &mut dyn FnMut(u64, Result<(), IoError>)) -> usize {
         (**self).poll(done)

@@ -113,9 +113,12 @@ impl<D: BlockIo> PageCache<D> {
         let mut idle = 0u32;
         loop {
             match self.dev.submit(&req, tag) {
-                Ok(()) => break,
+                Ok(()) => {
+                    self.unkicked += 1;
+                    break;
+                }
                 Err(IoError::QueueFull) if self.inflight.len() > 1 => {
-                    self.dev.kick();
+                    self.kick();
                     if self.poll_once() == 0 && self.wait_once(WAIT_SLICE) == 0 {
                         idle += 1;
                         if idle.is_multiple_of(256) {
@@ -164,6 +167,30 @@ impl<D: BlockIo> PageCache<D> {
     /// Reap what the device has completed.
     /// Wait for completions as the device waits (polling, or sleeping on an interrupt: see
     /// [`BlockIo::wait`]), at most `timeout`, and end those that came; returns how many.
+    /// Tell the device of every command submitted since the last kick.
+    pub(crate) fn kick(&mut self) {
+        if self.unkicked > 0 {
+            self.stats.kicks += 1;
+            self.unkicked = 0;
+        }
+        self.dev.kick();
+    }
+
+    /// Tell the device of the commands held back if there are enough of them, or too few in
+    /// flight before them to keep it busy (see [`crate::CacheOptions::kick_batch`]). Either
+    /// way, a caller that waits for completions is not left waiting on held commands alone:
+    /// those before them complete, and with fewer than `kick_low` in flight they go.
+    #[inline]
+    pub(crate) fn kick_lazily(&mut self) {
+        if self.unkicked == 0 {
+            return;
+        }
+        let before = self.inflight.len().saturating_sub(self.unkicked);
+        if self.unkicked >= self.kick_batch || before < self.kick_low {
+            self.kick();
+        }
+    }
+
     pub(crate) fn wait_once(&mut self, timeout: std::time::Duration) -> usize {
         self.reap(Some(timeout))
     }
@@ -213,7 +240,14 @@ impl<D: BlockIo> PageCache<D> {
                     what,
                 });
             }
-            self.dev.kick();
+            // Waiting for one page, readahead windows may stay held a while longer (the
+            // page's own command is among those before them, or they go as those drain);
+            // waiting for everything, everything goes.
+            if page.is_some() {
+                self.kick_lazily();
+            } else {
+                self.kick();
+            }
             if self.poll_once() > 0 || self.wait_once(WAIT_SLICE) > 0 {
                 since = Stopwatch::start();
                 idle = 0;
@@ -259,7 +293,7 @@ impl<D: BlockIo> PageCache<D> {
                 }
             }
         }
-        self.dev.kick();
+        self.kick();
         self.in_retry = false;
         result
     }

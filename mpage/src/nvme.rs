@@ -101,6 +101,11 @@ impl BlockIo for NvmeBlockIo {
         self.qp.ring();
     }
 
+    fn set_kick_only(&mut self) -> bool {
+        self.qp.set_ring_on_poll(false);
+        true
+    }
+
     fn poll(&mut self, done: &mut dyn FnMut(u64, Result<(), IoError>)) -> usize {
         self.qp.poll(usize::MAX, |c| done(c.tag, result(&c)))
     }

@@ -112,7 +112,7 @@ impl<D: BlockIo> PageCache<D> {
             self.read_framed(f, &batch)?;
             p = next;
         }
-        self.dev.kick();
+        self.kick();
         Ok(())
     }
 
@@ -276,7 +276,7 @@ impl<D: BlockIo> PageCache<D> {
             self.set_ra_mark(f, mark);
         }
         self.read_framed(f, &batch)?;
-        self.dev.kick();
+        self.kick();
         Ok(())
     }
 
@@ -342,7 +342,9 @@ impl<D: BlockIo> PageCache<D> {
                 break;
             }
         }
-        self.dev.kick();
+        // Windows ahead of the reader: held until several can go at once, unless the device
+        // is running short.
+        self.kick_lazily();
         Ok(())
     }
 }

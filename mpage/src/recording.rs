@@ -404,6 +404,13 @@ pub struct RecordingDevice {
     queue_depth: usize,
     per_poll: usize,
     stalled: bool,
+    /// Commands reach the disk only when kicked ([`BlockIo::set_kick_only`]), as an NVMe
+    /// queue's reach the controller only through its doorbell.
+    kick_only: bool,
+    /// Commands at the back of `queue` not kicked yet (with `kick_only`).
+    unkicked: usize,
+    /// Kicks that told the disk of new commands (doorbells).
+    kicks: u64,
     fill: DiskFill,
     mode: DataPointerMode,
     sgl_dword: bool,
@@ -428,6 +435,9 @@ impl RecordingDevice {
             queue_depth: 64,
             per_poll: usize::MAX,
             stalled: false,
+            kick_only: false,
+            unkicked: 0,
+            kicks: 0,
             fill: DiskFill::Zeros,
             mode: DataPointerMode::Prp,
             sgl_dword: false,
@@ -451,6 +461,9 @@ impl RecordingDevice {
             queue_depth: self.queue_depth,
             per_poll: self.per_poll,
             stalled: self.stalled,
+            kick_only: false,
+            unkicked: 0,
+            kicks: 0,
             fill: self.fill,
             mode: self.mode,
             sgl_dword: self.sgl_dword,
@@ -530,6 +543,17 @@ impl RecordingDevice {
     /// Log submissions into `log` too.
     pub fn set_event_log(&mut self, log: EventLog) {
         self.events = Some(log);
+    }
+
+    /// Kicks that told the disk of new commands (doorbells rung), with
+    /// [`BlockIo::set_kick_only`].
+    pub fn kicks(&self) -> u64 {
+        self.kicks
+    }
+
+    /// Commands submitted and not kicked yet, with [`BlockIo::set_kick_only`].
+    pub fn unkicked(&self) -> usize {
+        self.unkicked
     }
 
     /// Every command submitted so far, in order.
@@ -767,7 +791,22 @@ impl BlockIo for RecordingDevice {
             push_event(log, TraceEvent::Command(record));
         }
         self.queue.push_back(Queued { tag, record });
+        if self.kick_only {
+            self.unkicked += 1;
+        }
         Ok(())
+    }
+
+    fn kick(&mut self) {
+        if self.unkicked > 0 {
+            self.kicks += 1;
+            self.unkicked = 0;
+        }
+    }
+
+    fn set_kick_only(&mut self) -> bool {
+        self.kick_only = true;
+        true
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(u64, Result<(), IoError>)) -> usize {
@@ -775,7 +814,8 @@ impl BlockIo for RecordingDevice {
             return 0;
         }
         let mut n = 0;
-        while n < self.per_poll {
+        // Commands not kicked yet are not the disk's to see.
+        while n < self.per_poll && self.queue.len() > self.unkicked {
             let Some(q) = self.queue.pop_front() else {
                 break;
             };

@@ -44,7 +44,7 @@ impl<D: BlockIo> PageCache<D> {
             }
         }
         self.send(f, IoOp::Write, &mut walk.cmd)?;
-        self.dev.kick();
+        self.kick();
         Ok(())
     }
 

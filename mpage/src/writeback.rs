@@ -114,6 +114,8 @@ impl<D: BlockIo> PageCache<D> {
     /// device. Call it now and then (every `writeback_interval` or so) when nothing else
     /// calls the cache; returns the pages it started writing.
     pub fn tick(&mut self) -> Result<usize, MpageError> {
+        // Readahead held back goes now: the caller may not be back for a while.
+        self.kick();
         self.poll_once();
         self.run_retries()?;
         let before = self.writing;

@@ -95,7 +95,7 @@ impl<D: BlockIo> PageCache<D> {
         } else {
             self.read_blocks(f, p, &geo, need)?;
         }
-        self.dev.kick();
+        self.kick();
         self.wait_page(f, p)?;
         self.page_result(f, p)
     }

@@ -958,3 +958,81 @@ fn a_device_that_completes_only_when_waited_on_is_read_through() {
     );
     assert!(c.device().waits > 0);
 }
+
+/// Reads 1 000 pages one at a time, checking each; returns (read commands, kicks).
+fn read_sequentially(c: &mut Cache) -> (u64, u64) {
+    let f = linear(c, 1000);
+    let mut b = vec![0u8; 4096];
+    for p in 0..1000 {
+        c.read_at(f, p * 4096, &mut b).unwrap();
+        assert_eq!(b, disk((1000 + p) * 4096, 4096), "page {p}");
+    }
+    c.wait_idle().unwrap();
+    assert_eq!(c.device().unkicked(), 0, "a command was never kicked");
+    let s = c.stats();
+    assert_eq!(c.device().kicks(), s.kicks);
+    (s.read_commands, s.kicks)
+}
+
+#[test]
+fn readahead_windows_go_to_the_device_several_at_once_and_none_is_left_behind() {
+    // The device sees a command only once kicked. Windows of 16 pages, 8 in flight: by
+    // default up to 2 windows are held for one kick while 4 or more are in flight before
+    // them. This device completes all it was told of whenever it is polled, so after each
+    // wait of the reader few are in flight, and the next windows go at once.
+    let quick = std::time::Duration::from_millis(200);
+    let mut c = small_commands(CacheOptions {
+        io_timeout: quick,
+        ..CacheOptions::default()
+    });
+    let (commands, batched) = read_sequentially(&mut c);
+    assert!(commands >= 1000 / 16, "{commands} commands");
+    assert!(
+        batched * 4 <= commands * 3,
+        "{batched} kicks for {commands} commands"
+    );
+    // A doorbell for each window when asked: every readahead call kicks (the first ones
+    // send several windows each).
+    let mut c = small_commands(CacheOptions {
+        io_timeout: quick,
+        kick_batch: 1,
+        ..CacheOptions::default()
+    });
+    let (commands, kicks) = read_sequentially(&mut c);
+    assert!(
+        kicks * 10 >= commands * 8 && kicks > batched,
+        "{kicks} kicks for {commands} commands"
+    );
+    // A slow device (one completion per poll): the reader waits on windows, some held, and
+    // is never left waiting on a held one alone.
+    let mut c = small_commands(CacheOptions {
+        io_timeout: quick,
+        kick_batch: 4,
+        ..CacheOptions::default()
+    });
+    c.device_mut().set_completions_per_poll(1);
+    let (commands, kicks) = read_sequentially(&mut c);
+    assert!(kicks < commands, "{kicks} kicks for {commands} commands");
+}
+
+#[test]
+fn tick_sends_the_readahead_windows_held_back() {
+    let mut c = small_commands(CacheOptions::default());
+    let f = linear(&mut c, 1000);
+    let mut b = vec![0u8; 4096];
+    let mut p = 0;
+    while c.device().unkicked() == 0 {
+        assert!(p < 500, "no window was ever held back");
+        c.read_at(f, p * 4096, &mut b).unwrap();
+        p += 1;
+    }
+    let kicks = c.stats().kicks;
+    c.tick().unwrap();
+    assert_eq!(c.device().unkicked(), 0);
+    assert_eq!(c.stats().kicks, kicks + 1);
+    // Nothing of the file went missing meanwhile.
+    for p in 0..1000 {
+        c.read_at(f, p * 4096, &mut b).unwrap();
+        assert_eq!(b, disk((1000 + p) * 4096, 4096), "page {p}");
+    }
+}

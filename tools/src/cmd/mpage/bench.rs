@@ -204,6 +204,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     let opts = CacheOptions {
         readahead_max: a.readahead_max,
         readahead_depth: a.readahead_depth,
+        kick_batch: a.kick_batch,
         ..CacheOptions::default()
     };
     let mut digests = Vec::new();
@@ -389,10 +390,11 @@ fn print_bench(r: &BenchJson) -> Result<()> {
     )?;
     for (name, p) in [("cache", &r.cache), ("per-block", &r.per_block)] {
         outln!(
-            "  {name:<10} {:>9.1} MiB/s  {:>7} commands ({} per-block), {} map calls, {} readahead windows",
+            "  {name:<10} {:>9.1} MiB/s  {:>7} commands ({} per-block) in {} doorbells, {} map calls, {} readahead windows",
             p.mib_per_s,
             p.stats.read_commands,
             p.stats.fallback_commands,
+            p.stats.kicks,
             p.stats.map_calls,
             p.stats.readahead_windows
         )?;

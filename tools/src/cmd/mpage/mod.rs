@@ -140,6 +140,10 @@ pub struct ReadArgs {
     /// Readahead windows in flight (0: half the queue's entries, at most 16)
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub readahead_depth: u64,
+    /// Readahead windows held back to go to the device at once, one doorbell for several
+    /// (0: a quarter of the windows in flight; 1: a doorbell for each)
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub kick_batch: usize,
     /// Print every cache counter to stderr
     #[arg(long)]
     pub stats: bool,
@@ -188,6 +192,10 @@ pub struct BenchArgs {
     /// Readahead windows in flight (0: half the queue's entries, at most 16)
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub readahead_depth: u64,
+    /// Readahead windows held back to go to the device at once, one doorbell for several
+    /// (0: a quarter of the windows in flight; 1: a doorbell for each)
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub kick_batch: usize,
     /// Most commands in flight in the raw pass (default: as many as the queue holds)
     #[arg(long, value_name = "N")]
     pub depth: Option<usize>,
@@ -316,6 +324,9 @@ impl<D: BlockIo> BlockIo for Limited<D> {
     fn kick(&mut self) {
         self.io.kick()
     }
+    fn set_kick_only(&mut self) -> bool {
+        self.io.set_kick_only()
+    }
     fn poll(&mut self, done: &mut dyn FnMut(u64, Result<(), IoError>)) -> usize {
         self.io.poll(done)
     }
@@ -442,6 +453,7 @@ pub fn read(a: ReadArgs) -> Result<ExitCode> {
         force_per_block: a.per_block,
         readahead_max: a.readahead_max,
         readahead_depth: a.readahead_depth,
+        kick_batch: a.kick_batch,
         ..CacheOptions::default()
     };
     let mut cache = PageCache::new(io, d.pool(a.cache.cache_mib)?, opts)?;
