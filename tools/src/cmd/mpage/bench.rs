@@ -500,18 +500,23 @@ fn threads_passes(
     let files = |n: usize| (0..n).map(|t| file_map(d, a, t)).collect::<Vec<_>>();
     let lba = d.ns.lba_size as u64;
     let lbas = (a.mib << 20) / lba;
-    // The raw threads: each at the queue's depth, or fewer commands where the pool's frames
-    // would not give every thread as many at once.
+    // The raw threads: each with frames of its own, its share of the cache's memory (taking
+    // frames from one pool at once, they would interleave, and leave the cache's pool in
+    // pieces for the passes after them), at the queue's depth or as deep as its frames go.
     let raw = |n: usize| -> Result<ThreadedReport> {
-        let queues = (0..n).map(|_| d.block_io()).collect::<Result<Vec<_>>>()?;
-        let per_command = (raw_piece(&queues[0]) / PAGE_SIZE).max(1);
-        let depth = queues[0]
+        let mib_each = (a.cache.cache_mib / n as u64).max(1);
+        let queues = (0..n)
+            .map(|_| Ok((d.block_io()?, d.pool(mib_each)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let (q, p) = &queues[0];
+        let per_command = (raw_piece(q) / PAGE_SIZE).max(1);
+        let depth = q
             .queue()
             .capacity()
             .min(a.depth.unwrap_or(usize::MAX))
-            .min(pool.free_frames() / n / per_command);
+            .min(p.frames() / per_command);
         let spans: Vec<(u64, u64)> = (0..n as u64).map(|t| (a.lba + t * lbas, lbas)).collect();
-        threaded_raw_read(queues, pool, &spans, depth)
+        threaded_raw_read(queues, &spans, depth)
     };
     let best_of = |a: Option<ThreadedReport>, b: ThreadedReport| match a {
         None => b,

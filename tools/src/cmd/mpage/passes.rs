@@ -647,11 +647,11 @@ where
 }
 
 /// Read each of `files` (first LBA, LBAs) raw, as [`raw_read`] does at `depth`, on a thread
-/// of its own with a queue of its own (`queues[t]` for file `t`), all at once: the raw
-/// counterpart of [`threaded_read`], for what the device gives several threads without a cache.
+/// of its own with a queue and frames of its own (`queues[t]` for file `t`), all at once: the
+/// raw counterpart of [`threaded_read`], for what the device gives several threads without a
+/// cache.
 pub fn threaded_raw_read<D: BlockIo + Send>(
-    queues: Vec<D>,
-    pool: &PagePool,
+    queues: Vec<(D, PagePool)>,
     files: &[(u64, u64)],
     depth: usize,
 ) -> Result<ThreadedReport> {
@@ -664,8 +664,8 @@ pub fn threaded_raw_read<D: BlockIo + Send>(
     let workers = queues
         .into_iter()
         .zip(files)
-        .map(|(mut dev, &(slba, lbas))| {
-            move || move || raw_read(&mut dev, pool, slba, lbas, depth, |_, _| {})
+        .map(|((mut dev, pool), &(slba, lbas))| {
+            move || move || raw_read(&mut dev, &pool, slba, lbas, depth, |_, _| {})
         })
         .collect();
     let (results, wall) = at_once(workers);
