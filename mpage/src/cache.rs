@@ -80,8 +80,8 @@ pub struct CacheOptions {
     pub writeback_interval: Duration,
     /// Readahead commands held back before the device is told of them all at once (one
     /// doorbell for several: each is an MMIO write, which costs an emulated controller, and
-    /// a virtualised one, more than the command's own work): 0 for a quarter of the
-    /// readahead depth, 1 to ring for each window. Held commands go at once when fewer than
+    /// a virtualised one, more than the command's own work): 0 for half the readahead
+    /// depth, 1 to ring for each window. Held commands go at once when fewer than
     /// half the depth are in flight before them (the device never runs short), when a
     /// reader waits with nothing else in flight, and on [`PageCache::tick`]. Commands a
     /// reader waits for, writes and flushes are never held.
@@ -379,7 +379,7 @@ impl<D: BlockIo> PageCache<D> {
         // that cannot hold commands until a kick delivers them sooner, which is harmless).
         dev.set_kick_only();
         let kick_batch = match opts.kick_batch {
-            0 => (ra_depth as usize / 4).max(1),
+            0 => (ra_depth as usize / 2).max(1),
             n => n,
         };
         let kick_low = (ra_depth as usize / 2).max(1);

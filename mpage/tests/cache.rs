@@ -977,7 +977,7 @@ fn read_sequentially(c: &mut Cache) -> (u64, u64) {
 #[test]
 fn readahead_windows_go_to_the_device_several_at_once_and_none_is_left_behind() {
     // The device sees a command only once kicked. Windows of 16 pages, 8 in flight: by
-    // default up to 2 windows are held for one kick while 4 or more are in flight before
+    // default up to 4 windows are held for one kick while 4 or more are in flight before
     // them. This device completes all it was told of whenever it is polled, so after each
     // wait of the reader few are in flight, and the next windows go at once.
     let quick = std::time::Duration::from_millis(200);

@@ -141,7 +141,7 @@ pub struct ReadArgs {
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub readahead_depth: u64,
     /// Readahead windows held back to go to the device at once, one doorbell for several
-    /// (0: a quarter of the windows in flight; 1: a doorbell for each)
+    /// (0: half the windows in flight; 1: a doorbell for each)
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub kick_batch: usize,
     /// Print every cache counter to stderr
@@ -193,7 +193,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub readahead_depth: u64,
     /// Readahead windows held back to go to the device at once, one doorbell for several
-    /// (0: a quarter of the windows in flight; 1: a doorbell for each)
+    /// (0: half the windows in flight; 1: a doorbell for each)
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub kick_batch: usize,
     /// Most commands in flight in the raw pass (default: as many as the queue holds)
