@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rnvme_driver::controller::{Controller, ControllerOptions};
-use rnvme_driver::io::{read_cmd, write_cmd};
+use rnvme_driver::dma::DmaBuffer;
+use rnvme_driver::io::{read_cmd, write_cmd, IoQueuePair};
 use rnvme_driver::model::{
     bring_up, model_options, CompletionMode, Model, ModelConfig, ModelNamespace,
 };
@@ -566,13 +567,9 @@ fn queue_pairs_run_on_their_own_threads() {
     }
 }
 
-#[test]
-fn batching_rings_one_doorbell_for_many_commands() {
-    let (model, ctrl) = open(config(5));
-    let mut qp = ctrl.create_io_qpair(64).unwrap();
-    let buf = ctrl.alloc(32 * 4096).unwrap();
-    let before = model.stats().sq_doorbells;
-    for i in 0..32u64 {
+/// Queue `n` one-block writes from `buf` to LBAs 0.., tagged with their LBA; nothing rung.
+fn queue_writes(qp: &mut IoQueuePair, buf: &DmaBuffer, n: u64) {
+    for i in 0..n {
         qp.submit(
             write_cmd(1, i, 1, false),
             &[buf.segment_at(i as usize * 4096, 4096)],
@@ -580,6 +577,15 @@ fn batching_rings_one_doorbell_for_many_commands() {
         )
         .unwrap();
     }
+}
+
+#[test]
+fn batching_rings_one_doorbell_for_many_commands() {
+    let (model, ctrl) = open(config(5));
+    let mut qp = ctrl.create_io_qpair(64).unwrap();
+    let buf = ctrl.alloc(32 * 4096).unwrap();
+    let before = model.stats().sq_doorbells;
+    queue_writes(&mut qp, &buf, 32);
     let mut n = 0;
     while n < 32 {
         n += qp.poll(64, |c| assert!(c.status.is_success()));
@@ -595,14 +601,7 @@ fn without_ring_on_poll_commands_wait_for_the_owners_ring_and_retries_are_rung()
     qp.set_ring_on_poll(false);
     let buf = ctrl.alloc(8 * 4096).unwrap();
     let before = model.stats().sq_doorbells;
-    for i in 0..8u64 {
-        qp.submit(
-            write_cmd(1, i, 1, false),
-            &[buf.segment_at(i as usize * 4096, 4096)],
-            i,
-        )
-        .unwrap();
-    }
+    queue_writes(&mut qp, &buf, 8);
     // Polls only reap: nothing reached the controller.
     for _ in 0..100 {
         assert_eq!(qp.poll(64, |_| panic!("a command never rung completed")), 0);
