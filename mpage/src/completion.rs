@@ -164,9 +164,6 @@ impl<D: BlockIo> PageCache<D> {
         Ok(())
     }
 
-    /// Reap what the device has completed.
-    /// Wait for completions as the device waits (polling, or sleeping on an interrupt: see
-    /// [`BlockIo::wait`]), at most `timeout`, and end those that came; returns how many.
     /// Tell the device of every command submitted since the last kick.
     pub(crate) fn kick(&mut self) {
         if self.unkicked > 0 {
@@ -191,10 +188,13 @@ impl<D: BlockIo> PageCache<D> {
         }
     }
 
+    /// Wait for completions as the device waits (polling, or sleeping on an interrupt: see
+    /// [`BlockIo::wait`]), at most `timeout`, and end those that came; returns how many.
     pub(crate) fn wait_once(&mut self, timeout: std::time::Duration) -> usize {
         self.reap(Some(timeout))
     }
 
+    /// Reap what the device has completed; returns how many.
     pub(crate) fn poll_once(&mut self) -> usize {
         self.reap(None)
     }
