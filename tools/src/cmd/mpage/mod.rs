@@ -724,6 +724,25 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_raw_pass_hands_no_frame_back_that_a_command_may_still_fill() {
+        let pool = frames(512);
+        let mut dev = disk(&pool, 512, 64 << 10);
+        dev.set_queue_depth(3);
+        dev.set_completions_per_poll(1);
+        // The second command fails while the third is still queued at the device.
+        dev.fail_lba(40 + 128 + 5);
+        let e = raw_read(&mut dev, &pool, 40, 1000, 8, |_, _| {}).unwrap_err();
+        assert!(format!("{e:#}").contains("failed"), "{e:#}");
+        assert!(dev.outstanding() > 0, "a command is still at the device");
+        // Eight slots of 16 frames (64 KiB commands): none goes back.
+        assert_eq!(
+            pool.free_frames(),
+            pool.frames() - 8 * 16,
+            "the slots' frames stay out of the pool"
+        );
+    }
+
+    #[test]
     fn raw_pass_depth_is_bounded_by_the_pool() {
         let pool = frames(512); // one 2 MiB chunk: four 512 KiB commands at most
         let mut dev = disk(&pool, 4096, 512 << 10);

@@ -271,9 +271,14 @@ fn raw_read_as<D: BlockIo>(
         slots.push((frames, segs));
     }
     let result = raw_loop(dev, pool, &slots, slba, total, piece, in_place, &mut sink);
-    for (frames, _) in slots {
-        for fr in frames {
-            pool.free(fr);
+    // After a failure commands may still be in flight into the slots' frames: those frames
+    // stay out of the pool's free list, never handed out again (the queue pair keeps their
+    // memory until the commands complete or the controller stops).
+    if result.is_ok() {
+        for (frames, _) in slots {
+            for fr in frames {
+                pool.free(fr);
+            }
         }
     }
     result
