@@ -82,9 +82,10 @@ pub struct CacheOptions {
     /// doorbell for several: each is an MMIO write, which costs an emulated controller, and
     /// a virtualised one, more than the command's own work): 0 for half the readahead
     /// depth, 1 to ring for each window. Held commands go at once when fewer than
-    /// half the depth are in flight before them (the device never runs short), when a
-    /// reader waits with nothing else in flight, and on [`PageCache::tick`]. Commands a
-    /// reader waits for, writes and flushes are never held.
+    /// half the depth are in flight before them (the device never runs short: a reader
+    /// waiting on a held window sees it go as those before it complete), when the cache
+    /// waits for everything, and on [`PageCache::tick`]. The window of a reader's miss,
+    /// explicit readahead, writes and flushes are never held.
     pub kick_batch: usize,
 }
 
