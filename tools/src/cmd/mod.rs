@@ -82,7 +82,6 @@ pub enum OutputFormat {
 #[error("{0}")]
 pub struct UsageError(pub String);
 
-/// clap value parser for a full PCI address (suggesting the full form for a short one).
 /// The wait mode a `--mode`/`--wait` of `polled`, `interrupt` or `hybrid` (with its
 /// `--spin-us`) names, as `rnvme perf` and the `mpage` commands take it.
 pub fn wait_mode(name: &str, spin_us: u64) -> rnvme_driver::irq::WaitMode {
@@ -96,6 +95,7 @@ pub fn wait_mode(name: &str, spin_us: u64) -> rnvme_driver::irq::WaitMode {
     }
 }
 
+/// clap value parser for a full PCI address (suggesting the full form for a short one).
 pub fn bdf_arg(s: &str) -> Result<String, String> {
     rnvme_driver::vfio::check_bdf(s).map_err(|e| e.to_string())?;
     rnvme_tools::sysfs::parse_bdf(s).map_err(|e| e.to_string())
