@@ -124,6 +124,11 @@ pub struct CacheStats {
     pub write_commands: u64,
     /// Flush commands issued.
     pub flush_commands: u64,
+    /// Pieces of contiguous memory the read and write commands' data came in: as many as
+    /// those commands when each one's pages sit in consecutive frames, more as the pool's
+    /// free frames come apart (every piece is a PRP list run or an SGL descriptor of its
+    /// own, and a mapping for the IOMMU to walk).
+    pub data_segments: u64,
     /// Times the device was told of queued commands (doorbells rung): fewer than commands
     /// when readahead windows go several at once ([`CacheOptions::kick_batch`]).
     pub kicks: u64,
@@ -168,6 +173,7 @@ impl CacheStats {
             read_commands,
             write_commands,
             flush_commands,
+            data_segments,
             kicks,
             fallback_commands,
             map_calls,
@@ -190,6 +196,7 @@ impl CacheStats {
         self.read_commands += read_commands;
         self.write_commands += write_commands;
         self.flush_commands += flush_commands;
+        self.data_segments += data_segments;
         self.kicks += kicks;
         self.fallback_commands += fallback_commands;
         self.map_calls += map_calls;

@@ -146,6 +146,7 @@ impl<D: BlockIo> PageCache<D> {
             IoOp::Write => self.stats.write_commands += 1,
             IoOp::Flush => self.stats.flush_commands += 1,
         }
+        self.stats.data_segments += segs.len() as u64;
         if fallback {
             self.stats.fallback_commands += 1;
         }

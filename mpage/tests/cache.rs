@@ -563,6 +563,39 @@ fn readahead_windows_are_sized_by_the_device_and_cover_its_queue() {
 }
 
 #[test]
+fn data_segments_count_the_pieces_of_memory_commands_carry() {
+    // Frames handed out in order: a command of 16 pages is one piece (two where it crosses
+    // from one 2 MiB buffer to the next). Frames handed out every other one: 16 pieces.
+    for interleaved in [false, true] {
+        let dma = DmaPool::new(Arc::new(MemoryOnly), Backing::SmallPages, 0).unwrap();
+        let pool = PagePool::new(&dma, 1024).unwrap();
+        if interleaved {
+            let all: Vec<_> = (0..1024).map(|_| pool.alloc().unwrap()).collect();
+            for fr in all.iter().step_by(2).chain(all.iter().skip(1).step_by(2)) {
+                pool.free(*fr);
+            }
+        }
+        let mut dev = RecordingDevice::new(pool.clone(), 4096, 1 << 30);
+        dev.set_fill(DiskFill::Pattern);
+        dev.set_max_transfer(16 * 4096);
+        let mut c = PageCache::new(dev, pool, with_capacity(256)).unwrap();
+        let f = linear(&mut c, 200);
+        let mut b = vec![0u8; 4096];
+        for p in 0..200 {
+            c.read_at(f, p * 4096, &mut b).unwrap();
+            assert_eq!(b, disk((1000 + p) * 4096, 4096), "page {p}");
+        }
+        let s = c.stats();
+        if interleaved {
+            assert_eq!(s.data_segments, s.pages_read, "{s:?}");
+        } else {
+            assert!(s.data_segments <= s.read_commands + 1, "{s:?}");
+        }
+        assert!(s.read_commands < s.pages_read, "{s:?}");
+    }
+}
+
+#[test]
 fn a_reader_at_a_marked_page_still_being_read_starts_the_next_windows_before_it_waits() {
     // A first read of 32 pages: its window (two commands of 16 pages) carries the readahead
     // mark on its first page, which the reader reaches while it is being read. The device

@@ -142,6 +142,8 @@ fn sync_read(
         seconds: busy.as_secs_f64(),
         mib_per_s: mib_per_s(lbas * lba, busy),
         commands: qp.stats().submitted - before,
+        // One buffer, contiguous in IOVA: a piece per command.
+        data_segments: qp.stats().submitted - before,
         command_bytes: max,
         max_in_flight: (step.min(lbas) * lba)
             .div_ceil(max)
@@ -390,22 +392,24 @@ fn print_bench(r: &BenchJson) -> Result<()> {
     )?;
     for (name, p) in [("cache", &r.cache), ("per-block", &r.per_block)] {
         outln!(
-            "  {name:<10} {:>9.1} MiB/s  {:>7} commands ({} per-block) in {} doorbells, {} map calls, {} readahead windows",
+            "  {name:<10} {:>9.1} MiB/s  {:>7} commands ({} per-block) in {} doorbells, {} data pieces, {} map calls, {} readahead windows",
             p.mib_per_s,
             p.stats.read_commands,
             p.stats.fallback_commands,
             p.stats.kicks,
+            p.stats.data_segments,
             p.stats.map_calls,
             p.stats.readahead_windows
         )?;
     }
     for (name, p) in [("raw", &r.raw), ("raw sync", &r.raw_sync)] {
         outln!(
-            "  {name:<10} {:>9.1} MiB/s  {:>7} commands of up to {} bytes, up to {} in flight",
+            "  {name:<10} {:>9.1} MiB/s  {:>7} commands of up to {} bytes, up to {} in flight, {} data pieces",
             p.mib_per_s,
             p.commands,
             p.command_bytes,
-            p.max_in_flight
+            p.max_in_flight,
+            p.data_segments
         )?;
     }
     outln!(
@@ -430,23 +434,26 @@ fn print_bench(r: &BenchJson) -> Result<()> {
             .map(|x| format!("{x:.1}"))
             .collect();
         outln!(
-            "  threads    {:>9.1} MiB/s  {} threads on {} files (each {} MiB/s), {} commands; one thread {:.1} MiB/s; {} / 1 = {:.2} (target >= 1.3: {}); data {}",
+            "  threads    {:>9.1} MiB/s  {} threads on {} files (each {} MiB/s), {} commands, {} data pieces; one thread {:.1} MiB/s ({} data pieces); {} / 1 = {:.2} (target >= 1.3: {}); data {}",
             t.many.mib_per_s,
             t.many.threads,
             t.many.threads,
             per.join(", "),
             t.many.read_commands,
+            t.many.data_segments,
             t.one.mib_per_s,
+            t.one.data_segments,
             t.many.threads,
             t.scaling,
             met(t.scaling >= 1.3),
             if t.data_matches { "matches raw" } else { "DIFFERS from raw" }
         )?;
         outln!(
-            "  raw threads{:>9.1} MiB/s  {} threads raw on a queue each ({} commands); one thread {:.1} MiB/s; {} / 1 = {:.2}",
+            "  raw threads{:>9.1} MiB/s  {} threads raw on a queue each ({} commands, {} data pieces); one thread {:.1} MiB/s; {} / 1 = {:.2}",
             t.raw_many.mib_per_s,
             t.raw_many.threads,
             t.raw_many.read_commands,
+            t.raw_many.data_segments,
             t.raw_one.mib_per_s,
             t.raw_many.threads,
             t.raw_scaling

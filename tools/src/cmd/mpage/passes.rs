@@ -172,6 +172,8 @@ pub struct RawReport {
     pub mib_per_s: f64,
     /// Read commands issued.
     pub commands: u64,
+    /// Pieces of contiguous memory their data came in (see `CacheStats::data_segments`).
+    pub data_segments: u64,
     /// Bytes per command (the last may be shorter).
     pub command_bytes: u64,
     /// Most commands in flight at once.
@@ -316,6 +318,7 @@ fn raw_loop<D: BlockIo>(
     let mut holds = vec![(0u64, 0usize); slots.len()];
     let mut host = warm_buffer(piece);
     let (mut next, mut done, mut commands, mut in_flight, mut max_in_flight) = (0u64, 0, 0, 0, 0);
+    let mut data_segments = 0u64;
     let mut outside = Duration::ZERO;
     let mut completed: Vec<(u64, Result<(), IoError>)> = Vec::new();
     let start = Stopwatch::start();
@@ -345,6 +348,7 @@ fn raw_loop<D: BlockIo>(
                     holds[s] = (next, len);
                     next += len as u64;
                     commands += 1;
+                    data_segments += segs.len() as u64;
                     in_flight += 1;
                     max_in_flight = max_in_flight.max(in_flight);
                 }
@@ -422,6 +426,7 @@ fn raw_loop<D: BlockIo>(
         seconds: busy.as_secs_f64(),
         mib_per_s: mib_per_s(total, busy),
         commands,
+        data_segments,
         command_bytes: piece as u64,
         max_in_flight,
     })
@@ -482,6 +487,8 @@ pub struct ThreadedReport {
     pub per_thread_mib_per_s: Vec<f64>,
     /// Read commands issued (all shards or queues).
     pub read_commands: u64,
+    /// Pieces of contiguous memory their data came in.
+    pub data_segments: u64,
 }
 
 /// Open `files` in `cache` (file `t` in shard `t` modulo the shards), read each from start to
@@ -545,6 +552,7 @@ pub fn threaded_read<D: BlockIo + Send>(
             mib_per_s: mib_per_s(bytes, wall),
             per_thread_mib_per_s: per_thread,
             read_commands: stats.read_commands,
+            data_segments: stats.data_segments,
         },
         out,
     ))
@@ -674,12 +682,13 @@ pub fn threaded_raw_read<D: BlockIo + Send>(
         })
         .collect();
     let (results, wall) = at_once(workers);
-    let (mut bytes, mut commands, mut per_thread) = (0, 0, Vec::new());
+    let (mut bytes, mut commands, mut segments, mut per_thread) = (0, 0, 0, Vec::new());
     for r in results {
         let (report, busy) = r?;
         per_thread.push(mib_per_s(report.bytes, busy));
         bytes += report.bytes;
         commands += report.commands;
+        segments += report.data_segments;
     }
     Ok(ThreadedReport {
         threads: files.len(),
@@ -688,5 +697,6 @@ pub fn threaded_raw_read<D: BlockIo + Send>(
         mib_per_s: mib_per_s(bytes, wall),
         per_thread_mib_per_s: per_thread,
         read_commands: commands,
+        data_segments: segments,
     })
 }
