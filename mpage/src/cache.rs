@@ -57,8 +57,8 @@ pub struct CacheOptions {
     /// device's largest command (its max transfer).
     pub readahead_max: u64,
     /// Most readahead windows kept in flight ahead of a sequential reader; 0 to cover half
-    /// the device's queue with commands (at most 16). Readahead never takes more than a
-    /// quarter of the cache, and backs off when its pages are evicted before they are read.
+    /// the device's queue with commands (at most 16). Readahead never takes more than
+    /// half the cache, and backs off when its pages are evicted before they are read.
     pub readahead_depth: u64,
     /// How long to wait without any completion before giving up on the device.
     pub io_timeout: Duration,

@@ -563,6 +563,32 @@ fn readahead_windows_are_sized_by_the_device_and_cover_its_queue() {
 }
 
 #[test]
+fn readahead_takes_up_to_half_the_cache() {
+    // Eight windows of 16 pages in flight want 128 pages ahead of the reader: a cache of 320
+    // pages gives them (half of it is 160), one of 128 pages keeps readahead within 64.
+    for (capacity, least, most) in [(320, 6 * 16, 9 * 16), (128, 3 * 16, 64 + 16)] {
+        let mut c = small_commands(with_capacity(capacity));
+        let f = linear(&mut c, 1000);
+        let mut b = vec![0u8; 4096];
+        let (mut lo, mut hi) = (u64::MAX, 0);
+        for p in 0..900 {
+            c.read_at(f, p * 4096, &mut b).unwrap();
+            assert_eq!(b, disk((1000 + p) * 4096, 4096), "page {p}");
+            if p > 100 {
+                let ahead = read_frontier(&c) - p;
+                lo = lo.min(ahead);
+                hi = hi.max(ahead);
+            }
+        }
+        assert!(
+            lo >= least && hi <= most,
+            "capacity {capacity}: {lo}..={hi} pages ahead"
+        );
+        assert_eq!(c.stats().readahead_thrashed, 0, "capacity {capacity}");
+    }
+}
+
+#[test]
 fn data_segments_count_the_pieces_of_memory_commands_carry() {
     // Frames handed out in order: a command of 16 pages is one piece (two where it crosses
     // from one 2 MiB buffer to the next). Frames handed out every other one: 16 pieces.
@@ -630,7 +656,7 @@ fn a_reader_at_a_marked_page_still_being_read_starts_the_next_windows_before_it_
 #[test]
 fn readahead_backs_off_when_its_pages_are_evicted_unread() {
     // Six readers take turns, page by page, in a cache of 128 pages: each may read up to
-    // a quarter of the cache ahead, more than the cache holds for all of them.
+    // half the cache ahead, more than the cache holds for all of them.
     let opts = CacheOptions {
         capacity: Some(128),
         ..CacheOptions::default()
@@ -651,8 +677,8 @@ fn readahead_backs_off_when_its_pages_are_evicted_unread() {
     }
     let s = c.stats();
     assert!(s.readahead_thrashed > 0, "{s:?}");
-    // Backing off keeps the waste small: without it (windows as large as a quarter of the
-    // cache for every reader) over twice the pages consumed are read.
+    // Backing off keeps the waste small: without it (windows as large as half the cache
+    // for every reader) over twice the pages consumed are read.
     let consumed = 6 * 400;
     assert!(
         s.pages_read < consumed * 5 / 4,
