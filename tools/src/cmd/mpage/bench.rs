@@ -494,6 +494,16 @@ fn file_map(d: &Device, a: &BenchArgs, t: usize) -> (Box<dyn BlockMap>, u64) {
 
 /// One thread on one file, then `--threads` threads on a file each, through shared caches of
 /// one shard per thread over the same frames; then a checked round against raw reads.
+///
+/// Every thread, cache or raw, reads its file once untimed before its timed read. Under an
+/// emulator a thread that starts on a vCPU that had been idle reads the same file through
+/// the same cache at about half the speed of one that has been working: in one guest, a
+/// `SharedCache` read on the bench's main thread made 1 600–2 000 MiB/s and the same read on
+/// a thread just spawned 750–1 350 MiB/s, its copy loop alone 1.4× slower; neither where its
+/// buffer was allocated, nor its alignment, nor the CPU it ran on made the difference, and a
+/// thread that had read the file once before read it again at 1 500–1 760 MiB/s. A storage
+/// engine's threads are warm: so are the bench's, or one thread's figure would be half what
+/// the cache pass shows for the same reader.
 fn threads_passes(
     d: &Device,
     a: &BenchArgs,
@@ -523,7 +533,7 @@ fn threads_passes(
             .min(a.depth.unwrap_or(usize::MAX))
             .min(p.frames() / per_command);
         let spans: Vec<(u64, u64)> = (0..n as u64).map(|t| (a.lba + t * lbas, lbas)).collect();
-        threaded_raw_read(queues, &spans, depth)
+        threaded_raw_read(queues, &spans, depth, true)
     };
     let best_of = |a: Option<ThreadedReport>, b: ThreadedReport| match a {
         None => b,
@@ -531,8 +541,14 @@ fn threads_passes(
     };
     let mut best: [Option<ThreadedReport>; 4] = Default::default();
     for _ in 0..a.rounds {
-        let (one, _) = threaded_read(&shared(1)?, files(1), READ_CHUNK, false)?;
-        let (many, _) = threaded_read(&shared(a.threads)?, files(a.threads), READ_CHUNK, false)?;
+        let (one, _) = threaded_read(&shared(1)?, files(1), READ_CHUNK, Some(files(1)), false)?;
+        let (many, _) = threaded_read(
+            &shared(a.threads)?,
+            files(a.threads),
+            READ_CHUNK,
+            Some(files(a.threads)),
+            false,
+        )?;
         let raw_one = raw(1)?;
         let raw_many = raw(a.threads)?;
         for (slot, r) in best.iter_mut().zip([one, many, raw_one, raw_many]) {
@@ -543,7 +559,13 @@ fn threads_passes(
         anyhow::bail!("no threaded round ran");
     };
     // The data: each thread's digest against raw reads of its file.
-    let (_, digests) = threaded_read(&shared(a.threads)?, files(a.threads), READ_CHUNK, true)?;
+    let (_, digests) = threaded_read(
+        &shared(a.threads)?,
+        files(a.threads),
+        READ_CHUNK,
+        None,
+        true,
+    )?;
     let mut io = d.block_io()?;
     let depth = io.queue().capacity();
     let mut data_matches = true;

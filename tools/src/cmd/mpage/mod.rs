@@ -929,6 +929,75 @@ mod tests {
     }
 
     #[test]
+    fn warm_threads_read_each_file_twice_and_count_only_the_timed_read() {
+        use super::passes::{threaded_raw_read, threaded_read};
+        use rnvme_mpage::{CacheOptions, SharedCache};
+        let pool = frames(1024);
+        let mut d0 = disk(&pool, 4096, 128 << 10);
+        // Every queue of the disk logs its commands here.
+        let log = rnvme_mpage::EventLog::default();
+        d0.set_event_log(log.clone());
+        let commands = || {
+            log.lock()
+                .unwrap()
+                .iter()
+                .filter(|e| matches!(e, rnvme_mpage::TraceEvent::Command(_)))
+                .count() as u64
+        };
+        // Files that fit in their shards: a warm-up through the same file ids would leave
+        // every page cached for the timed read.
+        let pages = 200u64;
+        let files = || -> Vec<(Box<dyn rnvme_mpage::BlockMap>, u64)> {
+            (0..2u64)
+                .map(|t| {
+                    let map: Box<dyn rnvme_mpage::BlockMap> =
+                        Box::new(Linear::new(4096, t * pages, pages));
+                    (map, pages * 4096)
+                })
+                .collect()
+        };
+        let mut seen = Vec::new();
+        for warm in [false, true] {
+            let before = commands();
+            let cache = SharedCache::new(
+                vec![d0.queue(), d0.queue()],
+                pool.clone(),
+                CacheOptions::default(),
+            )
+            .unwrap();
+            let (r, _) = threaded_read(&cache, files(), 64 << 10, warm.then(files), false).unwrap();
+            drop(cache);
+            assert_eq!(r.bytes, 2 * pages * 4096);
+            seen.push((r.read_commands, commands() - before));
+        }
+        let (cold, warm) = (seen[0], seen[1]);
+        // (The device also sees a flush per file closed.)
+        assert!(cold.0 > 0 && cold.0 <= cold.1, "{seen:?}");
+        // Warm: the device saw each file read twice, each time from the device; the counters
+        // count the timed read.
+        assert_eq!((warm.0, warm.1), (cold.0, 2 * cold.1), "{seen:?}");
+        assert_eq!(
+            pool.free_frames(),
+            pool.frames(),
+            "every frame back in the pool"
+        );
+
+        // Raw: the same.
+        let mut raw = Vec::new();
+        for warm in [false, true] {
+            let before = commands();
+            let queues = (0..2)
+                .map(|_| (d0.queue(), frames(256)))
+                .collect::<Vec<_>>();
+            let spans = [(0, pages), (pages, pages)];
+            let r = threaded_raw_read(queues, &spans, 4, warm).unwrap();
+            raw.push((r.read_commands, commands() - before));
+        }
+        assert_eq!(raw[0].0, raw[0].1, "{raw:?}");
+        assert_eq!((raw[1].0, raw[1].1), (raw[0].0, 2 * raw[0].1), "{raw:?}");
+    }
+
+    #[test]
     fn threads_time_from_the_first_start_to_the_last_end_and_read_what_raw_reads() {
         use super::passes::threaded_read;
         use rnvme_mpage::{CacheOptions, SharedCache};
@@ -945,7 +1014,7 @@ mod tests {
             })
             .collect();
         let around = rnvme_driver::clock::Stopwatch::start();
-        let (r, digests) = threaded_read(&cache, files, 64 << 10, true).unwrap();
+        let (r, digests) = threaded_read(&cache, files, 64 << 10, None, true).unwrap();
         let outside = around.elapsed().as_secs_f64();
         assert_eq!((r.threads, r.bytes), (2, 2 * pages * 4096));
         assert_eq!(r.per_thread_mib_per_s.len(), 2);

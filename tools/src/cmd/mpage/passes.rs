@@ -493,45 +493,83 @@ pub struct ThreadedReport {
 
 /// Open `files` in `cache` (file `t` in shard `t` modulo the shards), read each from start to
 /// end in `chunk`-byte `read_at` calls by a thread of its own, all at once, and close them.
-/// With `digests`, each thread also digests what it read (the time for it is then counted
-/// too: use it to check data, not for figures). Returns the report and the digests.
+/// With `warm` (the same files once more), each thread first reads its file
+/// through its `warm` twin, untimed, and closes it: the twin is a file of its own to the
+/// cache, so the timed read finds none of its pages cached; the counters are those of the
+/// timed reads. With `digests`, each thread also digests what it read (the time for it is
+/// then counted too: use it to check data, not for figures). Returns the report and the
+/// digests.
 pub fn threaded_read<D: BlockIo + Send>(
     cache: &SharedCache<D>,
     files: Vec<(Box<dyn BlockMap>, u64)>,
     chunk: usize,
+    warm: Option<Vec<(Box<dyn BlockMap>, u64)>>,
     digests: bool,
 ) -> Result<(ThreadedReport, Vec<Digest>)> {
     let shards = cache.shards();
-    let ids = files
-        .into_iter()
-        .enumerate()
-        .map(|(t, (map, size))| Ok((cache.open_in(t % shards, map, size)?, size)))
-        .collect::<Result<Vec<_>>>()?;
+    let open = |files: Vec<(Box<dyn BlockMap>, u64)>| {
+        files
+            .into_iter()
+            .enumerate()
+            .map(|(t, (map, size))| Ok((cache.open_in(t % shards, map, size)?, size)))
+            .collect::<Result<Vec<_>>>()
+    };
+    let ids = open(files)?;
+    let twins: Vec<Option<(FileId, u64)>> = match warm {
+        Some(w) => {
+            anyhow::ensure!(
+                w.len() == ids.len(),
+                "{} warm-up files for {} files",
+                w.len(),
+                ids.len()
+            );
+            open(w)?.into_iter().map(Some).collect()
+        }
+        None => vec![None; ids.len()],
+    };
     cache.reset_stats()?;
+    let read = move |f: FileId, size: u64, buf: &mut [u8], digests: bool| -> Result<Digest> {
+        let mut dg = Digest::default();
+        let mut off = 0u64;
+        while off < size {
+            let n = cache.read_at(f, off, buf).with_context(|| {
+                format!("reading file {f} at byte {off} through the shared cache")
+            })?;
+            anyhow::ensure!(n > 0, "the shared cache returned no data at byte {off}");
+            if digests {
+                dg.add(off, &buf[..n]);
+            }
+            off += n as u64;
+        }
+        Ok(dg)
+    };
     let workers = ids
         .iter()
-        .map(|&(f, size)| {
+        .zip(twins)
+        .map(|(&(f, size), twin)| {
             move || {
                 let mut buf = warm_buffer(chunk.max(1));
+                let warmed = match twin {
+                    Some((w, wsize)) => read(w, wsize, &mut buf, false).and_then(|_| {
+                        cache
+                            .close(w)
+                            .context("closing a warm-up file of the shared cache")
+                    }),
+                    None => Ok(()),
+                };
                 move || -> Result<Digest> {
-                    let mut dg = Digest::default();
-                    let mut off = 0u64;
-                    while off < size {
-                        let n = cache.read_at(f, off, &mut buf).with_context(|| {
-                            format!("reading file {f} at byte {off} through the shared cache")
-                        })?;
-                        anyhow::ensure!(n > 0, "the shared cache returned no data at byte {off}");
-                        if digests {
-                            dg.add(off, &buf[..n]);
-                        }
-                        off += n as u64;
-                    }
-                    Ok(dg)
+                    warmed?;
+                    read(f, size, &mut buf, digests)
                 }
             }
         })
         .collect();
-    let (results, wall) = at_once(workers);
+    // The counters count the timed reads only: reset once every thread is warm.
+    let (results, wall) = at_once(workers, || {
+        if let Err(e) = cache.reset_stats() {
+            log::warn!("resetting the shared cache's counters: {e}");
+        }
+    });
     let stats = cache.stats()?;
     let mut per_thread = Vec::new();
     let mut out = Vec::new();
@@ -609,26 +647,34 @@ pub fn random_pass<D: BlockIo>(
     Ok(RandomReport::new(pages.len() as u64, busy, commands))
 }
 
-/// Run `workers` on a thread each, all at once. A worker first gets ready (buffers touched:
-/// not timed) and returns its work; the works start together once every worker is ready.
-/// Returns each work's result with its own time, in the order of `workers`, and the time from
-/// the first work's start to the last one's end (not from the threads' creation).
-fn at_once<P, W, T>(workers: Vec<P>) -> (Vec<Result<(T, Duration)>>, Duration)
+/// Run `workers` on a thread each, all at once. A worker first gets ready (buffers touched,
+/// a warm-up: not timed) and returns its work; once every worker is ready, `between` runs
+/// (on one of the threads), and then the works start together. Returns each work's result
+/// with its own time, in the order of `workers`, and the time from the first work's start to
+/// the last one's end (not from the threads' creation).
+fn at_once<P, W, T>(
+    workers: Vec<P>,
+    between: impl Fn() + Sync,
+) -> (Vec<Result<(T, Duration)>>, Duration)
 where
     P: FnOnce() -> W + Send,
     W: FnOnce() -> Result<T>,
     T: Send,
 {
+    let ready = std::sync::Barrier::new(workers.len());
     let start = std::sync::Barrier::new(workers.len());
     let t0 = Stopwatch::start();
     let ran: Vec<Result<(T, Duration, Duration, Duration)>> = std::thread::scope(|sc| {
         let handles: Vec<_> = workers
             .into_iter()
-            .map(|ready| {
-                let start = &start;
+            .map(|get_ready| {
+                let (ready, start, between) = (&ready, &start, &between);
                 let t0 = &t0;
                 sc.spawn(move || {
-                    let work = ready();
+                    let work = get_ready();
+                    if ready.wait().is_leader() {
+                        between();
+                    }
                     start.wait();
                     let began = Stopwatch::start();
                     let began_at = t0.elapsed();
@@ -662,11 +708,12 @@ where
 /// Read each of `files` (first LBA, LBAs) raw, as [`raw_read`] does at `depth`, on a thread
 /// of its own with a queue and frames of its own (`queues[t]` for file `t`), all at once: the
 /// raw counterpart of [`threaded_read`], for what the device gives several threads without a
-/// cache.
+/// cache. With `warm`, each thread first reads its file once untimed.
 pub fn threaded_raw_read<D: BlockIo + Send>(
     queues: Vec<(D, PagePool)>,
     files: &[(u64, u64)],
     depth: usize,
+    warm: bool,
 ) -> Result<ThreadedReport> {
     anyhow::ensure!(
         queues.len() == files.len(),
@@ -678,10 +725,20 @@ pub fn threaded_raw_read<D: BlockIo + Send>(
         .into_iter()
         .zip(files)
         .map(|((mut dev, pool), &(slba, lbas))| {
-            move || move || raw_read(&mut dev, &pool, slba, lbas, depth, |_, _| {})
+            move || {
+                let warmed = if warm {
+                    raw_read(&mut dev, &pool, slba, lbas, depth, |_, _| {}).map(|_| ())
+                } else {
+                    Ok(())
+                };
+                move || {
+                    warmed?;
+                    raw_read(&mut dev, &pool, slba, lbas, depth, |_, _| {})
+                }
+            }
         })
         .collect();
-    let (results, wall) = at_once(workers);
+    let (results, wall) = at_once(workers, || {});
     let (mut bytes, mut commands, mut segments, mut per_thread) = (0, 0, 0, Vec::new());
     for r in results {
         let (report, busy) = r?;
