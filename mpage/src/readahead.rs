@@ -215,8 +215,8 @@ impl<D: BlockIo> PageCache<D> {
     /// the reader holds (a run it copies out holds at most a quarter, see `walk_runs`)
     /// and frames to evict. A quarter was too little for a cache split between threads: a
     /// shard of 16 MiB kept 8 windows of 512 KiB in flight where a reader alone kept 16,
-    /// and two readers together no more than one (in one boot each, two `mpage bench
-    /// --threads 2` builds alternating, four runs each: the two threads' aggregate 1 932
+    /// and two readers together no more than one (two `mpage bench --threads 2` builds
+    /// alternating in two boots, four runs each per boot: the two threads' aggregate 1 932
     /// against 1 545 MiB/s, medians of eight runs).
     pub(crate) fn readahead_cap(&self) -> u64 {
         (self.capacity as u64 / 2).max(1)
