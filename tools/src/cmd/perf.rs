@@ -45,6 +45,8 @@ pub struct PerfArgs {
     #[arg(value_name = "BDF[/NSID]", value_parser = target_arg)]
     pub targets: Vec<(String, Option<u32>)>,
     /// SPDK's transport ID of a namespace or controller: 'trtype:PCIe traddr:BDF [ns:NSID]'
+    // The doc comment is the option's help text, shown as written: its brackets are not a link.
+    #[allow(rustdoc::broken_intra_doc_links)]
     #[arg(short = 'r', long = "transport", value_name = "TRID", value_parser = trid_arg)]
     pub trids: Vec<Trid>,
     /// Namespace of targets given without /NSID
