@@ -493,12 +493,11 @@ pub struct ThreadedReport {
 
 /// Open `files` in `cache` (file `t` in shard `t` modulo the shards), read each from start to
 /// end in `chunk`-byte `read_at` calls by a thread of its own, all at once, and close them.
-/// With `warm` (the same files once more), each thread first reads its file
-/// through its `warm` twin, untimed, and closes it: the twin is a file of its own to the
-/// cache, so the timed read finds none of its pages cached; the counters are those of the
-/// timed reads. With `digests`, each thread also digests what it read (the time for it is
-/// then counted too: use it to check data, not for figures). Returns the report and the
-/// digests.
+/// With `warm` (the same files once more), each thread first reads its file through its twin
+/// in `warm`, untimed, and closes it: the twin is a file of its own to the cache, so the timed
+/// read finds none of its pages cached; the counters are those of the timed reads. With
+/// `digests`, each thread also digests what it read (the time for it is then counted too: use
+/// it to check data, not for figures). Returns the report and the digests.
 pub fn threaded_read<D: BlockIo + Send>(
     cache: &SharedCache<D>,
     files: Vec<(Box<dyn BlockMap>, u64)>,
