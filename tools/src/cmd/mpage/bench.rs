@@ -137,13 +137,14 @@ fn sync_read(
         done += n;
     }
     let busy = start.elapsed().saturating_sub(outside);
+    let commands = qp.stats().submitted - before;
     Ok(RawReport {
         bytes: lbas * lba,
         seconds: busy.as_secs_f64(),
         mib_per_s: mib_per_s(lbas * lba, busy),
-        commands: qp.stats().submitted - before,
+        commands,
         // One buffer, contiguous in IOVA: a piece per command.
-        data_segments: qp.stats().submitted - before,
+        data_segments: commands,
         command_bytes: max,
         max_in_flight: (step.min(lbas) * lba)
             .div_ceil(max)
@@ -535,9 +536,9 @@ fn threads_passes(
         let spans: Vec<(u64, u64)> = (0..n as u64).map(|t| (a.lba + t * lbas, lbas)).collect();
         threaded_raw_read(queues, &spans, depth, true)
     };
-    let best_of = |a: Option<ThreadedReport>, b: ThreadedReport| match a {
-        None => b,
-        Some(a) => faster(a, b, |x| x.mib_per_s),
+    let best_of = |best: Option<ThreadedReport>, r: ThreadedReport| match best {
+        None => r,
+        Some(b) => faster(b, r, |x| x.mib_per_s),
     };
     let mut best: [Option<ThreadedReport>; 4] = Default::default();
     for _ in 0..a.rounds {
