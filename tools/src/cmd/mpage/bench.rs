@@ -93,6 +93,8 @@ struct ThreadsJson {
     raw_scaling: f64,
     /// Every thread read what raw reads of its file read.
     data_matches: bool,
+    /// The threads read the pages in place (`--in-place`) rather than copying them out.
+    in_place: bool,
 }
 
 /// The random passes of `bench`.
@@ -435,10 +437,11 @@ fn print_bench(r: &BenchJson) -> Result<()> {
             .map(|x| format!("{x:.1}"))
             .collect();
         outln!(
-            "  threads    {:>9.1} MiB/s  {} threads on {} files (each {} MiB/s), {} commands, {} data pieces; one thread {:.1} MiB/s ({} data pieces); {} / 1 = {:.2} (target >= 1.3: {}); data {}",
+            "  threads    {:>9.1} MiB/s  {} threads on {} files{} (each {} MiB/s), {} commands, {} data pieces; one thread {:.1} MiB/s ({} data pieces); {} / 1 = {:.2} (target >= 1.3: {}); data {}",
             t.many.mib_per_s,
             t.many.threads,
             t.many.threads,
+            if t.in_place { " in place" } else { "" },
             per.join(", "),
             t.many.read_commands,
             t.many.data_segments,
@@ -542,13 +545,21 @@ fn threads_passes(
     };
     let mut best: [Option<ThreadedReport>; 4] = Default::default();
     for _ in 0..a.rounds {
-        let (one, _) = threaded_read(&shared(1)?, files(1), READ_CHUNK, Some(files(1)), false)?;
+        let (one, _) = threaded_read(
+            &shared(1)?,
+            files(1),
+            READ_CHUNK,
+            Some(files(1)),
+            false,
+            a.in_place,
+        )?;
         let (many, _) = threaded_read(
             &shared(a.threads)?,
             files(a.threads),
             READ_CHUNK,
             Some(files(a.threads)),
             false,
+            a.in_place,
         )?;
         let raw_one = raw(1)?;
         let raw_many = raw(a.threads)?;
@@ -566,6 +577,7 @@ fn threads_passes(
         READ_CHUNK,
         None,
         true,
+        a.in_place,
     )?;
     let mut io = d.block_io()?;
     let depth = io.queue().capacity();
@@ -590,6 +602,7 @@ fn threads_passes(
         raw_one,
         raw_many,
         data_matches,
+        in_place: a.in_place,
     })
 }
 

@@ -492,7 +492,9 @@ pub struct ThreadedReport {
 }
 
 /// Open `files` in `cache` (file `t` in shard `t` modulo the shards), read each from start to
-/// end in `chunk`-byte `read_at` calls by a thread of its own, all at once, and close them.
+/// end in `chunk`-byte `read_at` calls by a thread of its own, all at once, and close them;
+/// with `in_place`, in `chunk`-byte [`SharedCache::read_with`] calls instead, which hand the
+/// thread the cached pages' bytes without copying them into a buffer of its own.
 /// With `warm` (the same files once more), each thread first reads its file through its twin
 /// in `warm`, untimed, and closes it: the twin is a file of its own to the cache, so the timed
 /// read finds none of its pages cached; the counters are those of the timed reads. With
@@ -504,6 +506,7 @@ pub fn threaded_read<D: BlockIo + Send>(
     chunk: usize,
     warm: Option<Vec<(Box<dyn BlockMap>, u64)>>,
     digests: bool,
+    in_place: bool,
 ) -> Result<(ThreadedReport, Vec<Digest>)> {
     let shards = cache.shards();
     let open = |files: Vec<(Box<dyn BlockMap>, u64)>| {
@@ -531,11 +534,19 @@ pub fn threaded_read<D: BlockIo + Send>(
         let mut dg = Digest::default();
         let mut off = 0u64;
         while off < size {
-            let n = cache.read_at(f, off, buf).with_context(|| {
-                format!("reading file {f} at byte {off} through the shared cache")
-            })?;
+            let n = if in_place {
+                cache.read_with(f, off, buf.len(), |at, bytes| {
+                    if digests {
+                        dg.add(at, bytes);
+                    }
+                    std::hint::black_box(bytes);
+                })
+            } else {
+                cache.read_at(f, off, buf)
+            }
+            .with_context(|| format!("reading file {f} at byte {off} through the shared cache"))?;
             anyhow::ensure!(n > 0, "the shared cache returned no data at byte {off}");
-            if digests {
+            if digests && !in_place {
                 dg.add(off, &buf[..n]);
             }
             off += n as u64;
