@@ -19,17 +19,17 @@ const NQN: &str = "nqn.2026-12.io.rnvme:test";
 const HOST: &str = "nqn.2026-12.io.rnvme:host-a";
 
 fn serve(read_only: bool, allowed: &[&str]) -> (Server, String) {
-    let (_, server, addr) = serve_model(
-        ModelConfig {
-            mdts: 5,
-            sgl: true,
-            ..ModelConfig::one_namespace(512, 1 << 14)
-        },
-        read_only,
-        allowed,
-        ServeOptions::default(),
-    );
+    let (_, server, addr) = serve_model(test_model(), read_only, allowed, ServeOptions::default());
     (server, addr)
+}
+
+/// The tests' controller: one namespace of 16 384 512-byte blocks, 128 KiB transfers, SGLs.
+fn test_model() -> ModelConfig {
+    ModelConfig {
+        mdts: 5,
+        sgl: true,
+        ..ModelConfig::one_namespace(512, 1 << 14)
+    }
 }
 
 /// A target on a model configured by `config`, with `opts` (its listen address and queue
@@ -39,6 +39,26 @@ fn serve_model(
     read_only: bool,
     allowed: &[&str],
     opts: ServeOptions,
+) -> (Arc<Model>, Server, String) {
+    serve_model_limits(config, read_only, allowed, opts, test_limits())
+}
+
+/// The limits of the tests' targets.
+fn test_limits() -> Limits {
+    Limits {
+        in_capsule: 4096,
+        max_h2c_data: 8192,
+        ..Limits::default()
+    }
+}
+
+/// [`serve_model`] with `limits`.
+fn serve_model_limits(
+    config: ModelConfig,
+    read_only: bool,
+    allowed: &[&str],
+    opts: ServeOptions,
+    limits: Limits,
 ) -> (Arc<Model>, Server, String) {
     let model = Model::new(config);
     let hw: Arc<dyn Hardware> = model.clone();
@@ -56,15 +76,7 @@ fn serve_model(
         allowed_hosts: allowed.iter().map(|s| s.to_string()).collect(),
         read_only,
     };
-    let target = Arc::new(Target::new(
-        vec![ctrl],
-        vec![sub],
-        Limits {
-            in_capsule: 4096,
-            max_h2c_data: 8192,
-            ..Limits::default()
-        },
-    ));
+    let target = Arc::new(Target::new(vec![ctrl], vec![sub], limits));
     let server = Server::start(
         target,
         &ServeOptions {
@@ -417,7 +429,16 @@ mod fuzz {
         #[test]
         fn any_bytes_leave_the_target_serving(bytes in proptest::collection::vec(any::<u8>(), 1..600),
                                               hd in any::<bool>()) {
-            let (server, addr) = serve(false, &[]);
+            // Bytes that begin a PDU claiming more leave both sides waiting until the target's
+            // connect deadline ends the connection (no Connect came): a short one, so that a
+            // case takes a moment and not the default 10 s.
+            let (_, server, addr) = serve_model_limits(
+                test_model(),
+                false,
+                &[],
+                ServeOptions::default(),
+                Limits { connect_timeout_ms: 300, ..test_limits() },
+            );
             let mut c = Client::connect(&addr, hd, false).unwrap();
             c.send_raw(&bytes).unwrap();
             // Whatever comes back (a termination request, a response), until the end.
