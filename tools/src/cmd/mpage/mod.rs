@@ -1011,15 +1011,17 @@ mod tests {
         let queues = vec![d0.queue(), d0.queue()];
         let cache = SharedCache::new(queues, pool.clone(), CacheOptions::default()).unwrap();
         let pages = 300u64;
-        let files = (0..2u64)
-            .map(|t| {
-                let map: Box<dyn rnvme_mpage::BlockMap> =
-                    Box::new(Linear::new(4096, t * pages, pages));
-                (map, pages * 4096)
-            })
-            .collect();
+        let files = || {
+            (0..2u64)
+                .map(|t| {
+                    let map: Box<dyn rnvme_mpage::BlockMap> =
+                        Box::new(Linear::new(4096, t * pages, pages));
+                    (map, pages * 4096)
+                })
+                .collect()
+        };
         let around = rnvme_driver::clock::Stopwatch::start();
-        let (r, digests) = threaded_read(&cache, files, 64 << 10, None, true, false).unwrap();
+        let (r, digests) = threaded_read(&cache, files(), 64 << 10, None, true, false).unwrap();
         let outside = around.elapsed().as_secs_f64();
         assert_eq!((r.threads, r.bytes), (2, 2 * pages * 4096));
         assert_eq!(r.per_thread_mib_per_s.len(), 2);
@@ -1042,14 +1044,7 @@ mod tests {
             assert_eq!(*got, want, "file {t}");
         }
         // In place: the same data, handed over without a copy, and the same commands.
-        let files = (0..2u64)
-            .map(|t| {
-                let map: Box<dyn rnvme_mpage::BlockMap> =
-                    Box::new(Linear::new(4096, t * pages, pages));
-                (map, pages * 4096)
-            })
-            .collect();
-        let (p, in_place) = threaded_read(&cache, files, 64 << 10, None, true, true).unwrap();
+        let (p, in_place) = threaded_read(&cache, files(), 64 << 10, None, true, true).unwrap();
         assert_eq!(in_place, digests);
         assert_eq!((p.bytes, p.read_commands), (r.bytes, r.read_commands));
     }
