@@ -102,7 +102,9 @@ impl Drop for Slot {
 /// Shell functions every guest script starts with.
 ///
 /// - `step NAME CMD...` runs CMD (a program or one of these functions) and prints its status,
-///   stdout, stderr and duration as a block [`Steps`] parses; `record NAME CMD...` runs it
+///   stdout, stderr and duration as a block [`Steps`] parses; while it runs, its name is in
+///   the runner's step file ([`vm::STEP_FILE`]: the guest's heartbeat reports it, and the
+///   state of the guest's tasks is dumped if it runs too long); `record NAME CMD...` runs it
 ///   silently (for background jobs) and `show NAME` prints the block later. Their files are
 ///   `/tmp/steps/NAME.{out,err,rc,t}`.
 /// - `ctrl_of BDF`: the kernel's name of the controller (`nvme0`), empty if the kernel driver
@@ -134,7 +136,10 @@ show() {
 }
 step() {
     _stp=$1; shift
+    read -r _st0 _ </proc/uptime
+    echo "$_st0 $_stp" >/run/rnvme-step
     record "$_stp" "$@"
+    rm -f /run/rnvme-step
     show "$_stp"
 }
 ctrl_of() { ls "/sys/bus/pci/devices/$1/nvme" 2>/dev/null | head -n 1; }
@@ -241,13 +246,19 @@ pub fn run_guest(mut config: VmConfig, test_bins: &[&str], script: &str) -> Gues
                 .console_tail(40)
                 .unwrap_or_else(|| "(the guest did not start)".into());
             let printed = match &e {
-                vm::VmError::Timeout { output, .. } | vm::VmError::GuestFailed { output, .. } => {
-                    vm::tail_lines(output, 60)
-                }
+                vm::VmError::Timeout { output, .. }
+                | vm::VmError::Stalled { output, .. }
+                | vm::VmError::GuestFailed { output, .. } => vm::tail_lines(output, 60),
+                _ => String::new(),
+            };
+            let state = match &e {
+                vm::VmError::Timeout {
+                    state: Some(state), ..
+                } => format!("\n--- the guest's tasks while the step hung ---\n{state}"),
                 _ => String::new(),
             };
             panic!(
-                "guest run failed: {e}\n--- script output (end) ---\n{printed}\n--- kernel console (end) ---\n{console}"
+                "guest run failed: {e}\n--- script output (end) ---\n{printed}{state}\n--- kernel console (end) ---\n{console}"
             );
         }
     };
@@ -293,6 +304,12 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Barrier};
+
+    #[test]
+    fn the_prelude_names_each_step_in_the_runners_step_file() {
+        assert!(PRELUDE.contains(&format!("echo \"$_st0 $_stp\" >{}\n", vm::STEP_FILE)));
+        assert!(PRELUDE.contains(&format!("rm -f {}\n", vm::STEP_FILE)));
+    }
 
     #[test]
     fn slots_never_exceed_the_limit() {

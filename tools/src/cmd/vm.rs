@@ -131,6 +131,7 @@ fn config(args: &RunArgs) -> anyhow::Result<VmConfig> {
         files,
         kernel_args: args.kernel_args.clone(),
         timeout: Duration::from_secs(args.timeout),
+        ..VmConfig::default()
     })
 }
 

@@ -7,7 +7,9 @@ use std::io::Write;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use super::beat::BeatMarkers;
 use super::host::{find_binary, module_name, run_command, KERNEL_MODULES};
 use super::{Kernel, Markers, VmError};
 
@@ -130,6 +132,8 @@ pub(crate) struct Params<'a> {
     pub host_binaries: &'a [String],
     pub files: &'a [(PathBuf, String)],
     pub script: &'a str,
+    /// A named step running this long gets the guest's state on the console.
+    pub state_dump_after: Duration,
 }
 
 /// The guest's `/init`.
@@ -171,6 +175,7 @@ pub(crate) fn init_script(p: &Params<'_>, module_paths: &[String]) -> String {
     for (i, bdf) in p.bdfs.iter().enumerate() {
         s.push_str(&format!("export NVME{i}={bdf}\n"));
     }
+    s.push_str(&BeatMarkers::new(p.token).init_lines(p.state_dump_after));
     s.push_str(&format!(
         "# The script's output goes to the second serial port (raw), through a pipe so that\n\
          # programs see captured output, not a terminal. The script runs in its own session;\n\
@@ -523,6 +528,7 @@ kernel/drivers/net/dummy.ko.xz:
             host_binaries: &[],
             files: &[],
             script: "echo hi",
+            state_dump_after: Duration::from_secs(240),
         }
     }
 
@@ -549,6 +555,8 @@ kernel/drivers/net/dummy.ko.xz:
             "echo 300 > /proc/sys/vm/nr_hugepages",
             "export NVME0=0000:00:04.0\n",
             "export NVME1=0000:00:05.0\n",
+            "RNVME-BEAT-t0k $up $step",
+            "export RNVME_BEAT_PID=$!",
             "export TERM=dumb NO_COLOR=1",
             "exec 3>/dev/ttyS1",
             "stty -F /dev/ttyS1 raw -echo",

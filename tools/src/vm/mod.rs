@@ -23,10 +23,17 @@
 //! reserved hugepages took 3.5 s). Booting to the first command of the script takes about 4 to
 //! 6 s here.
 //!
+//! While the script runs the guest beats: a console line every two seconds with its uptime and
+//! the step the script names (see [`Beat`]). A guest whose beats stop has stopped — QEMU's TCG
+//! losing a halted vCPU's timer wake-up — and is booted again or reported
+//! ([`VmError::Stalled`]); a script that hangs in a beating guest ends at the time limit with
+//! the step and the state of the guest's tasks in the error ([`VmError::Timeout`]).
+//!
 //! Everything lives in the cache directory ([`cache_dir`]): the unpacked kernel under
 //! `kernels/`, and a `run-*` directory per run (initramfs, images, logs) that is removed
 //! when the run ends.
 
+mod beat;
 mod build;
 mod host;
 mod initramfs;
@@ -39,6 +46,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+pub use beat::{Beat, BEAT_EVERY_S, STEP_FILE};
 pub use build::{build_static_rnvme, fio_engine, static_binary};
 pub use host::{cache_dir, ensure_host, ensure_kernel, fetch_kernel, is_static_elf, Kernel};
 pub use spec::{parse_controller_spec, SPEC_HELP};
@@ -69,6 +77,13 @@ pub struct VmConfig {
     pub kernel_args: Vec<String>,
     /// Wall-clock limit for the whole guest run (default 600 s); QEMU is killed past it.
     pub timeout: Duration,
+    /// A guest whose heartbeat (see [`Beat`]) stops this long while its script runs has
+    /// stopped (default 60 s): it is booted again on fresh images, or
+    /// [`VmError::Stalled`] is returned.
+    pub stall_limit: Duration,
+    /// A step the script named in [`STEP_FILE`] that runs this long gets the state of every
+    /// task of the guest on the console, once (default 240 s).
+    pub state_dump_after: Duration,
 }
 
 impl Default for VmConfig {
@@ -82,6 +97,8 @@ impl Default for VmConfig {
             files: Vec::new(),
             kernel_args: Vec::new(),
             timeout: Duration::from_secs(600),
+            stall_limit: Duration::from_secs(60),
+            state_dump_after: Duration::from_secs(240),
         }
     }
 }
@@ -258,13 +275,32 @@ pub enum VmError {
     #[error("guest kernel: {0}")]
     Kernel(String),
     /// The guest did not finish in time; QEMU was killed.
-    #[error("guest did not finish within {} s; QEMU was killed (last console line: {})", .timeout.as_secs(), last_line(.console))]
+    #[error("guest did not finish within {} s; QEMU was killed ({guest}; last console line: {})", .timeout.as_secs(), last_line(.console))]
     Timeout {
         /// The configured limit.
         timeout: Duration,
-        /// The kernel console up to the kill.
+        /// Whether the guest was alive and where its script was, from its last heartbeat.
+        guest: String,
+        /// The last state dump of the guest's tasks (see [`VmConfig::state_dump_after`]).
+        state: Option<String>,
+        /// The kernel console up to the kill (without heartbeats and state dumps).
         console: String,
         /// What the script had printed.
+        output: String,
+    },
+    /// The guest stopped while its script ran (its heartbeat ceased: QEMU's TCG losing a
+    /// halted vCPU's timer wake-up), in every boot tried; QEMU was killed.
+    #[error("the guest stopped: no heartbeat for {} s after the last one ({last_beat}), in {attempts} boot(s); QEMU was killed (last console line: {})", .limit.as_secs(), last_line(.console))]
+    Stalled {
+        /// The configured limit ([`VmConfig::stall_limit`]).
+        limit: Duration,
+        /// Boots that stalled.
+        attempts: u32,
+        /// The last heartbeat, described.
+        last_beat: String,
+        /// The kernel console of the last boot (without heartbeats).
+        console: String,
+        /// What the script had printed in the last boot.
         output: String,
     },
     /// QEMU stopped before the script reported its exit status (boot failure, kernel panic,
@@ -286,9 +322,9 @@ impl VmError {
     /// The kernel console captured before the failure, if the guest was started.
     pub fn console(&self) -> Option<&str> {
         match self {
-            VmError::Timeout { console, .. } | VmError::GuestFailed { console, .. } => {
-                Some(console)
-            }
+            VmError::Timeout { console, .. }
+            | VmError::Stalled { console, .. }
+            | VmError::GuestFailed { console, .. } => Some(console),
             _ => None,
         }
     }
@@ -491,7 +527,9 @@ pub fn run(config: &VmConfig, script: &str) -> Result<VmOutput, VmError> {
         host_binaries: &config.host_binaries,
         files: &config.files,
         script,
+        state_dump_after: config.state_dump_after,
     };
+    let beats = beat::BeatMarkers::new(&token);
     initramfs::build(&kernel, &params, &dir.join("root"), &initrd)?;
 
     let console_log = dir.join("console.log");
@@ -514,9 +552,11 @@ pub fn run(config: &VmConfig, script: &str) -> Result<VmOutput, VmError> {
         let qemu_stdout = qemu_stderr
             .try_clone()
             .map_err(|e| VmError::io("duplicate QEMU's log file", e))?;
-        // The output file exists before QEMU starts so it can be opened for polling.
-        File::create(&output_log)
-            .map_err(|e| VmError::io(format!("create {}", output_log.display()), e))?;
+        // The output and console files exist before QEMU starts so they can be opened for
+        // polling.
+        for log in [&output_log, &console_log] {
+            File::create(log).map_err(|e| VmError::io(format!("create {}", log.display()), e))?;
+        }
 
         let started = Instant::now();
         let child = Command::new("qemu-system-x86_64")
@@ -532,6 +572,11 @@ pub fn run(config: &VmConfig, script: &str) -> Result<VmOutput, VmError> {
         };
         let mut out = File::open(&output_log)
             .map_err(|e| VmError::io(format!("open {}", output_log.display()), e))?;
+        let mut console_in = File::open(&console_log)
+            .map_err(|e| VmError::io(format!("open {}", console_log.display()), e))?;
+        let mut console_raw = Vec::new();
+        // The last heartbeat and when it was read.
+        let mut last_beat: Option<(Beat, Instant)> = None;
         let mut raw = Vec::new();
         let mut boot_to_script = None;
         let mut finished_at = None;
@@ -558,6 +603,19 @@ pub fn run(config: &VmConfig, script: &str) -> Result<VmOutput, VmError> {
                     finished_at = Some(Instant::now());
                 }
             }
+            let old_console = console_raw.len();
+            console_in
+                .read_to_end(&mut console_raw)
+                .map_err(|e| VmError::io(format!("read {}", console_log.display()), e))?;
+            if console_raw.len() > old_console {
+                let fresh =
+                    String::from_utf8_lossy(&console_raw[old_console.saturating_sub(512)..]);
+                if let Some(b) = beats.last_beat(&fresh) {
+                    if last_beat.as_ref().is_none_or(|(l, _)| *l != b) {
+                        last_beat = Some((b, Instant::now()));
+                    }
+                }
+            }
             if let Some(st) = exited {
                 // QEMU 7.2 under TCG now and then dies of SIGSEGV however far the guest got
                 // (seen in the firmware's first steps and in the middle of scripts, never
@@ -576,15 +634,10 @@ pub fn run(config: &VmConfig, script: &str) -> Result<VmOutput, VmError> {
                         } else {
                             "while the script ran"
                         },
-                        last_line(&read_console(&console_log))
+                        last_line(&read_console(&console_log, &beats))
                     );
                     if boot_to_script.is_some() {
-                        for (image, size_mib) in &own_images {
-                            fs::remove_file(image).map_err(|e| {
-                                VmError::io(format!("remove {}", image.display()), e)
-                            })?;
-                            prepare_image(image, *size_mib)?;
-                        }
+                        fresh_images(&own_images)?;
                     }
                     continue 'boot;
                 }
@@ -598,7 +651,7 @@ pub fn run(config: &VmConfig, script: &str) -> Result<VmOutput, VmError> {
                     "the guest did not reach its script within {} s (last console line: {}); \
                  booting it again",
                     BOOT_LIMIT.as_secs(),
-                    last_line(&read_console(&console_log))
+                    last_line(&read_console(&console_log, &beats))
                 );
                 guard.kill();
                 continue 'boot;
@@ -608,11 +661,57 @@ pub fn run(config: &VmConfig, script: &str) -> Result<VmOutput, VmError> {
                 guard.kill();
                 break None;
             }
+            // A guest whose heartbeat stopped (or never began) while its script ran has stopped:
+            // QEMU's TCG lost a halted vCPU's timer wake-up and nothing will wake it. Such a
+            // run proves nothing either: booted again as after a crash, on fresh images.
+            let quiet_since = match (&last_beat, boot_to_script) {
+                (Some((_, at)), _) => Some(*at),
+                (None, Some(d)) => Some(started + d),
+                (None, None) => None,
+            };
+            if finished_at.is_none()
+                && boot_to_script.is_some()
+                && quiet_since.is_some_and(|t| t.elapsed() > config.stall_limit)
+            {
+                guard.kill();
+                let last = match &last_beat {
+                    Some((b, _)) => b.describe(),
+                    None => "none since the script started".to_string(),
+                };
+                if attempt < BOOT_ATTEMPTS && config_images_are_own(config) {
+                    log::warn!(
+                        "the guest stopped: no heartbeat for {} s (the last {last}; last console \
+                         line: {}); running it again",
+                        config.stall_limit.as_secs(),
+                        last_line(&read_console(&console_log, &beats))
+                    );
+                    fresh_images(&own_images)?;
+                    continue 'boot;
+                }
+                return Err(VmError::Stalled {
+                    limit: config.stall_limit,
+                    attempts: attempt,
+                    last_beat: last,
+                    console: read_console(&console_log, &beats),
+                    output: markers.partial(&raw),
+                });
+            }
             if started.elapsed() > config.timeout {
                 guard.kill();
+                let guest = match &last_beat {
+                    Some((b, at)) => format!(
+                        "its last heartbeat {:.0} s before the kill, {}",
+                        at.elapsed().as_secs_f64(),
+                        b.describe()
+                    ),
+                    None => "no heartbeat from it".to_string(),
+                };
+                let console = read_console(&console_log, &beats);
                 return Err(VmError::Timeout {
                     timeout: config.timeout,
-                    console: read_console(&console_log),
+                    guest,
+                    state: beats.last_state(&console),
+                    console: beats.without_states(&console),
                     output: markers.partial(&raw),
                 });
             }
@@ -622,7 +721,7 @@ pub fn run(config: &VmConfig, script: &str) -> Result<VmOutput, VmError> {
     };
     out.read_to_end(&mut raw)
         .map_err(|e| VmError::io(format!("read {}", output_log.display()), e))?;
-    let console = read_console(&console_log);
+    let console = read_console(&console_log, &beats);
     let Some((output, exit_code)) = markers.parse(&raw) else {
         return Err(VmError::GuestFailed {
             status: status.map_or_else(|| "killed".to_string(), |s| s.to_string()),
@@ -701,8 +800,19 @@ pub(crate) fn clean_console(raw: &str) -> String {
     out
 }
 
-fn read_console(path: &Path) -> String {
-    clean_console(&read_lossy(path))
+/// The console capture, cleaned, without heartbeat lines.
+fn read_console(path: &Path, beats: &beat::BeatMarkers) -> String {
+    beats.without_beats(&clean_console(&read_lossy(path)))
+}
+
+/// Recreates the run's own images empty, for a guest that runs again after its script began.
+fn fresh_images(own_images: &[(PathBuf, u64)]) -> Result<(), VmError> {
+    for (image, size_mib) in own_images {
+        fs::remove_file(image)
+            .map_err(|e| VmError::io(format!("remove {}", image.display()), e))?;
+        prepare_image(image, *size_mib)?;
+    }
+    Ok(())
 }
 
 fn read_lossy(path: &Path) -> String {
