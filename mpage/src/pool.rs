@@ -8,7 +8,6 @@
 //! only while no command may make the device write them, and that keep any such command from
 //! being submitted (and the CPU from writing them) while they live.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -133,11 +132,59 @@ struct PoolInner {
     views: AtomicUsize,
 }
 
+/// The free frames: a bit per frame, handed out lowest first. Whatever order frames were
+/// given back in — two threads closing files at once interleave their frees — the free
+/// frames of a buffer go out again as consecutive runs, so the pages a readahead window
+/// takes land in consecutive frames and its command's data stays one piece. (A queue in the
+/// order of freeing kept that order: after two closes at once, each command of the next
+/// read came in 17 pieces instead of one.)
 struct PoolState {
-    /// Free frames, taken from the front and given back at the end: frames freed in order
-    /// (a file's pages, closed or evicted in LRU order) come back in order, so the pages
-    /// of a run keep landing in consecutive frames and a command's data stays one piece.
-    free: VecDeque<u32>,
+    /// Bit `f % 64` of word `f / 64` is set when frame `f` is free (frames come in whole
+    /// buffers of [`FRAMES_PER_CHUNK`], a multiple of 64).
+    free: Vec<u64>,
+    /// Free frames.
+    count: usize,
+    /// No frame below word `first` is free.
+    first: usize,
+}
+
+impl PoolState {
+    fn new(frames: usize) -> PoolState {
+        PoolState {
+            free: vec![u64::MAX; frames.div_ceil(64)],
+            count: frames,
+            first: 0,
+        }
+    }
+
+    /// Take up to `n` free frames, lowest first, appending them to `out`; returns how many.
+    fn take(&mut self, n: usize, out: &mut Vec<FrameId>) -> usize {
+        let mut k = 0;
+        let mut w = self.first;
+        while k < n && w < self.free.len() {
+            let word = &mut self.free[w];
+            while *word != 0 && k < n {
+                let bit = word.trailing_zeros();
+                *word &= *word - 1;
+                out.push(FrameId(w as u32 * 64 + bit));
+                k += 1;
+            }
+            if *word == 0 {
+                w += 1;
+            }
+        }
+        self.first = w;
+        self.count -= k;
+        k
+    }
+
+    fn put(&mut self, frame: u32) {
+        let (w, bit) = (frame as usize / 64, frame % 64);
+        debug_assert!(self.free[w] & (1 << bit) == 0, "frame {frame} freed twice");
+        self.free[w] |= 1 << bit;
+        self.count += 1;
+        self.first = self.first.min(w);
+    }
 }
 
 impl std::fmt::Debug for PagePool {
@@ -180,14 +227,13 @@ impl PagePool {
             .map(|(i, b)| (b.iova(), i))
             .collect();
         by_iova.sort_unstable();
-        let free = (0..frames as u32).collect();
         Ok(PagePool {
             inner: Arc::new(PoolInner {
                 iovas,
                 leases,
                 by_iova,
                 frames,
-                state: Mutex::new(PoolState { free }),
+                state: Mutex::new(PoolState::new(frames)),
                 buffers: buffers.into_iter().map(Mutex::new).collect(),
                 views: AtomicUsize::new(0),
             }),
@@ -216,28 +262,25 @@ impl PagePool {
 
     /// Frames not handed out.
     pub fn free_frames(&self) -> usize {
-        self.lock().free.len()
+        self.lock().count
     }
 
     /// Take a free frame (its contents are whatever it last held).
     pub fn alloc(&self) -> Option<FrameId> {
-        self.lock().free.pop_front().map(FrameId)
+        let mut one = Vec::with_capacity(1);
+        self.lock().take(1, &mut one);
+        one.pop()
     }
 
     /// Take up to `n` free frames at once (one lock), in the order [`PagePool::alloc`] would
     /// give them, appended to `out`; returns how many.
     pub fn alloc_many(&self, n: usize, out: &mut Vec<FrameId>) -> usize {
-        let mut st = self.lock();
-        let k = n.min(st.free.len());
-        out.extend(st.free.drain(..k).map(FrameId));
-        k
+        self.lock().take(n, out)
     }
 
     /// Give a frame back. The caller must not use it afterwards.
     pub fn free(&self, frame: FrameId) {
-        let mut st = self.lock();
-        debug_assert!(!st.free.contains(&frame.0), "frame {} freed twice", frame.0);
-        st.free.push_back(frame.0);
+        self.lock().put(frame.0);
     }
 
     /// Where the device finds the frame.
@@ -446,14 +489,44 @@ mod tests {
         assert_eq!(p.free_frames(), 1022);
         p.free(b);
         p.free(a);
-        // Frames come back in the order they were freed, after those never used: a run
-        // freed in order is handed out in order again.
+        // The lowest free frames go first, whatever order they came back in.
         let rest: Vec<usize> = std::iter::from_fn(|| p.alloc())
             .map(FrameId::index)
             .collect();
-        assert_eq!(rest.len(), 1024);
-        assert_eq!(rest[..3], [2, 3, 4]);
-        assert_eq!(rest[1022..], [1, 0]);
+        assert_eq!(rest, (0..1024).collect::<Vec<_>>());
+        assert_eq!(p.free_frames(), 0);
+    }
+
+    /// Two files' frames given back interleaved (two threads closing at once) come out again
+    /// as one consecutive run per buffer: a window's command stays one piece.
+    #[test]
+    fn frames_freed_interleaved_are_handed_out_consecutive() {
+        let p = pool(1024);
+        let mut all = Vec::new();
+        assert_eq!(p.alloc_many(1024, &mut all), 1024);
+        assert_eq!(p.alloc(), None);
+        let (a, b) = all.split_at(512);
+        for (x, y) in a.iter().zip(b).rev() {
+            p.free(*y);
+            p.free(*x);
+        }
+        assert_eq!(p.free_frames(), 1024);
+        for chunk in 0..2 {
+            let mut got = Vec::new();
+            assert_eq!(p.alloc_many(512, &mut got), 512);
+            let want: Vec<usize> = (chunk * 512..(chunk + 1) * 512).collect();
+            assert_eq!(got.iter().map(|f| f.index()).collect::<Vec<_>>(), want);
+        }
+        // A few frames back out of order, and a partial take across words.
+        for i in [700, 3, 64, 65, 1023] {
+            p.free(FrameId(i));
+        }
+        let mut got = Vec::new();
+        assert_eq!(p.alloc_many(3, &mut got), 3);
+        assert_eq!(got, [FrameId(3), FrameId(64), FrameId(65)]);
+        assert_eq!(p.alloc_many(9, &mut got), 2);
+        assert_eq!(got[3..], [FrameId(700), FrameId(1023)]);
+        assert_eq!(p.free_frames(), 0);
     }
 
     #[test]

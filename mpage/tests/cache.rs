@@ -591,14 +591,23 @@ fn readahead_takes_up_to_half_the_cache() {
 #[test]
 fn data_segments_count_the_pieces_of_memory_commands_carry() {
     // Frames handed out in order: a command of 16 pages is one piece (two where it crosses
-    // from one 2 MiB buffer to the next). Frames handed out every other one: 16 pieces.
-    for interleaved in [false, true] {
+    // from one 2 MiB buffer to the next). Every frame given back, but interleaved (as two
+    // threads closing files at once give them back): the pool hands them out in order
+    // again, one piece. Every other frame held elsewhere: 16 pieces.
+    for (fragmented, held_apart) in [(false, false), (true, false), (true, true)] {
         let dma = DmaPool::new(Arc::new(MemoryOnly), Backing::SmallPages, 0).unwrap();
         let pool = PagePool::new(&dma, 1024).unwrap();
-        if interleaved {
+        let mut held = Vec::new();
+        if fragmented {
             let all: Vec<_> = (0..1024).map(|_| pool.alloc().unwrap()).collect();
-            for fr in all.iter().step_by(2).chain(all.iter().skip(1).step_by(2)) {
+            for fr in all.iter().step_by(2) {
                 pool.free(*fr);
+            }
+            for fr in all.iter().skip(1).step_by(2) {
+                match held_apart {
+                    true => held.push(*fr),
+                    false => pool.free(*fr),
+                }
             }
         }
         let mut dev = RecordingDevice::new(pool.clone(), 4096, 1 << 30);
@@ -612,12 +621,13 @@ fn data_segments_count_the_pieces_of_memory_commands_carry() {
             assert_eq!(b, disk((1000 + p) * 4096, 4096), "page {p}");
         }
         let s = c.stats();
-        if interleaved {
+        if held_apart {
             assert_eq!(s.data_segments, s.pages_read, "{s:?}");
         } else {
             assert!(s.data_segments <= s.read_commands + 1, "{s:?}");
         }
         assert!(s.read_commands < s.pages_read, "{s:?}");
+        assert_eq!(held.len(), if held_apart { 512 } else { 0 });
     }
 }
 
