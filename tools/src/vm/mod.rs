@@ -294,7 +294,7 @@ pub enum VmError {
     Stalled {
         /// The configured limit ([`VmConfig::stall_limit`]).
         limit: Duration,
-        /// Boots that stalled.
+        /// Boots tried in all (the last one stalled).
         attempts: u32,
         /// The last heartbeat, described.
         last_beat: String,
