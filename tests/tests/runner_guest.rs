@@ -48,7 +48,8 @@ fn a_guest_whose_heartbeat_stops_is_booted_again_then_reported_stalled() {
 fn a_hanging_step_is_named_and_the_guests_tasks_are_dumped_while_it_hangs() {
     let config = VmConfig {
         state_dump_after: Duration::from_secs(5),
-        timeout: Duration::from_secs(45),
+        // Room for a slow boot: the dump comes 5 s into the step, the error at the limit.
+        timeout: Duration::from_secs(75),
         ..VmConfig::default()
     };
     let script = format!("{PRELUDE}\nstep quick true\nstep hang sleep 1000\n");
