@@ -157,8 +157,8 @@ impl PoolState {
         }
     }
 
-    /// Take up to `n` free frames, lowest first, appending them to `out`; returns how many.
-    fn take(&mut self, n: usize, out: &mut Vec<FrameId>) -> usize {
+    /// Take up to `n` free frames, lowest first, handing each to `out`; returns how many.
+    fn take(&mut self, n: usize, mut out: impl FnMut(FrameId)) -> usize {
         let mut k = 0;
         let mut w = self.first;
         while k < n && w < self.free.len() {
@@ -166,7 +166,7 @@ impl PoolState {
             while *word != 0 && k < n {
                 let bit = word.trailing_zeros();
                 *word &= *word - 1;
-                out.push(FrameId(w as u32 * 64 + bit));
+                out(FrameId(w as u32 * 64 + bit));
                 k += 1;
             }
             if *word == 0 {
@@ -267,15 +267,15 @@ impl PagePool {
 
     /// Take a free frame (its contents are whatever it last held).
     pub fn alloc(&self) -> Option<FrameId> {
-        let mut one = Vec::with_capacity(1);
-        self.lock().take(1, &mut one);
-        one.pop()
+        let mut one = None;
+        self.lock().take(1, |f| one = Some(f));
+        one
     }
 
     /// Take up to `n` free frames at once (one lock), in the order [`PagePool::alloc`] would
     /// give them, appended to `out`; returns how many.
     pub fn alloc_many(&self, n: usize, out: &mut Vec<FrameId>) -> usize {
-        self.lock().take(n, out)
+        self.lock().take(n, |f| out.push(f))
     }
 
     /// Give a frame back. The caller must not use it afterwards.

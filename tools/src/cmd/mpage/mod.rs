@@ -951,15 +951,7 @@ mod tests {
         // Files that fit in their shards: a warm-up through the same file ids would leave
         // every page cached for the timed read.
         let pages = 200u64;
-        let files = || -> Vec<(Box<dyn rnvme_mpage::BlockMap>, u64)> {
-            (0..2u64)
-                .map(|t| {
-                    let map: Box<dyn rnvme_mpage::BlockMap> =
-                        Box::new(Linear::new(4096, t * pages, pages));
-                    (map, pages * 4096)
-                })
-                .collect()
-        };
+        let files = || two_files(pages);
         let mut seen = Vec::new();
         for warm in [false, true] {
             let before = commands();
@@ -1002,6 +994,17 @@ mod tests {
         assert_eq!((raw[1].0, raw[1].1), (raw[0].0, 2 * raw[0].1), "{raw:?}");
     }
 
+    /// Two files of `pages` pages each, one after the other on the disk.
+    fn two_files(pages: u64) -> Vec<(Box<dyn rnvme_mpage::BlockMap>, u64)> {
+        (0..2u64)
+            .map(|t| {
+                let map: Box<dyn rnvme_mpage::BlockMap> =
+                    Box::new(Linear::new(4096, t * pages, pages));
+                (map, pages * 4096)
+            })
+            .collect()
+    }
+
     #[test]
     fn threads_time_from_the_first_start_to_the_last_end_and_read_what_raw_reads() {
         use super::passes::threaded_read;
@@ -1011,15 +1014,7 @@ mod tests {
         let queues = vec![d0.queue(), d0.queue()];
         let cache = SharedCache::new(queues, pool.clone(), CacheOptions::default()).unwrap();
         let pages = 300u64;
-        let files = || {
-            (0..2u64)
-                .map(|t| {
-                    let map: Box<dyn rnvme_mpage::BlockMap> =
-                        Box::new(Linear::new(4096, t * pages, pages));
-                    (map, pages * 4096)
-                })
-                .collect()
-        };
+        let files = || two_files(pages);
         let around = rnvme_driver::clock::Stopwatch::start();
         let (r, digests) = threaded_read(&cache, files(), 64 << 10, None, true, false).unwrap();
         let outside = around.elapsed().as_secs_f64();
