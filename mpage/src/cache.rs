@@ -160,6 +160,14 @@ pub struct CacheStats {
     pub read_errors: u64,
     /// Pages left dirty by a failed write.
     pub write_errors: u64,
+    /// Nanoseconds callers spent waiting for the device: polling its queue pair (or asleep
+    /// on its interrupt) for completions they needed, ending the commands that came.
+    pub device_wait_ns: u64,
+    /// Nanoseconds spent telling the device of queued commands: doorbell writes (under an
+    /// emulator each one is an exit, which can wait for the emulator's lock).
+    pub doorbell_ns: u64,
+    /// Nanoseconds `read_at` spent copying bytes from frames into callers' buffers.
+    pub copy_out_ns: u64,
 }
 
 impl CacheStats {
@@ -188,6 +196,9 @@ impl CacheStats {
             read_retries,
             read_errors,
             write_errors,
+            device_wait_ns,
+            doorbell_ns,
+            copy_out_ns,
         } = *o;
         self.pages_read += pages_read;
         self.pages_zeroed += pages_zeroed;
@@ -211,6 +222,9 @@ impl CacheStats {
         self.read_retries += read_retries;
         self.read_errors += read_errors;
         self.write_errors += write_errors;
+        self.device_wait_ns += device_wait_ns;
+        self.doorbell_ns += doorbell_ns;
+        self.copy_out_ns += copy_out_ns;
     }
 }
 

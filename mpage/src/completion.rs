@@ -119,7 +119,7 @@ impl<D: BlockIo> PageCache<D> {
                 }
                 Err(IoError::QueueFull) if self.inflight.len() > 1 => {
                     self.kick();
-                    if self.poll_once() == 0 && self.wait_once(WAIT_SLICE) == 0 {
+                    if self.poll_or_wait() == 0 {
                         idle += 1;
                         if idle.is_multiple_of(256) {
                             if let Err(e) = self.check_timeout(started) {
@@ -171,7 +171,9 @@ impl<D: BlockIo> PageCache<D> {
             self.stats.kicks += 1;
             self.unkicked = 0;
         }
+        let t = Stopwatch::start();
         self.dev.kick();
+        self.stats.doorbell_ns += t.elapsed().as_nanos() as u64;
     }
 
     /// Tell the device of the commands held back if there are enough of them, or too few in
@@ -198,6 +200,19 @@ impl<D: BlockIo> PageCache<D> {
     /// Reap what the device has completed; returns how many.
     pub(crate) fn poll_once(&mut self) -> usize {
         self.reap(None)
+    }
+
+    /// For a caller that needs a completion: reap what the device has completed, or wait
+    /// for some at most [`WAIT_SLICE`] if it has none; returns how many. The time is the
+    /// caller's wait for the device ([`crate::CacheStats::device_wait_ns`]).
+    fn poll_or_wait(&mut self) -> usize {
+        let t = Stopwatch::start();
+        let mut n = self.poll_once();
+        if n == 0 {
+            n = self.wait_once(WAIT_SLICE);
+        }
+        self.stats.device_wait_ns += t.elapsed().as_nanos() as u64;
+        n
     }
 
     /// Poll the device (or wait on it, at most `wait`) and end the commands that completed.
@@ -249,7 +264,7 @@ impl<D: BlockIo> PageCache<D> {
             } else {
                 self.kick();
             }
-            if self.poll_once() > 0 || self.wait_once(WAIT_SLICE) > 0 {
+            if self.poll_or_wait() > 0 {
                 since = Stopwatch::start();
                 idle = 0;
             } else {

@@ -1105,3 +1105,50 @@ fn tick_sends_the_readahead_windows_held_back() {
         assert_eq!(b, disk((1000 + p) * 4096, 4096), "page {p}");
     }
 }
+
+#[test]
+fn the_time_counters_say_where_a_reader_spent_its_time() {
+    let mut c = small_commands(CacheOptions::default());
+    let f = linear(&mut c, 64);
+    let mut buf = vec![0u8; 64 * 4096];
+    assert_eq!(c.read_at(f, 0, &mut buf).unwrap(), buf.len());
+    let s = c.stats();
+    assert!(
+        s.device_wait_ns > 0,
+        "a cold read waits for its pages: {s:?}"
+    );
+    assert!(s.doorbell_ns > 0, "and rings for them: {s:?}");
+    assert!(s.copy_out_ns > 0, "and copies them out: {s:?}");
+    // Cached now: the same read copies and waits for nothing.
+    c.reset_stats();
+    assert_eq!(c.read_at(f, 0, &mut buf).unwrap(), buf.len());
+    let s = c.stats();
+    assert_eq!((s.read_commands, s.device_wait_ns), (0, 0), "{s:?}");
+    assert!(s.copy_out_ns > 0, "{s:?}");
+    // In place: no copy either.
+    c.reset_stats();
+    let n = c
+        .read_with(f, 0, buf.len(), |_, b| {
+            std::hint::black_box(b);
+        })
+        .unwrap();
+    assert_eq!(n, buf.len());
+    assert_eq!(
+        c.stats(),
+        rnvme_mpage::CacheStats::default(),
+        "nothing to count"
+    );
+    // A shared cache's counters are its shards' summed.
+    let mut sum = rnvme_mpage::CacheStats {
+        copy_out_ns: 5,
+        device_wait_ns: 7,
+        doorbell_ns: 11,
+        ..rnvme_mpage::CacheStats::default()
+    };
+    let same = sum;
+    sum.add(&same);
+    assert_eq!(
+        (sum.copy_out_ns, sum.device_wait_ns, sum.doorbell_ns),
+        (10, 14, 22)
+    );
+}

@@ -755,6 +755,12 @@ fn bench_passes_read_the_pattern_and_bad_requests_are_refused() {
     for pass in [cache, per_block, raw, sync, in_place, raw_in_place] {
         assert!(pass["mib_per_s"].as_f64().unwrap() > 0.0, "{what}");
     }
+    // Where the time went: the copying passes copied, the in-place ones did not.
+    assert!(counter(cache, "copy_out_ns") > 0, "{what}");
+    assert_eq!(counter(in_place, "copy_out_ns"), 0, "{what}");
+    let seconds = |v: &Value, name: &str| v["time"][name].as_f64().unwrap();
+    assert!(seconds(raw, "copy_seconds") > 0.0, "{what}");
+    assert_eq!(seconds(raw_in_place, "copy_seconds"), 0.0, "{what}");
     // Two threads, a file each (the second one 8 MiB further), each read what raw reads of it.
     let t = &v["threads"];
     assert_eq!(t["data_matches"], json!(true), "{what}");
@@ -781,6 +787,11 @@ fn bench_passes_read_the_pattern_and_bad_requests_are_refused() {
         "{what}"
     );
     assert!(t["raw_scaling"].as_f64().unwrap() > 0.0, "{what}");
+    for pass in ["one", "many", "raw_one", "raw_many"] {
+        let busy = seconds(&t[pass], "busy_seconds");
+        let copy = seconds(&t[pass], "copy_seconds");
+        assert!(copy > 0.0 && copy < busy, "{pass}: {what}");
+    }
     // 64 distinct random pages, through a cold cache and raw: the same bytes.
     let r = &v["random"];
     assert_eq!(r["data_matches"], json!(true), "{what}");
@@ -802,6 +813,8 @@ fn bench_passes_read_the_pattern_and_bad_requests_are_refused() {
         "2 threads on 2 files",
         "data matches raw",
         "2 threads raw on a queue each",
+        "time: copy",
+        "time: 2 threads: copy",
         "8 distinct 4 KiB pages",
     ] {
         assert!(human.stdout.contains(needle), "{}", human.describe());

@@ -16,7 +16,7 @@ use serde::Serialize;
 use super::passes::{
     mib_per_s, random_pass, raw_piece, raw_read, raw_read_in_place, read_pass, read_pass_in_place,
     threaded_raw_read, threaded_read, warm_buffer, Digest, PassReport, RandomReport, RawReport,
-    ThreadedReport,
+    ThreadedReport, TimeSplit,
 };
 use super::{BenchArgs, Device, READ_CHUNK};
 use crate::cmd::{allow_closed_stdout, outln, UsageError};
@@ -125,14 +125,19 @@ fn sync_read(
     let mut host = warm_buffer(buf.len());
     let max = qp.max_transfer_for(d.ns.lba_size) as u64;
     let before = qp.stats().submitted;
-    let mut outside = Duration::ZERO;
+    // The synchronous read's whole call counts as waiting (its doorbell included).
+    let (mut outside, mut copying, mut waiting) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     let start = Stopwatch::start();
     let mut done = 0;
     while done < lbas {
         let n = step.min(lbas - done);
+        let t = Stopwatch::start();
         qp.read(d.ns.nsid, slba + done, n, &buf)?;
+        waiting += t.elapsed();
         let bytes = (n * lba) as usize;
+        let t = Stopwatch::start();
         buf.read_bytes(0, &mut host[..bytes]);
+        copying += t.elapsed();
         let t = Stopwatch::start();
         sink(done * lba, &host[..bytes]);
         outside += t.elapsed();
@@ -151,6 +156,12 @@ fn sync_read(
         max_in_flight: (step.min(lbas) * lba)
             .div_ceil(max)
             .min(qp.capacity() as u64) as usize,
+        time: TimeSplit {
+            busy_seconds: busy.as_secs_f64(),
+            copy_seconds: copying.as_secs_f64(),
+            wait_seconds: waiting.as_secs_f64(),
+            doorbell_seconds: 0.0,
+        },
     })
 }
 
@@ -404,6 +415,11 @@ fn print_bench(r: &BenchJson) -> Result<()> {
             p.stats.map_calls,
             p.stats.readahead_windows
         )?;
+        outln!(
+            "{:13}time: {}",
+            "",
+            TimeSplit::of_cache(p.seconds, &p.stats).describe()
+        )?;
     }
     for (name, p) in [("raw", &r.raw), ("raw sync", &r.raw_sync)] {
         outln!(
@@ -414,6 +430,7 @@ fn print_bench(r: &BenchJson) -> Result<()> {
             p.max_in_flight,
             p.data_segments
         )?;
+        outln!("{:13}time: {}", "", p.time.describe())?;
     }
     outln!(
         "  in place   {:>9.1} MiB/s  through the cache without a copy ({} commands); raw in place {:.1} MiB/s; cache / raw = {:.2}",
@@ -453,6 +470,13 @@ fn print_bench(r: &BenchJson) -> Result<()> {
             if t.data_matches { "matches raw" } else { "DIFFERS from raw" }
         )?;
         outln!(
+            "{:13}time: {} threads: {}; one thread: {}",
+            "",
+            t.many.threads,
+            t.many.time.describe(),
+            t.one.time.describe()
+        )?;
+        outln!(
             "  raw threads{:>9.1} MiB/s  {} threads raw on a queue each ({} commands, {} data pieces); one thread {:.1} MiB/s; {} / 1 = {:.2}",
             t.raw_many.mib_per_s,
             t.raw_many.threads,
@@ -461,6 +485,13 @@ fn print_bench(r: &BenchJson) -> Result<()> {
             t.raw_one.mib_per_s,
             t.raw_many.threads,
             t.raw_scaling
+        )?;
+        outln!(
+            "{:13}time: {} threads: {}; one thread: {}",
+            "",
+            t.raw_many.threads,
+            t.raw_many.time.describe(),
+            t.raw_one.time.describe()
         )?;
     }
     if let Some(x) = &r.random {

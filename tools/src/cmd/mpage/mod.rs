@@ -728,6 +728,61 @@ mod tests {
     }
 
     #[test]
+    fn the_raw_pass_says_where_its_time_went() {
+        let pool = frames(512);
+        let mut dev = disk(&pool, 512, 64 << 10);
+        dev.set_queue_depth(3);
+        dev.set_completions_per_poll(1);
+        let r = raw_read(&mut dev, &pool, 40, 1000, 8, |_, _| {}).unwrap();
+        let t = r.time;
+        assert_eq!(t.busy_seconds, r.seconds);
+        assert!(
+            t.copy_seconds > 0.0,
+            "every command's data is copied: {t:?}"
+        );
+        assert!(t.doorbell_seconds > 0.0, "{t:?}");
+        // Disjoint stretches of the pass's own time.
+        assert!(
+            t.copy_seconds + t.wait_seconds + t.doorbell_seconds <= t.busy_seconds * 1.001,
+            "{t:?}"
+        );
+        // In place, nothing is copied.
+        let r = super::passes::raw_read_in_place(&mut dev, &pool, 40, 1000, 8, |_, _| {}).unwrap();
+        assert_eq!(r.time.copy_seconds, 0.0, "{:?}", r.time);
+    }
+
+    #[test]
+    fn a_time_split_reads_as_shares_of_the_busy_time() {
+        use super::passes::TimeSplit;
+        let t = TimeSplit {
+            busy_seconds: 2.0,
+            copy_seconds: 1.0,
+            wait_seconds: 0.5,
+            doorbell_seconds: 0.1,
+        };
+        assert_eq!(
+            t.plus(t).describe(),
+            "copy 50 %, device wait 25 %, doorbells 5 %, other 20 %"
+        );
+        assert_eq!(t.plus(t).busy_seconds, 4.0);
+        // Nothing timed: no division by zero.
+        assert_eq!(
+            TimeSplit::default().describe(),
+            "copy 0 %, device wait 0 %, doorbells 0 %, other 0 %"
+        );
+        let s = rnvme_mpage::CacheStats {
+            copy_out_ns: 250_000_000,
+            device_wait_ns: 500_000_000,
+            doorbell_ns: 0,
+            ..Default::default()
+        };
+        assert_eq!(
+            TimeSplit::of_cache(1.0, &s).describe(),
+            "copy 25 %, device wait 50 %, doorbells 0 %, other 25 %"
+        );
+    }
+
+    #[test]
     fn a_failed_raw_pass_hands_no_frame_back_that_a_command_may_still_fill() {
         let pool = frames(512);
         let mut dev = disk(&pool, 512, 64 << 10);
@@ -1028,6 +1083,17 @@ mod tests {
             .fold(0.0, f64::max);
         assert!(r.seconds >= slowest * 0.999, "{} < {slowest}", r.seconds);
         assert!(r.seconds <= outside, "{} > {outside}", r.seconds);
+        // Their time split sums both threads' own times, each within the aggregate's.
+        let t = r.time;
+        assert!(
+            t.busy_seconds >= slowest * 0.999 && t.busy_seconds <= 2.0 * r.seconds * 1.001,
+            "{t:?}"
+        );
+        assert!(t.copy_seconds > 0.0 && t.wait_seconds > 0.0, "{t:?}");
+        assert!(
+            t.copy_seconds + t.wait_seconds + t.doorbell_seconds <= t.busy_seconds,
+            "{t:?}"
+        );
         // Each thread read its file: what raw reads of the same LBAs read.
         let mut io = d0.queue();
         for (t, got) in digests.iter().enumerate() {
@@ -1042,5 +1108,6 @@ mod tests {
         let (p, in_place) = threaded_read(&cache, files(), 64 << 10, None, true, true).unwrap();
         assert_eq!(in_place, digests);
         assert_eq!((p.bytes, p.read_commands), (r.bytes, r.read_commands));
+        assert_eq!(p.time.copy_seconds, 0.0, "{:?}", p.time);
     }
 }
