@@ -398,6 +398,17 @@ fn faster<T>(a: T, b: T, key: impl Fn(&T) -> f64) -> T {
     }
 }
 
+/// The `time:` line under a threads pass: where the threads' time went, and one thread's.
+fn threads_time(many: &ThreadedReport, one: &ThreadedReport) -> String {
+    format!(
+        "{:13}time: {} threads: {}; one thread: {}",
+        "",
+        many.threads,
+        many.time.describe(),
+        one.time.describe()
+    )
+}
+
 fn print_bench(r: &BenchJson) -> Result<()> {
     let met = |b: bool| if b { "met" } else { "missed" };
     outln!(
@@ -469,13 +480,7 @@ fn print_bench(r: &BenchJson) -> Result<()> {
             met(t.scaling >= 1.3),
             if t.data_matches { "matches raw" } else { "DIFFERS from raw" }
         )?;
-        outln!(
-            "{:13}time: {} threads: {}; one thread: {}",
-            "",
-            t.many.threads,
-            t.many.time.describe(),
-            t.one.time.describe()
-        )?;
+        outln!("{}", threads_time(&t.many, &t.one))?;
         outln!(
             "  raw threads{:>9.1} MiB/s  {} threads raw on a queue each ({} commands, {} data pieces); one thread {:.1} MiB/s; {} / 1 = {:.2}",
             t.raw_many.mib_per_s,
@@ -486,13 +491,7 @@ fn print_bench(r: &BenchJson) -> Result<()> {
             t.raw_many.threads,
             t.raw_scaling
         )?;
-        outln!(
-            "{:13}time: {} threads: {}; one thread: {}",
-            "",
-            t.raw_many.threads,
-            t.raw_many.time.describe(),
-            t.raw_one.time.describe()
-        )?;
+        outln!("{}", threads_time(&t.raw_many, &t.raw_one))?;
     }
     if let Some(x) = &r.random {
         outln!(

@@ -703,12 +703,18 @@ mod tests {
         d
     }
 
-    #[test]
-    fn raw_pass_reads_every_byte_in_max_transfer_pieces_with_a_full_queue() {
+    /// 512-byte LBAs, 64 KiB commands, three at a time at the device, one completion per poll.
+    fn shallow_disk() -> (PagePool, RecordingDevice) {
         let pool = frames(512);
         let mut dev = disk(&pool, 512, 64 << 10);
         dev.set_queue_depth(3);
         dev.set_completions_per_poll(1);
+        (pool, dev)
+    }
+
+    #[test]
+    fn raw_pass_reads_every_byte_in_max_transfer_pieces_with_a_full_queue() {
+        let (pool, mut dev) = shallow_disk();
         // 1000 LBAs: seven commands of 128 LBAs and one of 104.
         let (slba, lbas) = (40u64, 1000u64);
         let mut got = vec![0u8; (lbas * 512) as usize];
@@ -729,10 +735,7 @@ mod tests {
 
     #[test]
     fn the_raw_pass_says_where_its_time_went() {
-        let pool = frames(512);
-        let mut dev = disk(&pool, 512, 64 << 10);
-        dev.set_queue_depth(3);
-        dev.set_completions_per_poll(1);
+        let (pool, mut dev) = shallow_disk();
         let r = raw_read(&mut dev, &pool, 40, 1000, 8, |_, _| {}).unwrap();
         let t = r.time;
         assert_eq!(t.busy_seconds, r.seconds);
@@ -784,10 +787,7 @@ mod tests {
 
     #[test]
     fn a_failed_raw_pass_hands_no_frame_back_that_a_command_may_still_fill() {
-        let pool = frames(512);
-        let mut dev = disk(&pool, 512, 64 << 10);
-        dev.set_queue_depth(3);
-        dev.set_completions_per_poll(1);
+        let (pool, mut dev) = shallow_disk();
         // The second command fails while the third is still queued at the device.
         dev.fail_lba(40 + 128 + 5);
         let e = raw_read(&mut dev, &pool, 40, 1000, 8, |_, _| {}).unwrap_err();
