@@ -1049,6 +1049,30 @@ mod tests {
         assert_eq!((raw[1].0, raw[1].1), (raw[0].0, 2 * raw[0].1), "{raw:?}");
     }
 
+    #[test]
+    fn a_worker_that_panics_getting_ready_fails_alone_and_holds_nobody_up() {
+        type Work = Box<dyn FnOnce() -> anyhow::Result<u32>>;
+        type Ready = Box<dyn FnOnce() -> Work + Send>;
+        let workers: Vec<Ready> = vec![
+            Box::new(|| Box::new(|| Ok(1))),
+            Box::new(|| panic!("no buffer")),
+            Box::new(|| Box::new(|| Ok(3))),
+        ];
+        let (results, _) = super::passes::at_once(workers, || {});
+        let got: Vec<Result<u32, String>> = results
+            .into_iter()
+            .map(|r| r.map(|(v, _)| v).map_err(|e| e.to_string()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                Ok(1),
+                Err("a worker thread panicked while getting ready".to_string()),
+                Ok(3)
+            ]
+        );
+    }
+
     /// Two files of `pages` pages each, one after the other on the disk.
     fn two_files(pages: u64) -> Vec<(Box<dyn rnvme_mpage::BlockMap>, u64)> {
         (0..2u64)

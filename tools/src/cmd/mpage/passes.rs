@@ -1,6 +1,7 @@
 //! The passes of `rnvme mpage read`, `write` and `bench`: a file through the cache, and the
 //! same bytes read raw from the device, each reporting its figures.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -744,7 +745,7 @@ pub fn random_pass<D: BlockIo>(
 /// (on one of the threads), and then the works start together. Returns each work's result
 /// with its own time, in the order of `workers`, and the time from the first work's start to
 /// the last one's end (not from the threads' creation).
-fn at_once<P, W, T>(
+pub(super) fn at_once<P, W, T>(
     workers: Vec<P>,
     between: impl Fn() + Sync,
 ) -> (Vec<Result<(T, Duration)>>, Duration)
@@ -763,11 +764,17 @@ where
                 let (ready, start, between) = (&ready, &start, &between);
                 let t0 = &t0;
                 sc.spawn(move || {
-                    let work = get_ready();
-                    if ready.wait().is_leader() {
-                        between();
+                    // A worker that panics getting ready still meets the others at both
+                    // barriers (else they would wait for it for ever), then reports it.
+                    let work = catch_unwind(AssertUnwindSafe(get_ready));
+                    if ready.wait().is_leader() && catch_unwind(AssertUnwindSafe(&between)).is_err()
+                    {
+                        log::error!("a worker panicked between getting ready and starting");
                     }
                     start.wait();
+                    let work = work.map_err(|_| {
+                        anyhow::anyhow!("a worker thread panicked while getting ready")
+                    })?;
                     let began = Stopwatch::start();
                     let began_at = t0.elapsed();
                     let out = work()?;
