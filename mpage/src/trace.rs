@@ -99,9 +99,26 @@ fn op_err(flag: &str, value: &str, problem: impl Into<String>) -> TraceError {
     }
 }
 
+/// The highest page or block index an operation may name: a trace's file is at most
+/// 2^40 pages (4 PiB), far past any map, and every byte offset in it fits in 64 bits.
+pub const TRACE_MAX_INDEX: u64 = (1 << 40) - 1;
+/// The most pages one operation may touch: each is a frame of the trace's cache and a line
+/// of its output.
+pub const TRACE_MAX_PAGES: u64 = 1 << 16;
+
 fn parse_list(flag: &str, value: &str) -> Result<Vec<u64>, TraceError> {
     let items: Result<Vec<u64>, _> = value.split(',').map(|s| s.trim().parse::<u64>()).collect();
     match items {
+        Ok(v) if v.len() as u64 > TRACE_MAX_PAGES => Err(op_err(
+            flag,
+            value,
+            format!("at most {TRACE_MAX_PAGES} items"),
+        )),
+        Ok(v) if v.iter().any(|&x| x > TRACE_MAX_INDEX) => Err(op_err(
+            flag,
+            value,
+            format!("indexes go up to {TRACE_MAX_INDEX}"),
+        )),
         Ok(v) if !v.is_empty() => Ok(v),
         _ => Err(op_err(
             flag,
@@ -121,6 +138,18 @@ impl TraceOp {
                     Some((s.trim().parse::<u64>().ok()?, c.trim().parse::<u64>().ok()?))
                 });
                 match parsed {
+                    Some((start, count))
+                        if count > TRACE_MAX_PAGES
+                            || start.saturating_add(count) > TRACE_MAX_INDEX + 1 =>
+                    {
+                        Err(op_err(
+                            flag,
+                            value,
+                            format!(
+                                "at most {TRACE_MAX_PAGES} pages, up to page {TRACE_MAX_INDEX}"
+                            ),
+                        ))
+                    }
                     Some((start, count)) if count > 0 => Ok(TraceOp::Read { start, count }),
                     _ => Err(op_err(
                         flag,
@@ -129,11 +158,15 @@ impl TraceOp {
                     )),
                 }
             }
-            "read-page" => value
-                .trim()
-                .parse()
-                .map(TraceOp::ReadPage)
-                .map_err(|_| op_err(flag, value, "expected a page index")),
+            "read-page" => match value.trim().parse::<u64>() {
+                Ok(p) if p <= TRACE_MAX_INDEX => Ok(TraceOp::ReadPage(p)),
+                Ok(_) => Err(op_err(
+                    flag,
+                    value,
+                    format!("pages go up to {TRACE_MAX_INDEX}"),
+                )),
+                Err(_) => Err(op_err(flag, value, "expected a page index")),
+            },
             "write" => parse_list(flag, value).map(TraceOp::WritePages),
             "write-blocks" => parse_list(flag, value).map(TraceOp::WriteBlocks),
             _ => Err(op_err(
@@ -168,7 +201,7 @@ pub fn parse_ops(
         ops.push(TraceOp::parse("read", v)?);
     }
     if let Some(p) = read_page {
-        ops.push(TraceOp::ReadPage(p));
+        ops.push(TraceOp::parse("read-page", &p.to_string())?);
     }
     if let Some(v) = write {
         ops.push(TraceOp::parse("write", v)?);
@@ -449,6 +482,28 @@ mod tests {
             .to_string()
             .contains("--write \"1,x\""));
         assert!(TraceOp::parse("erase", "1").is_err());
+        // Indexes whose byte offsets would not fit, and traces nobody could read, are refused.
+        let max = TRACE_MAX_INDEX.to_string();
+        let past = (TRACE_MAX_INDEX + 1).to_string();
+        assert!(TraceOp::parse("read-page", &max).is_ok());
+        assert!(TraceOp::parse("write", &max).is_ok());
+        for (flag, value) in [
+            ("read-page", past.as_str()),
+            ("read-page", "18446744073709551615"),
+            ("write", "18446744073709551615"),
+            ("write-blocks", "1,18446744073709551615"),
+            ("read", "0:65537"),
+            ("read", "18446744073709551615:1"),
+        ] {
+            let e = TraceOp::parse(flag, value).unwrap_err().to_string();
+            assert!(
+                e.contains("up to") || e.contains("at most"),
+                "{flag} {value}: {e}"
+            );
+        }
+        assert!(TraceOp::parse("read", "0:65536").is_ok());
+        let many = vec!["1"; 65537].join(",");
+        assert!(TraceOp::parse("write", &many).is_err());
         let ops = parse_ops(Some("0:4"), Some(2), Some("1"), None).unwrap();
         assert_eq!(
             ops,

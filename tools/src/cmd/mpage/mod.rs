@@ -221,7 +221,14 @@ pub struct BenchArgs {
 
 pub fn mpage(c: MpageCommand) -> Result<ExitCode> {
     match c {
-        MpageCommand::Trace(a) => trace(a, std::env::args().collect()),
+        // The operations' order comes from the raw arguments (lossy: clap has checked them,
+        // and `args()` would panic on one that is not UTF-8, such as a path).
+        MpageCommand::Trace(a) => trace(
+            a,
+            std::env::args_os()
+                .map(|x| x.to_string_lossy().into_owned())
+                .collect(),
+        ),
         MpageCommand::Read(a) => read(a),
         MpageCommand::Write(a) => write(a),
         MpageCommand::Bench(a) => bench(a),
@@ -557,10 +564,8 @@ fn ops_in_order(args: &[String]) -> Result<Vec<TraceOp>> {
             Some(v) => v,
             None => it.next().cloned().unwrap_or_default(),
         };
-        ops.push(
-            TraceOp::parse(name, &value)
-                .map_err(|e| UsageError(format!("--{name} {value}: {e}")))?,
-        );
+        // The error names the flag and the value.
+        ops.push(TraceOp::parse(name, &value).map_err(|e| UsageError(e.to_string()))?);
     }
     Ok(ops)
 }
@@ -651,7 +656,14 @@ mod tests {
     fn malformed_operation_is_a_usage_error() {
         let e = ops_in_order(&args("rnvme mpage trace --read 4")).unwrap_err();
         assert!(e.downcast_ref::<UsageError>().is_some());
-        assert!(e.to_string().contains("--read 4"), "{e}");
+        assert!(e.to_string().starts_with("--read \"4\": "), "{e}");
+        // Too far or too many: refused before anything runs.
+        let e =
+            ops_in_order(&args("rnvme mpage trace --read-page 18446744073709551615")).unwrap_err();
+        assert!(e.downcast_ref::<UsageError>().is_some());
+        assert!(e.to_string().contains("pages go up to"), "{e}");
+        let e = ops_in_order(&args("rnvme mpage trace --read=0:100000000")).unwrap_err();
+        assert!(e.to_string().contains("at most 65536 pages"), "{e}");
     }
 
     #[derive(Debug, clap::Parser)]
