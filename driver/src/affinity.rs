@@ -73,8 +73,8 @@ impl fmt::Display for CpuList {
     }
 }
 
-/// The most CPUs a list may name.
-const MAX_CPU: usize = rustix::thread::CpuSet::MAX_CPU - 1;
+/// The highest CPU number a list may name.
+pub const MAX_CPU: usize = rustix::thread::CpuSet::MAX_CPU - 1;
 
 impl FromStr for CpuList {
     type Err = String;

@@ -8,11 +8,13 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use rnvme_driver::affinity::CpuList;
+use rnvme_driver::affinity::{CpuList, MAX_CPU};
 use rnvme_driver::controller::{Coalescing, Controller, ControllerOptions};
 use rnvme_driver::dma::Backing;
 use rnvme_driver::queue::DataPointerMode;
-use rnvme_tools::perf::{self, LbaRange, Pattern, PerfConfig, PerfError, Progress, Target};
+use rnvme_tools::perf::{
+    self, LbaRange, Pattern, PerfConfig, PerfError, Progress, Target, MAX_THREADS,
+};
 use rnvme_tools::sysfs::{Sysfs, VFIO_DRIVER};
 
 use super::{allow_closed_stdout, out, outln, UsageError};
@@ -57,7 +59,8 @@ pub struct PerfArgs {
         short = 'q',
         long = "depth",
         visible_alias = "io-depth",
-        value_name = "DEPTH"
+        value_name = "DEPTH",
+        value_parser = clap::value_parser!(u32).range(1..=65536)
     )]
     pub depth: u32,
     /// Bytes per I/O (4096, 4k, 128k, 1m); larger than the controller's max transfer is split
@@ -275,10 +278,22 @@ fn core_mask_arg(s: &str) -> Result<CpuList, String> {
             })?;
             cpus.extend((0..4).filter(|b| d & (1 << b) != 0).map(|b| i * 4 + b));
         }
+        if let Some(&last) = cpus.iter().max().filter(|&&c| c > MAX_CPU) {
+            return Err(format!(
+                "core mask {s:?} names core {last}, beyond the last possible CPU, {MAX_CPU}"
+            ));
+        }
         CpuList::new(cpus)
     };
     if cpus.cpus().is_empty() {
         return Err(format!("core mask {s:?} names no core"));
+    }
+    // A thread per core: as many cores as `--threads` allows.
+    if cpus.cpus().len() > MAX_THREADS as usize {
+        return Err(format!(
+            "core mask {s:?} names {} cores: at most {MAX_THREADS} (a thread each)",
+            cpus.cpus().len()
+        ));
     }
     Ok(cpus)
 }
@@ -435,10 +450,10 @@ fn open(args: &PerfArgs, cfg: &PerfConfig, wanted: &[(String, Which)]) -> Result
             None => {
                 // Enough DMA memory for the buffers up front, so the pool does not grow
                 // while the clock runs (for every namespace: counted as one).
-                let per_target = cfg.io_size as u64
-                    * cfg.depth as u64
-                    * cfg.threads as u64
-                    * wanted.iter().filter(|(b, _)| b == bdf).count() as u64;
+                let per_target = (cfg.io_size as u64)
+                    .saturating_mul(cfg.depth as u64)
+                    .saturating_mul(cfg.threads as u64)
+                    .saturating_mul(wanted.iter().filter(|(b, _)| b == bdf).count() as u64);
                 let chunks = (per_target.div_ceil(2 << 20) + 1).min(1024) as usize;
                 let c = Controller::open(
                     bdf,
@@ -1000,6 +1015,27 @@ mod tests {
         assert_eq!(cpus("[0-2,5]"), Ok(vec![0, 1, 2, 5]));
         assert!(cpus("0x0").unwrap_err().contains("names no core"));
         assert!(cpus("0xg").unwrap_err().contains("not hexadecimal"));
+        // A core past the last possible CPU, or more cores than threads may be: the mask's
+        // own error, before anything runs.
+        let far = format!("0x1{}", "0".repeat(300));
+        assert!(cpus(&far)
+            .unwrap_err()
+            .contains("beyond the last possible CPU"));
+        let wide = format!("0x{}", "f".repeat(72));
+        assert!(cpus(&wide)
+            .unwrap_err()
+            .contains("names 288 cores: at most 256"));
+        assert_eq!(
+            cpus(&format!("0x{}", "f".repeat(64))).map(|c| c.len()),
+            Ok(256)
+        );
+        // Queue depths the specification cannot have are refused when parsed.
+        for q in ["0", "65537", "4294967295"] {
+            let mut a = vec!["0000:00:04.0", "-o", "4k", "-w", "read", "-t", "1", "-q"];
+            a.push(q);
+            let e = parse(&a).unwrap_err().to_string();
+            assert!(e.contains("not in 1..=65536"), "-q {q}: {e}");
+        }
         // -c cannot be given with --threads or --cpus, -Q not with --stop-on-error, nor 0.
         let base = [
             "0000:00:04.0",
@@ -1027,10 +1063,10 @@ mod tests {
 
     #[test]
     fn argument_errors_become_usage_errors() {
-        let a = parse(&[
+        let mut a = parse(&[
             "0000:00:04.0",
             "-q",
-            "0",
+            "1",
             "-o",
             "4096",
             "-w",
@@ -1039,6 +1075,8 @@ mod tests {
             "1",
         ])
         .unwrap();
+        // (The command line refuses -q 0 itself; the configuration checks it too.)
+        a.depth = 0;
         let e = to_cli(a.config().check().unwrap_err());
         let u = e
             .downcast_ref::<UsageError>()

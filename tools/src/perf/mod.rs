@@ -36,6 +36,9 @@ use rnvme_driver::spec::MAX_NLB;
 pub use fssig::Signature;
 pub use report::PerfReport;
 
+/// The most worker threads a run may have.
+pub const MAX_THREADS: u32 = 256;
+
 /// The second 8 bytes of every LBA a perf write workload writes ("rnvmperf" in ASCII,
 /// little-endian). The first 8 hold the LBA.
 pub const STAMP_MAGIC: u64 = u64::from_le_bytes(*b"rnvmperf");
@@ -343,8 +346,11 @@ impl PerfConfig {
                 self.thinktime.as_micros()
             ));
         }
-        if self.threads == 0 || self.threads > 256 {
-            return bad(format!("--threads {} is outside 1 to 256", self.threads));
+        if self.threads == 0 || self.threads > MAX_THREADS {
+            return bad(format!(
+                "--threads {} is outside 1 to {MAX_THREADS}",
+                self.threads
+            ));
         }
         if self.queues_per_thread == 0 || self.queues_per_thread > 64 {
             return bad(format!(
