@@ -389,14 +389,17 @@ impl<D: BlockIo> PageCache<D> {
             .map(|i| Page::vacant(FrameId::from_index(i)))
             .collect();
         let cmd_pages = (max_cmd_bytes / PAGE).clamp(1, 512);
+        // Neither a window nor the windows in flight can be more pages than the cache has.
         let ra_window_max = match opts.readahead_max {
             0 => cmd_pages,
             n => n,
-        };
+        }
+        .min(capacity as u64);
         let ra_depth = match opts.readahead_depth {
             0 => (dev.queue_depth() as u64 / 2).clamp(1, 16),
             n => n,
-        };
+        }
+        .min(capacity as u64);
         // The cache kicks the device for what it submits; polls then only reap (a device
         // that cannot hold commands until a kick delivers them sooner, which is harmless).
         dev.set_kick_only();

@@ -225,7 +225,7 @@ impl<D: BlockIo> PageCache<D> {
     /// Most pages read ahead of one reader: `depth` windows of the largest size, within
     /// half the cache.
     pub(crate) fn readahead_limit(&self) -> u64 {
-        (self.ra_depth * self.ra_window_max)
+        (self.ra_depth.saturating_mul(self.ra_window_max))
             .min(self.readahead_cap())
             .max(1)
     }

@@ -1152,3 +1152,18 @@ fn the_time_counters_say_where_a_reader_spent_its_time() {
         (10, 14, 22)
     );
 }
+
+#[test]
+fn readahead_options_beyond_the_cache_are_capped_by_it() {
+    let mut c = small_commands(CacheOptions {
+        readahead_max: u64::MAX,
+        readahead_depth: u64::MAX,
+        capacity: Some(64),
+        ..CacheOptions::default()
+    });
+    let f = linear(&mut c, 256);
+    let mut buf = vec![0u8; 256 * 4096];
+    assert_eq!(c.read_at(f, 0, &mut buf).unwrap(), buf.len());
+    assert_eq!(buf, c.device().read_bytes(1000 * 4096, buf.len()));
+    assert!(c.cached_total() <= 64);
+}

@@ -128,6 +128,7 @@ step beyond_read rnvme read $NVME0 --lba {lbas} --count 1 --out /tmp/d/x
 step overflow_read rnvme read $NVME0 --lba 18446744073709551615 --count 2 --out /tmp/d/x
 step zero_count rnvme read $NVME0 --lba 0 --count 0 --out /tmp/d/x
 step beyond_zeroes rnvme write-zeroes $NVME0 --lba {last} --count 2
+step huge_block_count rnvme write $NVME0 --lba 0 -c 36028797018963967 --in /tmp/d/two
 step alive4 rnvme read $NVME0 --lba 0 --count 1 --out /tmp/d/a4
 
 # Data that is not a multiple of the LBA size: refused, nothing written.
@@ -347,6 +348,9 @@ fn bad_inputs_give_clear_errors_and_leave_the_device_working() {
     s.failed("zero_count", 2).stderr_has(&["--count"]);
     s.failed("beyond_zeroes", 2)
         .stderr_has(&["beyond namespace 1"]);
+    // A count whose bytes would not fit in 64 bits: the range's error, nothing written.
+    s.failed("huge_block_count", 2)
+        .stderr_has(&["LBAs 0..36028797018963968 are beyond namespace 1"]);
     s.ok("alive4");
 
     // Not a multiple of the LBA size.

@@ -339,6 +339,8 @@ pub fn write(a: WriteArgs) -> Result<ExitCode> {
     .count()?;
     let expected = resolve_count(counted, a.data_size, lba_size)?;
     if let Some(n) = expected {
+        // Within the namespace first: then its bytes fit in 64 bits.
+        check_range(&ns, start, n)?;
         input.limit(n * lba_size)?;
     }
     let mut meta_in = metadata_file(&ns, layout.metadata_per_lba, a.metadata.as_deref(), false)?;

@@ -39,6 +39,13 @@ pub(super) const READ_CHUNK: usize = 1 << 20;
 /// Largest automatic readahead window in pages, unless told: 0, one command of the
 /// controller's max transfer.
 pub const DEFAULT_READAHEAD_MAX: u64 = 0;
+/// The largest readahead window the options take, in pages (256 MiB; the cache caps a
+/// window at its own size anyway).
+pub const MAX_READAHEAD_PAGES: u64 = 65536;
+/// The most readahead windows in flight the options take (a queue holds at most 65 536).
+pub const MAX_READAHEAD_DEPTH: u64 = 65536;
+/// The most hugepage memory the cache options take, in MiB (1 TiB).
+pub const MAX_CACHE_MIB: u64 = 1 << 20;
 
 /// `rnvme mpage ...`
 #[derive(Debug, Subcommand)]
@@ -95,7 +102,8 @@ pub struct CacheArgs {
     #[arg(long = "ns", default_value_t = 1)]
     pub nsid: u32,
     /// Hugepage memory for the cache's page frames, in MiB (rounded up to 2 MiB)
-    #[arg(long, default_value_t = 32, value_name = "MIB")]
+    #[arg(long, default_value_t = 32, value_name = "MIB",
+          value_parser = clap::value_parser!(u64).range(0..=MAX_CACHE_MIB))]
     pub cache_mib: u64,
     /// Entries of the I/O queue pair (at most what the controller allows)
     #[arg(long, default_value_t = 256, value_name = "N")]
@@ -135,10 +143,12 @@ pub struct ReadArgs {
     #[arg(long)]
     pub per_block: bool,
     /// Largest readahead window in pages (0: the controller's max transfer)
-    #[arg(long, default_value_t = DEFAULT_READAHEAD_MAX, value_name = "PAGES")]
+    #[arg(long, default_value_t = DEFAULT_READAHEAD_MAX, value_name = "PAGES",
+          value_parser = clap::value_parser!(u64).range(0..=MAX_READAHEAD_PAGES))]
     pub readahead_max: u64,
     /// Readahead windows in flight (0: half the queue's entries, at most 16)
-    #[arg(long, default_value_t = 0, value_name = "N")]
+    #[arg(long, default_value_t = 0, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(0..=MAX_READAHEAD_DEPTH))]
     pub readahead_depth: u64,
     /// Readahead windows held back to go to the device at once, one doorbell for several
     /// (0: half the windows in flight; 1: a doorbell for each)
@@ -187,10 +197,12 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 64)]
     pub mib: u64,
     /// Largest readahead window of the cache pass in pages (0: the controller's max transfer)
-    #[arg(long, default_value_t = DEFAULT_READAHEAD_MAX, value_name = "PAGES")]
+    #[arg(long, default_value_t = DEFAULT_READAHEAD_MAX, value_name = "PAGES",
+          value_parser = clap::value_parser!(u64).range(0..=MAX_READAHEAD_PAGES))]
     pub readahead_max: u64,
     /// Readahead windows in flight (0: half the queue's entries, at most 16)
-    #[arg(long, default_value_t = 0, value_name = "N")]
+    #[arg(long, default_value_t = 0, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(0..=MAX_READAHEAD_DEPTH))]
     pub readahead_depth: u64,
     /// Readahead windows held back to go to the device at once, one doorbell for several
     /// (0: half the windows in flight; 1: a doorbell for each)
