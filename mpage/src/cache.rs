@@ -777,22 +777,28 @@ impl<D: BlockIo> PageCache<D> {
     }
 
     pub(crate) fn drop_pages_from(&mut self, f: FileId, first: u64) -> Result<(), MpageError> {
-        let gone: Vec<u64> = self
+        for p in self.settle_pages_from(f, first)? {
+            self.remove_page(f, p);
+        }
+        Ok(())
+    }
+
+    /// The cached pages of `f` from `first` on, once none of them has I/O in flight (waiting
+    /// for it if one has): ready to be removed.
+    fn settle_pages_from(&mut self, f: FileId, first: u64) -> Result<Vec<u64>, MpageError> {
+        let pages: Vec<u64> = self
             .file(f)?
             .pages
             .iter_from(first)
             .map(|(p, _)| p)
             .collect();
-        if gone
+        if pages
             .iter()
             .any(|&p| self.page_ref(f, p).is_some_and(Page::busy))
         {
             self.wait_idle()?;
         }
-        for p in gone {
-            self.remove_page(f, p);
-        }
-        Ok(())
+        Ok(pages)
     }
 
     pub(crate) fn truncate_map(&mut self, f: FileId, first_block: u64) -> Result<(), MpageError> {
@@ -823,27 +829,37 @@ impl<D: BlockIo> PageCache<D> {
 
     pub(crate) fn shrink(&mut self, f: FileId, new_size: u64) -> Result<(), MpageError> {
         let geo = self.geo(f)?;
-        // Pages past the new end go first: no point writing them back to make room below.
-        self.drop_pages_from(f, new_size.div_ceil(PAGE))?;
+        // Whatever may fail comes first, so that a failure leaves the file as it was (its
+        // size, its pages, its dirty data): the page holding the new end made ready, the
+        // pages past it idle, the map truncated. Only then is anything dropped or zeroed.
         let tail = (new_size % PAGE) as usize;
+        let p = new_size / PAGE;
+        // The block holding the new end keeps file data before it and must hold zeros after
+        // it, on disk too: read it, zero its tail, dirty it. A page whose blocks end at the
+        // new end only has its cached bytes past the end zeroed (those blocks are released).
+        let partial_block = tail != 0 && !new_size.is_multiple_of(geo.bs);
+        if partial_block {
+            self.prepare_write(f, p, tail, PAGE_SIZE - tail, geo.size)?;
+        } else if tail != 0 {
+            self.wait_page(f, p)?;
+            if let Some(frame) = self.page_ref(f, p).map(|pg| pg.frame) {
+                self.check_not_viewed(f, p, frame)?;
+            }
+        }
+        // Pages past the new end go: no point writing them back.
+        let gone = self.settle_pages_from(f, new_size.div_ceil(PAGE))?;
+        self.truncate_map(f, new_size.div_ceil(geo.bs))?;
+        for q in gone {
+            self.remove_page(f, q);
+        }
         if tail != 0 {
-            let p = new_size / PAGE;
-            if !new_size.is_multiple_of(geo.bs) {
-                // The block holding the new end keeps file data before it and must hold
-                // zeros after it, on disk too: read it, zero its tail, dirty it.
-                self.prepare_write(f, p, tail, PAGE_SIZE - tail, geo.size)?;
-                let frame = self.page_ref(f, p).expect("prepared page").frame;
+            if let Some(frame) = self.page_ref(f, p).map(|pg| pg.frame) {
                 self.pool.zero(frame, tail, PAGE_SIZE - tail);
-                self.mark_written(f, p, tail, PAGE_SIZE - tail, geo.bpp);
-            } else {
-                self.wait_page(f, p)?;
-                if let Some(frame) = self.page_ref(f, p).map(|pg| pg.frame) {
-                    self.check_not_viewed(f, p, frame)?;
-                    self.pool.zero(frame, tail, PAGE_SIZE - tail);
+                if partial_block {
+                    self.mark_written(f, p, tail, PAGE_SIZE - tail, geo.bpp);
                 }
             }
         }
-        self.truncate_map(f, new_size.div_ceil(geo.bs))?;
         self.file_mut(f)?.size = new_size;
         Ok(())
     }

@@ -4,6 +4,7 @@
 
 use crate::backend::BlockIo;
 use crate::cache::{FileId, PageCache, PAGE};
+use crate::command::Walk;
 use crate::error::MpageError;
 #[derive(Copy, Clone, Debug, Default)]
 pub(crate) struct Readahead {
@@ -63,12 +64,18 @@ impl<D: BlockIo> PageCache<D> {
                 None => 0,
             };
             for q in p..p + absent {
-                match self.alloc_frame()? {
-                    Some(frame) => {
+                match self.alloc_frame() {
+                    Ok(Some(frame)) => {
                         self.insert_new(f, q, frame, true, flag(q));
                         out.push((q, frame.index() as u32));
                     }
-                    None => return Ok((out, q)),
+                    Ok(None) => return Ok((out, q)),
+                    Err(e) => {
+                        // (Taking a frame may wait, and time out.) The pages locked for this
+                        // batch will not be read: they must not stay locked.
+                        self.release_unsent(&mut Walk::default(), &out);
+                        return Err(e);
+                    }
                 }
             }
             if absent > 0 {
@@ -87,6 +94,7 @@ impl<D: BlockIo> PageCache<D> {
                 p += 1;
             } else {
                 // Neither absent nor recorded: only a file that is not open.
+                self.release_unsent(&mut Walk::default(), &out);
                 return Err(MpageError::NoSuchFile(f));
             }
         }

@@ -1167,3 +1167,71 @@ fn readahead_options_beyond_the_cache_are_capped_by_it() {
     assert_eq!(buf, c.device().read_bytes(1000 * 4096, buf.len()));
     assert!(c.cached_total() <= 64);
 }
+
+#[test]
+fn a_timeout_taking_frames_leaves_no_page_locked() {
+    let mut c = cache(
+        4096,
+        CacheOptions {
+            capacity: Some(8),
+            io_timeout: std::time::Duration::from_millis(50),
+            ..CacheOptions::default()
+        },
+    );
+    let f = linear(&mut c, 64);
+    // Four pages in flight on a device that does not answer, then a read ahead of eight more:
+    // four frames are free, the next one must wait for the stalled reads, and times out.
+    c.device_mut().set_stalled(true);
+    c.readahead(f, 0, 4).unwrap();
+    let e = c.readahead(f, 4, 8).unwrap_err();
+    assert!(matches!(e, MpageError::Timeout { .. }), "{e}");
+    c.device_mut().set_stalled(false);
+    c.wait_idle().unwrap();
+    let locked: Vec<u64> = c
+        .cached_pages(f)
+        .unwrap()
+        .into_iter()
+        .filter(|&p| c.page_state(f, p).unwrap().locked)
+        .collect();
+    assert!(
+        locked.is_empty(),
+        "pages locked with no command: {locked:?}"
+    );
+    // And they read: the pages the failed batch had taken come from the disk.
+    let mut b = vec![0u8; 8 * 4096];
+    assert_eq!(c.read_at(f, 4 * 4096, &mut b).unwrap(), b.len());
+    assert_eq!(b, disk(1004 * 4096, b.len()));
+    c.close(f).unwrap();
+}
+
+#[test]
+fn a_shrink_that_fails_leaves_the_file_as_it_was() {
+    // The block holding the new end cannot be read (its page must be read to keep the bytes
+    // before the new end): set_len fails, and the data written past the new end is still
+    // there, as is the size.
+    let mut c = cache(4096, CacheOptions::default());
+    let f = linear(&mut c, 3);
+    c.write_at(f, 2 * 4096, &[0xAB; 4096]).unwrap();
+    c.device_mut().fail_lba(1000);
+    assert!(c.set_len(f, 100).is_err());
+    c.device_mut().heal_lba(1000);
+    assert_eq!(c.file_size(f).unwrap(), 3 * 4096);
+    let mut b = vec![0u8; 4096];
+    c.read_at(f, 2 * 4096, &mut b).unwrap();
+    assert_eq!(b, vec![0xAB; 4096], "the written page survived");
+    // A page held in place (its tail cannot be zeroed): the same.
+    let held = c.page(f, 0).unwrap().expect("in the file");
+    let e = c.set_len(f, 100).unwrap_err();
+    assert!(matches!(e, MpageError::PageHeld { .. }), "{e}");
+    drop(held);
+    assert_eq!(c.file_size(f).unwrap(), 3 * 4096);
+    c.read_at(f, 2 * 4096, &mut b).unwrap();
+    assert_eq!(b, vec![0xAB; 4096]);
+    // Once it can, it shrinks: the bytes past the end are gone, those before kept.
+    c.set_len(f, 100).unwrap();
+    assert_eq!(c.file_size(f).unwrap(), 100);
+    let mut head = vec![0u8; 4096];
+    assert_eq!(c.read_at(f, 0, &mut head).unwrap(), 100);
+    assert_eq!(&head[..100], &disk(1000 * 4096, 100)[..]);
+    c.close(f).unwrap();
+}
