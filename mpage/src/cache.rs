@@ -36,6 +36,27 @@ use crate::recording::MAX_LBAS_PER_COMMAND;
 use crate::spec::check_block_size;
 
 pub(crate) const PAGE: u64 = PAGE_SIZE as u64;
+/// The last page a file can have: the byte offsets of every page, its end included, fit in
+/// 64 bits.
+pub const MAX_PAGE: u64 = u64::MAX / PAGE - 1;
+/// The largest size a file can have: up to the end of [`MAX_PAGE`].
+pub const MAX_FILE_SIZE: u64 = (MAX_PAGE + 1) * PAGE;
+
+/// `p` if a file can have such a page.
+pub(crate) fn check_page(p: u64) -> Result<u64, MpageError> {
+    if p > MAX_PAGE {
+        return Err(MpageError::PageOutOfRange { page: p });
+    }
+    Ok(p)
+}
+
+/// `size` if a file can be that large.
+pub(crate) fn check_size(size: u64) -> Result<u64, MpageError> {
+    if size > MAX_FILE_SIZE {
+        return Err(MpageError::TooLarge { size });
+    }
+    Ok(size)
+}
 /// Most frames taken from the pool at once: a buffer's worth (one lock of the pool per 2 MiB),
 /// so that the shards of a [`crate::SharedCache`], which take their frames turn about from one
 /// pool, mostly hold whole buffers each; a copy in or out of frames locks their buffer, and two
@@ -636,6 +657,7 @@ impl<D: BlockIo> PageCache<D> {
     /// Open a file of `size` bytes whose blocks `map` knows. Its block size must be a power
     /// of two, a multiple of the device's LBA size and at most a page.
     pub fn open(&mut self, map: Box<dyn BlockMap>, size: u64) -> Result<FileId, MpageError> {
+        check_size(size)?;
         let block_size = map.block_size();
         check_block_size(block_size, self.lba_size).map_err(|why| MpageError::BadBlockSize {
             dev: self.dev.name().to_string(),
@@ -769,6 +791,7 @@ impl<D: BlockIo> PageCache<D> {
     /// and releases the blocks through [`BlockMap::truncate`].
     pub fn set_len(&mut self, f: FileId, len: u64) -> Result<(), MpageError> {
         let size = self.file(f)?.size;
+        check_size(len)?;
         match len.cmp(&size) {
             std::cmp::Ordering::Greater => self.grow(f, len),
             std::cmp::Ordering::Less => self.shrink(f, len),

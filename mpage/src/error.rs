@@ -93,6 +93,18 @@ pub enum MpageError {
     /// An offset and length past the largest file offset.
     #[error("offset {offset} + {len} bytes is past the largest file offset")]
     Overflow { offset: u64, len: usize },
+    /// A page index past the last page a file can have ([`crate::MAX_PAGE`]).
+    #[error(
+        "page {page} is past the last page a file can have, {}",
+        crate::MAX_PAGE
+    )]
+    PageOutOfRange { page: u64 },
+    /// A file size past the largest a file can have ([`crate::MAX_FILE_SIZE`]).
+    #[error(
+        "a file of {size} bytes is larger than the largest a file can be, {} bytes",
+        crate::MAX_FILE_SIZE
+    )]
+    TooLarge { size: u64 },
     /// The block map refused to truncate.
     #[error("changing the size of file {file}: {source}")]
     Truncate {

@@ -42,7 +42,7 @@ mod writeback;
 mod writer;
 
 pub use backend::{BlockIo, IoError, IoOp, IoRequest};
-pub use cache::{CacheOptions, CacheStats, FileId, PageCache};
+pub use cache::{CacheOptions, CacheStats, FileId, PageCache, MAX_FILE_SIZE, MAX_PAGE};
 pub use error::{MpageError, PageError};
 pub use map::{BlockMap, Extent, ExtentError, ExtentMap, Linear, MapError, MapFlags, Mapping};
 pub use nvme::NvmeBlockIo;

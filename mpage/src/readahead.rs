@@ -3,7 +3,7 @@
 //! kernel's `page_cache_ra_*`).
 
 use crate::backend::BlockIo;
-use crate::cache::{FileId, PageCache, PAGE};
+use crate::cache::{check_page, FileId, PageCache, PAGE};
 use crate::command::Walk;
 use crate::error::MpageError;
 #[derive(Copy, Clone, Debug, Default)]
@@ -102,11 +102,13 @@ impl<D: BlockIo> PageCache<D> {
     }
 
     /// Start reading pages `start..start + pages` (in the background): explicit readahead.
-    /// Pages already cached are skipped; holes and the part beyond the end of the file are
-    /// zeroed. Returns once the commands are submitted.
+    /// Pages already cached are skipped; holes, and the part of the last page beyond the end
+    /// of the file, are zeroed; pages past the last are left alone (as the kernel's
+    /// readahead stops at the end of the file). Returns once the commands are submitted.
     pub fn readahead(&mut self, f: FileId, start: u64, pages: u64) -> Result<(), MpageError> {
-        self.file(f)?;
-        let end = start.saturating_add(pages);
+        // Not past the page holding the file's last byte: nothing beyond it is the file's.
+        let last = self.file(f)?.size.div_ceil(PAGE);
+        let end = start.saturating_add(pages).min(last);
         let mut p = start;
         while p < end {
             let (batch, next) = self.prepare_batch(f, p, end, false, None)?;
@@ -127,6 +129,7 @@ impl<D: BlockIo> PageCache<D> {
     /// Read one page (like Linux's `read_folio`) and wait for it.
     pub fn read_page(&mut self, f: FileId, p: u64) -> Result<(), MpageError> {
         self.file(f)?;
+        check_page(p)?;
         self.wait_page(f, p)?;
         match self.page_ref(f, p) {
             Some(pg) if pg.uptodate => return Ok(()),

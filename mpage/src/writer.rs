@@ -2,7 +2,7 @@
 //! and marking what was written dirty (it reaches the disk on write-back).
 
 use crate::backend::BlockIo;
-use crate::cache::{FileId, PageCache, PAGE};
+use crate::cache::{check_page, FileId, PageCache, PAGE};
 use crate::error::MpageError;
 use crate::page::{full_mask, BlockBits};
 use crate::pool::{FrameId, PAGE_SIZE};
@@ -134,6 +134,7 @@ impl<D: BlockIo> PageCache<D> {
         }
         let end = offset
             .checked_add(data.len() as u64)
+            .filter(|&e| e <= crate::MAX_FILE_SIZE)
             .ok_or(MpageError::Overflow {
                 offset,
                 len: data.len(),
@@ -162,6 +163,7 @@ impl<D: BlockIo> PageCache<D> {
     pub fn write_page(&mut self, f: FileId, p: u64, data: &[u8]) -> Result<(), MpageError> {
         assert_eq!(data.len(), PAGE_SIZE, "write_page takes one whole page");
         let bpp = self.geo(f)?.bpp;
+        check_page(p)?;
         self.page_for_write(f, p)?;
         let frame = self.page_ref(f, p).expect("page").frame;
         self.pool.write(frame, 0, data);
@@ -179,7 +181,7 @@ impl<D: BlockIo> PageCache<D> {
             geo.bs,
             "write_block takes one whole block"
         );
-        let (p, i) = (block / geo.bpp, (block % geo.bpp) as usize);
+        let (p, i) = (check_page(block / geo.bpp)?, (block % geo.bpp) as usize);
         self.page_for_write(f, p)?;
         let frame = self.page_ref(f, p).expect("page").frame;
         let from = i * geo.bs as usize;

@@ -1235,3 +1235,44 @@ fn a_shrink_that_fails_leaves_the_file_as_it_was() {
     assert_eq!(&head[..100], &disk(1000 * 4096, 100)[..]);
     c.close(f).unwrap();
 }
+
+#[test]
+fn pages_and_sizes_past_the_largest_file_are_errors_not_wrong_data() {
+    use rnvme_mpage::{MAX_FILE_SIZE, MAX_PAGE};
+    let mut c = cache(512, CacheOptions::default());
+    let f = c
+        .open(Box::new(Linear::new(512, 1000, 64)), 64 * 512)
+        .unwrap();
+    // 512-byte blocks: a page index times 8 blocks must not wrap round to page 0.
+    for p in [MAX_PAGE + 1, 1 << 61, u64::MAX] {
+        let e = c.read_page(f, p).unwrap_err();
+        assert!(
+            matches!(e, MpageError::PageOutOfRange { page } if page == p),
+            "{e}"
+        );
+        let e = c.write_page(f, p, &[1; 4096]).unwrap_err();
+        assert!(matches!(e, MpageError::PageOutOfRange { .. }), "{e}");
+    }
+    let e = c.write_block(f, u64::MAX, &[1; 512]).unwrap_err();
+    assert!(matches!(e, MpageError::PageOutOfRange { .. }), "{e}");
+    // The last page a file can have is past this one's end: zeros, no I/O, no wrap.
+    c.read_page(f, MAX_PAGE).unwrap();
+    assert_eq!(c.page_data(f, MAX_PAGE).unwrap(), vec![0u8; 4096]);
+    let e = c.write_at(f, MAX_FILE_SIZE - 1, &[1, 2]).unwrap_err();
+    assert!(matches!(e, MpageError::Overflow { .. }), "{e}");
+    let e = c.set_len(f, MAX_FILE_SIZE + 1).unwrap_err();
+    assert!(matches!(e, MpageError::TooLarge { .. }), "{e}");
+    let e = c
+        .open(Box::new(Linear::new(512, 1000, 64)), u64::MAX)
+        .unwrap_err();
+    assert!(matches!(e, MpageError::TooLarge { .. }), "{e}");
+    assert_eq!(c.file_size(f).unwrap(), 64 * 512, "nothing changed");
+    // Explicit readahead stops at the file's end, however far it is asked to go.
+    c.readahead(f, 0, u64::MAX).unwrap();
+    c.readahead(f, u64::MAX - 1, 5).unwrap();
+    c.wait_idle().unwrap();
+    let cached = c.cached_pages(f).unwrap();
+    assert_eq!(cached, vec![0, 1, 2, 3, 4, 5, 6, 7, MAX_PAGE], "{cached:?}");
+    c.close(f).unwrap();
+    assert_eq!(c.cached_total(), 0);
+}
