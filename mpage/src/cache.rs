@@ -266,6 +266,8 @@ pub(crate) struct FileState {
     pub(crate) dirtied: Option<Ticks>,
     /// Where the next background write-back of the file starts (it goes round the file).
     pub(crate) wb_next: u64,
+    /// Which of the files its slot has had this one is (see [`FileId`]).
+    pub(crate) generation: u32,
     /// First write error since the last sync: (page, error).
     pub(crate) write_error: Option<(u64, PageError)>,
 }
@@ -342,6 +344,8 @@ pub struct PageCache<D: BlockIo> {
     /// Held commands go at once when fewer than this many are in flight before them.
     pub(crate) kick_low: usize,
     pub(crate) files: Vec<Option<FileState>>,
+    /// By slot of `files`: the generation of its file, or of the next one it will have.
+    pub(crate) generations: Vec<u32>,
     pub(crate) inflight: HashMap<u64, InFlight>,
     pub(crate) next_tag: u64,
     /// The cached pages, by frame index: a frame holds at most one page, so its state lives
@@ -451,6 +455,7 @@ impl<D: BlockIo> PageCache<D> {
             kick_batch,
             kick_low,
             files: Vec::new(),
+            generations: Vec::new(),
             inflight: HashMap::new(),
             next_tag: 1,
             slots,
@@ -547,22 +552,28 @@ impl<D: BlockIo> PageCache<D> {
     pub(crate) fn file(&self, f: FileId) -> Result<&FileState, MpageError> {
         // A match, not `ok_or`: this runs for every page, and the error is not cheap to make
         // and drop.
-        match self.files.get(f.0 as usize).and_then(Option::as_ref) {
-            Some(fs) => Ok(fs),
-            None => Err(MpageError::NoSuchFile(f)),
+        match self.files.get(f.slot()).and_then(Option::as_ref) {
+            Some(fs) if fs.generation == f.generation() => Ok(fs),
+            _ => Err(MpageError::NoSuchFile(f)),
         }
     }
 
     pub(crate) fn file_mut(&mut self, f: FileId) -> Result<&mut FileState, MpageError> {
-        match self.files.get_mut(f.0 as usize).and_then(Option::as_mut) {
-            Some(fs) => Ok(fs),
-            None => Err(MpageError::NoSuchFile(f)),
+        match self.files.get_mut(f.slot()).and_then(Option::as_mut) {
+            Some(fs) if fs.generation == f.generation() => Ok(fs),
+            _ => Err(MpageError::NoSuchFile(f)),
         }
+    }
+
+    /// The id of the file open in slot `i`.
+    pub(crate) fn file_id(&self, i: usize) -> FileId {
+        let generation = self.files[i].as_ref().map_or(0, |fs| fs.generation);
+        FileId::new(i as u32, generation)
     }
 
     /// A page the caller knows is cached.
     pub(crate) fn page_mut(&mut self, f: FileId, p: u64) -> &mut Page {
-        let fr = self.files[f.0 as usize]
+        let fr = self.files[f.slot()]
             .as_ref()
             .and_then(|fs| fs.pages.get(p))
             .expect("page is cached");
@@ -571,7 +582,7 @@ impl<D: BlockIo> PageCache<D> {
 
     #[inline(always)]
     pub(crate) fn page_ref(&self, f: FileId, p: u64) -> Option<&Page> {
-        let fr = self.files.get(f.0 as usize)?.as_ref()?.pages.get(p)?;
+        let fr = self.files.get(f.slot())?.as_ref()?.pages.get(p)?;
         let pg = &self.slots[fr as usize];
         pg.present.then_some(pg)
     }
@@ -674,18 +685,21 @@ impl<D: BlockIo> PageCache<D> {
             dirtied: None,
             wb_next: 0,
             write_error: None,
+            generation: 0,
         };
+        // A slot used before has the generation after its last file's (`close` moves it
+        // on): ids of the files closed before name no file.
         let slot = match self.files.iter().position(Option::is_none) {
-            Some(i) => {
-                self.files[i] = Some(st);
-                i
-            }
+            Some(i) => i,
             None => {
-                self.files.push(Some(st));
+                self.files.push(None);
+                self.generations.push(0);
                 self.files.len() - 1
             }
         };
-        Ok(FileId(slot as u32))
+        let generation = self.generations[slot];
+        self.files[slot] = Some(FileState { generation, ..st });
+        Ok(FileId::new(slot as u32, generation))
     }
 
     /// Sync a file and drop its pages. On a sync error the file stays open (and its dirty
@@ -696,7 +710,8 @@ impl<D: BlockIo> PageCache<D> {
         for p in pages {
             self.remove_page(f, p);
         }
-        self.files[f.0 as usize] = None;
+        self.files[f.slot()] = None;
+        self.generations[f.slot()] = f.generation().wrapping_add(1);
         self.release_spare();
         Ok(())
     }
@@ -709,7 +724,7 @@ impl<D: BlockIo> PageCache<D> {
         let mut first = None;
         for i in 0..self.files.len() {
             if self.files[i].is_some() {
-                if let Err(e) = self.close(FileId(i as u32)) {
+                if let Err(e) = self.close(self.file_id(i)) {
                     first.get_or_insert(e);
                 }
             }
@@ -898,7 +913,7 @@ impl<D: BlockIo> Drop for PageCache<D> {
         self.release_spare();
         if self.dirty_total() > 0 && !std::thread::panicking() {
             for i in 0..self.files.len() {
-                let f = FileId(i as u32);
+                let f = self.file_id(i);
                 if self.files[i].as_ref().is_some_and(|fs| fs.dirty > 0) {
                     if let Err(e) = self.sync(f) {
                         log::error!(

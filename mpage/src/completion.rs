@@ -27,7 +27,7 @@ impl<D: BlockIo> PageCache<D> {
         create: bool,
     ) -> Result<Mapping, MapError> {
         self.stats.map_calls += 1;
-        let fs = self.files[f.0 as usize].as_mut().expect("open file");
+        let fs = self.files[f.slot()].as_mut().expect("open file");
         let m = fs.map().map(block, max_blocks.max(1), create)?;
         if m.blocks() == 0 {
             return Err(MapError::Failed {
@@ -404,7 +404,7 @@ impl<D: BlockIo> PageCache<D> {
                 }
                 if let Some(e) = err {
                     self.stats.write_errors += pages.len() as u64;
-                    let fs = self.files[f.0 as usize].as_mut().expect("open file");
+                    let fs = self.files[f.slot()].as_mut().expect("open file");
                     fs.write_error.get_or_insert((pages[0], e));
                 }
             }
@@ -452,7 +452,7 @@ impl<D: BlockIo> PageCache<D> {
                     self.stats.read_errors += 1;
                 } else {
                     self.stats.write_errors += 1;
-                    let fs = self.files[f.0 as usize].as_mut().expect("open file");
+                    let fs = self.files[f.slot()].as_mut().expect("open file");
                     fs.write_error.get_or_insert((p, e));
                 }
             }

@@ -50,10 +50,7 @@ impl<D: BlockIo> PageCache<D> {
     }
 
     pub(crate) fn touch(&mut self, f: FileId, p: u64) {
-        if let Some(fr) = self.files[f.0 as usize]
-            .as_ref()
-            .and_then(|fs| fs.pages.get(p))
-        {
+        if let Some(fr) = self.files[f.slot()].as_ref().and_then(|fs| fs.pages.get(p)) {
             self.touch_frame(fr);
         }
     }
@@ -75,7 +72,7 @@ impl<D: BlockIo> PageCache<D> {
         ra_unused: bool,
     ) {
         let fr = frame.index() as u32;
-        let fs = self.files[f.0 as usize].as_mut().expect("open file");
+        let fs = self.files[f.slot()].as_mut().expect("open file");
         let old = fs.pages.insert(p, fr);
         debug_assert!(old.is_none(), "page {p} inserted twice");
         self.slots[fr as usize].fill(f, p, locked, ra_unused);
@@ -110,7 +107,7 @@ impl<D: BlockIo> PageCache<D> {
     /// Drop a page from the cache; returns its frame, now unused.
     #[inline(always)]
     pub(crate) fn detach_page(&mut self, f: FileId, p: u64) -> Option<FrameId> {
-        let fr = self.files[f.0 as usize].as_mut()?.pages.remove(p)?;
+        let fr = self.files[f.slot()].as_mut()?.pages.remove(p)?;
         debug_assert!(!self.slot(fr).busy(), "page {p} removed with I/O in flight");
         self.lru_unlink(fr);
         let change = self.slot_mut(fr).set_dirty(false);
@@ -160,7 +157,7 @@ impl<D: BlockIo> PageCache<D> {
         self.stats.readahead_thrashed += thrashed.len() as u64;
         thrashed.dedup();
         for f in thrashed {
-            if let Some(fs) = self.files[f.0 as usize].as_mut() {
+            if let Some(fs) = self.files[f.slot()].as_mut() {
                 fs.ra.ceiling = (fs.ra.limit * 3 / 4).max(1);
                 fs.ra.limit = (fs.ra.limit / 2).max(1);
                 fs.ra.thrashed = true;
@@ -214,7 +211,7 @@ impl<D: BlockIo> PageCache<D> {
         let mut written = 0;
         for i in 0..self.files.len() {
             if self.files[i].is_some() {
-                written += self.start_writeback(FileId(i as u32))?;
+                written += self.start_writeback(self.file_id(i))?;
             }
         }
         self.stats.writebacks += written as u64;

@@ -127,7 +127,7 @@ pub(crate) const NIL: u32 = u32::MAX;
 impl Page {
     /// The state of frame `frame` while it holds no page.
     pub(crate) fn vacant(frame: FrameId) -> Page {
-        let mut p = Page::new(frame, FileId(u32::MAX), u64::MAX);
+        let mut p = Page::new(frame, FileId::new(u32::MAX, 0), u64::MAX);
         p.present = false;
         p
     }

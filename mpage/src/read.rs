@@ -262,7 +262,7 @@ impl<D: BlockIo> PageCache<D> {
                     }
                     Ok(Mapping::Mapped { flags, .. }) if flags.uptodate => {
                         let mut buf = vec![0u8; bs];
-                        let fs = self.files[f.0 as usize].as_mut().expect("open file");
+                        let fs = self.files[f.slot()].as_mut().expect("open file");
                         match fs.map().read_inline(b, &mut buf) {
                             Ok(()) => {
                                 self.pool.write(frame, i * bs, &buf);

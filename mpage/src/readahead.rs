@@ -51,7 +51,7 @@ impl<D: BlockIo> PageCache<D> {
         asked: Option<std::ops::RangeInclusive<u64>>,
     ) -> Result<(Vec<(u64, u32)>, u64), MpageError> {
         self.file(f)?;
-        let fi = f.0 as usize;
+        let fi = f.slot();
         let mut out = Vec::with_capacity(end.saturating_sub(start).min(1024) as usize);
         let flag = |p: u64| ahead && !asked.as_ref().is_some_and(|a| a.contains(&p));
         let mut p = start;
@@ -213,10 +213,7 @@ impl<D: BlockIo> PageCache<D> {
         pg.ra_mark = false;
         pg.held = true;
         let r = self.readahead_async(f, p);
-        if let Some(fr) = self.files[f.0 as usize]
-            .as_ref()
-            .and_then(|fs| fs.pages.get(p))
-        {
+        if let Some(fr) = self.files[f.slot()].as_ref().and_then(|fs| fs.pages.get(p)) {
             self.slot_mut(fr).held = false;
         }
         r
@@ -299,10 +296,7 @@ impl<D: BlockIo> PageCache<D> {
     }
 
     pub(crate) fn set_ra_mark(&mut self, f: FileId, p: u64) {
-        if let Some(fr) = self.files[f.0 as usize]
-            .as_ref()
-            .and_then(|fs| fs.pages.get(p))
-        {
+        if let Some(fr) = self.files[f.slot()].as_ref().and_then(|fs| fs.pages.get(p)) {
             self.slot_mut(fr).ra_mark = true;
         }
     }

@@ -95,11 +95,12 @@ impl<D: BlockIo> SharedCache<D> {
 
     /// The shard and the shard's own id of `f`.
     fn locate(&self, f: FileId) -> Result<(usize, FileId), MpageError> {
-        let shard = (f.0 >> LOCAL_BITS) as usize;
+        let shard = (f.raw_slot() >> LOCAL_BITS) as usize;
         if shard >= self.shards.len() {
             return Err(MpageError::NoSuchFile(f));
         }
-        Ok((shard, FileId(f.0 & ((1 << LOCAL_BITS) - 1))))
+        let local = FileId::new(f.raw_slot() & ((1 << LOCAL_BITS) - 1), f.generation());
+        Ok((shard, local))
     }
 
     /// Run `op` on the shard holding `f`, with the shard's id of the file.
@@ -142,14 +143,17 @@ impl<D: BlockIo> SharedCache<D> {
         }
         let mut cache = self.lock(shard)?;
         let local = cache.open(map, size)?;
-        if local.0 >= 1 << LOCAL_BITS {
+        if local.raw_slot() >= 1 << LOCAL_BITS {
             cache.close(local)?;
             return Err(MpageError::TooManyFiles {
                 max: 1 << LOCAL_BITS,
             });
         }
         self.shards[shard].files.fetch_add(1, Ordering::Relaxed);
-        Ok(FileId(((shard as u32) << LOCAL_BITS) | local.0))
+        Ok(FileId::new(
+            ((shard as u32) << LOCAL_BITS) | local.raw_slot(),
+            local.generation(),
+        ))
     }
 
     /// The shard a file lives in.

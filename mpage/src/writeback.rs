@@ -49,7 +49,7 @@ impl<D: BlockIo> PageCache<D> {
         } else {
             self.dirty -= 1;
         }
-        if let Some(fs) = self.files[f.0 as usize].as_mut() {
+        if let Some(fs) = self.files[f.slot()].as_mut() {
             if sign {
                 if fs.dirty == 0 {
                     fs.dirtied = now;
@@ -157,7 +157,7 @@ impl<D: BlockIo> PageCache<D> {
                 continue;
             }
             self.stats.expired_writebacks += pages.len() as u64;
-            self.write_batch(FileId(i as u32), &pages)?;
+            self.write_batch(self.file_id(i), &pages)?;
         }
         Ok(())
     }
@@ -186,7 +186,7 @@ impl<D: BlockIo> PageCache<D> {
             if want == 0 {
                 break;
             }
-            let f = FileId(i);
+            let f = self.file_id(i as usize);
             let fs = self.files[i as usize].as_ref().expect("open file");
             let from = fs.wb_next;
             let idle_dirty = |&(_, fr): &(u64, u32)| {

@@ -1276,3 +1276,51 @@ fn pages_and_sizes_past_the_largest_file_are_errors_not_wrong_data() {
     c.close(f).unwrap();
     assert_eq!(c.cached_total(), 0);
 }
+
+#[test]
+fn an_id_kept_past_its_files_close_names_no_file() {
+    let mut c = cache(4096, CacheOptions::default());
+    let f = linear(&mut c, 8);
+    c.close(f).unwrap();
+    // The next file takes the same slot: the old id must not reach it.
+    let g = c
+        .open(Box::new(Linear::new(4096, 5000, 8)), 8 * 4096)
+        .unwrap();
+    assert_ne!(f, g);
+    let mut b = vec![0u8; 16];
+    assert!(matches!(c.read_at(f, 0, &mut b), Err(MpageError::NoSuchFile(x)) if x == f));
+    assert!(matches!(
+        c.write_at(f, 0, &[1]),
+        Err(MpageError::NoSuchFile(_))
+    ));
+    assert!(matches!(c.set_len(f, 0), Err(MpageError::NoSuchFile(_))));
+    assert!(matches!(c.close(f), Err(MpageError::NoSuchFile(_))));
+    assert_eq!(
+        c.file_size(g).unwrap(),
+        8 * 4096,
+        "the new file is untouched"
+    );
+    assert_eq!(c.read_at(g, 0, &mut b).unwrap(), 16);
+    assert_eq!(b, disk(5000 * 4096, 16));
+    // Shared: the same, across threads' files.
+    let dma = DmaPool::new(Arc::new(MemoryOnly), Backing::SmallPages, 0).unwrap();
+    let pool = PagePool::new(&dma, 512).unwrap();
+    let dev = RecordingDevice::new(pool.clone(), 4096, 1 << 30);
+    let s = rnvme_mpage::SharedCache::new(
+        vec![dev.queue(), dev.queue()],
+        pool,
+        CacheOptions::default(),
+    )
+    .unwrap();
+    let f = s
+        .open_in(1, Box::new(Linear::new(4096, 1000, 8)), 8 * 4096)
+        .unwrap();
+    s.close(f).unwrap();
+    let g = s
+        .open_in(1, Box::new(Linear::new(4096, 2000, 8)), 8 * 4096)
+        .unwrap();
+    assert!(matches!(s.set_len(f, 0), Err(MpageError::NoSuchFile(x)) if x == f));
+    assert!(matches!(s.close(f), Err(MpageError::NoSuchFile(_))));
+    assert_eq!(s.file_size(g).unwrap(), 8 * 4096);
+    s.close(g).unwrap();
+}
