@@ -143,13 +143,10 @@ impl Worker<'_> {
         let ls = plan.lba_size;
         let io = plan.io_blocks as u64;
         let chunks = (self.end - self.start).div_ceil(io) as usize;
-        // Write phase: LBAs of each chunk not yet dealt with, for the in-order watermark.
-        let mut remaining: Vec<u32> = match phase {
-            Phase::Write => (0..chunks)
-                .map(|c| (io.min(self.end - self.start - c as u64 * io)) as u32)
-                .collect(),
-            Phase::Read => Vec::new(),
-        };
+        // Write phase: LBAs not yet dealt with of each chunk issued past the in-order
+        // watermark (a window, not a count per chunk of the whole range: that could be
+        // gigabytes for a large namespace of small I/Os).
+        let mut remaining: VecDeque<u32> = VecDeque::new();
         let mut watermark = 0usize; // chunks fully dealt with, in order
         let mut flushed_to = self.start;
         let mut flush_pending: Option<u64> = None;
@@ -180,6 +177,9 @@ impl Worker<'_> {
                             resubmits: 0,
                         };
                         next += n as u64;
+                        if phase == Phase::Write {
+                            remaining.push_back(n);
+                        }
                         i
                     }
                     None => break,
@@ -221,7 +221,8 @@ impl Worker<'_> {
             // Write phase: make what completed in order durable, every sync_every LBAs and
             // at the end.
             if phase == Phase::Write && flush_pending.is_none() {
-                while watermark < chunks && remaining[watermark] == 0 {
+                while watermark < chunks && remaining.front() == Some(&0) {
+                    remaining.pop_front();
                     watermark += 1;
                 }
                 let mark = (self.start + watermark as u64 * io).min(self.end);
@@ -364,7 +365,7 @@ impl Worker<'_> {
                 }
                 plan.done.fetch_add(item.blocks as u64, Ordering::Relaxed);
                 if phase == Phase::Write {
-                    let ch = self.chunk(item.lba);
+                    let ch = self.chunk(item.lba) - watermark;
                     remaining[ch] -= item.blocks;
                 }
             }

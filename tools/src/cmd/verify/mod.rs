@@ -91,9 +91,12 @@ pub struct VerifyArgs {
     /// First LBA
     #[arg(long, default_value_t = 0)]
     pub lba: u64,
-    /// Number of LBAs (default: to the end of the namespace)
+    /// Number of LBAs (default: to the end of the namespace; with --write, give it or --all)
     #[arg(long)]
     pub count: Option<u64>,
+    /// From --lba to the end of the namespace (what --write needs, if not --count)
+    #[arg(long, conflicts_with = "count")]
+    pub all: bool,
     /// Write the pattern first (flushing as it goes), then read it back; without it, check a
     /// range written earlier with the same seed and generation
     #[arg(long)]
@@ -177,6 +180,15 @@ fn print_report(report: &VerifyReport, json: bool) -> Result<()> {
 }
 
 pub fn verify(a: VerifyArgs) -> Result<ExitCode> {
+    // Overwriting is never the default extent: the range is said.
+    if a.write && a.count.is_none() && !a.all {
+        return Err(UsageError(
+            "--write overwrites the LBAs it checks: give --count N, or --all for everything \
+             from --lba to the end of the namespace"
+                .into(),
+        )
+        .into());
+    }
     let cfg = VerifyConfig {
         nsid: a.nsid,
         lba: a.lba,
@@ -225,6 +237,29 @@ pub fn verify(a: VerifyArgs) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_without_a_range_is_refused_before_the_device_is_opened() {
+        #[derive(clap::Parser)]
+        struct T {
+            #[command(flatten)]
+            a: VerifyArgs,
+        }
+        let parse =
+            |s: &str| <T as clap::Parser>::try_parse_from(s.split_whitespace()).map(|t| t.a);
+        // (No such device: anything that gets as far as opening it fails there.)
+        let e = verify(parse("t 0000:ff:1f.7 --write").unwrap()).unwrap_err();
+        let u = e.downcast_ref::<UsageError>().expect("a usage error");
+        assert!(u.0.contains("--count N, or --all"), "{u}");
+        assert!(parse("t 0000:ff:1f.7 --write --all --count 5").is_err());
+        for given in ["--count 8", "--all"] {
+            let e = verify(parse(&format!("t 0000:ff:1f.7 --write {given}")).unwrap()).unwrap_err();
+            assert!(!e.to_string().contains("--all"), "{given}: {e}");
+        }
+        // Checking only (no --write) may still run to the end of the namespace by default.
+        let e = verify(parse("t 0000:ff:1f.7").unwrap()).unwrap_err();
+        assert!(!e.to_string().contains("--all"), "{e}");
+    }
 
     use rnvme_driver::model::{bring_up, model_options, CompletionMode, Model, ModelConfig};
 
