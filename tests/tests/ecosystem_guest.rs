@@ -72,6 +72,9 @@ step status_all rnvme status --json
 step p_r rnvme perf -r "trtype:PCIe traddr:$NVME0 ns:1" -q 8 -o 4096 -w randread -t 1 --json
 step p_r_all rnvme perf -r "trtype:PCIe traddr:$NVME1" -q 4 -o 4096 -w randread -t 1 --json
 step p_none rnvme perf -q 4 -o 4096 -w randread -t 1 --json
+step p_none_write rnvme perf -q 4 -o 4096 -w randwrite -t 1
+step setup_named_blocked env PCI_BLOCKED="$NVME0" rnvme setup $NVME0 --hugepages 0
+step reset_named_blocked env PCI_BLOCKED="$NVME0" rnvme reset $NVME0
 step p_spdk rnvme perf -r "trtype:PCIe traddr:$NVME0 ns:1" -q 8 -o 4096 -w randread -t 1 -c 0x3 -P 2 -a 0.5 -LL -Q 1 -F 1.2 --spdk-format
 step p_spdk_json rnvme perf -r "trtype:PCIe traddr:$NVME0 ns:1" -q 8 -o 4096 -w randread -t 1 -c 0x3 -P 2 -a 0.5 -L -Q 1 -F 1.2 --json
 # A mixed workload, away from the LBAs written above.
@@ -435,11 +438,22 @@ fn check_perf(s: &Steps) {
         targets(&clean(s.ok("p_r_all"))),
         ["0000:00:05.0/1", "0000:00:05.0/2"]
     );
-    // Nothing named: every controller on vfio-pci, every namespace.
+    // Nothing named: every controller on vfio-pci, every namespace; to read, not to write
+    // unless told.
     assert_eq!(
         targets(&clean(s.ok("p_none"))),
         ["0000:00:04.0/1", "0000:00:05.0/1", "0000:00:05.0/2"]
     );
+    s.failed("p_none_write", 2).clean_error().stderr_has(&[
+        "(0000:00:04.0, 0000:00:05.0): name the namespaces, or add --yes",
+    ]);
+    // Every controller named is blocked: nothing to do is a failure, not a success.
+    s.failed("setup_named_blocked", 1)
+        .clean_error()
+        .stderr_has(&["every one named is left out by PCI_ALLOWED / PCI_BLOCKED"]);
+    s.failed("reset_named_blocked", 1)
+        .clean_error()
+        .stderr_has(&["every one named is left out by PCI_ALLOWED / PCI_BLOCKED"]);
 
     let t = s.ok("p_spdk");
     let out = &t.stdout;

@@ -506,6 +506,27 @@ fn spdk_name(label: &str) -> String {
     format!("PCIE ({bdf}){ids} NSID {nsid}")
 }
 
+/// Refuse a write workload on controllers nobody named (no BDF and no -r: every namespace
+/// of every controller bound to vfio-pci, as SPDK perf runs) unless told to: a destructive
+/// command names its range or says so.
+fn check_implicit_writes(
+    args: &PerfArgs,
+    cfg: &PerfConfig,
+    wanted: &[(String, Which)],
+) -> Result<()> {
+    if !cfg.pattern.writes() || !args.targets.is_empty() || !args.trids.is_empty() || args.yes {
+        return Ok(());
+    }
+    let mut ctrls: Vec<&str> = wanted.iter().map(|(b, _)| b.as_str()).collect();
+    ctrls.dedup();
+    Err(UsageError(format!(
+        "a write workload with no BDF[/NSID] or -r writes every namespace of every controller \
+         bound to vfio-pci ({}): name the namespaces, or add --yes",
+        ctrls.join(", ")
+    ))
+    .into())
+}
+
 /// Refuse to write over a file system or partition table unless told to.
 fn check_signatures(targets: &[Target]) -> Result<()> {
     let mut found = Vec::new();
@@ -561,6 +582,7 @@ pub fn perf(args: PerfArgs) -> Result<ExitCode> {
     let cfg = args.config();
     cfg.check().map_err(to_cli)?;
     let wanted = requested(&args, &vfio_controllers)?;
+    check_implicit_writes(&args, &cfg, &wanted)?;
     let targets = open(&args, &cfg, &wanted)?;
     perf::plan(&targets, &cfg).map_err(to_cli)?;
     if cfg.pattern.writes() && !args.yes {
@@ -966,6 +988,32 @@ mod tests {
         let e = requested(&a, &|| Ok(Vec::new())).unwrap_err();
         assert!(e.downcast_ref::<UsageError>().is_some());
         assert!(e.to_string().contains("rnvme setup"), "{e}");
+        // Reading them all is fine; writing them all needs --yes, and naming one does not.
+        check_implicit_writes(&a, &a.config(), &w).unwrap();
+        for workload in ["write", "randwrite", "rw", "randrw"] {
+            let a = parse(&["-q", "1", "-o", "4k", "-w", workload, "-t", "1"]).unwrap();
+            let e = check_implicit_writes(&a, &a.config(), &w).unwrap_err();
+            let u = e.downcast_ref::<UsageError>().expect("a usage error");
+            assert!(
+                u.0.contains("(0000:00:04.0, 0000:00:05.0): name the namespaces, or add --yes"),
+                "{workload}: {u}"
+            );
+            let a = parse(&["-q", "1", "-o", "4k", "-w", workload, "-t", "1", "--yes"]).unwrap();
+            check_implicit_writes(&a, &a.config(), &w).unwrap();
+            let a = parse(&[
+                "0000:00:04.0",
+                "-q",
+                "1",
+                "-o",
+                "4k",
+                "-w",
+                workload,
+                "-t",
+                "1",
+            ])
+            .unwrap();
+            check_implicit_writes(&a, &a.config(), &w).unwrap();
+        }
         // Given ones come first, then -r, and the bound ones are not added.
         let a = parse(&[
             "0000:00:06.0/3",

@@ -147,6 +147,9 @@ pub fn setup(args: SetupArgs) -> anyhow::Result<ExitCode> {
                 None => v.push(bdf.clone()),
             }
         }
+        if v.is_empty() {
+            bail!("no NVMe controller to set up: every one named is left out by PCI_ALLOWED / PCI_BLOCKED");
+        }
         v
     };
     let owner = match &args.user {
@@ -229,11 +232,17 @@ pub fn reset(args: ResetArgs) -> anyhow::Result<ExitCode> {
         args.bdfs.clone()
     };
     let mut targets = Vec::new();
+    let named = !args.bdfs.is_empty();
     for bdf in candidates {
         match filter.excludes(&bdf) {
             Some(why) => outln!("{bdf}: skipped, {why}")?,
             None => targets.push(bdf),
         }
+    }
+    if named && targets.is_empty() {
+        bail!(
+            "no controller to give back: every one named is left out by PCI_ALLOWED / PCI_BLOCKED"
+        );
     }
     for bdf in &targets {
         let r = sys.reset(bdf)?;
