@@ -444,9 +444,9 @@ fn check_perf(s: &Steps) {
         targets(&clean(s.ok("p_none"))),
         ["0000:00:04.0/1", "0000:00:05.0/1", "0000:00:05.0/2"]
     );
-    s.failed("p_none_write", 2).clean_error().stderr_has(&[
-        "(0000:00:04.0, 0000:00:05.0): name the namespaces, or add --yes",
-    ]);
+    s.failed("p_none_write", 2)
+        .clean_error()
+        .stderr_has(&["(0000:00:04.0, 0000:00:05.0): name the namespaces, or add --yes"]);
     // Every controller named is blocked: nothing to do is a failure, not a success.
     s.failed("setup_named_blocked", 1)
         .clean_error()

@@ -15,8 +15,8 @@ use super::{allow_closed_stdout, out, outln};
 /// `rnvme demo`
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Seconds each benchmark runs
-    #[arg(long, default_value_t = 3)]
+    /// Seconds each benchmark runs (1 to 60)
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=60))]
     pub seconds: u32,
 }
 
@@ -73,7 +73,8 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode> {
         }],
         host_binaries: vec!["nvme".into(), "fio".into()],
         files: vec![(rnvme, "/usr/local/bin/rnvme".into())],
-        timeout: Duration::from_secs(300),
+        // The boot and the rest, and the two timed runs with their warm-ups.
+        timeout: Duration::from_secs(300 + 2 * (a.seconds as u64 + 1)),
         ..VmConfig::default()
     };
     eprintln!("booting a QEMU guest with an emulated NVMe controller (TCG, a few seconds)...");
@@ -91,4 +92,25 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode> {
         out.boot_to_script.as_secs_f64()
     )?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_outside_1_to_60_are_refused_before_a_guest_boots() {
+        #[derive(clap::Parser)]
+        struct T {
+            #[command(flatten)]
+            a: DemoArgs,
+        }
+        let parse = |s: &str| <T as clap::Parser>::try_parse_from(s.split_whitespace());
+        for bad in ["0", "61", "200"] {
+            let e = parse(&format!("t --seconds {bad}")).err().expect("refused");
+            assert!(e.to_string().contains("not in 1..=60"), "{bad}: {e}");
+        }
+        assert_eq!(parse("t --seconds 60").ok().map(|t| t.a.seconds), Some(60));
+        assert_eq!(parse("t").ok().map(|t| t.a.seconds), Some(3));
+    }
 }

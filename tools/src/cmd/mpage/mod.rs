@@ -517,12 +517,14 @@ pub fn read(a: ReadArgs) -> Result<ExitCode> {
 
 pub fn write(a: WriteArgs) -> Result<ExitCode> {
     let spec = load_spec(&a.map)?;
-    let data =
-        std::fs::read(&a.input).with_context(|| format!("cannot read {}", a.input.display()))?;
+    let d = Device::open(&a.dev, &a.cache)?;
+    // No file can be larger than its namespace: read at most one byte more than that, so
+    // that an endless input (a pipe, /dev/zero) ends in an error, not in memory exhausted.
+    let room = d.ns.size_lbas.saturating_mul(d.ns.lba_size as u64);
+    let data = read_at_most(&a.input, room)?;
     if data.is_empty() {
         return Err(UsageError(format!("{} is empty: nothing to write", a.input.display())).into());
     }
-    let d = Device::open(&a.dev, &a.cache)?;
     let map = SharedMap(Arc::new(Mutex::new(namespace_map(
         &spec,
         d.ns.nsid,
@@ -552,6 +554,24 @@ pub fn write(a: WriteArgs) -> Result<ExitCode> {
     };
     report(&r, a.json, a.stats)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The bytes of `path`, which may be at most `max` of them.
+fn read_at_most(path: &std::path::Path, max: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut data = Vec::new();
+    f.take(max.saturating_add(1))
+        .read_to_end(&mut data)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if data.len() as u64 > max {
+        return Err(UsageError(format!(
+            "{} holds more than the {max} bytes of the namespace: nothing was written",
+            path.display()
+        ))
+        .into());
+    }
+    Ok(data)
 }
 
 // ---- trace -----------------------------------------------------------------------------
@@ -662,6 +682,26 @@ mod tests {
             panic!("not trace")
         };
         assert!(!t.sgl);
+    }
+
+    #[test]
+    fn inputs_longer_than_the_namespace_are_refused_without_reading_them_whole() {
+        let data = read_at_most(std::path::Path::new("/dev/zero"), 1 << 20).unwrap_err();
+        assert!(data.downcast_ref::<UsageError>().is_some());
+        assert!(
+            data.to_string()
+                .contains("holds more than the 1048576 bytes"),
+            "{data}"
+        );
+        let dir = std::env::temp_dir().join(format!("rnvme-at-most-{}", std::process::id()));
+        std::fs::write(&dir, [7u8; 100]).unwrap();
+        assert_eq!(read_at_most(&dir, 100).unwrap(), vec![7u8; 100]);
+        assert!(read_at_most(&dir, 99).is_err());
+        std::fs::remove_file(&dir).unwrap();
+        assert!(read_at_most(&dir, 99)
+            .unwrap_err()
+            .to_string()
+            .contains("cannot read"));
     }
 
     #[test]
