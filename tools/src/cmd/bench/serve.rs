@@ -91,7 +91,13 @@ const RNQN: &str = "nqn.2014-08.io.rnvme:rnvme-target";
 
 /// The guest script.
 pub fn nvmf_script(seconds: u32, rounds: u32, serve_args: &[String], pin: bool) -> String {
-    let mut extra = serve_args.join(" ");
+    // Each argument stays one argument in the guest's shell, whatever it holds (arguments
+    // from a command line hold no NUL, the one thing a shell word cannot).
+    let mut extra = serve_args
+        .iter()
+        .filter_map(|a| shlex::try_quote(a).ok())
+        .collect::<Vec<_>>()
+        .join(" ");
     if pin {
         extra.push_str(" --cpus 1");
     }
@@ -438,7 +444,8 @@ mod tests {
         let s = nvmf_script(3, 2, &["--spin-us=5".to_string()], true);
         assert_eq!(s.matches("kernel_up ||").count(), 2);
         assert_eq!(
-            s.matches("rnvme serve $NVME0 --spin-us=5 --cpus 1").count(),
+            s.matches("rnvme serve $NVME0 '--spin-us=5' --cpus 1")
+                .count(),
             2
         );
         for w in NVMF_WORKLOADS {
@@ -450,6 +457,9 @@ mod tests {
         assert!(s.contains("--cpus_allowed=0 --name=w"));
         assert!(s.contains("--runtime=3"));
         assert!(!nvmf_script(3, 1, &[], false).contains("cpus_allowed"));
+        // An argument with spaces or shell syntax is one word in the guest, run as nothing.
+        let s = nvmf_script(3, 1, &["--nqn=a b; reboot".to_string()], false);
+        assert!(s.contains("rnvme serve $NVME0 '--nqn=a b; reboot'"), "{s}");
     }
 
     #[test]
