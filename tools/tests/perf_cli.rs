@@ -30,7 +30,11 @@ fn refused_arguments_exit_with_status_2() {
         ),
         (
             &["-q", "0", "-o", "4096", "-w", "read"],
-            "queue depth (-q) must be at least 1",
+            "'0' for '--depth <DEPTH>': 0 is not in 1..=65536",
+        ),
+        (
+            &["-q", "4294967295", "-o", "4294966784", "-w", "read"],
+            "4294967295 is not in 1..=65536",
         ),
         (
             &["-q", "1", "-o", "1000", "-w", "read"],
