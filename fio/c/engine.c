@@ -146,6 +146,13 @@ static int need_threads(struct thread_data *td)
 			"its jobs run as threads of it)\n", td->o.name);
 		return 0;
 	}
+	/* Offload would run the engine's init again in fio's submit workers, each with a
+	 * queue pair of its own and none of the job's I/O buffers. */
+	if (td->o.io_submit_mode == IO_MODE_OFFLOAD) {
+		log_err("rnvme: %s: io_submit_mode=offload is not supported: a job submits on "
+			"its own queue pair from its own thread\n", td->o.name);
+		return 0;
+	}
 	return 1;
 }
 
@@ -416,8 +423,10 @@ static char *rnvme_errdetails(struct io_u *io_u)
 static struct ioengine_ops ioengine = {
 	.name			= "rnvme",
 	.version		= FIO_IOOPS_VERSION,
+	/* Diskless: the names are controllers, not paths (fio would otherwise make a
+	 * directory for the part of "0000.04.00.0/1" before the slash). */
 	.flags			= FIO_RAWIO | FIO_NOEXTEND | FIO_NODISKUTIL | FIO_MEMALIGN |
-				  FIO_ASYNCIO_SETS_ISSUE_TIME,
+				  FIO_DISKLESSIO | FIO_ASYNCIO_SETS_ISSUE_TIME,
 	.setup			= rnvme_setup,
 	.init			= rnvme_init,
 	.queue			= rnvme_queue,

@@ -125,12 +125,19 @@ pub struct Job {
 
 /// Size of one Dataset Management range entry.
 const RANGE: usize = 16;
+/// The deepest job: what one NVMe queue can hold.
+const MAX_DEPTH: u32 = 65535;
 
 impl Job {
     /// A job with no files yet.
     pub fn new(params: JobParams) -> Result<Job, EngineError> {
-        if params.depth == 0 {
-            return Err(EngineError::msg("iodepth must be at least 1"));
+        // A queue holds at most 65 536 entries (one kept free): a deeper job could never
+        // have its I/Os in flight, and its bookkeeping alone could exhaust memory.
+        if params.depth == 0 || params.depth > MAX_DEPTH {
+            return Err(EngineError::msg(format!(
+                "iodepth {} is outside 1 to {MAX_DEPTH}",
+                params.depth
+            )));
         }
         Ok(Job {
             slots: vec![Slot::default(); params.depth as usize],

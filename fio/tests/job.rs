@@ -455,3 +455,24 @@ fn with_fios_batch_complete_max_one_reap_takes_every_completion_and_one_doorbell
         }
     }
 }
+
+#[test]
+fn a_depth_no_queue_holds_is_refused() {
+    let params = |depth| JobParams {
+        depth,
+        max_bs: 4096,
+        dptr: DataPointerMode::Auto,
+        fua: false,
+        ring_at_commit: false,
+        stats: false,
+    };
+    for depth in [0, 65536, u32::MAX] {
+        let e = Job::new(params(depth)).err().expect("refused");
+        assert!(
+            e.to_string()
+                .contains(&format!("iodepth {depth} is outside 1 to 65535")),
+            "{e}"
+        );
+    }
+    assert!(Job::new(params(65535)).is_ok());
+}

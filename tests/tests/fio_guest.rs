@@ -10,7 +10,9 @@
 //! - the SPDK plugin's filename form and the short one;
 //! - bad input: an unknown address, a controller not bound to vfio-pci, a namespace that does
 //!   not exist, a block size that is not a multiple of the LBA size, `thread=0`, another
-//!   transport: each one clear line and a failed fio, and the device works afterwards.
+//!   transport, `io_submit_mode=offload`, an iodepth no queue holds, jobs of one fio
+//!   disagreeing on `rnvme_hugepages`: each one clear line and a failed fio, and the device
+//!   works afterwards; the short name makes no directory.
 
 use rnvme_tests::{fio_engine, run_guest, Step, Steps};
 use rnvme_tools::vm::{ControllerSpec, NamespaceSpec, VmConfig};
@@ -51,6 +53,13 @@ step bad_ns fio --name=b --ioengine=$E --thread=1 --filename=$A/9 --rw=read --bs
 step bad_bs fio --name=b --ioengine=$E --thread=1 --filename=$A/2 --rw=read --bs=2k --size=1m
 step bad_thread fio --name=b --ioengine=$E --filename=$A/1 --rw=read --bs=4k --size=1m
 step bad_trtype fio --name=b --ioengine=$E --thread=1 --filename="trtype=RDMA traddr=$A ns=1" --rw=read --bs=4k --size=1m
+step bad_offload fio --name=b --ioengine=$E --thread=1 --filename=$A/1 --rw=read --bs=4k --size=1m --io_submit_mode=offload
+step bad_depth fio --name=b --ioengine=$E --thread=1 --filename=$A/1 --rw=read --bs=4k --size=1m --iodepth=100000
+step bad_huge fio --thread=1 --ioengine=$E --rw=read --bs=4k --size=1m --name=a --filename=$A/1 --name=b --filename=$A/2 --rnvme_hugepages=0
+# The short name holds a slash: no directory is made for the part before it.
+mkdir -p /tmp/d/cwd
+step r_nodir sh -c "cd /tmp/d/cwd && fio --name=nodir --ioengine=$E $J --filename=$A/1 --offset=48m --size=1m --rw=read --bs=4k"
+step nodir_ls ls -A /tmp/d/cwd
 step r_after fio --name=after --ioengine=$E $J --filename=$A/1 --offset=48m --size=1m --rw=randwrite --bs=4k --iodepth=4 $V
 step reset rnvme reset $NVME0
 B=$(wait_blk $NVME0 1) || exit 1
@@ -216,6 +225,19 @@ fn fio_jobs_run_on_rnvme_through_the_engine() {
     );
     refused(s, "bad_thread", "set thread=1");
     refused(s, "bad_trtype", "only trtype=PCIe");
+    refused(s, "bad_offload", "io_submit_mode=offload is not supported");
+    refused(s, "bad_depth", "iodepth 100000 is outside 1 to 65535");
+    refused(
+        s,
+        "bad_huge",
+        "is already open with rnvme_hugepages=1 by an earlier job of this fio process",
+    );
+    report(s, "r_nodir");
+    assert_eq!(
+        s.ok("nodir_ls").stdout.trim(),
+        "",
+        "nothing made in the working directory"
+    );
     verified(s, "r_after", 1 << 20);
     s.ok("reset");
     let v = report(s, "k_verify_rnvme");

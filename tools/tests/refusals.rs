@@ -107,8 +107,13 @@ fn verify_refuses_zero_and_overlong_values() {
             "--timeout-ms 18446744073709551615 is more than an hour (3600000 ms)",
         ),
         (
-            &["--sync-every", "0", "--write"],
+            &["--sync-every", "0", "--write", "--count", "8"],
             "--sync-every must be at least 1 LBA",
+        ),
+        (
+            &["--write"],
+            "--write overwrites the LBAs it checks: give --count N, or --all for everything \
+             from --lba to the end of the namespace",
         ),
         (&["-q", "0"], "--depth (-q) must be at least 1"),
         (&["--threads", "0"], "--threads must be at least 1"),
