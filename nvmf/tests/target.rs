@@ -239,6 +239,57 @@ fn discovery_lists_the_subsystem_for_allowed_hosts_only() {
 }
 
 #[test]
+fn anyone_on_discovery_gets_bounded_answers_and_a_keep_alive() {
+    let (server, addr) = serve(false, &[HOST]);
+    let mut d = Client::connect(&addr, false, false).unwrap();
+    // A host nobody allowed: the discovery subsystem takes it (with an empty log).
+    d.admin_setup(DISCOVERY_NQN, "nqn.2026-12.io.rnvme:anyone", 0)
+        .unwrap();
+    // Identify with a 4 GiB descriptor, Get Log Page asking 16 GiB in a descriptor as long:
+    // refused before anything is allocated.
+    let (c, data) = d
+        .command(sqe(0x06, 0, [1, 0, 0, 0, 0, 0]), &[], u32::MAX)
+        .unwrap();
+    assert_eq!(c.status, status::SGL_LENGTH_INVALID);
+    assert!(data.is_empty());
+    let (c, _) = d
+        .command(
+            sqe(0x02, 0, [0x70 | 0xffff << 16, 0xffff, 0, 0, 0, 0]),
+            &[],
+            u32::MAX,
+        )
+        .unwrap();
+    assert_eq!(c.status, status::SGL_LENGTH_INVALID);
+    // What fits still reads.
+    let (c, log) = d
+        .command(sqe(0x02, 0, [0x70 | 1023 << 16, 0, 0, 0, 0, 0]), &[], 4096)
+        .unwrap();
+    assert!(c.status.is_success());
+    assert_eq!(log.len(), 4096);
+    // It asked for no keep alive (KATO 0): a discovery controller gets the kernel's 120 s,
+    // also when it sets 0 again, so a silent host cannot hold a connection for ever.
+    let kato = |d: &mut Client| {
+        let (c, _) = d
+            .command(sqe(0x0a, 0, [0x0f, 0, 0, 0, 0, 0]), &[], 0)
+            .unwrap();
+        assert!(c.status.is_success());
+        c.dw0
+    };
+    assert_eq!(kato(&mut d), 120_000);
+    let (c, _) = d
+        .command(sqe(0x09, 0, [0x0f, 0, 0, 0, 0, 0]), &[], 0)
+        .unwrap();
+    assert!(c.status.is_success());
+    assert_eq!(kato(&mut d), 120_000);
+    // A subsystem's controller keeps what its host asks for, none included.
+    let mut a = Client::connect(&addr, false, false).unwrap();
+    a.admin_setup(NQN, HOST, 1).unwrap();
+    assert_eq!(kato(&mut a), 0);
+    assert!(server.is_running());
+    server.stop();
+}
+
+#[test]
 fn refusals_hosts_subsystems_and_read_only() {
     let (server, addr) = serve(true, &[HOST]);
     let mut a = Client::connect(&addr, false, false).unwrap();

@@ -139,7 +139,7 @@ impl Conn {
             self.admin = Some(AdminState {
                 cc: 0,
                 csts: 0,
-                kato: (c.kato > 0).then(|| Duration::from_millis(c.kato as u64)),
+                kato: kato_for(c.kato, ctrl.discovery),
                 last_keep_alive: Instant::now(),
                 aers: Vec::new(),
                 aec: 0,
@@ -211,6 +211,12 @@ impl Conn {
             a.last_keep_alive = Instant::now();
         }
         let sgl_len = sqe.sgl().len as usize;
+        // The data of any admin command fits in this; a longer descriptor is refused before
+        // anything is allocated (the answer is as long as the descriptor: a host on the
+        // discovery subsystem, which takes anyone, could ask for gigabytes otherwise).
+        if sgl_len > MAX_ADMIN_DATA {
+            return Answer::err(status::SGL_LENGTH_INVALID);
+        }
         match sqe.opcode() {
             admin_op::KEEP_ALIVE => Answer::ok(0),
             admin_op::IDENTIFY => {
@@ -282,8 +288,7 @@ impl Conn {
                         Answer::ok(0)
                     }
                     0x0f => {
-                        let ms = sqe.cdw(11);
-                        a.kato = (ms > 0).then(|| Duration::from_millis(ms as u64));
+                        a.kato = kato_for(sqe.cdw(11), ctrl.discovery);
                         Answer::ok(0)
                     }
                     _ => Answer::err(status::INVALID_FIELD),
@@ -342,5 +347,21 @@ impl Answer {
     /// The answer, unless it sends nothing.
     pub(super) fn into_sent(self) -> Option<Answer> {
         (self.status != Some(SILENT)).then_some(self)
+    }
+}
+
+/// The most data one admin command moves (a discovery log of 1 023 entries and its header).
+const MAX_ADMIN_DATA: usize = 1 << 20;
+/// The keep alive of a discovery controller whose host asks for none: as the kernel's target
+/// (NVMET_DISC_KATO_MS), so that a silent host on the subsystem anyone may reach does not hold
+/// a connection for ever.
+const DISCOVERY_KATO: Duration = Duration::from_secs(120);
+
+/// The keep alive timeout a host asked for (`ms`, 0: none), for a discovery controller or not.
+fn kato_for(ms: u32, discovery: bool) -> Option<Duration> {
+    match ms {
+        0 if discovery => Some(DISCOVERY_KATO),
+        0 => None,
+        ms => Some(Duration::from_millis(ms as u64)),
     }
 }
