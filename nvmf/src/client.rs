@@ -97,6 +97,15 @@ impl Client {
         Ok(())
     }
 
+    /// [`Client::send_raw`], giving up when the target takes nothing for `limit`.
+    pub fn send_raw_with_timeout(&mut self, b: &[u8], limit: Duration) -> Result<(), ClientError> {
+        self.sock.set_write_timeout(Some(limit))?;
+        let r = self.sock.write_all(b);
+        self.sock.set_write_timeout(None)?;
+        r?;
+        Ok(())
+    }
+
     /// Reads one PDU: its header, the header bytes, and its data.
     pub fn read_pdu(&mut self) -> Result<(CommonHeader, Vec<u8>, Vec<u8>), ClientError> {
         let mut chb = [0u8; CH_LEN];

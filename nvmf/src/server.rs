@@ -705,7 +705,14 @@ impl Poller {
             .iter()
             .flatten()
             .map(|c| {
-                let mut f = PollFlags::POLLIN;
+                // Not readable interest while the connection will not read (ending, or its
+                // host is not reading its answers): the wait would end at once, again and
+                // again. Hang-ups and errors are reported all the same.
+                let mut f = if c.wants_read() {
+                    PollFlags::POLLIN
+                } else {
+                    PollFlags::empty()
+                };
                 if c.wants_write() {
                     f |= PollFlags::POLLOUT;
                 }

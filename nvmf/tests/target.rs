@@ -290,6 +290,63 @@ fn anyone_on_discovery_gets_bounded_answers_and_a_keep_alive() {
 }
 
 #[test]
+fn a_host_that_does_not_read_its_answers_is_not_answered_without_end() {
+    let (server, addr) = serve(false, &[HOST]);
+    let mut d = Client::connect(&addr, false, false).unwrap();
+    d.admin_setup(DISCOVERY_NQN, "nqn.2026-12.io.rnvme:anyone", 0)
+        .unwrap();
+    // 8 000 Identify commands (4 KiB answers each: 33 MB) from a writer that never reads.
+    let mut pdu = vec![0x04, 0, 72, 0, 72, 0, 0, 0];
+    let mut cmd = sqe(0x06, 0, [1, 0, 0, 0, 0, 0]);
+    cmd[32..36].copy_from_slice(&4096u32.to_le_bytes());
+    cmd[39] = 0x5a;
+    pdu.extend_from_slice(&cmd);
+    let mut flood = Vec::new();
+    for cid in 0..8000u16 {
+        let mut p = pdu.clone();
+        p[8 + 2..8 + 4].copy_from_slice(&(cid + 100).to_le_bytes());
+        flood.extend_from_slice(&p);
+    }
+    let writer = std::thread::spawn(move || {
+        // Blocks once the target stops reading (TCP holds it back): ended by the time limit.
+        let _ = d.send_raw_with_timeout(&flood, std::time::Duration::from_secs(3));
+        d
+    });
+    let d = writer.join().unwrap();
+    // What is queued for it, as the target reports it, until it stops growing.
+    let unsent = || -> usize {
+        server
+            .report()
+            .connections
+            .iter()
+            .map(|c| c.stats.unsent)
+            .sum()
+    };
+    let (mut last, mut most) = (usize::MAX, 0);
+    for _ in 0..50 {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let now = unsent();
+        most = most.max(now);
+        if now == last && now > 0 {
+            break;
+        }
+        last = now;
+    }
+    // (The limit, and the answer of the command that crossed it.)
+    assert!(
+        most <= (8 << 20) + 8192,
+        "{most} bytes queued for a host that reads nothing"
+    );
+    assert!(most > 1 << 20, "{most}: the answers were being queued");
+    drop(d);
+    // Others are served meanwhile and after.
+    let mut a = Client::connect(&addr, false, false).unwrap();
+    a.admin_setup(NQN, HOST, 1).unwrap();
+    assert!(server.is_running());
+    server.stop();
+}
+
+#[test]
 fn refusals_hosts_subsystems_and_read_only() {
     let (server, addr) = serve(true, &[HOST]);
     let mut a = Client::connect(&addr, false, false).unwrap();

@@ -49,6 +49,11 @@ const RX_BUF: usize = 64 * 1024;
 const DIRECT_MIN: usize = 2048;
 /// PDUs handled per call of [`Conn::poll_rx`], so one busy connection does not starve others.
 const PDUS_PER_POLL: usize = 64;
+/// Bytes queued for a host past which its connection reads no more commands until some
+/// have gone (8 MiB: 64 reads of 128 KiB).
+const TX_BACKLOG_MAX: usize = 8 << 20;
+/// How long an ending connection may take to send what is left for its host.
+const SEND_DEADLINE: Duration = Duration::from_secs(30);
 /// DMA buffers a connection keeps for its next commands once theirs completed.
 const SPARE_BUFFERS: usize = 32;
 
@@ -207,6 +212,11 @@ pub struct Conn {
     state: RxState,
     tx: VecDeque<Out>,
     tx_off: usize,
+    /// Bytes of everything in `tx` (sent ones of its first item included: see `tx_off`).
+    tx_bytes: usize,
+    /// When the connection started ending (what it still has to send gets until
+    /// [`SEND_DEADLINE`] after that).
+    ended_at: Option<Instant>,
     /// After Connect: the queue, its controller and subsystem.
     qid: Option<u16>,
     ctrl: Option<Arc<FabricCtrl>>,
@@ -249,6 +259,8 @@ impl Conn {
             state: RxState::Header,
             tx: VecDeque::new(),
             tx_off: 0,
+            tx_bytes: 0,
+            ended_at: None,
             qid: None,
             ctrl: None,
             sqflow: true,
@@ -294,7 +306,15 @@ impl Conn {
                 || matches!(
                     self.ending,
                     Some(End::Io(_)) | Some(End::Closed) | Some(End::HostTerminated(_))
-                ))
+                )
+                // A host that does not read what is left for it does not keep the
+                // connection (and its buffers) for ever.
+                || self.ended_at.is_some_and(|t| t.elapsed() > SEND_DEADLINE))
+    }
+
+    /// Bytes queued for the host and not sent yet.
+    pub(super) fn unsent(&self) -> usize {
+        self.tx_bytes - self.tx_off
     }
 
     /// The counters, and what the connection holds now.
@@ -308,8 +328,13 @@ impl Conn {
             .filter(|r| r.stage == Stage::HostData)
             .count();
         s.queued = self.pending.len();
-        s.unsent = self.tx.iter().map(Out::len).sum::<usize>() - self.tx_off;
+        s.unsent = self.unsent();
         s
+    }
+
+    /// Whether the connection reads what its host sends now (see `poll_rx`).
+    pub fn wants_read(&self) -> bool {
+        self.ending.is_none() && self.unsent() <= TX_BACKLOG_MAX
     }
 
     /// Whether there is something to send.
@@ -338,12 +363,14 @@ impl Conn {
                 }
             };
             pdu::c2h_term_req(&mut v, f, &offending);
+            self.tx_bytes += v.len();
             self.tx.push_back(Out::Bytes(v));
         } else {
             log::info!("{}: connection ends: {why}", self.peer);
         }
         self.pending.clear();
         self.ending = Some(why);
+        self.ended_at = Some(Instant::now());
         self.release_admin();
     }
 

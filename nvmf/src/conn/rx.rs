@@ -33,7 +33,9 @@ impl Conn {
 
     /// Reads and handles what the host sent. Returns whether anything happened.
     pub fn poll_rx(&mut self, io: &mut Io<'_>) -> bool {
-        if self.ending.is_some() {
+        // A host that does not read its answers gets no more of them: its commands wait in
+        // the socket (TCP holds the host back) until what is queued for it has gone.
+        if !self.wants_read() {
             return false;
         }
         match self.rx_loop(io) {
@@ -48,7 +50,7 @@ impl Conn {
     pub(super) fn rx_loop(&mut self, io: &mut Io<'_>) -> Result<bool, End> {
         let mut progress = false;
         let mut pdus = 0;
-        while pdus < PDUS_PER_POLL && self.ending.is_none() {
+        while pdus < PDUS_PER_POLL && self.wants_read() {
             match &mut self.state {
                 RxState::Header => {
                     if self.avail() < CH_LEN {

@@ -30,7 +30,10 @@ impl Conn {
         };
         match data {
             Out::Bytes(b) => self.push_bytes(&b),
-            d => self.tx.push_back(d),
+            d => {
+                self.tx_bytes += d.len();
+                self.tx.push_back(d);
+            }
         }
         if let Some(c) = crc {
             self.push_bytes(&c.to_le_bytes());
@@ -78,10 +81,13 @@ impl Conn {
 
     pub(super) fn push_with(&mut self, f: impl FnOnce(&mut Vec<u8>)) {
         if let Some(Out::Bytes(v)) = self.tx.back_mut() {
+            let before = v.len();
             f(v);
+            self.tx_bytes += v.len() - before;
         } else {
             let mut v = Vec::with_capacity(256);
             f(&mut v);
+            self.tx_bytes += v.len();
             self.tx.push_back(Out::Bytes(v));
         }
     }
@@ -107,6 +113,7 @@ impl Conn {
                         let left = front - self.tx_off;
                         if n >= left {
                             n -= left;
+                            self.tx_bytes -= front;
                             if let Some(Out::Dma(b, _, _, dev)) = self.tx.pop_front() {
                                 // Sent: the kernel has its own copy.
                                 self.give_buffer(dev, b);
@@ -122,6 +129,7 @@ impl Conn {
                 Err(e) => {
                     self.tx.clear();
                     self.tx_off = 0;
+                    self.tx_bytes = 0;
                     if self.ending.is_none() {
                         self.end(End::Io(e));
                     }
