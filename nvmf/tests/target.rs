@@ -238,13 +238,19 @@ fn discovery_lists_the_subsystem_for_allowed_hosts_only() {
     server.stop();
 }
 
+/// A client connected to the discovery subsystem as a host nobody allowed.
+fn anyone_on_discovery(addr: &str) -> Client {
+    let mut d = Client::connect(addr, false, false).unwrap();
+    d.admin_setup(DISCOVERY_NQN, "nqn.2026-12.io.rnvme:anyone", 0)
+        .unwrap();
+    d
+}
+
 #[test]
 fn anyone_on_discovery_gets_bounded_answers_and_a_keep_alive() {
     let (server, addr) = serve(false, &[HOST]);
-    let mut d = Client::connect(&addr, false, false).unwrap();
     // A host nobody allowed: the discovery subsystem takes it (with an empty log).
-    d.admin_setup(DISCOVERY_NQN, "nqn.2026-12.io.rnvme:anyone", 0)
-        .unwrap();
+    let mut d = anyone_on_discovery(&addr);
     // Identify with a 4 GiB descriptor, Get Log Page asking 16 GiB in a descriptor as long:
     // refused before anything is allocated.
     let (c, data) = d
@@ -292,9 +298,7 @@ fn anyone_on_discovery_gets_bounded_answers_and_a_keep_alive() {
 #[test]
 fn a_host_that_does_not_read_its_answers_is_not_answered_without_end() {
     let (server, addr) = serve(false, &[HOST]);
-    let mut d = Client::connect(&addr, false, false).unwrap();
-    d.admin_setup(DISCOVERY_NQN, "nqn.2026-12.io.rnvme:anyone", 0)
-        .unwrap();
+    let mut d = anyone_on_discovery(&addr);
     // 8 000 Identify commands (4 KiB answers each: 33 MB) from a writer that never reads.
     let mut pdu = vec![0x04, 0, 72, 0, 72, 0, 0, 0];
     let mut cmd = sqe(0x06, 0, [1, 0, 0, 0, 0, 0]);

@@ -990,29 +990,19 @@ mod tests {
         assert!(e.to_string().contains("rnvme setup"), "{e}");
         // Reading them all is fine; writing them all needs --yes, and naming one does not.
         check_implicit_writes(&a, &a.config(), &w).unwrap();
+        let line = |s: String| parse(&s.split_whitespace().collect::<Vec<_>>()).unwrap();
         for workload in ["write", "randwrite", "rw", "randrw"] {
-            let a = parse(&["-q", "1", "-o", "4k", "-w", workload, "-t", "1"]).unwrap();
+            let a = line(format!("-q 1 -o 4k -w {workload} -t 1"));
             let e = check_implicit_writes(&a, &a.config(), &w).unwrap_err();
             let u = e.downcast_ref::<UsageError>().expect("a usage error");
             assert!(
                 u.0.contains("(0000:00:04.0, 0000:00:05.0): name the namespaces, or add --yes"),
                 "{workload}: {u}"
             );
-            let a = parse(&["-q", "1", "-o", "4k", "-w", workload, "-t", "1", "--yes"]).unwrap();
-            check_implicit_writes(&a, &a.config(), &w).unwrap();
-            let a = parse(&[
-                "0000:00:04.0",
-                "-q",
-                "1",
-                "-o",
-                "4k",
-                "-w",
-                workload,
-                "-t",
-                "1",
-            ])
-            .unwrap();
-            check_implicit_writes(&a, &a.config(), &w).unwrap();
+            for allowed in ["--yes", "0000:00:04.0"] {
+                let a = line(format!("{allowed} -q 1 -o 4k -w {workload} -t 1"));
+                check_implicit_writes(&a, &a.config(), &w).unwrap();
+            }
         }
         // Given ones come first, then -r, and the bound ones are not added.
         let a = parse(&[
