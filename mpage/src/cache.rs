@@ -22,7 +22,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use rnvme_driver::clock::Ticks;
+use rnvme_driver::clock::{TickRate, Ticks};
 
 use crate::backend::{BlockIo, IoError, IoOp};
 use crate::error::{MpageError, PageError};
@@ -189,6 +189,15 @@ pub struct CacheStats {
     pub doorbell_ns: u64,
     /// Nanoseconds `read_at` spent copying bytes from frames into callers' buffers.
     pub copy_out_ns: u64,
+}
+
+/// Time-stamp counter ticks spent waiting for the device, ringing doorbells and copying out
+/// ([`CacheStats::device_wait_ns`], [`CacheStats::doorbell_ns`], [`CacheStats::copy_out_ns`]).
+#[derive(Copy, Clone, Debug, Default)]
+pub(crate) struct Timed {
+    pub(crate) wait: u64,
+    pub(crate) doorbell: u64,
+    pub(crate) copy: u64,
 }
 
 impl CacheStats {
@@ -372,6 +381,8 @@ pub struct PageCache<D: BlockIo> {
     /// the read waits for the pages after them (empty otherwise).
     pub(crate) held_run: std::ops::Range<u32>,
     pub(crate) stats: CacheStats,
+    /// Where callers' time went, in ticks (see [`PageCache::stats`]).
+    pub(crate) timed: Timed,
     pub(crate) flush_results: HashMap<u64, Result<(), IoError>>,
     /// Pages of failed multi-page reads, to read again one by one.
     pub(crate) retry: Vec<(FileId, Vec<u64>)>,
@@ -469,6 +480,7 @@ impl<D: BlockIo> PageCache<D> {
             viewed_out: Vec::new(),
             held_run: 0..0,
             stats: CacheStats::default(),
+            timed: Timed::default(),
             flush_results: HashMap::new(),
             retry: Vec::new(),
             in_retry: false,
@@ -526,12 +538,22 @@ impl<D: BlockIo> PageCache<D> {
 
     /// Counters.
     pub fn stats(&self) -> CacheStats {
-        self.stats
+        // The times are counted in time-stamp counter ticks (a register read where the
+        // cache counts them, once per run, wait or kick) and converted here.
+        let rate = rnvme_driver::clock::learned_rate()
+            .unwrap_or_else(|| TickRate::calibrate(std::time::Duration::from_millis(2)));
+        CacheStats {
+            device_wait_ns: rate.nanos(self.timed.wait),
+            doorbell_ns: rate.nanos(self.timed.doorbell),
+            copy_out_ns: rate.nanos(self.timed.copy),
+            ..self.stats
+        }
     }
 
     /// Zero the counters.
     pub fn reset_stats(&mut self) {
         self.stats = CacheStats::default();
+        self.timed = Timed::default();
     }
 
     /// Commands submitted and not yet completed.

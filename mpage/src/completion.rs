@@ -2,7 +2,7 @@
 //! full), reaping completions and ending the I/O of the pages they carry (the role of
 //! `mpage_end_io`), retrying failed multi-page reads page by page, and waiting.
 
-use rnvme_driver::clock::Stopwatch;
+use rnvme_driver::clock::{Stopwatch, Ticks};
 use rnvme_driver::dma::DmaSlice;
 use rnvme_driver::Segment;
 
@@ -170,10 +170,12 @@ impl<D: BlockIo> PageCache<D> {
         if self.unkicked > 0 {
             self.stats.kicks += 1;
             self.unkicked = 0;
+            let t = Ticks::now();
+            self.dev.kick();
+            self.timed.doorbell += Ticks::now().since(t);
+        } else {
+            self.dev.kick();
         }
-        let t = Stopwatch::start();
-        self.dev.kick();
-        self.stats.doorbell_ns += t.elapsed().as_nanos() as u64;
     }
 
     /// Tell the device of the commands held back if there are enough of them, or too few in
@@ -206,12 +208,12 @@ impl<D: BlockIo> PageCache<D> {
     /// for some at most [`WAIT_SLICE`] if it has none; returns how many. The time is the
     /// caller's wait for the device ([`crate::CacheStats::device_wait_ns`]).
     fn poll_or_wait(&mut self) -> usize {
-        let t = Stopwatch::start();
+        let t = Ticks::now();
         let mut n = self.poll_once();
         if n == 0 {
             n = self.wait_once(WAIT_SLICE);
         }
-        self.stats.device_wait_ns += t.elapsed().as_nanos() as u64;
+        self.timed.wait += Ticks::now().since(t);
         n
     }
 

@@ -51,8 +51,31 @@ impl<D: BlockIo> PageCache<D> {
         asked: Option<std::ops::RangeInclusive<u64>>,
     ) -> Result<(Vec<(u64, u32)>, u64), MpageError> {
         self.file(f)?;
-        let fi = f.slot();
         let mut out = Vec::with_capacity(end.saturating_sub(start).min(1024) as usize);
+        match self.lock_batch(f, start, end, ahead, asked, &mut out) {
+            Ok(next) => Ok((out, next)),
+            Err(e) => {
+                // (Taking a frame may wait, and time out.) The pages locked for this batch
+                // will not be read: they must not stay locked.
+                self.release_unsent(&mut Walk::default(), &out);
+                Err(e)
+            }
+        }
+    }
+
+    /// The work of [`PageCache::prepare_batch`]: the pages locked go to `out`; returns where
+    /// it stopped.
+    #[inline(always)]
+    fn lock_batch(
+        &mut self,
+        f: FileId,
+        start: u64,
+        end: u64,
+        ahead: bool,
+        asked: Option<std::ops::RangeInclusive<u64>>,
+        out: &mut Vec<(u64, u32)>,
+    ) -> Result<u64, MpageError> {
+        let fi = f.slot();
         let flag = |p: u64| ahead && !asked.as_ref().is_some_and(|a| a.contains(&p));
         let mut p = start;
         while p < end {
@@ -64,18 +87,12 @@ impl<D: BlockIo> PageCache<D> {
                 None => 0,
             };
             for q in p..p + absent {
-                match self.alloc_frame() {
-                    Ok(Some(frame)) => {
+                match self.alloc_frame()? {
+                    Some(frame) => {
                         self.insert_new(f, q, frame, true, flag(q));
                         out.push((q, frame.index() as u32));
                     }
-                    Ok(None) => return Ok((out, q)),
-                    Err(e) => {
-                        // (Taking a frame may wait, and time out.) The pages locked for this
-                        // batch will not be read: they must not stay locked.
-                        self.release_unsent(&mut Walk::default(), &out);
-                        return Err(e);
-                    }
+                    None => return Ok(q),
                 }
             }
             if absent > 0 {
@@ -94,11 +111,10 @@ impl<D: BlockIo> PageCache<D> {
                 p += 1;
             } else {
                 // Neither absent nor recorded: only a file that is not open.
-                self.release_unsent(&mut Walk::default(), &out);
                 return Err(MpageError::NoSuchFile(f));
             }
         }
-        Ok((out, end))
+        Ok(end)
     }
 
     /// Start reading pages `start..start + pages` (in the background): explicit readahead.

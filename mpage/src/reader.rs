@@ -1,6 +1,6 @@
 //! Reading files: into the caller's buffer, or in place (runs of frames, held pages).
 
-use rnvme_driver::clock::Stopwatch;
+use rnvme_driver::clock::Ticks;
 
 use crate::backend::BlockIo;
 use crate::cache::{FileId, PageCache, PAGE};
@@ -14,19 +14,19 @@ impl<D: BlockIo> PageCache<D> {
     /// Sequential readers get readahead windows that double up to
     /// [`crate::CacheOptions::readahead_max`].
     pub fn read_at(&mut self, f: FileId, offset: u64, buf: &mut [u8]) -> Result<usize, MpageError> {
-        let mut copy_ns = 0u64;
+        let mut copy_ticks = 0u64;
         // One copy per run of pages in consecutive frames, not one per page.
         let walked = self.walk_runs(f, offset, buf.len(), |c, frame, in_page, at, bytes| {
             let from = (at - offset) as usize;
-            let t = Stopwatch::start();
+            let t = Ticks::now();
             // One lock of the run's buffer (not of the whole pool: the shards of a shared
             // cache copy from different buffers side by side).
             c.pool
                 .read_run(frame, in_page, &mut buf[from..from + bytes]);
-            copy_ns += t.elapsed().as_nanos() as u64;
+            copy_ticks += Ticks::now().since(t);
             Ok(())
         });
-        self.stats.copy_out_ns += copy_ns;
+        self.timed.copy += copy_ticks;
         walked
     }
 
