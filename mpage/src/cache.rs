@@ -50,12 +50,12 @@ pub(crate) fn check_page(p: u64) -> Result<u64, MpageError> {
     Ok(p)
 }
 
-/// `size` if a file can be that large.
-pub(crate) fn check_size(size: u64) -> Result<u64, MpageError> {
+/// Whether a file can be `size` bytes large.
+pub(crate) fn check_size(size: u64) -> Result<(), MpageError> {
     if size > MAX_FILE_SIZE {
         return Err(MpageError::TooLarge { size });
     }
-    Ok(size)
+    Ok(())
 }
 /// Most frames taken from the pool at once: a buffer's worth (one lock of the pool per 2 MiB),
 /// so that the shards of a [`crate::SharedCache`], which take their frames turn about from one
@@ -589,8 +589,7 @@ impl<D: BlockIo> PageCache<D> {
 
     /// The id of the file open in slot `i`.
     pub(crate) fn file_id(&self, i: usize) -> FileId {
-        let generation = self.files[i].as_ref().map_or(0, |fs| fs.generation);
-        FileId::new(i as u32, generation)
+        FileId::new(i as u32, self.generations[i])
     }
 
     /// A page the caller knows is cached.
